@@ -1,0 +1,56 @@
+"""Build pmd's Cython extensions.
+
+Flags are generic x86-64 (pip's defaults, never -march=native): the same build
+runs on the host and inside a QEMU TCG guest, whose CPU model lacks AVX-512.
+
+PMD_DEBUG=1 turns on Cython bounds/wraparound checks, line tracing (for
+coverage and profilers) and assertions, and compiles with -O0 -g.
+"""
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("PMD_DEBUG", "") not in ("", "0")
+
+MODULES = ["_mmio", "_memory", "_pool", "_virtqueue", "_device", "_burst"]
+
+macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+cflags = ["-std=gnu11", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
+if DEBUG:
+    macros += [("CYTHON_TRACE_NOGIL", "1"), ("PMD_DEBUG", "1")]
+    cflags += ["-O0", "-g", "-UNDEBUG"]
+else:
+    cflags += ["-O2", "-DNDEBUG"]
+
+extensions = [
+    Extension(
+        f"pmd.{name}",
+        [f"pmd/{name}.pyx"],
+        include_dirs=["csrc", numpy.get_include()],
+        define_macros=macros,
+        extra_compile_args=cflags,
+    )
+    for name in MODULES
+]
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+    "embedsignature": True,
+    "linetrace": DEBUG,
+    "profile": False,
+}
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        include_path=["pmd"],
+        annotate=os.environ.get("PMD_ANNOTATE", "") not in ("", "0"),
+    ),
+)
