@@ -1,0 +1,491 @@
+"""rx/tx bursts between virtqueues and numpy arrays, without the GIL.
+
+Two shapes each way (docs/bursts.md):
+
+copy        ``rx_burst(out, lengths)``: packets copied into rows of a caller's
+            2-D uint8 array; ``tx_burst(packets, lengths)`` copies rows out.
+zero-copy   ``rx_burst_zc(ids, lengths)``: buffer ids; the data is
+            ``pool.data[id, :length]``, owned by the caller until it frees
+            the ids or transmits them with ``tx_burst_zc(ids, lengths)``.
+
+Arguments are validated while holding the GIL (type, dtype, shape,
+contiguity, lengths, buffer ownership); the per-packet work then runs in C
+with the GIL released. The 12-byte virtio-net header (5.1.6) is handled here:
+zeroed on transmit, stripped on receive.
+"""
+
+import logging
+
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from pmd._pool cimport BUF_APP, BUF_FREE, BUF_QUEUE, NO_BUF, PacketPool
+from pmd._virtqueue cimport (
+    USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, Virtqueue,
+)
+from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+
+from pmd.errors import DeviceError, PoolError, QueueStateError
+
+cnp.import_array()
+
+log = logging.getLogger("pmd.burst")
+
+DEF_HDR_LEN = 12
+
+cdef enum:
+    MAX_TX_SEGS = 32     # longest chain a copy-mode transmit builds for one packet
+
+
+# ---- argument checks (GIL held): clear errors before any C work ----
+
+cdef char *_u8_2d(object a, str name, bint writable, Py_ssize_t *rows, Py_ssize_t *cols) except NULL:
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy array of dtype uint8 and shape (burst, bytes), "
+                        f"got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != cnp.NPY_UINT8:
+        raise TypeError(f"{name} must have dtype uint8, got {arr.dtype}; "
+                        f"allocate it with np.zeros((burst, bytes), dtype=np.uint8)")
+    if cnp.PyArray_NDIM(arr) != 2:
+        raise ValueError(f"{name} must be 2-D (burst, bytes), got shape {(<object>a).shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValueError(f"{name} must be C-contiguous; pass np.ascontiguousarray({name})")
+    if writable and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} is read-only; pass a writable array")
+    rows[0] = cnp.PyArray_DIM(arr, 0)
+    cols[0] = cnp.PyArray_DIM(arr, 1)
+    if rows[0] and cols[0] == 0:
+        raise ValueError(f"{name} rows have no room (shape {(<object>a).shape})")
+    return <char *>cnp.PyArray_DATA(arr)
+
+
+cdef uint32_t *_u32_1d(object a, str name, bint writable, Py_ssize_t *n) except NULL:
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy array of dtype uint32, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != cnp.NPY_UINT32:
+        raise TypeError(f"{name} must have dtype uint32, got {arr.dtype}; "
+                        f"allocate it with np.zeros(burst, dtype=np.uint32)")
+    if cnp.PyArray_NDIM(arr) != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {(<object>a).shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
+        raise ValueError(f"{name} must be contiguous and aligned; pass np.ascontiguousarray({name})")
+    if writable and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} is read-only; pass a writable array")
+    n[0] = cnp.PyArray_DIM(arr, 0)
+    return <uint32_t *>cnp.PyArray_DATA(arr)
+
+
+cdef class _Queue:
+    """What rx and tx queues share: the virtqueue, the pool, the header, the stats."""
+    cdef readonly Virtqueue vq
+    cdef readonly PacketPool pool
+    cdef readonly uint32_t hdr_len
+    cdef uint32_t buf_off          # where header + data start in a buffer
+    cdef public bint strict        # raise DeviceError on bad used entries (else count and log)
+    cdef bint is_closed
+    cdef uint64_t seen_bad         # device errors already reported
+    cdef public uint64_t packets
+    cdef public uint64_t bytes
+    cdef public uint64_t dropped
+
+    def __init__(self, Virtqueue vq not None, PacketPool pool not None, *, uint32_t hdr_len=DEF_HDR_LEN,
+                 bint strict=False):
+        if hdr_len not in (10, 12):
+            raise ValueError(f"hdr_len must be 12 (VERSION_1) or 10 (legacy without MRG_RXBUF), got {hdr_len}")
+        if hdr_len > pool.headroom:
+            raise ValueError(f"pool headroom {pool.headroom} cannot hold the {hdr_len}-byte header")
+        self.vq = vq
+        self.pool = pool
+        self.hdr_len = hdr_len
+        self.buf_off = pool.headroom - hdr_len
+        self.strict = strict
+
+    cdef inline void check(self) except *:
+        if pmd_unlikely(self.is_closed):
+            raise QueueStateError(f"{type(self).__name__} {self.vq.queue_index} is closed; "
+                                  "open the port / create the queue again")
+        self.vq.check_usable()
+        self.pool.check_open()
+
+    cdef uint64_t device_errors(self) noexcept:
+        return self.vq.n_bad_id + self.vq.n_not_in_flight + self.vq.n_bad_len
+
+    cdef int report(self) except -1:
+        """After a burst: tell about bad used entries the device wrote during it."""
+        cdef uint64_t bad = self.device_errors()
+        if pmd_likely(bad == self.seen_bad) and not self.vq.broken:
+            return 0
+        new = bad - self.seen_bad
+        self.seen_bad = bad
+        stats = self.vq.stats()
+        msg = (f"{type(self).__name__} {self.vq.queue_index}: device wrote {new} bad used "
+               f"entr{'y' if new == 1 else 'ies'} (totals: id out of range {stats['bad_used_id']}, "
+               f"not in flight {stats['used_not_in_flight']}, length too large {stats['bad_used_len']}); "
+               "they were counted and skipped")
+        if self.vq.broken:
+            self.vq.check_usable()
+        if self.strict:
+            raise DeviceError(msg)
+        log.warning(msg)
+        return 0
+
+    def stats(self):
+        """Packets, bytes and drops of this queue, with its virtqueue's counters."""
+        s = {"packets": self.packets, "bytes": self.bytes, "dropped": self.dropped}
+        s.update(self.vq.stats())
+        return s
+
+    def close(self):
+        """Stop using the queue (after the device was reset); buffers it held go back to the pool."""
+        if self.is_closed:
+            return
+        self.is_closed = True
+        self._release_all()
+        self.vq.close()
+
+    cdef _release_all(self):
+        # Every descriptor still in flight holds pool buffers: give them back.
+        cdef uint32_t i
+        cdef uint32_t cookies[MAX_TX_SEGS]
+        cdef uint16_t n, k
+        for i in range(self.vq.size):
+            if self.vq.extra[i].ndescs:
+                n = self.vq.detach(<uint16_t>i, cookies) if self.vq.extra[i].ndescs <= MAX_TX_SEGS else 0
+                for k in range(n):
+                    if self.pool.state[cookies[k]] == BUF_QUEUE:
+                        self.pool.put(cookies[k])
+
+    @property
+    def closed(self):
+        return self.is_closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+cdef class RxQueue(_Queue):
+    """``RxQueue(vq, pool, hdr_len=12, strict=False)``: receive side of a port queue.
+
+    Each descriptor is one pool buffer from ``headroom - hdr_len`` to its end;
+    the device writes the header then the packet. ``fill()`` gives the device
+    buffers; every burst refills what it took, with one avail index store.
+    """
+    cdef uint32_t buf_len           # device-writable bytes per buffer
+    cdef public uint64_t no_buffer  # refills short of pool buffers
+    cdef public uint64_t truncated
+
+    def __init__(self, Virtqueue vq not None, PacketPool pool not None, **kw):
+        super().__init__(vq, pool, **kw)
+        self.buf_len = pool.buffer_size - self.buf_off
+
+    @property
+    def max_packet_len(self):
+        """Largest packet one receive buffer holds."""
+        return self.buf_len - self.hdr_len
+
+    cdef uint32_t refill(self) noexcept nogil:
+        cdef uint32_t added = 0, b
+        while self.vq.num_free:
+            b = self.pool.get(BUF_QUEUE)
+            if pmd_unlikely(b == NO_BUF):
+                self.no_buffer += 1
+                break
+            self.vq.add1(self.pool.iova[b] + self.buf_off, self.buf_len, True, b)
+            added += 1
+        return added
+
+    def fill(self):
+        """Give the device every buffer the ring and the pool allow; returns how many."""
+        self.check()
+        cdef uint32_t n
+        with nogil:
+            n = self.refill()
+            self.vq.flush()
+        return n
+
+    cdef int harvest(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                     Py_ssize_t burst) noexcept nogil:
+        """Take up to ``burst`` received packets; copy them to ``out`` rows (copy
+        mode) or hand their buffers to the application (``ids``, zero-copy)."""
+        cdef uint16_t avail = self.vq.nused()
+        cdef uint16_t head = 0
+        cdef uint32_t length = 0, b, pkt
+        cdef int r, got = 0
+        cdef uint16_t k
+        if avail > burst:
+            avail = <uint16_t>burst
+        for k in range(avail):
+            r = self.vq.pop_used(&head, &length)
+            if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
+                continue  # counted by the virtqueue; nothing of ours to reclaim
+            b = self.vq.detach1(head)
+            if pmd_unlikely(r == USED_BAD_LEN or length < self.hdr_len):
+                if r == USED_OK:
+                    self.vq.n_bad_len += 1  # shorter than the header: not a packet
+                self.dropped += 1
+                self.pool.put(b)
+                continue
+            pkt = length - self.hdr_len
+            if out != NULL:
+                if pmd_unlikely(pkt > cols):
+                    memcpy(out + got * cols, self.pool.buf(b) + self.pool.headroom, cols)
+                    self.truncated += 1
+                else:
+                    memcpy(out + got * cols, self.pool.buf(b) + self.pool.headroom, pkt)
+                self.pool.put(b)
+            else:
+                self.pool.state[b] = BUF_APP
+                ids[got] = b
+            lengths[got] = pkt
+            self.bytes += pkt
+            got += 1
+        self.packets += got
+        self.refill()
+        self.vq.flush()
+        return got
+
+    def rx_burst(self, out, lengths, *, bint truncate=False):
+        """Receive up to ``len(out)`` packets into the rows of ``out`` (uint8, 2-D,
+        C-contiguous); ``lengths[i]`` (uint32) gets packet i's length. Returns the
+        count. Rows must hold ``max_packet_len`` bytes unless ``truncate=True``
+        (then longer packets are cut to the row and ``lengths`` keeps their
+        real length, like pcap's snaplen).
+        """
+        self.check()
+        cdef Py_ssize_t rows, cols, nlen
+        cdef char *o = _u8_2d(out, "out", True, &rows, &cols)
+        cdef uint32_t *l = _u32_1d(lengths, "lengths", True, &nlen)
+        if nlen < rows:
+            raise ValueError(f"lengths has {nlen} entries but out has {rows} rows; "
+                             "give lengths at least one entry per row")
+        if cols < self.max_packet_len and not truncate:
+            raise ValueError(f"out rows hold {cols} bytes but packets can be up to {self.max_packet_len}; "
+                             f"use out with at least {self.max_packet_len} columns, or truncate=True")
+        cdef int n
+        with nogil:
+            n = self.harvest(o, cols, NULL, l, rows)
+        self.report()
+        return n
+
+    def rx_burst_zc(self, ids, lengths):
+        """Receive up to ``len(ids)`` packets without copying: ``ids[i]`` (uint32) is
+        a pool buffer whose data is ``pool.data[ids[i], :lengths[i]]``. The
+        application owns those buffers until it gives them back with
+        ``pool.free(ids[:n])`` or transmits them with ``TxQueue.tx_burst_zc``.
+        Returns the count.
+        """
+        self.check()
+        cdef Py_ssize_t nids, nlen
+        cdef uint32_t *i = _u32_1d(ids, "ids", True, &nids)
+        cdef uint32_t *l = _u32_1d(lengths, "lengths", True, &nlen)
+        if nlen < nids:
+            raise ValueError(f"lengths has {nlen} entries but ids has {nids}; give one length per id")
+        cdef int n
+        with nogil:
+            n = self.harvest(NULL, 0, i, l, nids)
+        self.report()
+        return n
+
+    def stats(self):
+        s = super().stats()
+        s["no_buffer"] = self.no_buffer
+        s["truncated"] = self.truncated
+        return s
+
+
+cdef class TxQueue(_Queue):
+    """``TxQueue(vq, pool, hdr_len=12, strict=False)``: transmit side of a port queue.
+
+    A packet is one descriptor (header in the headroom, then data) when it
+    fits a buffer's data room; copy mode chains more buffers for longer ones.
+    Completed buffers go back to the pool at the start of each burst.
+    """
+    cdef public uint64_t ring_full
+
+    @property
+    def max_packet_len(self):
+        """Largest packet ``tx_burst`` sends (a chain of up to 32 buffers)."""
+        return self.pool.data_room + (MAX_TX_SEGS - 1) * self.pool.buffer_size
+
+    cdef uint32_t reclaim_used(self) noexcept nogil:
+        cdef uint16_t n = self.vq.nused(), k, j, nd
+        cdef uint16_t head = 0
+        cdef uint32_t length = 0
+        cdef uint32_t cookies[MAX_TX_SEGS]
+        cdef int r
+        cdef uint32_t freed = 0
+        for k in range(n):
+            r = self.vq.pop_used(&head, &length, False)
+            if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
+                continue
+            if pmd_likely(self.vq.extra[head].ndescs == 1):
+                self.pool.put(self.vq.detach1(head))
+                freed += 1
+            else:
+                nd = self.vq.detach(head, cookies)
+                for j in range(nd):
+                    self.pool.put(cookies[j])
+                freed += nd
+        return freed
+
+    def reclaim(self):
+        """Give buffers the device has finished with back to the pool; returns how many."""
+        self.check()
+        cdef uint32_t n
+        with nogil:
+            n = self.reclaim_used()
+        self.report()
+        return n
+
+    @property
+    def in_flight(self):
+        """Descriptors the device has not completed yet."""
+        return self.vq.in_flight
+
+    cdef int send_copy(self, const char *pkts, Py_ssize_t cols, const uint32_t *lengths,
+                       Py_ssize_t burst) noexcept nogil:
+        cdef uint64_t addr[MAX_TX_SEGS]
+        cdef uint32_t lens[MAX_TX_SEGS]
+        cdef uint32_t ids[MAX_TX_SEGS]
+        cdef uint32_t room = self.pool.buffer_size - self.pool.headroom, ln, done, take
+        cdef uint32_t nseg, k, b
+        cdef const char *src
+        cdef char *dst
+        cdef Py_ssize_t i, sent = 0
+        self.reclaim_used()
+        for i in range(burst):
+            ln = lengths[i]
+            src = pkts + i * cols
+            if pmd_likely(ln <= room):
+                nseg = 1
+            else:
+                nseg = 1 + (ln - room + self.pool.buffer_size - 1) // self.pool.buffer_size
+            if pmd_unlikely(nseg > self.vq.num_free or nseg > self.pool.n_free):
+                self.ring_full += 1
+                break
+            if pmd_likely(nseg == 1):
+                b = self.pool.get(BUF_QUEUE)
+                dst = self.pool.buf(b) + self.buf_off
+                memset(dst, 0, self.hdr_len)
+                memcpy(dst + self.hdr_len, src, ln)
+                self.vq.add1(self.pool.iova[b] + self.buf_off, self.hdr_len + ln, False, b)
+            else:
+                # Header + first part in the first buffer, the rest in whole buffers.
+                done = 0
+                for k in range(nseg):
+                    ids[k] = self.pool.get(BUF_QUEUE)
+                    if k == 0:
+                        dst = self.pool.buf(ids[k]) + self.buf_off
+                        memset(dst, 0, self.hdr_len)
+                        memcpy(dst + self.hdr_len, src, room)
+                        addr[k] = self.pool.iova[ids[k]] + self.buf_off
+                        lens[k] = self.hdr_len + room
+                        done = room
+                    else:
+                        take = ln - done
+                        if take > self.pool.buffer_size:
+                            take = self.pool.buffer_size
+                        memcpy(self.pool.buf(ids[k]), src + done, take)
+                        addr[k] = self.pool.iova[ids[k]]
+                        lens[k] = take
+                        done += take
+                self.vq.add_chain(addr, lens, ids, <uint16_t>nseg, <uint16_t>nseg)
+            self.bytes += ln
+            sent += 1
+        self.packets += sent
+        self.vq.flush()
+        return <int>sent
+
+    def tx_burst(self, packets, lengths):
+        """Transmit ``packets[i, :lengths[i]]`` for each row of ``packets`` (uint8,
+        2-D, C-contiguous; ``lengths`` uint32). Data is copied into pool buffers.
+        Returns how many were queued: fewer than the rows when the ring or the
+        pool is full (send the rest again later).
+        """
+        self.check()
+        cdef Py_ssize_t rows, cols, nlen, i
+        cdef const char *p = _u8_2d(packets, "packets", False, &rows, &cols)
+        cdef uint32_t *l = _u32_1d(lengths, "lengths", False, &nlen)
+        if nlen < rows:
+            raise ValueError(f"lengths has {nlen} entries but packets has {rows} rows; "
+                             "give one length per row")
+        cdef uint32_t maxlen = self.max_packet_len
+        for i in range(rows):
+            if pmd_unlikely(l[i] == 0 or l[i] > cols or l[i] > maxlen):
+                raise ValueError(f"lengths[{i}] = {l[i]}: a packet must be 1 to "
+                                 f"{min(cols, maxlen)} bytes (row width {cols}, queue limit {maxlen})")
+        cdef int n
+        with nogil:
+            n = self.send_copy(p, cols, l, rows)
+        self.report()
+        return n
+
+    cdef int send_zc(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef uint32_t b
+        cdef char *dst
+        self.reclaim_used()
+        for i in range(burst):
+            if pmd_unlikely(self.vq.num_free == 0):
+                self.ring_full += 1
+                return <int>i
+            b = ids[i]
+            memset(self.pool.buf(b) + self.buf_off, 0, self.hdr_len)
+            self.vq.add1(self.pool.iova[b] + self.buf_off, self.hdr_len + lengths[i], False, b)
+            self.bytes += lengths[i]
+            self.packets += 1
+        return <int>burst
+
+    def tx_burst_zc(self, ids, lengths):
+        """Transmit pool buffers as they are: ``pool.data[ids[i], :lengths[i]]``.
+
+        The application must own each id (from ``pool.alloc`` or ``rx_burst_zc``),
+        each at most once; ownership passes to the queue, and the buffer returns
+        to the pool when the device is done. Returns how many were queued; the
+        rest (ring full) still belong to the application.
+        """
+        self.check()
+        cdef Py_ssize_t nids, nlen, i
+        cdef uint32_t *d = _u32_1d(ids, "ids", False, &nids)
+        cdef uint32_t *l = _u32_1d(lengths, "lengths", False, &nlen)
+        if nlen < nids:
+            raise ValueError(f"lengths has {nlen} entries but ids has {nids}; give one length per id")
+        cdef PacketPool pool = self.pool
+        cdef uint32_t room = pool.buffer_size - pool.headroom
+        # Check every id and claim it; undo on error. Claiming as we go catches
+        # an id listed twice (it would be sent twice and freed twice).
+        for i in range(nids):
+            err = None
+            if d[i] >= pool.n_buffers:
+                err = PoolError(f"ids[{i}] = {d[i]} does not belong to this pool (ids 0..{pool.n_buffers - 1})")
+            elif pool.state[d[i]] != BUF_APP:
+                err = PoolError(f"ids[{i}] = {d[i]} is not owned by the application "
+                                f"({'free' if pool.state[d[i]] == BUF_FREE else 'already queued'}): "
+                                "transmit only buffers from pool.alloc or rx_burst_zc, once")
+            elif l[i] == 0 or l[i] > room:
+                err = ValueError(f"lengths[{i}] = {l[i]}: a zero-copy packet must be 1 to {room} bytes "
+                                 "(the pool's data room)")
+            if err is not None:
+                for j in range(i):
+                    pool.state[d[j]] = BUF_APP
+                raise err
+            pool.state[d[i]] = BUF_QUEUE
+        cdef int n
+        with nogil:
+            n = self.send_zc(d, l, nids)
+            self.vq.flush()
+        for i in range(n, nids):
+            pool.state[d[i]] = BUF_APP   # not sent: still the application's
+        self.report()
+        return n
+
+    def stats(self):
+        s = super().stats()
+        s["ring_full"] = self.ring_full
+        return s
