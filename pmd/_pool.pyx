@@ -174,11 +174,13 @@ cdef class PacketPool:
                 self._undo_free(v, i)
                 raise PoolError(f"buffer id {b} does not belong to this pool (ids are 0..{self.n_buffers - 1})")
             if self.state[b] != BUF_APP:
-                self._undo_free(v, i)
                 if self.state[b] == BUF_FREE:
-                    raise PoolError(f"double free: buffer {b} is already free")
-                raise PoolError(f"buffer {b} is owned by a queue, not the application; "
-                                "it comes back to the pool when the device is done with it")
+                    err = PoolError(f"double free: buffer {b} is already free")
+                else:
+                    err = PoolError(f"buffer {b} is owned by a queue, not the application; "
+                                    "it comes back to the pool when the device is done with it")
+                self._undo_free(v, i)
+                raise err
             self.state[b] = BUF_FREE
         for i in range(n):
             self.put(<uint32_t>v[i])

@@ -1,0 +1,148 @@
+"""Device side of the split virtqueue: everything the driver writes is checked.
+
+Bad descriptors are written raw into the ring (as a buggy or hostile driver
+would) and the device must refuse them, count them, and never touch memory
+outside the DMA windows.
+"""
+
+import numpy as np
+import pytest
+
+import pmd
+from pmd._device import DeviceQueue, DmaWindows
+from pmd.errors import DeviceError
+
+from .conftest import ring_view
+
+
+@pytest.fixture
+def raw(memory):
+    """A ring written by hand: (device queue, ring views, a valid buffer iova)."""
+    vq = pmd.Virtqueue(memory, 8)
+    w = DmaWindows()
+    w.add_memory(memory)
+    dq = DeviceQueue(w, 8, vq.desc_iova, vq.avail_iova, vq.used_iova)
+    buf = memory.iova(memory.alloc(256))
+    return dq, ring_view(vq), buf
+
+
+def expose(r, *heads):
+    for k, h in enumerate(heads):
+        r["avail_ring"][(int(r["avail_idx"][0]) + k) % 8] = h
+    r["avail_idx"][0] = (int(r["avail_idx"][0]) + len(heads)) & 0xFFFF
+
+
+def set_desc(r, i, addr, length, flags=0, nxt=0):
+    r["desc"][i] = (addr, length, flags, nxt)
+
+
+def test_valid_chain_is_popped(raw):
+    dq, r, buf = raw
+    set_desc(r, 0, buf, 16, 1, 1)
+    set_desc(r, 1, buf + 16, 100, 2)
+    expose(r, 0)
+    head, readable, capacity = dq.pop_chain()
+    assert head == 0 and len(readable) == 16 and capacity == 100
+
+
+@pytest.mark.parametrize(
+    "setup, reason",
+    [
+        (lambda r, b: set_desc(r, 0, b, 16, 1, 8), "next index out of range"),
+        (lambda r, b: (set_desc(r, 0, b, 16, 1, 1), set_desc(r, 1, b, 16, 1, 0)), "loops"),
+        (lambda r, b: set_desc(r, 0, b, 16, 1, 0), "loops"),   # a descriptor pointing at itself
+        (lambda r, b: set_desc(r, 0, 0x1234, 16), "outside the driver's DMA memory"),
+        (lambda r, b: set_desc(r, 0, 2**64 - 8, 16), "outside the driver's DMA memory"),
+        (lambda r, b: set_desc(r, 0, b, 2**32 - 1), "outside the driver's DMA memory"),
+        (lambda r, b: set_desc(r, 0, b, 16, 4), "indirect"),
+        (lambda r, b: (set_desc(r, 0, b, 16, 2 | 1, 1), set_desc(r, 1, b, 16, 0)), "after a device-writable"),
+    ],
+    ids=["next-out-of-range", "two-loop", "self-loop", "addr-outside", "addr-overflow",
+         "len-past-end", "indirect", "readable-after-writable"],
+)
+def test_bad_chain_is_refused_counted_and_returned_empty(raw, setup, reason):
+    dq, r, buf = raw
+    setup(r, buf)
+    expose(r, 0)
+    with pytest.raises(DeviceError, match=reason):
+        dq.pop_chain()
+    assert dq.stats()["bad_descriptors"] == 1
+    # The head goes back to the driver with length 0, so it can reclaim it.
+    dq.publish_used()
+    assert r["used_idx"][0] == 1 and tuple(r["used_ring"][0]) == (0, 0)
+
+
+def test_head_out_of_range_is_refused_and_not_returned(raw):
+    dq, r, buf = raw
+    expose(r, 9)
+    with pytest.raises(DeviceError, match="head index out of range"):
+        dq.pop_chain()
+    dq.publish_used()
+    assert r["used_idx"][0] == 0
+
+
+def test_avail_index_jump_breaks_the_queue(raw):
+    dq, r, buf = raw
+    r["avail_idx"][0] = 9       # 9 new entries on a ring of 8
+    with pytest.raises(DeviceError, match="more than the queue size"):
+        dq.pop_chain()
+    assert dq.stats()["broken"]
+    assert dq.pop_chain() is None
+
+
+def test_device_never_writes_outside_the_windows(memory):
+    # Two windows; a writable descriptor spanning the gap between them is refused.
+    vq = pmd.Virtqueue(memory, 8)
+    w = DmaWindows()
+    w.add(memory.iova(0), 65536, memory.address, memory)   # ring lives in the first 64 KiB
+    r = ring_view(vq)
+    dq = DeviceQueue(w, 8, vq.desc_iova, vq.avail_iova, vq.used_iova)
+    set_desc(r, 0, memory.iova(65536 - 8), 16, 2)
+    expose(r, 0)
+    with pytest.raises(DeviceError, match="outside"):
+        dq.pop_chain()
+    assert not np.frombuffer(memory, dtype=np.uint8)[65536:65536 + 64].any()
+
+
+def test_ring_outside_driver_memory_is_refused(memory):
+    w = DmaWindows()
+    w.add_memory(memory)
+    with pytest.raises(DeviceError, match="outside its DMA memory"):
+        DeviceQueue(w, 8, 0x1000, 0x2000, 0x3000)
+
+
+def test_misaligned_ring_is_refused(memory):
+    w = DmaWindows()
+    w.add_memory(memory)
+    base = memory.iova(0)
+    with pytest.raises(DeviceError, match="misaligned"):
+        DeviceQueue(w, 8, base + 8, base + 4096, base + 8192)
+
+
+def test_windows_translate_exactly_their_ranges(memory):
+    w = DmaWindows()
+    w.add(0x10000, 0x1000, memory.address, memory)
+    assert w.local_address(0x10000, 0x1000) == memory.address
+    assert w.local_address(0x10fff, 1) == memory.address + 0xfff
+    assert w.local_address(0x10fff, 2) is None
+    assert w.local_address(0xffff, 1) is None
+    assert w.local_address(0x11000, 1) is None
+    w.remove(0x10000)
+    assert len(w) == 0 and w.local_address(0x10000) is None
+
+
+def test_bad_window_is_refused():
+    w = DmaWindows()
+    with pytest.raises(ValueError):
+        w.add(2**64 - 10, 100, 0x1000)
+    with pytest.raises(ValueError):
+        w.add(0, 0, 0x1000)
+
+
+def test_complete_more_than_the_chain_holds_is_refused(raw):
+    dq, r, buf = raw
+    set_desc(r, 0, buf, 8, 2)
+    expose(r, 0)
+    head, _, cap = dq.pop_chain()
+    with pytest.raises(ValueError, match="do not fit"):
+        dq.complete(head, b"x" * 9)

@@ -1,0 +1,142 @@
+"""DmaMemory: memfd-backed, shared, zeroed, with an IOVA translation hook."""
+
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+import pmd
+from pmd.errors import PmdError, QueueStateError
+
+from .conftest import open_fds
+
+
+def test_size_is_rounded_up_to_the_page_size():
+    with pmd.DmaMemory(5000, lock=False) as m:
+        assert m.size == 8192 and m.page_size == 4096
+
+
+def test_zero_size_is_refused():
+    with pytest.raises(ValueError, match="positive"):
+        pmd.DmaMemory(0)
+
+
+def test_memory_is_a_memfd_whose_fd_is_kept():
+    with pmd.DmaMemory(1 << 20, lock=False, name="pmd-fdtest") as m:
+        target = os.readlink(f"/proc/self/fd/{m.fd}")
+        assert target.startswith("/memfd:pmd-fdtest")
+
+
+def test_memory_is_shared_through_its_fd():
+    # Another mapping of the fd (what a vfio-user device process does) sees our writes.
+    with pmd.DmaMemory(1 << 20, lock=False) as m:
+        view = np.frombuffer(m, dtype=np.uint8)
+        view[4096:4100] = [1, 2, 3, 4]
+        other = mmap.mmap(m.fd, m.size, mmap.MAP_SHARED)
+        try:
+            assert other[4096:4100] == bytes([1, 2, 3, 4])
+            other[10] = 99
+            assert view[10] == 99
+        finally:
+            other.close()
+        del view
+
+
+def test_memory_starts_zeroed():
+    with pmd.DmaMemory(1 << 20, lock=False) as m:
+        view = np.frombuffer(m, dtype=np.uint8)
+        assert not view.any()
+        del view
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="locking 16 MiB needs root or a large RLIMIT_MEMLOCK")
+def test_memory_is_locked_when_asked():
+    with pmd.DmaMemory(16 << 20, lock=True) as m:
+        assert m.locked
+        with open("/proc/self/status") as f:
+            locked_kb = int(next(line for line in f if line.startswith("VmLck")).split()[1])
+        assert locked_kb >= 16 << 10
+
+
+def test_hugepages_required_but_missing_is_a_clear_error():
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        if int(f.read()) > 0:
+            pytest.skip("this machine has huge pages reserved")
+    with pytest.raises(PmdError, match="nr_hugepages"):
+        pmd.DmaMemory(2 << 20, hugepages=True, lock=False)
+
+
+def test_alloc_honours_alignment_and_never_overlaps():
+    with pmd.DmaMemory(1 << 20, lock=False) as m:
+        a = m.alloc(100, 64)
+        b = m.alloc(10, 4096)
+        c = m.alloc(1, 16)
+        assert a % 64 == 0 and b % 4096 == 0 and c % 16 == 0
+        assert a + 100 <= b and b + 10 <= c
+
+
+def test_alloc_past_the_end_is_a_clear_error():
+    with pmd.DmaMemory(8192, lock=False) as m:
+        m.alloc(8000)
+        with pytest.raises(MemoryError, match="larger region"):
+            m.alloc(1000)
+
+
+def test_alloc_alignment_must_be_power_of_two():
+    with pmd.DmaMemory(8192, lock=False) as m, pytest.raises(ValueError, match="power of two"):
+        m.alloc(10, 48)
+
+
+def test_iova_is_identity_by_default():
+    with pmd.DmaMemory(1 << 20, lock=False) as m:
+        assert m.iova(0) == m.address
+        assert m.iova(12345) == m.address + 12345
+        assert m.iova_contiguous
+
+
+def test_iova_translator_is_applied_per_page():
+    # Reverse the page order: every page's IOVA is known, none contiguous.
+    with pmd.DmaMemory(4 * 4096, lock=False) as m:
+        base = m.address
+        m.set_iova_translator(lambda va: 0x10_0000_0000 + (3 - (va - base) // 4096) * 4096)
+        assert m.iova(0) == 0x10_0000_3000
+        assert m.iova(4096 + 5) == 0x10_0000_2005
+        assert not m.iova_contiguous
+
+
+def test_iova_translator_must_return_page_aligned_addresses():
+    with pmd.DmaMemory(8192, lock=False) as m, pytest.raises(ValueError, match="not aligned"):
+        m.set_iova_translator(lambda va: va + 1)
+
+
+def test_closed_memory_refuses_work():
+    m = pmd.DmaMemory(8192, lock=False)
+    m.close()
+    m.close()  # idempotent
+    assert m.closed
+    with pytest.raises(QueueStateError, match="closed"):
+        m.alloc(10)
+    with pytest.raises(QueueStateError):
+        m.address
+
+
+def test_close_with_live_numpy_view_keeps_pages_until_view_dies():
+    m = pmd.DmaMemory(8192, lock=False)
+    view = np.frombuffer(m, dtype=np.uint8)
+    m.close()
+    assert m.closed
+    view[0] = 7          # still mapped: no crash
+    assert view[0] == 7
+    fd_target = f"/proc/self/fd/{m.fd}"
+    assert os.path.exists(fd_target)
+    del view             # last export gone: unmapped and fd closed
+    assert m.fd == -1
+
+
+def test_no_fd_leak_over_many_regions():
+    before = open_fds()
+    for _ in range(50):
+        with pmd.DmaMemory(1 << 16, lock=False):
+            pass
+    assert open_fds() == before

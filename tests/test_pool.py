@@ -1,0 +1,96 @@
+"""PacketPool: fixed buffers in DMA memory, O(1) free stack, ownership checks."""
+
+import numpy as np
+import pytest
+
+import pmd
+from pmd.errors import PoolError
+
+
+@pytest.fixture
+def pool(memory):
+    return pmd.PacketPool(memory, 16, 2048)
+
+
+def test_pool_is_one_2d_view_of_dma_memory(pool, memory):
+    arr = pool.array
+    assert arr.shape == (16, 2048) and arr.dtype == np.uint8
+    arr[3, 100] = 77
+    raw = np.frombuffer(memory, dtype=np.uint8)
+    assert raw[pool.offset + 3 * 2048 + 100] == 77  # same bytes, no copy
+    assert pool.data.shape == (16, 2048 - 64)
+    assert pool.data[3, 36] == 77
+
+
+def test_buffer_iova_is_its_address_translated(pool, memory):
+    assert pool.iova_of(5) == memory.iova(pool.offset + 5 * 2048)
+
+
+def test_alloc_and_free_round_trip(pool):
+    ids = pool.alloc(16)
+    assert sorted(ids.tolist()) == list(range(16))
+    assert pool.available == 0
+    pool.free(ids)
+    assert pool.available == 16
+
+
+def test_exhaustion_is_a_clear_error_and_takes_nothing(pool):
+    pool.alloc(10)
+    with pytest.raises(PoolError, match="exhausted"):
+        pool.alloc(7)
+    assert pool.available == 6
+
+
+def test_double_free_is_refused(pool):
+    b = pool.alloc()
+    pool.free(b)
+    with pytest.raises(PoolError, match="double free"):
+        pool.free(b)
+
+
+def test_foreign_id_is_refused(pool):
+    with pytest.raises(PoolError, match="does not belong"):
+        pool.free(16)
+    with pytest.raises(PoolError, match="does not belong"):
+        pool.free(-1)
+
+
+def test_duplicate_in_one_free_is_refused_and_nothing_freed(pool):
+    ids = pool.alloc(3)
+    with pytest.raises(PoolError, match="double free"):
+        pool.free([ids[0], ids[1], ids[0]])
+    assert pool.available == 13
+    assert all(pool.state_of(int(i)) == "app" for i in ids)
+
+
+def test_free_needs_integer_ids(pool):
+    with pytest.raises(TypeError, match="integers"):
+        pool.free(np.array([1.5]))
+
+
+@pytest.mark.parametrize("size", [0, 100, 1000])
+def test_buffer_size_must_be_multiple_of_64(memory, size):
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pmd.PacketPool(memory, 4, size)
+
+
+def test_headroom_must_hold_the_header(memory):
+    with pytest.raises(ValueError, match="headroom"):
+        pmd.PacketPool(memory, 4, 2048, headroom=8)
+
+
+def test_pool_larger_than_memory_is_a_clear_error(memory):
+    with pytest.raises(MemoryError, match="larger region"):
+        pmd.PacketPool(memory, 100000, 2048)
+
+
+def test_buffers_never_straddle_non_contiguous_pages():
+    with pmd.DmaMemory(64 * 4096, lock=False) as m:
+        base = m.address
+        m.set_iova_translator(lambda va: 0x40_0000_0000 + (63 - (va - base) // 4096) * 4096)
+        p = pmd.PacketPool(m, 32, 2048)
+        for i in range(32):
+            iova = p.iova_of(i)
+            assert iova % 4096 + 2048 <= 4096
+        with pytest.raises(ValueError, match="not contiguous"):
+            pmd.PacketPool(m, 4, 4096 + 1024)

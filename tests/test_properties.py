@@ -1,0 +1,129 @@
+"""Property-based tests: arbitrary sequences of ring operations against a model.
+
+The driver and the device side run over shared ring memory; the device may
+complete chains in any order (split rings allow it), with any valid length.
+After every step the queue agrees with a plain-Python model: descriptors are
+conserved, every completion returns exactly its chain's cookies, nothing is
+reported bad.
+"""
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import pmd
+from pmd._device import DeviceQueue, DmaWindows
+
+
+class RingMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.memory = pmd.DmaMemory(1 << 20, lock=False)
+        self.size = 8
+        self.event_idx = False
+        self.setup_queue()
+
+    def setup_queue(self):
+        self.vq = pmd.Virtqueue(self.memory, self.size, event_idx=self.event_idx)
+        w = DmaWindows()
+        w.add_memory(self.memory)
+        self.dq = DeviceQueue(w, self.size, self.vq.desc_iova, self.vq.avail_iova,
+                              self.vq.used_iova, event_idx=self.event_idx)
+        self.buf = self.memory.iova(self.memory.alloc(4096))
+        self.cookie = 0
+        self.added = {}          # cookie -> (n descriptors, writable bytes), not yet popped
+        self.popped = []         # (head, cookie, writable) the device holds
+        self.completed = {}      # head -> (cookie, n, length) published, not yet harvested
+        self.unpublished = []
+        self.pending_avail = 0
+        self.heads = {}          # head -> cookie for chains in flight
+        self.ndesc = {}          # cookie -> descriptors of its chain, until harvested
+
+    def teardown(self):
+        self.memory.close()
+
+    @rule(n_out=st.integers(0, 3), n_in=st.integers(0, 3))
+    def add(self, n_out, n_in):
+        n = n_out + n_in
+        if n == 0 or n > self.vq.free_descriptors:
+            return
+        outs = [(self.buf + 64 * k, 16) for k in range(n_out)]
+        ins = [(self.buf + 1024 + 64 * k, 32) for k in range(n_in)]
+        head = self.vq.add(outs, ins, self.cookie)
+        assert head not in self.heads
+        self.heads[head] = self.cookie
+        self.added[self.cookie] = (n, 32 * n_in)
+        self.ndesc[self.cookie] = n
+        self.cookie += 1
+        self.pending_avail += 1
+
+    @rule()
+    def kick(self):
+        self.vq.kick()
+        self.pending_avail = 0
+
+    @rule()
+    def device_pop(self):
+        chain = self.dq.pop_chain()
+        if chain is None:
+            return
+        head, readable, capacity = chain
+        cookie = self.heads[head]
+        n, writable = self.added.pop(cookie)
+        assert capacity == writable
+        assert len(readable) == 16 * (n - writable // 32)
+        self.popped.append((head, cookie, writable))
+
+    @rule(pick=st.integers(0, 100), frac=st.floats(0, 1))
+    @precondition(lambda self: self.popped)
+    def device_complete(self, pick, frac):
+        head, cookie, writable = self.popped.pop(pick % len(self.popped))   # any order
+        length = int(writable * frac)
+        self.dq.push_raw(head, length)
+        self.unpublished.append((head, cookie, length))
+
+    @rule()
+    def device_publish(self):
+        self.dq.publish_used()
+        for head, cookie, length in self.unpublished:
+            self.completed[head] = (cookie, length)
+        self.unpublished = []
+
+    @rule()
+    def driver_harvest(self):
+        while True:
+            r = self.vq.get_used()
+            if r is None:
+                break
+            cookies, length = r
+            assert len(set(cookies)) == 1
+            cookie = cookies[0]
+            head = next(h for h, c in self.heads.items() if c == cookie)
+            assert self.completed.pop(head) == (cookie, length)
+            del self.heads[head]
+            del self.ndesc[cookie]
+        assert not self.completed
+
+    @invariant()
+    def descriptors_are_conserved(self):
+        s = self.vq.stats()
+        assert s["bad_used_id"] == s["used_not_in_flight"] == s["bad_used_len"] == 0
+        assert self.dq.stats()["bad_descriptors"] == 0
+        assert self.vq.in_flight == sum(self.ndesc.values())
+        assert self.vq.free_descriptors == self.size - self.vq.in_flight
+
+
+class EventIdxRingMachine(RingMachine):
+    def __init__(self):
+        RuleBasedStateMachine.__init__(self)
+        self.memory = pmd.DmaMemory(1 << 20, lock=False)
+        self.size = 4
+        self.event_idx = True
+        self.setup_queue()
+
+
+TestRing = RingMachine.TestCase
+TestRing.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+TestEventIdxRing = EventIdxRingMachine.TestCase
+TestEventIdxRing.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
