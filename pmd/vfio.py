@@ -1,0 +1,1391 @@
+"""Kernel VFIO: a PCI device bound to ``vfio-pci``, driven from this process.
+
+The sequence (``include/uapi/linux/vfio.h``; DPDK ``lib/eal/linux/eal_vfio.c``
+and ``drivers/bus/pci/linux/pci_vfio.c`` do the same in C)::
+
+    sysfs: <SYSFS_PCI_DEVICES>/<addr>/iommu_group -> .../iommu_groups/<n>
+    container = open("/dev/vfio/vfio")
+        VFIO_GET_API_VERSION == VFIO_API_VERSION (0)
+        VFIO_CHECK_EXTENSION(TYPE1v2 | TYPE1 | NOIOMMU)
+    group = open("/dev/vfio/<n>")            (no-IOMMU mode: "/dev/vfio/noiommu-<n>")
+        VFIO_GROUP_GET_STATUS: VIABLE (every device of the group bound to vfio-pci or to nothing)
+        VFIO_GROUP_SET_CONTAINER(&container)
+    container: VFIO_SET_IOMMU(type)
+    device = VFIO_GROUP_GET_DEVICE_FD(group, "<addr>")
+        VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_REGION_INFO (each region, with capabilities),
+        VFIO_DEVICE_GET_IRQ_INFO
+    config space and I/O BARs: pread/pwrite(device, region.offset + x)
+    memory BARs: mmap(device, region.offset + area.offset) for each allowed (sparse) area
+    DMA: VFIO_IOMMU_MAP_DMA / VFIO_IOMMU_UNMAP_DMA on the container (IOVA = virtual address)
+    interrupts: VFIO_DEVICE_SET_IRQS(MSI-X, DATA_EVENTFD | ACTION_TRIGGER, eventfds)
+
+:class:`VfioDevice` owns all of it and gives it back in reverse order on
+``close()``, when ``open`` fails half-way, and at interpreter exit.
+
+The sysfs lookups here (address syntax, ``iommu_group``, ``driver``) are a small
+private helper; ``pmd.pci`` is the project's full sysfs reader and these can move
+onto it once it lands.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import re
+import resource
+import struct
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .access import (
+    IRQ_INDEX_NAMES,
+    PCI_BAR0_REGION_INDEX,
+    PCI_BAR5_REGION_INDEX,
+    PCI_CONFIG_REGION_INDEX,
+    PCI_INTX_IRQ_INDEX,
+    PCI_ROM_REGION_INDEX,
+    PCI_VGA_REGION_INDEX,
+    PCI_MSI_IRQ_INDEX,
+    PCI_MSIX_IRQ_INDEX,
+    REGION_INFO_FLAG_CAPS,
+    DeviceAccess,
+    DeviceInfo,
+    InfoCap,
+    IrqInfo,
+    RegionInfo,
+    RegionMapping,
+    SparseArea,
+    vfio_error,
+)
+from .errors import VfioError
+
+__all__ = [
+    "VFIO_API_VERSION",
+    "VFIO_TYPE",
+    "VFIO_BASE",
+    "VFIO_TYPE1_IOMMU",
+    "VFIO_TYPE1v2_IOMMU",
+    "VFIO_NOIOMMU_IOMMU",
+    "VFIO_GET_API_VERSION",
+    "VFIO_CHECK_EXTENSION",
+    "VFIO_SET_IOMMU",
+    "VFIO_GROUP_GET_STATUS",
+    "VFIO_GROUP_SET_CONTAINER",
+    "VFIO_GROUP_UNSET_CONTAINER",
+    "VFIO_GROUP_GET_DEVICE_FD",
+    "VFIO_DEVICE_GET_INFO",
+    "VFIO_DEVICE_GET_REGION_INFO",
+    "VFIO_DEVICE_GET_IRQ_INFO",
+    "VFIO_DEVICE_SET_IRQS",
+    "VFIO_DEVICE_RESET",
+    "VFIO_IOMMU_GET_INFO",
+    "VFIO_IOMMU_MAP_DMA",
+    "VFIO_IOMMU_UNMAP_DMA",
+    "VFIO_PCI_BAR0_REGION_INDEX",
+    "VFIO_PCI_BAR5_REGION_INDEX",
+    "VFIO_PCI_ROM_REGION_INDEX",
+    "VFIO_PCI_CONFIG_REGION_INDEX",
+    "VFIO_PCI_VGA_REGION_INDEX",
+    "VFIO_PCI_INTX_IRQ_INDEX",
+    "VFIO_PCI_MSI_IRQ_INDEX",
+    "VFIO_PCI_MSIX_IRQ_INDEX",
+    "VFIO_CONTAINER_PATH",
+    "VFIO_DEV_DIR",
+    "SYSFS_PCI_DEVICES",
+    "IommuInfo",
+    "VfioDevice",
+    "areas_without",
+    "build_irq_set",
+    "build_irq_set_eventfds",
+    "ioc",
+    "io",
+    "iommu_group_of",
+    "normalize_pci_address",
+    "open_container",
+    "pagemap_entry_to_phys",
+    "parse_cap_chain",
+    "parse_device_info",
+    "parse_irq_info",
+    "parse_region_info",
+    "sysfs_pci_root",
+    "virt_to_phys",
+]
+
+log = logging.getLogger("pmd.vfio")
+
+# ---------------------------------------------------------------------------
+# ioctl request numbers: <asm-generic/ioctl.h> layout (x86-64, arm64):
+# nr bits 0-7, type bits 8-15, size bits 16-29, direction bits 30-31.
+# VFIO uses _IO() everywhere ("to avoid implicitly embedding a size"): the
+# argument's size travels in its own argsz field instead.
+# ---------------------------------------------------------------------------
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = 8
+_IOC_SIZESHIFT = 16
+_IOC_DIRSHIFT = 30
+_IOC_NONE = 0
+
+
+def ioc(direction: int, type_: int, nr: int, size: int) -> int:
+    """``_IOC(dir, type, nr, size)``."""
+    return (direction << _IOC_DIRSHIFT) | (type_ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
+
+
+def io(type_: int, nr: int) -> int:
+    """``_IO(type, nr)``."""
+    return ioc(_IOC_NONE, type_, nr, 0)
+
+
+VFIO_API_VERSION = 0
+VFIO_TYPE = ord(";")
+VFIO_BASE = 100
+
+# Extensions (VFIO_CHECK_EXTENSION arguments / VFIO_SET_IOMMU types)
+VFIO_TYPE1_IOMMU = 1
+VFIO_SPAPR_TCE_IOMMU = 2
+VFIO_TYPE1v2_IOMMU = 3
+VFIO_DMA_CC_IOMMU = 4
+VFIO_NOIOMMU_IOMMU = 8
+IOMMU_TYPE_NAMES = {VFIO_TYPE1_IOMMU: "type1", VFIO_TYPE1v2_IOMMU: "type1v2", VFIO_NOIOMMU_IOMMU: "no-IOMMU"}
+
+# container (/dev/vfio/vfio)
+VFIO_GET_API_VERSION = io(VFIO_TYPE, VFIO_BASE + 0)
+VFIO_CHECK_EXTENSION = io(VFIO_TYPE, VFIO_BASE + 1)
+VFIO_SET_IOMMU = io(VFIO_TYPE, VFIO_BASE + 2)
+# group (/dev/vfio/<n>)
+VFIO_GROUP_GET_STATUS = io(VFIO_TYPE, VFIO_BASE + 3)
+VFIO_GROUP_SET_CONTAINER = io(VFIO_TYPE, VFIO_BASE + 4)
+VFIO_GROUP_UNSET_CONTAINER = io(VFIO_TYPE, VFIO_BASE + 5)
+VFIO_GROUP_GET_DEVICE_FD = io(VFIO_TYPE, VFIO_BASE + 6)
+# device
+VFIO_DEVICE_GET_INFO = io(VFIO_TYPE, VFIO_BASE + 7)
+VFIO_DEVICE_GET_REGION_INFO = io(VFIO_TYPE, VFIO_BASE + 8)
+VFIO_DEVICE_GET_IRQ_INFO = io(VFIO_TYPE, VFIO_BASE + 9)
+VFIO_DEVICE_SET_IRQS = io(VFIO_TYPE, VFIO_BASE + 10)
+VFIO_DEVICE_RESET = io(VFIO_TYPE, VFIO_BASE + 11)
+# type1 IOMMU (container)
+VFIO_IOMMU_GET_INFO = io(VFIO_TYPE, VFIO_BASE + 12)
+VFIO_IOMMU_MAP_DMA = io(VFIO_TYPE, VFIO_BASE + 13)
+VFIO_IOMMU_UNMAP_DMA = io(VFIO_TYPE, VFIO_BASE + 14)
+
+IOCTL_NAMES = {
+    VFIO_GET_API_VERSION: "VFIO_GET_API_VERSION",
+    VFIO_CHECK_EXTENSION: "VFIO_CHECK_EXTENSION",
+    VFIO_SET_IOMMU: "VFIO_SET_IOMMU",
+    VFIO_GROUP_GET_STATUS: "VFIO_GROUP_GET_STATUS",
+    VFIO_GROUP_SET_CONTAINER: "VFIO_GROUP_SET_CONTAINER",
+    VFIO_GROUP_UNSET_CONTAINER: "VFIO_GROUP_UNSET_CONTAINER",
+    VFIO_GROUP_GET_DEVICE_FD: "VFIO_GROUP_GET_DEVICE_FD",
+    VFIO_DEVICE_GET_INFO: "VFIO_DEVICE_GET_INFO",
+    VFIO_DEVICE_GET_REGION_INFO: "VFIO_DEVICE_GET_REGION_INFO",
+    VFIO_DEVICE_GET_IRQ_INFO: "VFIO_DEVICE_GET_IRQ_INFO",
+    VFIO_DEVICE_SET_IRQS: "VFIO_DEVICE_SET_IRQS",
+    VFIO_DEVICE_RESET: "VFIO_DEVICE_RESET",
+    VFIO_IOMMU_GET_INFO: "VFIO_IOMMU_GET_INFO",
+    VFIO_IOMMU_MAP_DMA: "VFIO_IOMMU_MAP_DMA",
+    VFIO_IOMMU_UNMAP_DMA: "VFIO_IOMMU_UNMAP_DMA",
+}
+
+# vfio-pci's fixed region and IRQ indexes, under the header's names
+VFIO_PCI_BAR0_REGION_INDEX = PCI_BAR0_REGION_INDEX
+VFIO_PCI_BAR5_REGION_INDEX = PCI_BAR5_REGION_INDEX
+VFIO_PCI_ROM_REGION_INDEX = PCI_ROM_REGION_INDEX
+VFIO_PCI_CONFIG_REGION_INDEX = PCI_CONFIG_REGION_INDEX
+VFIO_PCI_VGA_REGION_INDEX = PCI_VGA_REGION_INDEX
+VFIO_PCI_INTX_IRQ_INDEX = PCI_INTX_IRQ_INDEX
+VFIO_PCI_MSI_IRQ_INDEX = PCI_MSI_IRQ_INDEX
+VFIO_PCI_MSIX_IRQ_INDEX = PCI_MSIX_IRQ_INDEX
+
+# struct vfio_group_status.flags
+VFIO_GROUP_FLAGS_VIABLE = 1 << 0
+VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
+# struct vfio_device_info.flags
+VFIO_DEVICE_FLAGS_RESET = 1 << 0
+VFIO_DEVICE_FLAGS_PCI = 1 << 1
+VFIO_DEVICE_FLAGS_CAPS = 1 << 7
+# region info capability ids
+VFIO_REGION_INFO_CAP_SPARSE_MMAP = 1
+VFIO_REGION_INFO_CAP_TYPE = 2
+VFIO_REGION_INFO_CAP_MSIX_MAPPABLE = 3
+# device info capability ids
+VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP = 5
+# struct vfio_irq_set.flags
+VFIO_IRQ_SET_DATA_NONE = 1 << 0
+VFIO_IRQ_SET_DATA_BOOL = 1 << 1
+VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+VFIO_IRQ_SET_ACTION_MASK = 1 << 3
+VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
+VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
+# struct vfio_iommu_type1_info.flags and its capability
+VFIO_IOMMU_INFO_PGSIZES = 1 << 0
+VFIO_IOMMU_INFO_CAPS = 1 << 1
+VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE = 1
+# struct vfio_iommu_type1_dma_map.flags
+VFIO_DMA_MAP_FLAG_READ = 1 << 0
+VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
+
+# ---------------------------------------------------------------------------
+# Structures. Native byte order and alignment (the ioctl ABI is the host's);
+# __aligned_u64 is c_uint64, which ctypes aligns to 8 on every 64-bit ABI.
+# ---------------------------------------------------------------------------
+
+
+class vfio_info_cap_header(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint16), ("version", ctypes.c_uint16), ("next", ctypes.c_uint32)]
+
+
+class vfio_group_status(ctypes.Structure):
+    _fields_ = [("argsz", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class vfio_device_info(ctypes.Structure):
+    _fields_ = [
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("num_regions", ctypes.c_uint32),
+        ("num_irqs", ctypes.c_uint32),
+        ("cap_offset", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class vfio_region_info(ctypes.Structure):
+    _fields_ = [
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("cap_offset", ctypes.c_uint32),
+        ("size", ctypes.c_uint64),
+        ("offset", ctypes.c_uint64),
+    ]
+
+
+class vfio_region_sparse_mmap_area(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("size", ctypes.c_uint64)]
+
+
+class vfio_region_info_cap_sparse_mmap(ctypes.Structure):
+    """Header of the sparse-mmap capability; ``nr_areas`` areas follow it."""
+
+    _fields_ = [("header", vfio_info_cap_header), ("nr_areas", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class vfio_region_info_cap_type(ctypes.Structure):
+    _fields_ = [("header", vfio_info_cap_header), ("type", ctypes.c_uint32), ("subtype", ctypes.c_uint32)]
+
+
+class vfio_irq_info(ctypes.Structure):
+    _fields_ = [
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+    ]
+
+
+class vfio_irq_set(ctypes.Structure):
+    """Header of ``struct vfio_irq_set``; ``data[]`` (here: ``__s32`` eventfds) follows at offset 20."""
+
+    _fields_ = [
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("start", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+    ]
+
+
+class vfio_iommu_type1_info(ctypes.Structure):
+    _fields_ = [
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("iova_pgsizes", ctypes.c_uint64),
+        ("cap_offset", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class vfio_iommu_type1_dma_map(ctypes.Structure):
+    _fields_ = [
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("vaddr", ctypes.c_uint64),
+        ("iova", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+    ]
+
+
+class vfio_iommu_type1_dma_unmap(ctypes.Structure):
+    _fields_ = [
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("iova", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+    ]
+
+
+_CAP_HEADER_SIZE = ctypes.sizeof(vfio_info_cap_header)  # 8
+_MAX_INFO_SIZE = 1 << 20  # no info reply is anywhere near this; a larger argsz is a bug
+
+# ---------------------------------------------------------------------------
+# Parsing and building (pure functions: host-testable, reusable by vfio-user,
+# whose messages carry the same structures)
+# ---------------------------------------------------------------------------
+
+
+def parse_cap_chain(buf: bytes, first: int, fixed_size: int, what: str = "info") -> tuple[InfoCap, ...]:
+    """Walk a VFIO info capability chain starting at offset ``first`` of ``buf``.
+
+    Offsets are relative to the start of the info buffer; ``next == 0`` ends
+    the chain. A capability may not start inside the fixed structure
+    (``fixed_size``), run past the buffer, or be visited twice (a loop): each
+    raises :class:`VfioError` saying which.
+    """
+    caps: list[InfoCap] = []
+    seen: set[int] = set()
+    offset = first
+    while offset:
+        if offset in seen:
+            raise vfio_error(
+                f"{what}: capability chain loops back to offset {offset:#x} "
+                f"(visited {', '.join(hex(o) for o in sorted(seen))})",
+                errno.ELOOP,
+            )
+        if offset < fixed_size or offset + _CAP_HEADER_SIZE > len(buf):
+            raise vfio_error(
+                f"{what}: capability at offset {offset:#x} is out of range "
+                f"(valid: {fixed_size:#x} .. {len(buf) - _CAP_HEADER_SIZE:#x} in a {len(buf)}-byte buffer)",
+                errno.ERANGE,
+            )
+        seen.add(offset)
+        cap_id, version, nxt = struct.unpack_from("=HHI", buf, offset)
+        end = nxt if offset < nxt <= len(buf) else len(buf)
+        caps.append(InfoCap(cap_id, version, offset, bytes(buf[offset + _CAP_HEADER_SIZE : end])))
+        offset = nxt
+    return tuple(caps)
+
+
+def parse_region_info(buf: bytes) -> RegionInfo:
+    """Decode a ``struct vfio_region_info`` reply and its capabilities."""
+    fixed = ctypes.sizeof(vfio_region_info)
+    if len(buf) < fixed:
+        raise vfio_error(f"region info is {len(buf)} bytes, shorter than struct vfio_region_info ({fixed})", errno.EINVAL)
+    info = vfio_region_info.from_buffer_copy(bytes(buf[:fixed]))
+    index = int(info.index)
+    what = f"region {index} info"
+    caps: tuple[InfoCap, ...] = ()
+    if info.flags & REGION_INFO_FLAG_CAPS and info.cap_offset:
+        caps = parse_cap_chain(bytes(buf[: min(len(buf), max(info.argsz, fixed))]), int(info.cap_offset), fixed, what)
+    sparse: tuple[SparseArea, ...] | None = None
+    rtype: tuple[int, int] | None = None
+    msix_mappable = False
+    size = int(info.size)
+    for cap in caps:
+        if cap.id == VFIO_REGION_INFO_CAP_SPARSE_MMAP:
+            if len(cap.data) < 8:
+                raise vfio_error(f"{what}: sparse mmap capability is truncated ({len(cap.data)} bytes)", errno.EINVAL)
+            (nr_areas,) = struct.unpack_from("=I", cap.data, 0)
+            room = (len(cap.data) - 8) // 16
+            if nr_areas > room:
+                raise vfio_error(
+                    f"{what}: sparse mmap capability claims {nr_areas} areas but has room for {room}",
+                    errno.EINVAL,
+                )
+            areas = []
+            for i in range(nr_areas):
+                a_off, a_size = struct.unpack_from("=QQ", cap.data, 8 + 16 * i)
+                if a_off + a_size > size:
+                    raise vfio_error(
+                        f"{what}: sparse mmap area {i} [{a_off:#x}, {a_off + a_size:#x}) "
+                        f"lies outside the region (size {size:#x})",
+                        errno.EINVAL,
+                    )
+                if a_size:
+                    areas.append(SparseArea(a_off, a_size))
+            sparse = tuple(areas)
+        elif cap.id == VFIO_REGION_INFO_CAP_TYPE:
+            if len(cap.data) < 8:
+                raise vfio_error(f"{what}: type capability is truncated ({len(cap.data)} bytes)", errno.EINVAL)
+            t, sub = struct.unpack_from("=II", cap.data, 0)
+            rtype = (t, sub)
+        elif cap.id == VFIO_REGION_INFO_CAP_MSIX_MAPPABLE:
+            msix_mappable = True
+    return RegionInfo(
+        index=index,
+        flags=int(info.flags),
+        offset=int(info.offset),
+        size=size,
+        sparse_areas=sparse,
+        type=rtype,
+        msix_mappable=msix_mappable,
+        caps=caps,
+    )
+
+
+def parse_device_info(buf: bytes) -> DeviceInfo:
+    """Decode a ``struct vfio_device_info`` reply (the 16-byte pre-4.x layout too) and its caps."""
+    if len(buf) < 16:
+        raise vfio_error(f"device info is {len(buf)} bytes, shorter than 16", errno.EINVAL)
+    argsz, flags, num_regions, num_irqs = struct.unpack_from("=IIII", buf, 0)
+    caps: tuple[InfoCap, ...] = ()
+    fixed = ctypes.sizeof(vfio_device_info)
+    if flags & VFIO_DEVICE_FLAGS_CAPS and len(buf) >= fixed:
+        (cap_offset,) = struct.unpack_from("=I", buf, vfio_device_info.cap_offset.offset)
+        if cap_offset:
+            caps = parse_cap_chain(bytes(buf[: min(len(buf), max(argsz, fixed))]), cap_offset, fixed, "device info")
+    return DeviceInfo(flags=flags, num_regions=num_regions, num_irqs=num_irqs, caps=caps)
+
+
+def areas_without(region_size: int, hole_offset: int, hole_size: int, page_size: int = mmap.PAGESIZE) -> tuple[SparseArea, ...]:
+    """The mmap-able areas of a region when the pages covering ``[hole_offset, +hole_size)`` are
+    excluded (an MSI-X table the kernel will not let us map), as DPDK computes them."""
+    start = max(0, hole_offset // page_size * page_size)
+    end = min(region_size, (hole_offset + hole_size + page_size - 1) // page_size * page_size)
+    if start >= region_size or end <= 0 or hole_size <= 0:
+        return (SparseArea(0, region_size),)
+    parts = (SparseArea(0, start), SparseArea(end, region_size - end))
+    return tuple(a for a in parts if a.size > 0)
+
+
+def parse_irq_info(buf: bytes) -> IrqInfo:
+    info = vfio_irq_info.from_buffer_copy(bytes(buf[: ctypes.sizeof(vfio_irq_info)]))
+    return IrqInfo(index=int(info.index), flags=int(info.flags), count=int(info.count))
+
+
+def build_irq_set(index: int, flags: int, start: int, count: int, data: bytes = b"") -> bytearray:
+    """A ``struct vfio_irq_set`` followed by ``data``; ``argsz`` covers both."""
+    header = vfio_irq_set(
+        argsz=ctypes.sizeof(vfio_irq_set) + len(data), flags=flags, index=index, start=start, count=count
+    )
+    return bytearray(bytes(header) + data)
+
+
+def build_irq_set_eventfds(index: int, start: int, fds: Sequence[int]) -> bytearray:
+    """``DATA_EVENTFD | ACTION_TRIGGER`` for vectors ``start ..`` on ``fds`` (an ``__s32`` each; -1 = none)."""
+    data = struct.pack(f"={len(fds)}i", *fds)
+    return build_irq_set(index, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, start, len(fds), data)
+
+
+# ---------------------------------------------------------------------------
+# Physical addresses (no-IOMMU mode): /proc/self/pagemap, one u64 per page:
+# bits 0-54 page frame number, bit 61 file/shared, bit 62 swapped, bit 63 present.
+# Since Linux 4.0 the PFN reads as 0 without CAP_SYS_ADMIN.
+# ---------------------------------------------------------------------------
+PAGEMAP_PFN_MASK = (1 << 55) - 1
+PAGEMAP_SWAPPED = 1 << 62
+PAGEMAP_PRESENT = 1 << 63
+
+
+def pagemap_entry_to_phys(entry: int, vaddr: int, page_size: int = mmap.PAGESIZE) -> int:
+    """Physical address of ``vaddr`` from its pagemap ``entry``."""
+    if not entry & PAGEMAP_PRESENT:
+        state = "swapped out" if entry & PAGEMAP_SWAPPED else "not present"
+        raise vfio_error(
+            f"page of virtual address {vaddr:#x} is {state}: lock the memory (mlock) and touch it "
+            "before asking for its physical address",
+            errno.EFAULT,
+        )
+    pfn = entry & PAGEMAP_PFN_MASK
+    if pfn == 0:
+        raise vfio_error(
+            f"/proc/self/pagemap hides page frame numbers (PFN 0 for {vaddr:#x}): physical addresses "
+            "need root (CAP_SYS_ADMIN); run as root for no-IOMMU mode",
+            errno.EPERM,
+        )
+    return pfn * page_size + vaddr % page_size
+
+
+def virt_to_phys(vaddr: int, pagemap: str = "/proc/self/pagemap") -> int:
+    """Physical address of ``vaddr`` in this process (the page must be present, i.e. locked and touched)."""
+    page = mmap.PAGESIZE
+    try:
+        fd = os.open(pagemap, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise vfio_error(f"cannot open {pagemap}: {exc.strerror}", exc.errno) from exc
+    try:
+        raw = os.pread(fd, 8, vaddr // page * 8)
+    except OSError as exc:
+        raise vfio_error(f"cannot read {pagemap} for {vaddr:#x}: {exc.strerror}", exc.errno) from exc
+    finally:
+        os.close(fd)
+    if len(raw) != 8:
+        raise vfio_error(f"short read from {pagemap} for virtual address {vaddr:#x}", errno.EIO)
+    (entry,) = struct.unpack("=Q", raw)
+    return pagemap_entry_to_phys(entry, vaddr, page)
+
+
+# ---------------------------------------------------------------------------
+# sysfs (private helper until pmd.pci provides the same)
+# ---------------------------------------------------------------------------
+SYSFS_PCI_DEVICES = "/sys/bus/pci/devices"
+VFIO_DEV_DIR = "/dev/vfio"
+VFIO_CONTAINER_PATH = "/dev/vfio/vfio"
+VFIO_NOIOMMU_MODE = "/sys/module/vfio/parameters/enable_unsafe_noiommu_mode"
+_VFIO_DRIVERS = ("vfio-pci",)  # vendor variants are named <vendor>_vfio_pci or <vendor>-vfio-pci
+
+_ADDRESS_RE = re.compile(r"^(?:([0-9a-fA-F]{4,8}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
+
+
+def sysfs_pci_root() -> str:
+    """Where PCI devices appear in sysfs: ``$SYSFS_PCI_DEVICES`` or ``/sys/bus/pci/devices`` (as DPDK)."""
+    return os.environ.get("SYSFS_PCI_DEVICES") or SYSFS_PCI_DEVICES
+
+
+def normalize_pci_address(address: str) -> str:
+    """``0000:00:03.0`` from ``0000:00:03.0`` or ``00:03.0`` (domain 0); lower case."""
+    m = _ADDRESS_RE.match(address.strip())
+    if m is None:
+        raise vfio_error(
+            f"{address!r} is not a PCI address: expected DOMAIN:BUS:DEVICE.FUNCTION such as "
+            "0000:00:03.0 (or BUS:DEVICE.FUNCTION such as 00:03.0); `pmd status` lists devices",
+            errno.EINVAL,
+        )
+    domain, bus, dev, fn = m.groups()
+    if int(dev, 16) > 0x1F:
+        raise vfio_error(f"{address!r} is not a PCI address: device number {dev} is above 1f", errno.EINVAL)
+    return f"{(domain or '0000').lower()}:{bus.lower()}:{dev.lower()}.{fn}"
+
+
+def _bind_hint(address: str, driver: str | None) -> str:
+    unbind = f"echo {address} > /sys/bus/pci/drivers/{driver}/unbind; " if driver else ""
+    return (
+        f"bind it to vfio-pci: `pmd bind {address}`, or by hand: modprobe vfio-pci; {unbind}"
+        f"echo vfio-pci > /sys/bus/pci/devices/{address}/driver_override; "
+        f"echo {address} > /sys/bus/pci/drivers_probe"
+    )
+
+
+def _driver_of(devdir: str) -> str | None:
+    link = os.path.join(devdir, "driver")
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None
+
+
+def _is_vfio_driver(driver: str | None) -> bool:
+    return driver is not None and (driver in _VFIO_DRIVERS or driver.replace("-", "_").endswith("vfio_pci"))
+
+
+def _device_dir(address: str, sysfs_root: str | None) -> str:
+    root = sysfs_root or sysfs_pci_root()
+    devdir = os.path.join(root, address)
+    if not os.path.isdir(devdir):
+        raise vfio_error(
+            f"no PCI device {address} (nothing at {devdir}); `pmd status` lists the devices of this machine",
+            errno.ENODEV,
+        )
+    return devdir
+
+
+def iommu_group_of(address: str, sysfs_root: str | None = None) -> int:
+    """The IOMMU group number of a device, from its ``iommu_group`` link in sysfs."""
+    address = normalize_pci_address(address)
+    devdir = _device_dir(address, sysfs_root)
+    link = os.path.join(devdir, "iommu_group")
+    try:
+        target = os.readlink(link)
+    except FileNotFoundError:
+        driver = _driver_of(devdir)
+        bound = f"bound to {driver}" if driver else "not bound to any driver"
+        raise vfio_error(
+            f"{address} has no IOMMU group ({link} does not exist; it is {bound}). "
+            "With an IOMMU (intel_iommu=on / amd_iommu=on on the kernel command line) every device has one; "
+            "without an IOMMU, load vfio with enable_unsafe_noiommu_mode=1 and binding it to vfio-pci "
+            f"creates a no-IOMMU group. Then {_bind_hint(address, driver)}",
+            errno.ENODEV,
+        ) from None
+    except OSError as exc:
+        raise vfio_error(f"cannot read {link}: {exc.strerror}", exc.errno) from exc
+    name = os.path.basename(target.rstrip("/"))
+    if not name.isdigit():
+        raise vfio_error(f"{link} points to {target!r}, which does not end in a group number", errno.EINVAL)
+    return int(name)
+
+
+def _group_members(address: str, sysfs_root: str | None) -> list[tuple[str, str | None]]:
+    """(address, driver) of every device in the same IOMMU group, from sysfs."""
+    devdir = os.path.join(sysfs_root or sysfs_pci_root(), address)
+    group_dir = os.path.realpath(os.path.join(devdir, "iommu_group"))
+    members_dir = os.path.join(group_dir, "devices")
+    try:
+        names = sorted(os.listdir(members_dir))
+    except OSError:
+        return []
+    return [(n, _driver_of(os.path.join(members_dir, n))) for n in names]
+
+
+def open_container(path: str = VFIO_CONTAINER_PATH) -> int:
+    """Open the VFIO container and check its API version; returns the fd (caller closes it)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise vfio_error(
+            f"{path} does not exist: VFIO is not available in this kernel (not built, or not loaded: "
+            "`modprobe vfio-pci`; the kernel needs CONFIG_VFIO and CONFIG_VFIO_PCI)",
+            errno.ENOENT,
+        ) from None
+    except PermissionError as exc:
+        raise vfio_error(f"permission denied opening {path}: run as root or make it readable and writable for this user", exc.errno) from None
+    except OSError as exc:
+        raise vfio_error(f"cannot open {path}: {exc.strerror}", exc.errno) from exc
+    try:
+        version = fcntl.ioctl(fd, VFIO_GET_API_VERSION, 0)
+        if version != VFIO_API_VERSION:
+            raise vfio_error(
+                f"{path}: VFIO API version {version}, pmd speaks version {VFIO_API_VERSION}", errno.EPROTO
+            )
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, VfioError):
+            raise
+        raise vfio_error(f"VFIO_GET_API_VERSION on {path} failed: {exc.strerror}", exc.errno) from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _ioctl(fd: int, request: int, arg: int | bytes | bytearray, what: str) -> int:
+    """``ioctl`` returning the kernel's integer result; a mutable ``bytearray`` is updated in place.
+
+    (``fcntl.ioctl`` given immutable bytes returns a copy of the buffer instead
+    of the result: ``VFIO_GROUP_GET_DEVICE_FD`` needs the result, so buffers
+    always go in as a bytearray with ``mutate_flag=True``.)
+    """
+    name = IOCTL_NAMES.get(request, hex(request))
+    try:
+        if isinstance(arg, int):
+            return fcntl.ioctl(fd, request, arg)
+        buf = arg if isinstance(arg, bytearray) else bytearray(arg)
+        result: int = fcntl.ioctl(fd, request, buf, True)
+        return result
+    except OSError as exc:
+        raise vfio_error(f"{name} ({what}) failed: {exc.strerror}", exc.errno) from exc
+
+
+def _info_ioctl(fd: int, request: int, request_bytes: bytes, what: str) -> bytearray:
+    """An INFO ioctl with ``argsz`` growth: when the kernel asks for a larger buffer (for the
+    capability chain), repeat with the size it asked for."""
+    buf = bytearray(request_bytes)
+    for _ in range(4):
+        struct.pack_into("=I", buf, 0, len(buf))
+        _ioctl(fd, request, buf, what)
+        (argsz,) = struct.unpack_from("=I", buf, 0)
+        if argsz <= len(buf):
+            return buf
+        if argsz > _MAX_INFO_SIZE:
+            raise vfio_error(f"{IOCTL_NAMES.get(request)} ({what}) asks for an absurd {argsz}-byte buffer", errno.E2BIG)
+        grown = bytearray(argsz)
+        grown[: len(request_bytes)] = request_bytes  # input fields (index, ...)
+        buf = grown
+    raise vfio_error(f"{IOCTL_NAMES.get(request)} ({what}): the kernel kept asking for a larger buffer", errno.E2BIG)
+
+
+@dataclass(frozen=True)
+class IommuInfo:
+    """``VFIO_IOMMU_GET_INFO`` (type1): supported IOMMU page sizes and the valid IOVA ranges."""
+
+    flags: int
+    iova_pgsizes: int
+    iova_ranges: tuple[tuple[int, int], ...]  # inclusive (start, end)
+
+    @property
+    def min_page_size(self) -> int:
+        return self.iova_pgsizes & -self.iova_pgsizes if self.iova_pgsizes else mmap.PAGESIZE
+
+    def contains(self, iova: int, size: int) -> bool:
+        if not self.iova_ranges:
+            return True
+        return any(start <= iova and iova + size - 1 <= end for start, end in self.iova_ranges)
+
+
+# Devices opened by this process (address -> owner): a second open gets a clear error
+# before the kernel's bare EBUSY.
+_open_addresses: set[str] = set()
+
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded into this process
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+class _Resources:
+    """Everything a VfioDevice holds, released in reverse order; no reference to the device
+    itself, so ``weakref.finalize`` can run it at exit or collection."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.container_fd = -1
+        self.group_fd = -1
+        self.device_fd = -1
+        self.group_attached = False
+        self.registry: set[str] | None = None  # where this device's address is registered as open
+        self.mappings: list[RegionMapping] = []
+        self.dma: dict[int, tuple[int, int]] = {}  # iova -> (vaddr, size)
+        self.locked: dict[int, int] = {}  # vaddr -> size (mlocked for no-IOMMU DMA)
+        self.irqs: dict[int, int] = {}  # irq index -> vectors enabled
+        self.closed = False
+
+    def release(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        problems: list[str] = []
+        if self.device_fd >= 0:
+            for index in reversed(list(self.irqs)):
+                try:
+                    buf = build_irq_set(index, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
+                    fcntl.ioctl(self.device_fd, VFIO_DEVICE_SET_IRQS, buf, True)
+                except OSError as exc:
+                    problems.append(f"disable IRQ index {index}: {exc.strerror}")
+        self.irqs.clear()
+        if self.container_fd >= 0:
+            for iova, (_vaddr, size) in reversed(list(self.dma.items())):
+                try:
+                    unmap = vfio_iommu_type1_dma_unmap(
+                        argsz=ctypes.sizeof(vfio_iommu_type1_dma_unmap), flags=0, iova=iova, size=size
+                    )
+                    fcntl.ioctl(self.container_fd, VFIO_IOMMU_UNMAP_DMA, bytearray(bytes(unmap)), True)
+                except OSError as exc:
+                    problems.append(f"unmap DMA at IOVA {iova:#x}: {exc.strerror}")
+        self.dma.clear()
+        for vaddr, size in reversed(list(self.locked.items())):
+            _libc.munlock(vaddr, size)
+        self.locked.clear()
+        for mapping in reversed(self.mappings):
+            try:
+                mapping.close()
+            except OSError as exc:
+                problems.append(f"unmap region {mapping.region}: {exc.strerror}")
+        self.mappings.clear()
+        if self.device_fd >= 0:
+            os.close(self.device_fd)
+            self.device_fd = -1
+        if self.group_fd >= 0:
+            if self.group_attached:
+                try:
+                    fcntl.ioctl(self.group_fd, VFIO_GROUP_UNSET_CONTAINER, 0)
+                except OSError as exc:
+                    problems.append(f"VFIO_GROUP_UNSET_CONTAINER: {exc.strerror}")
+            os.close(self.group_fd)
+            self.group_fd = -1
+        if self.container_fd >= 0:
+            os.close(self.container_fd)
+            self.container_fd = -1
+        if self.registry is not None:
+            self.registry.discard(self.address)
+            self.registry = None
+        if problems:
+            log.warning("closing VFIO device %s: %s", self.address, "; ".join(problems))
+
+
+class VfioDevice(DeviceAccess):
+    """One PCI device opened through kernel VFIO, with its own container and group.
+
+    ``VfioDevice.open("0000:00:03.0")`` (or ``VfioDevice("00:03.0")``); use as a
+    context manager or call ``close()``. ``iommu_type`` forces
+    :data:`VFIO_TYPE1v2_IOMMU`, :data:`VFIO_TYPE1_IOMMU` or
+    :data:`VFIO_NOIOMMU_IOMMU`; by default the group decides (``noiommu-<n>``
+    groups use no-IOMMU mode) and type1v2 is preferred over type1.
+    ``sysfs_root`` defaults to ``$SYSFS_PCI_DEVICES`` or ``/sys/bus/pci/devices``;
+    ``dev_dir`` is where the VFIO character devices are (``/dev/vfio``).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        sysfs_root: str | None = None,
+        dev_dir: str = VFIO_DEV_DIR,
+        iommu_type: int | None = None,
+    ) -> None:
+        self.address = normalize_pci_address(address)
+        self.name = self.address
+        self._sysfs_root = sysfs_root
+        self._res = _Resources(self.address)
+        self._finalizer = weakref.finalize(self, self._res.release)
+        self._regions: dict[int, RegionInfo] = {}
+        self._irq_infos: dict[int, IrqInfo] = {}
+        self._iommu_info: IommuInfo | None = None
+        try:
+            self._open(dev_dir, iommu_type)
+        except BaseException:
+            self._finalizer()  # partial cleanup, reverse order
+            raise
+
+    @classmethod
+    def open(
+        cls,
+        address: str,
+        *,
+        sysfs_root: str | None = None,
+        dev_dir: str = VFIO_DEV_DIR,
+        iommu_type: int | None = None,
+    ) -> VfioDevice:
+        """Open ``address`` through kernel VFIO (see the class documentation)."""
+        return cls(address, sysfs_root=sysfs_root, dev_dir=dev_dir, iommu_type=iommu_type)
+
+    # --- opening -----------------------------------------------------------
+
+    def _open(self, dev_dir: str, iommu_type: int | None) -> None:
+        address, res = self.address, self._res
+        if address in _open_addresses:
+            raise vfio_error(
+                f"{address} is already open in this process: close the other VfioDevice first "
+                "(a VFIO group can be opened once)",
+                errno.EBUSY,
+            )
+        self.group = iommu_group_of(address, self._sysfs_root)
+        devdir = os.path.join(self._sysfs_root or sysfs_pci_root(), address)
+        driver = _driver_of(devdir)
+        if not _is_vfio_driver(driver):
+            state = f"bound to {driver}" if driver else "not bound to any driver"
+            raise vfio_error(f"{address} is {state}, not vfio-pci: {_bind_hint(address, driver)}", errno.ENODEV)
+
+        container_path = os.path.join(dev_dir, "vfio")
+        res.container_fd = open_container(container_path)
+
+        group_path = os.path.join(dev_dir, str(self.group))
+        noiommu_path = os.path.join(dev_dir, f"noiommu-{self.group}")
+        self.noiommu = False
+        try:
+            res.group_fd = os.open(group_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                res.group_fd = os.open(noiommu_path, os.O_RDWR | os.O_CLOEXEC)
+                self.noiommu = True
+                group_path = noiommu_path
+            except FileNotFoundError:
+                raise vfio_error(
+                    f"neither {group_path} nor {noiommu_path} exists: IOMMU group {self.group} of {address} "
+                    f"is not a VFIO group (is vfio-pci loaded and the device bound to it?); "
+                    f"{_bind_hint(address, None)}",
+                    errno.ENOENT,
+                ) from None
+            except OSError as exc:
+                raise self._group_open_error(noiommu_path, exc) from None
+        except OSError as exc:
+            raise self._group_open_error(group_path, exc) from None
+        self.group_path = group_path
+
+        status = bytearray(bytes(vfio_group_status(argsz=ctypes.sizeof(vfio_group_status), flags=0)))
+        _ioctl(res.group_fd, VFIO_GROUP_GET_STATUS, status, group_path)
+        flags = vfio_group_status.from_buffer_copy(bytes(status)).flags
+        if not flags & VFIO_GROUP_FLAGS_VIABLE:
+            raise self._not_viable_error()
+
+        iommu = self._choose_iommu(iommu_type)
+        container = bytearray(struct.pack("=i", res.container_fd))
+        _ioctl(res.group_fd, VFIO_GROUP_SET_CONTAINER, container, f"{group_path} into the container")
+        res.group_attached = True
+        try:
+            fcntl.ioctl(res.container_fd, VFIO_SET_IOMMU, iommu)
+        except OSError as exc:
+            raise vfio_error(
+                f"VFIO_SET_IOMMU ({IOMMU_TYPE_NAMES.get(iommu, iommu)}) for group {self.group} failed: "
+                f"{exc.strerror}",
+                exc.errno,
+            ) from exc
+        self.iommu_type = iommu
+
+        name = bytearray(address.encode() + b"\0")
+        try:
+            dev_fd = fcntl.ioctl(res.group_fd, VFIO_GROUP_GET_DEVICE_FD, name, True)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise vfio_error(
+                    f"{address} is already open (VFIO_GROUP_GET_DEVICE_FD: device busy): another process "
+                    "(QEMU, DPDK, another pmd) or another part of this one holds it; close it first",
+                    errno.EBUSY,
+                ) from exc
+            raise vfio_error(f"VFIO_GROUP_GET_DEVICE_FD ({address}) failed: {exc.strerror}", exc.errno) from exc
+        if dev_fd < 0:
+            raise vfio_error(f"VFIO_GROUP_GET_DEVICE_FD ({address}) returned {dev_fd}", errno.EIO)
+        res.device_fd = dev_fd
+        _open_addresses.add(address)
+        res.registry = _open_addresses
+
+        buf = _info_ioctl(dev_fd, VFIO_DEVICE_GET_INFO, bytes(vfio_device_info()), address)
+        self._device_info = parse_device_info(bytes(buf))
+        if not self._device_info.is_pci:
+            raise vfio_error(f"{address}: VFIO says this is not a PCI device (flags {self._device_info.flags:#x})", errno.ENODEV)
+        for index in range(self._device_info.num_regions):
+            self.region_info(index)
+        if PCI_CONFIG_REGION_INDEX not in self._regions or self._regions[PCI_CONFIG_REGION_INDEX].size == 0:
+            raise vfio_error(f"{address}: VFIO reports no PCI configuration space region", errno.ENODEV)
+        log.debug(
+            "opened %s: group %s (%s), %s, %d regions, %d IRQ indexes",
+            address,
+            self.group,
+            group_path,
+            IOMMU_TYPE_NAMES.get(iommu, iommu),
+            self._device_info.num_regions,
+            self._device_info.num_irqs,
+        )
+
+    def _group_open_error(self, path: str, exc: OSError) -> VfioError:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return vfio_error(
+                f"permission denied opening {path}: run as root, or give this user the group file "
+                f"(chown $USER {path}) and a large enough locked-memory limit (ulimit -l) for DMA",
+                exc.errno,
+            )
+        if exc.errno == errno.EBUSY:
+            return vfio_error(
+                f"{path} is busy: IOMMU group {self.group} ({self.address}) is already open in another "
+                "process (QEMU, DPDK, another pmd); close it there first",
+                errno.EBUSY,
+            )
+        return vfio_error(f"cannot open {path}: {exc.strerror}", exc.errno)
+
+    def _not_viable_error(self) -> VfioError:
+        members = _group_members(self.address, self._sysfs_root)
+        others = [
+            f"{addr} ({'driver ' + drv if drv else 'no driver'})"
+            for addr, drv in members
+            if addr != self.address and not _is_vfio_driver(drv)
+        ]
+        listing = ", ".join(others) if others else "(sysfs lists none; check /sys/kernel/iommu_groups)"
+        binds = "; ".join(f"`pmd bind {addr}`" for addr, drv in members if addr != self.address and drv)
+        return vfio_error(
+            f"IOMMU group {self.group} of {self.address} is not viable: every device in the group must be "
+            f"bound to vfio-pci (or to no driver) before any of them can be used. Other devices in the group: "
+            f"{listing}. Bind them to vfio-pci ({binds or 'pmd bind ADDR'}), or unbind them from their "
+            "drivers, but never a device this machine needs (its disks, its network)",
+            errno.EPERM,
+        )
+
+    def _choose_iommu(self, requested: int | None) -> int:
+        fd = self._res.container_fd
+
+        def supported(ext: int) -> bool:
+            try:
+                return fcntl.ioctl(fd, VFIO_CHECK_EXTENSION, ext) > 0
+            except OSError:
+                return False
+
+        if requested is not None:
+            if not supported(requested):
+                raise vfio_error(
+                    f"the VFIO container does not support IOMMU type {IOMMU_TYPE_NAMES.get(requested, requested)}",
+                    errno.ENOTSUP,
+                )
+            return requested
+        if self.noiommu:
+            if not supported(VFIO_NOIOMMU_IOMMU):
+                raise vfio_error(
+                    f"group {self.group_path} is a no-IOMMU group but the container refuses VFIO_NOIOMMU_IOMMU: "
+                    f"load vfio with enable_unsafe_noiommu_mode=1 (see {VFIO_NOIOMMU_MODE}); the kernel "
+                    "needs CONFIG_VFIO_NOIOMMU",
+                    errno.ENOTSUP,
+                )
+            return VFIO_NOIOMMU_IOMMU
+        for ext in (VFIO_TYPE1v2_IOMMU, VFIO_TYPE1_IOMMU):
+            if supported(ext):
+                return ext
+        raise vfio_error(
+            "the VFIO container supports neither the type1v2 nor the type1 IOMMU (modprobe vfio_iommu_type1); "
+            "other IOMMU types (sPAPR) are not supported by pmd",
+            errno.ENOTSUP,
+        )
+
+    # --- state -------------------------------------------------------------
+
+    def _live(self) -> _Resources:
+        if self._res.closed:
+            raise vfio_error(f"VFIO device {self.address} is closed", errno.EBADF)
+        return self._res
+
+    @property
+    def closed(self) -> bool:
+        return self._res.closed
+
+    @property
+    def device_fd(self) -> int:
+        return self._res.device_fd
+
+    @property
+    def group_fd(self) -> int:
+        return self._res.group_fd
+
+    @property
+    def container_fd(self) -> int:
+        return self._res.container_fd
+
+    @property
+    def device_info(self) -> DeviceInfo:
+        return self._device_info
+
+    @property
+    def enabled_irqs(self) -> dict[int, int]:
+        """IRQ index -> number of vectors currently set up."""
+        return dict(self._res.irqs)
+
+    @property
+    def dma_mappings(self) -> dict[int, tuple[int, int]]:
+        """IOVA -> (virtual address, size) of every DMA mapping made through this device."""
+        return dict(self._res.dma)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"group {getattr(self, 'group', '?')}"
+        return f"<VfioDevice {self.address} {state}>"
+
+    # --- regions -----------------------------------------------------------
+
+    def region_info(self, index: int) -> RegionInfo:
+        cached = self._regions.get(index)
+        if cached is not None:
+            return cached
+        res = self._live()
+        if not 0 <= index < self._device_info.num_regions:
+            raise ValueError(f"{self.address} has regions 0..{self._device_info.num_regions - 1}, not {index}")
+        request = bytes(vfio_region_info(argsz=ctypes.sizeof(vfio_region_info), index=index))
+        try:
+            buf = _info_ioctl(res.device_fd, VFIO_DEVICE_GET_REGION_INFO, request, f"{self.address} region {index}")
+        except VfioError as exc:
+            # vfio-pci answers EINVAL for regions a device does not have (VGA on a NIC)
+            if exc.errno != errno.EINVAL:
+                raise
+            info = RegionInfo(index=index, flags=0, offset=0, size=0)
+        else:
+            info = parse_region_info(bytes(buf))
+        self._regions[index] = info
+        return info
+
+    def _check_range(self, info: RegionInfo, offset: int, size: int, write: bool) -> None:
+        if size < 0 or offset < 0 or offset + size > info.size:
+            raise ValueError(
+                f"{self.address} region {info.index}: access [{offset:#x}, {offset + size:#x}) "
+                f"outside the region (size {info.size:#x})"
+            )
+        if not (info.writable if write else info.readable):
+            raise vfio_error(
+                f"{self.address} region {info.index} is not {'writable' if write else 'readable'} "
+                f"(flags {info.describe_flags()})",
+                errno.EACCES,
+            )
+
+    def region_read(self, index: int, offset: int, size: int) -> bytes:
+        res = self._live()
+        info = self.region_info(index)
+        self._check_range(info, offset, size, write=False)
+        try:
+            data = os.pread(res.device_fd, size, info.offset + offset)
+        except OSError as exc:
+            raise vfio_error(
+                f"{self.address} region {index}: read of {size} bytes at {offset:#x} failed: {exc.strerror}",
+                exc.errno,
+            ) from exc
+        if len(data) != size:
+            raise vfio_error(
+                f"{self.address} region {index}: short read at {offset:#x} ({len(data)} of {size} bytes)", errno.EIO
+            )
+        return data
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        res = self._live()
+        info = self.region_info(index)
+        self._check_range(info, offset, len(data), write=True)
+        try:
+            done = os.pwrite(res.device_fd, data, info.offset + offset)
+        except OSError as exc:
+            raise vfio_error(
+                f"{self.address} region {index}: write of {len(data)} bytes at {offset:#x} failed: {exc.strerror}",
+                exc.errno,
+            ) from exc
+        if done != len(data):
+            raise vfio_error(
+                f"{self.address} region {index}: short write at {offset:#x} ({done} of {len(data)} bytes)", errno.EIO
+            )
+
+    def _msix_table(self) -> tuple[int, int, int] | None:
+        """(BAR, offset, size) of the MSI-X table from the config-space capability list, or None."""
+        try:
+            status = self.config_read_int(0x06, 2)
+            if not status & 0x10:  # PCI_STATUS_CAP_LIST
+                return None
+            pos = self.config_read_int(0x34, 1) & ~3
+            seen: set[int] = set()
+            while pos and pos not in seen and 0x40 <= pos <= 0xFC:
+                seen.add(pos)
+                cap_id = self.config_read_int(pos, 1)
+                if cap_id == 0x11:  # PCI_CAP_ID_MSIX
+                    control = self.config_read_int(pos + 2, 2)
+                    table = self.config_read_int(pos + 4, 4)
+                    return table & 7, table & ~7, ((control & 0x7FF) + 1) * 16
+                pos = self.config_read_int(pos + 1, 1) & ~3
+        except (VfioError, ValueError):
+            return None
+        return None
+
+    def mmap_areas(self, index: int) -> tuple[SparseArea, ...]:
+        """The areas of region ``index`` that :meth:`map_region` maps.
+
+        The kernel's sparse-mmap capability decides when present. Without it
+        (older kernels), the page-aligned span of an MSI-X table in this BAR
+        is left out unless the kernel says the table is mappable, as DPDK does.
+        """
+        info = self.region_info(index)
+        areas = info.mmap_areas()
+        if not areas or info.sparse_areas is not None or info.msix_mappable:
+            return areas
+        msix = self._msix_table()
+        if msix is None or msix[0] != index:
+            return areas
+        return areas_without(info.size, msix[1], msix[2])
+
+    def map_region(self, index: int) -> RegionMapping:
+        res = self._live()
+        info = self.region_info(index)
+        if info.size == 0:
+            raise vfio_error(f"{self.address} has no region {index} (size 0: BAR not implemented)", errno.ENODEV)
+        if PCI_BAR0_REGION_INDEX <= index <= PCI_BAR5_REGION_INDEX and self.is_io_bar(index):
+            raise vfio_error(
+                f"{self.address} BAR{index} is an I/O-space BAR: it cannot be mapped; use region_read/region_write",
+                errno.EINVAL,
+            )
+        if not info.mmappable:
+            raise vfio_error(
+                f"{self.address} region {index} cannot be mmapped (flags {info.describe_flags()}); "
+                "use region_read/region_write",
+                errno.EINVAL,
+            )
+        areas = self.mmap_areas(index)
+        if not areas:
+            raise vfio_error(
+                f"{self.address} region {index}: the kernel allows no part of it to be mapped "
+                "(sparse mmap capability with no areas)",
+                errno.EINVAL,
+            )
+        mapping = RegionMapping(index, res.device_fd, info.offset, info.size, areas)
+        res.mappings.append(mapping)
+        return mapping
+
+    # --- DMA -----------------------------------------------------------------
+
+    @property
+    def iova_mode(self) -> str:
+        return "pa" if self.iommu_type == VFIO_NOIOMMU_IOMMU else "va"
+
+    def iova_for(self, vaddr: int) -> int:
+        return virt_to_phys(vaddr) if self.iova_mode == "pa" else vaddr
+
+    def iommu_info(self) -> IommuInfo:
+        """Page sizes and valid IOVA ranges of the type1 IOMMU (``VFIO_IOMMU_GET_INFO``)."""
+        if self._iommu_info is not None:
+            return self._iommu_info
+        res = self._live()
+        if self.iommu_type == VFIO_NOIOMMU_IOMMU:
+            raise vfio_error("no-IOMMU mode has no IOMMU to describe: IOVAs are physical addresses", errno.ENOTSUP)
+        fixed = ctypes.sizeof(vfio_iommu_type1_info)
+        buf = _info_ioctl(res.container_fd, VFIO_IOMMU_GET_INFO, bytes(vfio_iommu_type1_info()), "container")
+        info = vfio_iommu_type1_info.from_buffer_copy(bytes(buf[:fixed]))
+        ranges: list[tuple[int, int]] = []
+        if info.flags & VFIO_IOMMU_INFO_CAPS and info.cap_offset:
+            for cap in parse_cap_chain(bytes(buf), int(info.cap_offset), fixed, "IOMMU info"):
+                if cap.id == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE and len(cap.data) >= 8:
+                    (nr,) = struct.unpack_from("=I", cap.data, 0)
+                    nr = min(nr, (len(cap.data) - 8) // 16)
+                    ranges.extend(struct.unpack_from("=QQ", cap.data, 8 + 16 * i) for i in range(nr))
+        pgsizes = int(info.iova_pgsizes) if info.flags & VFIO_IOMMU_INFO_PGSIZES else 0
+        self._iommu_info = IommuInfo(int(info.flags), pgsizes, tuple((int(a), int(b)) for a, b in ranges))
+        return self._iommu_info
+
+    def dma_map(self, vaddr: int, iova: int, size: int, fd: int = -1, fd_offset: int = 0) -> None:
+        """Map ``size`` bytes at ``vaddr`` for device reads and writes at ``iova``.
+
+        type1: ``VFIO_IOMMU_MAP_DMA`` (the kernel pins the pages). No-IOMMU:
+        nothing to program; the pages are locked and ``iova`` must be their
+        physical address (:meth:`iova_for`), contiguous over the range.
+        ``fd``/``fd_offset`` are not needed by kernel VFIO.
+        """
+        res = self._live()
+        page = mmap.PAGESIZE
+        if size <= 0 or vaddr % page or iova % page or size % page:
+            raise ValueError(
+                f"DMA map needs page-aligned ({page:#x}) vaddr, iova and a positive page-multiple size; "
+                f"got vaddr {vaddr:#x}, iova {iova:#x}, size {size:#x}"
+            )
+        for other, (_v, other_size) in res.dma.items():
+            if iova < other + other_size and other < iova + size:
+                raise vfio_error(
+                    f"DMA map at IOVA [{iova:#x}, {iova + size:#x}) overlaps the mapping at "
+                    f"[{other:#x}, {other + other_size:#x})",
+                    errno.EEXIST,
+                )
+        if self.iommu_type == VFIO_NOIOMMU_IOMMU:
+            self._noiommu_map(res, vaddr, iova, size)
+            return
+        request = vfio_iommu_type1_dma_map(
+            argsz=ctypes.sizeof(vfio_iommu_type1_dma_map),
+            flags=VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr=vaddr,
+            iova=iova,
+            size=size,
+        )
+        try:
+            fcntl.ioctl(res.container_fd, VFIO_IOMMU_MAP_DMA, bytearray(bytes(request)), True)
+        except OSError as exc:
+            raise self._dma_map_error(exc, vaddr, iova, size) from exc
+        res.dma[iova] = (vaddr, size)
+
+    def _dma_map_error(self, exc: OSError, vaddr: int, iova: int, size: int) -> VfioError:
+        what = f"VFIO_IOMMU_MAP_DMA of {size:#x} bytes at vaddr {vaddr:#x} to IOVA {iova:#x} failed: {exc.strerror}"
+        hint = ""
+        if exc.errno == errno.ENOMEM:
+            soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+            limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+            hint = (
+                f"; the pages could not be pinned: the locked-memory limit (ulimit -l) is {limit}, "
+                "raise it (or run as root)"
+            )
+        elif exc.errno == errno.EEXIST:
+            hint = "; the IOVA range overlaps an existing DMA mapping in this container"
+        elif exc.errno == errno.EFAULT:
+            hint = "; the virtual address range is not mapped in this process"
+        elif exc.errno == errno.ENOSPC:
+            hint = "; too many DMA mappings (vfio_iommu_type1 dma_entry_limit): map larger regions"
+        elif exc.errno == errno.EINVAL:
+            try:
+                info = self.iommu_info()
+            except VfioError:
+                info = None
+            if info is not None and not info.contains(iova, size):
+                ranges = ", ".join(f"[{a:#x}, {b:#x}]" for a, b in info.iova_ranges)
+                hint = (
+                    f"; the IOVA range lies outside what the IOMMU can address ({ranges}): "
+                    "choose an IOVA inside it (IOVA = virtual address needs DMA memory mapped low enough)"
+                )
+            elif info is not None and info.min_page_size > mmap.PAGESIZE:
+                hint = f"; the IOMMU's smallest page is {info.min_page_size:#x}: align to it"
+        return vfio_error(what + hint, exc.errno)
+
+    def _noiommu_map(self, res: _Resources, vaddr: int, iova: int, size: int) -> None:
+        if _libc.mlock(vaddr, size) != 0:
+            err = ctypes.get_errno()
+            raise vfio_error(
+                f"cannot lock {size:#x} bytes at {vaddr:#x} for no-IOMMU DMA: {os.strerror(err)} "
+                "(raise ulimit -l or run as root)",
+                err,
+            )
+        try:
+            page = mmap.PAGESIZE
+            for off in range(0, size, page):
+                phys = virt_to_phys(vaddr + off)
+                if phys != iova + off:
+                    raise vfio_error(
+                        f"no-IOMMU DMA map: page {vaddr + off:#x} is at physical {phys:#x}, not {iova + off:#x}; "
+                        "the range is not physically contiguous from the given IOVA (use iova_for() per page, "
+                        "or hugepages)",
+                        errno.EINVAL,
+                    )
+        except BaseException:
+            _libc.munlock(vaddr, size)
+            raise
+        res.locked[vaddr] = size
+        res.dma[iova] = (vaddr, size)
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        res = self._live()
+        entry = res.dma.get(iova)
+        if entry is None or entry[1] != size:
+            known = ", ".join(f"{i:#x}+{s:#x}" for i, (_v, s) in res.dma.items()) or "none"
+            raise vfio_error(
+                f"no DMA mapping at IOVA {iova:#x} of size {size:#x} to unmap (mappings: {known})", errno.ENOENT
+            )
+        vaddr = entry[0]
+        if self.iommu_type == VFIO_NOIOMMU_IOMMU:
+            del res.dma[iova]
+            if res.locked.pop(vaddr, None) is not None:
+                _libc.munlock(vaddr, size)
+            return
+        request = bytearray(
+            bytes(vfio_iommu_type1_dma_unmap(argsz=ctypes.sizeof(vfio_iommu_type1_dma_unmap), iova=iova, size=size))
+        )
+        _ioctl(res.container_fd, VFIO_IOMMU_UNMAP_DMA, request, f"IOVA {iova:#x} size {size:#x}")
+        del res.dma[iova]
+        done = vfio_iommu_type1_dma_unmap.from_buffer_copy(bytes(request)).size
+        if done != size:
+            raise vfio_error(f"VFIO_IOMMU_UNMAP_DMA at IOVA {iova:#x}: unmapped {done:#x} of {size:#x} bytes", errno.EIO)
+
+    # --- interrupts ------------------------------------------------------------
+
+    def irq_info(self, index: int) -> IrqInfo:
+        cached = self._irq_infos.get(index)
+        if cached is not None:
+            return cached
+        res = self._live()
+        if not 0 <= index < self._device_info.num_irqs:
+            raise ValueError(f"{self.address} has IRQ indexes 0..{self._device_info.num_irqs - 1}, not {index}")
+        buf = bytearray(bytes(vfio_irq_info(argsz=ctypes.sizeof(vfio_irq_info), index=index)))
+        try:
+            _ioctl(res.device_fd, VFIO_DEVICE_GET_IRQ_INFO, buf, f"{self.address} IRQ index {index}")
+        except VfioError as exc:
+            # vfio-pci answers EINVAL for indexes the device lacks (ERR on a conventional PCI device)
+            if exc.errno != errno.EINVAL:
+                raise
+            info = IrqInfo(index=index, flags=0, count=0)
+        else:
+            info = parse_irq_info(bytes(buf))
+        self._irq_infos[index] = info
+        return info
+
+    def set_irqs(self, index: int, start: int, fds: Sequence[int]) -> None:
+        res = self._live()
+        info = self.irq_info(index)
+        if not fds:
+            raise ValueError("set_irqs needs at least one eventfd (use disable_irqs to turn an index off)")
+        if start < 0 or start + len(fds) > info.count:
+            raise vfio_error(
+                f"{self.address} {info.name} has {info.count} vector(s); cannot set {start}..{start + len(fds) - 1}",
+                errno.EINVAL,
+            )
+        if not info.eventfd:
+            raise vfio_error(f"{self.address} {info.name} does not signal through eventfds", errno.ENOTSUP)
+        other = [IRQ_INDEX_NAMES.get(i, str(i)) for i in res.irqs if i != index]
+        buf = build_irq_set_eventfds(index, start, fds)
+        try:
+            fcntl.ioctl(res.device_fd, VFIO_DEVICE_SET_IRQS, buf, True)
+        except OSError as exc:
+            hint = f"; {', '.join(other)} is enabled: disable it first" if other else ""
+            raise vfio_error(
+                f"VFIO_DEVICE_SET_IRQS ({self.address} {info.name} vectors {start}..{start + len(fds) - 1} "
+                f"on eventfds {list(fds)}) failed: {exc.strerror}{hint}",
+                exc.errno,
+            ) from exc
+        res.irqs[index] = max(res.irqs.get(index, 0), start + len(fds))
+
+    def disable_irqs(self, index: int) -> None:
+        res = self._live()
+        info = self.irq_info(index)
+        buf = build_irq_set(index, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
+        _ioctl(res.device_fd, VFIO_DEVICE_SET_IRQS, buf, f"{self.address} disable {info.name}")
+        res.irqs.pop(index, None)
+
+    def unmask_irq(self, index: int, start: int = 0, count: int = 1) -> None:
+        res = self._live()
+        info = self.irq_info(index)
+        buf = build_irq_set(index, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK, start, count)
+        _ioctl(res.device_fd, VFIO_DEVICE_SET_IRQS, buf, f"{self.address} unmask {info.name}")
+
+    # --- reset -------------------------------------------------------------------
+
+    def reset(self) -> None:
+        res = self._live()
+        if not self._device_info.supports_reset:
+            raise vfio_error(
+                f"{self.address} does not support VFIO_DEVICE_RESET (VFIO_DEVICE_GET_INFO flags "
+                f"{self._device_info.flags:#x} lack VFIO_DEVICE_FLAGS_RESET: no FLR or PM reset); the caller "
+                "must reset it through the virtio device_status register (write 0, wait until it reads 0)",
+                errno.ENOTSUP,
+            )
+        _ioctl(res.device_fd, VFIO_DEVICE_RESET, 0, self.address)
+
