@@ -44,6 +44,8 @@ directives = {
     "embedsignature": True,
     "linetrace": DEBUG,
     "profile": False,
+    "auto_pickle": False,   # queues and memory hold raw pointers: never picklable
+    "autotestdict": False,
 }
 
 setup(

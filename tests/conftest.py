@@ -69,3 +69,18 @@ def make_pair(memory, size, *, event_idx=False):
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Where the QEMU guest must run (the test script sets PMD_REQUIRE_QEMU=1),
+    a ``qemu`` test that skips fails instead: a skip there is a missing check."""
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and item.get_closest_marker("qemu")
+            and os.environ.get("PMD_REQUIRE_QEMU", "") not in ("", "0")
+            and not os.environ.get("PMD_IN_GUEST")):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"PMD_REQUIRE_QEMU=1, but this QEMU test skipped: {reason}"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up everything the tests need and run them all: the package (scripts/setup.sh),
+# QEMU and a guest kernel for the vfio-pci tests (tests/vm/setup.sh, Debian
+# packages), then pytest over tests/ and bench/. QEMU tests may not skip here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+bash scripts/setup.sh
+bash tests/vm/setup.sh
+export PMD_REQUIRE_QEMU=1
+exec "$PYTHON" -m pytest tests bench -q -rs -p no:cacheprovider "$@"
