@@ -39,15 +39,19 @@ cdef enum BadDesc:
 cdef class DmaWindows:
     cdef Window win[16]
     cdef int n
+    cdef int last                    # window of the last hit: buffers cluster
     cdef list owners
 
     cdef inline char *translate(self, uint64_t iova, uint64_t length) noexcept nogil:
         """Local address of [iova, iova+length), or NULL unless one window holds all of it."""
         cdef int i
-        cdef Window *w
+        cdef Window *w = &self.win[self.last]
+        if self.n and iova >= w.iova and iova - w.iova <= w.size and length <= w.size - (iova - w.iova):
+            return w.local + (iova - w.iova)
         for i in range(self.n):
             w = &self.win[i]
             if iova >= w.iova and iova - w.iova <= w.size and length <= w.size - (iova - w.iova):
+                self.last = i
                 return w.local + (iova - w.iova)
         return NULL
 
@@ -58,6 +62,7 @@ cdef class DeviceQueue:
     cdef readonly uint32_t size
     cdef uint16_t mask
     cdef uint16_t last_avail_idx     # next avail entry to read (free-running)
+    cdef uint16_t shadow_avail_idx   # avail->idx as last read: re-read only when caught up
     cdef uint16_t used_idx           # next used slot (free-running); the ring's idx after publish
     cdef uint16_t signalled_used     # used idx at the last interrupt decision
     cdef uint16_t used_flags

@@ -74,6 +74,7 @@ cdef class DmaWindows:
                 self.owners[i] = self.owners[self.n - 1]
                 self.owners.pop()
                 self.n -= 1
+                self.last = 0
                 return
         raise KeyError(f"no DMA window at {iova:#x}")
 
@@ -126,6 +127,7 @@ cdef class DeviceQueue:
         self.used_idx = vring_load16(&self.vr.used.idx)
         self.signalled_used = self.used_idx
         self.last_avail_idx = self.used_idx
+        self.shadow_avail_idx = self.used_idx
 
     def __dealloc__(self):
         free(self.segs)
@@ -140,15 +142,20 @@ cdef class DeviceQueue:
         """
         if pmd_unlikely(self.broken):
             return 0
-        cdef uint16_t avail_idx = vring_load16(&self.vr.avail.idx)
-        if avail_idx == self.last_avail_idx:
-            return 0
-        if pmd_unlikely(<uint16_t>(avail_idx - self.last_avail_idx) > self.size):
-            self.broken = True
-            self._bad(BAD_AVAIL_IDX)
-            return -1
-        # Read the ring entry only after seeing the index that covers it (2.7.13.3).
-        pmd_virtio_rmb(self.weak_barriers)
+        cdef uint16_t avail_idx
+        if self.shadow_avail_idx == self.last_avail_idx:
+            # Caught up with what we saw: look at the driver's index again
+            # (once per burst, not once per chain, as DPDK's vhost does).
+            avail_idx = vring_load16(&self.vr.avail.idx)
+            if avail_idx == self.last_avail_idx:
+                return 0
+            if pmd_unlikely(<uint16_t>(avail_idx - self.last_avail_idx) > self.size):
+                self.broken = True
+                self._bad(BAD_AVAIL_IDX)
+                return -1
+            # Read ring entries only after seeing the index that covers them (2.7.13.3).
+            pmd_virtio_rmb(self.weak_barriers)
+            self.shadow_avail_idx = avail_idx
         cdef uint16_t head = vring_load16(&self.vr.avail.ring[self.last_avail_idx & self.mask])
         self.last_avail_idx += 1
         if pmd_unlikely(head >= self.size):
@@ -456,8 +463,13 @@ cdef int loopback_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
             tx.n_dropped += 1
             tx.push(tx.head, 0)
             continue
-        rx.write_in(0, <const char *>&hdr, hdr_len)
-        _copy_chain(tx, hdr_len, rx, hdr_len, pkt)
+        if tx.nsegs == 1 and rx.nsegs == 1:
+            # The common case: one buffer each way; header then data, no segment walk.
+            memcpy(rx.segs[0].ptr, &hdr, hdr_len)
+            memcpy(rx.segs[0].ptr + hdr_len, tx.segs[0].ptr + hdr_len, pkt)
+        else:
+            rx.write_in(0, <const char *>&hdr, hdr_len)
+            _copy_chain(tx, hdr_len, rx, hdr_len, pkt)
         rx.push(rx.head, hdr_len + pkt)
         tx.push(tx.head, 0)
         moved += 1

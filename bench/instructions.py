@@ -1,0 +1,234 @@
+"""Instructions per packet of the loopback, counted by callgrind (or perf).
+
+Cycles cannot be counted here (this VM exposes no hardware counters: ``perf
+stat -e instructions,cycles true`` says "not supported"), so this counts
+instructions with ``valgrind --tool=callgrind``, which works anywhere. To leave
+out start-up (interpreter, imports, set-up) it runs the workload twice, with
+0 and with N timed rounds after the same warm-up, and divides the difference
+by the packets of the N rounds. The same difference per function says where
+the instructions go.
+
+    python bench/instructions.py                      # pmd 64 B zero-copy, burst 32
+    python bench/instructions.py --kind pmd-copy --size 1500
+    python bench/instructions.py --kind python-zc     # the pure-Python reference
+    python bench/instructions.py --kind empty-rx-zc   # one rx_burst_zc on an empty ring ("per packet" = per call)
+
+If ``perf stat -e instructions:u`` works on the machine it is used as well
+(native, not simulated), as a cross-check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KINDS = ("pmd-zc", "pmd-copy", "python-zc", "python-copy", "empty-rx-zc", "empty-tx-zc")
+WARMUP = 100
+
+
+def child(kind: str, size: int, burst: int, rounds: int) -> None:
+    """The workload: WARMUP rounds, then ``rounds`` more (what is counted)."""
+    sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(0, str(HERE))
+    if kind.startswith("python"):
+        _child_python(kind, size, burst, WARMUP + rounds)
+    else:
+        _child_pmd(kind, size, burst, WARMUP + rounds)
+
+
+def _child_python(kind: str, size: int, burst: int, rounds: int) -> None:
+    from pure_python import PyLoopback
+
+    ref = PyLoopback(256)
+    tx, rx, step = ref.driver_tx, ref.driver_rx, ref.step
+    if kind == "python-zc":
+        ids, lens = ref.pool.alloc(burst), [size] * burst
+        for _ in range(rounds):
+            tx.tx_burst_zc(ids, lens)
+            step(burst)
+            rx.rx_burst_zc(ids, lens)
+    else:
+        pkts = [bytes(size)] * burst
+        rows, out_lens = [bytearray(rx.max_packet_len) for _ in range(burst)], [0] * burst
+        for _ in range(rounds):
+            tx.tx_burst(pkts)
+            step(burst)
+            rx.rx_burst(rows, out_lens)
+    assert rx.packets == tx.packets == rounds * burst
+
+
+def _child_pmd(kind: str, size: int, burst: int, rounds: int) -> None:
+    import numpy as np
+
+    from pmd.loopback import Loopback
+
+    lb = Loopback(queue_size=256)
+    tx, rx, pool, step = lb.driver_tx, lb.driver_rx, lb.pool, lb.step
+    expected = rounds * burst
+    u32 = np.uint32
+    if kind == "pmd-zc":
+        ids, lens = pool.alloc(burst), np.full(burst, size, dtype=u32)
+        tx_zc, rx_zc = tx.tx_burst_zc, rx.rx_burst_zc
+        for _ in range(rounds):
+            tx_zc(ids, lens)
+            step(burst)
+            rx_zc(ids, lens)
+    elif kind == "pmd-copy":
+        pkts, plens = np.zeros((burst, size), dtype=np.uint8), np.full(burst, size, dtype=u32)
+        out, olens = np.zeros((burst, rx.max_packet_len), dtype=np.uint8), np.zeros(burst, dtype=u32)
+        tx_c, rx_c = tx.tx_burst, rx.rx_burst
+        for _ in range(rounds):
+            tx_c(pkts, plens)
+            step(burst)
+            rx_c(out, olens)
+    elif kind == "empty-rx-zc":
+        no_ids, no_lens = np.zeros(burst, dtype=u32), np.zeros(burst, dtype=u32)
+        f = rx.rx_burst_zc
+        for _ in range(rounds):
+            f(no_ids, no_lens)
+        expected = 0
+    elif kind == "empty-tx-zc":
+        none = np.zeros(0, dtype=u32)
+        g = tx.tx_burst_zc
+        for _ in range(rounds):
+            g(none, none)
+        expected = 0
+    assert rx.packets == tx.packets == expected
+    lb.close()
+
+
+def _child_cmd(kind: str, size: int, burst: int, rounds: int) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", kind,
+            "--size", str(size), "--burst", str(burst), "--rounds", str(rounds)]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OPENBLAS_NUM_THREADS"] = "1"  # numpy's BLAS threads would spin and be counted
+    env["PYTHONHASHSEED"] = "0"        # same dict layouts in both runs
+    return env
+
+
+def callgrind(kind: str, size: int, burst: int, rounds: int, outdir: str) -> tuple[int, dict]:
+    """Total instructions and self instructions per function of one run."""
+    out = os.path.join(outdir, f"cg.{kind}.{rounds}")
+    subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+                   + _child_cmd(kind, size, burst, rounds),
+                   env=_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    text = subprocess.run(["callgrind_annotate", "--auto=no", "--inclusive=no", "--threshold=100", out],
+                          check=True, capture_output=True, text=True).stdout
+    total = 0
+    funcs: dict[tuple[str, str], int] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+(?:\([^)]*\)\s+)?(.*)", line)
+        if not m:
+            continue
+        count, name = int(m.group(1).replace(",", "")), m.group(2)
+        if "PROGRAM TOTALS" in name:
+            total = count
+            continue
+        fn, _, obj = name.partition(" [")
+        key = (fn.rsplit(":", 1)[-1], obj.rstrip("]").rsplit("/", 1)[-1])
+        funcs[key] = funcs.get(key, 0) + count
+    return total, funcs
+
+
+def perf_instructions(kind: str, size: int, burst: int, rounds: int) -> int | None:
+    """User-space instructions of one run with perf, or None if perf cannot count them."""
+    if shutil.which("perf") is None:
+        return None
+    r = subprocess.run(["perf", "stat", "-x", ",", "-e", "instructions:u"] + _child_cmd(kind, size, burst, rounds),
+                       env=_env(), capture_output=True, text=True)
+    for line in r.stderr.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("instructions"):
+            return int(fields[0]) if fields[0].isdigit() else None
+    return None
+
+
+def module_of(fn: str, obj: str) -> str:
+    if obj.startswith("_device."):
+        return "pmd device side (_device)"
+    if obj.startswith(("_burst.", "_virtqueue.", "_pool.")):
+        return "pmd driver side (_burst, inlined _virtqueue/_pool)"
+    if obj.startswith("libpython") or obj.startswith("python"):
+        return "Python interpreter (incl. GIL release/take)"
+    if obj.startswith("_struct."):
+        return "struct module (pack_into / unpack_from)"
+    if obj.startswith("libc"):
+        return "libc (memcpy, memset, mutexes of the GIL)"
+    if "__pyx" in fn and "device" in fn:
+        return "pmd device side (_device)"
+    if "__pyx" in fn:
+        return "pmd driver side (_burst, inlined _virtqueue/_pool)"
+    if not obj:  # callgrind_annotate sometimes omits the object: go by the name
+        if fn.startswith(("__mem", "mem", "pthread", "__pthread")):
+            return "libc (memcpy, memset, mutexes of the GIL)"
+        if not fn.startswith("?"):
+            return "Python interpreter (incl. GIL release/take)"
+    return "other"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kind", choices=KINDS, default="pmd-zc")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--burst", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="counted rounds (default 5000 for pmd, 300 for the Python reference)")
+    ap.add_argument("--top", type=int, default=12, help="functions to list")
+    ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.size, args.burst, args.rounds or 0)
+        return 0
+    kind = args.kind
+    rounds = args.rounds or (300 if kind.startswith("python") else 5000)
+    empty = kind.startswith("empty")
+    units = rounds if empty else rounds * args.burst
+    unit = "call" if empty else "packet"
+    what = f"{kind}, {args.size} B, burst {args.burst}" if not empty else f"{kind} (burst array {args.burst})"
+
+    p0 = perf_instructions(kind, args.size, args.burst, 0)
+    if p0 is not None:
+        p1 = perf_instructions(kind, args.size, args.burst, rounds)
+        if p1 is not None:
+            print(f"perf: {(p1 - p0) / units:.0f} user-space instructions per {unit} ({what})")
+    else:
+        print("perf cannot count instructions here; using callgrind")
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)")
+        return 1
+    with tempfile.TemporaryDirectory(prefix="pmd-cg-") as tmp:
+        t0, f0 = callgrind(kind, args.size, args.burst, 0, tmp)
+        t1, f1 = callgrind(kind, args.size, args.burst, rounds, tmp)
+    per = (t1 - t0) / units
+    print(f"callgrind: {per:.0f} instructions per {unit} ({what}; {rounds} rounds counted, "
+          f"start-up and {WARMUP} warm-up rounds subtracted)")
+    diffs = {k: (f1.get(k, 0) - f0.get(k, 0)) / units for k in set(f0) | set(f1)}
+    groups: dict[str, float] = {}
+    for (fn, obj), v in diffs.items():
+        g = module_of(fn, obj)
+        groups[g] = groups.get(g, 0.0) + v
+    print(f"by part (instructions per {unit}):")
+    for g, v in sorted(groups.items(), key=lambda kv: -kv[1]):
+        if abs(v) >= 0.5:
+            print(f"  {v:8.1f}  {g}")
+    print(f"top functions (self instructions per {unit}):")
+    merged: dict[str, float] = {}
+    for (fn, obj), v in diffs.items():
+        merged[fn] = merged.get(fn, 0.0) + v
+    for fn, v in sorted(merged.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"  {v:8.1f}  {fn}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
