@@ -25,6 +25,7 @@ from pmd._virtqueue cimport (
     USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, Virtqueue,
 )
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.includes.virtio_net cimport virtio_net_hdr
 
 from pmd.errors import DeviceError, PoolError, QueueStateError
 
@@ -177,16 +178,31 @@ cdef class RxQueue(_Queue):
     buffers; every burst refills what it took, with one avail index store.
     """
     cdef uint32_t buf_len           # device-writable bytes per buffer
+    cdef readonly bint mergeable    # VIRTIO_NET_F_MRG_RXBUF: a packet may span buffers
+    cdef uint32_t mrg_max_len       # largest packet accepted when mergeable
     cdef public uint64_t no_buffer  # refills short of pool buffers
     cdef public uint64_t truncated
+    cdef public uint64_t bad_num_buffers
+    cdef public uint64_t zc_multi_dropped
 
-    def __init__(self, Virtqueue vq not None, PacketPool pool not None, **kw):
+    def __init__(self, Virtqueue vq not None, PacketPool pool not None, *, bint mergeable=False,
+                 uint32_t max_packet_len=9216, **kw):
+        """``mergeable``: VIRTIO_NET_F_MRG_RXBUF was negotiated (5.1.6.3.2): packets up to
+        ``max_packet_len`` bytes arrive spread over several buffers, with the count
+        in the first header's num_buffers. Needs the 12-byte header."""
         super().__init__(vq, pool, **kw)
         self.buf_len = pool.buffer_size - self.buf_off
+        if mergeable and self.hdr_len != 12:
+            raise ValueError("mergeable rx buffers need the 12-byte header (num_buffers)")
+        self.mergeable = mergeable
+        self.mrg_max_len = max_packet_len
 
     @property
     def max_packet_len(self):
-        """Largest packet one receive buffer holds."""
+        """Largest packet a burst can return: one buffer's room, or ``max_packet_len``
+        with mergeable buffers."""
+        if self.mergeable:
+            return self.mrg_max_len
         return self.buf_len - self.hdr_len
 
     cdef uint32_t refill(self) noexcept nogil:
@@ -218,6 +234,8 @@ cdef class RxQueue(_Queue):
                      Py_ssize_t burst) noexcept nogil:
         """Take up to ``burst`` received packets; copy them to ``out`` rows (copy
         mode) or hand their buffers to the application (``ids``, zero-copy)."""
+        if self.mergeable:
+            return self.harvest_mrg(out, cols, ids, lengths, burst)
         cdef uint16_t avail = self.vq.nused()
         cdef uint16_t head = 0
         cdef uint32_t length = 0, b, pkt
@@ -247,6 +265,81 @@ cdef class RxQueue(_Queue):
             else:
                 self.pool.state[b] = BUF_APP
                 ids[got] = b
+            lengths[got] = pkt
+            self.bytes += pkt
+            got += 1
+        self.packets += got
+        self.refill()
+        self.vq.flush()
+        return got
+
+    cdef int harvest_mrg(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                         Py_ssize_t burst) noexcept nogil:
+        """harvest() with mergeable buffers (5.1.6.4.2): the first buffer's header
+        says how many used entries the packet takes; they follow it in the ring.
+        A packet whose buffers are not all published yet waits for the next burst.
+        num_buffers is device-written: 0, more than the ring, or a packet longer
+        than max_packet_len is counted and dropped.
+        """
+        cdef uint16_t avail = self.vq.nused()
+        cdef uint16_t head = 0, nb, k
+        cdef uint32_t length = 0, b, cookie = 0, pkt, take
+        cdef int r, got = 0
+        cdef bint ok
+        cdef char *dst
+        while got < burst and avail > 0:
+            if not self.vq.peek_used(&cookie, &length) or length < self.hdr_len:
+                nb = 1   # let pop_used count it below
+            else:
+                nb = (<virtio_net_hdr *>(self.pool.buf(cookie) + self.buf_off)).num_buffers
+                if pmd_unlikely(nb == 0 or nb > self.vq.size):
+                    self.bad_num_buffers += 1
+                    nb = 0   # never followed: reclaim this one buffer, drop it
+                elif nb > avail:
+                    break    # the rest of this packet is not published yet
+            ok = nb != 0
+            if not ok:
+                nb = 1
+            avail -= nb
+            pkt = 0
+            dst = NULL
+            if out != NULL:
+                dst = out + got * cols
+            for k in range(nb):
+                r = self.vq.pop_used(&head, &length)
+                if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
+                    ok = False
+                    continue
+                b = self.vq.detach1(head)
+                if pmd_unlikely(r == USED_BAD_LEN or (k == 0 and length < self.hdr_len)):
+                    if r == USED_OK:
+                        self.vq.n_bad_len += 1
+                    ok = False
+                    self.pool.put(b)
+                    continue
+                if k == 0:
+                    length -= self.hdr_len
+                    src = self.pool.buf(b) + self.pool.headroom
+                else:
+                    src = self.pool.buf(b) + self.buf_off   # continuation: no header
+                if ok and out != NULL and pkt < cols:
+                    take = length if pkt + length <= cols else <uint32_t>(cols - pkt)
+                    memcpy(dst + pkt, src, take)
+                if out == NULL and nb == 1 and ok:
+                    self.pool.state[b] = BUF_APP
+                    ids[got] = b
+                else:
+                    self.pool.put(b)
+                pkt += length
+            if pmd_unlikely(not ok or pkt > self.mrg_max_len or (out == NULL and nb > 1)):
+                if out == NULL and nb > 1 and ok:
+                    self.zc_multi_dropped += 1   # zero-copy returns one buffer per packet
+                elif out == NULL and nb == 1 and ok:
+                    self.pool.put(ids[got])      # it was handed over above: take it back
+                self.dropped += 1
+                continue
+            if out != NULL and pkt > cols:
+                self.truncated += 1
             lengths[got] = pkt
             self.bytes += pkt
             got += 1
@@ -305,6 +398,8 @@ cdef class RxQueue(_Queue):
         s = super().stats()
         s["no_buffer"] = self.no_buffer
         s["truncated"] = self.truncated
+        s["bad_num_buffers"] = self.bad_num_buffers
+        s["zc_multi_dropped"] = self.zc_multi_dropped
         return s
 
 

@@ -83,6 +83,7 @@ cdef class DeviceQueue:
     cdef public uint64_t n_dropped
 
     cdef int pop(self) noexcept nogil
+    cdef uint16_t pending(self) noexcept nogil
     cdef int _refuse(self, uint16_t head, int why) noexcept nogil
     cdef void _bad(self, int why) noexcept nogil
     cdef void unpop(self) noexcept nogil

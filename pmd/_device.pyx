@@ -218,6 +218,11 @@ cdef class DeviceQueue:
         self.n_bad_desc += 1
         self.last_bad = why
 
+    cdef uint16_t pending(self) noexcept nogil:
+        """Chains available and not yet popped (0 when the index is implausible)."""
+        cdef uint16_t n = vring_load16(&self.vr.avail.idx) - self.last_avail_idx
+        return 0 if n > self.size else n
+
     cdef void unpop(self) noexcept nogil:
         """Give the chain just popped back to the avail ring (no room to use it now)."""
         self.last_avail_idx -= 1
@@ -428,13 +433,16 @@ cdef inline uint32_t _copy_chain(DeviceQueue src, uint32_t src_skip, DeviceQueue
     return done
 
 
-cdef int loopback_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len) noexcept nogil:
+cdef int loopback_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len,
+                        bint mergeable) noexcept nogil:
     """Move up to ``budget`` packets from the driver's tx queue to its rx queue.
 
     Each tx chain is header + packet; the rx chain gets a fresh header
     (num_buffers = 1) and the packet. No rx buffer: the tx chain is put back
     (back-pressure, nothing lost). A packet larger than the rx chain is
-    dropped and counted; the rx chain is put back for the next packet.
+    spread over several rx chains when ``mergeable`` (MRG_RXBUF, 5.1.6.4.2:
+    num_buffers in the first header), else dropped and counted; the rx chain
+    is put back for the next packet.
     """
     cdef int moved = 0, r
     cdef uint32_t pkt
@@ -459,6 +467,14 @@ cdef int loopback_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
             tx.unpop()
             break
         if pmd_unlikely(rx.in_len < hdr_len + pkt):
+            if mergeable and rx.in_len > hdr_len:
+                r = _loopback_merge(tx, rx, hdr_len, pkt)
+                if r < 0:
+                    tx.unpop()
+                    break       # not enough rx buffers yet: wait
+                if r > 0:
+                    moved += 1
+                    continue
             rx.unpop()
             tx.n_dropped += 1
             tx.push(tx.head, 0)
@@ -478,11 +494,45 @@ cdef int loopback_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
     return moved
 
 
-def loopback(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, uint32_t hdr_len=12):
-    """Device-side loopback (GIL released): driver tx -> driver rx. Returns packets moved."""
+cdef int _loopback_merge(DeviceQueue tx, DeviceQueue rx, uint32_t hdr_len, uint32_t pkt) noexcept nogil:
+    """One packet over several rx chains (the first already popped). 1 done,
+    -1 too few rx chains available (the first is put back), 0 not possible."""
+    cdef uint32_t room = rx.in_len            # every chain of our driver has the same room
+    cdef uint32_t need = (hdr_len + pkt + room - 1) // room
+    cdef uint32_t done = 0, take, k
+    cdef virtio_net_hdr hdr
+    if need > rx.size:
+        return 0
+    if rx.pending() + 1 < need:
+        rx.unpop()
+        return -1
+    memset(&hdr, 0, sizeof(hdr))
+    hdr.num_buffers = <uint16_t>need
+    for k in range(need):
+        if k:
+            if rx.pop() != 1 or rx.in_len == 0:
+                rx.broken = True          # the driver changed the ring under us
+                return 1
+            take = pkt - done if pkt - done <= rx.in_len else rx.in_len
+            _copy_chain(tx, hdr_len + done, rx, 0, take)
+            rx.push(rx.head, take)
+        else:
+            rx.write_in(0, <const char *>&hdr, hdr_len)
+            take = rx.in_len - hdr_len
+            _copy_chain(tx, hdr_len, rx, hdr_len, take)
+            rx.push(rx.head, hdr_len + take)
+        done += take
+    tx.push(tx.head, 0)
+    return 1
+
+
+def loopback(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, uint32_t hdr_len=12,
+             bint mergeable=False):
+    """Device-side loopback (GIL released): driver tx -> driver rx. Returns packets moved.
+    ``mergeable``: spread packets larger than one rx buffer over several (MRG_RXBUF)."""
     if hdr_len > sizeof(virtio_net_hdr):
         raise ValueError(f"hdr_len must be at most {sizeof(virtio_net_hdr)}")
     cdef int n
     with nogil:
-        n = loopback_burst(tx, rx, budget, hdr_len)
+        n = loopback_burst(tx, rx, budget, hdr_len, mergeable)
     return n

@@ -232,6 +232,19 @@ cdef class Virtqueue:
             return USED_BAD_LEN
         return USED_OK
 
+    cdef inline bint peek_used(self, uint32_t *cookie, uint32_t *length) noexcept nogil:
+        """Look at the next used entry without taking it (the caller saw nused() > 0).
+
+        False when it names no in-flight chain: then pop_used it to count it.
+        """
+        cdef uint16_t slot = self.last_used_idx & self.mask
+        cdef uint32_t id = vring_load32(&self.vr.used.ring[slot].id)
+        length[0] = vring_load32(&self.vr.used.ring[slot].len)
+        if id >= self.size or self.extra[id].ndescs == 0:
+            return False
+        cookie[0] = self.extra[id].cookie
+        return True
+
     cdef inline uint32_t detach1(self, uint16_t head) noexcept nogil:
         """Return a single-descriptor chain to the free list; give its cookie.
 

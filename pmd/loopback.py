@@ -43,6 +43,8 @@ class Loopback:
         iova_translator: Callable[[int], int] | None = None,
         hdr_len: int = 12,
         strict: bool = False,
+        mergeable: bool = False,
+        max_packet_len: int = 9216,
     ) -> None:
         if n_buffers is None:
             n_buffers = 4 * queue_size + 512
@@ -55,7 +57,8 @@ class Loopback:
             self.pool = PacketPool(self.memory, n_buffers, buffer_size)
             rx_vq = Virtqueue(self.memory, queue_size, 0, event_idx=event_idx)
             tx_vq = Virtqueue(self.memory, queue_size, 1, event_idx=event_idx)
-            self.driver_rx = RxQueue(rx_vq, self.pool, hdr_len=hdr_len, strict=strict)
+            self.driver_rx = RxQueue(rx_vq, self.pool, hdr_len=hdr_len, strict=strict,
+                                     mergeable=mergeable, max_packet_len=max_packet_len)
             self.driver_tx = TxQueue(tx_vq, self.pool, hdr_len=hdr_len, strict=strict)
             self.windows = DmaWindows()
             self.windows.add_memory(self.memory)
@@ -66,6 +69,7 @@ class Loopback:
             self.device_rx.disable_notify()
             self.device_tx.disable_notify()
             self.hdr_len = hdr_len
+            self.mergeable = mergeable
             self.driver_rx.fill()
         except BaseException:
             self.memory.close()
@@ -73,7 +77,7 @@ class Loopback:
 
     def step(self, budget: int = 256) -> int:
         """Run the device once: move up to ``budget`` packets from tx to rx."""
-        return loopback(self.device_tx, self.device_rx, budget, self.hdr_len)
+        return loopback(self.device_tx, self.device_rx, budget, self.hdr_len, self.mergeable)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -336,3 +336,74 @@ def test_each_burst_runs_its_packet_loop_without_the_gil(method):
     end = src.find("\n    def ", start + 1)
     body = src[start:end if end > 0 else None]
     assert "with nogil:" in body
+
+
+# ---- mergeable rx buffers (VIRTIO_NET_F_MRG_RXBUF, 5.1.6.4.2) ----
+
+def test_mergeable_jumbo_frames_arrive_whole():
+    with Loopback(queue_size=64, mergeable=True, max_packet_len=9018) as lb:
+        lengths = np.array([9018, 60, 4000, 1985, 1984], np.uint32)
+        data = RNG.integers(0, 256, (5, 9018), dtype=np.uint8)
+        assert lb.driver_tx.tx_burst(data, lengths) == 5
+        assert lb.step() == 5
+        out = np.zeros((5, 9018), np.uint8)
+        lens = np.zeros(5, np.uint32)
+        assert lb.driver_rx.rx_burst(out, lens) == 5
+        assert (lens == lengths).all()
+        for i in range(5):
+            assert (out[i, :lens[i]] == data[i, :lengths[i]]).all()
+        # 9018 + 12 bytes over 1996-byte buffers: 5 used entries for the first packet
+        assert lb.driver_rx.stats()["bad_num_buffers"] == 0
+
+
+def test_mergeable_rows_must_hold_max_packet_len():
+    with Loopback(queue_size=16, mergeable=True, max_packet_len=9018) as lb:
+        with pytest.raises(ValueError, match="9018"):
+            lb.driver_rx.rx_burst(np.zeros((4, 2048), np.uint8), np.zeros(4, np.uint32))
+
+
+def test_mergeable_packet_waits_until_all_its_buffers_are_published():
+    with Loopback(queue_size=16, mergeable=True) as lb:
+        data = np.zeros((1, 5000), np.uint8)
+        lb.driver_tx.tx_burst(data, np.array([5000], np.uint32))
+        lb.step()
+        r = ring_view(lb.driver_rx.vq)
+        r["used_idx"][0] -= 1          # hide the packet's last buffer
+        out = np.zeros((1, 9216), np.uint8)
+        lens = np.zeros(1, np.uint32)
+        assert lb.driver_rx.rx_burst(out, lens) == 0
+        r["used_idx"][0] += 1
+        assert lb.driver_rx.rx_burst(out, lens) == 1 and lens[0] == 5000
+
+
+def test_mergeable_zero_copy_drops_multi_buffer_packets_and_counts_them():
+    with Loopback(queue_size=16, mergeable=True) as lb:
+        data = np.zeros((2, 5000), np.uint8)
+        lb.driver_tx.tx_burst(data, np.array([5000, 100], np.uint32))
+        lb.step()
+        ids = np.zeros(4, np.uint32)
+        lens = np.zeros(4, np.uint32)
+        assert lb.driver_rx.rx_burst_zc(ids, lens) == 1 and lens[0] == 100
+        s = lb.driver_rx.stats()
+        assert s["zc_multi_dropped"] == 1 and s["dropped"] == 1
+        lb.pool.free(ids[:1])
+
+
+def test_mergeable_bad_num_buffers_is_counted():
+    with Loopback(queue_size=16, mergeable=True) as lb:
+        head, _, _ = lb.device_rx.pop_chain()
+        hdr = bytes(10) + (0).to_bytes(2, "little")       # num_buffers = 0
+        lb.device_rx.complete(head, hdr + bytes(60))
+        lb.device_rx.publish_used()
+        out = np.zeros((4, 9216), np.uint8)
+        lens = np.zeros(4, np.uint32)
+        assert lb.driver_rx.rx_burst(out, lens) == 0
+        s = lb.driver_rx.stats()
+        assert s["bad_num_buffers"] == 1 and s["dropped"] == 1
+        assert lb.pool.available == lb.pool.n_buffers - lb.driver_rx.vq.in_flight
+
+
+def test_mergeable_needs_the_12_byte_header(memory):
+    pool = pmd.PacketPool(memory, 16)
+    with pytest.raises(ValueError, match="12-byte"):
+        pmd.RxQueue(pmd.Virtqueue(memory, 8), pool, hdr_len=10, mergeable=True)
