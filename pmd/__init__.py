@@ -31,6 +31,9 @@ _LAZY = {
     "RxQueue": "pmd._burst",
     "TxQueue": "pmd._burst",
     "Loopback": "pmd.loopback",
+    "Port": "pmd.port",
+    "open_port": "pmd.port",
+    "Link": "pmd.virtio.net",
 }
 
 __all__ = [

@@ -238,6 +238,16 @@ cdef class DmaMemory:
         self.used = off + size
         return off
 
+    def view(self, size_t offset=0, length=None):
+        """Bytes ``[offset, offset+length)`` as a writable uint8 numpy array (no copy).
+        The array keeps the pages mapped while it lives (see ``close``)."""
+        import numpy as np
+        self._check_open()
+        cdef size_t n = self.size - offset if length is None else length
+        if offset > self.size or n > self.size - offset:
+            raise ValueError(f"view [{offset}, {offset + n}) is outside the {self.size}-byte region")
+        return np.frombuffer(self, dtype=np.uint8, count=n, offset=offset)
+
     def __getbuffer__(self, Py_buffer *view, int flags):
         self._check_open()
         PyBuffer_FillInfo(view, self, self.base, self.size, 0, flags)

@@ -169,6 +169,30 @@ def host_recv(max_frames: int = 64, timeout: float = 1.0, net: str = "modern", *
     return [base64.b64decode(f) for f in r["frames"]]
 
 
+def host_traffic(count: int, *, seed: int = 0, min_len: int = 60, max_len: int = 1514,
+                 dst: bytes = b"\xff" * 6, src: bytes = b"\x02\x00\x00\x00\x00\x01",
+                 net: str = "modern") -> int:
+    """The host generates ``count`` random frames (lengths ``min_len``..``max_len``,
+    sequence number first) and sends them to the device of ``net``, in the
+    background, never dropping one on its side. Returns how many."""
+    return request("traffic", net=net, count=count, seed=seed, min_len=min_len, max_len=max_len,
+                   dst=dst.hex(), src=src.hex())["started"]
+
+
+def host_traffic_check(mode: str = "io", *, wait: float = 120.0, net: str = "modern") -> dict:
+    """Wait until as many frames came back from the device as ``host_traffic`` sent
+    (or ``wait`` seconds) and compare them in order: ``{"sent", "received",
+    "matched", "n_mismatched", "mismatched"}``. ``mode="macswap"`` expects the
+    MACs swapped."""
+    return request("traffic_check", net=net, mode=mode, wait=wait, timeout=wait + 60.0)
+
+
+def host_wire_digest(*, quiet: float = 2.0, net: str = "modern") -> dict:
+    """Once the device has been silent for ``quiet`` seconds: how many frames it sent
+    and the SHA-256 over them in order (``{"count", "sha256"}``); clears them."""
+    return request("wire_digest", net=net, quiet=quiet, timeout=quiet + 660.0)
+
+
 def host_clear(net: str = "modern") -> int:
     """Drop the frames the host holds for ``net``; returns how many."""
     return request("clear", net=net)["dropped"]

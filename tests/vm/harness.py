@@ -49,6 +49,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, TextIO, Union
@@ -319,13 +320,21 @@ class _Agent:
     or ``{"id": N, "ok": false, "error": "..."}``.  Ops: ``ping``, ``set_link``
     (``name``, ``up``), ``qmp`` (``execute``, ``arguments``), ``send`` (``net``,
     ``frames`` as base64), ``recv`` (``net``, ``max``, ``count``, ``wait`` seconds),
-    ``clear`` (``net``), ``nets``.
+    ``clear`` (``net``), ``nets``; and for traffic tests that must not ship every
+    frame over the serial port: ``traffic`` (``net``, ``count``, ``seed``,
+    ``min_len``, ``max_len``, ``dst``, ``src``: the host generates the frames and
+    sends them from a thread, waiting whenever QEMU's socket queue is full),
+    ``traffic_check`` (``net``, ``mode`` io|macswap, ``wait``: compares what came
+    back with what was sent, in order) and ``wire_digest`` (``net``, ``quiet``:
+    how many frames the device sent and the SHA-256 of them in order).
     """
 
     def __init__(self, run: Path, nets: dict):
         self.run = run
         self.nets = nets                                  # name -> NETS entry
         self.sel = selectors.DefaultSelector()
+        self.traffic: dict[str, list] = {}                # net -> frames the host sent
+        self.checks: list = []                            # pending traffic_check / wire_digest
         self.wire: dict[str, socket.socket] = {}
         self.rx: dict[str, collections.deque] = {}
         self.port: Optional[socket.socket] = None
@@ -456,6 +465,24 @@ class _Agent:
                 self.log.append((op, True))
                 self._service_pending()
                 return
+            elif op == "traffic":
+                net = self._net(req)
+                frames = make_frames(int(req["count"]), int(req.get("seed", 0)),
+                                     int(req.get("min_len", 60)), int(req.get("max_len", 1514)),
+                                     bytes.fromhex(req.get("dst", "ffffffffffff")),
+                                     bytes.fromhex(req.get("src", "020000000001")))
+                self.traffic[net] = frames
+                dest = str(self.run / self.nets[net][3])
+                threading.Thread(target=_send_all, args=(self.wire[net], dest, frames),
+                                 daemon=True, name=f"traffic-{net}").start()
+                result = {"started": len(frames)}
+            elif op in ("traffic_check", "wire_digest"):
+                net = self._net(req)
+                wait = min(float(req.get("wait", req.get("quiet", 1.0))), 600.0)
+                self.checks.append((rid, op, net, req, time.monotonic() + wait, time.monotonic()))
+                self.log.append((op, True))
+                self._service_pending()
+                return
             elif op == "clear":
                 net = self._net(req)
                 dropped = len(self.rx[net])
@@ -480,7 +507,39 @@ class _Agent:
             raise RuntimeError(f"QMP {command}: {r['error'].get('class')}: {r['error'].get('desc')}")
         return r.get("return")
 
+    def _service_checks(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for rid, op, net, req, deadline, last in self.checks:
+            q = self.rx[net]
+            if op == "traffic_check":
+                sent = self.traffic.get(net, [])
+                if len(q) < len(sent) and now < deadline:
+                    keep.append((rid, op, net, req, deadline, last))
+                    continue
+                got = [q.popleft() for _ in range(min(len(q), len(sent)))]
+                result = compare_frames(sent, got, req.get("mode", "io"))
+            else:
+                quiet = float(req.get("quiet", 1.0))
+                # done when nothing new arrived for `quiet` seconds (or the overall limit)
+                size = len(q)
+                if size != req.get("_seen"):
+                    req["_seen"] = size
+                    req["_since"] = now
+                if now - req.get("_since", now) < quiet and now < deadline + 600:
+                    keep.append((rid, op, net, req, deadline, last))
+                    continue
+                digest = hashlib.sha256()
+                count = 0
+                while q:
+                    digest.update(q.popleft())
+                    count += 1
+                result = {"count": count, "sha256": digest.hexdigest()}
+            self._reply({"id": rid, "ok": True, "result": result})
+        self.checks = keep
+
     def _service_pending(self) -> None:
+        self._service_checks()
         now = time.monotonic()
         keep = []
         for rid, net, mx, count, deadline in self.pending:
@@ -491,6 +550,46 @@ class _Agent:
             else:
                 keep.append((rid, net, mx, count, deadline))
         self.pending = keep
+
+
+def make_frames(count: int, seed: int, min_len: int, max_len: int, dst: bytes, src: bytes) -> list:
+    """Deterministic random Ethernet frames: dst, src, ethertype 0x88b5 (local
+    experimental), a 4-byte sequence number, random bytes."""
+    import random
+
+    rng = random.Random(seed)
+    frames = []
+    for i in range(count):
+        n = rng.randint(min_len, max_len)
+        body = i.to_bytes(4, "big") + rng.randbytes(max(0, n - 18))
+        frames.append(dst + src + b"\x88\xb5" + body[: n - 14])
+    return frames
+
+
+def compare_frames(sent: list, got: list, mode: str) -> dict:
+    """What came back against what was sent, in order. ``macswap``: the two MACs swapped."""
+    mismatched = []
+    for i, (a, b) in enumerate(zip(sent, got)):
+        want = a[6:12] + a[0:6] + a[12:] if mode == "macswap" else a
+        if want != b:
+            mismatched.append(i)
+    return {"sent": len(sent), "received": len(got), "matched": len(got) - len(mismatched),
+            "mismatched": mismatched[:20], "n_mismatched": len(mismatched)}
+
+
+def _send_all(sock: socket.socket, dest: str, frames: list) -> None:
+    """Send every frame; when QEMU's queue is full, wait until it drains (nothing dropped here)."""
+    import select
+
+    for f in frames:
+        while True:
+            try:
+                sock.sendto(f, dest)
+                break
+            except BlockingIOError:
+                select.select([], [sock], [], 0.05)
+            except OSError:
+                return
 
 
 # --------------------------------------------------------------------------- running
@@ -554,7 +653,9 @@ def _qemu_argv(kernel: Path, initrd: Path, run: Path, nets: dict, memory: int,
                             f"remote.type=unix,remote.path={run / host}"]
         opts = f"virtio-net-pci,id={dev},netdev={netdev},addr={addrs[name][-4:]},mac={mac},romfile="
         if name == "modern":
-            opts += ",disable-legacy=on,iommu_platform=on"
+            # host_mtu: the device offers VIRTIO_NET_F_MTU 9000, for jumbo frames
+            # over mergeable rx buffers.
+            opts += ",disable-legacy=on,iommu_platform=on,host_mtu=9000"
         elif name == "legacy":
             # Transitional: legacy I/O BAR0 and the modern capabilities.  QEMU refuses
             # iommu_platform=on with a legacy interface, so this device's DMA bypasses

@@ -1,0 +1,457 @@
+"""The virtio-net driver and its Port API.
+
+Host tests cover the pieces that need no device (negotiation, configuration
+parsing, transport selection). ``PortTests`` is the driver test class: one
+base class, one subclass per way of reaching a device. The kernel-VFIO
+subclasses run inside the QEMU guest (``vfio`` marker) against QEMU's own
+virtio-net: modern at PMD_VFIO_DEVICE, transitional through its legacy
+interface at PMD_VFIO_LEGACY_DEVICE. The host peer on the other end of
+QEMU's ``-netdev dgram`` is driven through tests/vm/guest.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pmd
+from pmd.errors import DeviceError, QueueStateError
+from pmd.virtio import features as F
+from pmd.virtio.net import (
+    Link,
+    hdr_len_for,
+    link_from,
+    negotiate,
+    parse_mac,
+    read_net_config,
+)
+from pmd.virtio.transport import Transport
+
+DATA = Path(__file__).parent / "data" / "pci-config"
+
+
+# ---------------------------------------------------------------- host: negotiation
+
+def bits(*names: str) -> int:
+    return F.parse(",".join(names))
+
+
+def test_version_1_is_required_on_a_modern_transport():
+    with pytest.raises(DeviceError, match="VERSION_1"):
+        negotiate(bits("MAC", "STATUS"))
+
+
+def test_access_platform_is_accepted_when_offered():
+    assert negotiate(bits("VERSION_1", "ACCESS_PLATFORM")) & bits("ACCESS_PLATFORM")
+
+
+def test_mandatory_features_cannot_be_disabled():
+    with pytest.raises(ValueError, match="ACCESS_PLATFORM"):
+        negotiate(bits("VERSION_1", "ACCESS_PLATFORM"), disable=bits("ACCESS_PLATFORM"))
+
+
+def test_wanted_features_taken_when_offered_and_not_disabled():
+    offered = bits("VERSION_1", "MAC", "STATUS", "MRG_RXBUF", "CTRL_VQ", "CTRL_RX", "MQ", "EVENT_IDX",
+                   "GUEST_TSO4", "CSUM")
+    got = negotiate(offered, disable=bits("EVENT_IDX"))
+    assert F.names(got) == ["MAC", "MRG_RXBUF", "STATUS", "CTRL_VQ", "CTRL_RX", "MQ", "VERSION_1"]
+
+
+def test_features_needing_the_control_queue_go_with_it():
+    got = negotiate(bits("VERSION_1", "CTRL_VQ", "CTRL_RX", "MQ"), disable=bits("CTRL_VQ"))
+    assert not got & bits("CTRL_RX", "MQ", "CTRL_VQ")
+
+
+def test_legacy_transport_negotiates_32_bits_without_version_1():
+    got = negotiate(bits("MAC", "STATUS", "MRG_RXBUF", "VERSION_1"), transport_bits=32)
+    assert got == bits("MAC", "STATUS", "MRG_RXBUF")
+
+
+def test_header_is_12_bytes_with_version_1_or_mrg_rxbuf_else_10():
+    assert hdr_len_for(bits("VERSION_1")) == 12
+    assert hdr_len_for(bits("MRG_RXBUF")) == 12
+    assert hdr_len_for(bits("MAC")) == 10
+
+
+def test_unknown_feature_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown virtio feature 'NOPE'"):
+        F.parse("MAC,NOPE")
+
+
+def test_mac_parsing():
+    assert parse_mac("52:54:00:12:34:51") == bytes.fromhex("525400123451")
+    with pytest.raises(ValueError, match="xx:xx"):
+        parse_mac("52:54:00")
+
+
+# ---------------------------------------------------------------- host: device configuration
+
+class FakeTransport(Transport):
+    """Device configuration in a bytearray, with a generation counter that can be
+    made to move while the driver reads."""
+
+    kind = "fake"
+
+    def __init__(self, cfg: bytes, churn: int = 0):
+        self.cfg = bytearray(cfg)
+        self.gen = 0
+        self.churn = churn   # bump the generation on the next N reads
+        self.status = 0
+
+    def get_status(self): return self.status
+    def set_status(self, s): self.status = s
+    def device_features(self): return 0
+    def set_driver_features(self, f): pass
+    def num_queues(self): return 3
+    def queue_max_size(self, i): return 256
+    def setup_queue(self, i, vq, vector=0xFFFF): pass
+    def queue_size_fixed(self): return False
+    def set_config_vector(self, v): pass
+    def read_isr(self): return 0
+    def device_config_length(self): return len(self.cfg)
+    def write_config(self, o, w, v): self.cfg[o:o + w] = v.to_bytes(w, "little")
+    def close(self): pass
+
+    def config_generation(self):
+        if self.churn:
+            self.churn -= 1
+            self.gen += 1
+        return self.gen
+
+    def _read_config(self, offset, width):
+        return int.from_bytes(self.cfg[offset:offset + width], "little")
+
+
+def net_cfg(mac=bytes.fromhex("525400123451"), status=1, pairs=1, mtu=1500, speed=10000, duplex=1):
+    return (mac + status.to_bytes(2, "little") + pairs.to_bytes(2, "little") + mtu.to_bytes(2, "little")
+            + speed.to_bytes(4, "little") + bytes([duplex]) + bytes(7))
+
+
+ALL_CFG = bits("VERSION_1", "MAC", "STATUS", "MQ", "MTU", "SPEED_DUPLEX")
+
+
+def test_config_fields_read_as_the_features_allow():
+    cfg = read_net_config(FakeTransport(net_cfg(pairs=4)), ALL_CFG)
+    assert cfg.mac == bytes.fromhex("525400123451") and cfg.max_queue_pairs == 4 and cfg.mtu == 1500
+    assert link_from(cfg) == Link(True, 10000, "full")
+    cfg = read_net_config(FakeTransport(net_cfg(pairs=4)), bits("VERSION_1"))
+    assert cfg.mac is None and cfg.max_queue_pairs == 1 and link_from(cfg) == Link(True)
+
+
+def test_link_down_and_unknown_speed():
+    cfg = read_net_config(FakeTransport(net_cfg(status=0, speed=0xFFFFFFFF, duplex=0xFF)), ALL_CFG)
+    assert link_from(cfg) == Link(False, None, None)
+
+
+def test_config_read_retries_while_generation_moves():
+    t = FakeTransport(net_cfg(), churn=3)
+    assert read_net_config(t, ALL_CFG).mac == bytes.fromhex("525400123451")
+
+
+def test_config_generation_never_stable_is_an_error():
+    with pytest.raises(DeviceError, match="kept changing"):
+        read_net_config(FakeTransport(net_cfg(), churn=10**6), ALL_CFG)
+
+
+@pytest.mark.parametrize("pairs, mtu, match", [(0, 1500, "max_virtqueue_pairs"),
+                                               (0x8001, 1500, "max_virtqueue_pairs"),
+                                               (1, 20, "MTU")])
+def test_implausible_config_values_are_refused(pairs, mtu, match):
+    with pytest.raises(DeviceError, match=match):
+        read_net_config(FakeTransport(net_cfg(pairs=pairs, mtu=mtu)), ALL_CFG)
+
+
+# ---------------------------------------------------------------- host: transport selection
+
+class ConfigOnlyAccess:
+    """A DeviceAccess stand-in that only has a config space (for open_transport's checks)."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw + bytes(256 - len(raw)) if len(raw) < 256 else raw
+
+    def config_read(self, offset, size):
+        return self.raw[offset:offset + size]
+
+
+def test_non_virtio_device_is_refused():
+    from pmd.virtio import open_transport
+
+    raw = (DATA / "0000_00_00_0_8086_0d57.bin").read_bytes()
+    with pytest.raises(DeviceError, match="not a virtio device"):
+        open_transport(ConfigOnlyAccess(raw))  # type: ignore[arg-type]
+
+
+def test_modern_only_device_has_no_legacy_interface():
+    from pmd.virtio import open_transport
+
+    raw = (DATA / "0000_00_03_0_1af4_1041.bin").read_bytes()
+    with pytest.raises(DeviceError, match="not transitional"):
+        open_transport(ConfigOnlyAccess(raw), legacy=True)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the driver test class
+
+def forward(port, stop: threading.Event, mode: str = "io", burst: int = 32) -> None:
+    """pmd forwarding loop (zero-copy): rx -> (macswap) -> tx, until stop."""
+    rxq, txq, pool = port.rx_queue(0), port.tx_queue(0), port.pool(0)
+    ids = np.zeros(burst, np.uint32)
+    lens = np.zeros(burst, np.uint32)
+    data = pool.data
+    while not stop.is_set():
+        n = rxq.rx_burst_zc(ids, lens)
+        if not n:
+            txq.reclaim()
+            time.sleep(0)
+            continue
+        got = ids[:n]
+        if mode == "macswap":
+            dst = data[got, 0:6].copy()
+            data[got, 0:6] = data[got, 6:12]
+            data[got, 6:12] = dst
+        sent = 0
+        while sent < n and not stop.is_set():
+            sent += txq.tx_burst_zc(got[sent:], lens[sent:n])
+
+
+class PortTests:
+    """Everything the driver must do, against one device. Subclasses say how to open it."""
+
+    net = "modern"
+    legacy: bool | None = None
+    expect_mac: str | None = None
+    start_kw: dict = {}
+
+    def open(self, **kw):
+        raise NotImplementedError
+
+    @pytest.fixture
+    def port(self):
+        p = self.open()
+        p.start(**self.start_kw)
+        yield p
+        p.close()
+
+    @pytest.fixture
+    def host(self):
+        sys.path.insert(0, str(Path(__file__).parent / "vm"))
+        import guest
+
+        guest.host_clear(self.net)
+        return guest
+
+    # -- opening and the handshake
+
+    def test_start_reads_mac_features_and_link(self, port):
+        if self.expect_mac:
+            assert port.mac == parse_mac(self.expect_mac)
+        assert port.started and port.link.up
+        assert port.features & bits("MAC", "STATUS")
+        assert port.transport.get_status() == (F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER | F.STATUS_DRIVER_OK
+                                               | (0 if port.transport.kind == "legacy" else F.STATUS_FEATURES_OK))
+
+    def test_starting_twice_is_refused(self, port):
+        with pytest.raises(QueueStateError, match="already started"):
+            port.start()
+
+    def test_burst_on_stopped_port_is_refused_and_device_left_reset(self, port):
+        port.stop()
+        assert port.transport.get_status() == 0
+        with pytest.raises(QueueStateError, match="not started"):
+            port.rx_burst(np.zeros((1, 2048), np.uint8), np.zeros(1, np.uint32))
+        port.start(**self.start_kw)       # and it starts again
+        assert port.link.up
+
+    def test_too_many_queue_pairs_is_a_clear_error_and_device_left_reset(self):
+        p = self.open()
+        try:
+            with pytest.raises(ValueError, match="queue pairs"):
+                p.start(queue_pairs=64)
+            assert p.transport.get_status() == 0 and not p.started
+        finally:
+            p.close()
+
+    # -- traffic
+
+    def test_io_returns_10000_random_frames_byte_exact(self, port, host):
+        stop = threading.Event()
+        t = threading.Thread(target=forward, args=(port, stop, "io"))
+        t.start()
+        try:
+            host.host_traffic(10000, seed=1, dst=port.mac, net=self.net)
+            r = host.host_traffic_check("io", wait=300, net=self.net)
+        finally:
+            stop.set()
+            t.join()
+        assert r["received"] == r["sent"] == 10000 and r["n_mismatched"] == 0, r
+        s = port.stats()
+        assert s["rx_packets"] == s["tx_packets"] == 10000
+        assert s["device_errors"] == 0 and s["rx_dropped"] == 0
+
+    def test_macswap_returns_frames_with_macs_swapped(self, port, host):
+        stop = threading.Event()
+        t = threading.Thread(target=forward, args=(port, stop, "macswap"))
+        t.start()
+        try:
+            host.host_traffic(2000, seed=2, dst=port.mac, net=self.net)
+            r = host.host_traffic_check("macswap", wait=300, net=self.net)
+        finally:
+            stop.set()
+            t.join()
+        assert r["received"] == 2000 and r["n_mismatched"] == 0, r
+
+    def test_txonly_peer_receives_exactly_what_pmd_sent(self, port, host):
+        rng = np.random.default_rng(3)
+        n = 3000
+        lengths = rng.integers(60, 1515, n).astype(np.uint32)
+        data = rng.integers(0, 256, (n, 1514), dtype=np.uint8)
+        data[:, 0:6] = 0xFF
+        data[:, 6:12] = np.frombuffer(port.mac, np.uint8)
+        sent = 0
+        txq = port.tx_queue(0)
+        while sent < n:
+            sent += txq.tx_burst(data[sent:sent + 32], lengths[sent:sent + 32])
+        digest = hashlib.sha256()
+        for i in range(n):
+            digest.update(data[i, :lengths[i]].tobytes())
+        r = host.host_wire_digest(quiet=3.0, net=self.net)
+        assert port.stats()["tx_packets"] == n
+        assert r["count"] == n and r["sha256"] == digest.hexdigest()
+
+    # -- link interrupts
+
+    def test_link_change_reaches_the_callback(self, port, host):
+        seen: list[Link] = []
+        changed = threading.Event()
+
+        def cb(link: Link) -> None:
+            seen.append(link)
+            changed.set()
+
+        port.on_link_change(cb)
+        host.set_link(False, net=self.net)
+        assert changed.wait(20), "no link-down callback"
+        assert seen[-1].up is False and port.link.up is False
+        changed.clear()
+        host.set_link(True, net=self.net)
+        assert changed.wait(20), "no link-up callback"
+        assert seen[-1].up is True and port.link.up is True
+        assert port.stats()["config_interrupts"] >= 2
+
+    # -- rx interrupt mode
+
+    def test_rx_wait_sleeps_without_burning_cpu_and_wakes_on_traffic(self, host):
+        p = self.open()
+        try:
+            p.start(rx_interrupts=True, **self.start_kw)
+            cpu0, t0 = time.process_time(), time.monotonic()
+            assert p.rx_wait(timeout=1.0) is False
+            assert time.monotonic() - t0 >= 0.9
+            assert time.process_time() - cpu0 < 0.5      # slept, did not spin
+            frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + bytes(46)
+            threading.Timer(0.5, host.host_send, args=([frame],), kwargs={"net": self.net}).start()
+            assert p.rx_wait(timeout=30.0) is True
+            out = np.zeros((4, p.rx_queue(0).max_packet_len), np.uint8)
+            lens = np.zeros(4, np.uint32)
+            deadline = time.monotonic() + 5
+            got = 0
+            while not got and time.monotonic() < deadline:
+                got = p.rx_burst(out, lens)
+            assert got == 1 and lens[0] == 60
+            assert p.stats()["rx_interrupts"] >= 1
+        finally:
+            p.close()
+
+    def test_rx_wait_needs_rx_interrupts(self, port):
+        with pytest.raises(QueueStateError, match="rx_interrupts=True"):
+            port.rx_wait(timeout=0.1)
+
+    # -- control queue
+
+    def test_promiscuous_off_filters_other_macs_and_on_lets_them_in(self, port, host):
+        if not port.features & bits("CTRL_RX"):
+            pytest.skip("device has no VIRTIO_NET_F_CTRL_RX")
+        other = bytes.fromhex("02aabbccddee")
+
+        def count_received(seconds: float) -> int:
+            out = np.zeros((64, port.rx_queue(0).max_packet_len), np.uint8)
+            lens = np.zeros(64, np.uint32)
+            total, deadline = 0, time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                total += port.rx_burst(out, lens)
+            return total
+
+        port.promiscuous = False
+        port.set_mac_filter([])
+        host.host_traffic(20, seed=4, dst=port.mac, net=self.net)
+        host.host_traffic(20, seed=5, dst=other, net=self.net)
+        assert count_received(3.0) == 20
+        port.promiscuous = True
+        host.host_traffic(20, seed=6, dst=other, net=self.net)
+        assert count_received(3.0) == 20
+        port.promiscuous = False
+        port.set_mac_filter([other])
+        host.host_traffic(20, seed=7, dst=other, net=self.net)
+        assert count_received(3.0) == 20
+
+
+def _vfio_env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+@pytest.mark.vfio
+@pytest.mark.skipif(not _vfio_env("PMD_VFIO_DEVICE"),
+                    reason="PMD_VFIO_DEVICE is not set: runs in the QEMU guest (tests/vm)")
+class TestPortModernVfio(PortTests):
+    net = "modern"
+    expect_mac = "52:54:00:12:34:51"
+
+    def open(self, **kw):
+        return pmd.open_port(os.environ["PMD_VFIO_DEVICE"], **kw)
+
+    def test_jumbo_frames_over_mergeable_buffers(self, port, host):
+        assert port.features & bits("MRG_RXBUF") and port.mtu == 9000
+        stop = threading.Event()
+        # zero-copy cannot carry multi-buffer packets: forward in copy mode
+        def fwd():
+            rxq, txq = port.rx_queue(0), port.tx_queue(0)
+            out = np.zeros((32, rxq.max_packet_len), np.uint8)
+            lens = np.zeros(32, np.uint32)
+            while not stop.is_set():
+                n = rxq.rx_burst(out, lens)
+                sent = 0
+                while sent < n:
+                    sent += txq.tx_burst(out[sent:n], lens[sent:n])
+        t = threading.Thread(target=fwd)
+        t.start()
+        try:
+            host.host_traffic(500, seed=8, min_len=60, max_len=9014, dst=port.mac, net=self.net)
+            r = host.host_traffic_check("io", wait=300, net=self.net)
+        finally:
+            stop.set()
+            t.join()
+        assert r["received"] == 500 and r["n_mismatched"] == 0, r
+
+
+@pytest.mark.vfio
+@pytest.mark.skipif(not _vfio_env("PMD_VFIO_LEGACY_DEVICE"),
+                    reason="PMD_VFIO_LEGACY_DEVICE is not set: runs in the QEMU guest (tests/vm --legacy)")
+class TestPortLegacyVfio(PortTests):
+    net = "legacy"
+    legacy = True
+    expect_mac = "52:54:00:12:34:52"
+    start_kw = {"queue_size": 0, "hugepages": True}   # the device's ring size; contiguous rings
+
+    def open(self, **kw):
+        return pmd.open_port(os.environ["PMD_VFIO_LEGACY_DEVICE"], legacy=True, **kw)
+
+    def test_legacy_transport_carries_32_feature_bits(self, port):
+        assert port.transport.kind == "legacy"
+        assert not port.features >> 32          # 32 feature bits only
+        assert port.hdr_len == (12 if port.features & bits("MRG_RXBUF") else 10)
