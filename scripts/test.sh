@@ -8,5 +8,10 @@ PYTHON=${PYTHON:-python3}
 
 bash scripts/setup.sh
 bash tests/vm/setup.sh
+# tcpdump reads pmd's pcap files back in the tests (an independent reader).
+if ! command -v tcpdump >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tcpdump >/dev/null
+fi
 export PMD_REQUIRE_QEMU=1
 exec "$PYTHON" -m pytest tests bench -q -rs -p no:cacheprovider "$@"

@@ -1,0 +1,184 @@
+"""Forwarding modes in the manner of DPDK's testpmd: rxonly, txonly, io, macswap.
+
+One thread per queue pair, each running bursts on its own queues (the GIL is
+released inside every burst, so pairs run in parallel); the main thread prints
+statistics once a second and a final summary, and stops everything on Ctrl-C,
+after ``duration`` seconds, or when ``stop`` is set.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from .pcap import PcapWriter
+
+MODES = ("rxonly", "txonly", "io", "macswap")
+
+
+class PortLike(Protocol):
+    mac: bytes
+
+    def rx_queue(self, queue: int = 0) -> Any: ...
+    def tx_queue(self, queue: int = 0) -> Any: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Summary:
+    mode: str
+    seconds: float
+    rx_packets: int
+    tx_packets: int
+    rx_bytes: int
+    tx_bytes: int
+    drops: int
+    errors: int
+
+    @property
+    def packets(self) -> int:
+        return self.tx_packets if self.mode == "txonly" else self.rx_packets
+
+    @property
+    def mpps(self) -> float:
+        return self.packets / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        bytes_ = self.tx_bytes if self.mode == "txonly" else self.rx_bytes
+        gbps = bytes_ * 8 / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return (f"summary: mode={self.mode} seconds={self.seconds:.2f} rx={self.rx_packets} "
+                f"tx={self.tx_packets} mpps={self.mpps:.3f} gbps={gbps:.3f} drops={self.drops} "
+                f"errors={self.errors}")
+
+
+def udp_frame(size: int, src: bytes, dst: bytes = b"\xff" * 6) -> bytes:
+    """An Ethernet/IPv4/UDP frame of ``size`` bytes (60-9014) from ``src`` to ``dst``."""
+    if not 60 <= size <= 9014:
+        raise ValueError("packet size must be 60 to 9014 bytes")
+    ip_len = size - 14
+    ip = bytearray(20)
+    ip[0], ip[8], ip[9] = 0x45, 64, 17
+    ip[2:4] = ip_len.to_bytes(2, "big")
+    ip[12:16], ip[16:20] = bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])   # RFC 2544 test range
+    csum = sum(int.from_bytes(ip[i:i + 2], "big") for i in range(0, 20, 2))
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    ip[10:12] = (~csum & 0xFFFF).to_bytes(2, "big")
+    udp = (9).to_bytes(2, "big") + (9).to_bytes(2, "big") + (ip_len - 20).to_bytes(2, "big") + b"\0\0"
+    return dst + src + b"\x08\x00" + bytes(ip) + udp + bytes(size - 42)
+
+
+def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: threading.Event,
+            pcap: PcapWriter | None, pcap_lock: threading.Lock, errors: list[BaseException],
+            drops: list[int]) -> None:
+    try:
+        rxq, txq = port.rx_queue(queue), port.tx_queue(queue)
+        ids = np.zeros(burst, np.uint32)
+        lens = np.zeros(burst, np.uint32)
+        if mode == "txonly":
+            frame = np.frombuffer(udp_frame(size, port.mac), np.uint8)
+            pkts = np.tile(frame, (burst, 1))
+            plen = np.full(burst, size, np.uint32)
+            while not stop.is_set():
+                txq.tx_burst(pkts, plen)
+            return
+        if mode == "rxonly" and pcap is not None:
+            out = np.zeros((burst, rxq.max_packet_len), np.uint8)
+            while not stop.is_set():
+                n = rxq.rx_burst(out, lens)
+                if n:
+                    with pcap_lock:
+                        pcap.write_burst(out, lens, n)
+            return
+        pool = rxq.pool               # rx and tx of a pair share it: forwarding needs no copy
+        data = pool.data
+        while not stop.is_set():
+            n = rxq.rx_burst_zc(ids, lens)
+            if not n:
+                if mode != "rxonly":
+                    txq.reclaim()
+                continue
+            got = ids[:n]
+            if pcap is not None:
+                with pcap_lock:
+                    pcap.write_burst(data[got], lens, n)
+            if mode == "rxonly":
+                pool.free(got)
+                continue
+            if mode == "macswap":
+                dst = data[got, 0:6].copy()
+                data[got, 0:6] = data[got, 6:12]
+                data[got, 6:12] = dst
+            sent = txq.tx_burst_zc(got, lens[:n])
+            if sent < n:
+                pool.free(got[sent:])      # tx ring full: drop the rest, as testpmd does
+                drops[queue] += n - sent
+    except BaseException as e:  # reported by run()
+        errors.append(e)
+        stop.set()
+
+
+def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, size: int = 64,
+        duration: float | None = None, pcap: str | None = None, report: Callable[[str], None] = print,
+        stop: threading.Event | None = None, interval: float = 1.0) -> Summary:
+    """Forward on ``queues`` queue pairs until Ctrl-C, ``duration`` or ``stop``; return the summary."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if burst < 1:
+        raise ValueError("burst must be at least 1")
+    stop = stop or threading.Event()
+    writer = PcapWriter(pcap) if pcap else None
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    drops = [0] * queues
+    threads = [threading.Thread(target=_worker, name=f"pmd-fwd-{q}", daemon=True,
+                                args=(port, q, mode, burst, size, stop, writer, lock, errors, drops))
+               for q in range(queues)]
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, lambda *a: stop.set())
+    base = port.stats()
+    start = last = time.monotonic()
+    prev = base
+    try:
+        for t in threads:
+            t.start()
+        while not stop.is_set():
+            stop.wait(min(interval, max(0.0, start + duration - time.monotonic())) if duration else interval)
+            now = time.monotonic()
+            s = port.stats()
+            dt = now - last
+            if dt > 0:
+                rx = (s["rx_packets"] - prev["rx_packets"]) / dt
+                tx = (s["tx_packets"] - prev["tx_packets"]) / dt
+                rxb = (s["rx_bytes"] - prev["rx_bytes"]) * 8 / dt
+                txb = (s["tx_bytes"] - prev["tx_bytes"]) * 8 / dt
+                report(f"  {now - start:6.1f}s  rx {rx / 1e6:8.3f} Mpps {rxb / 1e9:7.3f} Gbit/s  "
+                       f"tx {tx / 1e6:8.3f} Mpps {txb / 1e9:7.3f} Gbit/s  "
+                       f"drops {s['rx_dropped'] - base['rx_dropped'] + sum(drops)}  "
+                       f"errors {s['device_errors'] - base['device_errors']}")
+            prev, last = s, now
+            if duration and now - start >= duration:
+                break
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+        if writer is not None:
+            writer.close()
+    elapsed = time.monotonic() - start
+    s = port.stats()
+    if errors:
+        raise errors[0]
+    summary = Summary(mode, elapsed, s["rx_packets"] - base["rx_packets"], s["tx_packets"] - base["tx_packets"],
+                      s["rx_bytes"] - base["rx_bytes"], s["tx_bytes"] - base["tx_bytes"],
+                      s["rx_dropped"] - base["rx_dropped"] + sum(drops),
+                      s["device_errors"] - base["device_errors"])
+    report(summary.line())
+    return summary
