@@ -1,5 +1,8 @@
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from ._memory import DmaMemory
 from typing_extensions import disjoint_base
 
@@ -51,3 +54,8 @@ class DeviceQueue:
 
 def loopback(tx: DeviceQueue, rx: DeviceQueue, budget: int = 256, hdr_len: int = 12,
              mergeable: bool = False) -> int: ...
+
+def device_tx_burst(tx: DeviceQueue, out: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32],
+                    hdr_len: int = 12) -> int: ...
+def device_rx_burst(rx: DeviceQueue, packets: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32],
+                    n: int = -1, hdr_len: int = 12, mergeable: bool = False) -> int: ...

@@ -536,3 +536,114 @@ def loopback(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, u
     with nogil:
         n = loopback_burst(tx, rx, budget, hdr_len, mergeable)
     return n
+
+
+# ---- a device's wire side: packets between the rings and flat buffers ----
+
+cdef int _rx_deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr_len,
+                     bint mergeable) noexcept nogil:
+    """Write one packet into the driver's rx ring: 1 delivered, 0 dropped (too
+    large for the driver's buffers), -1 no rx buffer available (nothing taken)."""
+    cdef int r = rx.pop()
+    while r < 0:
+        r = rx.pop()
+    if r == 0:
+        return -1
+    cdef virtio_net_hdr hdr
+    memset(&hdr, 0, sizeof(hdr))
+    hdr.num_buffers = 1
+    if rx.in_len >= hdr_len + pkt:
+        rx.write_in(0, <const char *>&hdr, hdr_len)
+        rx.write_in(hdr_len, src, pkt)
+        rx.push(rx.head, hdr_len + pkt)
+        return 1
+    if not mergeable or rx.in_len <= hdr_len:
+        rx.unpop()
+        rx.n_dropped += 1
+        return 0
+    cdef uint32_t room = rx.in_len
+    cdef uint32_t need = (hdr_len + pkt + room - 1) // room
+    if need > rx.size:
+        rx.unpop()
+        rx.n_dropped += 1
+        return 0
+    if rx.pending() + 1 < need:
+        rx.unpop()
+        return -1
+    hdr.num_buffers = <uint16_t>need
+    cdef uint32_t done = room - hdr_len, take, k
+    rx.write_in(0, <const char *>&hdr, hdr_len)
+    rx.write_in(hdr_len, src, done)
+    rx.push(rx.head, room)
+    for k in range(1, need):
+        if rx.pop() != 1:
+            rx.broken = True
+            return 1
+        take = pkt - done if pkt - done <= rx.in_len else rx.in_len
+        rx.write_in(0, src + done, take)
+        rx.push(rx.head, take)
+        done += take
+    return 1
+
+
+def device_tx_burst(DeviceQueue tx not None, unsigned char[:, ::1] out not None,
+                    unsigned int[::1] lengths not None, uint32_t hdr_len=12):
+    """Take up to ``len(out)`` packets the driver transmitted: packet i (without
+    the virtio-net header) goes to ``out[i, :lengths[i]]``. A packet longer than
+    a row, or shorter than the header, is dropped and counted. Returns the count."""
+    if lengths.shape[0] < out.shape[0]:
+        raise ValueError("lengths needs one entry per row of out")
+    cdef Py_ssize_t rows = out.shape[0], cols = out.shape[1], i = 0
+    cdef uint32_t pkt
+    cdef int r
+    if rows == 0:
+        return 0
+    with nogil:
+        while i < rows:
+            r = tx.pop()
+            if r == 0:
+                break
+            if r < 0:
+                continue
+            if tx.out_len < hdr_len:
+                tx._bad(BAD_SHORT)
+                tx.push(tx.head, 0)
+                continue
+            pkt = tx.out_len - hdr_len
+            if pkt > cols:
+                tx.n_dropped += 1
+                tx.push(tx.head, 0)
+                continue
+            tx.read_out(hdr_len, <char *>&out[i, 0], pkt)
+            lengths[i] = pkt
+            tx.push(tx.head, 0)
+            i += 1
+        tx.flush()
+    return i
+
+
+def device_rx_burst(DeviceQueue rx not None, const unsigned char[:, ::1] packets not None,
+                    const unsigned int[::1] lengths not None, Py_ssize_t n=-1, uint32_t hdr_len=12,
+                    bint mergeable=False):
+    """Deliver ``packets[i, :lengths[i]]`` (i < n) into the driver's rx ring, each
+    with a fresh header. Stops at the first packet with no rx buffer for it and
+    returns how many were consumed (delivered or dropped as too large): the rest
+    stay with the caller, which decides whether the wire waits or drops."""
+    if n < 0:
+        n = packets.shape[0]
+    if n > packets.shape[0] or n > lengths.shape[0]:
+        raise ValueError("n is larger than the packets given")
+    cdef Py_ssize_t cols = packets.shape[1], i
+    for i in range(n):
+        if lengths[i] > cols:
+            raise ValueError(f"lengths[{i}] = {lengths[i]} is larger than the row width {cols}")
+    cdef int r
+    i = 0
+    with nogil:
+        while i < n:
+            r = _rx_deliver(rx, <const char *>&packets[i, 0], lengths[i], hdr_len, mergeable)
+            if r < 0:
+                break
+            i += 1
+        rx.flush()
+    return i

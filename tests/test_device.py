@@ -146,3 +146,62 @@ def test_complete_more_than_the_chain_holds_is_refused(raw):
     head, _, cap = dq.pop_chain()
     with pytest.raises(ValueError, match="do not fit"):
         dq.complete(head, b"x" * 9)
+
+
+# ---- the wire side: device_tx_burst / device_rx_burst ----
+
+def test_wire_round_trip_through_both_rings():
+    from pmd._device import device_rx_burst, device_tx_burst
+    from pmd.loopback import Loopback
+
+    rng = np.random.default_rng(5)
+    with Loopback(queue_size=64) as lb:
+        lengths = rng.integers(60, 1515, 40).astype(np.uint32)
+        data = rng.integers(0, 256, (40, 1514), dtype=np.uint8)
+        lb.driver_tx.tx_burst(data, lengths)
+        wire = np.zeros((64, 1514), np.uint8)
+        wlen = np.zeros(64, np.uint32)
+        n = device_tx_burst(lb.device_tx, wire, wlen)
+        assert n == 40 and (wlen[:n] == lengths).all()
+        assert all((wire[i, :wlen[i]] == data[i, :lengths[i]]).all() for i in range(n))
+        assert device_rx_burst(lb.device_rx, wire, wlen, n) == 40
+        out = np.zeros((64, 2048), np.uint8)
+        olen = np.zeros(64, np.uint32)
+        assert lb.driver_rx.rx_burst(out, olen) == 40
+        assert (olen[:40] == lengths).all()
+        assert all((out[i, :olen[i]] == data[i, :lengths[i]]).all() for i in range(40))
+
+
+def test_wire_delivery_stops_when_the_driver_has_no_buffers():
+    from pmd._device import device_rx_burst
+    from pmd.loopback import Loopback
+
+    with Loopback(queue_size=8) as lb:
+        pk = np.zeros((20, 100), np.uint8)
+        ln = np.full(20, 100, np.uint32)
+        assert device_rx_burst(lb.device_rx, pk, ln) == 8      # the ring holds 8 buffers
+        assert device_rx_burst(lb.device_rx, pk, ln) == 0
+
+
+def test_wire_jumbo_over_mergeable_buffers():
+    from pmd._device import device_rx_burst
+    from pmd.loopback import Loopback
+
+    with Loopback(queue_size=16, mergeable=True) as lb:
+        pk = np.random.default_rng(6).integers(0, 256, (1, 9000), dtype=np.uint8)
+        assert device_rx_burst(lb.device_rx, pk, np.array([9000], np.uint32), mergeable=True) == 1
+        out = np.zeros((1, 9216), np.uint8)
+        ol = np.zeros(1, np.uint32)
+        assert lb.driver_rx.rx_burst(out, ol) == 1 and ol[0] == 9000 and (out[0, :9000] == pk[0]).all()
+
+
+def test_wire_tx_drops_packets_longer_than_the_row():
+    from pmd._device import device_tx_burst
+    from pmd.loopback import Loopback
+
+    with Loopback(queue_size=8) as lb:
+        lb.driver_tx.tx_burst(np.zeros((2, 1000), np.uint8), np.array([1000, 50], np.uint32))
+        wire = np.zeros((4, 500), np.uint8)
+        wl = np.zeros(4, np.uint32)
+        assert device_tx_burst(lb.device_tx, wire, wl) == 1 and wl[0] == 50
+        assert lb.device_tx.stats()["dropped"] == 1
