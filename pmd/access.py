@@ -17,6 +17,9 @@ What the interface gives:
 - DMA map/unmap of a memory range, given its virtual address, the IOVA the
   device shall use, its size, and the memory's fd and offset in that fd
   (kernel VFIO pins by virtual address; vfio-user hands the fd to the server);
+  and, on top of it, ``map_memory(DmaMemory)``, which picks the IOVAs itself
+  (:func:`choose_iova`) and tells the memory, so pools and queues built in it
+  give the device addresses it can use;
 - IRQ information and IRQ setup with eventfds (MSI-X, falling back to MSI
   and INTx), disable, unmask;
 - bus mastering on, device reset, close (idempotent), context manager.
@@ -30,12 +33,17 @@ import errno as _errno
 import mmap as _mmap
 import os
 import struct
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
+from ._mmio import Mmio
 from .errors import QueueStateError, VfioError
+
+if TYPE_CHECKING:
+    from ._memory import DmaMemory
 
 __all__ = [
     "PCI_BAR0_REGION_INDEX",
@@ -71,7 +79,10 @@ __all__ = [
     "InfoCap",
     "DeviceInfo",
     "RegionMapping",
+    "MemoryMapping",
     "DeviceAccess",
+    "IOVA_SPACE",
+    "choose_iova",
 ]
 
 # --- Region indexes (include/uapi/linux/vfio.h, "Fixed user ABI"; vfio-user uses the same) ---
@@ -254,12 +265,6 @@ _MAP_FIXED = 0x10  # Linux, all architectures pmd runs on
 _PROT_NONE = 0  # not exported by Python's mmap module
 
 _WIDTH_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
-_WIDTH_CTYPES: dict[int, type[ctypes.c_uint8 | ctypes.c_uint16 | ctypes.c_uint32 | ctypes.c_uint64]] = {
-    1: ctypes.c_uint8,
-    2: ctypes.c_uint16,
-    4: ctypes.c_uint32,
-    8: ctypes.c_uint64,
-}
 
 
 def _raw_mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
@@ -283,6 +288,28 @@ def vfio_error(message: str, err: int | None = None) -> VfioError:
     return exc
 
 
+class _MappedMmio(Mmio):
+    """An :class:`Mmio` window handed out by a :class:`RegionMapping`.
+
+    It holds the mapping (so the pages stay mapped while the window lives),
+    is registered with it by weak reference (so ``mapping.close()`` closes it
+    before unmapping), and so is every window made from it with ``window()``.
+    """
+
+    def __init__(self, mapping: RegionMapping, address: int, length: int) -> None:
+        # A writable buffer over the mapped bytes; Mmio keeps the buffer view
+        # (and so this object) until close(). No bytes are copied.
+        super().__init__((ctypes.c_char * length).from_address(address))
+        self.mapping = mapping
+        mapping._adopt(self)
+
+    def window(self, offset: int, length: int) -> Mmio:
+        checked = super().window(offset, length)  # bounds, alignment and closed checks
+        address = checked.address
+        checked.close()
+        return _MappedMmio(self.mapping, address, length)
+
+
 class RegionMapping:
     """A region mapped into this process: ``address`` .. ``address + length``.
 
@@ -290,9 +317,15 @@ class RegionMapping:
     and only the allowed areas are mapped from the device over it (so a
     register at region offset ``x`` is at ``address + x``, and touching an
     excluded area, such as an MSI-X table, faults instead of reaching the
-    device). ``read``/``write`` here are for the control path and for tests;
-    the data path uses the Cython MMIO accessors on ``address``.
-    ``close()`` unmaps everything (idempotent).
+    device).
+
+    Registers are reached through the Cython MMIO accessors (:class:`pmd.Mmio`:
+    one volatile load or store of the exact width, with the io barrier of
+    ``rte_read16``/``rte_write16``): ``mmio(offset, length)`` gives a checked
+    window inside one mapped area, and ``read``/``write`` here go through the
+    same accessors. ``close()`` closes every window it handed out (and every
+    window made from those), then unmaps (idempotent): no window outlives the
+    mapping, and a closed window raises instead of touching unmapped memory.
     """
 
     def __init__(self, region: int, fd: int, file_offset: int, length: int, areas: Sequence[SparseArea]) -> None:
@@ -309,6 +342,9 @@ class RegionMapping:
         self.region = region
         self.length = length
         self.areas: tuple[SparseArea, ...] = tuple(areas)
+        self._closed = True  # until the areas are mapped
+        self._windows: weakref.WeakSet[Mmio] = weakref.WeakSet()
+        self._area_windows: list[Mmio] = []
         span = (length + page - 1) // page * page
         self._span = span
         base = _raw_mmap(0, span, _PROT_NONE, _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS, -1, 0)
@@ -332,15 +368,24 @@ class RegionMapping:
             ) from exc
         self.address = base
         self._closed = False
+        # One window per area for read()/write(); owned here (no reference back: no cycle).
+        self._area_windows = [Mmio.from_address(base + a.offset, a.size, None) for a in self.areas]
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def close(self) -> None:
+        """Close every window handed out, then unmap the region. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        for window in list(self._windows):
+            window.close()
+        self._windows.clear()
+        for window in self._area_windows:
+            window.close()
+        self._area_windows = []
         _raw_munmap(self.address, self._span)
 
     def __enter__(self) -> RegionMapping:
@@ -353,33 +398,186 @@ class RegionMapping:
         state = "closed" if self._closed else f"at {self.address:#x}"
         return f"<RegionMapping region {self.region} length {self.length:#x} {state}>"
 
-    def _check(self, offset: int, width: int) -> int:
+    def _adopt(self, window: Mmio) -> None:
+        if self._closed:  # cannot happen through mmio(); a window of a closed window fails earlier
+            window.close()
+            raise QueueStateError(f"region {self.region} mapping is closed")
+        self._windows.add(window)
+
+    @property
+    def open_windows(self) -> int:
+        """How many windows handed out by :meth:`mmio` (or made from them) are still open."""
+        return sum(1 for w in self._windows if not w.closed)
+
+    def _area_index(self, offset: int, size: int) -> int:
+        """Index of the mapped area holding ``[offset, offset + size)``, or a ValueError saying why not."""
+        if offset < 0 or size <= 0 or offset + size > self.length:
+            raise ValueError(
+                f"[{offset:#x}, {offset + size:#x}) is outside region {self.region} (length {self.length:#x})"
+            )
+        for i, area in enumerate(self.areas):
+            if area.offset <= offset and offset + size <= area.end:
+                return i
+        mapped = ", ".join(f"[{a.offset:#x}, {a.end:#x})" for a in self.areas)
+        raise ValueError(
+            f"[{offset:#x}, {offset + size:#x}) of region {self.region} is not inside one mapped area "
+            f"(mapped: {mapped}); the rest is not mapped (an MSI-X table, typically)"
+        )
+
+    def mmio(self, offset: int = 0, length: int | None = None) -> Mmio:
+        """A :class:`pmd.Mmio` window on ``[offset, offset + length)`` of the region.
+
+        The window must lie inside one mapped area; ``length=None`` runs to the
+        end of the area that holds ``offset``. The window keeps this mapping
+        alive and is closed by :meth:`close` (as is every ``window()`` of it).
+        """
         if self._closed:
             raise QueueStateError(f"region {self.region} mapping is closed")
-        if width not in _WIDTH_CTYPES:
+        if length is None:
+            area = self.areas[self._area_index(offset, 1)]
+            length = area.end - offset
+        self._area_index(offset, length)
+        return _MappedMmio(self, self.address + offset, length)
+
+    def _check(self, offset: int, width: int) -> tuple[Mmio, int]:
+        if self._closed:
+            raise QueueStateError(f"region {self.region} mapping is closed")
+        if width not in _WIDTH_FORMATS:
             raise ValueError(f"access width must be 1, 2, 4 or 8 bytes, not {width}")
         if offset < 0 or offset + width > self.length or offset % width:
             raise ValueError(
                 f"{width}-byte access at {offset:#x} is outside region {self.region} "
                 f"(length {self.length:#x}) or not naturally aligned"
             )
-        if not any(a.offset <= offset and offset + width <= a.end for a in self.areas):
-            raise ValueError(f"offset {offset:#x} of region {self.region} is in an area that is not mapped")
-        return self.address + offset
+        for window, area in zip(self._area_windows, self.areas):
+            if area.offset <= offset and offset + width <= area.end:
+                return window, offset - area.offset
+        raise ValueError(f"offset {offset:#x} of region {self.region} is in an area that is not mapped")
 
     def read(self, offset: int, width: int) -> int:
-        """One aligned load of ``width`` bytes (1, 2, 4, 8) at ``offset``, little-endian value."""
-        addr = self._check(offset, width)
-        value = int(_WIDTH_CTYPES[width].from_address(addr).value)
-        return value
+        """One aligned load of ``width`` bytes (1, 2, 4, 8) at ``offset`` (``Mmio.read8`` .. ``read64``)."""
+        window, at = self._check(offset, width)
+        if width == 1:
+            return int(window.read8(at))
+        if width == 2:
+            return int(window.read16(at))
+        if width == 4:
+            return int(window.read32(at))
+        return int(window.read64(at))
 
     def write(self, offset: int, width: int, value: int) -> None:
-        """One aligned store of ``width`` bytes at ``offset``."""
-        addr = self._check(offset, width)
-        _WIDTH_CTYPES[width].from_address(addr).value = value
+        """One aligned store of ``width`` bytes at ``offset`` (``Mmio.write8`` .. ``write64``)."""
+        window, at = self._check(offset, width)
+        if width == 1:
+            window.write8(at, value)
+        elif width == 2:
+            window.write16(at, value)
+        elif width == 4:
+            window.write32(at, value)
+        else:
+            window.write64(at, value)
+
+
+# --- choosing IOVAs --------------------------------------------------------------------------
+
+#: the whole 64-bit IOVA space, for a transport that does not restrict IOVAs
+IOVA_SPACE: tuple[tuple[int, int], ...] = ((0, (1 << 64) - 1),)
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def _format_ranges(ranges: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(f"[{a:#x}, {b:#x}]" for a, b in ranges) or "none"
+
+
+def choose_iova(
+    size: int,
+    ranges: Sequence[tuple[int, int]] | None,
+    taken: Sequence[tuple[int, int]] = (),
+    *,
+    align: int = _mmap.PAGESIZE,
+    identity: int | None = None,
+) -> int:
+    """The IOVA at which to map ``size`` bytes of DMA memory.
+
+    ``ranges`` are the inclusive ``(first, last)`` IOVA ranges the IOMMU can
+    translate (``VFIO_IOMMU_GET_INFO``'s IOVA-range capability); ``None`` means
+    any 64-bit IOVA. ``taken`` are ``(iova, size)`` of what is already mapped.
+
+    - ``identity`` (the memory's virtual address) is returned when
+      ``[identity, identity + size)`` lies inside one range and overlaps nothing
+      taken: IOVA = virtual address, as DPDK's VA mode does;
+    - otherwise the lowest multiple of ``align`` that is not 0 (a device or a
+      driver may read 0 as "no address"), lies with the whole size inside one
+      range, and overlaps nothing taken.
+
+    No room anywhere raises :class:`VfioError` (``ENOSPC``) naming the ranges.
+    """
+    if size <= 0:
+        raise ValueError(f"IOVA size must be positive, not {size}")
+    if align <= 0 or align & (align - 1):
+        raise ValueError(f"IOVA alignment must be a power of two, not {align}")
+    spaces = sorted(IOVA_SPACE if ranges is None else ranges)
+    busy = sorted((iova, iova + n) for iova, n in taken if n > 0)
+
+    def clash(first: int, end: int) -> tuple[int, int] | None:
+        return next(((a, b) for a, b in busy if a < end and first < b), None)
+
+    if identity is not None and identity >= 0:
+        inside = any(lo <= identity and identity + size - 1 <= hi for lo, hi in spaces)
+        if inside and clash(identity, identity + size) is None:
+            return identity
+    for lo, hi in spaces:
+        candidate = _align_up(max(lo, align), align)
+        while candidate + size - 1 <= hi:
+            other = clash(candidate, candidate + size)
+            if other is None:
+                return candidate
+            candidate = _align_up(other[1], align)
+    raise vfio_error(
+        f"no free IOVA range of {size:#x} bytes aligned to {align:#x} inside the IOVA ranges the IOMMU "
+        f"can address ({_format_ranges(spaces)}); already mapped: "
+        f"{', '.join(f'{a:#x}+{b - a:#x}' for a, b in busy) or 'nothing'}. Map less memory or unmap some first",
+        _errno.ENOSPC,
+    )
+
+
+@dataclass(frozen=True)
+class MemoryMapping:
+    """What :meth:`DeviceAccess.map_memory` did for one :class:`pmd.DmaMemory`.
+
+    ``runs`` are the DMA mappings made, ``(vaddr, iova, size)`` each: one for
+    an IOMMU, one per physically contiguous stretch in no-IOMMU mode.
+    ``how`` is ``"identity"`` (IOVA = virtual address), ``"allocated"`` (an
+    IOVA chosen inside the IOMMU's ranges) or ``"physical"`` (no-IOMMU mode).
+    """
+
+    memory: DmaMemory
+    iova: int  # IOVA of the memory's first byte
+    runs: tuple[tuple[int, int, int], ...]
+    how: str
+
+    @property
+    def size(self) -> int:
+        return sum(run[2] for run in self.runs)
 
 
 _Access = TypeVar("_Access", bound="DeviceAccess")
+
+
+class _Shift:
+    """IOVA translator for memory mapped at one IOVA: ``vaddr + delta`` (a class, so it has a repr)."""
+
+    def __init__(self, delta: int) -> None:
+        self.delta = delta
+
+    def __call__(self, vaddr: int) -> int:
+        return vaddr + self.delta
+
+    def __repr__(self) -> str:
+        return f"<IOVA = vaddr {'+' if self.delta >= 0 else '-'} {abs(self.delta):#x}>"
 
 
 class DeviceAccess(abc.ABC):
@@ -501,6 +699,142 @@ class DeviceAccess(abc.ABC):
     @abc.abstractmethod
     def dma_unmap(self, iova: int, size: int) -> None:
         """Undo one :meth:`dma_map` (same ``iova`` and ``size``)."""
+
+    @property
+    def dma_mappings(self) -> dict[int, tuple[int, int]]:
+        """IOVA -> (virtual address, size) of the DMA mappings made through this object.
+
+        Implementations that track their mappings override this; :meth:`map_memory`
+        keeps clear of them when it picks an IOVA.
+        """
+        return {}
+
+    def iova_ranges(self) -> tuple[tuple[int, int], ...] | None:
+        """The inclusive IOVA ranges the device may be given; ``None`` when any IOVA will do."""
+        return None
+
+    def iova_alignment(self) -> int:
+        """The smallest IOVA page: DMA mappings start and end on multiples of it."""
+        return _mmap.PAGESIZE
+
+    # --- DMA of pmd's own memory (transport-neutral) ---
+
+    def _memory_table(self) -> dict[int, MemoryMapping]:
+        # Created on first use so that implementations need not call an __init__ here.
+        table: dict[int, MemoryMapping] | None = self.__dict__.get("_mapped_memory")
+        if table is None:
+            table = {}
+            self.__dict__["_mapped_memory"] = table
+        return table
+
+    @property
+    def mapped_memories(self) -> tuple[MemoryMapping, ...]:
+        """Every :class:`pmd.DmaMemory` mapped with :meth:`map_memory` and not yet unmapped."""
+        return tuple(self._memory_table().values())
+
+    def map_memory(self, memory: DmaMemory) -> int:
+        """Make all of ``memory`` reachable by the device; return the IOVA of its first byte.
+
+        The IOVA is chosen here, from the device's IOVA mode:
+
+        - ``"va"`` (an IOMMU): IOVA = virtual address when the whole memory lies
+          in one of :meth:`iova_ranges`; otherwise (QEMU's 39-bit emulated IOMMU
+          cannot translate ``0x7f...`` addresses) the lowest free IOVA inside the
+          ranges, aligned to the memory's page size (:func:`choose_iova`), clear
+          of everything this object has mapped;
+        - ``"pa"`` (no IOMMU): the physical address of each page (the memory must
+          be locked), mapped as physically contiguous stretches.
+
+        Then the memory is told (``memory.set_iova_translator``), so a
+        :class:`pmd.PacketPool` or :class:`pmd.Virtqueue` created in it *after*
+        this call gives the device these IOVAs. :meth:`unmap_memory` undoes it;
+        ``close()`` undoes it for every memory still mapped. While mapped, the
+        memory is kept alive by this object.
+        """
+        if self.closed:
+            raise vfio_error(f"{self.name} is closed: cannot map DMA memory", _errno.EBADF)
+        table = self._memory_table()
+        if id(memory) in table:
+            raise vfio_error(
+                f"{memory!r} is already mapped for {self.name} at IOVA {table[id(memory)].iova:#x}",
+                _errno.EEXIST,
+            )
+        base, size = memory.address, memory.size  # a closed memory raises QueueStateError here
+        translator: Callable[[int], int] | None
+        if self.iova_mode == "pa":
+            runs, translator = self._physical_runs(memory)
+            how = "physical"
+        else:
+            taken = [(iova, n) for iova, (_vaddr, n) in self.dma_mappings.items()]
+            taken += [(run[1], run[2]) for entry in table.values() for run in entry.runs]
+            align = max(memory.page_size, self.iova_alignment())
+            first = choose_iova(size, self.iova_ranges(), taken, align=align, identity=base)
+            runs = [(base, first, size)]
+            how = "identity" if first == base else "allocated"
+            translator = None if how == "identity" else _Shift(first - base)
+        done: list[tuple[int, int, int]] = []
+        try:
+            for run in runs:
+                self._dma_map_memory(memory, *run)
+                done.append(run)
+            memory.set_iova_translator(translator)
+        except BaseException:
+            for _vaddr, iova, n in reversed(done):
+                try:
+                    self.dma_unmap(iova, n)
+                except (OSError, ValueError):
+                    pass
+            raise
+        entry = MemoryMapping(memory, int(memory.iova(0)), tuple(runs), how)
+        table[id(memory)] = entry
+        return entry.iova
+
+    def _physical_runs(self, memory: DmaMemory) -> tuple[list[tuple[int, int, int]], Callable[[int], int]]:
+        """No-IOMMU mode: ``(vaddr, physical address, size)`` of each physically contiguous stretch."""
+        if not memory.locked:
+            raise vfio_error(
+                f"{self.name} uses physical addresses (no IOMMU), so the pages of {memory!r} must stay "
+                "where they are: create it with DmaMemory(..., lock=True)",
+                _errno.EINVAL,
+            )
+        page, base = memory.page_size, memory.address
+        phys = [self.iova_for(base + i * page) for i in range(memory.size // page)]
+        runs: list[tuple[int, int, int]] = []
+        start = 0
+        for i in range(1, len(phys) + 1):
+            if i == len(phys) or phys[i] != phys[i - 1] + page:
+                runs.append((base + start * page, phys[start], (i - start) * page))
+                start = i
+        by_page = {base + i * page: p for i, p in enumerate(phys)}
+        return runs, by_page.__getitem__
+
+    def _dma_map_memory(self, memory: DmaMemory, vaddr: int, iova: int, size: int) -> None:
+        """One DMA mapping for :meth:`map_memory` (implementations may map differently)."""
+        self.dma_map(vaddr, iova, size, memory.fd, vaddr - memory.address)
+
+    def unmap_memory(self, memory: DmaMemory) -> None:
+        """Undo :meth:`map_memory`: the DMA mappings go, and the memory's IOVAs are its addresses again."""
+        table = self._memory_table()
+        entry = table.get(id(memory))
+        if entry is None:
+            raise vfio_error(f"{memory!r} is not mapped for {self.name} (map_memory first)", _errno.ENOENT)
+        del table[id(memory)]
+        try:
+            for _vaddr, iova, n in reversed(entry.runs):
+                self.dma_unmap(iova, n)
+        finally:
+            if not memory.closed:
+                memory.set_iova_translator(None)
+
+    def _forget_memory(self) -> None:
+        """For ``close()``: drop the :meth:`map_memory` records (the DMA mappings go with the
+        container) and give each memory still open its own addresses back as IOVAs."""
+        table = self._memory_table()
+        entries = list(table.values())
+        table.clear()
+        for entry in entries:
+            if not entry.memory.closed:
+                entry.memory.set_iova_translator(None)
 
     # --- interrupts ---
 

@@ -18,78 +18,136 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from . import pci
 from .errors import PmdError
+
+if TYPE_CHECKING:
+    from .vfio import VfioDevice
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from . import pci
-
-    rows = pci.status_rows()
+    rows = pci.status_rows(vfio_dir=args.vfio_dir)
     print(pci.format_status(rows))
     if not any(r.usable for r in rows):
-        print("\nNo device is usable by pmd now: a virtio-net device must be bound to vfio-pci "
-              "(pmd bind DEVICE) and its /dev/vfio/<group> must exist. Without one, pmd runs on "
-              "the in-process loopback (pmd loopback).")
+        print("No device is usable by pmd now: " + "; ".join(_why_none_usable(rows, Path(args.vfio_dir))) + ".")
+        print("A virtio-net device must be bound to vfio-pci (pmd bind DEVICE) and its "
+              f"{args.vfio_dir}/<group> must exist. Without one, pmd runs on the in-process "
+              "loopback (pmd loopback).")
     return 0
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    from . import pci
+def _why_none_usable(rows: Sequence[pci.StatusRow], vfio_dir: Path) -> list[str]:
+    """The machine-wide reasons no device is usable, most basic first."""
+    why: list[str] = []
+    nets = [r for r in rows if r.name.startswith("virtio-net")]
+    if not nets:
+        why.append("there is no virtio-net device on this machine")
+    if not (vfio_dir / "vfio").exists():
+        why.append(f"this kernel offers no VFIO ({vfio_dir / 'vfio'} does not exist: "
+                   "modprobe vfio-pci, or a kernel with CONFIG_VFIO_PCI)")
+    if rows and all(r.iommu_group is None for r in rows):
+        why.append("no device is in an IOMMU group (no IOMMU is enabled: intel_iommu=on / "
+                   "amd_iommu=on, or vfio's enable_unsafe_noiommu_mode=1)")
+    for r in nets:
+        if r.driver and r.driver != pci.VFIO_PCI:
+            up = (f" and carries {', '.join(r.active_interfaces)}, which is up" if r.active_interfaces else "")
+            why.append(f"{r.address} is bound to {r.driver}{up}")
+    why += [f"{r.address}: {r.reason}" for r in nets if r.driver in (None, pci.VFIO_PCI)]
+    return why or ["see the reason on each line above"]
 
+
+def _cmd_info(args: argparse.Namespace) -> int:
     if args.config:
         data = Path(args.config).read_bytes()
-        print(pci.format_info(data, title=args.config))
+        print(pci.format_info(data, title=args.config), end="")
         return 0
     if not args.device:
-        raise SystemExit("pmd info: give a DEVICE (e.g. 0000:00:03.0) or --config FILE")
+        raise PmdError("give a DEVICE (e.g. 0000:00:03.0) or --config FILE")
     dev = pci.read_device(args.device)
-    print(pci.format_info(dev.read_config(), bar_sizes=dev.bar_sizes(), title=str(dev.address)))
-    print(f"  driver {dev.driver or '(none)'}, IOMMU group "
+    print(pci.format_info(dev.read_config(), bar_sizes=dev.bar_sizes(), title=str(dev.address)), end="")
+    print(f"Sysfs: driver {dev.driver or '(none)'}, IOMMU group "
           f"{dev.iommu_group if dev.iommu_group is not None else '(none)'}, NUMA node {dev.numa_node}")
     if dev.driver != pci.VFIO_PCI:
-        print(f"  VFIO regions and IRQs: not shown, the device is not bound to vfio-pci "
-              f"(pmd bind {dev.address})")
+        print(f"VFIO: not shown, the device is not bound to vfio-pci (pmd bind {dev.address})")
         return 0
     from .vfio import VfioDevice
 
-    with VfioDevice.open(str(dev.address)) as vdev:
+    with VfioDevice.open(str(dev.address), dev_dir=args.vfio_dir) as vdev:
         print(format_vfio(vdev))
     return 0
 
 
-def format_vfio(vdev) -> str:  # type: ignore[no-untyped-def]
-    """VFIO's view of an open device: flags, regions (with sparse areas), IRQ indexes."""
+_REGION_NAMES = {0: "BAR0", 1: "BAR1", 2: "BAR2", 3: "BAR3", 4: "BAR4", 5: "BAR5",
+                 6: "ROM", 7: "config", 8: "VGA"}
+
+
+def _irq_flags(flags: int) -> str:
+    names = [(1, "EVENTFD"), (2, "MASKABLE"), (4, "AUTOMASKED"), (8, "NORESIZE")]
+    return "|".join(n for bit, n in names if flags & bit) or "0"
+
+
+def _page_sizes(mask: int) -> str:
+    """``0x40201000`` -> ``4K, 2M, 1G``."""
+    sizes = []
+    for bit in range(64):
+        if mask >> bit & 1:
+            shift, unit = next((s, u) for s, u in ((30, "G"), (20, "M"), (10, "K"), (0, "")) if bit >= s)
+            sizes.append(f"{1 << (bit - shift)}{unit}")
+    return ", ".join(sizes) or "not reported"
+
+
+def format_vfio(vdev: VfioDevice) -> str:
+    """VFIO's view of an open device: IOMMU, flags, regions (with sparse areas), IRQ indexes."""
+    from .vfio import IOMMU_TYPE_NAMES
+
     info = vdev.device_info
-    out = [f"VFIO device: flags {info.flags:#x} ({'reset' if info.supports_reset else 'no reset'}), "
-           f"{info.num_regions} regions, {info.num_irqs} IRQ indexes"]
+    out = [f"VFIO (group {vdev.group}, {vdev.group_path}, "
+           f"{IOMMU_TYPE_NAMES.get(vdev.iommu_type, str(vdev.iommu_type))} IOMMU, IOVA mode {vdev.iova_mode})"]
+    if vdev.iova_mode == "va":
+        iommu = vdev.iommu_info()
+        ranges = ", ".join(f"[{a:#x}, {b:#x}]" for a, b in iommu.iova_ranges) or "not reported (any)"
+        out.append(f"  IOMMU page sizes {iommu.iova_pgsizes:#x} ({_page_sizes(iommu.iova_pgsizes)}); "
+                   f"IOVA ranges {ranges}")
+        if iommu.iova_ranges and max(b for _a, b in iommu.iova_ranges) < (1 << 47) - 1:
+            out.append(f"  the IOMMU has {max(b for _a, b in iommu.iova_ranges).bit_length()} address bits: "
+                       "IOVA = virtual address fails for memory mmap puts high; pmd's map_memory() "
+                       "picks IOVAs inside these ranges")
+    else:
+        out.append("  no IOMMU: the device is given physical addresses (/proc/self/pagemap)")
+    out.append(f"  device flags {info.flags:#x} ({'PCI' if info.is_pci else 'not PCI'}, "
+               f"{'reset' if info.supports_reset else 'no reset'}), "
+               f"{info.num_regions} regions, {info.num_irqs} IRQ indexes")
     for r in vdev.regions():
+        name = _REGION_NAMES.get(r.index, f"region {r.index}")
         if not r.size:
+            out.append(f"  region {r.index} {name:<6} not implemented")
             continue
-        line = (f"  region {r.index}: offset {r.offset:#x} size {r.size:#x} "
+        line = (f"  region {r.index} {name:<6} size {r.size:#x} offset {r.offset:#x} "
                 f"[{r.describe_flags()}]")
-        if r.sparse_areas:
-            line += " sparse " + ", ".join(f"{a.offset:#x}+{a.size:#x}" for a in r.sparse_areas)
+        if r.sparse_areas is not None:
+            line += " sparse mmap " + (", ".join(f"{a.offset:#x}+{a.size:#x}" for a in r.sparse_areas)
+                                       or "(none)")
+        if r.msix_mappable:
+            line += " MSIX_MAPPABLE"
+        if r.type is not None:
+            line += f" type {r.type[0]}:{r.type[1]}"
         out.append(line)
     for index in range(info.num_irqs):
         irq = vdev.irq_info(index)
-        if irq.count:
-            out.append(f"  irq {index} ({irq.name}): {irq.count} vector(s), flags {irq.flags:#x}")
+        out.append(f"  irq {index} {irq.name:<6} count {irq.count}"
+                   + (f" [{_irq_flags(irq.flags)}]" if irq.flags else ""))
     return "\n".join(out)
 
 
 def _cmd_bind(args: argparse.Namespace) -> int:
-    from . import pci
-
     before = pci.bind(args.device, force=args.force)
     print(f"{args.device}: bound to vfio-pci (was {before or 'unbound'})")
     return 0
 
 
 def _cmd_unbind(args: argparse.Namespace) -> int:
-    from . import pci
-
     before = pci.unbind(args.device, force=args.force)
     print(f"{args.device}: unbound from {before or 'nothing'}; its kernel driver may take it back")
     return 0
@@ -170,12 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pmd", description="A user-space virtio-net poll-mode driver.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("status", help="list network and virtio devices and whether pmd can use them"
-                   ).set_defaults(func=_cmd_status)
+    def add_vfio_dir(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--vfio-dir", metavar="DIR", default="/dev/vfio",
+                            help="where VFIO's character devices are (default /dev/vfio)")
+
+    status = sub.add_parser("status", help="list network and virtio devices and whether pmd can use them")
+    add_vfio_dir(status)
+    status.set_defaults(func=_cmd_status)
 
     info = sub.add_parser("info", help="show a device: config space, capabilities, VFIO regions, IRQs")
     info.add_argument("device", nargs="?", help="PCI address, e.g. 0000:00:03.0")
     info.add_argument("--config", metavar="FILE", help="read a saved config space instead of a device")
+    add_vfio_dir(info)
     info.set_defaults(func=_cmd_info)
 
     for name, func, text in (("bind", _cmd_bind, "give a device to vfio-pci"),
@@ -201,11 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except PmdError as e:
-        print(f"pmd {args.command}: {e}", file=sys.stderr)
+        print(f"pmd {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:
         # Bad input (an address, a file) or a system refusal: one line, no traceback.
-        print(f"pmd {args.command}: {e}", file=sys.stderr)
+        text = str(e)
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            text = f"{e.filename}: {e.strerror}"
+        print(f"pmd {args.command}: {' '.join(text.split())}", file=sys.stderr)
         return 1
 
 

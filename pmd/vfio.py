@@ -16,7 +16,8 @@ and ``drivers/bus/pci/linux/pci_vfio.c`` do the same in C)::
         VFIO_DEVICE_GET_IRQ_INFO
     config space and I/O BARs: pread/pwrite(device, region.offset + x)
     memory BARs: mmap(device, region.offset + area.offset) for each allowed (sparse) area
-    DMA: VFIO_IOMMU_MAP_DMA / VFIO_IOMMU_UNMAP_DMA on the container (IOVA = virtual address)
+    DMA: VFIO_IOMMU_MAP_DMA / VFIO_IOMMU_UNMAP_DMA on the container; map_memory() picks the IOVA
+         (the virtual address when the IOMMU reaches it, else a free one inside its IOVA ranges)
     interrupts: VFIO_DEVICE_SET_IRQS(MSI-X, DATA_EVENTFD | ACTION_TRIGGER, eventfds)
 
 :class:`VfioDevice` owns all of it and gives it back in reverse order on
@@ -41,6 +42,7 @@ import struct
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .access import (
     IRQ_INDEX_NAMES,
@@ -63,6 +65,9 @@ from .access import (
     vfio_error,
 )
 from .errors import VfioError
+
+if TYPE_CHECKING:
+    from ._memory import DmaMemory
 
 __all__ = [
     "VFIO_API_VERSION",
@@ -1032,6 +1037,7 @@ class VfioDevice(DeviceAccess):
         return dict(self._res.dma)
 
     def close(self) -> None:
+        self._forget_memory()  # map_memory records; the DMA mappings themselves go in release()
         self._finalizer()
 
     def __repr__(self) -> str:
@@ -1178,6 +1184,22 @@ class VfioDevice(DeviceAccess):
     def iova_for(self, vaddr: int) -> int:
         return virt_to_phys(vaddr) if self.iova_mode == "pa" else vaddr
 
+    def iova_ranges(self) -> tuple[tuple[int, int], ...] | None:
+        """The IOMMU's valid IOVA ranges (``None``: no-IOMMU mode, or a kernel that does not say)."""
+        if self.iova_mode == "pa":
+            return None
+        return self.iommu_info().iova_ranges or None
+
+    def iova_alignment(self) -> int:
+        if self.iova_mode == "pa":
+            return mmap.PAGESIZE
+        return max(mmap.PAGESIZE, self.iommu_info().min_page_size)
+
+    def _dma_map_memory(self, memory: DmaMemory, vaddr: int, iova: int, size: int) -> None:
+        # No-IOMMU mode locks the pages it maps, and munlock does not nest: memory that
+        # DmaMemory locked itself is not locked (nor later unlocked) here a second time.
+        self._dma_map(vaddr, iova, size, lock=not memory.locked)
+
     def iommu_info(self) -> IommuInfo:
         """Page sizes and valid IOVA ranges of the type1 IOMMU (``VFIO_IOMMU_GET_INFO``)."""
         if self._iommu_info is not None:
@@ -1206,7 +1228,11 @@ class VfioDevice(DeviceAccess):
         nothing to program; the pages are locked and ``iova`` must be their
         physical address (:meth:`iova_for`), contiguous over the range.
         ``fd``/``fd_offset`` are not needed by kernel VFIO.
+        :meth:`map_memory` maps a whole :class:`pmd.DmaMemory` and picks the IOVA.
         """
+        self._dma_map(vaddr, iova, size, lock=True)
+
+    def _dma_map(self, vaddr: int, iova: int, size: int, lock: bool) -> None:
         res = self._live()
         page = mmap.PAGESIZE
         if size <= 0 or vaddr % page or iova % page or size % page:
@@ -1222,7 +1248,7 @@ class VfioDevice(DeviceAccess):
                     errno.EEXIST,
                 )
         if self.iommu_type == VFIO_NOIOMMU_IOMMU:
-            self._noiommu_map(res, vaddr, iova, size)
+            self._noiommu_map(res, vaddr, iova, size, lock)
             return
         request = vfio_iommu_type1_dma_map(
             argsz=ctypes.sizeof(vfio_iommu_type1_dma_map),
@@ -1268,8 +1294,8 @@ class VfioDevice(DeviceAccess):
                 hint = f"; the IOMMU's smallest page is {info.min_page_size:#x}: align to it"
         return vfio_error(what + hint, exc.errno)
 
-    def _noiommu_map(self, res: _Resources, vaddr: int, iova: int, size: int) -> None:
-        if _libc.mlock(vaddr, size) != 0:
+    def _noiommu_map(self, res: _Resources, vaddr: int, iova: int, size: int, lock: bool = True) -> None:
+        if lock and _libc.mlock(vaddr, size) != 0:
             err = ctypes.get_errno()
             raise vfio_error(
                 f"cannot lock {size:#x} bytes at {vaddr:#x} for no-IOMMU DMA: {os.strerror(err)} "
@@ -1288,9 +1314,11 @@ class VfioDevice(DeviceAccess):
                         errno.EINVAL,
                     )
         except BaseException:
-            _libc.munlock(vaddr, size)
+            if lock:
+                _libc.munlock(vaddr, size)
             raise
-        res.locked[vaddr] = size
+        if lock:
+            res.locked[vaddr] = size
         res.dma[iova] = (vaddr, size)
 
     def dma_unmap(self, iova: int, size: int) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import pmd
 from pmd import access, vfio
 from pmd.access import (
     DeviceAccess,
@@ -505,6 +506,97 @@ def test_region_mapping_failure_is_clear() -> None:
         RegionMapping(4, 1 << 20, 0, PAGE, [SparseArea(0, PAGE)])  # not an fd
 
 
+def test_region_mapping_read_and_write_go_through_mmio(memfd: int) -> None:
+    m = RegionMapping(4, memfd, 0, 2 * PAGE, [SparseArea(0, PAGE)])
+    try:
+        assert all(type(w) is pmd.Mmio for w in m._area_windows)  # the Cython accessors, not ctypes
+        m.write(0x10, 8, 0x1122334455667788)
+        assert os.pread(memfd, 8, 0x10) == struct.pack("<Q", 0x1122334455667788)
+        assert [m.read(0x10 + i, 1) for i in range(2)] == [0x88, 0x77]
+        with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+            m.read(0, 3)
+    finally:
+        m.close()
+
+
+def test_mmio_window_inside_one_area(memfd: int) -> None:
+    os.pwrite(memfd, struct.pack("<HI", 3, 0xCAFE), 2 * PAGE + 0x12)  # region offset 2*PAGE+0x12
+    m = RegionMapping(4, memfd, 0, 4 * PAGE, [SparseArea(0, PAGE), SparseArea(2 * PAGE, 2 * PAGE)])
+    try:
+        common = m.mmio(2 * PAGE, 0x38)
+        assert isinstance(common, pmd.Mmio) and common.length == 0x38
+        assert common.address == m.address + 2 * PAGE
+        assert common.read16(0x12) == 3 and common.read32(0x14) == 0xCAFE
+        common.write32(0x00, 1)
+        assert os.pread(memfd, 4, 2 * PAGE) == b"\x01\0\0\0"
+        with pytest.raises(ValueError, match="outside"):
+            common.read32(0x38)
+        rest = m.mmio(3 * PAGE)  # length None: to the end of the area holding the offset
+        assert rest.length == PAGE
+        first = m.mmio()  # offset 0: the first area
+        assert first.length == PAGE
+        assert m.open_windows == 3
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize(
+    "offset,length,why",
+    [
+        (PAGE, 4, "not inside one mapped area"),  # the hole (an MSI-X table)
+        (PAGE - 4, 8, "not inside one mapped area"),  # straddles area and hole
+        (2 * PAGE, 3 * PAGE, "outside region"),
+        (-4, 4, "outside region"),
+        (0, 0, "outside region"),
+    ],
+)
+def test_mmio_window_outside_the_mapped_areas_is_refused(memfd: int, offset: int, length: int, why: str) -> None:
+    with RegionMapping(4, memfd, 0, 4 * PAGE, [SparseArea(0, PAGE), SparseArea(2 * PAGE, 2 * PAGE)]) as m:
+        with pytest.raises(ValueError, match=why):
+            m.mmio(offset, length)
+        assert m.open_windows == 0
+
+
+def test_closing_the_mapping_closes_every_window_it_handed_out(memfd: int) -> None:
+    m = RegionMapping(4, memfd, 0, 2 * PAGE, [SparseArea(0, 2 * PAGE)])
+    whole = m.mmio()
+    notify = whole.window(PAGE, 0x100)  # a window of a window is tracked too
+    inner = notify.window(0x10, 2)
+    assert inner.address == m.address + PAGE + 0x10
+    inner.write16(0, 0xBEEF)
+    assert os.pread(memfd, 2, PAGE + 0x10) == b"\xef\xbe"
+    assert m.open_windows == 3
+    m.close()
+    for w in (whole, notify, inner):
+        assert w.closed
+        with pytest.raises(QueueStateError, match="closed"):
+            w.read16(0)
+    with pytest.raises(QueueStateError, match="closed"):
+        m.mmio(0, 4)
+    with pytest.raises(QueueStateError, match="closed"):
+        whole.window(0, 4)
+
+
+def test_windows_are_tracked_weakly_and_keep_the_mapping_alive(memfd: int) -> None:
+    import gc
+    import weakref
+
+    m = RegionMapping(4, memfd, 0, PAGE, [SparseArea(0, PAGE)])
+    dropped = m.mmio(0, 8)
+    del dropped
+    gc.collect()
+    assert m.open_windows == 0  # the mapping does not keep windows alive
+    window = m.mmio(0, 8)
+    alive = weakref.ref(m)
+    del m
+    gc.collect()
+    assert alive() is not None and not alive().closed  # type: ignore[union-attr]
+    window.write32(4, 7)  # still mapped: the window holds its mapping
+    assert os.pread(memfd, 4, 4) == b"\x07\0\0\0"
+    alive().close()  # type: ignore[union-attr]
+    assert window.closed
+
+
 # ---------------------------------------------------------------------------
 # the interface's shared logic on a fake transport (what vfio-user will reuse)
 # ---------------------------------------------------------------------------
@@ -695,6 +787,188 @@ def test_reset_unsupported_points_at_device_status(fake_open: list[int]) -> None
     assert ei.value.errno == errno.ENOTSUP
 
 
+# ---------------------------------------------------------------------------
+# choosing IOVAs (pure function over ranges) and map_memory without a kernel
+# ---------------------------------------------------------------------------
+
+# What QEMU 7.2's intel-iommu (39 address bits) reports in the guest of tests/vm.
+QEMU_39BIT = ((0x0, 0xFEDFFFFF), (0xFEF00000, 0x7FFFFFFFFF))
+MIB = 1 << 20
+HIGH_VA = 0x7F12_3456_0000  # where mmap puts memory: 47 bits
+
+
+def test_iova_is_the_virtual_address_when_the_iommu_reaches_it() -> None:
+    assert access.choose_iova(MIB, ((0, (1 << 48) - 1),), identity=HIGH_VA) == HIGH_VA
+    assert access.choose_iova(MIB, None, identity=HIGH_VA) == HIGH_VA  # no ranges reported: any
+
+
+def test_iova_past_39_bits_gets_the_lowest_aligned_free_range_instead() -> None:
+    assert access.choose_iova(MIB, QEMU_39BIT, identity=HIGH_VA) == PAGE  # never 0
+    assert access.choose_iova(MIB, QEMU_39BIT, identity=HIGH_VA, align=2 * MIB) == 2 * MIB
+
+
+def test_iova_skips_what_is_taken() -> None:
+    taken = [(PAGE, MIB), (MIB + 2 * PAGE, PAGE)]
+    # the gap [MIB + PAGE, MIB + 2*PAGE) holds one page, no more
+    assert access.choose_iova(PAGE, QEMU_39BIT, taken) == MIB + PAGE
+    assert access.choose_iova(2 * PAGE, QEMU_39BIT, taken) == MIB + 3 * PAGE
+    assert access.choose_iova(PAGE, QEMU_39BIT, taken, align=2 * MIB) == 2 * MIB
+
+
+def test_iova_identity_overlapping_a_mapping_is_not_taken() -> None:
+    va = 0x40000000
+    ranges = ((0, (1 << 39) - 1),)
+    assert access.choose_iova(MIB, ranges, identity=va) == va
+    assert access.choose_iova(MIB, ranges, [(va + PAGE, PAGE)], identity=va) == PAGE
+
+
+def test_iova_does_not_straddle_a_hole_between_ranges() -> None:
+    # Everything below 0xfe800000 is taken; 8 MiB from there would run into the hole
+    # [0xfee00000, 0xfeefffff] (the MSI window): the next aligned place is in the second range.
+    taken = [(PAGE, 0xFE800000 - PAGE)]
+    got = access.choose_iova(8 * MIB, QEMU_39BIT, taken, align=2 * MIB)
+    assert got == 0xFF000000
+    assert got >= 0xFEF00000 and got + 8 * MIB - 1 <= 0x7FFFFFFFFF
+
+
+def test_iova_range_starting_high_is_respected() -> None:
+    assert access.choose_iova(PAGE, ((0x10000, 0x1FFFF),)) == 0x10000
+    assert access.choose_iova(PAGE, ((0x10800, 0x1FFFF),)) == 0x11000
+
+
+def test_no_room_for_the_iova_is_a_clear_error() -> None:
+    with pytest.raises(VfioError, match=r"no free IOVA range of 0x200000 bytes.*\[0x0, 0xfffff\]") as ei:
+        access.choose_iova(2 * MIB, ((0, MIB - 1),))
+    assert ei.value.errno == errno.ENOSPC
+    with pytest.raises(VfioError, match="already mapped: 0x1000\\+0xff000"):
+        access.choose_iova(PAGE, ((0, MIB - 1),), [(PAGE, MIB - PAGE)])
+
+
+@pytest.mark.parametrize("size,align", [(0, PAGE), (PAGE, 0), (PAGE, 3 * PAGE)])
+def test_iova_arguments_are_checked(size: int, align: int) -> None:
+    with pytest.raises(ValueError):
+        access.choose_iova(size, None, align=align)
+
+
+class FakeIoctl:
+    """Stands in for the container's MAP_DMA/UNMAP_DMA ioctls; everything else goes to the kernel."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.maps: list[tuple[int, int, int]] = []  # (vaddr, iova, size)
+        self.unmaps: list[tuple[int, int]] = []
+
+    def __call__(self, fd: int, request: int, arg: object = 0, mutate: bool = True) -> object:
+        if request == vfio.VFIO_IOMMU_MAP_DMA:
+            m = vfio.vfio_iommu_type1_dma_map.from_buffer_copy(bytes(arg))  # type: ignore[arg-type]
+            assert m.flags == vfio.VFIO_DMA_MAP_FLAG_READ | vfio.VFIO_DMA_MAP_FLAG_WRITE
+            self.maps.append((m.vaddr, m.iova, m.size))
+            return 0
+        if request == vfio.VFIO_IOMMU_UNMAP_DMA:
+            u = vfio.vfio_iommu_type1_dma_unmap.from_buffer_copy(bytes(arg))  # type: ignore[arg-type]
+            self.unmaps.append((u.iova, u.size))
+            return 0
+        return self.real(fd, request, arg, mutate)  # type: ignore[operator]
+
+
+@pytest.fixture
+def fake_dma(fake_open: list[int], monkeypatch: pytest.MonkeyPatch) -> FakeIoctl:
+    fake = FakeIoctl(vfio.fcntl.ioctl)
+    monkeypatch.setattr(vfio.fcntl, "ioctl", fake)
+    return fake
+
+
+def _iommu(ranges: tuple[tuple[int, int], ...]) -> vfio.IommuInfo:
+    return vfio.IommuInfo(flags=3, iova_pgsizes=0x40201000, iova_ranges=ranges)
+
+
+def test_map_memory_with_a_39_bit_iommu_allocates_low_iovas(fake_dma: FakeIoctl) -> None:
+    with vfio.VfioDevice.open("0000:00:03.0") as dev, pmd.DmaMemory(1 * MIB, hugepages=False, lock=False) as mem:
+        dev._iommu_info = _iommu(QEMU_39BIT)
+        iova = dev.map_memory(mem)
+        assert iova == PAGE and mem.address > 0x7FFFFFFFFF  # not the virtual address
+        assert fake_dma.maps == [(mem.address, PAGE, mem.size)]
+        assert dev.dma_mappings == {PAGE: (mem.address, mem.size)}
+        (entry,) = dev.mapped_memories
+        assert (entry.how, entry.iova, entry.size) == ("allocated", PAGE, mem.size)
+        pool = pmd.PacketPool(mem, 64)
+        vq = pmd.Virtqueue(mem, 64, 0)
+        for i in (0, 63):
+            assert PAGE <= pool.iova_of(i) < PAGE + mem.size
+            assert pool.iova_of(i) - PAGE == pool.iova_of(i) - iova  # offset within the memory kept
+        assert PAGE <= vq.desc_iova < vq.avail_iova < vq.used_iova < PAGE + mem.size
+        assert mem.iova(0x1234) == PAGE + 0x1234
+
+        second = pmd.DmaMemory(2 * PAGE, hugepages=False, lock=False)
+        assert dev.map_memory(second) == PAGE + mem.size  # the next free IOVA
+        with pytest.raises(VfioError, match="already mapped") as ei:
+            dev.map_memory(second)
+        assert ei.value.errno == errno.EEXIST
+        dev.unmap_memory(second)
+        assert fake_dma.unmaps == [(PAGE + mem.size, 2 * PAGE)]
+        assert second.iova(0) == second.address  # its own addresses again
+        with pytest.raises(VfioError, match="not mapped"):
+            dev.unmap_memory(second)
+        second.close()
+        vq.close()
+        pool.close()
+    # close() unmapped the rest and gave the memory back its addresses
+    assert fake_dma.unmaps[-1] == (PAGE, mem.size)
+    assert dev.mapped_memories == ()
+
+
+def test_map_memory_uses_the_virtual_address_when_the_iommu_has_48_bits(fake_dma: FakeIoctl) -> None:
+    with vfio.VfioDevice.open("0000:00:03.0") as dev, pmd.DmaMemory(4 * PAGE, hugepages=False, lock=False) as mem:
+        dev._iommu_info = _iommu(((0, (1 << 48) - 1),))
+        assert dev.map_memory(mem) == mem.address
+        assert dev.mapped_memories[0].how == "identity"
+        assert fake_dma.maps == [(mem.address, mem.address, mem.size)]
+        dev.unmap_memory(mem)
+
+
+def test_map_memory_failure_leaves_nothing_mapped(fake_dma: FakeIoctl) -> None:
+    with vfio.VfioDevice.open("0000:00:03.0") as dev, pmd.DmaMemory(4 * PAGE, hugepages=False, lock=False) as mem:
+        dev._iommu_info = _iommu(((0, 2 * PAGE - 1),))  # too small for 4 pages
+        with pytest.raises(VfioError, match="no free IOVA range"):
+            dev.map_memory(mem)
+        assert dev.dma_mappings == {} and dev.mapped_memories == () and fake_dma.maps == []
+        assert mem.iova(0) == mem.address
+    with pytest.raises(VfioError, match="closed"):
+        dev.map_memory(mem)
+
+
+def test_map_memory_without_iommu_uses_physical_pages(fake_open: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No-IOMMU mode: one DMA "mapping" per physically contiguous stretch, translator per page."""
+    with pmd.DmaMemory(4 * PAGE, hugepages=False, lock=True) as mem:
+        base = mem.address
+        phys = {base: 0x10000, base + PAGE: 0x11000, base + 2 * PAGE: 0x50000, base + 3 * PAGE: 0x51000}
+        monkeypatch.setattr(vfio, "virt_to_phys", lambda va: phys[va // PAGE * PAGE] + va % PAGE)
+        with vfio.VfioDevice.open("0000:00:03.0") as dev:
+            dev.iommu_type = vfio.VFIO_NOIOMMU_IOMMU
+            assert dev.iova_mode == "pa" and dev.iova_ranges() is None
+            assert dev.map_memory(mem) == 0x10000
+            entry = dev.mapped_memories[0]
+            assert entry.how == "physical"
+            assert entry.runs == ((base, 0x10000, 2 * PAGE), (base + 2 * PAGE, 0x50000, 2 * PAGE))
+            assert dev.dma_mappings == {0x10000: (base, 2 * PAGE), 0x50000: (base + 2 * PAGE, 2 * PAGE)}
+            assert dev._res.locked == {}  # DmaMemory locked the pages; unmapping must not unlock them
+            assert [mem.iova(o) for o in (0, PAGE + 8, 2 * PAGE, 3 * PAGE + 4)] == [
+                0x10000, 0x11008, 0x50000, 0x51004]
+            pool = pmd.PacketPool(mem, 4, buffer_size=2048)
+            assert [pool.iova_of(i) for i in range(4)] == [0x10000, 0x10800, 0x11000, 0x11800]
+            pool.close()
+            dev.unmap_memory(mem)
+            assert dev.dma_mappings == {} and mem.iova(0) == base
+        assert mem.locked
+
+
+def test_map_memory_without_iommu_needs_locked_memory(fake_open: list[int]) -> None:
+    with vfio.VfioDevice.open("0000:00:03.0") as dev, pmd.DmaMemory(PAGE, hugepages=False, lock=False) as mem:
+        dev.iommu_type = vfio.VFIO_NOIOMMU_IOMMU
+        with pytest.raises(VfioError, match="lock=True"):
+            dev.map_memory(mem)
+
+
 # ===========================================================================
 # Against a real vfio-pci device (PMD_VFIO_DEVICE; the QEMU guest of tests/vm)
 # ===========================================================================
@@ -736,9 +1010,9 @@ def _dma_buffer(size: int) -> tuple[mmap.mmap, int]:
 
 def _pick_iova(dev: vfio.VfioDevice, vaddr: int, size: int) -> int:
     """IOVA = vaddr when the IOMMU reaches it; QEMU 7.2's intel-iommu has 39 address bits,
-    below where mmap puts memory, so fall back to an IOVA at 4 GiB then."""
-    info = dev.iommu_info()
-    return vaddr if info.contains(vaddr, size) else 1 << 32
+    below where mmap puts memory: then the lowest free IOVA inside its ranges."""
+    taken = [(iova, n) for iova, (_v, n) in dev.dma_mappings.items()]
+    return access.choose_iova(size, dev.iova_ranges(), taken, align=dev.iova_alignment(), identity=vaddr)
 
 
 @pytest.fixture
@@ -769,17 +1043,63 @@ class TestRealDevice:
             assert device.irq_info(i).index == i
 
     def test_map_bar_with_common_config(self, device: vfio.VfioDevice) -> None:
+        """num_queues and the device features through the Cython MMIO accessors (Virtio 1.2 4.1.4.3)."""
         caps = _virtio_caps(device)
         assert 1 in caps, f"no virtio common config capability: {caps}"
         bar, offset, length = caps[1]
         assert not device.is_io_bar(bar)
         m = device.map_region(bar)
         assert m.length == device.region_info(bar).size and offset + length <= m.length
-        assert m.read(offset + 0x12, 2) > 0  # num_queues
-        m.write(offset + 0x00, 4, 1)  # device_feature_select = 1 (bits 32-63)
-        assert m.read(offset + 0x04, 4) & 1  # VIRTIO_F_VERSION_1 (bit 32)
+        common = m.mmio(offset, length)
+        assert isinstance(common, pmd.Mmio) and common.length == length >= 0x38
+        num_queues = common.read16(0x12)
+        assert num_queues == 3  # QEMU's virtio-net: rx, tx and the control queue
+        common.write32(0x00, 0)  # device_feature_select = 0: bits 0-31
+        low = common.read32(0x04)
+        common.write32(0x00, 1)  # bits 32-63
+        high = common.read32(0x04)
+        features = low | high << 32
+        assert features & 1 << 32  # VIRTIO_F_VERSION_1
+        assert features & 1 << 33  # VIRTIO_F_ACCESS_PLATFORM (iommu_platform=on)
+        assert features & 1 << 5 and features & 1 << 16  # VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
+        assert m.read(offset + 0x12, 2) == num_queues  # RegionMapping.read: the same accessors
+        field = common.window(0x12, 2)  # a window of the window
+        assert field.read16(0) == num_queues
         m.close()
-        assert m.closed
+        assert m.closed and common.closed and field.closed
+        with pytest.raises(QueueStateError, match="closed"):
+            common.read16(0x12)
+
+    def test_map_memory_with_pool_and_virtqueue(self, device: vfio.VfioDevice) -> None:
+        """pmd's own DMA memory, mapped with an IOVA the IOMMU accepts; the pool and the ring
+        built in it hand the device IOVAs inside the mapping."""
+        ranges = device.iova_ranges()
+        with pmd.DmaMemory(2 << 20, hugepages=False, lock=True, name="pmd-vfio-test") as mem:
+            iova = device.map_memory(mem)
+            (entry,) = device.mapped_memories
+            assert entry.runs == ((mem.address, iova, mem.size),)
+            assert device.dma_mappings == {iova: (mem.address, mem.size)}
+            if ranges is not None:
+                assert any(lo <= iova and iova + mem.size - 1 <= hi for lo, hi in ranges)
+                if max(hi for _lo, hi in ranges) < mem.address:  # QEMU's 39-bit IOMMU
+                    assert entry.how == "allocated" and 0 < iova < mem.address
+            pool = pmd.PacketPool(mem, 256)
+            vq = pmd.Virtqueue(mem, 256, 0)
+            for i in (0, 1, 255):
+                assert iova <= pool.iova_of(i) < iova + mem.size
+                assert pool.iova_of(i) - iova == pool.iova_of(i) - mem.iova(0)
+            for addr in (vq.desc_iova, vq.avail_iova, vq.used_iova):
+                assert iova <= addr < iova + mem.size
+            # a second memory gets its own range, clear of the first
+            with pmd.DmaMemory(64 << 10, hugepages=False, lock=True) as other:
+                other_iova = device.map_memory(other)
+                assert other_iova >= iova + mem.size or other_iova + other.size <= iova
+                device.unmap_memory(other)
+            vq.close()
+            pool.close()
+            device.unmap_memory(mem)
+            assert device.dma_mappings == {} and device.mapped_memories == ()
+            assert mem.iova(0) == mem.address
 
     def test_dma_map_and_unmap(self, device: vfio.VfioDevice) -> None:
         size = 16 * PAGE
@@ -852,15 +1172,21 @@ class TestRealDevice:
         dev = vfio.VfioDevice.open(VFIO_DEVICE)
         bar = next(r.index for r in dev.regions()[:6] if r.mmappable)
         mapping = dev.map_region(bar)
+        window = mapping.mmio(0, 4)
         buf, vaddr = _dma_buffer(4 * PAGE)
         dev.dma_map(vaddr, _pick_iova(dev, vaddr, 4 * PAGE), 4 * PAGE)
+        mem = pmd.DmaMemory(16 * PAGE, hugepages=False, lock=True)
+        iova = dev.map_memory(mem)
+        assert mem.iova(0) == iova and len(dev.dma_mappings) == 2
         fd = os.eventfd(0, os.EFD_CLOEXEC)
         dev.enable_interrupts([fd])
         dev.close()
         dev.close()
-        assert mapping.closed and dev.dma_mappings == {} and dev.enabled_irqs == {}
+        assert mapping.closed and window.closed and dev.dma_mappings == {} and dev.enabled_irqs == {}
+        assert dev.mapped_memories == () and mem.iova(0) == mem.address
         os.close(fd)
         buf.close()
+        mem.close()
         assert _fd_count() == before
         with vfio.VfioDevice.open(VFIO_DEVICE) as again:  # the group is free again
             assert again.config_read_int(0, 2) == 0x1AF4

@@ -7,7 +7,8 @@
 #   PMD_VM_SETUP_QUIET=1 sh tests/vm/setup.sh
 set -eu
 
-PACKAGES="qemu-system-x86 qemu-utils linux-image-amd64 busybox-static kmod cpio"
+# pciutils: lspci, whose -vv output tests/test_cli.py compares with what pmd parses, in the guest
+PACKAGES="qemu-system-x86 qemu-utils linux-image-amd64 busybox-static kmod cpio pciutils"
 
 say() { [ -n "${PMD_VM_SETUP_QUIET:-}" ] || echo "tests/vm/setup.sh: $*" >&2; }
 

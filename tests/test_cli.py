@@ -1,0 +1,362 @@
+"""The ``pmd`` command, run as ``python -m pmd`` in a subprocess.
+
+Three settings:
+
+- a fake sysfs tree (``SYSFS_PCI_DEVICES``, the tree of tests/test_pci.py): status,
+  info, and the only place ``bind``/``unbind`` ever run;
+- this machine's real sysfs, read only: ``status`` and ``info`` (never bind);
+- marked ``vfio``, inside the QEMU guest of tests/vm, against QEMU's virtio-net bound to
+  vfio-pci (``PMD_VFIO_DEVICE``): status, info with VFIO's view, and what pmd parsed
+  against what ``lspci -vv`` reports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pmd import pci
+from pmd.pci import parse_config
+
+from .test_pci import VIRTIO_NET, FakeSysfs
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data" / "pci-config"
+REAL_SYSFS = Path("/sys/bus/pci/devices")
+
+
+def pmd_cmd(*args: str, sysfs: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m pmd ARGS``; with ``sysfs`` the command sees only that tree."""
+    env = {k: v for k, v in os.environ.items() if k != "SYSFS_PCI_DEVICES"}
+    if sysfs is not None:
+        env["SYSFS_PCI_DEVICES"] = str(sysfs)
+    return subprocess.run([sys.executable, "-m", "pmd", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], command: str) -> str:
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pmd {command}: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+@pytest.fixture()
+def sysfs(tmp_path: Path) -> FakeSysfs:
+    return FakeSysfs(tmp_path / "sys")
+
+
+@pytest.fixture()
+def vfio_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "dev-vfio"
+    path.mkdir()
+    (path / "vfio").touch()
+    return path
+
+
+# ---------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------
+
+def test_status_on_a_fake_tree_lists_the_usable_device_first(sysfs: FakeSysfs, vfio_dir: Path) -> None:
+    sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1003})
+    sysfs.add("0000:00:07.0", driver="vfio-pci", group=12)
+    sysfs.add("0000:00:02.0", device=0x1042, class_code=0x018000, subsystem=(0x1AF4, 0x1042))
+    (vfio_dir / "12").touch()
+    r = pmd_cmd("status", "--vfio-dir", str(vfio_dir), sysfs=sysfs.root)
+    assert r.returncode == 0 and r.stderr == ""
+    usable, unusable = r.stdout.split("Devices pmd cannot use")
+    assert f"0000:00:07.0 'virtio-net (modern)' 1af4:1041 drv=vfio-pci group=12  ({vfio_dir}/12)" in usable
+    assert "0000:00:03.0 'virtio-net (modern)' 1af4:1041 drv=virtio-pci group=7 if=eth0*" in unusable
+    assert "`pmd bind 0000:00:03.0` moves it to vfio-pci" in unusable
+    assert "virtio-block (modern): pmd drives only virtio-net" in unusable
+    assert "No device is usable" not in r.stdout
+
+
+def test_status_on_a_fake_tree_says_why_nothing_is_usable(sysfs: FakeSysfs, tmp_path: Path) -> None:
+    sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1003}, group=None)
+    sysfs.add("0000:00:02.0", device=0x1042, class_code=0x018000, subsystem=(0x1AF4, 0x1042), group=None)
+    r = pmd_cmd("status", "--vfio-dir", str(tmp_path / "no-vfio"), sysfs=sysfs.root)
+    assert r.returncode == 0
+    why = r.stdout.split("No device is usable by pmd now: ")[1]
+    assert "this kernel offers no VFIO" in why
+    assert "no device is in an IOMMU group" in why
+    assert "0000:00:03.0 is bound to virtio-pci and carries eth0, which is up" in why
+
+
+def test_status_without_any_virtio_net_device(sysfs: FakeSysfs, vfio_dir: Path) -> None:
+    sysfs.add("0000:00:02.0", device=0x1042, class_code=0x018000, subsystem=(0x1AF4, 0x1042))
+    r = pmd_cmd("status", "--vfio-dir", str(vfio_dir), sysfs=sysfs.root)
+    assert r.returncode == 0 and "there is no virtio-net device on this machine" in r.stdout
+
+
+def test_status_of_this_machine_read_only() -> None:
+    if not REAL_SYSFS.is_dir():
+        pytest.skip(f"{REAL_SYSFS} does not exist here")
+    if os.environ.get("PMD_IN_GUEST"):
+        pytest.skip("in the QEMU guest a device is usable: see TestInGuest")
+    before = {p.name: p.stat().st_mtime for p in REAL_SYSFS.iterdir()}
+    r = pmd_cmd("status")
+    assert r.returncode == 0, r.stderr
+    assert "Devices pmd can use now\n=======================\n<none>" in r.stdout
+    why = r.stdout.split("No device is usable by pmd now: ")[1].split("\n")[0]
+    assert why.endswith(".") and len(why) > 20
+    rows = pci.status_rows()
+    assert not any(row.usable for row in rows)
+    for row in rows:  # every device with its reason
+        assert f"{row.address} '{row.name}'" in r.stdout and f"({row.reason})" in r.stdout
+    if not Path("/dev/vfio/vfio").exists():
+        assert "this kernel offers no VFIO (/dev/vfio/vfio does not exist" in why
+    assert {p.name: p.stat().st_mtime for p in REAL_SYSFS.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------
+
+def test_info_of_a_config_file_is_format_info() -> None:
+    path = DATA / "0000_00_03_0_1af4_1041.bin"
+    r = pmd_cmd("info", "--config", str(path))
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout == pci.format_info(path.read_bytes(), title=str(path))
+    assert "0x98 [0x11] MSI-X            -> end   3 vectors, enabled" in r.stdout
+    assert "notify  BAR0 + 0x6000 len 0x1000 (capability at 0x70), notify_off_multiplier 4" in r.stdout
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("*.bin")))
+def test_info_of_every_fixture(name: str) -> None:
+    r = pmd_cmd("info", "--config", str(DATA / name))
+    assert r.returncode == 0, r.stderr
+    vendor, device = name[:-4].split("_")[-2:]
+    assert r.stdout.startswith(f"{DATA / name}: {vendor}:{device}")
+
+
+def test_info_on_a_fake_tree_shows_the_device_and_why_no_vfio(sysfs: FakeSysfs) -> None:
+    sysfs.add("0000:00:03.0", numa="0")
+    r = pmd_cmd("info", "00:03.0", sysfs=sysfs.root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("0000:00:03.0: 1af4:1041 virtio-net (modern)")
+    assert "BAR0 0x10  memory, 64-bit, non-prefetchable at 0x4000100000, 0x80000 bytes" in r.stdout
+    assert "Sysfs: driver virtio-pci, IOMMU group 7, NUMA node 0" in r.stdout
+    assert "VFIO: not shown, the device is not bound to vfio-pci (pmd bind 0000:00:03.0)" in r.stdout
+
+
+def test_info_of_a_vfio_device_that_cannot_be_opened(sysfs: FakeSysfs, tmp_path: Path) -> None:
+    sysfs.add("0000:00:03.0", driver="vfio-pci", group=12)
+    r = pmd_cmd("info", "0000:00:03.0", "--vfio-dir", str(tmp_path / "none"), sysfs=sysfs.root)
+    assert "Sysfs: driver vfio-pci, IOMMU group 12" in r.stdout  # what could be read is shown
+    line = one_line_error(r, "info")
+    assert "does not exist: VFIO is not available in this kernel" in line
+
+
+def test_info_of_this_machine_read_only() -> None:
+    addr = "0000:00:03.0"
+    config = REAL_SYSFS / addr / "config"
+    if not config.exists():
+        pytest.skip(f"{config} does not exist on this machine")
+    if os.environ.get("PMD_IN_GUEST"):
+        pytest.skip("in the QEMU guest this device is bound to vfio-pci: see TestInGuest")
+    r = pmd_cmd("info", addr)
+    assert r.returncode == 0, r.stderr
+    cs = parse_config(config.read_bytes())  # what the file gives this user (64 bytes unless root)
+    assert r.stdout.startswith(f"{addr}: {cs.vendor_id:04x}:{cs.device_id:04x}")
+    if cs.capabilities_read:
+        assert cs.capabilities, "the device has a capability list"
+        for cap in cs.capabilities:
+            assert re.search(rf"^  {cap.pos:#04x} \[{cap.cap_id:#04x}\] ", r.stdout, re.M), cap
+    else:
+        assert "Capabilities: not read" in r.stdout
+    driver = pci.read_device(addr).driver
+    if driver != "vfio-pci":
+        assert "VFIO: not shown, the device is not bound to vfio-pci" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (("info", "zz:zz"), "bad PCI address 'zz:zz'"),
+        (("info", "0000:00:03"), "bad PCI address"),
+        (("info", "0000:00:1f.7"), "no PCI device 0000:00:1f.7"),
+        (("info", "--config", "/nonexistent/config.bin"), "/nonexistent/config.bin: No such file or directory"),
+        (("info",), "give a DEVICE"),
+        (("bind", "00:03"), "bad PCI address"),
+        (("unbind", "0000:00:1f.7"), "no PCI device"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_1(sysfs: FakeSysfs, args: tuple[str, ...], expect: str) -> None:
+    sysfs.add("0000:00:03.0")
+    line = one_line_error(pmd_cmd(*args, sysfs=sysfs.root), args[0])
+    assert expect in line
+
+
+def test_truncated_config_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "short.bin"
+    path.write_bytes(VIRTIO_NET.read_bytes()[:100])
+    line = one_line_error(pmd_cmd("info", "--config", str(path)), "info")
+    assert "config space is 100 bytes" in line
+
+
+def test_directory_instead_of_config_file_is_one_line(tmp_path: Path) -> None:
+    line = one_line_error(pmd_cmd("info", "--config", str(tmp_path)), "info")
+    assert "Is a directory" in line
+
+
+# ---------------------------------------------------------------------------
+# bind / unbind: only ever against the fake tree
+# ---------------------------------------------------------------------------
+
+@pytest.fixture()
+def fake_only(sysfs: FakeSysfs, tmp_path: Path) -> Iterator[FakeSysfs]:
+    """The tree bind/unbind may write to: under tmp_path, never /sys."""
+    assert str(sysfs.root.resolve()).startswith(str(tmp_path.resolve()))
+    assert not str(sysfs.root.resolve()).startswith("/sys")
+    yield sysfs
+
+
+def test_bind_through_driver_override(fake_only: FakeSysfs) -> None:
+    real = fake_only.add("0000:00:03.0", interfaces={"eth0": 0x1002})  # down
+    r = pmd_cmd("bind", "00:03.0", sysfs=fake_only.root)
+    assert r.returncode == 0 and r.stdout == "00:03.0: bound to vfio-pci (was virtio-pci)\n"
+    assert (real / "driver_override").read_text() == "vfio-pci"
+    assert (fake_only.top / "bus/pci/drivers/virtio-pci/unbind").read_text() == "0000:00:03.0"
+    assert (fake_only.top / "bus/pci/drivers_probe").read_text() == "0000:00:03.0"
+
+
+def test_bind_refuses_an_interface_that_is_up_unless_forced(fake_only: FakeSysfs) -> None:
+    real = fake_only.add("0000:00:03.0", interfaces={"eth0": 0x1003})
+    line = one_line_error(pmd_cmd("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
+    assert "eth0, which is up" in line
+    assert (real / "driver_override").read_text() == "(null)\n"
+    r = pmd_cmd("bind", "0000:00:03.0", "--force", sysfs=fake_only.root)
+    assert r.returncode == 0 and (real / "driver_override").read_text() == "vfio-pci"
+
+
+def test_unbind_gives_the_device_back(fake_only: FakeSysfs) -> None:
+    real = fake_only.add("0000:00:03.0", driver="vfio-pci", override="vfio-pci")
+    r = pmd_cmd("unbind", "0000:00:03.0", sysfs=fake_only.root)
+    assert r.returncode == 0
+    assert r.stdout.startswith("0000:00:03.0: unbound from vfio-pci")
+    assert (fake_only.top / "bus/pci/drivers/vfio-pci/unbind").read_text() == "0000:00:03.0"
+    assert (real / "driver_override").read_text() == "\n"
+
+
+def test_bind_with_a_missing_sysfs_file_is_one_line(fake_only: FakeSysfs) -> None:
+    fake_only.add("0000:00:03.0", driver=None)
+    (fake_only.top / "bus/pci/drivers_probe").unlink()
+    line = one_line_error(pmd_cmd("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
+    assert "drivers_probe" in line
+    assert not (fake_only.top / "bus/pci/drivers_probe").exists()
+
+
+# ===========================================================================
+# In the QEMU guest (tests/vm), against QEMU's virtio-net bound to vfio-pci
+# ===========================================================================
+
+VFIO_DEVICE = os.environ.get("PMD_VFIO_DEVICE", "")
+LSPCI_NAMES = {  # lspci -vv's capability names -> PCI capability id
+    "Power Management": 0x01,
+    "MSI": 0x05,
+    "Vendor Specific Information": 0x09,
+    "Express": 0x10,
+    "MSI-X": 0x11,
+}
+
+
+def lspci(address: str) -> str:
+    exe = shutil.which("lspci")
+    assert exe is not None, "lspci is missing: tests/vm/setup.sh installs pciutils"
+    r = subprocess.run([exe, "-vv", "-s", address], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    return r.stdout
+
+
+def parse_lspci(text: str) -> dict[str, object]:
+    """Capabilities (offset -> name), BAR addresses, MSI-X count and virtio structures from ``lspci -vv``."""
+    caps: dict[int, str] = {}
+    for pos, name in re.findall(r"^\s+Capabilities: \[([0-9a-f]+)\] ([^:\n]+)", text, re.M):
+        caps[int(pos, 16)] = name.strip()
+    bars = {int(i): int(a, 16) for i, a in
+            re.findall(r"^\s+Region (\d): (?:Memory|I/O ports) at ([0-9a-f]+)", text, re.M)}
+    msix = re.search(r"MSI-X: Enable[+-] Count=(\d+)", text)
+    virtio = {(int(b), int(o, 16), int(n, 16)) for b, o, n in
+              re.findall(r"BAR=(\d+) offset=([0-9a-f]+) size=([0-9a-f]+)", text)}
+    return {"caps": caps, "bars": bars, "msix": int(msix.group(1)) if msix else None, "virtio": virtio}
+
+
+@pytest.mark.vfio
+@pytest.mark.skipif(not VFIO_DEVICE, reason="PMD_VFIO_DEVICE is not set: no vfio-pci device here "
+                    "(run: python tests/vm/harness.py -- python -m pytest tests/test_cli.py -m vfio -q)")
+class TestInGuest:
+    def test_status_lists_the_device_as_usable(self) -> None:
+        r = pmd_cmd("status", timeout=300)
+        assert r.returncode == 0, r.stderr
+        usable = r.stdout.split("Devices pmd cannot use")[0]
+        group = pci.read_device(VFIO_DEVICE).iommu_group
+        assert re.search(rf"^{VFIO_DEVICE} 'virtio-net \(modern\)' 1af4:1041 drv=vfio-pci "
+                         rf"group={group}  \(/dev/vfio/{group}\)$", usable, re.M), r.stdout
+        assert "No device is usable" not in r.stdout
+        legacy = os.environ.get("PMD_VFIO_LEGACY_DEVICE")
+        if legacy:
+            assert f"{legacy} 'virtio-net (transitional)' 1af4:1000 drv=vfio-pci" in usable
+
+    def test_info_shows_vfio_regions_and_irq_indexes(self) -> None:
+        r = pmd_cmd("info", VFIO_DEVICE, timeout=300)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout
+        group = pci.read_device(VFIO_DEVICE).iommu_group
+        assert f"VFIO (group {group}, /dev/vfio/{group}, type1v2 IOMMU, IOVA mode va)" in out
+        assert re.search(r"^  IOMMU page sizes 0x[0-9a-f]+ \(4K.*\); IOVA ranges \[0x0, ", out, re.M)
+        assert "  device flags 0x2 (PCI, no reset), 9 regions, 5 IRQ indexes" in out
+        assert re.search(r"^  region 1 BAR1   size 0x1000 offset 0x10000000000 \[READ\|WRITE\|MMAP", out, re.M)
+        assert re.search(r"^  region 4 BAR4   size 0x4000 offset 0x40000000000 \[READ\|WRITE\|MMAP\]", out, re.M)
+        assert re.search(r"^  region 7 config size 0x100 offset 0x70000000000 \[READ\|WRITE\]$", out, re.M)
+        assert "  region 0 BAR0   not implemented" in out
+        assert re.search(r"^  irq 2 MSI-X  count 4 \[EVENTFD\|NORESIZE\]$", out, re.M)
+        assert re.search(r"^  irq 0 INTx   count 1 \[EVENTFD\|MASKABLE\|AUTOMASKED\]$", out, re.M)
+        for index in range(5):
+            assert re.search(rf"^  irq {index} ", out, re.M)
+        assert "notify  BAR4 + 0x3000 len 0x1000" in out
+
+    def test_what_pmd_parsed_matches_lspci(self) -> None:
+        seen = parse_lspci(lspci(VFIO_DEVICE))
+        dev = pci.read_device(VFIO_DEVICE)
+        cs = parse_config(dev.read_config())
+        assert cs.capabilities_read, "root in the guest reads the whole config space"
+        # the same capabilities at the same offsets
+        caps = seen["caps"]
+        assert isinstance(caps, dict)
+        assert sorted(caps) == [c.pos for c in sorted(cs.capabilities, key=lambda c: c.pos)] + \
+            [e.pos for e in cs.extended_capabilities]
+        for cap in cs.capabilities:
+            if caps[cap.pos] in LSPCI_NAMES:
+                assert LSPCI_NAMES[caps[cap.pos]] == cap.cap_id, (cap, caps[cap.pos])
+        # the same BAR addresses
+        ours = {i: b.address for i in range(cs.bar_count) if (b := cs.bar(i)) is not None and b.raw}
+        assert seen["bars"] == ours
+        # the same MSI-X vector count, and the same virtio structures
+        assert cs.msix is not None and seen["msix"] == cs.msix.table_size == 4
+        assert seen["virtio"] == {(c.bar, c.offset, c.length) for c in cs.virtio_caps
+                                  }  # PCI-config access too: lspci prints its (zero) BAR, offset and size
+
+    def test_vfio_config_region_agrees_with_lspci(self) -> None:
+        """What pmd reads through VFIO's config region (virtualized by vfio-pci) names the same
+        capabilities and BARs."""
+        from pmd.vfio import VfioDevice
+
+        seen = parse_lspci(lspci(VFIO_DEVICE))
+        with VfioDevice.open(VFIO_DEVICE) as dev:
+            size = dev.region_info(7).size
+            cs = parse_config(dev.config_read(0, 256 if size < 4096 else 4096))
+        caps = seen["caps"]
+        assert isinstance(caps, dict)
+        assert [c.pos for c in cs.capabilities] and all(c.pos in caps for c in cs.capabilities)
+        assert seen["bars"] == {i: b.address for i in range(cs.bar_count)
+                                if (b := cs.bar(i)) is not None and b.raw}
