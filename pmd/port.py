@@ -82,6 +82,8 @@ class Port:
         self._closed = False
         self._link_callbacks: list[LinkCallback] = []
         self._resources: list[Callable[[], object]] = []   # undo actions of start(), run in reverse
+        self._on_close: list[Callable[[], object]] = []    # after the device access is closed
+        self.sim: Any = None                                # the built-in device's process, if any
         self.features = 0
         self.device_features = 0
         self.hdr_len = 12
@@ -338,8 +340,12 @@ class Port:
             try:
                 self.transport.close()
             finally:
-                if self._owns_access:
-                    self.access.close()
+                try:
+                    if self._owns_access:
+                        self.access.close()
+                finally:
+                    for fn in self._on_close:
+                        fn()
             _open_ports.discard(self)
 
     def __enter__(self) -> "Port":
@@ -522,15 +528,42 @@ class Port:
         return f"<Port {self.name} {self.transport.kind if hasattr(self, 'transport') else ''} {state}>"
 
 
-def open_port(address: str, *, legacy: bool | None = None, disable: int | str = 0,
+def open_port(address: str = "sim", *, legacy: bool | None = None, disable: int | str = 0,
               mac: str | bytes | None = None, **kwargs: Any) -> Port:
-    """Open a virtio-net device.
+    """Open a virtio-net device; the port is returned stopped (call :meth:`Port.start`).
 
-    ``address`` is a PCI address of a device bound to vfio-pci
-    ("0000:00:03.0" or "00:03.0"). The port is returned stopped: call
-    :meth:`Port.start`. Keyword arguments other than those named go to the
-    device-access layer (e.g. ``sysfs_root`` for kernel VFIO).
+    ``address`` is one of:
+
+    - ``"sim"``: pmd's built-in virtio-net device, started in a process of its
+      own and reached over vfio-user; keyword arguments are its options
+      (``wire="loopback"``, ``queue_pairs=``, ``features_off=``, ... see
+      docs/sim.md). It stops when the port closes.
+    - ``"vfio-user:PATH"``: a vfio-user device already serving on the socket PATH
+      (for example ``pmd sim --socket PATH``).
+    - a PCI address of a device bound to vfio-pci (``"0000:00:03.0"``, ``"00:03.0"``):
+      kernel VFIO; keyword arguments go to :meth:`pmd.vfio.VfioDevice.open`.
     """
+    if address == "sim" or address.startswith("sim:"):
+        from .sim.process import spawn_device
+        from .vfio_user.client import VfioUserDevice
+
+        if mac is not None:
+            kwargs.setdefault("mac", mac if isinstance(mac, str) else format_mac(mac))
+        sim = spawn_device(**kwargs)
+        try:
+            access: DeviceAccess = VfioUserDevice.connect(sim.socket_path)
+            port = Port(access, legacy=legacy, disable=disable, name="sim")
+        except BaseException:
+            sim.stop()
+            raise
+        port.sim = sim
+        port._on_close.append(sim.stop)
+        return port
+    if address.startswith("vfio-user:"):
+        from .vfio_user.client import VfioUserDevice
+
+        access = VfioUserDevice.connect(address[len("vfio-user:"):], **kwargs)
+        return Port(access, legacy=legacy, disable=disable, mac=mac, name=address)
     from .vfio import VfioDevice
 
     access = VfioDevice.open(address, **kwargs)

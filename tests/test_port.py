@@ -234,7 +234,11 @@ class PortTests:
     @pytest.fixture
     def port(self):
         p = self.open()
-        p.start(**self.start_kw)
+        try:
+            p.start(**self.start_kw)
+        except BaseException:
+            p.close()          # a failed start leaves the device reset; release it too
+            raise
         yield p
         p.close()
 

@@ -9,6 +9,8 @@ MSI-X vector (read back to catch a refusal), then enable it.
 
 from __future__ import annotations
 
+from typing import Union
+
 from .._mmio import Mmio
 from .._virtqueue import Virtqueue
 from ..access import DeviceAccess, RegionMapping
@@ -34,6 +36,44 @@ QUEUE_DESC = 0x20              # le64 rw
 QUEUE_DRIVER = 0x28            # le64 rw
 QUEUE_DEVICE = 0x30            # le64 rw
 COMMON_CFG_LEN = 0x38
+
+
+class RegionRegisters:
+    """Registers reached by region read/write requests instead of a mapping.
+
+    For a structure the device does not let us map (a vfio-user device keeps
+    its common configuration message-only: writing queue_select changes what
+    queue_size shows, so every access must reach the device). Same methods as
+    :class:`pmd.Mmio`, one request per access at the field's width.
+    """
+
+    def __init__(self, access: DeviceAccess, region: int, offset: int, length: int) -> None:
+        self.access = access
+        self.region = region
+        self.base = offset
+        self.length = length
+
+    def _at(self, offset: int, width: int) -> int:
+        if offset < 0 or offset + width > self.length or offset % width:
+            raise ValueError(f"{width}-byte register at {offset:#x} is outside the {self.length:#x}-byte "
+                             "structure or misaligned")
+        return self.base + offset
+
+    def _read(self, offset: int, width: int) -> int:
+        return int.from_bytes(self.access.region_read(self.region, self._at(offset, width), width), "little")
+
+    def _write(self, offset: int, width: int, value: int) -> None:
+        self.access.region_write(self.region, self._at(offset, width), value.to_bytes(width, "little"))
+
+    def read8(self, offset: int) -> int: return self._read(offset, 1)
+    def read16(self, offset: int) -> int: return self._read(offset, 2)
+    def read32(self, offset: int) -> int: return self._read(offset, 4)
+    def write8(self, offset: int, value: int) -> None: self._write(offset, 1, value)
+    def write16(self, offset: int, value: int) -> None: self._write(offset, 2, value)
+    def write32(self, offset: int, value: int) -> None: self._write(offset, 4, value)
+
+
+Registers = Union[Mmio, RegionRegisters]
 
 
 class ModernTransport(Transport):
@@ -66,17 +106,22 @@ class ModernTransport(Transport):
         self.notify_multiplier: int = notify.notify_off_multiplier or 0
         self._device_length = device.length
 
-    def _window(self, bar: int, offset: int, length: int) -> Mmio:
-        if bar not in self._maps:
-            if self.access.is_io_bar(bar):
-                raise DeviceError(f"virtio structure in BAR{bar}, an I/O BAR: modern structures must be "
-                                  "in memory BARs (4.1.4.1)")
-            self._maps[bar] = self.access.map_region(bar)
-        mapping = self._maps[bar]
-        if offset + length > mapping.length:
+    def _window(self, bar: int, offset: int, length: int) -> Registers:
+        """The structure at ``BAR bar + offset``: a mapped window when the device lets
+        us map that part of the BAR (kernel VFIO: all of it), else registers
+        reached by region requests (a message-only area of a vfio-user device)."""
+        if self.access.is_io_bar(bar):
+            raise DeviceError(f"virtio structure in BAR{bar}, an I/O BAR: modern structures must be "
+                              "in memory BARs (4.1.4.1)")
+        info = self.access.region_info(bar)
+        if offset + length > info.size:
             raise DeviceError(f"virtio structure at BAR{bar}+{offset:#x} ({length:#x} bytes) runs past "
-                              f"the {mapping.length:#x}-byte BAR")
-        return mapping.mmio(offset, length)
+                              f"the {info.size:#x}-byte BAR")
+        if not any(a.offset <= offset and offset + length <= a.end for a in info.mmap_areas()):
+            return RegionRegisters(self.access, bar, offset, length)
+        if bar not in self._maps:
+            self._maps[bar] = self.access.map_region(bar)
+        return self._maps[bar].mmio(offset, length)
 
     # ---- status and features ----
     def get_status(self) -> int:
@@ -125,7 +170,12 @@ class ModernTransport(Transport):
         if notify_off + 2 > self.notify.length:
             raise DeviceError(f"queue {index}: notify offset {notify_off:#x} is outside the "
                               f"{self.notify.length:#x}-byte notify structure")
-        vq.set_notify_mmio(self.notify, notify_off, index)
+        if isinstance(self.notify, Mmio):
+            vq.set_notify_mmio(self.notify, notify_off, index)
+        else:
+            # A message-only notify area cannot be written from the data path:
+            # the device polls its rings instead (the built-in device does).
+            vq.set_notify_none()
         if vector != NO_VECTOR:
             c.write16(QUEUE_MSIX_VECTOR, vector)
             if c.read16(QUEUE_MSIX_VECTOR) != vector:
