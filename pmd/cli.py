@@ -224,6 +224,37 @@ def _cmd_loopback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fwd(args: argparse.Namespace) -> int:
+    from . import fwd
+    from .port import open_port
+
+    device = args.device or "sim"
+    kw: dict[str, object] = {}
+    if device == "sim" or device.startswith("sim:"):
+        kw["wire"] = args.wire
+        kw["queue_pairs"] = args.queues
+        if args.wire == "generator":
+            kw["rate"] = args.rate
+            kw["size"] = args.size
+    elif args.wire != "generator":
+        raise SystemExit("pmd fwd: --wire applies to the built-in device only (no DEVICE, or 'sim')")
+    with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0, **kw) as port:
+        port.start(queue_pairs=args.queues, queue_size=args.queue_size)
+        print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
+              f"{args.queues} queue pair(s), burst {args.burst}"
+              + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
+        fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
+                duration=args.duration or None, pcap=args.pcap,
+                report=lambda line: print(line, flush=True))
+    return 0
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from .sim.__main__ import main as sim_main
+
+    return int(sim_main(args.sim_args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pmd", description="A user-space virtio-net poll-mode driver.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -257,6 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--queue-size", type=int, default=256, help="ring entries")
     lb.add_argument("--mode", choices=("zerocopy", "copy"), default="zerocopy")
     lb.set_defaults(func=_cmd_loopback)
+
+    fw = sub.add_parser("fwd", help="forward packets (rxonly, txonly, io, macswap) with live statistics")
+    fw.add_argument("device", nargs="?", help="PCI address, 'sim' or 'vfio-user:PATH' (default: the "
+                                              "built-in device)")
+    fw.add_argument("--mode", choices=("rxonly", "txonly", "io", "macswap"), default="io")
+    fw.add_argument("--queues", type=int, default=1, help="queue pairs, one thread each")
+    fw.add_argument("--burst", type=int, default=32, help="packets per burst")
+    fw.add_argument("--size", type=int, default=64, help="packet size for txonly and the generator")
+    fw.add_argument("--queue-size", type=int, default=256, help="ring entries (0: the device's maximum)")
+    fw.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
+    fw.add_argument("--pcap", metavar="FILE", help="write received packets to a pcap file")
+    fw.add_argument("--legacy", action="store_true", help="drive a transitional device's legacy interface")
+    fw.add_argument("--disable", metavar="FEATURES", help="feature names not to negotiate, e.g. MRG_RXBUF")
+    fw.add_argument("--wire", default="generator",
+                    choices=("generator", "loopback", "pcap", "pair", "tap"),
+                    help="what is behind the built-in device (default: a traffic generator)")
+    fw.add_argument("--rate", type=float, default=0.0, help="generator packets per second (0: max)")
+    fw.set_defaults(func=_cmd_fwd)
+
+    sim = sub.add_parser("sim", help="run the built-in virtio-net device for another process "
+                                     "(options: pmd sim --help)", add_help=False)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    sim.set_defaults(func=_cmd_sim)
     return p
 
 

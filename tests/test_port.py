@@ -419,6 +419,29 @@ class TestPortModernVfio(PortTests):
     def open(self, **kw):
         return pmd.open_port(os.environ["PMD_VFIO_DEVICE"], **kw)
 
+    def test_pmd_fwd_command_echoes_traffic_and_prints_a_summary(self, host, tmp_path):
+        import re
+        import subprocess
+
+        proc = subprocess.Popen([sys.executable, "-m", "pmd", "fwd", os.environ["PMD_VFIO_DEVICE"],
+                                 "--mode", "io", "--duration", "20", "--pcap", str(tmp_path / "rx.pcap")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            line = proc.stdout.readline()                 # printed once the port is started
+            assert line.startswith("pmd fwd:"), line
+            host.host_traffic(1000, seed=11, dst=parse_mac(self.expect_mac), net=self.net)
+            r = host.host_traffic_check("io", wait=60, net=self.net)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, out
+        assert r["received"] == 1000 and r["n_mismatched"] == 0, r
+        summary = [l for l in out.splitlines() if l.startswith("summary:")][-1]
+        assert re.search(r"rx=1000 tx=1000 mpps=[0-9.]+", summary), summary
+        from pmd.pcap import read_pcap
+        assert len(list(read_pcap(tmp_path / "rx.pcap"))) == 1000
+
     def test_jumbo_frames_over_mergeable_buffers(self, port, host):
         assert port.features & bits("MRG_RXBUF") and port.mtu == 9000
         stop = threading.Event()
