@@ -16,7 +16,7 @@ from posix.unistd cimport write
 
 from pmd._memory cimport DmaMemory
 from pmd.includes.barrier cimport pmd_virtio_mb, pmd_virtio_rmb, pmd_virtio_wmb
-from pmd.includes.compiler cimport pmd_unlikely
+from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.vring cimport (
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY, vring_avail_bytes, vring_avail_event, vring_desc, vring_desc_bytes,
@@ -409,135 +409,6 @@ cdef class DeviceQueue:
                 "dropped": self.n_dropped, "last_error": self.last_error, "broken": self.broken}
 
 
-cdef inline uint32_t _copy_chain(DeviceQueue src, uint32_t src_skip, DeviceQueue dst,
-                                 uint32_t dst_skip, uint32_t n) noexcept nogil:
-    """Copy n bytes from src's readable segments to dst's writable ones, segment by segment."""
-    cdef uint16_t k
-    cdef uint32_t done = 0, take, w
-    cdef Seg *s
-    for k in range(src.nsegs):
-        s = &src.segs[k]
-        if s.write:
-            break
-        if src_skip >= s.len:
-            src_skip -= s.len
-            continue
-        take = s.len - src_skip
-        if take > n - done:
-            take = n - done
-        w = dst.write_in(dst_skip + done, s.ptr + src_skip, take)
-        done += w
-        src_skip = 0
-        if w < take or done == n:
-            break
-    return done
-
-
-cdef int loopback_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len,
-                        bint mergeable) noexcept nogil:
-    """Move up to ``budget`` packets from the driver's tx queue to its rx queue.
-
-    Each tx chain is header + packet; the rx chain gets a fresh header
-    (num_buffers = 1) and the packet. No rx buffer: the tx chain is put back
-    (back-pressure, nothing lost). A packet larger than the rx chain is
-    spread over several rx chains when ``mergeable`` (MRG_RXBUF, 5.1.6.4.2:
-    num_buffers in the first header), else dropped and counted; the rx chain
-    is put back for the next packet.
-    """
-    cdef int moved = 0, r
-    cdef uint32_t pkt
-    cdef virtio_net_hdr hdr
-    memset(&hdr, 0, sizeof(hdr))
-    hdr.num_buffers = 1
-    while moved < budget:
-        r = tx.pop()
-        if r == 0:
-            break
-        if r < 0:
-            continue
-        if pmd_unlikely(tx.out_len < hdr_len):
-            tx._bad(BAD_SHORT)
-            tx.push(tx.head, 0)
-            continue
-        pkt = tx.out_len - hdr_len
-        r = rx.pop()
-        while r < 0:
-            r = rx.pop()
-        if r == 0:
-            tx.unpop()
-            break
-        if pmd_unlikely(rx.in_len < hdr_len + pkt):
-            if mergeable and rx.in_len > hdr_len:
-                r = _loopback_merge(tx, rx, hdr_len, pkt)
-                if r < 0:
-                    tx.unpop()
-                    break       # not enough rx buffers yet: wait
-                if r > 0:
-                    moved += 1
-                    continue
-            rx.unpop()
-            tx.n_dropped += 1
-            tx.push(tx.head, 0)
-            continue
-        if tx.nsegs == 1 and rx.nsegs == 1:
-            # The common case: one buffer each way; header then data, no segment walk.
-            memcpy(rx.segs[0].ptr, &hdr, hdr_len)
-            memcpy(rx.segs[0].ptr + hdr_len, tx.segs[0].ptr + hdr_len, pkt)
-        else:
-            rx.write_in(0, <const char *>&hdr, hdr_len)
-            _copy_chain(tx, hdr_len, rx, hdr_len, pkt)
-        rx.push(rx.head, hdr_len + pkt)
-        tx.push(tx.head, 0)
-        moved += 1
-    tx.flush()
-    rx.flush()
-    return moved
-
-
-cdef int _loopback_merge(DeviceQueue tx, DeviceQueue rx, uint32_t hdr_len, uint32_t pkt) noexcept nogil:
-    """One packet over several rx chains (the first already popped). 1 done,
-    -1 too few rx chains available (the first is put back), 0 not possible."""
-    cdef uint32_t room = rx.in_len            # every chain of our driver has the same room
-    cdef uint32_t need = (hdr_len + pkt + room - 1) // room
-    cdef uint32_t done = 0, take, k
-    cdef virtio_net_hdr hdr
-    if need > rx.size:
-        return 0
-    if rx.pending() + 1 < need:
-        rx.unpop()
-        return -1
-    memset(&hdr, 0, sizeof(hdr))
-    hdr.num_buffers = <uint16_t>need
-    for k in range(need):
-        if k:
-            if rx.pop() != 1 or rx.in_len == 0:
-                rx.broken = True          # the driver changed the ring under us
-                return 1
-            take = pkt - done if pkt - done <= rx.in_len else rx.in_len
-            _copy_chain(tx, hdr_len + done, rx, 0, take)
-            rx.push(rx.head, take)
-        else:
-            rx.write_in(0, <const char *>&hdr, hdr_len)
-            take = rx.in_len - hdr_len
-            _copy_chain(tx, hdr_len, rx, hdr_len, take)
-            rx.push(rx.head, hdr_len + take)
-        done += take
-    tx.push(tx.head, 0)
-    return 1
-
-
-def loopback(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, uint32_t hdr_len=12,
-             bint mergeable=False):
-    """Device-side loopback (GIL released): driver tx -> driver rx. Returns packets moved.
-    ``mergeable``: spread packets larger than one rx buffer over several (MRG_RXBUF)."""
-    if hdr_len > sizeof(virtio_net_hdr):
-        raise ValueError(f"hdr_len must be at most {sizeof(virtio_net_hdr)}")
-    cdef int n
-    with nogil:
-        n = loopback_burst(tx, rx, budget, hdr_len, mergeable)
-    return n
-
-
 # ---- a device's wire side: packets between the rings and flat buffers ----
 
 cdef int _rx_deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr_len,
@@ -553,19 +424,22 @@ cdef int _rx_deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr
     memset(&hdr, 0, sizeof(hdr))
     hdr.num_buffers = 1
     if rx.in_len >= hdr_len + pkt:
-        rx.write_in(0, <const char *>&hdr, hdr_len)
-        rx.write_in(hdr_len, src, pkt)
+        if pmd_likely(rx.nsegs == 1):
+            # The common case: one buffer; header then data, no segment walk.
+            memcpy(rx.segs[0].ptr, &hdr, hdr_len)
+            memcpy(rx.segs[0].ptr + hdr_len, src, pkt)
+        else:
+            rx.write_in(0, <const char *>&hdr, hdr_len)
+            rx.write_in(hdr_len, src, pkt)
         rx.push(rx.head, hdr_len + pkt)
         return 1
     if not mergeable or rx.in_len <= hdr_len:
         rx.unpop()
-        rx.n_dropped += 1
         return 0
     cdef uint32_t room = rx.in_len
     cdef uint32_t need = (hdr_len + pkt + room - 1) // room
     if need > rx.size:
         rx.unpop()
-        rx.n_dropped += 1
         return 0
     if rx.pending() + 1 < need:
         rx.unpop()
@@ -584,6 +458,75 @@ cdef int _rx_deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr
         rx.push(rx.head, take)
         done += take
     return 1
+
+
+cdef int loopback_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len,
+                        bint mergeable, char *scratch, uint32_t scratch_len) noexcept nogil:
+    """Move up to ``budget`` packets from the driver's tx queue to its rx queue.
+
+    Each tx chain is header + packet; the packet goes to the rx ring with a
+    fresh header (_rx_deliver: over several buffers when ``mergeable``). No rx
+    buffer: the tx chain is put back (back-pressure, nothing lost). A packet
+    the rx buffers cannot hold is dropped and counted. A packet spread over
+    several tx descriptors is gathered into ``scratch`` first.
+    """
+    cdef int moved = 0, r
+    cdef uint32_t pkt
+    cdef const char *src
+    while moved < budget:
+        r = tx.pop()
+        if r == 0:
+            break
+        if r < 0:
+            continue
+        if pmd_unlikely(tx.out_len < hdr_len):
+            tx._bad(BAD_SHORT)
+            tx.push(tx.head, 0)
+            continue
+        pkt = tx.out_len - hdr_len
+        if pmd_likely(tx.nsegs == 1):
+            src = tx.segs[0].ptr + hdr_len
+        elif pkt <= scratch_len:
+            tx.read_out(hdr_len, scratch, pkt)
+            src = scratch
+        else:
+            tx.n_dropped += 1
+            tx.push(tx.head, 0)
+            continue
+        r = _rx_deliver(rx, src, pkt, hdr_len, mergeable)
+        if r < 0:
+            tx.unpop()
+            break
+        if r == 0:
+            tx.n_dropped += 1
+        else:
+            moved += 1
+        tx.push(tx.head, 0)
+    tx.flush()
+    rx.flush()
+    return moved
+
+
+cdef enum:
+    LOOPBACK_SCRATCH = 65536 + 64   # the largest packet a tx chain may carry, gathered
+
+
+def loopback(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, uint32_t hdr_len=12,
+             bint mergeable=False):
+    """Device-side loopback (GIL released): driver tx -> driver rx. Returns packets moved.
+    ``mergeable``: spread packets larger than one rx buffer over several (MRG_RXBUF)."""
+    if hdr_len > sizeof(virtio_net_hdr):
+        raise ValueError(f"hdr_len must be at most {sizeof(virtio_net_hdr)}")
+    cdef int n
+    cdef char *scratch = <char *>malloc(LOOPBACK_SCRATCH)
+    if scratch == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            n = loopback_burst(tx, rx, budget, hdr_len, mergeable, scratch, LOOPBACK_SCRATCH)
+    finally:
+        free(scratch)
+    return n
 
 
 def device_tx_burst(DeviceQueue tx not None, unsigned char[:, ::1] out not None,
@@ -644,6 +587,8 @@ def device_rx_burst(DeviceQueue rx not None, const unsigned char[:, ::1] packets
             r = _rx_deliver(rx, <const char *>&packets[i, 0], lengths[i], hdr_len, mergeable)
             if r < 0:
                 break
+            if r == 0:
+                rx.n_dropped += 1
             i += 1
         rx.flush()
     return i
