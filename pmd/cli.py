@@ -244,7 +244,7 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
               f"{args.queues} queue pair(s), burst {args.burst}"
               + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
         fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
-                duration=args.duration or None, pcap=args.pcap,
+                duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
                 report=lambda line: print(line, flush=True))
     return 0
 
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=("generator", "loopback", "pcap", "pair", "tap"),
                     help="what is behind the built-in device (default: a traffic generator)")
     fw.add_argument("--rate", type=float, default=0.0, help="generator packets per second (0: max)")
+    fw.add_argument("--tx-retry", type=int, default=10000,
+                    help="io/macswap: tries for a full tx ring before dropping (0: drop at once)")
     fw.set_defaults(func=_cmd_fwd)
 
     sim = sub.add_parser("sim", help="run the built-in virtio-net device for another process "

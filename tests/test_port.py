@@ -438,7 +438,7 @@ class TestPortModernVfio(PortTests):
         assert proc.returncode == 0, out
         assert r["received"] == 1000 and r["n_mismatched"] == 0, r
         summary = [l for l in out.splitlines() if l.startswith("summary:")][-1]
-        assert re.search(r"rx=1000 tx=1000 mpps=[0-9.]+", summary), summary
+        assert re.search(r"rx=1000 tx=1000 mpps=[0-9.]+ gbps=[0-9.]+ drops=0 errors=0", summary), summary
         from pmd.pcap import read_pcap
         assert len(list(read_pcap(tmp_path / "rx.pcap"))) == 1000
 
