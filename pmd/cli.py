@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import pci
 from .errors import PmdError
@@ -229,7 +229,7 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
     from .port import open_port
 
     device = args.device or "sim"
-    kw: dict[str, object] = {}
+    kw: dict[str, Any] = {}
     if device == "sim" or device.startswith("sim:"):
         kw["wire"] = args.wire
         kw["queue_pairs"] = args.queues

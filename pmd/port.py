@@ -194,6 +194,8 @@ class Port:
         total = sum(ring_size(s, t.ring_align) + 4096 for s in sizes)
         total += (ring_size(ctrl_size, t.ring_align) + 8192) if ctrl_size else 0
         total += queue_pairs * (per_pair * buffer_size + 4096) + (1 << 16)
+        if hugepages is not False:
+            total += queue_pairs * (2 << 20)   # each pool starts on a page: 2 MiB with huge pages
 
         self.memory = DmaMemory(total, hugepages=hugepages, lock=True, name=f"pmd-{self.name}")
         memory = self.memory

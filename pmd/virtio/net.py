@@ -24,7 +24,8 @@ from .transport import Transport
 # What pmd asks for when the device offers it (the feature table in docs/port.md).
 WANTED = (F.bit(F.VERSION_1) | F.bit(F.ACCESS_PLATFORM) | F.bit(F.NET_MAC) | F.bit(F.NET_STATUS)
           | F.bit(F.NET_MRG_RXBUF) | F.bit(F.NET_CTRL_VQ) | F.bit(F.NET_CTRL_RX) | F.bit(F.NET_MQ)
-          | F.bit(F.RING_EVENT_IDX) | F.bit(F.NET_MTU) | F.bit(F.NET_SPEED_DUPLEX))
+          | F.bit(F.RING_EVENT_IDX) | F.bit(F.NET_MTU) | F.bit(F.NET_SPEED_DUPLEX)
+          | F.bit(F.NET_CTRL_MAC_ADDR))
 # Turning these off would make pmd misbehave, not just do less.
 MANDATORY = F.bit(F.VERSION_1) | F.bit(F.ACCESS_PLATFORM)
 # Features that need the control queue (5.1.3.1).

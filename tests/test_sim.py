@@ -1,0 +1,1162 @@
+"""The built-in virtio-net device (pmd.sim): config space, registers, data path, wires, process.
+
+No vfio-user client is needed for most of it: the model is driven through
+``region_read``/``region_write`` as the server would, and pmd's own driver
+(``pmd.Port`` with the modern transport) runs on it in-process through
+``pmd.sim.local.LocalAccess``. The process tests use the vfio-user client
+when it is there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pmd
+from pmd.errors import DeviceError
+from pmd.interrupts import EventFd
+from pmd.pci import parse_config, select_virtio_structures
+from pmd.pcap import PcapWriter, read_pcap
+from pmd.sim import config as C
+from pmd.sim.device import NO_VECTOR, OFFERED, SimOptions, VirtioNetModel
+from pmd.sim.dma import PROT_RW
+from pmd.sim.local import LocalAccess
+from pmd.sim.process import SimError, spawn_device
+from pmd.sim.wires import (
+    GeneratorWire,
+    LoopbackWire,
+    NullWire,
+    PcapWire,
+    TapWire,
+    generator_frame,
+    pair_wires,
+)
+from pmd.virtio import features as F
+from pmd.virtio import modern as M
+
+DEADLINE = 10.0
+
+
+def bits(*names: str) -> int:
+    return F.parse(",".join(names))
+
+
+# ====================================================================== config space
+
+def test_config_space_parses_and_yields_exactly_the_virtio_capabilities():
+    cs = parse_config(C.PciConfig(msix_vectors=4).snapshot())
+    assert (cs.vendor_id, cs.device_id, cs.class_code) == (0x1AF4, 0x1041, 0x020000)
+    assert (cs.subsystem_vendor_id, cs.subsystem_id) == (0x1AF4, 0x1100)
+    assert cs.revision >= 1 and cs.interrupt_pin == 0
+    assert cs.name == "virtio-net (modern)"
+    bar0 = cs.bar(0)
+    assert bar0 is not None and bar0.memory and bar0.is_64bit and cs.bar(1) is None
+    assert [(c.pos, c.cap_id) for c in cs.capabilities] == [
+        (0x40, 0x09), (0x50, 0x09), (0x60, 0x09), (0x70, 0x09), (0x84, 0x09), (0x98, 0x11)]
+    v = cs.virtio_caps
+    assert [(c.cfg_type, c.bar, c.offset, c.length) for c in v] == [
+        (1, 0, 0x0, 0x38), (3, 0, 0x2000, 1), (4, 0, 0x4000, 0x100), (2, 0, 0x6000, 0x1000), (5, 0, 0, 0)]
+    assert v[3].notify_off_multiplier == 4
+    s = select_virtio_structures(cs, {0: C.BAR0_SIZE})
+    assert s.modern and s.pci_cfg is not None
+    assert (s.common.offset, s.isr.offset, s.device.offset, s.notify.offset) == (0, 0x2000, 0x4000, 0x6000)
+    msix = cs.msix
+    assert msix is not None and msix.table_size == 4 and not msix.enabled
+    assert (msix.table_bir, msix.table_offset, msix.pba_bir, msix.pba_offset) == (0, 0x8000, 0, 0x9000)
+
+
+def test_config_space_resembles_the_real_device():
+    real = parse_config((Path(__file__).parent / "data" / "pci-config" / "0000_00_03_0_1af4_1041.bin").read_bytes())
+    ours = parse_config(C.PciConfig(3).snapshot())
+    shape = lambda cs: [(c.pos, c.cap_id, getattr(c, "cfg_type", None), getattr(c, "offset", None))  # noqa: E731
+                        for c in cs.capabilities]
+    assert shape(ours) == shape(real)
+    assert ours.msix.table_size == real.msix.table_size == 3
+
+
+@pytest.mark.parametrize("vectors", [0, 257])
+def test_msix_vector_count_is_bounded(vectors):
+    with pytest.raises(ValueError, match="MSI-X vectors"):
+        C.PciConfig(vectors)
+
+
+def test_bar_sizing_reads_back_the_size_mask():
+    pc = C.PciConfig()
+    pc.write(C.PCI_BAR0, b"\xff\xff\xff\xff")
+    pc.write(C.PCI_BAR1, b"\xff\xff\xff\xff")
+    pc.write(0x18, b"\xff\xff\xff\xff")             # BAR2: not implemented
+    pc.write(C.PCI_ROM, b"\xff\xff\xff\xff")
+    bar0, bar1, bar2 = struct.unpack("<III", pc.read(C.PCI_BAR0, 12))
+    size = ~((bar1 << 32 | bar0) & ~0xF) + 1 & (1 << 64) - 1
+    assert bar0 == 0xFFFF0004 and bar1 == 0xFFFFFFFF and size == C.BAR0_SIZE
+    assert bar2 == 0 and pc.read(C.PCI_ROM, 4) == bytes(4)
+    pc.write(C.PCI_BAR0, struct.pack("<I", 0xFE000000))
+    assert struct.unpack("<I", pc.read(C.PCI_BAR0, 4))[0] == 0xFE000004
+    assert pc.ignored_writes == 0                  # sizing is not a bad write
+
+
+def test_only_the_command_register_and_bars_are_writable():
+    pc = C.PciConfig()
+    before = pc.snapshot()
+    pc.write(0x00, b"\x00\x00\x00\x00")            # vendor/device
+    pc.write(0x08, b"\xff")                        # revision
+    pc.write(0x40, b"\x00\x00")                    # capability header
+    pc.write(0x9A, b"\xff\xff")                    # MSI-X control
+    assert pc.snapshot() == before and pc.ignored_writes == 4
+    pc.write(C.PCI_COMMAND, b"\xff\xff")
+    assert struct.unpack("<H", pc.read(C.PCI_COMMAND, 2))[0] == C.COMMAND_WRITABLE
+    assert pc.bus_master
+    with pytest.raises(ValueError, match="outside"):
+        pc.read(0xFF, 2)
+    with pytest.raises(ValueError, match="outside"):
+        pc.write(0x100, b"\0")
+
+
+# ====================================================================== registers
+
+class Regs:
+    """BAR0 and config space of a model, as a driver reaches them by messages."""
+
+    def __init__(self, model: VirtioNetModel):
+        self.m = model
+
+    def r(self, off: int, width: int) -> int:
+        return int.from_bytes(self.m.region_read(0, off, width), "little")
+
+    def w(self, off: int, width: int, value: int) -> None:
+        self.m.region_write(0, off, value.to_bytes(width, "little"))
+
+    def status(self) -> int:
+        return self.r(M.DEVICE_STATUS, 1)
+
+    def set_status(self, value: int) -> None:
+        self.w(M.DEVICE_STATUS, 1, value)
+
+    def device_features(self) -> int:
+        self.w(M.DEVICE_FEATURE_SELECT, 4, 0)
+        lo = self.r(M.DEVICE_FEATURE, 4)
+        self.w(M.DEVICE_FEATURE_SELECT, 4, 1)
+        return lo | self.r(M.DEVICE_FEATURE, 4) << 32
+
+    def driver_features(self, value: int) -> None:
+        for sel in (0, 1):
+            self.w(M.DRIVER_FEATURE_SELECT, 4, sel)
+            self.w(M.DRIVER_FEATURE, 4, value >> 32 * sel & 0xFFFFFFFF)
+
+    def negotiate(self, features: int) -> int:
+        self.set_status(F.STATUS_ACKNOWLEDGE)
+        self.set_status(F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER)
+        self.driver_features(features)
+        self.set_status(self.status() | F.STATUS_FEATURES_OK)
+        return self.status()
+
+    def bus_master(self) -> None:
+        self.m.region_write(7, C.PCI_COMMAND, (C.COMMAND_MEMORY | C.COMMAND_MASTER).to_bytes(2, "little"))
+
+    def setup_queue(self, index: int, vq: pmd.Virtqueue, vector: int = NO_VECTOR) -> None:
+        self.w(M.QUEUE_SELECT, 2, index)
+        self.w(M.QUEUE_SIZE, 2, vq.size)
+        for reg, addr in ((M.QUEUE_DESC, vq.desc_iova), (M.QUEUE_DRIVER, vq.avail_iova),
+                          (M.QUEUE_DEVICE, vq.used_iova)):
+            self.w(reg, 4, addr & 0xFFFFFFFF)
+            self.w(reg + 4, 4, addr >> 32)
+        self.w(M.QUEUE_MSIX_VECTOR, 2, vector)
+        self.w(M.QUEUE_ENABLE, 2, 1)
+
+
+BASIC = bits("VERSION_1", "ACCESS_PLATFORM")
+
+
+@pytest.fixture
+def model():
+    m = VirtioNetModel()
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def regs(model):
+    return Regs(model)
+
+
+@pytest.fixture
+def mapped(model, memory):
+    """The test's DmaMemory mapped into the model at IOVA = its address."""
+    model.dma_map(memory.iova(0), memory.size, memory.fd, 0, PROT_RW)
+    return memory
+
+
+def test_reset_values(model, regs):
+    assert regs.status() == 0
+    assert regs.r(M.NUM_QUEUES, 2) == 3
+    assert regs.device_features() == OFFERED
+    assert regs.r(M.CONFIG_MSIX_VECTOR, 2) == NO_VECTOR
+    for q in range(3):
+        regs.w(M.QUEUE_SELECT, 2, q)
+        assert regs.r(M.QUEUE_SIZE, 2) == 1024 and regs.r(M.QUEUE_ENABLE, 2) == 0
+        assert regs.r(M.QUEUE_MSIX_VECTOR, 2) == NO_VECTOR and regs.r(M.QUEUE_NOTIFY_OFF, 2) == q
+
+
+def test_device_features_are_64_bits_through_the_select_register(regs):
+    regs.w(M.DEVICE_FEATURE_SELECT, 4, 1)
+    assert regs.r(M.DEVICE_FEATURE, 4) == OFFERED >> 32 == bits("VERSION_1", "ACCESS_PLATFORM") >> 32
+    regs.w(M.DEVICE_FEATURE_SELECT, 4, 2)
+    assert regs.r(M.DEVICE_FEATURE, 4) == 0
+
+
+def test_status_sequence_in_the_spec_order_is_accepted(model, regs):
+    assert regs.negotiate(BASIC | bits("MAC", "STATUS")) == (F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER
+                                                             | F.STATUS_FEATURES_OK)
+    assert model.features == BASIC | bits("MAC", "STATUS")
+    regs.set_status(regs.status() | F.STATUS_DRIVER_OK)
+    assert regs.status() & F.STATUS_DRIVER_OK
+
+
+@pytest.mark.parametrize("features, why", [
+    (BASIC | bits("GUEST_TSO4"), "not offered"),
+    (BASIC | bits("RING_PACKED"), "not offered"),
+    (bits("ACCESS_PLATFORM", "MAC"), "VERSION_1"),
+    (bits("VERSION_1", "MAC"), "ACCESS_PLATFORM"),
+    (BASIC | bits("CTRL_RX"), "without CTRL_VQ"),
+    (BASIC | bits("MQ"), "without CTRL_VQ"),
+], ids=["unoffered", "packed", "no-version-1", "no-access-platform", "ctrl-rx-alone", "mq-alone"])
+def test_features_ok_is_refused_for_bad_features(model, regs, features, why):
+    status = regs.negotiate(features)
+    assert not status & F.STATUS_FEATURES_OK
+    assert why in model.stats()["features_refusal"] and model.stats()["refused_features"] == 1
+    regs.set_status(status | F.STATUS_DRIVER_OK)          # and it does not go live
+    assert not regs.status() & F.STATUS_DRIVER_OK
+
+
+def test_driver_ok_before_features_ok_is_refused(model, regs):
+    regs.set_status(F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER)
+    regs.set_status(F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER | F.STATUS_DRIVER_OK)
+    assert regs.status() == F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER
+    assert model.stats()["refused_driver_ok"] == 1 and not model.engine.running
+
+
+def test_driver_before_acknowledge_and_clearing_bits_are_refused(model, regs):
+    regs.set_status(F.STATUS_DRIVER)
+    assert regs.status() == 0
+    regs.negotiate(BASIC)
+    regs.set_status(F.STATUS_ACKNOWLEDGE)                 # clearing DRIVER and FEATURES_OK
+    assert regs.status() == F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER | F.STATUS_FEATURES_OK
+    assert model.stats()["bad_status_writes"] == 2
+    regs.set_status(0)                                    # reset is the way back
+    assert regs.status() == 0 and model.features == 0
+
+
+def test_driver_features_cannot_change_after_features_ok(model, regs):
+    regs.negotiate(BASIC)
+    regs.driver_features(BASIC | bits("MAC"))
+    assert model.features == BASIC and model.stats()["bad_register_writes"] == 2
+
+
+def test_queue_select_changes_what_the_queue_registers_show(regs):
+    regs.w(M.QUEUE_SELECT, 2, 0)
+    regs.w(M.QUEUE_SIZE, 2, 256)
+    regs.w(M.QUEUE_DESC, 8, 0x1000)
+    regs.w(M.QUEUE_SELECT, 2, 1)
+    assert regs.r(M.QUEUE_SIZE, 2) == 1024 and regs.r(M.QUEUE_DESC, 8) == 0
+    regs.w(M.QUEUE_SELECT, 2, 0)
+    assert regs.r(M.QUEUE_SIZE, 2) == 256 and regs.r(M.QUEUE_DESC, 8) == 0x1000
+    regs.w(M.QUEUE_SELECT, 2, 3)                          # past num_queues: size 0, the queue does not exist
+    assert regs.r(M.QUEUE_SIZE, 2) == 0
+
+
+@pytest.mark.parametrize("size", [0, 3, 100, 2048])
+def test_queue_size_must_be_a_power_of_two_up_to_the_maximum(model, regs, size):
+    regs.w(M.QUEUE_SIZE, 2, size)
+    assert regs.r(M.QUEUE_SIZE, 2) == 1024 and model.stats()["bad_register_writes"] == 1
+
+
+def test_msix_vectors_out_of_range_read_back_no_vector(model, regs):
+    top = model.msix_vectors
+    regs.w(M.QUEUE_MSIX_VECTOR, 2, top - 1)
+    assert regs.r(M.QUEUE_MSIX_VECTOR, 2) == top - 1
+    regs.w(M.QUEUE_MSIX_VECTOR, 2, top)
+    assert regs.r(M.QUEUE_MSIX_VECTOR, 2) == NO_VECTOR
+    regs.w(M.CONFIG_MSIX_VECTOR, 2, 0)
+    assert regs.r(M.CONFIG_MSIX_VECTOR, 2) == 0
+    regs.w(M.CONFIG_MSIX_VECTOR, 2, 999)
+    assert regs.r(M.CONFIG_MSIX_VECTOR, 2) == NO_VECTOR
+
+
+def test_registers_take_only_their_own_width(model, regs):
+    regs.w(M.QUEUE_SIZE, 4, 256)                          # 32-bit write to a 16-bit field
+    regs.w(M.QUEUE_SELECT + 1, 1, 1)                      # inside a field
+    regs.w(M.NUM_QUEUES, 2, 7)                            # read-only
+    regs.w(M.CONFIG_GENERATION, 1, 7)
+    assert model.stats()["bad_register_writes"] == 4
+    assert regs.r(M.QUEUE_SIZE, 2) == 1024 and regs.r(M.NUM_QUEUES, 2) == 3
+
+
+def test_ring_addresses_take_two_halves_or_one_64_bit_write(regs):
+    regs.w(M.QUEUE_DESC, 4, 0x89ABC000)
+    regs.w(M.QUEUE_DESC + 4, 4, 0x01234567)
+    regs.w(M.QUEUE_DRIVER, 8, 0x0123456789ABD000)
+    assert regs.r(M.QUEUE_DESC, 8) == 0x0123456789ABC000
+    assert regs.r(M.QUEUE_DRIVER, 4) == 0x89ABD000 and regs.r(M.QUEUE_DRIVER + 4, 4) == 0x01234567
+
+
+def test_queue_enable_checks_the_rings_against_the_dma_maps(model, regs, mapped):
+    regs.negotiate(BASIC)
+    vq = pmd.Virtqueue(mapped, 256, 0)
+    regs.setup_queue(0, vq)
+    assert regs.r(M.QUEUE_ENABLE, 2) == 1 and 0 in model.device_queues
+    assert not regs.status() & F.STATUS_DEVICE_NEEDS_RESET
+    regs.w(M.QUEUE_DESC, 8, 0x1000)                       # an enabled queue's registers are fixed
+    assert regs.r(M.QUEUE_DESC, 8) == vq.desc_iova
+
+
+@pytest.mark.parametrize("bad", ["outside", "misaligned", "past-end"])
+def test_bad_ring_address_sets_needs_reset_and_is_never_followed(model, regs, mapped, bad):
+    regs.negotiate(BASIC)
+    vq = pmd.Virtqueue(mapped, 256, 0)
+    regs.w(M.QUEUE_SELECT, 2, 0)
+    regs.w(M.QUEUE_SIZE, 2, 256)
+    desc = {"outside": 0x1000, "misaligned": vq.desc_iova + 8,
+            "past-end": mapped.iova(mapped.size - 64)}[bad]
+    regs.w(M.QUEUE_DESC, 8, desc)
+    regs.w(M.QUEUE_DRIVER, 8, vq.avail_iova)
+    regs.w(M.QUEUE_DEVICE, 8, vq.used_iova)
+    regs.w(M.QUEUE_ENABLE, 2, 1)
+    assert regs.status() & F.STATUS_DEVICE_NEEDS_RESET
+    assert regs.r(M.QUEUE_ENABLE, 2) == 0 and not model.device_queues
+    st = model.stats()
+    assert st["bad_ring_addresses"] == 1 and "queue 0" in st["needs_reset_reason"]
+    regs.set_status(regs.status() | F.STATUS_DRIVER_OK)
+    assert not model.engine.running
+    regs.set_status(0)
+    assert regs.status() == 0                             # a reset clears it
+
+
+def test_queue_enable_before_features_ok_needs_reset(model, regs, mapped):
+    regs.set_status(F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER)
+    regs.setup_queue(0, pmd.Virtqueue(mapped, 64, 0))
+    assert regs.status() & F.STATUS_DEVICE_NEEDS_RESET and not model.device_queues
+
+
+def test_isr_is_cleared_by_reading_it(model, regs):
+    regs.negotiate(BASIC | bits("STATUS"))
+    regs.set_status(regs.status() | F.STATUS_DRIVER_OK)
+    model.set_link(False)
+    assert regs.r(C.ISR_OFFSET, 1) == 2                   # configuration change
+    assert regs.r(C.ISR_OFFSET, 1) == 0
+
+
+def test_config_generation_moves_on_link_changes(model, regs):
+    gen = regs.r(M.CONFIG_GENERATION, 1)
+    st = lambda: regs.r(C.DEVICE_OFFSET + F.NET_CFG_STATUS, 2)   # noqa: E731
+    assert st() == F.NET_S_LINK_UP
+    model.set_link(False)
+    assert regs.r(M.CONFIG_GENERATION, 1) == gen + 1 and st() == 0
+    model.set_link(False)                                 # no change, no new generation
+    model.set_link(True)
+    assert regs.r(M.CONFIG_GENERATION, 1) == gen + 2 and st() == F.NET_S_LINK_UP
+
+
+def test_device_configuration_layout():
+    with VirtioNetModel(mac=bytes.fromhex("02aabbccddee"), queue_pairs=4, mtu=9000) as m:
+        cfg = m.region_read(0, C.DEVICE_OFFSET, 18)
+        mac, status, pairs, mtu, speed, duplex = struct.unpack("<6sHHHIB", cfg[:17])
+        assert (mac.hex(), status, pairs, mtu) == ("02aabbccddee", 1, 4, 9000)
+        assert Regs(m).r(M.NUM_QUEUES, 2) == 9 and m.msix_vectors == 10
+        with pytest.raises(ValueError, match="straddles"):
+            m.region_read(0, C.DEVICE_OFFSET + 0xFE, 4)
+
+
+def test_features_can_be_turned_off():
+    with VirtioNetModel(features_off="MQ,EVENT_IDX") as m:
+        assert not m.offered & bits("MQ", "EVENT_IDX") and m.offered & bits("CTRL_RX")
+    with VirtioNetModel(features_off="CTRL_VQ", queue_pairs=2) as m:
+        assert not m.offered & bits("CTRL_VQ", "CTRL_RX", "MQ", "CTRL_MAC_ADDR")
+        assert Regs(m).r(M.NUM_QUEUES, 2) == 4
+    with pytest.raises(ValueError, match="VERSION_1"):
+        SimOptions(features_off="VERSION_1")
+    with pytest.raises(ValueError, match="not offered"):
+        SimOptions(features_off="GUEST_TSO4")
+
+
+def test_notifications_by_message_are_counted_and_checked(model, regs):
+    regs.w(C.NOTIFY_OFFSET + 4, 2, 1)                     # queue 1's doorbell
+    regs.w(C.NOTIFY_OFFSET + 8, 2, 1)                     # queue 2's doorbell with queue 1's index
+    regs.w(C.NOTIFY_OFFSET + 400, 2, 100)                 # no such queue
+    st = model.stats()
+    assert st["notifications"] == 1 and st["bad_notifications"] == 2
+    assert regs.r(C.NOTIFY_OFFSET + 4, 2) == 1            # the same bytes the mapping shows
+
+
+def test_region_specs_notify_area_is_the_only_mmap():
+    with VirtioNetModel() as m:
+        spec = m.region_spec(0)
+        assert spec.size == C.BAR0_SIZE and spec.flags == 7 and spec.fd >= 0
+        assert spec.mmap_areas == [(C.NOTIFY_OFFSET, C.NOTIFY_LENGTH)]
+        assert m.region_spec(7).size == 256 and m.region_spec(7).flags == 3
+        assert all(m.region_spec(i).size == 0 for i in (1, 2, 3, 4, 5, 6, 8))
+        assert m.device_info() == (3, 9, 5) and m.irq_info(2)[0] == m.msix_vectors
+        assert m.irq_info(0) == (0, 0)
+
+
+def test_pci_cfg_access_capability_reaches_bar0(model):
+    cfg = model.pci
+    model.region_write(7, C.PCI_CFG_BAR, b"\x00")
+    model.region_write(7, C.PCI_CFG_OFFSET, struct.pack("<II", M.NUM_QUEUES, 2))
+    assert struct.unpack("<H", model.region_read(7, C.PCI_CFG_DATA, 2))[0] == 3
+    model.region_write(7, C.PCI_CFG_OFFSET, struct.pack("<II", M.DEVICE_STATUS, 1))
+    model.region_write(7, C.PCI_CFG_DATA, b"\x01")
+    assert model.status == F.STATUS_ACKNOWLEDGE and cfg.ignored_writes == 0
+
+
+def test_dma_maps_are_validated(model, memory):
+    with pytest.raises(OSError, match="file descriptor"):
+        model.dma_map(0x10000, 4096, -1, 0, PROT_RW)
+    with pytest.raises(OSError, match="readable and writable"):
+        model.dma_map(0x10000, 4096, memory.fd, 0, 1)
+    model.dma_map(0x10000, 8192, memory.fd, 0, PROT_RW)
+    with pytest.raises(OSError, match="overlaps"):
+        model.dma_map(0x11000, 4096, memory.fd, 0, PROT_RW)
+    with pytest.raises(OSError):
+        model.dma_unmap(0x10000, 4096)                    # not the mapping's size
+    memory.view(0, 4)[:] = [1, 2, 3, 4]
+    assert model.dma.read(0x10000, 4) == b"\x01\x02\x03\x04"
+    model.dma_unmap(0x10000, 8192)
+    assert len(model.dma) == 0
+
+
+def test_set_irqs_owns_fds_and_client_gone_closes_them(model):
+    fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+    model.set_irqs(2, 0, fds)
+    assert model.irq_fds[:2] == tuple(fds) and model.pci.read(C.MSIX_CONTROL, 2)[1] & 0x80
+    replacement = os.eventfd(0, os.EFD_CLOEXEC)
+    model.set_irqs(2, 1, [replacement])                   # the replaced fd is closed
+    with pytest.raises(OSError):
+        os.fstat(fds[1])
+    with pytest.raises(OSError, match="outside"):
+        model.set_irqs(2, model.msix_vectors, [os.dup(fds[0])])
+    model.client_gone()
+    for fd in (fds[0], replacement):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert not model.pci.read(C.MSIX_CONTROL, 2)[1] & 0x80
+
+
+# ====================================================================== driver on the model
+
+def open_sim(model=None, **start):
+    """pmd's Port on a model through LocalAccess (no socket)."""
+    m = model or VirtioNetModel()
+    port = pmd.Port(LocalAccess(m), name="sim")
+    try:
+        port.start(**start)
+    except BaseException:
+        port.close()
+        m.close()
+        raise
+    return port, m
+
+
+@pytest.fixture
+def sim():
+    port, m = open_sim()
+    yield port, m
+    port.close()
+    m.close()
+
+
+def random_frames(n, seed, lo=60, hi=1514, dst=None):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, n).astype(np.uint32)
+    data = rng.integers(0, 256, (n, hi), dtype=np.uint8)
+    data[:, 0:6] = np.frombuffer(dst or b"\xff" * 6, np.uint8)
+    return data, lengths
+
+
+def send(port, data, lengths, queue=0):
+    txq = port.tx_queue(queue)
+    sent, deadline = 0, time.monotonic() + DEADLINE
+    while sent < len(lengths):
+        sent += txq.tx_burst(data[sent:sent + 32], lengths[sent:sent + 32])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {sent} of {len(lengths)} sent")
+        if sent < len(lengths):
+            time.sleep(0)
+
+
+def receive(port, n, queue=0, seconds=DEADLINE):
+    """Up to n packets within ``seconds`` (stops early once n arrived)."""
+    rxq = port.rx_queue(queue)
+    out = np.zeros((64, rxq.max_packet_len), np.uint8)
+    lens = np.zeros(64, np.uint32)
+    got: list[bytes] = []
+    deadline = time.monotonic() + seconds
+    while len(got) < n and time.monotonic() < deadline:
+        k = rxq.rx_burst(out, lens)
+        got += [out[i, :lens[i]].tobytes() for i in range(k)]
+        if not k:
+            time.sleep(0.0005)
+    return got
+
+
+def round_trip(port, data, lengths, queue=0):
+    """Send all and receive what comes back, in one thread (rx and tx of a pair share
+    their pool, so they belong to one thread: DESIGN.md "one queue, one thread")."""
+    txq, rxq = port.tx_queue(queue), port.rx_queue(queue)
+    out = np.zeros((64, rxq.max_packet_len), np.uint8)
+    lens = np.zeros(64, np.uint32)
+    n = len(lengths)
+    got: list[bytes] = []
+    sent, deadline = 0, time.monotonic() + DEADLINE
+    while len(got) < n and time.monotonic() < deadline:
+        if sent < n:
+            sent += txq.tx_burst(data[sent:sent + 32], lengths[sent:sent + 32])
+        k = rxq.rx_burst(out, lens)
+        got += [out[i, :lens[i]].tobytes() for i in range(k)]
+        if not k:
+            time.sleep(0)
+    return got
+
+
+def test_port_starts_on_the_model_through_the_modern_transport(sim):
+    port, m = sim
+    assert port.transport.kind == "modern"
+    assert port.features & OFFERED == port.features
+    assert port.features & bits("MAC", "STATUS", "MRG_RXBUF", "CTRL_VQ", "CTRL_RX", "MQ", "EVENT_IDX", "MTU")
+    assert port.mac == m.mac and port.mtu == 1500 and port.link.up and port.hdr_len == 12
+    assert m.status == (F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER | F.STATUS_FEATURES_OK | F.STATUS_DRIVER_OK)
+    assert m.engine.running and len(m.dma) == 1 and m.pci.bus_master
+    assert sorted(m.device_queues) == [0, 1, 2]           # rx, tx, control
+
+
+def test_loopback_returns_1000_random_frames_byte_exact(sim):
+    port, m = sim
+    data, lengths = random_frames(1000, seed=1)
+    got = round_trip(port, data, lengths)
+    assert got == [data[i, :lengths[i]].tobytes() for i in range(1000)]
+    st = m.stats()
+    assert st["tx_packets"] == st["rx_packets"] == 1000 and st["bad_descriptors"] == 0
+    assert port.stats()["device_errors"] == 0
+
+
+def test_jumbo_frames_arrive_whole_over_mergeable_buffers():
+    port, m = open_sim(VirtioNetModel(mtu=9000))
+    try:
+        assert port.mtu == 9000 and port.features & bits("MRG_RXBUF")
+        data, lengths = random_frames(100, seed=2, lo=1500, hi=9014)
+        got = round_trip(port, data, lengths)
+        assert got == [data[i, :lengths[i]].tobytes() for i in range(100)]
+    finally:
+        port.close()
+        m.close()
+
+
+@pytest.mark.parametrize("off", ["EVENT_IDX", "MRG_RXBUF", "MQ,CTRL_VQ"])
+def test_round_trip_with_features_off_on_the_device(off):
+    port, m = open_sim(VirtioNetModel(features_off=off))
+    try:
+        assert not port.features & F.parse(off)
+        data, lengths = random_frames(200, seed=3)
+        send(port, data, lengths)
+        got = receive(port, 200)
+        assert got == [data[i, :lengths[i]].tobytes() for i in range(200)]
+    finally:
+        port.close()
+        m.close()
+
+
+def test_multiqueue_pairs_set_and_traffic_stays_on_its_pair():
+    # hugepages=False: Port sizes its memory without the 2 MiB alignment of each pool (see docs/sim.md)
+    port, m = open_sim(VirtioNetModel(queue_pairs=2), queue_pairs=2, hugepages=False)
+    try:
+        assert m.engine.active_pairs == 2 and sorted(m.device_queues) == [0, 1, 2, 3, 4]
+        for q in (0, 1):
+            data, lengths = random_frames(50, seed=10 + q)
+            send(port, data, lengths, queue=q)
+            assert receive(port, 50, queue=q) == [data[i, :lengths[i]].tobytes() for i in range(50)]
+        assert receive(port, 1, queue=0, seconds=0.2) == []
+    finally:
+        port.close()
+        m.close()
+
+
+def test_promiscuous_off_filters_and_the_mac_table_lets_frames_in(sim):
+    port, m = sim
+    other = bytes.fromhex("02aabbccddee")
+    group = bytes.fromhex("01005e000001")
+    frames = lambda dst, n, seed: random_frames(n, seed, dst=dst)   # noqa: E731
+
+    def through(dst, seed):
+        data, lengths = frames(dst, 10, seed)
+        send(port, data, lengths)
+        return len(receive(port, 10, seconds=0.5))
+
+    port.promiscuous = False
+    port.set_mac_filter([])
+    assert m.rx_filter.promiscuous is False
+    assert through(port.mac, 1) == 10
+    assert through(b"\xff" * 6, 2) == 10
+    assert through(other, 3) == 0
+    assert through(group, 4) == 0
+    assert m.stats()["rx_filtered"] == 20
+    port.set_mac_filter([other], [group])
+    assert through(other, 5) == 10 and through(group, 6) == 10
+    port.set_mac_filter([])
+    port.allmulticast = True
+    assert through(group, 7) == 10 and through(other, 8) == 0
+    port.promiscuous = True
+    assert through(other, 9) == 10
+
+
+@pytest.mark.parametrize("cls, cmd, data", [
+    (F.CTRL_RX, F.CTRL_RX_PROMISC, b"\x02"),                              # on is 0 or 1
+    (F.CTRL_RX, F.CTRL_RX_PROMISC, b""),                                  # missing
+    (F.CTRL_RX, 9, b"\x01"),                                              # unknown command
+    (F.CTRL_MAC, F.CTRL_MAC_TABLE_SET, struct.pack("<I", 1)),             # entries without addresses
+    (F.CTRL_MAC, F.CTRL_MAC_TABLE_SET, struct.pack("<I", 1) + bytes.fromhex("01005e000001")
+     + struct.pack("<I", 0)),                                             # multicast in the unicast table
+    (F.CTRL_MAC, F.CTRL_MAC_TABLE_SET, struct.pack("<II", 0, 0) + b"x"),  # trailing bytes
+    (F.CTRL_MAC, F.CTRL_MAC_TABLE_SET, struct.pack("<I", 65) + bytes(6 * 65) + struct.pack("<I", 0)),
+    (F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, bytes.fromhex("02aabbccdd")),       # 5 bytes, not an address
+    (F.CTRL_MQ, F.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 0)),
+    (F.CTRL_MQ, F.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)),            # more than max_virtqueue_pairs
+    (F.CTRL_MQ, F.CTRL_MQ_VQ_PAIRS_SET, b"\x01"),
+    (7, 0, b""),                                                          # unknown class
+], ids=["promisc-2", "promisc-empty", "rx-unknown", "table-short", "table-multicast-as-unicast",
+        "table-trailing", "table-too-big", "addr-short", "pairs-0", "pairs-too-many",
+        "pairs-short", "class-unknown"])
+def test_control_commands_with_bad_fields_are_refused(sim, cls, cmd, data):
+    port, m = sim
+    with pytest.raises(DeviceError, match="refused"):
+        port.ctrl.command(cls, cmd, data)
+    port.promiscuous = False                              # and the queue goes on working
+    assert m.engine.ctrl_errors == 1 and m.engine.active_pairs == 1
+
+
+def test_mac_addr_set_refused_when_not_negotiated():
+    m = VirtioNetModel()
+    port = pmd.Port(LocalAccess(m), name="sim", disable="CTRL_MAC_ADDR")
+    try:
+        port.start()
+        with pytest.raises(DeviceError, match="refused"):
+            port.ctrl.command(F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, bytes.fromhex("02aabbccddee"))
+    finally:
+        port.close()
+        m.close()
+
+
+def test_mac_addr_set_changes_the_device_mac():
+    new = bytes.fromhex("02aabbccddee")
+    port, m = open_sim()
+    try:
+        gen = m.config_generation
+        port.ctrl_command(F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, new, need=F.NET_CTRL_MAC_ADDR)
+        assert m.mac == new and m.config_generation == gen + 1
+        assert port.transport.read_config_bytes(0, 6) == new
+        with pytest.raises(DeviceError):
+            port.ctrl_command(F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, b"\x01" + new[1:], need=F.NET_CTRL_MAC_ADDR)
+        port.stop()
+        assert m.mac == m.options.mac                     # a reset restores it
+    finally:
+        port.close()
+        m.close()
+
+
+def test_link_change_reaches_the_callback_and_a_down_link_carries_nothing(sim):
+    port, m = sim
+    seen = []
+    changed = threading.Event()
+    port.on_link_change(lambda link: (seen.append(link), changed.set()))
+    m.set_link(False)
+    assert changed.wait(5), "no link-down callback"
+    assert seen[-1].up is False and port.link.up is False
+    data, lengths = random_frames(20, seed=5)
+    send(port, data, lengths)
+    assert receive(port, 20, seconds=0.3) == []
+    deadline = time.monotonic() + 5
+    while m.engine.tx_link_down < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert m.engine.tx_link_down == 20
+    changed.clear()
+    m.set_link(True)
+    assert changed.wait(5) and seen[-1].up is True
+    send(port, data, lengths)
+    assert len(receive(port, 20)) == 20
+    assert port.stats()["config_interrupts"] >= 2
+
+
+def test_rx_wait_sleeps_then_wakes_on_a_queue_interrupt():
+    # One packet from the generator once the link comes up (the driver's own
+    # queues stay in this thread: rx and tx of a pair share a pool).
+    m = VirtioNetModel(wire=GeneratorWire(count=1), link_up=False)
+    port, _ = open_sim(m, rx_interrupts=True)
+    try:
+        cpu0, t0 = time.process_time(), time.monotonic()
+        assert port.rx_wait(timeout=0.5) is False
+        assert time.monotonic() - t0 >= 0.45
+        threading.Timer(0.2, m.set_link, args=(True,)).start()
+        assert port.rx_wait(timeout=5) is True
+        assert len(receive(port, 1)) == 1
+        assert m.stats()["interrupts"] >= 1
+        assert time.process_time() - cpu0 < 1.0          # the idle device did not spin meanwhile
+    finally:
+        port.close()
+        m.close()
+
+
+def test_bad_descriptor_from_the_driver_is_counted_and_never_followed(sim):
+    port, m = sim
+    vq = port.ctrl.vq
+    ack = port.memory.iova(port.ctrl.offset)
+    vq.add([(0xDEAD0000, 16)], [(ack, 1)])               # outside every DMA window
+    vq.kick()
+    deadline = time.monotonic() + 5
+    used = None
+    while used is None and time.monotonic() < deadline:
+        used = vq.get_used()
+        time.sleep(0.001)
+    assert used is not None and used[1] == 0              # returned unused, length 0
+    st = m.stats()
+    assert st["bad_descriptors"] == 1 and st["queues"]["2"]["last_error"].startswith("buffer outside")
+    port.promiscuous = True                               # the device goes on
+    data, lengths = random_frames(10, seed=7)
+    send(port, data, lengths)
+    assert len(receive(port, 10)) == 10
+
+
+def test_idle_device_does_not_burn_a_core(sim):
+    port, m = sim
+    time.sleep(0.2)                                       # past the spin phase
+    cpu0, t0 = time.process_time(), time.monotonic()
+    time.sleep(1.0)
+    cpu = time.process_time() - cpu0
+    assert cpu < 0.25, f"idle device used {cpu:.2f} s of CPU in {time.monotonic() - t0:.2f} s"
+    assert m.engine.running and m.engine.sleeps > 0
+
+
+def test_stop_resets_and_start_again_works(sim):
+    port, m = sim
+    port.stop()
+    assert m.status == 0 and not m.engine.running and not m.device_queues
+    assert len(m.dma) == 0                                # the port unmapped its memory
+    port.start()
+    data, lengths = random_frames(10, seed=8)
+    send(port, data, lengths)
+    assert len(receive(port, 10)) == 10
+
+
+def test_closing_the_port_disconnects_and_the_device_cleans_up():
+    port, m = open_sim(rx_interrupts=True)
+    try:
+        assert any(fd >= 0 for fd in m.irq_fds)
+        held = [fd for fd in m.irq_fds if fd >= 0]
+        port.close()
+        assert len(m.dma) == 0 and all(fd < 0 for fd in m.irq_fds) and m.status == 0
+        for fd in held:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        port2, _ = open_sim(m)                            # the next driver
+        port2.close()
+    finally:
+        m.close()
+
+
+def test_unmapping_memory_under_live_queues_needs_reset_with_a_config_interrupt(sim):
+    port, m = sim
+    ev = EventFd()
+    try:
+        m.set_irqs(2, 0, [os.dup(ev.fileno())])
+        m.region_write(0, M.CONFIG_MSIX_VECTOR, (0).to_bytes(2, "little"))
+        iova, (_vaddr, size) = next(iter(port.access.dma_mappings.items()))
+        m.dma_unmap(iova, size)
+        assert m.status & F.STATUS_DEVICE_NEEDS_RESET and not m.engine.running
+        assert ev.wait(2) >= 1
+        assert m.stats()["bad_ring_addresses"] == 1
+    finally:
+        ev.close()
+
+
+# ====================================================================== wires
+
+def test_pair_wire_connects_two_devices_back_to_back():
+    a_end, b_end = pair_wires()
+    ma = VirtioNetModel(wire=a_end, name="a")
+    mb = VirtioNetModel(wire=b_end, name="b", mac=bytes.fromhex("02504d440002"))
+    pa, _ = open_sim(ma)
+    pb, _ = open_sim(mb)
+    try:
+        for src, dst, seed in ((pa, pb, 1), (pb, pa, 2)):
+            data, lengths = random_frames(300, seed=seed)
+            got: list[bytes] = []
+            t = threading.Thread(target=lambda: got.extend(receive(dst, 300)))
+            t.start()
+            send(src, data, lengths)
+            t.join()
+            assert got == [data[i, :lengths[i]].tobytes() for i in range(300)]
+        assert receive(pa, 1, seconds=0.2) == []          # nothing comes back to the sender
+        assert ma.stats()["wire"]["sent"] == 300 and mb.stats()["wire"]["sent"] == 300
+    finally:
+        pa.close()
+        pb.close()
+        ma.close()
+        mb.close()
+
+
+def test_pcap_wire_plays_a_capture_to_the_driver_and_records_what_it_sends(tmp_path):
+    data, lengths = random_frames(50, seed=3)
+    frames = [data[i, :lengths[i]].tobytes() for i in range(50)]
+    with PcapWriter(tmp_path / "in.pcap") as w:
+        for f in frames:
+            w.write(f)
+    m = VirtioNetModel(wire=PcapWire(tmp_path / "in.pcap", tmp_path / "out.pcap", loop=2))
+    port, _ = open_sim(m)
+    try:
+        assert receive(port, 100) == frames * 2
+        assert receive(port, 1, seconds=0.2) == []        # played twice, then nothing
+        out, olen = random_frames(40, seed=4)
+        send(port, out, olen)
+        deadline = time.monotonic() + 5
+        while m.wire.stats()["written"] < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        port.close()
+        m.close()
+    written = [rec[1] for rec in read_pcap(tmp_path / "out.pcap")]
+    assert written == [out[i, :olen[i]].tobytes() for i in range(40)]
+
+
+def test_pcap_wire_refuses_a_bad_file(tmp_path):
+    (tmp_path / "bad.pcap").write_bytes(b"not a pcap file at all, no")
+    with pytest.raises(ValueError, match="not a pcap"):
+        PcapWire(tmp_path / "bad.pcap")
+
+
+def echo(port, stop, macswap=False):
+    rxq, txq = port.rx_queue(0), port.tx_queue(0)
+    ids = np.zeros(64, np.uint32)
+    lens = np.zeros(64, np.uint32)
+    data = port.pool(0).data
+    while not stop.is_set():
+        n = rxq.rx_burst_zc(ids, lens)
+        if not n:
+            txq.reclaim()
+            time.sleep(0.0002)
+            continue
+        if macswap:
+            got = ids[:n]
+            dst = data[got, 0:6].copy()
+            data[got, 0:6] = data[got, 6:12]
+            data[got, 6:12] = dst
+        sent = 0
+        while sent < n and not stop.is_set():
+            sent += txq.tx_burst_zc(ids[sent:n], lens[sent:n])
+
+
+@pytest.mark.parametrize("macswap", [False, True], ids=["io", "macswap"])
+def test_generator_wire_counts_every_packet_back(macswap):
+    gen = GeneratorWire(size=128, flows=4, count=5000)
+    m = VirtioNetModel(wire=gen)
+    port, _ = open_sim(m)
+    stop = threading.Event()
+    t = threading.Thread(target=echo, args=(port, stop, macswap))
+    t.start()
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while gen.received < 5000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join()
+    r = gen.report()
+    port.close()
+    m.close()
+    assert (r["sent"], r["received"], r["lost"], r["reordered"], r["bad"]) == (5000, 5000, 0, 0, 0), r
+
+
+def test_generator_wire_paces_to_its_rate_and_reports_loss_and_reorder():
+    gen = GeneratorWire(rate=2000, size=64)
+    m = VirtioNetModel(wire=gen)
+    port, _ = open_sim(m)
+    try:
+        t0 = time.monotonic()
+        got = receive(port, 10**6, seconds=0.5)
+        elapsed = time.monotonic() - t0
+        assert 0.4 * 2000 * elapsed <= len(got) <= 2000 * elapsed + 300
+        assert all(f[42:46] == b"PMDG" for f in got)
+        seqs = [int.from_bytes(f[50:58], "little") for f in got]
+        assert seqs == list(range(len(got)))
+        # Send back all but the first, the last two swapped, and one foreign frame.
+        back = got[1:-2] + [got[-1], got[-2], b"\x00" * 64]
+        arr = np.zeros((len(back), 64), np.uint8)
+        for i, f in enumerate(back):
+            arr[i] = np.frombuffer(f, np.uint8)
+        send(port, arr, np.full(len(back), 64, np.uint32))
+        deadline = time.monotonic() + 5
+        while gen.received + gen.bad < len(back) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = gen.report()
+        assert r["received"] == len(got) - 1 and r["reordered"] == 1 and r["bad"] == 1
+        assert r["lost"] == r["sent"] - r["received"] >= 1
+    finally:
+        port.close()
+        m.close()
+
+
+def test_generator_frame_layout():
+    f = generator_frame(64, b"\x02" * 6, b"\x04" * 6, flow=3)
+    assert len(f) == 64 and f[12:14] == b"\x08\x00" and f[23] == 17
+    assert f[34:36] == (1027).to_bytes(2, "big") and f[42:46] == b"PMDG" and f[46:50] == b"\x03\0\0\0"
+    with pytest.raises(ValueError):
+        GeneratorWire(size=59)
+
+
+def test_null_wire_drops_and_counts():
+    m = VirtioNetModel(wire=NullWire())
+    port, _ = open_sim(m)
+    try:
+        send(port, *random_frames(30, seed=9))
+        deadline = time.monotonic() + 5
+        while m.wire.stats()["dropped"] < 30 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert m.wire.stats()["dropped"] == 30 and receive(port, 1, seconds=0.2) == []
+    finally:
+        port.close()
+        m.close()
+
+
+def test_loopback_wire_without_filter_moves_ring_to_ring(sim):
+    port, m = sim
+    assert isinstance(m.wire, LoopbackWire) and m.wire.ring_to_ring
+    send(port, *random_frames(10, seed=11))
+    assert len(receive(port, 10)) == 10
+    assert m.wire.stats()["waiting"] == 0
+
+
+# ---- tap, in a network namespace of the test's own ----
+
+def _can_tap() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun"
+    if subprocess.run(["ip", "-V"], capture_output=True).returncode != 0:
+        return "no ip command"
+    return None
+
+
+@pytest.fixture
+def netns():
+    why = _can_tap()
+    if why:
+        pytest.skip(why)
+    name = f"pmdsim{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot create a network namespace: {r.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _ip(ns, *args):
+    subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, timeout=10)
+
+
+def _arp_request(src_mac, src_ip, dst_ip):
+    return (b"\xff" * 6 + src_mac + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+            + src_mac + src_ip + bytes(6) + dst_ip).ljust(60, b"\0")
+
+
+def _icmp_echo(src_mac, dst_mac, src_ip, dst_ip, ident, seq):
+    def csum(b):
+        s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+        s = (s & 0xFFFF) + (s >> 16)
+        return ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+    payload = b"pmd-sim-ping" * 4
+    icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload
+    icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0, src_ip, dst_ip)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + icmp
+
+
+def test_tap_wire_kernel_answers_arp_and_ping(netns):
+    tap = TapWire("pmdtap0", netns=netns)
+    m = VirtioNetModel(wire=tap)
+    port, _ = open_sim(m)
+    try:
+        _ip(netns, "link", "set", "pmdtap0", "up")
+        _ip(netns, "addr", "add", "10.99.0.1/24", "dev", "pmdtap0")
+        kernel_ip, our_ip = bytes([10, 99, 0, 1]), bytes([10, 99, 0, 2])
+
+        def exchange(frame, match, seconds=5.0):
+            arr = np.frombuffer(frame.ljust(60, b"\0"), np.uint8).reshape(1, -1).copy()
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                send(port, arr, np.array([arr.shape[1]], np.uint32))
+                for f in receive(port, 64, seconds=0.5):
+                    if match(f):
+                        return f
+            raise AssertionError("no answer from the kernel")
+
+        reply = exchange(_arp_request(port.mac, our_ip, kernel_ip),
+                         lambda f: f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x02")
+        assert reply[0:6] == port.mac and reply[28:32] == kernel_ip and reply[38:42] == our_ip
+        kernel_mac = reply[22:28]
+        echo_reply = exchange(_icmp_echo(port.mac, kernel_mac, our_ip, kernel_ip, 0x1234, 1),
+                              lambda f: f[12:14] == b"\x08\x00" and f[23] == 1 and f[34] == 0)
+        assert echo_reply[26:30] == kernel_ip and echo_reply[30:34] == our_ip
+        assert echo_reply[38:40] == b"\x12\x34" and echo_reply[42:].startswith(b"pmd-sim-ping")
+        assert tap.stats()["written"] >= 2 and tap.stats()["received"] >= 2
+    finally:
+        port.close()
+        m.close()
+    r = subprocess.run(["ip", "-n", netns, "link", "show", "pmdtap0"], capture_output=True)
+    assert r.returncode != 0                              # the interface went with its fd
+
+
+# ====================================================================== the process
+
+def leftovers(directory):
+    return sorted(p.name for p in Path(directory).iterdir() if p.is_socket())
+
+
+def test_spawned_device_answers_control_and_stops_cleanly(tmp_path):
+    sim = spawn_device(tmp_path)
+    try:
+        assert sim.running and sim.control("ping")["pid"] == sim.pid
+        assert oct(os.stat(sim.socket_path).st_mode & 0o777) == "0o600"
+        assert sorted(leftovers(tmp_path)) == ["dev.sock", "dev.sock.ctl"]
+        sim.set_link(False)
+        st = sim.stats()[0]
+        assert st["link_up"] is False and st["config_generation"] == 1
+        with pytest.raises(SimError, match="unknown op"):
+            sim.control("frobnicate")
+        with pytest.raises(SimError, match="does not exist"):
+            sim.control("stats", device=3)
+    finally:
+        code = sim.stop()
+    assert code == 0 and leftovers(tmp_path) == [] and not sim.running
+
+
+@pytest.mark.parametrize("how", ["sigint", "shutdown"])
+def test_device_process_exits_cleanly_on_sigint_and_on_shutdown(tmp_path, how):
+    sim = spawn_device(tmp_path)
+    if how == "sigint":
+        os.kill(sim.pid, signal.SIGINT)
+    else:
+        assert sim.control("shutdown")["ok"]
+    assert sim.proc.wait(5) == 0
+    assert leftovers(tmp_path) == []
+    sim.stop()
+
+
+def test_a_hung_device_process_is_killed_by_its_own_pid(tmp_path):
+    sim = spawn_device(tmp_path)
+    os.kill(sim.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    code = sim.stop(timeout=0.5)
+    assert code == -signal.SIGKILL and time.monotonic() - t0 < 5
+    assert leftovers(tmp_path) == []
+
+
+def test_spawn_failure_reports_the_process_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))          # where its own temporary directory goes
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with pytest.raises(SimError, match="queue_size must be a power of two"):
+        spawn_device(queue_size=1000)
+    with pytest.raises(TypeError, match="unknown built-in device option"):
+        spawn_device(colour="blue")
+    assert list(tmp_path.iterdir()) == []                 # nothing left behind either way
+
+
+def test_temporary_directory_is_removed_on_stop():
+    with spawn_device() as sim:
+        directory = Path(sim.socket_path).parent
+        assert directory.exists()
+    assert not directory.exists()
+
+
+def test_pair_process_serves_two_sockets(tmp_path):
+    with spawn_device(tmp_path, wire="pair") as sim:
+        assert sim.peer_socket_path == sim.socket_path + ".peer"
+        assert sorted(leftovers(tmp_path)) == ["dev.sock", "dev.sock.ctl", "dev.sock.peer"]
+        stats = sim.stats()
+        assert [d["mac"] for d in stats] == ["02:50:4d:44:00:01", "02:50:4d:44:00:02"]
+        sim.set_link(False, device=1)
+        assert [d["link_up"] for d in sim.stats()] == [True, False]
+    assert leftovers(tmp_path) == []
+
+
+def _client():
+    return pytest.importorskip("pmd.vfio_user.client")
+
+
+def test_driver_over_vfio_user_in_another_process_and_reconnect(tmp_path):
+    _client()
+    with spawn_device(tmp_path) as sim:
+        for round_ in range(2):                           # the device cleans up between drivers
+            port = pmd.open_port("vfio-user:" + sim.socket_path)
+            try:
+                port.start()
+                data, lengths = random_frames(500, seed=round_)
+                got = round_trip(port, data, lengths)
+                assert got == [data[i, :lengths[i]].tobytes() for i in range(500)]
+            finally:
+                port.close()
+            deadline = time.monotonic() + 5
+            while sim.stats()[0]["dma_mappings"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            st = sim.stats()[0]
+            assert st["dma_mappings"] == 0 and st["status"] == 0
+        assert st["tx_packets"] == 1000 and st["bad_descriptors"] == 0
+
+
+def test_generator_in_another_process_reports_through_control(tmp_path):
+    _client()
+    with spawn_device(tmp_path, wire="generator", count=2000, size=64) as sim:
+        port = pmd.open_port("vfio-user:" + sim.socket_path)
+        stop = threading.Event()
+        try:
+            port.start()
+            t = threading.Thread(target=echo, args=(port, stop))
+            t.start()
+            deadline = time.monotonic() + DEADLINE
+            while sim.stats()[0]["wire"]["received"] < 2000 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stop.set()
+            t.join()
+        finally:
+            stop.set()
+            port.close()
+        w = sim.stats()[0]["wire"]
+        assert (w["sent"], w["received"], w["lost"], w["reordered"]) == (2000, 2000, 0, 0)
+
+
+def test_no_leaks_across_models_ports_and_processes(tmp_path):
+    from .conftest import open_fds
+
+    def cycle():
+        port, m = open_sim(rx_interrupts=True)
+        round_trip(port, *random_frames(10, seed=1))
+        port.close()
+        m.close()
+        with spawn_device(tmp_path):
+            pass
+
+    cycle()                                               # warm up (imports, the interrupt thread)
+    fds, threads = open_fds(), threading.active_count()
+    for _ in range(3):
+        cycle()
+    assert open_fds() == fds and threading.active_count() == threads
+    assert leftovers(tmp_path) == []
