@@ -482,3 +482,77 @@ class TestPortLegacyVfio(PortTests):
         assert port.transport.kind == "legacy"
         assert not port.features >> 32          # 32 feature bits only
         assert port.hdr_len == (12 if port.features & bits("MRG_RXBUF") else 10)
+
+
+class TestPortSim(PortTests):
+    """The same driver tests over vfio-user, against pmd's built-in device in a
+    process of its own, its dgram wire played by tests/sim_peer.py."""
+
+    net = "sim"
+    expect_mac = "02:50:4d:44:00:01"
+
+    @pytest.fixture(autouse=True)
+    def _peer(self, tmp_path):
+        from tests.sim_peer import SimPeer
+
+        self.peer = SimPeer(tmp_path)
+        yield
+        self.peer.close()
+
+    @pytest.fixture
+    def host(self):
+        return self.peer
+
+    def open(self, **kw):
+        kw.setdefault("wire", "dgram")
+        kw.setdefault("dgram_local", self.peer.device_path)
+        kw.setdefault("dgram_remote", self.peer.path)
+        kw.setdefault("mtu", 9000)
+        port = pmd.open_port("sim", **kw)
+        self.peer.sim = port.sim
+        return port
+
+    def test_device_lacking_version_1_is_refused_and_left_reset(self):
+        p = self.open(features_off="VERSION_1")
+        try:
+            with pytest.raises(DeviceError, match="VERSION_1"):
+                p.start()
+            assert p.transport.get_status() == 0 and not p.started
+        finally:
+            p.close()
+
+    def test_several_queue_pairs_through_the_control_queue(self, host):
+        p = self.open(queue_pairs=2)
+        try:
+            p.start(queue_pairs=2)
+            assert p.features & bits("MQ") and p.queue_pairs == 2 and p.max_queue_pairs == 2
+            frame = np.frombuffer(b"\xff" * 6 + p.mac + b"\x88\xb5" + bytes(46), np.uint8)
+            for q in (0, 1):
+                assert p.tx_queue(q).tx_burst(np.tile(frame, (50, 1)), np.full(50, 60, np.uint32)) == 50
+            assert host.host_wire_digest(quiet=1.0)["count"] == 100
+            assert p.stats()["control_commands"] >= 1
+        finally:
+            p.close()
+
+    def test_jumbo_frames_over_mergeable_buffers(self, port, host):
+        assert port.features & bits("MRG_RXBUF") and port.mtu == 9000
+        stop = threading.Event()
+
+        def fwd():
+            rxq, txq = port.rx_queue(0), port.tx_queue(0)
+            out = np.zeros((32, rxq.max_packet_len), np.uint8)
+            lens = np.zeros(32, np.uint32)
+            while not stop.is_set():
+                n = rxq.rx_burst(out, lens)
+                sent = 0
+                while sent < n:
+                    sent += txq.tx_burst(out[sent:n], lens[sent:n])
+        t = threading.Thread(target=fwd)
+        t.start()
+        try:
+            host.host_traffic(500, seed=8, min_len=60, max_len=9014, dst=port.mac)
+            r = host.host_traffic_check("io", wait=120)
+        finally:
+            stop.set()
+            t.join()
+        assert r["received"] == 500 and r["n_mismatched"] == 0, r

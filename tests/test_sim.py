@@ -31,6 +31,8 @@ from pmd.sim.dma import PROT_RW
 from pmd.sim.local import LocalAccess
 from pmd.sim.process import SimError, spawn_device
 from pmd.sim.wires import (
+    Batch,
+    DgramWire,
     GeneratorWire,
     LoopbackWire,
     NullWire,
@@ -926,6 +928,75 @@ def test_null_wire_drops_and_counts():
         while m.wire.stats()["dropped"] < 30 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert m.wire.stats()["dropped"] == 30 and receive(port, 1, seconds=0.2) == []
+    finally:
+        port.close()
+        m.close()
+
+
+def test_dgram_wire_polls_without_waiting_and_carries_frames_both_ways(tmp_path):
+    import socket as _socket
+    peer = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    peer.bind(str(tmp_path / "peer"))
+    peer.settimeout(5)
+    wire = DgramWire(str(tmp_path / "dev"), str(tmp_path / "peer"))
+    m = VirtioNetModel(wire=wire)
+    port, _ = open_sim(m)
+    try:
+        t = time.monotonic()
+        assert wire.receive(0, 1, 32) is None            # idle: returns at once
+        assert time.monotonic() - t < 0.1
+        data, lengths = random_frames(20, seed=12)
+        send(port, data, lengths)
+        sent = [data[i, :lengths[i]].tobytes() for i in range(20)]
+        assert [peer.recv(65536) for _ in range(20)] == sent
+        for f in sent:
+            peer.sendto(f, str(tmp_path / "dev"))
+        assert receive(port, 20) == sent
+        assert m.engine.error is None
+    finally:
+        port.close()
+        m.close()
+        peer.close()
+
+
+def test_dgram_wire_drops_and_counts_when_the_peer_never_reads(tmp_path, monkeypatch):
+    import socket as _socket
+    monkeypatch.setattr(DgramWire, "SEND_WAIT", 0.05)
+    peer = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    peer.bind(str(tmp_path / "peer"))
+    wire = DgramWire(str(tmp_path / "dev"), str(tmp_path / "peer"))
+    try:
+        frames = [bytes(60)] * 2000                       # more than the peer's queue holds
+        batch = Batch.from_frames(frames, 60)
+        wire.transmit(0, batch)
+        st = wire.stats()
+        assert st["sent"] + st["dropped"] == 2000 and st["dropped"] > 0 and st["sent"] > 0
+    finally:
+        wire.close()
+        peer.close()
+    assert not (tmp_path / "dev").exists()
+
+
+def test_dgram_wire_needs_both_paths():
+    with pytest.raises(ValueError, match="dgram-local"):
+        DgramWire("", "/nonexistent")
+
+
+class _BrokenWire(NullWire):
+    def receive(self, pair, n_pairs, budget):
+        raise RuntimeError("wire broke")
+
+
+def test_a_dead_data_path_sets_needs_reset():
+    m = VirtioNetModel(wire=_BrokenWire())
+    port, _ = open_sim(m)
+    try:
+        deadline = time.monotonic() + 5
+        while not m.status & F.STATUS_DEVICE_NEEDS_RESET and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert m.status & F.STATUS_DEVICE_NEEDS_RESET
+        assert "wire broke" in m.stats()["needs_reset_reason"]
+        assert isinstance(m.engine.error, RuntimeError) and not m.engine.running
     finally:
         port.close()
         m.close()

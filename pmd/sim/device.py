@@ -217,7 +217,7 @@ class VirtioNetModel:
         self.isr = 0
         self.rx_filter = RxFilter(o.mac)
         self.engine = Engine(self.wire, self.rx_filter, self._control, name=f"{name}-engine",
-                             row_width=self.max_frame)
+                             row_width=self.max_frame, on_error=self._engine_failed)
         self.engine.link_up = o.link_up
         self.wire.bind(self)
         self._reset_state()
@@ -307,6 +307,14 @@ class VirtioNetModel:
         self.needs_reset_reason = reason
         self.status |= F.STATUS_DEVICE_NEEDS_RESET
         self.engine.stop()
+        if self.status & F.STATUS_DRIVER_OK:
+            self._config_changed(bump=False)
+
+    def _engine_failed(self, exc: BaseException) -> None:
+        """The data path died (a wire error, a bug): 2.1.2 DEVICE_NEEDS_RESET so the
+        driver hears of it. Runs on the engine thread: no lock, no engine.stop()."""
+        self.needs_reset_reason = f"device data path failed: {exc!r}"
+        self.status |= F.STATUS_DEVICE_NEEDS_RESET
         if self.status & F.STATUS_DRIVER_OK:
             self._config_changed(bump=False)
 

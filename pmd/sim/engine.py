@@ -126,6 +126,9 @@ ControlHandler = Callable[[int, int, bytes], int]
 class Engine:
     """``Engine(wire, rx_filter, control, name="pmd-sim")``: start/stop the device's data path.
 
+    ``on_error(exc)`` is called from the engine thread if it dies, so the
+    device can tell the driver (DEVICE_NEEDS_RESET) instead of going silent.
+
     The owner (the device model) builds a :class:`Plan` from its enabled
     queues and calls :meth:`start`; :meth:`stop` returns once the thread is
     gone, so queues, DMA windows and interrupt fds can be changed safely.
@@ -134,8 +137,10 @@ class Engine:
 
     def __init__(self, wire: Wire, rx_filter: RxFilter, control: ControlHandler, *, name: str = "pmd-sim",
                  budget: int = BUDGET, spin: int = SPIN, sleep_min: float = SLEEP_MIN,
-                 sleep_max: float = SLEEP_MAX, row_width: int = 2048) -> None:
+                 sleep_max: float = SLEEP_MAX, row_width: int = 2048,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.wire = wire
+        self.on_error = on_error
         self.filter = rx_filter
         self.control = control
         self.name = name
@@ -206,6 +211,9 @@ class Engine:
         except BaseException as e:      # a bug, not a driver error: report it, stop
             self.error = e
             log.exception("%s: engine stopped", self.name)
+            if self.on_error is not None:
+                # From this thread: the callback must not stop() (join) the engine.
+                self.on_error(e)
 
     def _scratch(self) -> tuple[Rows, Lengths]:
         try:

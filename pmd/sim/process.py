@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--netns", default=None, help="tap wire: create the interface in this namespace")
     parser.add_argument("--peer-socket", default=None, help="pair wire: socket of the second device "
                         f"(default PATH{PEER_SUFFIX})")
+    parser.add_argument("--dgram-local", default=None, help="dgram wire: our datagram socket path")
+    parser.add_argument("--dgram-remote", default=None, help="dgram wire: the peer's datagram socket path")
     parser.add_argument("--mode", default="600", help="socket permissions, octal (default 600)")
     parser.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="WARNING")
@@ -102,7 +104,8 @@ def _wires(args: argparse.Namespace) -> list[Wire]:
     if args.wire == "pair":
         return list(pair_wires())
     return [make_wire(args.wire, pcap_in=args.pcap_in, pcap_out=args.pcap_out, rate=args.rate, size=args.size,
-                      flows=args.flows, count=args.count, loop=args.loop, tap=args.tap, netns=args.netns)]
+                      flows=args.flows, count=args.count, loop=args.loop, tap=args.tap, netns=args.netns,
+                      dgram_local=args.dgram_local, dgram_remote=args.dgram_remote)]
 
 
 class _Control:
@@ -271,7 +274,7 @@ _OPTION_FLAGS = {
     "mtu": "--mtu", "msix_vectors": "--msix-vectors", "features_off": "--features-off",
     "pcap_in": "--pcap-in", "pcap_out": "--pcap-out", "loop": "--loop", "rate": "--rate", "size": "--size",
     "flows": "--flows", "count": "--count", "tap": "--tap", "peer_socket": "--peer-socket", "mode": "--mode",
-    "log_level": "--log-level",
+    "log_level": "--log-level", "dgram_local": "--dgram-local", "dgram_remote": "--dgram-remote",
 }
 
 

@@ -26,6 +26,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import socket
 import struct
 import threading
 import time
@@ -643,12 +644,110 @@ class TapWire(Wire):
             self.fd = -1
 
 
-WIRES = ("loopback", "pair", "pcap", "generator", "tap", "null")
+class DgramWire(Wire):
+    """``DgramWire(local, remote)``: one Ethernet frame per datagram on a UNIX
+    datagram socket, as QEMU's ``-netdev dgram`` does, so another process (a
+    test peer) is the other end. Bound at ``local``; sends to ``remote``. Frames
+    the peer sends go to queue pair 0. A full peer queue holds the sender for
+    up to ``SEND_WAIT`` seconds (back-pressure), then the rest of that burst is
+    dropped and counted."""
+
+    name = "dgram"
+
+    def __init__(self, local: str, remote: str) -> None:
+        super().__init__()
+        if not local or not remote:
+            raise ValueError("the dgram wire needs --dgram-local and --dgram-remote socket paths")
+        self.remote = remote
+        self.local = local
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            if os.path.exists(local):
+                os.unlink(local)
+            self.sock.bind(local)
+            os.chmod(local, 0o600)
+        except BaseException:
+            self.sock.close()
+            raise
+        # Non-blocking: receive() must never wait (the engine polls every ring
+        # in one thread); a send waits for the peer in transmit() itself.
+        self.sock.setblocking(False)
+        self.sent = 0
+        self.received = 0
+        self.dropped = 0
+
+    #: how long a send waits for room in the peer's queue before dropping
+    SEND_WAIT = 1.0
+
+    def _send(self, frame: bytes) -> bool:
+        deadline = 0.0
+        while True:
+            try:
+                self.sock.sendto(frame, self.remote)
+                return True
+            except (BlockingIOError, InterruptedError):
+                # The peer's queue is full (a UNIX datagram socket's receive
+                # queue holds net.unix.max_dgram_qlen frames): back-pressure.
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self.SEND_WAIT
+                elif now >= deadline:
+                    return False
+                time.sleep(20e-6)
+            except OSError:          # no peer bound yet: a wire with nobody on it drops
+                return False
+
+    def transmit(self, pair: int, batch: Batch) -> bool:
+        for i in range(batch.start, batch.n):
+            if self._send(batch.rows[i, :int(batch.lengths[i])].tobytes()):
+                self.sent += 1
+            else:
+                # The peer stayed full (or is gone): drop the rest of the burst
+                # at once rather than wait again for each frame.
+                self.dropped += batch.n - i
+                break
+        return False
+
+    def receive(self, pair: int, n_pairs: int, budget: int) -> Batch | None:
+        if pair != 0:
+            return None
+        frames: list[bytes] = []
+        width = self.width
+        while len(frames) < budget:
+            try:
+                f = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            if 0 < len(f) <= width:
+                frames.append(f)
+            else:
+                self.dropped += 1
+        if not frames:
+            return None
+        return Batch.from_frames(frames, max(len(f) for f in frames))
+
+    def delivered(self, pair: int, count: int) -> None:
+        self.received += count
+
+    def stats(self) -> dict[str, Any]:
+        return {"wire": self.name, "sent": self.sent, "received": self.received, "dropped": self.dropped}
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+            try:
+                os.unlink(self.local)
+            except OSError:
+                pass
+
+
+WIRES = ("loopback", "pair", "pcap", "generator", "tap", "null", "dgram")
 
 
 def make_wire(kind: str, *, pcap_in: str | None = None, pcap_out: str | None = None, rate: float = 0,
               size: int = 64, flows: int = 1, count: int = 0, loop: int = 1, tap: str = "pmdtap0",
-              netns: str | None = None) -> Wire:
+              netns: str | None = None, dgram_local: str | None = None,
+              dgram_remote: str | None = None) -> Wire:
     """A wire by name (``pair`` has two ends: use :func:`pair_wires`)."""
     if kind == "loopback":
         return LoopbackWire()
@@ -660,8 +759,10 @@ def make_wire(kind: str, *, pcap_in: str | None = None, pcap_out: str | None = N
         return TapWire(tap, netns)
     if kind == "null":
         return NullWire()
+    if kind == "dgram":
+        return DgramWire(dgram_local or "", dgram_remote or "")
     raise ValueError(f"unknown wire {kind!r}; one of {', '.join(WIRES)} (pair: use pair_wires())")
 
 
 __all__ = ["Batch", "Wire", "WireDevice", "NullWire", "LoopbackWire", "PairEnd", "pair_wires", "PcapWire",
-           "GeneratorWire", "TapWire", "open_tap", "make_wire", "generator_frame", "WIRES"]
+           "GeneratorWire", "TapWire", "DgramWire", "open_tap", "make_wire", "generator_frame", "WIRES"]
