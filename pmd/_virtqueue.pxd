@@ -59,6 +59,7 @@ cdef class Virtqueue:
     cdef readonly bint weak_barriers
     cdef readonly bint interrupts_enabled
     cdef readonly bint broken
+    cdef readonly object fail_reason   # why fail() stopped the queue (str), or None
     cdef DescExtra *extra
     cdef int notify_kind
     cdef char *notify_addr

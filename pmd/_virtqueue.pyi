@@ -20,6 +20,7 @@ class Virtqueue:
     weak_barriers: bool
     interrupts_enabled: bool
     broken: bool
+    fail_reason: str | None
     n_notify: int
     n_notify_suppressed: int
     n_bad_id: int
@@ -29,6 +30,7 @@ class Virtqueue:
     n_notify_errors: int
     def __init__(self, memory: DmaMemory, size: int, queue_index: int = 0, *, event_idx: bool = False,
                  weak_barriers: bool = True, align: int = 4096, interrupts: bool = False) -> None: ...
+    def fail(self, reason: str) -> None: ...
     @property
     def desc_iova(self) -> int: ...
     @property

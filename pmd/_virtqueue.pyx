@@ -130,6 +130,8 @@ cdef class Virtqueue:
         if self.is_closed:
             raise QueueStateError(f"virtqueue {self.queue_index} is closed")
         self.memory._check_open()
+        if self.fail_reason is not None:
+            raise DeviceError(f"virtqueue {self.queue_index}: {self.fail_reason}")
         if self.broken:
             raise DeviceError(f"virtqueue {self.queue_index}: the device published a used index "
                               f"covering more entries than are in flight (queue size {self.size}); "
@@ -299,6 +301,13 @@ cdef class Virtqueue:
             "bad_used_len": self.n_bad_len,
             "bad_used_idx": self.n_bad_used_idx,
         }
+
+    def fail(self, reason):
+        """Stop the queue from outside the data path (the device went away, for
+        example): every later burst raises DeviceError with ``reason``. Safe from
+        any thread: a burst in progress finishes, the next one raises."""
+        self.fail_reason = str(reason)
+        self.broken = True
 
     def close(self):
         """Stop using the queue. The device must have been reset (or the queue

@@ -676,6 +676,20 @@ class DeviceAccess(abc.ABC):
     def bus_master_enabled(self) -> bool:
         return bool(self.config_read_int(PCI_COMMAND, 2) & PCI_COMMAND_MASTER)
 
+    # --- the device going away ---
+
+    def on_lost(self, callback: Callable[[str], object]) -> Callable[[], None]:
+        """Have ``callback(reason)`` called once, from another thread, if the device
+        goes away under the driver; returns a function that cancels it.
+
+        The data path never asks the device anything (rings in shared memory, a
+        doorbell by store), so without this a driver whose device vanished would
+        just see empty rings. A vfio-user server can exit at any time; a kernel
+        VFIO device cannot vanish under an open device fd, so the default never
+        calls ``callback``.
+        """
+        return lambda: None
+
     # --- DMA ---
 
     @property

@@ -103,6 +103,8 @@ class Port:
         self._link = Link(True)
         self._promisc: bool | None = None
         self._allmulti: bool | None = None
+        #: why the device went away under a started port (see :meth:`_device_lost`), else None
+        self.lost: str | None = None
         try:
             self.transport: Transport = open_transport(access, legacy=legacy)
             self.transport.reset()
@@ -250,6 +252,9 @@ class Port:
         if self._config_event is not None:
             reg = interrupts.get_interrupt_thread().register(self._config_event, self._on_config_interrupt)
             self._resources.append(lambda: interrupts.get_interrupt_thread().unregister(reg))
+        # The data path never asks the device anything, so a device that goes away
+        # (a vfio-user server that exits) would only show as empty rings: be told.
+        self._resources.append(self.access.on_lost(self._device_lost))
         log.info("%s: started, %s, features %s, MAC %s, %d queue pair(s)", self.name, t.describe(),
                  ",".join(F.names(accepted)), format_mac(self.mac), queue_pairs)
 
@@ -421,6 +426,8 @@ class Port:
             if vq.enable_interrupts():
                 return True
             count = interrupts.wait(ev, timeout)
+            if vq.fail_reason is not None:
+                raise DeviceError(f"rx queue {queue}: {vq.fail_reason}")
             if count:
                 self.rx_interrupts += 1
             return bool(count)
@@ -448,6 +455,24 @@ class Port:
                 if callback in self._link_callbacks:
                     self._link_callbacks.remove(callback)
         return remove
+
+    def _device_lost(self, reason: str) -> None:
+        """The access layer says the device is gone (from its watcher thread): stop
+        every queue so the next burst raises DeviceError, and wake rx_wait sleepers."""
+        msg = f"the device is gone ({reason}); close the port and open it again"
+        self.lost = msg
+        log.error("%s: %s", self.name, msg)
+        queues = [q.vq for q in (*self.rxqs, *self.txqs)]
+        if self.ctrl is not None:
+            queues.append(self.ctrl.vq)
+        for vq in queues:
+            vq.fail(msg)
+        for ev in list(self._rx_events):
+            if ev is not None and not ev.closed:
+                try:
+                    ev.signal()
+                except (OSError, ValueError):
+                    pass    # closed by a stop() running now
 
     def _on_config_interrupt(self, fd: int, count: int, arg: object) -> None:
         self.config_interrupts += 1

@@ -253,6 +253,23 @@ def test_closed_queue_raises(lb):
         lb.driver_tx.tx_burst(np.zeros((1, 60), np.uint8), np.array([60], np.uint32))
 
 
+def test_failed_queue_raises_the_reason_on_every_burst(lb):
+    data, lengths = random_packets(4)
+    lb.driver_tx.tx_burst(data, lengths)
+    lb.step()
+    lb.driver_rx.vq.fail("the device is gone (test)")
+    lb.driver_tx.vq.fail("the device is gone (test)")
+    assert lb.driver_rx.vq.broken and lb.driver_rx.vq.fail_reason == "the device is gone (test)"
+    for _ in range(2):
+        with pytest.raises(DeviceError, match="virtqueue 0: the device is gone"):
+            rx_all(lb, 4)
+        with pytest.raises(DeviceError, match="the device is gone"):
+            lb.driver_tx.tx_burst(data, lengths)
+    lb.driver_rx.close()                                  # closing still works, buffers come back
+    lb.driver_tx.close()
+    assert lb.pool.available == lb.pool.n_buffers
+
+
 def test_close_returns_in_flight_buffers_to_the_pool(lb):
     data, lengths = random_packets(10)
     lb.driver_tx.tx_burst(data, lengths)

@@ -1193,6 +1193,63 @@ def test_driver_over_vfio_user_in_another_process_and_reconnect(tmp_path):
         assert st["tx_packets"] == 1000 and st["bad_descriptors"] == 0
 
 
+def test_device_process_killed_in_the_middle_of_traffic_is_a_clear_error_within_a_second(tmp_path):
+    from .conftest import open_fds
+
+    _client()
+    from pmd.interrupts import get_interrupt_thread
+
+    get_interrupt_thread().start()                        # started once per process, on first use
+    fds, threads = open_fds(), threading.active_count()
+    sim = spawn_device(tmp_path, wire="generator", size=64)     # frames at full rate
+    port = pmd.open_port("vfio-user:" + sim.socket_path)
+    try:
+        port.start(rx_interrupts=True)
+        rxq = port.rx_queue(0)
+        ids = np.zeros(32, np.uint32)
+        lens = np.zeros(32, np.uint32)
+        got = 0
+        while got < 1000:                                 # traffic is flowing
+            n = rxq.rx_burst_zc(ids, lens)
+            rxq.pool.free(ids[:n])
+            got += n
+        sim.proc.kill()                                   # the device dies; its PID is ours
+        killed = time.monotonic()
+        with pytest.raises(DeviceError, match="the device is gone") as e:
+            while time.monotonic() - killed < 5:
+                n = rxq.rx_burst_zc(ids, lens)
+                rxq.pool.free(ids[:n])
+        assert time.monotonic() - killed < 1.0
+        assert "close the port" in str(e.value)
+        with pytest.raises(DeviceError, match="the device is gone"):
+            port.tx_queue(0).tx_burst(np.zeros((1, 64), np.uint8), np.full(1, 64, np.uint32))
+        with pytest.raises(DeviceError, match="the device is gone"):
+            port.rx_wait(0, timeout=5)                    # no sleeping on a dead device
+        assert port.lost and "closed the connection" in port.lost
+    finally:
+        t = time.monotonic()
+        port.close()                                      # no hang on a dead device
+        sim.stop()
+    assert time.monotonic() - t < 3
+    assert open_fds() == fds and threading.active_count() == threads
+    assert leftovers(tmp_path) == []
+
+
+def test_an_rx_wait_sleeping_when_the_device_dies_wakes_with_the_error(tmp_path):
+    _client()
+    with spawn_device(tmp_path, wire="null") as sim:
+        port = pmd.open_port("vfio-user:" + sim.socket_path)
+        try:
+            port.start(rx_interrupts=True)
+            threading.Timer(0.3, sim.proc.kill).start()
+            t = time.monotonic()
+            with pytest.raises(DeviceError, match="the device is gone"):
+                port.rx_wait(0, timeout=10)
+            assert time.monotonic() - t < 1.5
+        finally:
+            port.close()
+
+
 def test_generator_in_another_process_reports_through_control(tmp_path):
     _client()
     with spawn_device(tmp_path, wire="generator", count=2000, size=64) as sim:

@@ -751,6 +751,54 @@ def test_server_killed_while_idle_is_noticed_without_a_request(sock_dir):
         proc.wait(5)
 
 
+def test_on_lost_is_called_once_when_the_server_goes(sock_dir):
+    path = os.path.join(sock_dir, "s")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT.format(root=str(ROOT), path=path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with VfioUserDevice.connect(path) as dev:
+            calls: list[tuple[str, float]] = []
+            dev.on_lost(lambda why: calls.append(("a", time.monotonic())))
+            cancel_b = dev.on_lost(lambda why: calls.append(("b", time.monotonic())))
+            dev.on_lost(lambda why: 1 / 0)           # a failing callback does not stop the others
+            dev.on_lost(lambda why: calls.append((why, time.monotonic())))
+            cancel_b()
+            for _ in range(20):                      # replies to requests do not wake the watcher
+                assert dev.config_read_int(0, 2) == 0x1AF4
+            assert calls == []
+            proc.kill()
+            killed = time.monotonic()
+            assert wait_for(lambda: len(calls) == 2, 1.0)
+            assert [c[0] for c in calls] == ["a", "the server closed the connection"]
+            assert all(t - killed < 1.0 for _, t in calls)
+            late: list[str] = []
+            dev.on_lost(late.append)                 # after the loss: told at once
+            assert late == ["the server closed the connection"]
+            time.sleep(0.1)
+            assert len(calls) == 2                   # once only
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_closing_the_device_stops_the_watcher_without_calling_back(served):
+    _model, _server, path = served
+    threads = threading.active_count()
+    calls: list[str] = []
+    dev = VfioUserDevice.connect(path)
+    fds = open_fds()
+    dev.on_lost(calls.append)
+    assert threading.active_count() == threads + 1 and open_fds() == fds + 2   # a dup'd socket, an eventfd
+    dev.close()
+    assert threading.active_count() == threads and calls == []
+    with pytest.raises(VfioError, match="closed"):
+        dev.on_lost(calls.append)
+
+
 def test_client_that_disappears_is_cleaned_up(served):
     model, server, path = served
     proc = subprocess.Popen(

@@ -41,7 +41,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..access import (
     PCI_CONFIG_REGION_INDEX,
@@ -284,6 +284,74 @@ class _Connection:
             sock.close()
 
 
+class _Watcher:
+    """A thread that notices the server hang up and calls the ``on_lost`` callbacks once.
+
+    It polls a duplicate of the socket for POLLRDHUP only (POLLHUP and POLLERR
+    come anyway), so replies arriving for requests never wake it, and an
+    eventfd that ``stop`` signals. A connection the client itself breaks
+    (a timeout, a bad reply) is shut down, which wakes it too.
+    """
+
+    def __init__(self, conn: _Connection) -> None:
+        sock = conn.sock
+        if sock is None:
+            raise conn._unusable("watch the connection")
+        self.conn = conn
+        self.callbacks: list[Callable[[str], object]] = []
+        self.lock = threading.Lock()
+        self.fired = False
+        self._fd = os.dup(sock.fileno())
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name=f"vfio-user-watch {conn.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLRDHUP)
+        poller.register(self._wake, select.POLLIN)
+        while True:
+            try:
+                events = dict(poller.poll())
+            except InterruptedError:
+                continue
+            if self._wake in events:
+                return
+            if events.get(self._fd):
+                break
+        reason = self.conn.broken or "the server closed the connection"
+        with self.lock:
+            self.fired = True
+            callbacks = list(self.callbacks)
+        for callback in callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("vfio-user %s: on_lost callback failed", self.conn.name)
+
+    def add(self, callback: Callable[[str], object]) -> Callable[[], None]:
+        with self.lock:
+            fired = self.fired
+            if not fired:
+                self.callbacks.append(callback)
+        if fired:  # already gone: tell at once
+            callback(self.conn.broken or "the server closed the connection")
+
+        def cancel() -> None:
+            with self.lock:
+                if callback in self.callbacks:
+                    self.callbacks.remove(callback)
+
+        return cancel
+
+    def stop(self) -> None:
+        os.eventfd_write(self._wake, 1)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        os.close(self._fd)
+        os.close(self._wake)
+
+
 class _Resources:
     """Everything a VfioUserDevice holds, released in reverse order by ``release``."""
 
@@ -293,12 +361,16 @@ class _Resources:
         self.mappings: list[RegionMapping] = []
         self.dma: dict[int, tuple[int, int]] = {}  # iova -> (vaddr, size)
         self.irqs: dict[int, int] = {}  # irq index -> vectors set
+        self.watcher: _Watcher | None = None
         self.closed = False
 
     def release(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.watcher is not None:  # our own close is no loss: stop watching first
+            self.watcher.stop()
+            self.watcher = None
         conn = self.conn
         if not conn.lock.acquire(timeout=0.05):
             conn.interrupt()  # a thread waits for a reply: wake it, it fails and lets go
@@ -504,6 +576,16 @@ class VfioUserDevice(DeviceAccess):
     def alive(self) -> bool:
         """Whether the server is still connected (no request: a poll of the socket)."""
         return not self._res.closed and self._conn.alive()
+
+    def on_lost(self, callback: Callable[[str], object]) -> Callable[[], None]:
+        """Call ``callback(reason)`` once, from a watcher thread, when the server goes
+        away (exits, closes the connection, or the connection breaks); returns a
+        function that cancels it. The watcher starts with the first callback and
+        stops at ``close()``. A callback added after the loss is called at once."""
+        res = self._live()
+        if res.watcher is None:
+            res.watcher = _Watcher(self._conn)
+        return res.watcher.add(callback)
 
     def check_alive(self) -> None:
         """Raise :class:`VfioError` when the server is gone (for a watchdog on the data path)."""
