@@ -360,3 +360,29 @@ class TestInGuest:
         assert [c.pos for c in cs.capabilities] and all(c.pos in caps for c in cs.capabilities)
         assert seen["bars"] == {i: b.address for i in range(cs.bar_count)
                                 if (b := cs.bar(i)) is not None and b.raw}
+
+
+# ---------------------------------------------------------------------------- the README's commands
+
+def _readme_command(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(re.escape(heading) + r".*?```sh\n(.*?)\n```", text, re.S)
+    assert m, f"no command block after {heading!r} in README.md"
+    return m.group(1).strip()
+
+
+def test_readme_main_job_runs_on_the_built_in_device_and_prints_a_summary():
+    setup, job = _readme_command("Set up and run the main job").split(" && ")
+    assert setup == "bash scripts/setup.sh"
+    argv = job.split()
+    assert argv[:3] == ["python3", "-m", "pmd"] and "fwd" in argv
+    r = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sim" in r.stdout.splitlines()[0]                       # the built-in device
+    m = re.search(r"^summary: .*\bmpps=([0-9.]+)", r.stdout, re.M)
+    assert m and float(m.group(1)) > 0, r.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    command = _readme_command("Set up and pass the tests")
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
