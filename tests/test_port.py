@@ -409,10 +409,37 @@ def _vfio_env(name: str) -> str | None:
     return os.environ.get(name)
 
 
+class MergeableTests:
+    """For devices with MRG_RXBUF and an MTU of 9000 (the modern QEMU device, the built-in one)."""
+
+    def test_jumbo_frames_over_mergeable_buffers(self, port, host):
+        assert port.features & bits("MRG_RXBUF") and port.mtu == 9000
+        stop = threading.Event()
+        # zero-copy cannot carry multi-buffer packets: forward in copy mode
+        def fwd():
+            rxq, txq = port.rx_queue(0), port.tx_queue(0)
+            out = np.zeros((32, rxq.max_packet_len), np.uint8)
+            lens = np.zeros(32, np.uint32)
+            while not stop.is_set():
+                n = rxq.rx_burst(out, lens)
+                sent = 0
+                while sent < n:
+                    sent += txq.tx_burst(out[sent:n], lens[sent:n])
+        t = threading.Thread(target=fwd)
+        t.start()
+        try:
+            host.host_traffic(500, seed=8, min_len=60, max_len=9014, dst=port.mac, net=self.net)
+            r = host.host_traffic_check("io", wait=300, net=self.net)
+        finally:
+            stop.set()
+            t.join()
+        assert r["received"] == 500 and r["n_mismatched"] == 0, r
+
+
 @pytest.mark.vfio
 @pytest.mark.skipif(not _vfio_env("PMD_VFIO_DEVICE"),
                     reason="PMD_VFIO_DEVICE is not set: runs in the QEMU guest (tests/vm)")
-class TestPortModernVfio(PortTests):
+class TestPortModernVfio(PortTests, MergeableTests):
     net = "modern"
     expect_mac = "52:54:00:12:34:51"
 
@@ -442,29 +469,6 @@ class TestPortModernVfio(PortTests):
         from pmd.pcap import read_pcap
         assert len(list(read_pcap(tmp_path / "rx.pcap"))) == 1000
 
-    def test_jumbo_frames_over_mergeable_buffers(self, port, host):
-        assert port.features & bits("MRG_RXBUF") and port.mtu == 9000
-        stop = threading.Event()
-        # zero-copy cannot carry multi-buffer packets: forward in copy mode
-        def fwd():
-            rxq, txq = port.rx_queue(0), port.tx_queue(0)
-            out = np.zeros((32, rxq.max_packet_len), np.uint8)
-            lens = np.zeros(32, np.uint32)
-            while not stop.is_set():
-                n = rxq.rx_burst(out, lens)
-                sent = 0
-                while sent < n:
-                    sent += txq.tx_burst(out[sent:n], lens[sent:n])
-        t = threading.Thread(target=fwd)
-        t.start()
-        try:
-            host.host_traffic(500, seed=8, min_len=60, max_len=9014, dst=port.mac, net=self.net)
-            r = host.host_traffic_check("io", wait=300, net=self.net)
-        finally:
-            stop.set()
-            t.join()
-        assert r["received"] == 500 and r["n_mismatched"] == 0, r
-
 
 @pytest.mark.vfio
 @pytest.mark.skipif(not _vfio_env("PMD_VFIO_LEGACY_DEVICE"),
@@ -484,7 +488,7 @@ class TestPortLegacyVfio(PortTests):
         assert port.hdr_len == (12 if port.features & bits("MRG_RXBUF") else 10)
 
 
-class TestPortSim(PortTests):
+class TestPortSim(PortTests, MergeableTests):
     """The same driver tests over vfio-user, against pmd's built-in device in a
     process of its own, its dgram wire played by tests/sim_peer.py."""
 
@@ -533,26 +537,3 @@ class TestPortSim(PortTests):
             assert p.stats()["control_commands"] >= 1
         finally:
             p.close()
-
-    def test_jumbo_frames_over_mergeable_buffers(self, port, host):
-        assert port.features & bits("MRG_RXBUF") and port.mtu == 9000
-        stop = threading.Event()
-
-        def fwd():
-            rxq, txq = port.rx_queue(0), port.tx_queue(0)
-            out = np.zeros((32, rxq.max_packet_len), np.uint8)
-            lens = np.zeros(32, np.uint32)
-            while not stop.is_set():
-                n = rxq.rx_burst(out, lens)
-                sent = 0
-                while sent < n:
-                    sent += txq.tx_burst(out[sent:n], lens[sent:n])
-        t = threading.Thread(target=fwd)
-        t.start()
-        try:
-            host.host_traffic(500, seed=8, min_len=60, max_len=9014, dst=port.mac)
-            r = host.host_traffic_check("io", wait=120)
-        finally:
-            stop.set()
-            t.join()
-        assert r["received"] == 500 and r["n_mismatched"] == 0, r
