@@ -1,6 +1,6 @@
 """The device-access interface: what a driver needs from a PCI device, and nothing more.
 
-Kernel VFIO (:mod:`pmd.vfio`) and vfio-user (a later ``pmd.vfio_user``) both
+Kernel VFIO (:mod:`pmd.vfio`) and vfio-user (:mod:`pmd.vfio_user.client`) both
 implement :class:`DeviceAccess`; the virtio transports are written against
 this class only. The vocabulary is VFIO's because vfio-user reuses it on the
 wire: the same region indexes (BAR0-5, ROM, config space, VGA), the same
@@ -583,8 +583,9 @@ class _Shift:
 class DeviceAccess(abc.ABC):
     """Access to one PCI device's config space, regions, DMA and interrupts.
 
-    Implementations: :class:`pmd.vfio.VfioDevice` (kernel VFIO) and, later,
-    a vfio-user client. Everything a virtio transport needs goes through here.
+    Implementations: :class:`pmd.vfio.VfioDevice` (kernel VFIO),
+    :class:`pmd.vfio_user.client.VfioUserDevice` (vfio-user) and, for tests,
+    :class:`pmd.sim.local.LocalAccess`. Everything a virtio transport needs goes through here.
     """
 
     #: PCI address (kernel VFIO) or a socket path (vfio-user)

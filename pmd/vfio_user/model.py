@@ -21,8 +21,9 @@ checks every message before the model sees it, so a model may rely on:
 - ``reset`` only when ``device_info`` flags have ``VFIO_DEVICE_FLAGS_RESET``;
 - ``client_gone`` after the client disconnected, for whatever reason (closed,
   crashed, dropped by the server for a protocol error, or the server closing):
-  drop every DMA mapping and close every IRQ fd the model still holds; the
-  device state otherwise stays (the vfio-user spec: a client may reconnect).
+  drop every DMA mapping and close every IRQ fd the model still holds. The spec
+  lets a device keep its state for a client that reconnects; a model may also
+  reset (the built-in device does: docs/vfio-user.md, section 9).
 
 File descriptors:
 

@@ -2,7 +2,7 @@
 
 The reference is QEMU's ``docs/devel/vfio-user.rst`` (protocol version 0.9.1);
 libvfio-user speaks the same protocol. Every message is a 16-byte header
-followed by a command-specific payload, in the host's byte order::
+followed by a command-specific payload, little-endian (as the spec says)::
 
     offset  size  field
     0       2     message id     (the sender's; echoed in the reply)
@@ -186,7 +186,7 @@ FLAG_NO_REPLY = 1 << 4
 FLAG_ERROR = 1 << 5
 _FLAG_KNOWN = FLAG_TYPE_MASK | FLAG_NO_REPLY | FLAG_ERROR
 
-HEADER = struct.Struct("=HHIII")
+HEADER = struct.Struct("<HHIII")
 HEADER_SIZE = HEADER.size  # 16
 
 # --- DMA_MAP flags ---
@@ -214,16 +214,16 @@ MAX_IRQ_INDEXES = 16
 _U64 = (1 << 64) - 1
 _SCM_MAX_FD = 253  # Linux: the most fds one SCM_RIGHTS message can carry
 
-_DMA_MAP = struct.Struct("=IIQQQ")  # argsz, flags, offset, address, size
-_DMA_UNMAP = struct.Struct("=IIQQ")  # argsz, flags, address, size
-_INFO4 = struct.Struct("=IIII")  # device info, irq info: four u32
-_REGION_INFO = struct.Struct("=IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
-_CAP_HEADER = struct.Struct("=HHI")  # id, version, next
-_SPARSE_HEADER = struct.Struct("=II")  # nr_areas, reserved
-_SPARSE_AREA = struct.Struct("=QQ")  # offset, size
-_IRQ_SET = struct.Struct("=IIIII")  # argsz, flags, index, start, count
-_REGION_ACCESS = struct.Struct("=QII")  # offset, region, count
-_VERSION = struct.Struct("=HH")
+_DMA_MAP = struct.Struct("<IIQQQ")  # argsz, flags, offset, address, size
+_DMA_UNMAP = struct.Struct("<IIQQ")  # argsz, flags, address, size
+_INFO4 = struct.Struct("<IIII")  # device info, irq info: four u32
+_REGION_INFO = struct.Struct("<IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
+_CAP_HEADER = struct.Struct("<HHI")  # id, version, next
+_SPARSE_HEADER = struct.Struct("<II")  # nr_areas, reserved
+_SPARSE_AREA = struct.Struct("<QQ")  # offset, size
+_IRQ_SET = struct.Struct("<IIIII")  # argsz, flags, index, start, count
+_REGION_ACCESS = struct.Struct("<QII")  # offset, region, count
+_VERSION = struct.Struct("<HH")
 
 
 class MessageError(VfioError):
