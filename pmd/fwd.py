@@ -72,6 +72,36 @@ def udp_frame(size: int, src: bytes, dst: bytes = b"\xff" * 6) -> bytes:
     return dst + src + b"\x08\x00" + bytes(ip) + udp + bytes(size - 42)
 
 
+def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:
+    """testpmd's txonly: the same frame, burst after burst, without copying it each time.
+
+    Every buffer on the pool's free stack gets the frame once; then buffers go
+    out by id (``tx_burst_zc``) and come back to the pool when the device has
+    read them, still holding it, so per packet only the virtio-net header is
+    written (DPDK's txonly copies the headers into each mbuf). Buffers posted
+    to the rx ring are not touched: txonly never receives, so they never
+    come back to the free stack to be sent.
+    """
+    pool = txq.pool
+    if len(frame) > pool.data_room:
+        raise ValueError(f"a {len(frame)}-byte frame does not fit the pool's {pool.data_room}-byte buffers")
+    free = pool.alloc(pool.available)
+    try:
+        pool.data[free, :len(frame)] = np.frombuffer(frame, np.uint8)
+    finally:
+        pool.free(free)
+    lens = np.full(burst, len(frame), np.uint32)
+    ids = pool.alloc(min(burst, pool.available))
+    try:
+        while not stop.is_set():
+            sent = txq.tx_burst_zc(ids, lens[:len(ids)])
+            if sent or len(ids) < burst:
+                more = min(burst - len(ids) + sent, pool.available)
+                ids = np.concatenate((ids[sent:], pool.alloc(more))) if more else ids[sent:]
+    finally:
+        pool.free(ids)
+
+
 def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: threading.Event,
             pcap: PcapWriter | None, pcap_lock: threading.Lock, errors: list[BaseException],
             drops: list[int], tx_retry: int) -> None:
@@ -80,11 +110,7 @@ def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: 
         ids = np.zeros(burst, np.uint32)
         lens = np.zeros(burst, np.uint32)
         if mode == "txonly":
-            frame = np.frombuffer(udp_frame(size, port.mac), np.uint8)
-            pkts = np.tile(frame, (burst, 1))
-            plen = np.full(burst, size, np.uint32)
-            while not stop.is_set():
-                txq.tx_burst(pkts, plen)
+            _txonly(txq, udp_frame(size, port.mac), burst, stop)
             return
         if mode == "rxonly" and pcap is not None:
             out = np.zeros((burst, rxq.max_packet_len), np.uint8)

@@ -20,11 +20,13 @@ queues' own: each writes its MSI-X eventfd when the driver did not suppress it.
 Idle back-off: after ``spin`` empty rounds the thread sleeps, starting at
 ``sleep_min`` and doubling to ``sleep_max`` while nothing moves; any packet
 resets it, and :meth:`Engine.kick` (a doorbell written by message) wakes it.
-So a busy device polls and an idle one costs a few percent of a core.
+So a busy device polls and an idle one costs a few percent of a core. The thread's
+timer slack is 1 ns (:func:`fine_timer_slack`), so those short sleeps are short.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -40,6 +42,26 @@ from ..errors import DeviceError
 from .wires import Batch, Lengths, Rows, Wire
 
 log = logging.getLogger("pmd.sim.engine")
+
+_PR_SET_TIMERSLACK = 29          # <linux/prctl.h>
+
+
+def fine_timer_slack() -> bool:
+    """Make this thread's sleeps end on time (prctl PR_SET_TIMERSLACK is per thread).
+
+    Linux lets a sleep run late by the thread's timer slack, 50 us by default.
+    The engine yields the GIL with ``time.sleep(0)`` after every empty round,
+    and with the default slack each of those took about 57 us: a burst
+    circulating between driver and device waited that long at every turn
+    (0.5 Mpps; bench/sim.py, docs/performance.md). With 1 ns it takes about a
+    microsecond and still lets other threads take the GIL. False where the
+    call is not available.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
 
 BUDGET = 256          # packets per queue per round
 SPIN = 2000           # empty rounds before the first sleep
@@ -206,6 +228,7 @@ class Engine:
 
     # ---- the thread ----
     def _main(self) -> None:
+        fine_timer_slack()
         try:
             self._run()
         except BaseException as e:      # a bug, not a driver error: report it, stop
