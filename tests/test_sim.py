@@ -911,6 +911,23 @@ def test_generator_wire_paces_to_its_rate_and_reports_loss_and_reorder():
         m.close()
 
 
+def test_generator_numbers_each_flow_consecutively_across_batches():
+    from pmd.sim.wires import GEN_PAYLOAD
+
+    wire = GeneratorWire(flows=3, size=64)
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for n in (7, 5, 3, 256, 1):                            # batch sizes not multiples of the flow count
+        batch = wire.receive(0, 1, n)
+        assert batch is not None and batch.n == n and list(batch.lengths) == [64] * n
+        for row in batch.rows[:n]:
+            flow = int.from_bytes(row[GEN_PAYLOAD + 4:GEN_PAYLOAD + 8].tobytes(), "little")
+            seen[flow].append(int.from_bytes(row[GEN_PAYLOAD + 8:GEN_PAYLOAD + 16].tobytes(), "little"))
+    assert sum(map(len, seen.values())) == 272
+    for seqs in seen.values():
+        assert seqs == list(range(len(seqs)))
+    assert wire.generated == 272
+
+
 def test_generator_frame_layout():
     f = generator_frame(64, b"\x02" * 6, b"\x04" * 6, flow=3)
     assert len(f) == 64 and f[12:14] == b"\x08\x00" and f[23] == 17

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -404,6 +404,14 @@ def generator_frame(size: int, dst: bytes, src: bytes, flow: int) -> bytes:
     return bytes(frame)
 
 
+class _GenLayout(NamedTuple):
+    templates: Rows                    # the per-flow frames these rows were made from
+    rows: Rows                         # row i: the frame of flow flow_of[i]
+    flow_of: npt.NDArray[np.int64]
+    round_of: npt.NDArray[np.int64]    # i // number of flows
+    lengths: Lengths
+
+
 class GeneratorWire(Wire):
     """``GeneratorWire(rate=0, size=64, flows=1, count=0)``: synthetic UDP flows to the driver.
 
@@ -438,6 +446,10 @@ class GeneratorWire(Wire):
         self._next_seq = np.zeros(flows, np.int64)
         self._max_seen = np.full(flows, -1, np.int64)
         self._flows_of: dict[tuple[int, int], npt.NDArray[np.int64]] = {}
+        # per (pair, active pairs): the frames of a whole batch laid out once, so a
+        # batch only stamps sequence numbers (the engine asks a pair for more only
+        # once its last batch is delivered, so the rows can be reused)
+        self._layouts: dict[tuple[int, int], _GenLayout] = {}
         self.generated = 0
         self.sent = 0
         self.received = 0
@@ -471,14 +483,27 @@ class GeneratorWire(Wire):
         if self.started is None:
             self.started = time.monotonic()
         k = len(flows)
-        idx = np.arange(n, dtype=np.int64)
-        flow_of = flows[idx % k]
-        seq = self._next_seq[flow_of] + idx // k
-        np.add.at(self._next_seq, flow_of, 1)
-        rows = self._template_rows()[flow_of]
+        lay = self._layout(key, flows, n)
+        # packet i belongs to flow flows[i % k] and is that flow's (i // k)-th of the batch
+        seq = self._next_seq[lay.flow_of[:n]] + lay.round_of[:n]
+        self._next_seq[flows] += n // k
+        self._next_seq[flows[:n % k]] += 1
+        rows = lay.rows[:n]
         rows[:, GEN_PAYLOAD + 8:GEN_PAYLOAD + 16] = seq.astype("<u8").view(np.uint8).reshape(n, 8)
         self.generated += n
-        return Batch(rows, np.full(n, self.size, np.uint32), n)
+        return Batch(rows, lay.lengths[:n], n)
+
+    def _layout(self, key: tuple[int, int], flows: npt.NDArray[np.int64], n: int) -> "_GenLayout":
+        templates = self._template_rows()
+        lay = self._layouts.get(key)
+        if lay is None or len(lay.rows) < n or lay.templates is not templates:
+            cap = max(n, 256)
+            idx = np.arange(cap, dtype=np.int64)
+            flow_of = flows[idx % len(flows)]
+            lay = _GenLayout(templates, templates[flow_of], flow_of, idx // len(flows),
+                             np.full(cap, self.size, np.uint32))
+            self._layouts[key] = lay
+        return lay
 
     def delivered(self, pair: int, count: int) -> None:
         self.sent += count
