@@ -29,10 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    import pmd.interrupts  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Measure the checkout this script is in, even where another pmd is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pmd.interrupts import EventFd, InterruptThread, wait  # noqa: E402
 

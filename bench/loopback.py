@@ -42,10 +42,8 @@ from pathlib import Path
 from typing import Callable
 
 HERE = Path(__file__).resolve().parent
-try:
-    import pmd.loopback  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(HERE.parent))
+# Measure the checkout this script is in, even where another pmd is installed.
+sys.path.insert(0, str(HERE.parent))
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 

@@ -8,8 +8,10 @@ DPDK's two testpmds (device / vhost backend on CPU 0, driver / virtio-user
 frontend on CPU 1). The driver runs ``pmd.fwd`` (what ``pmd fwd`` runs), burst
 32, queue size 256 (virtio-user's default), one queue pair:
 
-  tx   fwd txonly: ``tx_burst`` of 32 prebuilt frames, as fast as the ring takes
-       them, into a device with the ``null`` wire (it drops what it takes).
+  tx   fwd txonly: bursts of 32 pool buffers holding a prebuilt frame, sent by
+       id (``tx_burst_zc``: per packet the driver writes only the virtio-net
+       header), as fast as the ring takes them, into a device with the ``null``
+       wire (it drops what it takes).
        Figure: packets the device took from the tx ring (its engine's
        ``tx_packets``, read over the control socket), per second.
        DPDK: virtio-user txonly -> vhost rxonly, the backend's Rx-pps.
@@ -69,10 +71,8 @@ from types import FrameType
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-try:
-    import pmd  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(HERE.parent))
+# Measure the checkout this script is in, even where another pmd is installed.
+sys.path.insert(0, str(HERE.parent))
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
@@ -196,7 +196,7 @@ def _device_counters(port: Port) -> tuple[float, dict[str, Any]]:
 def measure_pmd(mode: str, size: int = 64, *, burst: int = BURST, seconds: float = 5.0,
                 warmup: float = WARMUP, queue_size: int = QUEUE_SIZE,
                 cpus: tuple[int, int] | None = CPUS, interval: float = 1.0,
-                device_timerslack_ns: int | None = None, tx_zero_copy: bool = False) -> PmdMeasurement:
+                device_timerslack_ns: int | None = None) -> PmdMeasurement:
     """One pmd sample: a device process with the mode's wire, pmd's fwd on the port, pinned.
 
     ``mode``: "tx", "rx" or "io" (see the module docstring). After ``warmup``
@@ -205,16 +205,11 @@ def measure_pmd(mode: str, size: int = 64, *, burst: int = BURST, seconds: float
     sockets and the forwarding thread are gone when this returns or raises,
     and the calling thread's CPU affinity is what it was.
 
-    ``tx_zero_copy`` (tx only): instead of fwd's txonly (``tx_burst``, which
-    copies each frame into a pool buffer), every pool buffer is filled with
-    the frame once and a loop sends buffer ids with ``tx_burst_zc``: the
-    driver writes only the 12-byte virtio-net header per packet, as DPDK's
-    txonly writes only the packet headers.
-
     ``device_timerslack_ns`` (a diagnostic, needs root or CAP_SYS_NICE): set the
     timer slack of the device process's threads. Its engine calls
-    ``time.sleep(0)`` after a round that moved nothing, and with Linux's default
-    slack of 50 us that sleep lasts about as long; 1 makes it a few us.
+    ``time.sleep(0)`` after a round that moved nothing and sets its own slack
+    to 1 ns so that sleep is short; 50000 (Linux's default) shows the cost of
+    the old behaviour, a sleep of about 57 us.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -253,31 +248,11 @@ def measure_pmd(mode: str, size: int = 64, *, burst: int = BURST, seconds: float
             if sent != burst:
                 raise RuntimeError(f"could not send the circulating burst ({sent} of {burst} queued)")
 
-        def send_prebuilt() -> None:
-            assert port is not None
-            txq = port.tx_queue(0)
-            pool = txq.pool
-            pool.data[:, :size] = np.frombuffer(fwd.udp_frame(size, port.mac), np.uint8)
-            lens = np.full(burst, size, np.uint32)
-            ids = pool.alloc(burst)
-            try:
-                while not stop.is_set():
-                    n = txq.tx_burst_zc(ids, lens)
-                    if n == burst:
-                        ids = pool.alloc(burst)
-                    elif n:
-                        ids = np.concatenate((ids[n:], pool.alloc(n)))
-            finally:
-                pool.free(ids)
-
         def forward() -> None:
             try:
                 assert port is not None
-                if mode == "tx" and tx_zero_copy:
-                    send_prebuilt()
-                else:
-                    summaries.append(fwd.run(port, _FWD_MODES[mode], burst=burst, size=size, stop=stop,
-                                             report=lambda line: None, interval=3600.0))
+                summaries.append(fwd.run(port, _FWD_MODES[mode], burst=burst, size=size, stop=stop,
+                                         report=lambda line: None, interval=3600.0))
             except BaseException as e:  # noqa: BLE001 - reported below
                 failure.append(e)
                 stop.set()
@@ -389,13 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--io-all-sizes", action="store_true", help="io at every size, not only at 64 B")
     ap.add_argument("--burst", type=int, default=BURST)
     ap.add_argument("--queue-size", type=int, default=QUEUE_SIZE)
-    ap.add_argument("--tx-zc", action="store_true",
-                    help="tx: send prebuilt pool buffers with tx_burst_zc instead of fwd txonly's tx_burst "
-                         "(the driver then writes only the virtio-net header, as DPDK's txonly writes only "
-                         "headers)")
     ap.add_argument("--device-timerslack-ns", type=int, default=None, metavar="NS",
                     help="diagnostic: set the device threads' timer slack (Linux default 50000; "
-                         "its engine sleeps with time.sleep(0) after an empty round)")
+                         "the engine sets its own to 1 ns; 50000 shows what its idle time.sleep(0) cost before)")
     dp = ap.add_mutually_exclusive_group()
     dp.add_argument("--dpdk", dest="dpdk", action="store_true", default=None,
                     help="measure DPDK too (default when available, except with --quick)")
@@ -439,15 +410,13 @@ def _run(args: argparse.Namespace, configs: list[tuple[str, int]], seconds: floa
           f"{cpus[0] if cpus else '-'}, driver on CPU {cpus[1] if cpus else '-'}"
           + ("" if cpus else " (one CPU: not pinned)")
           + f"; {warmup:g} s warm-up, median of {max(1, round(seconds))} one-second intervals per sample")
-    print("  tx = driver txonly (tx_burst of prebuilt frames) -> null wire, packets the device took; "
+    print("  tx = driver txonly (prebuilt buffers by id) -> null wire, packets the device took; "
           "rx = generator wire -> driver rxonly (rx_burst_zc, free);")
     print("  io = loopback wire, driver io (rx_burst_zc -> tx_burst_zc), one burst circulating, packets the "
           "driver received; DPDK: the same directions with dpdk-testpmd (bench/dpdk.py)")
     print(f"  rt = core-to-core round trip before the sample (fast < {dpdk.FAST_ROUND_TRIP_NS:.0f} ns); "
           f"other = CPUs others used meanwhile (busy from {IDLE_LOAD}); dev/rnd = packets per device "
           "engine round, devcpu = CPUs the device process used")
-    if args.tx_zc:
-        print("  tx variant: prebuilt pool buffers sent with tx_burst_zc (no copy of the frame per packet)")
     if args.device_timerslack_ns is not None:
         print(f"  diagnostic: the device's threads run with a timer slack of {args.device_timerslack_ns} ns")
     if use_dpdk:
@@ -475,7 +444,7 @@ def _run(args: argparse.Namespace, configs: list[tuple[str, int]], seconds: floa
             try:
                 p = measure_pmd(mode, size, burst=args.burst, seconds=seconds, warmup=warmup,
                                 queue_size=args.queue_size, cpus=cpus,
-                                device_timerslack_ns=args.device_timerslack_ns, tx_zero_copy=args.tx_zc)
+                                device_timerslack_ns=args.device_timerslack_ns)
             except (RuntimeError, OSError) as e:
                 failed += 1
                 print(f"{run:>3} {mode:<4} {size:>5} {'pmd':<4} | failed: {e}", flush=True)

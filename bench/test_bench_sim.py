@@ -39,13 +39,6 @@ def test_packets_move_and_nothing_is_left(mode: str) -> None:
     assert_nothing_left(m, before, affinity)
 
 
-def test_tx_zero_copy_variant() -> None:
-    before, affinity = sim.child_pids(), os.sched_getaffinity(0)
-    m = sim.measure_pmd("tx", 64, seconds=1.0, warmup=0.3, tx_zero_copy=True)
-    assert m.mpps > 0 and m.packets > 0 and m.errors == 0, m
-    assert_nothing_left(m, before, affinity)
-
-
 def test_a_failure_cleans_up_too(monkeypatch: pytest.MonkeyPatch) -> None:
     # The forwarding loop dies: measure_pmd raises, and still stops the device process.
     before, affinity = sim.child_pids(), os.sched_getaffinity(0)

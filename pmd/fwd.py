@@ -83,6 +83,7 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:
     come back to the free stack to be sent.
     """
     pool = txq.pool
+    txq.reclaim()                 # buffers an earlier run left in the tx ring, if the device is done
     if len(frame) > pool.data_room:
         raise ValueError(f"a {len(frame)}-byte frame does not fit the pool's {pool.data_room}-byte buffers")
     free = pool.alloc(pool.available)
@@ -90,14 +91,19 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:
         pool.data[free, :len(frame)] = np.frombuffer(frame, np.uint8)
     finally:
         pool.free(free)
+    # At most a ring's worth is in flight and a burst in hand: then alloc never fails.
+    if pool.available < txq.vq.size + burst:
+        raise ValueError(f"txonly with burst {burst} needs {txq.vq.size + burst} free pool buffers "
+                         f"(the tx ring and one burst), the pool has {pool.available}: use a smaller burst")
     lens = np.full(burst, len(frame), np.uint32)
-    ids = pool.alloc(min(burst, pool.available))
+    ids = pool.alloc(burst)
     try:
         while not stop.is_set():
-            sent = txq.tx_burst_zc(ids, lens[:len(ids)])
-            if sent or len(ids) < burst:
-                more = min(burst - len(ids) + sent, pool.available)
-                ids = np.concatenate((ids[sent:], pool.alloc(more))) if more else ids[sent:]
+            sent = txq.tx_burst_zc(ids, lens)
+            if sent == burst:
+                ids = pool.alloc(burst)
+            elif sent:
+                ids = np.concatenate((ids[sent:], pool.alloc(sent)))
     finally:
         pool.free(ids)
 

@@ -13,6 +13,7 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -1305,3 +1306,14 @@ def test_no_leaks_across_models_ports_and_processes(tmp_path):
         cycle()
     assert open_fds() == fds and threading.active_count() == threads
     assert leftovers(tmp_path) == []
+
+
+def test_the_device_process_runs_the_same_pmd_as_its_parent(tmp_path):
+    from pmd.sim.process import _child_env
+
+    env = _child_env()
+    root = str(Path(pmd.__file__).resolve().parent.parent)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == root
+    r = subprocess.run([sys.executable, "-c", "import pmd; print(pmd.__file__)"], cwd="/", env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == str(Path(pmd.__file__).resolve())

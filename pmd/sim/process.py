@@ -400,6 +400,17 @@ class SimProcess:
         return f"<SimProcess pid {self.pid} {self.socket_path} {'running' if self.running else 'stopped'}>"
 
 
+def _child_env() -> dict[str, str]:
+    """The environment of the device process: this one, with the pmd package that
+    is running here first on its path, so the device runs the same pmd as the
+    driver that started it (not whichever one its working directory or an
+    editable install would find)."""
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
+    return env
+
+
 def spawn_device(tmpdir: str | os.PathLike[str] | None = None, *, socket_path: str | None = None,
                  timeout: float = READY_TIMEOUT, netns: str | None = None, python: str | None = None,
                  **options: Any) -> SimProcess:
@@ -430,7 +441,7 @@ def spawn_device(tmpdir: str | os.PathLike[str] | None = None, *, socket_path: s
     try:
         argv += ["--ready-fd", str(w)]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
-                                start_new_session=True)
+                                start_new_session=True, env=_child_env())
     except BaseException:
         os.close(r)
         os.close(w)
