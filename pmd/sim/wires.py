@@ -409,6 +409,7 @@ class _GenLayout(NamedTuple):
     rows: Rows                         # row i: the frame of flow flow_of[i]
     flow_of: npt.NDArray[np.int64]
     round_of: npt.NDArray[np.int64]    # i // number of flows
+    seq: npt.NDArray[np.int64]         # a view: the sequence-number field of each row
     lengths: Lengths
 
 
@@ -485,13 +486,16 @@ class GeneratorWire(Wire):
         k = len(flows)
         lay = self._layout(key, flows, n)
         # packet i belongs to flow flows[i % k] and is that flow's (i // k)-th of the batch
-        seq = self._next_seq[lay.flow_of[:n]] + lay.round_of[:n]
-        self._next_seq[flows] += n // k
-        self._next_seq[flows[:n % k]] += 1
-        rows = lay.rows[:n]
-        rows[:, GEN_PAYLOAD + 8:GEN_PAYLOAD + 16] = seq.astype("<u8").view(np.uint8).reshape(n, 8)
+        if k == 1:
+            f = int(flows[0])
+            np.add(lay.round_of[:n], self._next_seq[f], out=lay.seq[:n])
+            self._next_seq[f] += n
+        else:
+            np.add(self._next_seq[lay.flow_of[:n]], lay.round_of[:n], out=lay.seq[:n])
+            self._next_seq[flows] += n // k
+            self._next_seq[flows[:n % k]] += 1
         self.generated += n
-        return Batch(rows, lay.lengths[:n], n)
+        return Batch(lay.rows[:n], lay.lengths[:n], n)
 
     def _layout(self, key: tuple[int, int], flows: npt.NDArray[np.int64], n: int) -> "_GenLayout":
         templates = self._template_rows()
@@ -500,8 +504,10 @@ class GeneratorWire(Wire):
             cap = max(n, 256)
             idx = np.arange(cap, dtype=np.int64)
             flow_of = flows[idx % len(flows)]
-            lay = _GenLayout(templates, templates[flow_of], flow_of, idx // len(flows),
-                             np.full(cap, self.size, np.uint32))
+            rows = templates[flow_of]
+            # each row's sequence number (le64 at GEN_PAYLOAD + 8) as one strided, unaligned array
+            seq = np.ndarray((cap,), "<i8", buffer=rows, offset=GEN_PAYLOAD + 8, strides=(rows.strides[0],))
+            lay = _GenLayout(templates, rows, flow_of, idx // len(flows), seq, np.full(cap, self.size, np.uint32))
             self._layouts[key] = lay
         return lay
 
