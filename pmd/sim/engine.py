@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -50,8 +51,8 @@ def fine_timer_slack() -> bool:
     """Make this thread's sleeps end on time (prctl PR_SET_TIMERSLACK is per thread).
 
     Linux lets a sleep run late by the thread's timer slack, 50 us by default.
-    The engine yields the GIL with ``time.sleep(0)`` after every empty round,
-    and with the default slack each of those took about 57 us: a burst
+    The engine yields the GIL with ``time.sleep(0)`` after empty rounds (every
+    round before YIELDS_PER_SLEEP existed), and with the default slack each took about 57 us: a burst
     circulating between driver and device waited that long at every turn
     (0.5 Mpps; bench/sim.py, docs/performance.md). With 1 ns it takes about a
     microsecond and still lets other threads take the GIL. False where the
@@ -67,6 +68,7 @@ BUDGET = 256          # packets per queue per round
 SPIN = 2000           # empty rounds before the first sleep
 SLEEP_MIN = 20e-6
 SLEEP_MAX = 1e-3
+YIELDS_PER_SLEEP = 8  # empty rounds that only sched_yield() between two time.sleep(0)
 
 _BCAST = 0xFFFFFFFFFFFF
 _WEIGHTS = np.array([1 << 40, 1 << 32, 1 << 24, 1 << 16, 1 << 8, 1], np.uint64)
@@ -293,7 +295,14 @@ class Engine:
             if idle < self.spin:
                 # Let other Python threads in (a driver in this process, the server):
                 # the rings are polled without the GIL, but this loop holds it.
-                time.sleep(0)
+                # sched_yield releases the GIL for ~1 us, but a waiter on another
+                # core may lose the race to take it back; a real sleep (~9 us here
+                # even with a 1 ns timer slack) hands it over for sure. So: yield,
+                # and sleep every YIELDS_PER_SLEEP-th empty round.
+                if idle % YIELDS_PER_SLEEP:
+                    os.sched_yield()
+                else:
+                    time.sleep(0)
                 continue
             if idle == self.spin and sync is not None:
                 sync()
