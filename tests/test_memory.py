@@ -13,7 +13,7 @@ from .conftest import open_fds
 
 
 def test_size_is_rounded_up_to_the_page_size():
-    with pmd.DmaMemory(5000, lock=False) as m:
+    with pmd.DmaMemory(5000, hugepages=False, lock=False) as m:
         assert m.size == 8192 and m.page_size == 4096
 
 
@@ -52,19 +52,58 @@ def test_memory_starts_zeroed():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="locking 16 MiB needs root or a large RLIMIT_MEMLOCK")
 def test_memory_is_locked_when_asked():
-    with pmd.DmaMemory(16 << 20, lock=True) as m:
+    with pmd.DmaMemory(16 << 20, hugepages=False, lock=True) as m:
         assert m.locked
         with open("/proc/self/status") as f:
             locked_kb = int(next(line for line in f if line.startswith("VmLck")).split()[1])
         assert locked_kb >= 16 << 10
 
 
+def _free_hugepages() -> int:
+    try:
+        with open("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages") as f:
+            return int(f.read())
+    except OSError:
+        return 0
+
+
 def test_hugepages_required_but_missing_is_a_clear_error():
-    with open("/proc/sys/vm/nr_hugepages") as f:
-        if int(f.read()) > 0:
-            pytest.skip("this machine has huge pages reserved")
+    # One page more than are free, whatever this machine has reserved.
     with pytest.raises(PmdError, match="nr_hugepages"):
-        pmd.DmaMemory(2 << 20, hugepages=True, lock=False)
+        pmd.DmaMemory((_free_hugepages() + 1) * (2 << 20), hugepages=True, lock=False)
+
+
+@pytest.fixture
+def two_free_hugepages():
+    """Two free 2 MiB huge pages: reserved for the test (as root) when the machine has none."""
+    path = "/proc/sys/vm/nr_hugepages"
+    if _free_hugepages() >= 2:
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip("no free 2 MiB huge pages, and only root may reserve them (echo 2 > /proc/sys/vm/nr_hugepages)")
+    with open(path) as f:
+        before = int(f.read())
+    with open(path, "w") as f:
+        f.write(str(before + 2))
+    try:
+        if _free_hugepages() < 2:
+            pytest.skip("the kernel could not reserve 2 huge pages (memory too fragmented)")
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(str(before))
+
+
+def test_hugepages_are_taken_by_default_when_enough_are_free(two_free_hugepages):
+    with pmd.DmaMemory(5000, lock=False) as m:
+        assert m.hugepages and m.page_size == 2 << 20 and m.size == 2 << 20
+        assert os.readlink(f"/proc/self/fd/{m.fd}").startswith("/memfd:pmd-dma")
+        view = np.frombuffer(m, dtype=np.uint8)
+        assert not view.any()
+        del view
+    with pmd.DmaMemory(5000, hugepages=False, lock=False) as m:
+        assert not m.hugepages and m.page_size == 4096
 
 
 def test_alloc_honours_alignment_and_never_overlaps():
@@ -77,7 +116,7 @@ def test_alloc_honours_alignment_and_never_overlaps():
 
 
 def test_alloc_past_the_end_is_a_clear_error():
-    with pmd.DmaMemory(8192, lock=False) as m:
+    with pmd.DmaMemory(8192, hugepages=False, lock=False) as m:
         m.alloc(8000)
         with pytest.raises(MemoryError, match="larger region"):
             m.alloc(1000)
@@ -97,7 +136,7 @@ def test_iova_is_identity_by_default():
 
 def test_iova_translator_is_applied_per_page():
     # Reverse the page order: every page's IOVA is known, none contiguous.
-    with pmd.DmaMemory(4 * 4096, lock=False) as m:
+    with pmd.DmaMemory(4 * 4096, hugepages=False, lock=False) as m:
         base = m.address
         m.set_iova_translator(lambda va: 0x10_0000_0000 + (3 - (va - base) // 4096) * 4096)
         assert m.iova(0) == 0x10_0000_3000

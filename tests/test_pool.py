@@ -85,7 +85,7 @@ def test_pool_larger_than_memory_is_a_clear_error(memory):
 
 
 def test_buffers_never_straddle_non_contiguous_pages():
-    with pmd.DmaMemory(64 * 4096, lock=False) as m:
+    with pmd.DmaMemory(64 * 4096, hugepages=False, lock=False) as m:
         base = m.address
         m.set_iova_translator(lambda va: 0x40_0000_0000 + (63 - (va - base) // 4096) * 4096)
         p = pmd.PacketPool(m, 32, 2048)

@@ -100,7 +100,7 @@ def test_ring_addresses_are_iovas_not_virtual_addresses():
 
 
 def test_ring_must_be_iova_contiguous():
-    with pmd.DmaMemory(16 * 4096, lock=False) as m:
+    with pmd.DmaMemory(16 * 4096, hugepages=False, lock=False) as m:
         base = m.address
         m.set_iova_translator(lambda va: 0x1000_0000 + (15 - (va - base) // 4096) * 4096)
         with pytest.raises(ValueError, match="non-contiguous"):
