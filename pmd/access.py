@@ -620,6 +620,21 @@ class DeviceAccess(abc.ABC):
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset`` of region ``index``."""
 
+    def _check_range(self, info: RegionInfo, offset: int, size: int, write: bool) -> None:
+        """For region_read/region_write: ``[offset, offset + size)`` inside region
+        ``info`` (ValueError), and the region readable or writable (EACCES)."""
+        if size < 0 or offset < 0 or offset + size > info.size:
+            raise ValueError(
+                f"{self.name} region {info.index}: access [{offset:#x}, {offset + size:#x}) "
+                f"outside the region (size {info.size:#x})"
+            )
+        if not (info.writable if write else info.readable):
+            raise vfio_error(
+                f"{self.name} region {info.index} is not {'writable' if write else 'readable'} "
+                f"(flags {info.describe_flags()})",
+                _errno.EACCES,
+            )
+
     @abc.abstractmethod
     def map_region(self, index: int) -> RegionMapping:
         """Map a memory region (BAR) into this process, honouring its sparse areas.

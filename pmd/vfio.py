@@ -1066,19 +1066,6 @@ class VfioDevice(DeviceAccess):
         self._regions[index] = info
         return info
 
-    def _check_range(self, info: RegionInfo, offset: int, size: int, write: bool) -> None:
-        if size < 0 or offset < 0 or offset + size > info.size:
-            raise ValueError(
-                f"{self.address} region {info.index}: access [{offset:#x}, {offset + size:#x}) "
-                f"outside the region (size {info.size:#x})"
-            )
-        if not (info.writable if write else info.readable):
-            raise vfio_error(
-                f"{self.address} region {info.index} is not {'writable' if write else 'readable'} "
-                f"(flags {info.describe_flags()})",
-                errno.EACCES,
-            )
-
     def region_read(self, index: int, offset: int, size: int) -> bytes:
         res = self._live()
         info = self.region_info(index)
