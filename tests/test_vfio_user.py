@@ -692,7 +692,9 @@ CLIENT_SCRIPT = textwrap.dedent(
 )
 
 
-def test_server_killed_in_the_middle_of_a_request(sock_dir):
+@pytest.fixture
+def server_process(sock_dir):
+    """A vfio-user server (ToyModel, slow at config 0x40) in a process of its own: (proc, path)."""
     path = os.path.join(sock_dir, "s")
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVER_SCRIPT.format(root=str(ROOT), path=path)],
@@ -701,88 +703,73 @@ def test_server_killed_in_the_middle_of_a_request(sock_dir):
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        dev = VfioUserDevice.connect(path, timeout=10.0)
-        try:
-            bar = dev.map_region(0).mmio(0, PAGE)
-            bar.write32(0, 0x1234)
-            killed_at: list[float] = []
-
-            def kill() -> None:
-                time.sleep(0.3)
-                killed_at.append(time.monotonic())
-                proc.kill()
-
-            threading.Thread(target=kill).start()
-            with pytest.raises(VfioError) as e:
-                dev.config_read(0x40, 4)  # the server sleeps in the model: killed while it does
-            assert time.monotonic() - killed_at[0] < 1.0
-            assert e.value.errno == errno.ECONNRESET and "closed the connection" in str(e.value)
-            assert not dev.alive and dev.broken
-            assert bar.read32(0) == 0x1234  # the BAR's memfd outlives the server
-        finally:
-            dev.close()
+        yield proc, path
     finally:
         proc.kill()
         proc.wait(5)
 
 
-def test_server_killed_while_idle_is_noticed_without_a_request(sock_dir):
-    path = os.path.join(sock_dir, "s")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER_SCRIPT.format(root=str(ROOT), path=path)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def test_server_killed_in_the_middle_of_a_request(server_process):
+    proc, path = server_process
+    dev = VfioUserDevice.connect(path, timeout=10.0)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        with VfioUserDevice.connect(path) as dev:
-            assert dev.alive
+        bar = dev.map_region(0).mmio(0, PAGE)
+        bar.write32(0, 0x1234)
+        killed_at: list[float] = []
+
+        def kill() -> None:
+            time.sleep(0.3)
+            killed_at.append(time.monotonic())
             proc.kill()
-            proc.wait(5)
-            assert wait_for(lambda: not dev.alive, 1.0)
-            with pytest.raises(VfioError):
-                dev.check_alive()
-            start = time.monotonic()
-            with pytest.raises(VfioError):
-                dev.config_read(0, 4)
-            assert time.monotonic() - start < 1.0
+
+        threading.Thread(target=kill).start()
+        with pytest.raises(VfioError) as e:
+            dev.config_read(0x40, 4)  # the server sleeps in the model: killed while it does
+        assert time.monotonic() - killed_at[0] < 1.0
+        assert e.value.errno == errno.ECONNRESET and "closed the connection" in str(e.value)
+        assert not dev.alive and dev.broken
+        assert bar.read32(0) == 0x1234  # the BAR's memfd outlives the server
     finally:
-        proc.kill()
-        proc.wait(5)
+        dev.close()
 
 
-def test_on_lost_is_called_once_when_the_server_goes(sock_dir):
-    path = os.path.join(sock_dir, "s")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER_SCRIPT.format(root=str(ROOT), path=path)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        with VfioUserDevice.connect(path) as dev:
-            calls: list[tuple[str, float]] = []
-            dev.on_lost(lambda why: calls.append(("a", time.monotonic())))
-            cancel_b = dev.on_lost(lambda why: calls.append(("b", time.monotonic())))
-            dev.on_lost(lambda why: 1 / 0)           # a failing callback does not stop the others
-            dev.on_lost(lambda why: calls.append((why, time.monotonic())))
-            cancel_b()
-            for _ in range(20):                      # replies to requests do not wake the watcher
-                assert dev.config_read_int(0, 2) == 0x1AF4
-            assert calls == []
-            proc.kill()
-            killed = time.monotonic()
-            assert wait_for(lambda: len(calls) == 2, 1.0)
-            assert [c[0] for c in calls] == ["a", "the server closed the connection"]
-            assert all(t - killed < 1.0 for _, t in calls)
-            late: list[str] = []
-            dev.on_lost(late.append)                 # after the loss: told at once
-            assert late == ["the server closed the connection"]
-            time.sleep(0.1)
-            assert len(calls) == 2                   # once only
-    finally:
+def test_server_killed_while_idle_is_noticed_without_a_request(server_process):
+    proc, path = server_process
+    with VfioUserDevice.connect(path) as dev:
+        assert dev.alive
         proc.kill()
         proc.wait(5)
+        assert wait_for(lambda: not dev.alive, 1.0)
+        with pytest.raises(VfioError):
+            dev.check_alive()
+        start = time.monotonic()
+        with pytest.raises(VfioError):
+            dev.config_read(0, 4)
+        assert time.monotonic() - start < 1.0
+
+
+def test_on_lost_is_called_once_when_the_server_goes(server_process):
+    proc, path = server_process
+    with VfioUserDevice.connect(path) as dev:
+        calls: list[tuple[str, float]] = []
+        dev.on_lost(lambda why: calls.append(("a", time.monotonic())))
+        cancel_b = dev.on_lost(lambda why: calls.append(("b", time.monotonic())))
+        dev.on_lost(lambda why: 1 / 0)           # a failing callback does not stop the others
+        dev.on_lost(lambda why: calls.append((why, time.monotonic())))
+        cancel_b()
+        for _ in range(20):                      # replies to requests do not wake the watcher
+            assert dev.config_read_int(0, 2) == 0x1AF4
+        assert calls == []
+        proc.kill()
+        killed = time.monotonic()
+        assert wait_for(lambda: len(calls) == 2, 1.0)
+        assert [c[0] for c in calls] == ["a", "the server closed the connection"]
+        assert all(t - killed < 1.0 for _, t in calls)
+        late: list[str] = []
+        dev.on_lost(late.append)                 # after the loss: told at once
+        assert late == ["the server closed the connection"]
+        time.sleep(0.1)
+        assert len(calls) == 2                   # once only
 
 
 def test_closing_the_device_stops_the_watcher_without_calling_back(served):
