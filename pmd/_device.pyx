@@ -565,6 +565,37 @@ def device_tx_burst(DeviceQueue tx not None, unsigned char[:, ::1] out not None,
     return i
 
 
+def device_rx_generate(DeviceQueue rx not None, unsigned char[::1] frame not None, Py_ssize_t n,
+                       Py_ssize_t seq_offset, uint64_t first_seq, uint32_t hdr_len=12, bint mergeable=False):
+    """Deliver up to ``n`` copies of ``frame`` into the driver's rx ring, copy ``i``
+    carrying ``first_seq + i`` as a little-endian u64 at ``seq_offset`` (written into
+    ``frame`` itself, which is the caller's scratch). A packet source without a batch
+    in between: the generator wire's fast path. Stops at the first packet with no rx
+    buffer; returns how many were consumed (delivered, or dropped as too large)."""
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    if seq_offset < 0 or seq_offset + 8 > frame.shape[0]:
+        raise ValueError(f"seq_offset {seq_offset} + 8 is outside the {frame.shape[0]}-byte frame")
+    cdef Py_ssize_t i = 0
+    cdef int r, k
+    cdef uint64_t seq
+    cdef uint32_t length = <uint32_t>frame.shape[0]
+    cdef unsigned char *p = &frame[0]
+    with nogil:
+        while i < n:
+            seq = first_seq + <uint64_t>i
+            for k in range(8):
+                p[seq_offset + k] = <unsigned char>(seq >> (8 * k))
+            r = _rx_deliver(rx, <const char *>p, length, hdr_len, mergeable)
+            if r < 0:
+                break
+            if r == 0:
+                rx.n_dropped += 1
+            i += 1
+        rx.flush()
+    return i
+
+
 def device_rx_burst(DeviceQueue rx not None, const unsigned char[:, ::1] packets not None,
                     const unsigned int[::1] lengths not None, Py_ssize_t n=-1, uint32_t hdr_len=12,
                     bint mergeable=False):

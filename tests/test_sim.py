@@ -867,9 +867,10 @@ def echo(port, stop, macswap=False):
             sent += txq.tx_burst_zc(ids[sent:n], lens[sent:n])
 
 
+@pytest.mark.parametrize("flows", [4, 1], ids=["batches", "direct"])     # 1 flow at full rate: the fast path
 @pytest.mark.parametrize("macswap", [False, True], ids=["io", "macswap"])
-def test_generator_wire_counts_every_packet_back(macswap):
-    gen = GeneratorWire(size=128, flows=4, count=5000)
+def test_generator_wire_counts_every_packet_back(macswap, flows):
+    gen = GeneratorWire(size=128, flows=flows, count=5000)
     m = VirtioNetModel(wire=gen)
     port, _ = open_sim(m)
     stop = threading.Event()
@@ -932,6 +933,26 @@ def test_generator_numbers_each_flow_consecutively_across_batches():
     for seqs in seen.values():
         assert seqs == list(range(len(seqs)))
     assert wire.generated == 272
+
+
+def test_device_rx_generate_stamps_sequence_numbers_and_stops_without_buffers(memory):
+    from pmd._device import device_rx_generate
+    from pmd.sim.wires import GEN_PAYLOAD
+    from pmd.loopback import Loopback
+
+    with Loopback(queue_size=16) as lb:
+        frame = np.frombuffer(generator_frame(64, b"\x02" * 6, b"\x04" * 6, flow=0), np.uint8).copy()
+        n = device_rx_generate(lb.device_rx, frame, 100, GEN_PAYLOAD + 8, 7)
+        assert n == 16                                    # the ring's buffers, then it stops
+        out = np.zeros((32, 2048), np.uint8)
+        lens = np.zeros(32, np.uint32)
+        k = lb.driver_rx.rx_burst(out, lens)
+        assert k == 16 and set(lens[:k]) == {64}
+        seqs = [int.from_bytes(out[i, GEN_PAYLOAD + 8:GEN_PAYLOAD + 16].tobytes(), "little") for i in range(k)]
+        assert seqs == list(range(7, 23))
+        assert all(out[i, :GEN_PAYLOAD + 8].tobytes() == frame[:GEN_PAYLOAD + 8].tobytes() for i in range(k))
+        with pytest.raises(ValueError, match="outside"):
+            device_rx_generate(lb.device_rx, frame, 1, 60, 0)
 
 
 def test_generator_frame_layout():

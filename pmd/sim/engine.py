@@ -334,6 +334,12 @@ class Engine:
     def _receive(self, j: int, rx: DeviceQueue, active: int, hdr_len: int, mergeable: bool) -> int:
         batch = self._pending.get(j)
         if batch is None:
+            k = self.wire.deliver_direct(j, active, rx, self.budget, hdr_len, mergeable, self.filter.accepts)
+            if k is not None:          # the wire wrote into the ring itself (generator fast path)
+                if k:
+                    self.rx_packets += k
+                    self.wire.delivered(j, k)
+                return k
             got = self.wire.receive(j, active, self.budget)
             if got is None:
                 return 0

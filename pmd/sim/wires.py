@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .._device import DeviceQueue, device_rx_generate
 from ..pcap import PcapWriter, read_pcap
 
 Rows = npt.NDArray[np.uint8]
@@ -120,6 +121,13 @@ class Wire:
 
     def receive(self, pair: int, n_pairs: int, budget: int) -> Batch | None:
         """Up to ``budget`` packets for rx queue ``pair`` of ``n_pairs`` active ones, or None."""
+        return None
+
+    def deliver_direct(self, pair: int, n_pairs: int, rx: DeviceQueue, budget: int, hdr_len: int,
+                       mergeable: bool, accepts: Callable[[bytes], bool]) -> int | None:
+        """A fast path: write up to ``budget`` packets straight into the driver's rx
+        ring ``rx`` (no batch) and return how many, or None for "use receive()".
+        ``accepts(dst_mac)`` is the device's receive filter. None by default."""
         return None
 
     def delivered(self, pair: int, count: int) -> None:
@@ -451,6 +459,8 @@ class GeneratorWire(Wire):
         # batch only stamps sequence numbers (the engine asks a pair for more only
         # once its last batch is delivered, so the rows can be reused)
         self._layouts: dict[tuple[int, int], _GenLayout] = {}
+        self._scratch: Rows | None = None              # deliver_direct's frame
+        self._scratch_of: Rows | None = None           # the templates it was copied from
         self.generated = 0
         self.sent = 0
         self.received = 0
@@ -496,6 +506,35 @@ class GeneratorWire(Wire):
             self._next_seq[flows[:n % k]] += 1
         self.generated += n
         return Batch(lay.rows[:n], lay.lengths[:n], n)
+
+    def deliver_direct(self, pair: int, n_pairs: int, rx: DeviceQueue, budget: int, hdr_len: int,
+                       mergeable: bool, accepts: Callable[[bytes], bool]) -> int | None:
+        """One flow at full rate: frames go from one scratch frame straight into the
+        rx ring (``device_rx_generate`` stamps the sequence numbers), as a hardware
+        generator would. Several flows or a rate take the batch path (receive)."""
+        if self.flows != 1 or self.rate:
+            return None
+        if pair != 0:
+            return 0                                   # the one flow is on pair 0
+        templates = self._template_rows()
+        scratch = self._scratch
+        if scratch is None or self._scratch_of is not templates:
+            if not accepts(templates[0, :6].tobytes()):
+                return None                            # the batch path filters and counts it
+            scratch = self._scratch = templates[0].copy()
+            self._scratch_of = templates
+        if self.count:
+            budget = min(budget, self.count - self.generated)
+            if budget <= 0:
+                return 0
+        k = device_rx_generate(rx, scratch, budget, GEN_PAYLOAD + 8, int(self._next_seq[0]),
+                               hdr_len, mergeable)
+        if k:
+            if self.started is None:
+                self.started = time.monotonic()
+            self._next_seq[0] += k
+            self.generated += k
+        return k
 
     def _layout(self, key: tuple[int, int], flows: npt.NDArray[np.int64], n: int) -> "_GenLayout":
         templates = self._template_rows()
