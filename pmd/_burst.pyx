@@ -79,6 +79,9 @@ cdef uint32_t *_u32_1d(object a, str name, bint writable, Py_ssize_t *n) except 
     return <uint32_t *>cnp.PyArray_DATA(arr)
 
 
+cdef enum:
+    DISCARD_MAX = 256          # rx_discard: ids on the stack per call
+
 cdef class _Queue:
     """What rx and tx queues share: the virtqueue, the pool, the header, the stats."""
     cdef readonly Virtqueue vq
@@ -391,6 +394,26 @@ cdef class RxQueue(_Queue):
         cdef int n
         with nogil:
             n = self.harvest(NULL, 0, i, l, nids)
+        self.report()
+        return n
+
+    def rx_discard(self, Py_ssize_t max_packets=32):
+        """Receive up to ``max_packets`` (1 to 256) and give their buffers straight
+        back to the pool: what testpmd's rxonly does (receive, count, free), in one
+        call without the GIL and with no ids handed to Python. The queue's
+        statistics count them. Returns the count."""
+        self.check()
+        if not 1 <= max_packets <= DISCARD_MAX:
+            raise ValueError(f"max_packets must be 1 to {DISCARD_MAX}, got {max_packets}")
+        if self.idle():
+            return 0
+        cdef uint32_t ids[DISCARD_MAX]
+        cdef uint32_t lens[DISCARD_MAX]
+        cdef int n, k
+        with nogil:
+            n = self.harvest(NULL, 0, ids, lens, max_packets)
+            for k in range(n):
+                self.pool.put(ids[k])       # harvest handed them to the application (BUF_APP)
         self.report()
         return n
 

@@ -126,21 +126,23 @@ def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: 
                     with pcap_lock:
                         pcap.write_burst(out, lens, n)
             return
+        if mode == "rxonly":
+            # testpmd's rxonly: receive, count, free; in one call, no ids through Python.
+            per_call = min(burst, 256)
+            while not stop.is_set():
+                rxq.rx_discard(per_call)
+            return
         pool = rxq.pool               # rx and tx of a pair share it: forwarding needs no copy
         data = pool.data
         while not stop.is_set():
             n = rxq.rx_burst_zc(ids, lens)
             if not n:
-                if mode != "rxonly":
-                    txq.reclaim()
+                txq.reclaim()
                 continue
             got = ids[:n]
             if pcap is not None:
                 with pcap_lock:
                     pcap.write_burst(data[got], lens, n)
-            if mode == "rxonly":
-                pool.free(got)
-                continue
             if mode == "macswap":
                 dst = data[got, 0:6].copy()
                 data[got, 0:6] = data[got, 6:12]

@@ -270,6 +270,29 @@ def test_failed_queue_raises_the_reason_on_every_burst(lb):
     assert lb.pool.available == lb.pool.n_buffers
 
 
+def test_rx_discard_counts_and_returns_every_buffer(lb):
+    data, lengths = random_packets(40)
+    sent = lb.driver_tx.tx_burst(data, lengths)
+    lb.step()
+    free_before = lb.pool.available
+    got = 0
+    for _ in range(10):
+        got += lb.driver_rx.rx_discard(16)              # at most 16 a call
+        lb.step()
+    assert got == sent
+    st = lb.driver_rx.stats()
+    assert st["packets"] == sent and st["bytes"] == int(lengths[:sent].sum())
+    assert lb.driver_rx.rx_discard() == 0
+    assert lb.pool.available >= free_before             # nothing kept back
+    with pytest.raises(ValueError, match="max_packets"):
+        lb.driver_rx.rx_discard(0)
+    with pytest.raises(ValueError, match="max_packets"):
+        lb.driver_rx.rx_discard(257)
+    lb.driver_rx.close()
+    with pytest.raises(QueueStateError, match="closed"):
+        lb.driver_rx.rx_discard()
+
+
 def test_close_returns_in_flight_buffers_to_the_pool(lb):
     data, lengths = random_packets(10)
     lb.driver_tx.tx_burst(data, lengths)
