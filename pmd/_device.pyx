@@ -460,6 +460,16 @@ cdef int _rx_deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr
     return 1
 
 
+cdef inline bint _rx_take(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr_len,
+                          bint mergeable) noexcept nogil:
+    """_rx_deliver for a packet from outside the rings: one too large for the
+    driver's buffers is dropped and counted on ``rx``. False: no rx buffer (nothing taken)."""
+    cdef int r = _rx_deliver(rx, src, pkt, hdr_len, mergeable)
+    if r == 0:
+        rx.n_dropped += 1
+    return r >= 0
+
+
 cdef int loopback_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len,
                         bint mergeable, char *scratch, uint32_t scratch_len) noexcept nogil:
     """Move up to ``budget`` packets from the driver's tx queue to its rx queue.
@@ -577,7 +587,7 @@ def device_rx_generate(DeviceQueue rx not None, unsigned char[::1] frame not Non
     if seq_offset < 0 or seq_offset + 8 > frame.shape[0]:
         raise ValueError(f"seq_offset {seq_offset} + 8 is outside the {frame.shape[0]}-byte frame")
     cdef Py_ssize_t i = 0
-    cdef int r, k
+    cdef int k
     cdef uint64_t seq
     cdef uint32_t length = <uint32_t>frame.shape[0]
     cdef unsigned char *p = &frame[0]
@@ -586,11 +596,8 @@ def device_rx_generate(DeviceQueue rx not None, unsigned char[::1] frame not Non
             seq = first_seq + <uint64_t>i
             for k in range(8):
                 p[seq_offset + k] = <unsigned char>(seq >> (8 * k))
-            r = _rx_deliver(rx, <const char *>p, length, hdr_len, mergeable)
-            if r < 0:
+            if not _rx_take(rx, <const char *>p, length, hdr_len, mergeable):
                 break
-            if r == 0:
-                rx.n_dropped += 1
             i += 1
         rx.flush()
     return i
@@ -611,15 +618,11 @@ def device_rx_burst(DeviceQueue rx not None, const unsigned char[:, ::1] packets
     for i in range(n):
         if lengths[i] > cols:
             raise ValueError(f"lengths[{i}] = {lengths[i]} is larger than the row width {cols}")
-    cdef int r
     i = 0
     with nogil:
         while i < n:
-            r = _rx_deliver(rx, <const char *>&packets[i, 0], lengths[i], hdr_len, mergeable)
-            if r < 0:
+            if not _rx_take(rx, <const char *>&packets[i, 0], lengths[i], hdr_len, mergeable):
                 break
-            if r == 0:
-                rx.n_dropped += 1
             i += 1
         rx.flush()
     return i
