@@ -5,6 +5,10 @@ runs on the host and inside a QEMU TCG guest, whose CPU model lacks AVX-512.
 
 PMD_DEBUG=1 turns on Cython bounds/wraparound checks, line tracing (for
 coverage and profilers) and assertions, and compiles with -O0 -g.
+
+PMD_SANITIZE=address (or address,undefined) compiles and links the extensions
+with -fsanitize=...; the interpreter must then load the sanitizer runtime
+first (LD_PRELOAD of gcc's libasan.so), as scripts/sanitize.sh does.
 """
 import os
 
@@ -13,6 +17,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 DEBUG = os.environ.get("PMD_DEBUG", "") not in ("", "0")
+SANITIZE = os.environ.get("PMD_SANITIZE", "").strip()
 
 MODULES = ["_mmio", "_memory", "_pool", "_virtqueue", "_device", "_burst"]
 
@@ -23,6 +28,12 @@ if DEBUG:
     cflags += ["-O0", "-g", "-UNDEBUG"]
 else:
     cflags += ["-O2", "-DNDEBUG"]
+ldflags = []
+if SANITIZE:
+    if not all(kind in ("address", "undefined") for kind in SANITIZE.split(",")):
+        raise SystemExit(f"PMD_SANITIZE={SANITIZE!r}: use address, undefined or address,undefined")
+    cflags += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"]
+    ldflags += [f"-fsanitize={SANITIZE}"]
 
 extensions = [
     Extension(
@@ -31,6 +42,7 @@ extensions = [
         include_dirs=["csrc", numpy.get_include()],
         define_macros=macros,
         extra_compile_args=cflags,
+        extra_link_args=ldflags,
     )
     for name in MODULES
 ]
