@@ -18,8 +18,10 @@ class _Queue:
     packets: int
     bytes: int
     dropped: int
+    foreign_chains: int
     def __init__(self, vq: Virtqueue, pool: PacketPool, *, hdr_len: int = 12, strict: bool = False) -> None: ...
     def stats(self) -> dict[str, Any]: ...
+    def fence(self) -> None: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
@@ -30,6 +32,7 @@ class _Queue:
 class RxQueue(_Queue):
     no_buffer: int
     truncated: int
+    runt: int
     bad_num_buffers: int
     zc_multi_dropped: int
     mergeable: bool
@@ -46,6 +49,7 @@ class RxQueue(_Queue):
 @disjoint_base
 class TxQueue(_Queue):
     ring_full: int
+    def __init__(self, vq: Virtqueue, pool: PacketPool, *, hdr_len: int = 12, strict: bool = False) -> None: ...
     @property
     def max_packet_len(self) -> int: ...
     def reclaim(self) -> int: ...

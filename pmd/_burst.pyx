@@ -16,11 +16,15 @@ zeroed on transmit, stripped on receive.
 
 import logging
 
+cimport cython
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
+from posix.unistd cimport usleep
 
-from pmd._pool cimport BUF_APP, BUF_FREE, BUF_QUEUE, NO_BUF, PacketPool
+from pmd._memory cimport DmaMemory
+from pmd._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
 from pmd._virtqueue cimport (
     USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, Virtqueue,
 )
@@ -37,6 +41,7 @@ DEF_HDR_LEN = 12
 
 cdef enum:
     MAX_TX_SEGS = 32     # longest chain a copy-mode transmit builds for one packet
+    ETH_HLEN = 14        # destination, source, EtherType: the shortest frame there is
 
 
 # ---- argument checks (GIL held): clear errors before any C work ----
@@ -82,6 +87,7 @@ cdef uint32_t *_u32_1d(object a, str name, bint writable, Py_ssize_t *n) except 
 cdef enum:
     DISCARD_MAX = 256          # rx_discard: ids on the stack per call
 
+@cython.no_gc_clear   # __dealloc__ unpins the memory of `vq` and `pool`
 cdef class _Queue:
     """What rx and tx queues share: the virtqueue, the pool, the header, the stats."""
     cdef readonly Virtqueue vq
@@ -89,11 +95,15 @@ cdef class _Queue:
     cdef readonly uint32_t hdr_len
     cdef uint32_t buf_off          # where header + data start in a buffer
     cdef public bint strict        # raise DeviceError on bad used entries (else count and log)
-    cdef bint is_closed
+    cdef bint is_closed            # no new burst may start (fence or close)
+    cdef bint pinned               # holds pins on the ring's and the pool's memory
+    cdef int busy                  # bursts running without the GIL right now
+    cdef uint8_t owner             # this queue's tag in the pool's state array
     cdef uint64_t seen_bad         # device errors already reported
     cdef public uint64_t packets
     cdef public uint64_t bytes
     cdef public uint64_t dropped
+    cdef public uint64_t foreign_chains
 
     def __init__(self, Virtqueue vq not None, PacketPool pool not None, *, uint32_t hdr_len=DEF_HDR_LEN,
                  bint strict=False):
@@ -101,11 +111,36 @@ cdef class _Queue:
             raise ValueError(f"hdr_len must be 12 (VERSION_1) or 10 (legacy without MRG_RXBUF), got {hdr_len}")
         if hdr_len > pool.headroom:
             raise ValueError(f"pool headroom {pool.headroom} cannot hold the {hdr_len}-byte header")
+        if vq.owned:
+            raise QueueStateError(f"virtqueue {vq.queue_index} already belongs to a queue; "
+                                  "give each RxQueue/TxQueue a virtqueue of its own")
+        vq.check_usable()
+        self.owner = <uint8_t>pool.new_owner()
+        # The bursts reach ring and buffers through raw pointers without the
+        # GIL: the pages stay mapped until this queue is closed or gone.
+        vq.memory.pin()
+        try:
+            pool.memory.pin()
+        except BaseException:
+            vq.memory.unpin()
+            raise
+        self.pinned = True
+        vq.owned = True
+        vq.disown_cookies()     # chains in flight now are not ours: counted, never freed
         self.vq = vq
         self.pool = pool
         self.hdr_len = hdr_len
         self.buf_off = pool.headroom - hdr_len
         self.strict = strict
+
+    def __dealloc__(self):
+        self._unpin()
+
+    cdef void _unpin(self) noexcept:
+        if self.pinned:
+            self.pinned = False
+            self.vq.memory.unpin()
+            self.pool.memory.unpin()
 
     cdef inline void check(self) except *:
         if pmd_unlikely(self.is_closed):
@@ -113,6 +148,18 @@ cdef class _Queue:
                                   "open the port / create the queue again")
         self.vq.check_usable()
         self.pool.check_open()
+
+    cdef inline int enter(self) except -1:
+        """The last step before ``with nogil:``, after every check: from here
+        until ``leave`` the queue is busy and ``fence`` waits. Nothing between
+        the closed check and the mark lets another thread run (GIL held)."""
+        if pmd_unlikely(self.is_closed):
+            self.check()
+        self.busy += 1
+        return 0
+
+    cdef inline void leave(self) noexcept:
+        self.busy -= 1
 
     cdef uint64_t device_errors(self) noexcept:
         return self.vq.n_bad_id + self.vq.n_not_in_flight + self.vq.n_bad_len
@@ -136,31 +183,69 @@ cdef class _Queue:
         log.warning(msg)
         return 0
 
+    cdef inline uint32_t take1(self, uint16_t head) noexcept nogil:
+        """Detach a one-buffer chain the device completed; its buffer id, or
+        NO_BUF (counted) when the chain is not one this queue built: a buffer
+        is freed only by the queue that holds it."""
+        cdef uint32_t b
+        if pmd_unlikely(self.vq.extra[head].ndescs != 1):
+            self.vq.detach(head, NULL, 0)
+            self.foreign_chains += 1
+            return NO_BUF
+        b = self.vq.detach1(head)
+        if pmd_unlikely(not self.pool.held_by(b, self.owner)):
+            self.foreign_chains += 1
+            return NO_BUF
+        return b
+
+    cdef uint32_t put_chain(self, uint16_t head) noexcept nogil:
+        """Detach a chain and free its buffers; returns how many were freed."""
+        cdef uint32_t cookies[MAX_TX_SEGS]
+        cdef uint16_t n = self.vq.detach(head, cookies, MAX_TX_SEGS), k
+        cdef uint32_t freed = 0
+        if pmd_unlikely(n > MAX_TX_SEGS):
+            self.foreign_chains += 1     # longer than any chain a burst builds
+            return 0
+        for k in range(n):
+            if pmd_likely(self.pool.held_by(cookies[k], self.owner)):
+                self.pool.put(cookies[k])
+                freed += 1
+        if pmd_unlikely(freed != n):
+            self.foreign_chains += 1
+        return freed
+
     def stats(self):
         """Packets, bytes and drops of this queue, with its virtqueue's counters."""
-        s = {"packets": self.packets, "bytes": self.bytes, "dropped": self.dropped}
+        s = {"packets": self.packets, "bytes": self.bytes, "dropped": self.dropped,
+             "foreign_chains": self.foreign_chains}
         s.update(self.vq.stats())
         return s
 
-    def close(self):
-        """Stop using the queue (after the device was reset); buffers it held go back to the pool."""
-        if self.is_closed:
-            return
+    def fence(self):
+        """Refuse every later burst (QueueStateError "closed") and wait until a
+        burst another thread is running now has returned. Buffers stay where they
+        are: reset the device, then ``close()``. Safe from any thread."""
         self.is_closed = True
+        while self.busy:
+            with nogil:
+                usleep(50)
+
+    def close(self):
+        """Stop using the queue (after the device was reset); buffers it held go back
+        to the pool. Waits for a burst in progress in another thread (``fence``)."""
+        self.fence()
+        if not self.pinned:
+            return
         self._release_all()
         self.vq.close()
+        self._unpin()
 
     cdef _release_all(self):
         # Every descriptor still in flight holds pool buffers: give them back.
         cdef uint32_t i
-        cdef uint32_t cookies[MAX_TX_SEGS]
-        cdef uint16_t n, k
         for i in range(self.vq.size):
             if self.vq.extra[i].ndescs:
-                n = self.vq.detach(<uint16_t>i, cookies) if self.vq.extra[i].ndescs <= MAX_TX_SEGS else 0
-                for k in range(n):
-                    if self.pool.state[cookies[k]] == BUF_QUEUE:
-                        self.pool.put(cookies[k])
+                self.put_chain(<uint16_t>i)
 
     @property
     def closed(self):
@@ -173,6 +258,7 @@ cdef class _Queue:
         self.close()
 
 
+@cython.no_gc_clear
 cdef class RxQueue(_Queue):
     """``RxQueue(vq, pool, hdr_len=12, strict=False)``: receive side of a port queue.
 
@@ -185,6 +271,7 @@ cdef class RxQueue(_Queue):
     cdef uint32_t mrg_max_len       # largest packet accepted when mergeable
     cdef public uint64_t no_buffer  # refills short of pool buffers
     cdef public uint64_t truncated
+    cdef public uint64_t runt       # shorter than an Ethernet header: dropped
     cdef public uint64_t bad_num_buffers
     cdef public uint64_t zc_multi_dropped
 
@@ -193,10 +280,11 @@ cdef class RxQueue(_Queue):
         """``mergeable``: VIRTIO_NET_F_MRG_RXBUF was negotiated (5.1.6.3.2): packets up to
         ``max_packet_len`` bytes arrive spread over several buffers, with the count
         in the first header's num_buffers. Needs the 12-byte header."""
+        hdr_len = kw.get("hdr_len", DEF_HDR_LEN)
+        if mergeable and hdr_len != 12:
+            raise ValueError("mergeable rx buffers need the 12-byte header (num_buffers)")
         super().__init__(vq, pool, **kw)
         self.buf_len = pool.buffer_size - self.buf_off
-        if mergeable and self.hdr_len != 12:
-            raise ValueError("mergeable rx buffers need the 12-byte header (num_buffers)")
         self.mergeable = mergeable
         self.mrg_max_len = max_packet_len
 
@@ -211,7 +299,7 @@ cdef class RxQueue(_Queue):
     cdef uint32_t refill(self) noexcept nogil:
         cdef uint32_t added = 0, b
         while self.vq.num_free:
-            b = self.pool.get(BUF_QUEUE)
+            b = self.pool.get(self.owner)
             if pmd_unlikely(b == NO_BUF):
                 self.no_buffer += 1
                 break
@@ -228,9 +316,11 @@ cdef class RxQueue(_Queue):
         """Give the device every buffer the ring and the pool allow; returns how many."""
         self.check()
         cdef uint32_t n
+        self.enter()
         with nogil:
             n = self.refill()
             self.vq.flush()
+        self.leave()
         return n
 
     cdef int harvest(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
@@ -250,7 +340,9 @@ cdef class RxQueue(_Queue):
             r = self.vq.pop_used(&head, &length)
             if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
                 continue  # counted by the virtqueue; nothing of ours to reclaim
-            b = self.vq.detach1(head)
+            b = self.take1(head)
+            if pmd_unlikely(b == NO_BUF):
+                continue  # not a buffer of this queue: counted, never freed
             if pmd_unlikely(r == USED_BAD_LEN or length < self.hdr_len):
                 if r == USED_OK:
                     self.vq.n_bad_len += 1  # shorter than the header: not a packet
@@ -258,6 +350,13 @@ cdef class RxQueue(_Queue):
                 self.pool.put(b)
                 continue
             pkt = length - self.hdr_len
+            if pmd_unlikely(pkt < ETH_HLEN):
+                # A runt: no Ethernet header. Dropped and counted, as Linux
+                # (rx_length_errors) and DPDK do; never handed to the application.
+                self.runt += 1
+                self.dropped += 1
+                self.pool.put(b)
+                continue
             if out != NULL:
                 if pmd_unlikely(pkt > cols):
                     memcpy(out + got * cols, self.pool.buf(b) + self.pool.headroom, cols)
@@ -286,13 +385,15 @@ cdef class RxQueue(_Queue):
         """
         cdef uint16_t avail = self.vq.nused()
         cdef uint16_t head = 0, nb, k
-        cdef uint32_t length = 0, b, cookie = 0, pkt, take
+        cdef uint32_t length = 0, b, cookie = 0, pkt, take, handed
         cdef int r, got = 0
         cdef bint ok
         cdef char *dst
+        cdef const char *src
         while got < burst and avail > 0:
-            if not self.vq.peek_used(&cookie, &length) or length < self.hdr_len:
-                nb = 1   # let pop_used count it below
+            if (not self.vq.peek_used(&cookie, &length) or length < self.hdr_len
+                    or not self.pool.held_by(cookie, self.owner)):
+                nb = 1   # let pop_used / take1 count it below
             else:
                 nb = (<virtio_net_hdr *>(self.pool.buf(cookie) + self.buf_off)).num_buffers
                 if pmd_unlikely(nb == 0 or nb > self.vq.size):
@@ -305,6 +406,7 @@ cdef class RxQueue(_Queue):
                 nb = 1
             avail -= nb
             pkt = 0
+            handed = NO_BUF
             dst = NULL
             if out != NULL:
                 dst = out + got * cols
@@ -313,7 +415,10 @@ cdef class RxQueue(_Queue):
                 if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
                     ok = False
                     continue
-                b = self.vq.detach1(head)
+                b = self.take1(head)
+                if pmd_unlikely(b == NO_BUF):
+                    ok = False
+                    continue
                 if pmd_unlikely(r == USED_BAD_LEN or (k == 0 and length < self.hdr_len)):
                     if r == USED_OK:
                         self.vq.n_bad_len += 1
@@ -329,19 +434,23 @@ cdef class RxQueue(_Queue):
                     take = length if pkt + length <= cols else <uint32_t>(cols - pkt)
                     memcpy(dst + pkt, src, take)
                 if out == NULL and nb == 1 and ok:
-                    self.pool.state[b] = BUF_APP
-                    ids[got] = b
+                    handed = b           # to the application if the packet is kept
                 else:
                     self.pool.put(b)
                 pkt += length
-            if pmd_unlikely(not ok or pkt > self.mrg_max_len or (out == NULL and nb > 1)):
-                if out == NULL and nb > 1 and ok:
+            if pmd_unlikely(not ok or pkt < ETH_HLEN or pkt > self.mrg_max_len or (out == NULL and nb > 1)):
+                if handed != NO_BUF:
+                    self.pool.put(handed)
+                if ok and pkt < ETH_HLEN:
+                    self.runt += 1
+                elif ok and out == NULL and nb > 1:
                     self.zc_multi_dropped += 1   # zero-copy returns one buffer per packet
-                elif out == NULL and nb == 1 and ok:
-                    self.pool.put(ids[got])      # it was handed over above: take it back
                 self.dropped += 1
                 continue
-            if out != NULL and pkt > cols:
+            if out == NULL:
+                self.pool.state[handed] = BUF_APP
+                ids[got] = handed
+            elif pkt > cols:
                 self.truncated += 1
             lengths[got] = pkt
             self.bytes += pkt
@@ -371,8 +480,10 @@ cdef class RxQueue(_Queue):
         if self.idle():
             return 0
         cdef int n
+        self.enter()
         with nogil:
             n = self.harvest(o, cols, NULL, l, rows)
+        self.leave()
         self.report()
         return n
 
@@ -392,8 +503,10 @@ cdef class RxQueue(_Queue):
         if self.idle():
             return 0
         cdef int n
+        self.enter()
         with nogil:
             n = self.harvest(NULL, 0, i, l, nids)
+        self.leave()
         self.report()
         return n
 
@@ -410,10 +523,12 @@ cdef class RxQueue(_Queue):
         cdef uint32_t ids[DISCARD_MAX]
         cdef uint32_t lens[DISCARD_MAX]
         cdef int n, k
+        self.enter()
         with nogil:
             n = self.harvest(NULL, 0, ids, lens, max_packets)
             for k in range(n):
                 self.pool.put(ids[k])       # harvest handed them to the application (BUF_APP)
+        self.leave()
         self.report()
         return n
 
@@ -421,11 +536,13 @@ cdef class RxQueue(_Queue):
         s = super().stats()
         s["no_buffer"] = self.no_buffer
         s["truncated"] = self.truncated
+        s["runt"] = self.runt
         s["bad_num_buffers"] = self.bad_num_buffers
         s["zc_multi_dropped"] = self.zc_multi_dropped
         return s
 
 
+@cython.no_gc_clear
 cdef class TxQueue(_Queue):
     """``TxQueue(vq, pool, hdr_len=12, strict=False)``: transmit side of a port queue.
 
@@ -434,6 +551,26 @@ cdef class TxQueue(_Queue):
     Completed buffers go back to the pool at the start of each burst.
     """
     cdef public uint64_t ring_full
+    # The caller's ids and lengths, read once with the GIL held, checked, and
+    # used from here without it: an array in shared memory may change meanwhile.
+    cdef uint32_t *s_ids
+    cdef uint32_t *s_lens
+
+    def __cinit__(self):
+        self.s_ids = NULL
+        self.s_lens = NULL
+
+    def __init__(self, Virtqueue vq not None, PacketPool pool not None, **kw):
+        super().__init__(vq, pool, **kw)
+        # No burst can queue more packets than the ring has descriptors.
+        self.s_ids = <uint32_t *>malloc(sizeof(uint32_t) * vq.size)
+        self.s_lens = <uint32_t *>malloc(sizeof(uint32_t) * vq.size)
+        if self.s_ids == NULL or self.s_lens == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.s_ids)
+        free(self.s_lens)
 
     @property
     def max_packet_len(self):
@@ -441,10 +578,9 @@ cdef class TxQueue(_Queue):
         return self.pool.data_room + (MAX_TX_SEGS - 1) * self.pool.buffer_size
 
     cdef uint32_t reclaim_used(self) noexcept nogil:
-        cdef uint16_t n = self.vq.nused(), k, j, nd
+        cdef uint16_t n = self.vq.nused(), k
         cdef uint16_t head = 0
-        cdef uint32_t length = 0
-        cdef uint32_t cookies[MAX_TX_SEGS]
+        cdef uint32_t length = 0, b
         cdef int r
         cdef uint32_t freed = 0
         for k in range(n):
@@ -452,21 +588,22 @@ cdef class TxQueue(_Queue):
             if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
                 continue
             if pmd_likely(self.vq.extra[head].ndescs == 1):
-                self.pool.put(self.vq.detach1(head))
-                freed += 1
+                b = self.take1(head)
+                if pmd_likely(b != NO_BUF):
+                    self.pool.put(b)
+                    freed += 1
             else:
-                nd = self.vq.detach(head, cookies)
-                for j in range(nd):
-                    self.pool.put(cookies[j])
-                freed += nd
+                freed += self.put_chain(head)
         return freed
 
     def reclaim(self):
         """Give buffers the device has finished with back to the pool; returns how many."""
         self.check()
         cdef uint32_t n
+        self.enter()
         with nogil:
             n = self.reclaim_used()
+        self.leave()
         self.report()
         return n
 
@@ -497,7 +634,7 @@ cdef class TxQueue(_Queue):
                 self.ring_full += 1
                 break
             if pmd_likely(nseg == 1):
-                b = self.pool.get(BUF_QUEUE)
+                b = self.pool.get(self.owner)
                 dst = self.pool.buf(b) + self.buf_off
                 memset(dst, 0, self.hdr_len)
                 memcpy(dst + self.hdr_len, src, ln)
@@ -506,7 +643,7 @@ cdef class TxQueue(_Queue):
                 # Header + first part in the first buffer, the rest in whole buffers.
                 done = 0
                 for k in range(nseg):
-                    ids[k] = self.pool.get(BUF_QUEUE)
+                    ids[k] = self.pool.get(self.owner)
                     if k == 0:
                         dst = self.pool.buf(ids[k]) + self.buf_off
                         memset(dst, 0, self.hdr_len)
@@ -533,7 +670,8 @@ cdef class TxQueue(_Queue):
         """Transmit ``packets[i, :lengths[i]]`` for each row of ``packets`` (uint8,
         2-D, C-contiguous; ``lengths`` uint32). Data is copied into pool buffers.
         Returns how many were queued: fewer than the rows when the ring or the
-        pool is full (send the rest again later).
+        pool is full (send the rest again later). One call looks at no more rows
+        than the ring has entries.
         """
         self.check()
         cdef Py_ssize_t rows, cols, nlen, i
@@ -542,21 +680,29 @@ cdef class TxQueue(_Queue):
         if nlen < rows:
             raise ValueError(f"lengths has {nlen} entries but packets has {rows} rows; "
                              "give one length per row")
-        cdef uint32_t maxlen = self.max_packet_len
+        cdef bint capped = rows > self.vq.size
+        if capped:
+            rows = self.vq.size
+        cdef uint32_t maxlen = self.max_packet_len, ln
         for i in range(rows):
-            if pmd_unlikely(l[i] == 0 or l[i] > cols or l[i] > maxlen):
-                raise ValueError(f"lengths[{i}] = {l[i]}: a packet must be 1 to "
+            ln = l[i]               # read once: the copy is checked and used
+            if pmd_unlikely(ln == 0 or ln > cols or ln > maxlen):
+                raise ValueError(f"lengths[{i}] = {ln}: a packet must be 1 to "
                                  f"{min(cols, maxlen)} bytes (row width {cols}, queue limit {maxlen})")
+            self.s_lens[i] = ln
         cdef int n
+        self.enter()
         with nogil:
-            n = self.send_copy(p, cols, l, rows)
+            n = self.send_copy(p, cols, self.s_lens, rows)
+        self.leave()
+        if capped and n == rows:
+            self.ring_full += 1     # a whole ring's worth went: the rest did not fit
         self.report()
         return n
 
     cdef int send_zc(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil:
         cdef Py_ssize_t i
         cdef uint32_t b
-        cdef char *dst
         self.reclaim_used()
         for i in range(burst):
             if pmd_unlikely(self.vq.num_free == 0):
@@ -569,13 +715,19 @@ cdef class TxQueue(_Queue):
             self.packets += 1
         return <int>burst
 
+    cdef void _unclaim(self, Py_ssize_t start, Py_ssize_t end) noexcept:
+        cdef Py_ssize_t j
+        for j in range(start, end):
+            self.pool.state[self.s_ids[j]] = BUF_APP
+
     def tx_burst_zc(self, ids, lengths):
         """Transmit pool buffers as they are: ``pool.data[ids[i], :lengths[i]]``.
 
         The application must own each id (from ``pool.alloc`` or ``rx_burst_zc``),
         each at most once; ownership passes to the queue, and the buffer returns
         to the pool when the device is done. Returns how many were queued; the
-        rest (ring full) still belong to the application.
+        rest (ring full, or beyond the ring's size: one call looks at no more)
+        still belong to the application.
         """
         self.check()
         cdef Py_ssize_t nids, nlen, i
@@ -583,32 +735,46 @@ cdef class TxQueue(_Queue):
         cdef uint32_t *l = _u32_1d(lengths, "lengths", False, &nlen)
         if nlen < nids:
             raise ValueError(f"lengths has {nlen} entries but ids has {nids}; give one length per id")
+        cdef bint capped = nids > self.vq.size
+        if capped:
+            nids = self.vq.size
         cdef PacketPool pool = self.pool
-        cdef uint32_t room = pool.buffer_size - pool.headroom
-        # Check every id and claim it; undo on error. Claiming as we go catches
-        # an id listed twice (it would be sent twice and freed twice).
+        cdef uint32_t room = pool.buffer_size - pool.headroom, b, ln
+        # Read each id and length once into the queue's own arrays, check the
+        # copy and claim the id; undo on error. Claiming as we go catches an id
+        # listed twice (it would be sent twice and freed twice).
         for i in range(nids):
+            b = d[i]
+            ln = l[i]
             err = None
-            if d[i] >= pool.n_buffers:
-                err = PoolError(f"ids[{i}] = {d[i]} does not belong to this pool (ids 0..{pool.n_buffers - 1})")
-            elif pool.state[d[i]] != BUF_APP:
-                err = PoolError(f"ids[{i}] = {d[i]} is not owned by the application "
-                                f"({'free' if pool.state[d[i]] == BUF_FREE else 'already queued'}): "
+            if b >= pool.n_buffers:
+                err = PoolError(f"ids[{i}] = {b} does not belong to this pool (ids 0..{pool.n_buffers - 1})")
+            elif pool.state[b] != BUF_APP:
+                err = PoolError(f"ids[{i}] = {b} is not owned by the application "
+                                f"({'free' if pool.state[b] == BUF_FREE else 'already queued'}): "
                                 "transmit only buffers from pool.alloc or rx_burst_zc, once")
-            elif l[i] == 0 or l[i] > room:
-                err = ValueError(f"lengths[{i}] = {l[i]}: a zero-copy packet must be 1 to {room} bytes "
+            elif ln == 0 or ln > room:
+                err = ValueError(f"lengths[{i}] = {ln}: a zero-copy packet must be 1 to {room} bytes "
                                  "(the pool's data room)")
             if err is not None:
-                for j in range(i):
-                    pool.state[d[j]] = BUF_APP
+                self._unclaim(0, i)
                 raise err
-            pool.state[d[i]] = BUF_QUEUE
+            pool.state[b] = self.owner
+            self.s_ids[i] = b
+            self.s_lens[i] = ln
         cdef int n
+        try:
+            self.enter()
+        except BaseException:
+            self._unclaim(0, nids)
+            raise
         with nogil:
-            n = self.send_zc(d, l, nids)
+            n = self.send_zc(self.s_ids, self.s_lens, nids)
             self.vq.flush()
-        for i in range(n, nids):
-            pool.state[d[i]] = BUF_APP   # not sent: still the application's
+        self.leave()
+        self._unclaim(n, nids)   # not sent: still the application's
+        if capped and n == nids:
+            self.ring_full += 1
         self.report()
         return n
 

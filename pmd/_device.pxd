@@ -41,6 +41,7 @@ cdef class DmaWindows:
     cdef int n
     cdef int last                    # window of the last hit: buffers cluster
     cdef list owners
+    cdef readonly uint64_t generation  # bumped when a window goes: popped chains are stale
 
     cdef inline char *translate(self, uint64_t iova, uint64_t length) noexcept nogil:
         """Local address of [iova, iova+length), or NULL unless one window holds all of it."""
@@ -76,12 +77,20 @@ cdef class DeviceQueue:
     cdef public uint32_t in_len      # device-writable bytes in it
     cdef int irq_fd
     cdef int last_bad
+    cdef list memories               # DmaMemory regions pinned while the queue is open
+    cdef bint is_closed
+    cdef int busy                    # device bursts running without the GIL right now
+    cdef uint64_t pop_generation     # windows.generation when the last chain was popped
     cdef public uint64_t n_popped
     cdef public uint64_t n_bad_desc
     cdef public uint64_t n_interrupts
     cdef public uint64_t n_interrupts_suppressed
     cdef public uint64_t n_dropped
 
+    cdef void _unpin(self) noexcept
+    cdef int check(self) except -1
+    cdef int enter(self) except -1
+    cdef void leave(self) noexcept
     cdef int pop(self) noexcept nogil
     cdef uint16_t pending(self) noexcept nogil
     cdef int _refuse(self, uint16_t head, int why) noexcept nogil

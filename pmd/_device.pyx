@@ -9,10 +9,11 @@ Addresses in descriptors are IOVAs; ``DmaWindows`` maps the ranges the driver
 made available (DMA_MAP) to local addresses and refuses anything else.
 """
 
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
-from posix.unistd cimport write
+from posix.unistd cimport usleep, write
 
 from pmd._memory cimport DmaMemory
 from pmd.includes.barrier cimport pmd_virtio_mb, pmd_virtio_rmb, pmd_virtio_wmb
@@ -25,7 +26,7 @@ from pmd.includes.vring cimport (
 )
 from pmd.includes.virtio_net cimport virtio_net_hdr
 
-from pmd.errors import DeviceError
+from pmd.errors import DeviceError, QueueStateError
 
 BAD_DESC_NAMES = {
     BAD_NONE: "none",
@@ -40,6 +41,7 @@ BAD_DESC_NAMES = {
 }
 
 
+@cython.no_gc_clear   # __dealloc__ unpins the DmaMemory owners
 cdef class DmaWindows:
     """The driver memory a device may access: up to 16 ``(iova, size) -> local`` ranges."""
 
@@ -47,12 +49,20 @@ cdef class DmaWindows:
         self.n = 0
         self.owners = []
 
+    def __dealloc__(self):
+        for owner in self.owners:
+            if isinstance(owner, DmaMemory):
+                (<DmaMemory>owner).unpin()
+
     def add(self, uint64_t iova, uint64_t size, uintptr_t local, owner=None):
-        """Map ``[iova, iova+size)`` to the local address ``local`` (kept alive by ``owner``)."""
+        """Map ``[iova, iova+size)`` to the local address ``local`` (kept alive by ``owner``;
+        a ``DmaMemory`` owner stays mapped while the window exists, even if closed)."""
         if self.n == MAX_WINDOWS:
             raise ValueError(f"at most {MAX_WINDOWS} DMA windows")
         if size == 0 or local == 0 or iova + size < iova:
             raise ValueError(f"bad DMA window iova={iova:#x} size={size:#x}")
+        if isinstance(owner, DmaMemory):
+            (<DmaMemory>owner).pin()
         self.win[self.n].iova = iova
         self.win[self.n].size = size
         self.win[self.n].local = <char *>local
@@ -70,13 +80,22 @@ cdef class DmaWindows:
         cdef int i
         for i in range(self.n):
             if self.win[i].iova == iova:
+                owner = self.owners[i]
                 self.win[i] = self.win[self.n - 1]
                 self.owners[i] = self.owners[self.n - 1]
                 self.owners.pop()
                 self.n -= 1
                 self.last = 0
+                self.generation += 1
+                if isinstance(owner, DmaMemory):
+                    (<DmaMemory>owner).unpin()
                 return
         raise KeyError(f"no DMA window at {iova:#x}")
+
+    def clear(self):
+        """Forget every window."""
+        while self.n:
+            self.remove(self.win[self.n - 1].iova)
 
     def local_address(self, uint64_t iova, uint64_t length=1):
         """Where ``[iova, iova+length)`` is mapped locally, or None."""
@@ -87,15 +106,18 @@ cdef class DmaWindows:
         return self.n
 
 
+@cython.no_gc_clear   # __dealloc__ unpins `memories`
 cdef class DeviceQueue:
     """``DeviceQueue(windows, size, desc_iova, avail_iova, used_iova, event_idx=False, weak_barriers=True)``
 
     The device's view of a queue whose ring addresses the driver gave it.
+    Every ``DmaMemory`` behind ``windows`` stays mapped until ``close()``.
     """
 
     def __cinit__(self):
         self.segs = NULL
         self.irq_fd = -1
+        self.memories = []
 
     def __init__(self, DmaWindows windows not None, uint32_t size, uint64_t desc_iova,
                  uint64_t avail_iova, uint64_t used_iova, *, bint event_idx=False,
@@ -123,6 +145,12 @@ cdef class DeviceQueue:
         self.segs = <Seg *>malloc(sizeof(Seg) * size)
         if self.segs == NULL:
             raise MemoryError()
+        # The rings (and the buffers of a popped chain) are raw pointers into
+        # the driver's memory: keep it mapped while this queue may use them.
+        for owner in windows.owners:
+            if isinstance(owner, DmaMemory):
+                (<DmaMemory>owner).pin()
+                self.memories.append(owner)
         # The device starts where the ring is now (0 on a fresh queue).
         self.used_idx = vring_load16(&self.vr.used.idx)
         self.signalled_used = self.used_idx
@@ -131,6 +159,43 @@ cdef class DeviceQueue:
 
     def __dealloc__(self):
         free(self.segs)
+        self._unpin()
+
+    cdef void _unpin(self) noexcept:
+        for m in self.memories:
+            (<DmaMemory>m).unpin()
+        self.memories = []
+
+    cdef int check(self) except -1:
+        if self.is_closed:
+            raise QueueStateError("device queue is closed")
+        for m in self.memories:
+            if (<DmaMemory>m).closed:
+                raise QueueStateError(f"device queue: the driver's DMA memory {(<DmaMemory>m).name!r} "
+                                      "is closed")
+        return 0
+
+    cdef int enter(self) except -1:
+        """check(), then busy until leave(): close() waits for a burst in progress."""
+        self.check()
+        self.busy += 1
+        return 0
+
+    cdef void leave(self) noexcept:
+        self.busy -= 1
+
+    def close(self):
+        """Stop using the queue: later calls raise QueueStateError. Waits for a
+        device burst another thread is running now, then lets the memory go."""
+        self.is_closed = True
+        while self.busy:
+            with nogil:
+                usleep(50)
+        self._unpin()
+
+    @property
+    def closed(self):
+        return self.is_closed
 
     # ---- the data path (nogil) ----
 
@@ -211,6 +276,8 @@ cdef class DeviceQueue:
     cdef int _refuse(self, uint16_t head, int why) noexcept nogil:
         self._bad(why)
         self.nsegs = 0
+        self.out_len = 0
+        self.in_len = 0
         self.push(head, 0)
         return -1
 
@@ -329,6 +396,7 @@ cdef class DeviceQueue:
     def disable_notify(self):
         """Ask the driver not to notify (we poll): NO_NOTIFY, or with EVENT_IDX
         an avail_event the driver will not pass (the flag must stay 0, 2.7.10.1)."""
+        self.check()
         if self.event_idx:
             vring_store16(vring_avail_event(&self.vr), <uint16_t>(self.last_avail_idx - 1))
         else:
@@ -337,6 +405,7 @@ cdef class DeviceQueue:
 
     def enable_notify(self):
         """Ask for a notification when the next buffer is made available."""
+        self.check()
         if self.event_idx:
             vring_store16(vring_avail_event(&self.vr), self.last_avail_idx)
         else:
@@ -348,9 +417,11 @@ cdef class DeviceQueue:
         """Pop one chain for Python: ``(head, readable_bytes, writable_capacity)``,
         ``None`` when nothing is available. A refused chain raises DeviceError
         (it was counted, and returned to the driver when its head was valid)."""
+        self.check()
         r = self.pop()
         if r == 0:
             return None
+        self.pop_generation = self.windows.generation
         if r < 0:
             raise DeviceError(f"device queue: refused a chain: {BAD_DESC_NAMES[self.last_bad]}")
         out = bytearray(self.out_len)
@@ -359,9 +430,18 @@ cdef class DeviceQueue:
         return self.head, bytes(out), self.in_len
 
     def complete(self, uint16_t head, data=b""):
-        """Write ``data`` into the writable part of the chain popped last and
-        push a used entry for ``head`` with its length (not yet published)."""
+        """Write ``data`` into the writable part of the chain popped last (``head``)
+        and push a used entry for it with the data's length (not yet published).
+        With no data, any head may be completed (length 0)."""
+        self.check()
         cdef const unsigned char[:] v = data
+        if len(data):
+            if self.nsegs == 0 or head != self.head:
+                raise ValueError(f"complete({head}) with data: the chain popped last is "
+                                 f"{self.head if self.nsegs else 'none'}; write data only into that one")
+            if self.pop_generation != self.windows.generation:
+                raise QueueStateError("the DMA windows changed since the chain was popped; "
+                                      "its buffers may be gone: complete it without data")
         if len(data) > self.in_len:
             raise ValueError(f"{len(data)} bytes do not fit the chain's {self.in_len} writable bytes")
         if len(data):
@@ -370,6 +450,7 @@ cdef class DeviceQueue:
 
     def push_raw(self, uint32_t id, uint32_t length):
         """Write an arbitrary used entry (tests of the driver's validation)."""
+        self.check()
         cdef uint16_t slot = self.used_idx & self.mask
         vring_store32(&self.vr.used.ring[slot].id, id)
         vring_store32(&self.vr.used.ring[slot].len, length)
@@ -377,11 +458,13 @@ cdef class DeviceQueue:
 
     def set_used_idx(self, uint16_t idx):
         """Publish an arbitrary used index (tests of the driver's validation)."""
+        self.check()
         self.used_idx = idx
         self.publish()
 
     def publish_used(self):
         """Publish pushed entries and interrupt if the driver wants it. Returns True if interrupted."""
+        self.check()
         cdef uint64_t before = self.n_interrupts
         self.flush()
         return self.n_interrupts != before
@@ -389,6 +472,7 @@ cdef class DeviceQueue:
     @property
     def avail_pending(self):
         """Chains the driver has made available and we have not popped."""
+        self.check()
         return <uint16_t>(vring_load16(&self.vr.avail.idx) - self.last_avail_idx)
 
     @property
@@ -521,19 +605,32 @@ cdef enum:
     LOOPBACK_SCRATCH = 65536 + 64   # the largest packet a tx chain may carry, gathered
 
 
+cdef int _check_hdr_len(uint32_t hdr_len) except -1:
+    if hdr_len > sizeof(virtio_net_hdr):
+        raise ValueError(f"hdr_len must be at most {sizeof(virtio_net_hdr)} (the virtio-net header, 5.1.6)")
+    return 0
+
+
 def loopback(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, uint32_t hdr_len=12,
              bint mergeable=False):
     """Device-side loopback (GIL released): driver tx -> driver rx. Returns packets moved.
     ``mergeable``: spread packets larger than one rx buffer over several (MRG_RXBUF)."""
-    if hdr_len > sizeof(virtio_net_hdr):
-        raise ValueError(f"hdr_len must be at most {sizeof(virtio_net_hdr)}")
+    _check_hdr_len(hdr_len)
     cdef int n
     cdef char *scratch = <char *>malloc(LOOPBACK_SCRATCH)
     if scratch == NULL:
         raise MemoryError()
     try:
+        tx.enter()
+        try:
+            rx.enter()
+        except BaseException:
+            tx.leave()
+            raise
         with nogil:
             n = loopback_burst(tx, rx, budget, hdr_len, mergeable, scratch, LOOPBACK_SCRATCH)
+        rx.leave()
+        tx.leave()
     finally:
         free(scratch)
     return n
@@ -551,6 +648,7 @@ def device_tx_burst(DeviceQueue tx not None, unsigned char[:, ::1] out not None,
     cdef int r
     if rows == 0:
         return 0
+    tx.enter()
     with nogil:
         while i < rows:
             r = tx.pop()
@@ -572,6 +670,7 @@ def device_tx_burst(DeviceQueue tx not None, unsigned char[:, ::1] out not None,
             tx.push(tx.head, 0)
             i += 1
         tx.flush()
+    tx.leave()
     return i
 
 
@@ -584,6 +683,7 @@ def device_rx_generate(DeviceQueue rx not None, unsigned char[::1] frame not Non
     buffer; returns how many were consumed (delivered, or dropped as too large)."""
     if n < 0:
         raise ValueError("n must be >= 0")
+    _check_hdr_len(hdr_len)
     if seq_offset < 0 or seq_offset + 8 > frame.shape[0]:
         raise ValueError(f"seq_offset {seq_offset} + 8 is outside the {frame.shape[0]}-byte frame")
     cdef Py_ssize_t i = 0
@@ -591,6 +691,7 @@ def device_rx_generate(DeviceQueue rx not None, unsigned char[::1] frame not Non
     cdef uint64_t seq
     cdef uint32_t length = <uint32_t>frame.shape[0]
     cdef unsigned char *p = &frame[0]
+    rx.enter()
     with nogil:
         while i < n:
             seq = first_seq + <uint64_t>i
@@ -600,6 +701,7 @@ def device_rx_generate(DeviceQueue rx not None, unsigned char[::1] frame not Non
                 break
             i += 1
         rx.flush()
+    rx.leave()
     return i
 
 
@@ -614,15 +716,24 @@ def device_rx_burst(DeviceQueue rx not None, const unsigned char[:, ::1] packets
         n = packets.shape[0]
     if n > packets.shape[0] or n > lengths.shape[0]:
         raise ValueError("n is larger than the packets given")
+    _check_hdr_len(hdr_len)
     cdef Py_ssize_t cols = packets.shape[1], i
     for i in range(n):
         if lengths[i] > cols:
             raise ValueError(f"lengths[{i}] = {lengths[i]} is larger than the row width {cols}")
+    # Each length is read once, in the pass that uses it, and kept within its
+    # row: the caller's array may change after the check above.
+    cdef uint32_t ln
     i = 0
+    rx.enter()
     with nogil:
         while i < n:
-            if not _rx_take(rx, <const char *>&packets[i, 0], lengths[i], hdr_len, mergeable):
+            ln = lengths[i]
+            if ln > cols:
+                ln = <uint32_t>cols
+            if not _rx_take(rx, <const char *>&packets[i, 0], ln, hdr_len, mergeable):
                 break
             i += 1
         rx.flush()
+    rx.leave()
     return i

@@ -14,6 +14,7 @@ cdef class DmaMemory:
     cdef uint64_t *page_iova      # IOVA of each page, for the cold path and the pool
     cdef readonly bint iova_contiguous
     cdef int exports              # live buffer exports (numpy views)
+    cdef int n_pins               # live objects holding raw pointers into the region
     cdef bint closing
     cdef object translator
     cdef object __weakref__
@@ -24,4 +25,7 @@ cdef class DmaMemory:
     cdef _map(self, size_t size, bint huge)
     cdef _unmap(self)
     cdef void _check_open(self) except *
+    cdef int pin(self) except -1
+    cdef void unpin(self) noexcept
+    cdef void _unmap_if_unused(self) noexcept
     cdef bint range_iova_contiguous(self, size_t offset, size_t length) noexcept

@@ -255,21 +255,42 @@ cdef class DmaMemory:
 
     def __releasebuffer__(self, Py_buffer *view):
         self.exports -= 1
-        if self.closing and self.exports == 0:
+        self._unmap_if_unused()
+
+    # Pins: objects that keep raw pointers into the region (virtqueues, pools,
+    # burst queues, DMA windows) pin it while they may use them, as numpy views
+    # do through the buffer exports. close() then only marks the region closing;
+    # the pages go with the last pin or view, never under a burst in flight.
+    cdef int pin(self) except -1:
+        self._check_open()
+        self.n_pins += 1
+        return 0
+
+    cdef void unpin(self) noexcept:
+        self.n_pins -= 1
+        self._unmap_if_unused()
+
+    cdef void _unmap_if_unused(self) noexcept:
+        if self.closing and self.exports == 0 and self.n_pins == 0:
             self._unmap()
+
+    @property
+    def pins(self):
+        """Objects (queues, pools, DMA windows) that keep the pages mapped."""
+        return self.n_pins
 
     def close(self):
         """Release the region. Idempotent.
 
-        If numpy views of it are still alive the pages stay mapped until the
-        last view is gone, so no array ever points at unmapped memory; the
-        region is unusable for new work at once.
+        If numpy views of it, or queues, pools or DMA windows built on it, are
+        still alive, the pages stay mapped until the last of them is gone (or
+        closed), so nothing ever points at unmapped memory; the region is
+        unusable for new work at once.
         """
         if self.base == NULL:
             return
         self.closing = True
-        if self.exports == 0:
-            self._unmap()
+        self._unmap_if_unused()
 
     def __enter__(self):
         return self

@@ -6,7 +6,9 @@ from pmd._memory cimport DmaMemory
 cdef enum BufState:
     BUF_FREE = 0    # on the pool's free stack
     BUF_APP = 1     # handed to the application (rx zero-copy, alloc)
-    BUF_QUEUE = 2   # owned by a queue / the device
+    BUF_QUEUE = 2   # owned by a queue / the device: each queue has its own
+                    # tag from BUF_QUEUE to 255 (new_owner), so a queue only
+                    # ever frees buffers it holds itself
 
 cdef enum:
     NO_BUF = 0xffffffff
@@ -24,6 +26,8 @@ cdef class PacketPool:
     cdef uint8_t *state             # BufState per buffer
     cdef readonly size_t offset     # of buffer 0 in the memory region
     cdef bint closed
+    cdef bint pinned                # holds a pin on `memory`
+    cdef uint32_t next_owner        # the next queue's tag
 
     cdef inline uint32_t get(self, uint8_t new_state) noexcept nogil:
         """Take a free buffer (O(1)); NO_BUF when the pool is empty."""
@@ -43,5 +47,11 @@ cdef class PacketPool:
     cdef inline char *buf(self, uint32_t i) noexcept nogil:
         return self.base + <size_t>i * self.buffer_size
 
+    cdef inline bint held_by(self, uint32_t i, uint8_t owner) noexcept nogil:
+        """Is ``i`` a buffer of this pool that queue ``owner`` holds? Checked
+        before every put of a cookie that came back from a ring."""
+        return i < self.n_buffers and self.state[i] == owner
+
+    cdef int new_owner(self) except -1
     cdef void check_open(self) except *
-    cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto)
+    cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto) noexcept

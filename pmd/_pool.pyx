@@ -23,6 +23,7 @@ give each thread its own pool.
 
 import numpy as np
 
+cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, calloc
 
@@ -34,6 +35,16 @@ DEFAULT_HEADROOM = 64
 MAX_HDR_LEN = 12
 
 
+cdef Py_ssize_t _first_index(long long[::1] v, Py_ssize_t i) noexcept:
+    """Where v[i] first appears in v (i when it does not before); only on an error path."""
+    cdef Py_ssize_t k
+    for k in range(i):
+        if v[k] == v[i]:
+            return k
+    return i
+
+
+@cython.no_gc_clear   # __dealloc__ unpins `memory`: it must not be cleared first
 cdef class PacketPool:
     """``PacketPool(memory, n_buffers, buffer_size=2048, headroom=64)``
 
@@ -85,11 +96,25 @@ cdef class PacketPool:
             # Stack top = lowest id, so a fresh pool hands out 0, 1, 2, ...
             self.free_stack[i] = n_buffers - 1 - i
         self.n_free = n_buffers
+        self.next_owner = BUF_QUEUE
+        memory.pin()
+        self.pinned = True
 
     def __dealloc__(self):
         free(self.iova)
         free(self.free_stack)
         free(self.state)
+        if self.pinned:
+            self.memory.unpin()
+
+    cdef int new_owner(self) except -1:
+        """A tag for one more queue drawing from this pool."""
+        self.check_open()
+        if self.next_owner > 255:
+            raise PoolError(f"at most {256 - BUF_QUEUE} queues can draw from one pool; "
+                            "create another pool")
+        self.next_owner += 1
+        return self.next_owner - 1
 
     cdef void check_open(self) except *:
         if self.closed:
@@ -126,7 +151,7 @@ cdef class PacketPool:
     def state_of(self, uint32_t buffer_id):
         """'free', 'app' or 'queue'."""
         self._check_id(buffer_id)
-        return ("free", "app", "queue")[self.state[buffer_id]]
+        return ("free", "app")[self.state[buffer_id]] if self.state[buffer_id] < BUF_QUEUE else "queue"
 
     def _check_id(self, long long buffer_id):
         if buffer_id < 0 or buffer_id >= self.n_buffers:
@@ -174,7 +199,11 @@ cdef class PacketPool:
                 self._undo_free(v, i)
                 raise PoolError(f"buffer id {b} does not belong to this pool (ids are 0..{self.n_buffers - 1})")
             if self.state[b] != BUF_APP:
-                if self.state[b] == BUF_FREE:
+                first = _first_index(v, i)
+                if self.state[b] == BUF_FREE and first < i:
+                    err = PoolError(f"buffer {b} is listed twice in this call (ids[{first}] and "
+                                    f"ids[{i}]); give each id once. Nothing was freed")
+                elif self.state[b] == BUF_FREE:
                     err = PoolError(f"double free: buffer {b} is already free")
                 else:
                     err = PoolError(f"buffer {b} is owned by a queue, not the application; "
@@ -185,14 +214,18 @@ cdef class PacketPool:
         for i in range(n):
             self.put(<uint32_t>v[i])
 
-    cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto):
+    cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto) noexcept:
         cdef Py_ssize_t i
         for i in range(upto):
             self.state[v[i]] = BUF_APP
 
     def close(self):
-        """Stop using the pool. The memory stays with its ``DmaMemory``."""
+        """Stop using the pool. The memory stays with its ``DmaMemory`` (queues
+        drawing from the pool keep it mapped until they are closed)."""
         self.closed = True
+        if self.pinned:
+            self.pinned = False
+            self.memory.unpin()
 
     def __repr__(self):
         return (f"<PacketPool {self.n_buffers} x {self.buffer_size} B, headroom {self.headroom}, "

@@ -68,6 +68,8 @@ cdef class Virtqueue:
     cdef uint16_t notify_data
     cdef object notify_owner
     cdef bint is_closed
+    cdef bint pinned                   # holds a pin on `memory` (until close or dealloc)
+    cdef bint owned                    # an RxQueue/TxQueue drives it: no raw Python access
     # statistics
     cdef public uint64_t n_notify
     cdef public uint64_t n_notify_suppressed
@@ -78,6 +80,9 @@ cdef class Virtqueue:
     cdef public uint64_t n_notify_errors
 
     cdef void check_usable(self) except *
+    cdef void check_raw(self) except *
+    cdef void disown_cookies(self) noexcept
+    cdef void check_mapped(self) except *
 
     # ---- adding buffers (2.7.13) ----
 
@@ -258,16 +263,18 @@ cdef class Virtqueue:
         self.num_free += 1
         return x.cookie
 
-    cdef inline uint16_t detach(self, uint16_t head, uint32_t *cookies) noexcept nogil:
+    cdef inline uint16_t detach(self, uint16_t head, uint32_t *cookies, uint16_t room) noexcept nogil:
         """Return a chain to the free list, walking our shadow links.
 
-        Writes each descriptor's cookie to ``cookies`` (room for ndescs).
-        Returns the number of descriptors.
+        Writes the cookies of the first ``room`` descriptors to ``cookies``.
+        Returns the number of descriptors (more than ``room``: some cookies
+        were not written).
         """
         cdef uint16_t n = self.extra[head].ndescs
         cdef uint16_t i = head, k
         for k in range(n):
-            cookies[k] = self.extra[i].cookie
+            if k < room:
+                cookies[k] = self.extra[i].cookie
             if k + 1 < n:
                 i = self.extra[i].next
         self.extra[head].ndescs = 0

@@ -15,6 +15,7 @@ The Python methods here are for the control path and for tests; the bursts
 
 import numpy as np
 
+cimport cython
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -72,6 +73,7 @@ def _check_ring_params(uint32_t num, size_t align):
         raise ValueError(f"ring alignment must be a power of two >= 4, got {align}")
 
 
+@cython.no_gc_clear   # __dealloc__ unpins `memory`: it must not be cleared first
 cdef class Virtqueue:
     """``Virtqueue(memory, size, queue_index=0, event_idx=False, weak_barriers=True, align=4096, interrupts=False)``
 
@@ -118,6 +120,8 @@ cdef class Virtqueue:
         self.num_free = size
         self.notify_kind = NOTIFY_NONE
         self.notify_data = queue_index
+        memory.pin()
+        self.pinned = True
         if interrupts:
             self.enable_interrupts()
         else:
@@ -125,6 +129,8 @@ cdef class Virtqueue:
 
     def __dealloc__(self):
         free(self.extra)
+        if self.pinned:
+            self.memory.unpin()
 
     cdef void check_usable(self) except *:
         if self.is_closed:
@@ -137,17 +143,40 @@ cdef class Virtqueue:
                               f"covering more entries than are in flight (queue size {self.size}); "
                               "the queue is stopped: reset the device")
 
+    cdef void check_raw(self) except *:
+        # An RxQueue/TxQueue keeps buffer ids as cookies and frees what comes
+        # back: a chain added behind its back would name buffers it never gave.
+        if self.owned:
+            raise QueueStateError(f"virtqueue {self.queue_index} belongs to an RxQueue/TxQueue: "
+                                  "use its bursts, or a Virtqueue of its own for raw access")
+        self.check_usable()
+
+    cdef void disown_cookies(self) noexcept:
+        # A queue taking over a virtqueue: chains added through the raw API
+        # carry the caller's cookies, which must never be taken for buffer ids.
+        cdef uint32_t i
+        for i in range(self.size):
+            self.extra[i].cookie = 0xffffffff
+
+    cdef void check_mapped(self) except *:
+        if self.is_closed:
+            raise QueueStateError(f"virtqueue {self.queue_index} is closed")
+        self.memory._check_open()
+
     # ---- where the device finds the ring (given to queue_desc/driver/device) ----
     @property
     def desc_iova(self):
+        self.check_mapped()
         return self.memory.iova_of(self.offset)
 
     @property
     def avail_iova(self):
+        self.check_mapped()
         return self.memory.iova_of(self.offset + (<char *>self.vr.avail - <char *>self.vr.desc))
 
     @property
     def used_iova(self):
+        self.check_mapped()
         return self.memory.iova_of(self.offset + (<char *>self.vr.used - <char *>self.vr.desc))
 
     @property
@@ -212,7 +241,10 @@ cdef class Virtqueue:
         Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT. With it the flag must
         stay 0 (2.7.7.1): used_event is set one behind the next used entry,
         which the device reaches only after 65535 more, i.e. never while we poll.
+        A closed queue has nothing to disable.
         """
+        if self.is_closed:
+            return
         if self.event_idx:
             vring_store16(vring_used_event(&self.vr), <uint16_t>(self.last_used_idx - 1))
         else:
@@ -225,6 +257,7 @@ cdef class Virtqueue:
         are already pending: then process them instead of sleeping, or a
         wake-up is lost (the device may have written them before it saw this).
         """
+        self.check_mapped()
         if self.event_idx:
             vring_store16(vring_used_event(&self.vr), self.last_used_idx)
         else:
@@ -239,7 +272,7 @@ cdef class Virtqueue:
         """Add a chain: ``out_bufs`` device-readable then ``in_bufs`` device-writable,
         each a list of ``(iova, length)``. Not published until ``flush``. Returns the head.
         """
-        self.check_usable()
+        self.check_raw()
         in_bufs = in_bufs or []
         cdef Py_ssize_t n = len(out_bufs) + len(in_bufs)
         if n == 0:
@@ -260,7 +293,7 @@ cdef class Virtqueue:
 
     def kick(self):
         """Publish what was added and notify if the device wants it. Returns True if notified."""
-        self.check_usable()
+        self.check_raw()
         cdef uint64_t before = self.n_notify
         self.flush()
         return self.n_notify != before
@@ -271,7 +304,7 @@ cdef class Virtqueue:
         A bad entry raises DeviceError after it has been counted (and its
         chain reclaimed when it named one).
         """
-        self.check_usable()
+        self.check_raw()
         if self.nused() == 0:
             self.check_usable()
             return None
@@ -282,9 +315,10 @@ cdef class Virtqueue:
         if r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT:
             raise DeviceError(f"virtqueue {self.queue_index}: used entry {USED_RESULTS[r]} "
                               f"(id out of range or not the head of an in-flight chain); ignored")
-        if self.extra[head].ndescs > 64:
-            raise ValueError("get_used handles chains of at most 64 descriptors")
-        n = self.detach(head, cookies)
+        n = self.detach(head, cookies, 64)
+        if n > 64:
+            raise ValueError(f"virtqueue {self.queue_index}: a chain of {n} descriptors came back; "
+                             "get_used returns the cookies of at most 64 (descriptors reclaimed)")
         if r == USED_BAD_LEN:
             raise DeviceError(f"virtqueue {self.queue_index}: used length {length} is larger than the "
                               "chain's device-writable bytes; buffer reclaimed, data dropped")
@@ -315,6 +349,9 @@ cdef class Virtqueue:
         self.is_closed = True
         self.notify_owner = None
         self.notify_kind = NOTIFY_NONE
+        if self.pinned:
+            self.pinned = False
+            self.memory.unpin()
 
     @property
     def closed(self):

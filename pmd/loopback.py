@@ -15,6 +15,7 @@ from typing import Any, Callable
 from ._burst import RxQueue, TxQueue
 from ._device import DeviceQueue, DmaWindows, loopback
 from ._memory import DmaMemory
+from .errors import QueueStateError
 from ._pool import PacketPool
 from ._virtqueue import Virtqueue, ring_size
 
@@ -46,6 +47,7 @@ class Loopback:
         mergeable: bool = False,
         max_packet_len: int = 9216,
     ) -> None:
+        self._closed = False
         if n_buffers is None:
             n_buffers = 4 * queue_size + 512
         ring = ring_size(queue_size)
@@ -72,11 +74,13 @@ class Loopback:
             self.mergeable = mergeable
             self.driver_rx.fill()
         except BaseException:
-            self.memory.close()
+            self.close()
             raise
 
     def step(self, budget: int = 256) -> int:
         """Run the device once: move up to ``budget`` packets from tx to rx."""
+        if self._closed:
+            raise QueueStateError("the loopback is closed; create a new one")
         return loopback(self.device_tx, self.device_rx, budget, self.hdr_len, self.mergeable)
 
     def stats(self) -> dict[str, Any]:
@@ -88,11 +92,25 @@ class Loopback:
         }
 
     def close(self) -> None:
-        """Release the queues, the pool and the memory. Idempotent."""
-        for q in (getattr(self, "driver_rx", None), getattr(self, "driver_tx", None)):
+        """Release the queues, the pool and the memory. Idempotent; safe while
+        another thread bursts on these queues (it gets QueueStateError)."""
+        self._closed = True
+        # Device side first, then the driver: each close waits for a burst in progress.
+        for q in (getattr(self, "device_rx", None), getattr(self, "device_tx", None),
+                  getattr(self, "driver_rx", None), getattr(self, "driver_tx", None)):
             if q is not None:
                 q.close()
+        windows = getattr(self, "windows", None)
+        if windows is not None:
+            windows.clear()
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.close()
         self.memory.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> "Loopback":
         return self

@@ -312,8 +312,12 @@ class Port:
 
     # ------------------------------------------------------------------ stop/close
     def _teardown(self) -> None:
-        # The device is reset first, so it stops DMA and interrupts before the
-        # memory and eventfds go; then start()'s steps are undone in reverse.
+        # Queues are fenced first: a burst another thread is running finishes and
+        # later ones raise QueueStateError, before rings, notify registers and
+        # memory go. Then the device is reset, so it stops DMA and interrupts
+        # before the memory and eventfds go; then start()'s steps are undone in reverse.
+        for q in (*self.rxqs, *self.txqs):
+            q.fence()
         self._reset_device()
         while self._resources:
             undo = self._resources.pop()

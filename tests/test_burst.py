@@ -8,6 +8,7 @@ from pmd.errors import DeviceError, PoolError, QueueStateError
 from pmd.loopback import Loopback
 
 from .conftest import ring_view
+from .isolated import check_isolated
 
 RNG = np.random.default_rng(1234)
 
@@ -447,3 +448,186 @@ def test_mergeable_needs_the_12_byte_header(memory):
     pool = pmd.PacketPool(memory, 16)
     with pytest.raises(ValueError, match="12-byte"):
         pmd.RxQueue(pmd.Virtqueue(memory, 8), pool, hdr_len=10, mergeable=True)
+
+
+# ---- cookies: a queue frees only buffers it holds (issue 8, defect 4) ----
+
+def test_raw_virtqueue_methods_are_refused_once_a_queue_owns_it():
+    # Before: the chain went in, the device completed it, and reclaim() freed
+    # "buffer" 10**9 (heap overflow in PacketPool.put): in a child, so it shows.
+    check_isolated("""
+import pytest, pmd
+from pmd.errors import QueueStateError
+lb = pmd.Loopback(16)
+vq = lb.driver_tx.vq
+with pytest.raises(QueueStateError, match="belongs to an RxQueue/TxQueue"):
+    vq.add([(lb.pool.iova_of(0), 60)], cookie=10**9)
+for call in (vq.kick, vq.get_used, lb.driver_rx.vq.get_used):
+    with pytest.raises(QueueStateError, match="belongs to an RxQueue/TxQueue"):
+        call()
+assert vq.in_flight == 0
+lb.step(); lb.driver_tx.reclaim(); lb.close()
+""")
+
+
+def test_a_virtqueue_belongs_to_one_queue(memory):
+    pool = pmd.PacketPool(memory, 16)
+    vq = pmd.Virtqueue(memory, 8)
+    pmd.TxQueue(vq, pool)
+    with pytest.raises(QueueStateError, match="already belongs to a queue"):
+        pmd.RxQueue(vq, pool)
+
+
+CHAINS_NOT_BUILT_BY_THE_QUEUE = """
+import numpy as np, pmd
+from pmd._device import DeviceQueue, DmaWindows
+mergeable = bool(int(sys.argv[1]))
+m = pmd.DmaMemory(4 << 20, lock=False)
+pool = pmd.PacketPool(m, 256)
+rvq, tvq = pmd.Virtqueue(m, 64, 0), pmd.Virtqueue(m, 64, 1)
+w = DmaWindows(); w.add_memory(m)
+drx = DeviceQueue(w, 64, rvq.desc_iova, rvq.avail_iova, rvq.used_iova)
+dtx = DeviceQueue(w, 64, tvq.desc_iova, tvq.avail_iova, tvq.used_iova)
+# Before the queues exist, chains go in through the raw API: their cookies are
+# no buffers of theirs (one far outside the pool, one the rx ring will hold).
+held = 5
+buf = pool.iova_of(200)
+tvq.add([(buf, 60)], cookie=10**9)
+tvq.add([(buf, 60)], cookie=held)
+tvq.add([(buf, 8)] * 40, cookie=7)                      # longer than any chain a burst builds
+tvq.kick()
+rvq.add([], [(buf, 2048)], cookie=10**9)
+rvq.add([], [(buf, 2048)], cookie=held)
+rvq.kick()
+rxq = pmd.RxQueue(rvq, pool, mergeable=mergeable)
+txq = pmd.TxQueue(tvq, pool)
+rxq.fill()
+assert pool.state_of(held) == "queue" and rvq.in_flight == 64
+for _ in range(3):
+    head, _, _ = dtx.pop_chain(); dtx.complete(head)
+dtx.publish_used()
+hdr = bytes(10) + (1).to_bytes(2, "little")             # num_buffers = 1
+for _ in range(2):
+    head, _, _ = drx.pop_chain(); drx.complete(head, hdr + bytes(60))
+drx.publish_used()
+assert txq.reclaim() == 0
+out = np.zeros((8, rxq.max_packet_len), np.uint8); lens = np.zeros(8, np.uint32)
+assert rxq.rx_burst(out, lens) == 0
+assert txq.stats()["foreign_chains"] == 3 and rxq.stats()["foreign_chains"] == 2
+assert pool.state_of(held) == "queue" and rvq.in_flight == 64          # refilled: ring full again
+assert tvq.in_flight == 0                                                 # descriptors reclaimed
+assert pool.available + rvq.in_flight == pool.n_buffers                    # each buffer once
+# The queues go on: a packet through both rings, byte-exact.
+pk = np.arange(100, dtype=np.uint8).reshape(1, 100)
+assert txq.tx_burst(pk, np.array([100], np.uint32)) == 1
+from pmd._device import loopback
+assert loopback(dtx, drx, mergeable=mergeable) == 1
+assert rxq.rx_burst(out, lens) == 1 and lens[0] == 100 and (out[0, :100] == pk[0]).all()
+for q in (drx, dtx, rxq, txq):
+    q.close()
+assert pool.available == pool.n_buffers
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("mergeable", [0, 1], ids=["plain", "mergeable"])
+def test_chains_a_queue_did_not_build_are_counted_and_never_freed(mergeable):
+    check_isolated("import sys\n" + CHAINS_NOT_BUILT_BY_THE_QUEUE, str(mergeable))
+
+
+# ---- every input array is read once (issue 8, defect 5) ----
+
+READ_ONCE = """
+import ctypes, mmap, os, sys, numpy as np, pmd
+from pmd.errors import PoolError
+iters = int(sys.argv[1])
+lb = pmd.Loopback(64)
+page = mmap.PAGESIZE
+shm = mmap.mmap(-1, 3 * page, flags=mmap.MAP_SHARED)
+raw = np.frombuffer(shm, np.uint8)
+libc = ctypes.CDLL(None, use_errno=True)
+# The last page is a guard: a read past the packet row below faults.
+assert libc.mprotect(ctypes.c_void_p(raw.ctypes.data + 2 * page), page, 0) == 0
+words = raw[:page].view(np.uint32)
+ids, lens, clens, stop = words[0:1], words[1:2], words[2:3], words[3:4]
+packets = raw[2 * page - 64:2 * page].reshape(1, 64)     # one row, ending at the guard page
+g = lb.pool.alloc()
+ids[0], lens[0], clens[0] = g, 60, 60
+parent = os.getpid()
+pid = os.fork()
+if pid == 0:
+    # Another process sharing the arrays: it changes them between the check and the use.
+    while stop[0] == 0 and os.getppid() == parent:
+        for _ in range(1000):
+            ids[0] = 0x7FFFFFF0; clens[0] = 1900
+            ids[0] = g; clens[0] = 60
+    os._exit(0)
+refused = sent = 0
+try:
+    for it in range(iters):
+        try:
+            sent += lb.driver_tx.tx_burst(packets, clens)
+        except ValueError:
+            refused += 1
+        try:
+            zc = lb.driver_tx.tx_burst_zc(ids, lens)
+        except PoolError:
+            refused += 1
+            zc = 0
+        sent += zc
+        lb.step()
+        lb.driver_rx.rx_discard(64)
+        lb.driver_tx.reclaim()
+        if zc:
+            assert lb.pool.alloc() == g                   # the zero-copy buffer came back last
+finally:
+    stop[0] = 1
+    os.waitpid(pid, 0)
+s = lb.driver_rx.stats()
+assert s["bad_used_len"] == s["runt"] == 0 and lb.device_tx.stats()["bad_descriptors"] == 0
+print(sent, refused)
+"""
+
+
+def test_tx_bursts_read_ids_and_lengths_once():
+    # Before: a changed id made the burst write outside the pool state array
+    # (SIGSEGV), a changed length read past the packet row into the guard page.
+    out = check_isolated(READ_ONCE, "5000")
+    sent, refused = map(int, out.split())
+    if refused == 0:
+        pytest.skip("the other process never changed the arrays during a check (no CPU for it): "
+                    "nothing was raced")
+    assert sent > 0
+
+
+# ---- runts (issue 8, defect 6) ----
+
+def deliver(lb, data):
+    """Complete the next rx chain with ``data`` (header included), as the device."""
+    head, _, _ = lb.device_rx.pop_chain()
+    lb.device_rx.complete(head, data)
+    lb.device_rx.publish_used()
+
+
+@pytest.mark.parametrize("mergeable", [False, True], ids=["plain", "mergeable"])
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["copy", "zc"])
+@pytest.mark.parametrize("pkt", [0, 1, 13])
+def test_frames_shorter_than_an_ethernet_header_are_dropped_and_counted_as_runts(pkt, zero_copy, mergeable):
+    with Loopback(queue_size=16, mergeable=mergeable) as lb:
+        hdr = bytes(10) + (1).to_bytes(2, "little")        # num_buffers = 1
+        deliver(lb, hdr + bytes(pkt))
+        deliver(lb, hdr + bytes(range(14)))                # 14 bytes: the shortest frame
+        lens = np.zeros(4, np.uint32)
+        if zero_copy:
+            ids = np.zeros(4, np.uint32)
+            n = lb.driver_rx.rx_burst_zc(ids, lens)
+            data = lb.pool.data[ids[0], :14].tobytes()
+            lb.pool.free(ids[:n])
+        else:
+            out = np.zeros((4, lb.driver_rx.max_packet_len), np.uint8)
+            n = lb.driver_rx.rx_burst(out, lens)
+            data = out[0, :14].tobytes()
+        assert n == 1 and lens[0] == 14 and data == bytes(range(14))
+        s = lb.driver_rx.stats()
+        assert s["runt"] == 1 and s["dropped"] == 1 and s["packets"] == 1 and s["bad_used_len"] == 0
+        assert lb.pool.available == lb.pool.n_buffers - lb.driver_rx.vq.in_flight   # the runt's buffer is back

@@ -55,12 +55,23 @@ def test_foreign_id_is_refused(pool):
         pool.free(-1)
 
 
-def test_duplicate_in_one_free_is_refused_and_nothing_freed(pool):
+def test_an_id_listed_twice_in_one_free_is_named_as_such_and_nothing_freed(pool):
     ids = pool.alloc(3)
-    with pytest.raises(PoolError, match="double free"):
+    with pytest.raises(PoolError, match=r"listed twice in this call \(ids\[0\] and ids\[2\]\)"):
         pool.free([ids[0], ids[1], ids[0]])
     assert pool.available == 13
     assert all(pool.state_of(int(i)) == "app" for i in ids)
+    i = pool.alloc()
+    with pytest.raises(PoolError, match="listed twice") as e:
+        pool.free([i, i])
+    assert "already free" not in str(e.value)
+
+
+def test_an_id_freed_in_an_earlier_call_is_a_double_free(pool):
+    i = pool.alloc()
+    pool.free(i)
+    with pytest.raises(PoolError, match="double free: buffer .* is already free"):
+        pool.free([i, i])
 
 
 def test_free_needs_integer_ids(pool):
