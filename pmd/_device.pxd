@@ -34,6 +34,7 @@ cdef enum BadDesc:
     BAD_INDIRECT = 6      # VRING_DESC_F_INDIRECT, not negotiated
     BAD_ORDER = 7         # device-readable after device-writable (2.7.4.2)
     BAD_SHORT = 8         # a packet shorter than the virtio-net header
+    BAD_TOO_LONG = 9      # the chain's readable or writable bytes overflow 32 bits
 
 
 cdef class DmaWindows:
@@ -86,6 +87,7 @@ cdef class DeviceQueue:
     cdef public uint64_t n_interrupts
     cdef public uint64_t n_interrupts_suppressed
     cdef public uint64_t n_dropped
+    cdef public uint64_t n_too_long  # pop_chain: more readable bytes than the caller's bound
 
     cdef void _unpin(self) noexcept
     cdef int check(self) except -1

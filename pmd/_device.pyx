@@ -38,7 +38,13 @@ BAD_DESC_NAMES = {
     BAD_INDIRECT: "indirect descriptor (not negotiated)",
     BAD_ORDER: "device-readable descriptor after a device-writable one",
     BAD_SHORT: "packet shorter than the virtio-net header",
+    BAD_TOO_LONG: "chain longer than 4 GiB",
 }
+
+# pop_chain's default bound on the bytes it copies out: the largest packet a
+# tx chain may carry (64 KiB, GSO's limit) with its header. Callers that know
+# better (the control queue) pass their own.
+DEFAULT_MAX_READABLE = 65536 + 64
 
 
 @cython.no_gc_clear   # __dealloc__ unpins the DmaMemory owners
@@ -234,6 +240,7 @@ cdef class DeviceQueue:
         cdef char *p
         cdef bint seen_write = False
         cdef vring_desc *d
+        cdef uint64_t out_len = 0, in_len = 0   # up to N descriptors of 4 GiB: wider than 32 bits
         self.head = head
         self.nsegs = 0
         self.out_len = 0
@@ -256,11 +263,13 @@ cdef class DeviceQueue:
                     return self._refuse(head, BAD_ADDR)
             if flags & VRING_DESC_F_WRITE:
                 seen_write = True
-                self.in_len += ln
+                in_len += ln
             elif pmd_unlikely(seen_write):
                 return self._refuse(head, BAD_ORDER)
             else:
-                self.out_len += ln
+                out_len += ln
+            if pmd_unlikely((out_len | in_len) >> 32):
+                return self._refuse(head, BAD_TOO_LONG)
             self.segs[self.nsegs].ptr = p
             self.segs[self.nsegs].len = ln
             self.segs[self.nsegs].write = (flags & VRING_DESC_F_WRITE) != 0
@@ -270,6 +279,8 @@ cdef class DeviceQueue:
             i = vring_load16(&d.next)
             if pmd_unlikely(i >= self.size):
                 return self._refuse(head, BAD_NEXT)
+        self.out_len = <uint32_t>out_len
+        self.in_len = <uint32_t>in_len
         self.n_popped += 1
         return 1
 
@@ -413,10 +424,16 @@ cdef class DeviceQueue:
             vring_store16(&self.vr.used.flags, self.used_flags)
         pmd_virtio_mb(self.weak_barriers)
 
-    def pop_chain(self):
+    def pop_chain(self, uint32_t max_readable=DEFAULT_MAX_READABLE):
         """Pop one chain for Python: ``(head, readable_bytes, writable_capacity)``,
         ``None`` when nothing is available. A refused chain raises DeviceError
-        (it was counted, and returned to the driver when its head was valid)."""
+        (it was counted, and returned to the driver when its head was valid).
+
+        The readable bytes are copied out only up to ``max_readable``: the
+        driver chooses the descriptor lengths, so a chain with more comes back
+        as ``(head, None, writable_capacity)``, counted (``too_long``) and
+        copied nowhere: the caller answers it (an error status, say) with
+        ``complete``."""
         self.check()
         r = self.pop()
         if r == 0:
@@ -424,6 +441,9 @@ cdef class DeviceQueue:
         self.pop_generation = self.windows.generation
         if r < 0:
             raise DeviceError(f"device queue: refused a chain: {BAD_DESC_NAMES[self.last_bad]}")
+        if self.out_len > max_readable:
+            self.n_too_long += 1
+            return self.head, None, self.in_len
         out = bytearray(self.out_len)
         cdef char *p = out
         self.read_out(0, p, self.out_len)
@@ -490,7 +510,8 @@ cdef class DeviceQueue:
     def stats(self):
         return {"popped": self.n_popped, "bad_descriptors": self.n_bad_desc,
                 "interrupts": self.n_interrupts, "interrupts_suppressed": self.n_interrupts_suppressed,
-                "dropped": self.n_dropped, "last_error": self.last_error, "broken": self.broken}
+                "dropped": self.n_dropped, "too_long": self.n_too_long, "last_error": self.last_error,
+                "broken": self.broken}
 
 
 # ---- a device's wire side: packets between the rings and flat buffers ----

@@ -205,3 +205,75 @@ def test_wire_tx_drops_packets_longer_than_the_row():
         wl = np.zeros(4, np.uint32)
         assert device_tx_burst(lb.device_tx, wire, wl) == 1 and wl[0] == 50
         assert lb.device_tx.stats()["dropped"] == 1
+
+
+# ---- the device side copies out what the command needs, not what the driver says ----
+
+def long_chain(memory, size, n_out, length, n_in=0):
+    """A driver queue of ``size`` entries with one chain: ``n_out`` readable
+    descriptors of ``length`` bytes at the start of memory, then ``n_in`` writable bytes."""
+    vq = pmd.Virtqueue(memory, size)
+    w = DmaWindows()
+    w.add_memory(memory)
+    dq = DeviceQueue(w, size, vq.desc_iova, vq.avail_iova, vq.used_iova)
+    ack = memory.alloc(64)
+    vq.add([(memory.iova(0), length)] * n_out, [(memory.iova(ack), n_in)] if n_in else [])
+    vq.kick()
+    return vq, dq, ack
+
+
+def test_pop_chain_copies_no_more_than_its_bound(memory):
+    # Before: 16 descriptors over the whole region made pop_chain allocate and
+    # copy 16 times its size (1 GiB for 64 MiB), with the GIL held.
+    vq, dq, _ = long_chain(memory, 16, 16, memory.size)
+    head, readable, capacity = dq.pop_chain()
+    assert readable is None and capacity == 0
+    assert dq.stats()["too_long"] == 1 and dq.stats()["bad_descriptors"] == 0
+    dq.complete(head)
+    dq.publish_used()
+    assert vq.get_used() == ([0] * 16, 0)        # returned to the driver, nothing read
+
+
+def test_pop_chain_bound_is_the_callers(memory):
+    _, dq, _ = long_chain(memory, 8, 2, 100)
+    assert dq.pop_chain(max_readable=199)[1] is None
+    _, dq, _ = long_chain(memory, 8, 2, 100)
+    assert len(dq.pop_chain(max_readable=200)[1]) == 200
+
+
+@pytest.mark.parametrize("writable", [False, True], ids=["readable", "writable"])
+def test_chain_bytes_past_32_bits_are_refused(memory, writable):
+    # 513 descriptors of 8 MiB: 4 GiB + 8 MiB, which a 32-bit sum wraps to 8 MiB.
+    vq = pmd.Virtqueue(memory, 1024)
+    w = DmaWindows()
+    w.add_memory(memory)
+    dq = DeviceQueue(w, 1024, vq.desc_iova, vq.avail_iova, vq.used_iova)
+    bufs = [(memory.iova(0), memory.size)] * 513
+    vq.add([] if writable else bufs, bufs if writable else [])
+    vq.kick()
+    with pytest.raises(DeviceError, match="longer than 4 GiB"):
+        dq.pop_chain()
+    assert dq.stats()["bad_descriptors"] == 1
+
+
+def serve_control(dq):
+    from pmd.sim.engine import Engine, RxFilter
+
+    calls = []
+    engine = Engine(None, RxFilter(mac=bytes(6)), lambda c, m, d: calls.append((c, m, len(d))) or 0)
+    engine._serve_control(dq)
+    return engine, calls
+
+
+def test_control_command_longer_than_any_the_device_accepts_gets_err_unread(memory):
+    # 5.1.6.5: the largest command is MAC_TABLE_SET with two tables of 64
+    # entries: 2 + 2 * (4 + 64 * 6) = 778 bytes. One byte more is answered
+    # VIRTIO_NET_ERR (1) without being copied or handed to the model.
+    vq, dq, ack = long_chain(memory, 8, 1, 779, n_in=1)
+    memory.view(ack, 1)[0] = 0xFF
+    engine, calls = serve_control(dq)
+    assert calls == [] and engine.ctrl_errors == 1
+    assert vq.get_used()[1] == 1 and memory.view(ack, 1)[0] == 1
+    vq, dq, ack = long_chain(memory, 8, 1, 778, n_in=1)
+    engine, calls = serve_control(dq)
+    assert calls == [(0, 0, 776)] and engine.ctrl_errors == 0

@@ -375,9 +375,16 @@ class Engine:
 
     def _serve_control(self, ctrl: DeviceQueue) -> None:
         """5.1.6.5: each chain is ``{u8 class; u8 command; data}`` then ``u8 ack`` (device-writable)."""
+        # The driver picks the descriptor lengths: copy out no more than the
+        # longest command the device accepts, MAC_TABLE_SET with two full tables
+        # (5.1.6.5.2: class, command, then le32 entries + 6-byte MACs, twice; 64
+        # entries a table, QEMU's MAC_TABLE_ENTRIES and the model's limit).
+        # A longer chain is answered VIRTIO_NET_ERR without being read.
+        max_command = 2 + 2 * (4 + 64 * 6)
+        virtio_net_err = 1
         while True:
             try:
-                chain = ctrl.pop_chain()
+                chain = ctrl.pop_chain(max_command)
             except DeviceError:
                 self.ctrl_errors += 1     # refused and counted by the queue; returned if it could be
                 continue
@@ -385,6 +392,10 @@ class Engine:
                 break
             head, readable, capacity = chain
             self.ctrl_commands += 1
+            if readable is None:
+                self.ctrl_errors += 1
+                ctrl.complete(head, bytes([virtio_net_err]) if capacity >= 1 else b"")
+                continue
             if len(readable) < 2 or capacity < 1:
                 self.ctrl_errors += 1
                 ctrl.complete(head, b"")
