@@ -326,7 +326,8 @@ cdef class RxQueue(_Queue):
     cdef int harvest(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                      Py_ssize_t burst) noexcept nogil:
         """Take up to ``burst`` received packets; copy them to ``out`` rows (copy
-        mode) or hand their buffers to the application (``ids``, zero-copy)."""
+        mode), hand their buffers to the application (``ids``, zero-copy), or
+        with neither free them at once (rx_discard)."""
         if self.mergeable:
             return self.harvest_mrg(out, cols, ids, lengths, burst)
         cdef uint16_t avail = self.vq.nused()
@@ -364,9 +365,11 @@ cdef class RxQueue(_Queue):
                 else:
                     memcpy(out + got * cols, self.pool.buf(b) + self.pool.headroom, pkt)
                 self.pool.put(b)
-            else:
+            elif ids != NULL:
                 self.pool.state[b] = BUF_APP
                 ids[got] = b
+            else:
+                self.pool.put(b)
             lengths[got] = pkt
             self.bytes += pkt
             got += 1
@@ -391,9 +394,11 @@ cdef class RxQueue(_Queue):
         cdef char *dst
         cdef const char *src
         while got < burst and avail > 0:
-            if (not self.vq.peek_used(&cookie, &length) or length < self.hdr_len
+            if (not self.vq.peek_used(&cookie, &length) or length < self.hdr_len or length > self.buf_len
                     or not self.pool.held_by(cookie, self.owner)):
-                nb = 1   # let pop_used / take1 count it below
+                # Not a packet's first buffer we can read a header from: never
+                # follow its num_buffers; pop_used / take1 count it below.
+                nb = 1
             else:
                 nb = (<virtio_net_hdr *>(self.pool.buf(cookie) + self.buf_off)).num_buffers
                 if pmd_unlikely(nb == 0 or nb > self.vq.size):
@@ -433,24 +438,24 @@ cdef class RxQueue(_Queue):
                 if ok and out != NULL and pkt < cols:
                     take = length if pkt + length <= cols else <uint32_t>(cols - pkt)
                     memcpy(dst + pkt, src, take)
-                if out == NULL and nb == 1 and ok:
+                if ids != NULL and nb == 1 and ok:
                     handed = b           # to the application if the packet is kept
                 else:
                     self.pool.put(b)
                 pkt += length
-            if pmd_unlikely(not ok or pkt < ETH_HLEN or pkt > self.mrg_max_len or (out == NULL and nb > 1)):
+            if pmd_unlikely(not ok or pkt < ETH_HLEN or pkt > self.mrg_max_len or (ids != NULL and nb > 1)):
                 if handed != NO_BUF:
                     self.pool.put(handed)
                 if ok and pkt < ETH_HLEN:
                     self.runt += 1
-                elif ok and out == NULL and nb > 1:
+                elif ok and ids != NULL and nb > 1:
                     self.zc_multi_dropped += 1   # zero-copy returns one buffer per packet
                 self.dropped += 1
                 continue
-            if out == NULL:
+            if ids != NULL:
                 self.pool.state[handed] = BUF_APP
                 ids[got] = handed
-            elif pkt > cols:
+            elif out != NULL and pkt > cols:
                 self.truncated += 1
             lengths[got] = pkt
             self.bytes += pkt
@@ -520,14 +525,11 @@ cdef class RxQueue(_Queue):
             raise ValueError(f"max_packets must be 1 to {DISCARD_MAX}, got {max_packets}")
         if self.idle():
             return 0
-        cdef uint32_t ids[DISCARD_MAX]
         cdef uint32_t lens[DISCARD_MAX]
-        cdef int n, k
+        cdef int n
         self.enter()
         with nogil:
-            n = self.harvest(NULL, 0, ids, lens, max_packets)
-            for k in range(n):
-                self.pool.put(ids[k])       # harvest handed them to the application (BUF_APP)
+            n = self.harvest(NULL, 0, NULL, lens, max_packets)   # neither rows nor ids: freed at once
         self.leave()
         self.report()
         return n

@@ -12,7 +12,7 @@ made available (DMA_MAP) to local addresses and refuses anything else.
 cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memmove, memset
 from posix.unistd cimport usleep, write
 
 from pmd._memory cimport DmaMemory
@@ -369,7 +369,9 @@ cdef class DeviceQueue:
             if src == NULL:
                 memset(s.ptr + skip, 0, take)
             else:
-                memcpy(s.ptr + skip, src + done, take)
+                # memmove: the source may be driver memory too (loopback), and
+                # the driver may make its buffers overlap.
+                memmove(s.ptr + skip, src + done, take)
             done += take
             skip = 0
             if done == n:
@@ -391,7 +393,7 @@ cdef class DeviceQueue:
             take = s.len - skip
             if take > n - done:
                 take = n - done
-            memcpy(dst + done, s.ptr + skip, take)
+            memmove(dst + done, s.ptr + skip, take)   # dst may overlap: see write_in
             done += take
             skip = 0
             if done == n:
@@ -532,7 +534,7 @@ cdef int _rx_deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr
         if pmd_likely(rx.nsegs == 1):
             # The common case: one buffer; header then data, no segment walk.
             memcpy(rx.segs[0].ptr, &hdr, hdr_len)
-            memcpy(rx.segs[0].ptr + hdr_len, src, pkt)
+            memmove(rx.segs[0].ptr + hdr_len, src, pkt)   # src may be a tx buffer that overlaps
         else:
             rx.write_in(0, <const char *>&hdr, hdr_len)
             rx.write_in(hdr_len, src, pkt)

@@ -602,6 +602,10 @@ def test_tx_bursts_read_ids_and_lengths_once():
 
 # ---- runts (issue 8, defect 6) ----
 
+def net_hdr(num_buffers):
+    return bytes(10) + num_buffers.to_bytes(2, "little")
+
+
 def deliver(lb, data):
     """Complete the next rx chain with ``data`` (header included), as the device."""
     head, _, _ = lb.device_rx.pop_chain()
@@ -614,7 +618,7 @@ def deliver(lb, data):
 @pytest.mark.parametrize("pkt", [0, 1, 13])
 def test_frames_shorter_than_an_ethernet_header_are_dropped_and_counted_as_runts(pkt, zero_copy, mergeable):
     with Loopback(queue_size=16, mergeable=mergeable) as lb:
-        hdr = bytes(10) + (1).to_bytes(2, "little")        # num_buffers = 1
+        hdr = net_hdr(1)
         deliver(lb, hdr + bytes(pkt))
         deliver(lb, hdr + bytes(range(14)))                # 14 bytes: the shortest frame
         lens = np.zeros(4, np.uint32)
@@ -631,3 +635,32 @@ def test_frames_shorter_than_an_ethernet_header_are_dropped_and_counted_as_runts
         s = lb.driver_rx.stats()
         assert s["runt"] == 1 and s["dropped"] == 1 and s["packets"] == 1 and s["bad_used_len"] == 0
         assert lb.pool.available == lb.pool.n_buffers - lb.driver_rx.vq.in_flight   # the runt's buffer is back
+
+
+# ---- found by tests/test_fuzz_rings.py ----
+
+def test_mergeable_entry_with_a_bad_length_is_not_read_as_a_header():
+    # Its buffer holds stale bytes: a num_buffers read from them would swallow
+    # the good packets after it as "continuation" buffers.
+    with Loopback(queue_size=16, mergeable=True) as lb:
+        lb.pool.array[:, 64 - 12:64] = np.frombuffer(net_hdr(5), np.uint8)   # stale: 5 buffers
+        head, _, cap = lb.device_rx.pop_chain()
+        lb.device_rx.push_raw(head, cap + 1)                    # too long: not a packet at all
+        for k in range(3):
+            deliver(lb, net_hdr(1) + bytes([k]) * 60)
+        out = np.zeros((8, lb.driver_rx.max_packet_len), np.uint8)
+        lens = np.zeros(8, np.uint32)
+        assert lb.driver_rx.rx_burst(out, lens) == 3
+        assert [out[i, 0] for i in range(3)] == [0, 1, 2] and lens[:3].tolist() == [60] * 3
+        s = lb.driver_rx.stats()
+        assert s["bad_used_len"] == 1 and s["bad_num_buffers"] == 0
+
+
+def test_rx_discard_counts_multi_buffer_packets_as_received():
+    with Loopback(queue_size=16, mergeable=True) as lb:
+        lb.driver_tx.tx_burst(np.zeros((2, 5000), np.uint8), np.array([5000, 100], np.uint32))
+        lb.step()
+        assert lb.driver_rx.rx_discard(8) == 2
+        s = lb.driver_rx.stats()
+        assert s["packets"] == 2 and s["bytes"] == 5100 and s["dropped"] == s["zc_multi_dropped"] == 0
+        assert lb.pool.available == lb.pool.n_buffers - lb.driver_rx.vq.in_flight - lb.driver_tx.vq.in_flight

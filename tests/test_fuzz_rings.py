@@ -1,0 +1,805 @@
+"""Ring fuzzers: a peer that writes garbage into shared ring memory.
+
+Two targets, each a seeded loop that runs for a fixed time in a child
+interpreter (so a signal is seen, not suffered):
+
+driver   the device corrupts the used rings of pmd's driver queues (ids out of
+         range or not in flight, lengths too long, too short, runts, used index
+         jumps, mergeable num_buffers garbage) between good packets;
+device   the driver corrupts avail rings and descriptors (avail index jumps,
+         heads and next links out of range, loops, addresses outside the DMA
+         window or wrapping, indirect, readable after writable, chains past
+         4 GiB) against DeviceQueue and the device bursts.
+
+Each keeps an exact model of what the other side must conclude and asserts,
+after every step: every bad value is counted in the right counter or refused
+with the right error; good packets after bad ones arrive byte-exact; a queue
+the peer broke fails cleanly (DeviceError, or no more chains) and closes; pool
+buffers all come back; no byte outside the DMA window changes; no fd leaks.
+
+PMD_FUZZ_SECONDS (default 8 per target) and PMD_FUZZ_SEED set the budget and
+the seed; a long run: PMD_FUZZ_SECONDS=300 pytest tests/test_fuzz_rings.py -s
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from collections import Counter, deque
+
+import numpy as np
+import pytest
+
+from .isolated import check_isolated
+
+SECONDS = float(os.environ.get("PMD_FUZZ_SECONDS", "8"))
+SEED = int(os.environ.get("PMD_FUZZ_SEED", "20240508"))
+HDR = 12
+ETH_HLEN = 14
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def net_hdr(num_buffers: int = 1) -> bytes:
+    return bytes(10) + (num_buffers & 0xFFFF).to_bytes(2, "little")
+
+
+# =============================================================================
+# driver side: the device writes the used rings
+# =============================================================================
+
+RX_KEYS = ("bad_used_id", "used_not_in_flight", "bad_used_len", "bad_used_idx", "runt",
+           "bad_num_buffers", "zc_multi_dropped", "foreign_chains", "truncated")
+TX_KEYS = ("bad_used_id", "used_not_in_flight", "bad_used_len", "bad_used_idx", "foreign_chains")
+
+
+class DriverEpisode:
+    """One Loopback whose device side also writes bad used entries at packet boundaries."""
+
+    def __init__(self, rng: np.random.Generator, totals: Counter) -> None:
+        from pmd.loopback import Loopback
+
+        self.rng = rng
+        self.totals = totals
+        self.q = int(rng.choice([8, 16, 64, 256]))
+        self.mergeable = bool(rng.random() < 0.4)
+        self.maxlen = 9000 if self.mergeable else 1984
+        self.lb = Loopback(queue_size=self.q, mergeable=self.mergeable, event_idx=bool(rng.random() < 0.5),
+                           max_packet_len=self.maxlen)
+        self.rx, self.tx = self.lb.driver_rx, self.lb.driver_tx
+        self.drx, self.dtx, self.pool = self.lb.device_rx, self.lb.device_tx, self.lb.pool
+        self.sent: deque[bytes] = deque()      # sent by the driver, not yet taken by the device
+        self.expect: deque[bytes] = deque()    # in the rx ring, not yet harvested, in order
+        self.want_rx: Counter = Counter()
+        self.want_tx: Counter = Counter()
+        self.out = np.zeros((512, self.maxlen), np.uint8)
+        self.lens = np.zeros(512, np.uint32)
+        self.ids = np.zeros(512, np.uint32)
+        self.broken: str | None = None
+
+    # ---- what the driver does ----
+    def send(self) -> None:
+        rng = self.rng
+        k = int(rng.integers(0, 9))
+        if k == 0:
+            return
+        short = rng.random() < 0.7
+        lengths = rng.integers(ETH_HLEN, 200 if short else self.maxlen + 1, k).astype(np.uint32)
+        if rng.random() < 0.3:
+            # zero-copy: the application writes the data into pool buffers itself
+            lengths = np.minimum(lengths, self.pool.data_room).astype(np.uint32)
+            if self.pool.available < k + 16:
+                return
+            ids = self.pool.alloc(k)
+            for i, b in enumerate(ids):
+                self.pool.data[b, :lengths[i]] = rng.integers(0, 256, int(lengths[i]), dtype=np.uint8)
+            n = self.tx.tx_burst_zc(ids, lengths[:len(ids)])
+            self.sent.extend(self.pool.data[ids[i], :lengths[i]].tobytes() for i in range(n))
+            if n < len(ids):
+                self.pool.free(ids[n:])
+            return
+        data = rng.integers(0, 256, (k, int(lengths.max())), dtype=np.uint8)
+        n = self.tx.tx_burst(data, lengths)
+        self.sent.extend(data[i, :lengths[i]].tobytes() for i in range(n))
+
+    def harvest(self) -> None:
+        mode = self.rng.choice(["copy", "zc", "discard"])
+        expected = list(self.expect)
+        self.expect.clear()
+        if mode == "copy":
+            n = self.rx.rx_burst(self.out, self.lens)
+            got = [self.out[i, :self.lens[i]].tobytes() for i in range(n)]
+        elif mode == "zc":
+            n = self.rx.rx_burst_zc(self.ids, self.lens)
+            got = [self.pool.data[self.ids[i], :self.lens[i]].tobytes() for i in range(n)]
+            self.pool.free(self.ids[:n])
+            if self.mergeable:   # zero-copy hands out one buffer a packet: longer ones are dropped, counted
+                kept = [p for p in expected if len(p) <= self.pool.data_room]
+                self.want_rx["zc_multi_dropped"] += len(expected) - len(kept)
+                expected = kept
+        else:
+            n = self.rx.rx_discard(256)
+            got = None
+        if got is None:
+            assert n == len(expected), (n, len(expected))
+        else:
+            assert len(got) == len(expected), (len(got), len(expected))
+            for i, (g, e) in enumerate(zip(got, expected)):
+                assert g == e, f"packet {i} of {len(got)}: {len(g)} bytes, expected {len(e)}"
+        self.totals["packets_checked"] += n
+
+    # ---- what the device does ----
+    def step(self) -> None:
+        moved = self.lb.step(int(self.rng.integers(1, 64)))
+        for _ in range(moved):
+            self.expect.append(self.sent.popleft())
+        assert self.dtx.stats()["dropped"] == 0 and self.drx.stats()["dropped"] == 0
+
+    @staticmethod
+    def room(dq, vq) -> int:
+        """Used entries the device may still write before the driver must call it
+        a lie: the driver's in-flight descriptors less the entries pending."""
+        pending = (dq.next_used_idx - vq.next_used_idx) & 0xFFFF
+        return vq.in_flight - pending
+
+    def inject_rx(self) -> None:
+        rng, dq, vq, q = self.rng, self.drx, self.rx.vq, self.q
+        kinds = ["bad_id", "dup", "long", "short", "runt", "jump"] + (["num_buffers"] if self.mergeable else [])
+        kind = str(rng.choice(kinds))
+        if kind == "jump" and rng.random() < 0.97:
+            kind = "bad_id"      # keep episodes long: index jumps end them
+        room = self.room(dq, vq)
+        if kind == "bad_id":
+            if room < 1:
+                return
+            dq.push_raw(int(rng.integers(q, 1 << 32)), int(rng.integers(0, 1 << 32)))
+            self.want_rx["bad_used_id"] += 1
+        elif kind == "jump":
+            # more entries than the driver has in flight: the queue is broken
+            jump = int(rng.integers(vq.in_flight + 1, 1 << 16))
+            dq.set_used_idx((vq.next_used_idx + jump) & 0xFFFF)
+            self.want_rx["bad_used_idx"] += 1
+            self.broken = "rx"
+        else:
+            if dq.avail_pending < 1 or room < 2:
+                return
+            head, _, cap = dq.pop_chain()
+            if kind == "dup":        # a good packet, then its id again: not in flight any more
+                payload = rng.integers(0, 256, int(rng.integers(ETH_HLEN, cap - HDR + 1)), dtype=np.uint8).tobytes()
+                dq.complete(head, net_hdr() + payload)
+                dq.push_raw(head, int(rng.integers(0, 1 << 32)))
+                self.expect.append(payload)
+                self.want_rx["used_not_in_flight"] += 1
+            elif kind == "long":
+                dq.push_raw(head, int(rng.integers(cap + 1, 1 << 32)))
+                self.want_rx["bad_used_len"] += 1
+            elif kind == "short":
+                dq.push_raw(head, int(rng.integers(0, HDR)))
+                self.want_rx["bad_used_len"] += 1
+            elif kind == "runt":
+                dq.complete(head, net_hdr() + bytes(int(rng.integers(0, ETH_HLEN))))
+                self.want_rx["runt"] += 1
+            else:                    # num_buffers 0 or more than the ring
+                nb = 0 if rng.random() < 0.5 else int(rng.integers(q + 1, 1 << 16))
+                dq.complete(head, net_hdr(nb) + bytes(60))
+                self.want_rx["bad_num_buffers"] += 1
+        dq.publish_used()
+        self.totals[f"rx_{kind}"] += 1
+
+    def inject_tx(self) -> None:
+        rng, dq, vq, q = self.rng, self.dtx, self.tx.vq, self.q
+        kind = str(rng.choice(["bad_id", "dup", "any_len", "jump"]))
+        if kind == "jump" and rng.random() < 0.97:
+            kind = "any_len"
+        room = self.room(dq, vq)
+        if kind == "bad_id":
+            if room < 1:
+                return
+            dq.push_raw(int(rng.integers(q, 1 << 32)), int(rng.integers(0, 1 << 32)))
+            self.want_tx["bad_used_id"] += 1
+        elif kind == "jump":
+            jump = int(rng.integers(vq.in_flight + 1, 1 << 16))
+            dq.set_used_idx((vq.next_used_idx + jump) & 0xFFFF)
+            self.want_tx["bad_used_idx"] += 1
+            self.broken = "tx"
+        else:
+            if dq.avail_pending < 1 or room < 2:
+                return
+            head, _, _ = dq.pop_chain()    # the device takes the packet and never sends it
+            self.sent.popleft()
+            if kind == "dup":
+                dq.complete(head)
+                dq.push_raw(head, 0)
+                self.want_tx["used_not_in_flight"] += 1
+            else:                          # a transmit length is ignored (2.7.8.1)
+                dq.push_raw(head, int(rng.integers(0, 1 << 32)))
+        dq.publish_used()
+        self.totals[f"tx_{kind}"] += 1
+
+    # ---- checks ----
+    def check_counters(self) -> None:
+        rs, ts = self.rx.stats(), self.tx.stats()
+        for k in RX_KEYS:
+            assert rs[k] == self.want_rx[k], (k, rs[k], self.want_rx[k])
+        for k in TX_KEYS:
+            assert ts[k] == self.want_tx[k], (k, ts[k], self.want_tx[k])
+        assert self.drx.stats()["bad_descriptors"] == 0 and self.dtx.stats()["bad_descriptors"] == 0
+        # every buffer is in exactly one place: free, in the rx ring, in the tx ring
+        assert self.pool.available + self.rx.vq.in_flight + self.tx.vq.in_flight == self.pool.n_buffers
+
+    def run(self) -> None:
+        from pmd.errors import DeviceError
+
+        rng = self.rng
+        for _ in range(int(rng.integers(20, 200))):
+            self.send()
+            for _ in range(int(rng.integers(0, 3))):
+                self.step()
+            # Bad entries go in just before the driver looks: a device may complete
+            # every chain in flight, so an extra entry (a bad id, an id twice) is
+            # only not a used index past what is in flight if the driver reads it
+            # first. inject_* check that room; a jump breaks the queue on purpose.
+            if rng.random() < 0.6:
+                for _ in range(int(rng.integers(1, 4))):
+                    self.inject_rx()
+                    if self.broken:
+                        break
+            if not self.broken and rng.random() < 0.4:
+                for _ in range(int(rng.integers(1, 3))):
+                    self.inject_tx()
+                    if self.broken:
+                        break
+            self.totals["rounds"] += 1
+            if self.broken:
+                q = self.rx if self.broken == "rx" else self.tx
+                for _ in range(2):       # fails cleanly, every time
+                    with pytest.raises(DeviceError, match="used index"):
+                        if q is self.rx:
+                            self.rx.rx_burst(self.out, self.lens)
+                        else:
+                            self.tx.reclaim()
+                assert q.stats()["bad_used_idx"] == 1
+                self.totals["broken_queues"] += 1
+                return
+            self.tx.reclaim()
+            self.harvest()
+            self.check_counters()
+        # drain what is left, byte-exact
+        for _ in range(64):
+            self.step()
+            self.tx.reclaim()
+            self.harvest()
+            if not self.sent:
+                break
+        self.check_counters()
+
+    def close(self) -> None:
+        self.lb.close()
+        assert self.pool.available == self.pool.n_buffers, "a buffer leaked"
+        memory = self.lb.memory
+        del self.lb, self.rx, self.tx, self.drx, self.dtx
+        assert memory.pins == 0 and memory.fd == -1, "the memory stayed mapped"
+
+
+def fuzz_driver(seed: int, seconds: float) -> dict[str, int]:
+    import logging
+
+    logging.getLogger("pmd.burst").setLevel(logging.ERROR)   # every bad entry is logged: thousands
+    rng = np.random.default_rng(seed)
+    totals: Counter = Counter()
+    fds = open_fds()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ep = DriverEpisode(rng, totals)
+        ep.run()        # a failure ends the run here: the child reports it
+        ep.close()
+        totals["episodes"] += 1
+    gc.collect()
+    assert open_fds() == fds, "file descriptors leaked"
+    return dict(totals)
+
+
+# =============================================================================
+# device side: the driver writes the avail rings and descriptors
+# =============================================================================
+
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+REFUSALS = ("avail idx moved by more than the queue size", "head index out of range",
+            "next index out of range", "descriptor chain loops", "buffer outside the driver's DMA memory",
+            "indirect descriptor (not negotiated)", "device-readable descriptor after a device-writable one",
+            "packet shorter than the virtio-net header", "chain longer than 4 GiB")
+
+
+class RingModel:
+    """What pmd._device.DeviceQueue must do with a ring, in plain Python: the
+    same reads in the same order, so every decision can be compared."""
+
+    def __init__(self, ring, size: int, window: tuple[int, int], iova0: int, mirror: np.ndarray) -> None:
+        self.r = ring
+        self.size = size
+        self.win_iova, self.win_size = window
+        self.iova0 = iova0                 # iova of byte 0 of the memory
+        self.mirror = mirror               # expected bytes of the whole memory region
+        self.last_avail = self.shadow = 0
+        self.used_idx = 0
+        self.broken = False
+        self.bad = Counter()
+        self.popped = self.dropped = self.too_long = 0
+        self.last = ""                     # why the last chain was refused
+        self.used_entries: dict[int, tuple[int, int]] = {}   # slot -> (id, len) written last
+        self.chain: tuple[int, list[tuple[int, int, bool]], int, int] | None = None
+
+    def snapshot(self) -> None:
+        """Read the descriptor table (the device never writes it: every good
+        buffer lies in the buffer area) before a device operation."""
+        d = self.r["desc"]
+        self.desc = list(zip(d["addr"].tolist(), d["len"].tolist(), d["flags"].tolist(), d["next"].tolist()))
+
+    def inside(self, iova: int, length: int) -> bool:
+        off = iova - self.win_iova
+        return iova >= self.win_iova and off <= self.win_size and length <= self.win_size - off
+
+    def push(self, head: int, length: int) -> None:
+        self.used_entries[self.used_idx & (self.size - 1)] = (head, length)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def refuse(self, head: int | None, why: str) -> int:
+        self.bad[why] += 1
+        self.last = why
+        self.chain = None
+        if head is not None:
+            self.push(head, 0)
+        return -1
+
+    def pop(self) -> int:
+        if self.broken:
+            return 0
+        if self.shadow == self.last_avail:
+            idx = int(self.r["avail_idx"][0])
+            if idx == self.last_avail:
+                return 0
+            if (idx - self.last_avail) & 0xFFFF > self.size:
+                self.broken = True
+                self.bad[REFUSALS[0]] += 1
+                self.last = REFUSALS[0]
+                return -1
+            self.shadow = idx
+        head = int(self.r["avail_ring"][self.last_avail & (self.size - 1)])
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if head >= self.size:
+            return self.refuse(None, REFUSALS[1])
+        i, count, segs, out_len, in_len, seen_write = head, 0, [], 0, 0, False
+        desc = self.desc
+        while True:
+            count += 1
+            if count > self.size:
+                return self.refuse(head, REFUSALS[3])
+            addr, ln, flags, nxt = desc[i]
+            if flags & F_INDIRECT:
+                return self.refuse(head, REFUSALS[5])
+            if ln and not self.inside(addr, ln):
+                return self.refuse(head, REFUSALS[4])
+            if flags & F_WRITE:
+                seen_write = True
+                in_len += ln
+            elif seen_write:
+                return self.refuse(head, REFUSALS[6])
+            else:
+                out_len += ln
+            if (out_len | in_len) >> 32:
+                return self.refuse(head, REFUSALS[8])
+            segs.append((addr, ln, bool(flags & F_WRITE)))
+            if not flags & F_NEXT:
+                break
+            i = nxt
+            if i >= self.size:
+                return self.refuse(head, REFUSALS[2])
+        self.popped += 1
+        self.chain = (head, segs, out_len, in_len)
+        return 1
+
+    def unpop(self) -> None:
+        self.last_avail = (self.last_avail - 1) & 0xFFFF
+        self.popped -= 1
+        self.chain = None
+
+    def read_out(self, skip: int, n: int) -> bytes:
+        assert self.chain is not None
+        out = bytearray()
+        for addr, ln, write in self.chain[1]:
+            if write:
+                break
+            if skip >= ln:
+                skip -= ln
+                continue
+            off = addr - self.iova0 + skip
+            take = min(ln - skip, n - len(out))
+            out += self.mirror[off:off + take].tobytes()
+            skip = 0
+            if len(out) == n:
+                break
+        return bytes(out)
+
+    def write_in(self, skip: int, data: bytes) -> None:
+        assert self.chain is not None
+        done = 0
+        for addr, ln, write in self.chain[1]:
+            if not write:
+                continue
+            if skip >= ln:
+                skip -= ln
+                continue
+            take = min(ln - skip, len(data) - done)
+            off = addr - self.iova0 + skip
+            self.mirror[off:off + take] = np.frombuffer(data[done:done + take], np.uint8)
+            done += take
+            skip = 0
+            if done == len(data):
+                break
+
+    def pending(self) -> int:
+        n = (int(self.r["avail_idx"][0]) - self.last_avail) & 0xFFFF
+        return 0 if n > self.size else n
+
+    def deliver(self, pkt: bytes, mergeable: bool) -> int:
+        """_rx_deliver: 1 written, 0 dropped (too long for the buffers), -1 no buffer."""
+        r = self.pop()
+        while r < 0:
+            r = self.pop()
+        if r == 0:
+            return -1
+        assert self.chain is not None
+        head, _, _, in_len = self.chain
+        if in_len >= HDR + len(pkt):
+            self.write_in(0, net_hdr())
+            self.write_in(HDR, pkt)
+            self.push(head, HDR + len(pkt))
+            return 1
+        if not mergeable or in_len <= HDR:
+            self.unpop()
+            return 0
+        room = in_len                       # 5.1.6.4.2: spread over buffers of this size
+        need = (HDR + len(pkt) + room - 1) // room
+        if need > self.size:
+            self.unpop()
+            return 0
+        if self.pending() + 1 < need:
+            self.unpop()
+            return -1
+        done = room - HDR
+        self.write_in(0, net_hdr(need))
+        self.write_in(HDR, pkt[:done])
+        self.push(head, room)
+        for _ in range(1, need):
+            if self.pop() != 1:
+                self.broken = True          # the driver withdrew buffers it had published
+                return 1
+            head, _, _, in_len = self.chain
+            take = min(len(pkt) - done, in_len)
+            self.write_in(0, pkt[done:done + take])
+            self.push(head, take)
+            done += take
+        return 1
+
+
+class DeviceEpisode:
+    """Two raw rings (A and B) the fuzzer writes as a driver would, mostly well."""
+
+    def __init__(self, rng: np.random.Generator, totals: Counter) -> None:
+        import pmd
+        from pmd._device import DeviceQueue, DmaWindows
+
+        from .conftest import ring_view
+
+        self.rng, self.totals = rng, totals
+        self.size = int(rng.choice([4, 8, 16, 64, 256])) if rng.random() > 0.03 else 8192
+        self.mem = pmd.DmaMemory(4 << 20, lock=False, name="pmd-fuzz")
+        self.vqs = [pmd.Virtqueue(self.mem, self.size, i) for i in range(2)]   # ring placement only
+        self.buf_off = self.mem.alloc(1 << 20, 4096)
+        self.buf_len = 1 << 20
+        self.win_end = self.buf_off + self.buf_len          # the window: rings and buffers
+        self.mem.alloc(64 << 10, 4096)                       # a canary just past the window
+        self.raw = np.frombuffer(self.mem, np.uint8)
+        self.raw[self.win_end:] = 0xA5
+        self.raw[self.buf_off:self.win_end] = rng.integers(0, 256, self.buf_len, dtype=np.uint8)
+        self.mirror = self.raw.copy()
+        iova0 = self.mem.iova(0)
+        self.windows = DmaWindows()
+        self.windows.add(iova0, self.win_end, self.mem.address, self.mem)
+        self.rings = [ring_view(vq) for vq in self.vqs]
+        event_idx = bool(rng.random() < 0.5)
+        self.dqs = [DeviceQueue(self.windows, self.size, vq.desc_iova, vq.avail_iova, vq.used_iova,
+                                event_idx=event_idx) for vq in self.vqs]
+        self.models = [RingModel(r, self.size, (iova0, self.win_end), iova0, self.mirror) for r in self.rings]
+        self.avail_idx = [0, 0]
+
+    # ---- the driver writes chains ----
+    def good_buffer(self, q: int, max_len: int = 2048) -> tuple[int, int]:
+        # Ring q's buffers lie in half q of the buffer area: a packet the device
+        # loops from one ring to the other never overlaps its own source.
+        half = self.buf_len // 2
+        start = self.buf_off + q * half
+        ln = int(self.rng.integers(0, max_len + 1))
+        off = int(self.rng.integers(start, start + half - ln + 1))
+        return self.mem.iova(0) + off, ln
+
+    def bad_address(self, ln: int) -> tuple[int, int]:
+        rng, base = self.rng, self.mem.iova(0)
+        kind = int(rng.integers(0, 4))
+        if kind == 0:          # past the end of the window, in the canary
+            return base + self.win_end + int(rng.integers(0, 60000)), max(ln, 1)
+        if kind == 1:          # straddling the end of the window
+            return base + self.win_end - int(rng.integers(0, 64)), 64 + int(rng.integers(1, 64))
+        if kind == 2:          # wrapping past 2^64
+            return (1 << 64) - int(rng.integers(1, 4096)), 4096 + int(rng.integers(0, 4096))
+        return int(rng.integers(0, base)) if base else base + self.win_end + 1, max(ln, 1)
+
+    def write_chain(self, q: int, slot: int) -> None:
+        rng, size = self.rng, self.size
+        r = self.rings[q]
+        if size >= 8192 and rng.random() < 0.2:
+            # 4097 readable descriptors of 1 MiB: more than 4 GiB in one chain
+            n = 4097
+            idxs = np.arange(n) + int(rng.integers(0, size - n))
+            base = self.mem.iova(0) + self.buf_off
+            r["desc"][idxs] = [(base, self.buf_len, F_NEXT, int(j) + 1) for j in idxs]
+            r["desc"]["flags"][idxs[-1]] = 0
+            r["avail_ring"][slot] = idxs[0]
+            return
+        n = int(rng.integers(1, min(size, 5) + 1))
+        idxs = [int(x) for x in rng.choice(size, size=n, replace=False)]
+        n_read = int(rng.integers(0, n + 1))
+        bad = rng.random() < 0.35
+        what = int(rng.integers(0, 7)) if bad else -1
+        for j, di in enumerate(idxs):
+            addr, ln = self.good_buffer(q)
+            flags = (F_NEXT if j < n - 1 else 0) | (F_WRITE if j >= n_read else 0)
+            nxt = idxs[j + 1] if j < n - 1 else int(rng.integers(0, 1 << 16))
+            if what == 0 and j == n - 1:                          # a link out of range
+                flags, nxt = flags | F_NEXT, int(rng.integers(size, 1 << 16))
+            elif what == 1 and j == n - 1:                        # a loop
+                flags, nxt = flags | F_NEXT, idxs[int(rng.integers(0, n))]
+            elif what == 2 and j == int(rng.integers(0, n)):
+                addr, ln = self.bad_address(ln)
+            elif what == 3 and j == n - 1:
+                flags |= F_INDIRECT
+            elif what == 4 and j == n - 1 and n_read < n:         # readable after writable
+                flags &= ~F_WRITE
+            r["desc"][di] = (addr, ln, flags, nxt)
+        head = idxs[0]
+        if what == 5:
+            head = int(rng.integers(size, 1 << 16))
+        r["avail_ring"][slot] = head
+
+    def expose(self, q: int) -> None:
+        rng, m = self.rng, self.models[q]
+        pending = (self.avail_idx[q] - m.last_avail) & 0xFFFF
+        if pending > self.size:
+            return                 # the index jumped: the device must refuse it, nothing to add
+        if rng.random() < 0.02:
+            # an index jump: more new entries than the ring holds
+            self.avail_idx[q] = (m.last_avail + self.size + 1 + int(rng.integers(0, 30000))) & 0xFFFF
+            self.rings[q]["avail_idx"][0] = self.avail_idx[q]
+            self.totals["avail_idx_jumps"] += 1
+            return
+        k = int(rng.integers(0, self.size - pending + 1))
+        k = min(k, 64)
+        for j in range(k):
+            self.write_chain(q, (self.avail_idx[q] + j) & (self.size - 1))
+        self.avail_idx[q] = (self.avail_idx[q] + k) & 0xFFFF
+        self.rings[q]["avail_idx"][0] = self.avail_idx[q]
+        self.totals["chains_written"] += k
+
+    # ---- the device consumes them ----
+    def op_pop_chain(self, q: int) -> None:
+        from pmd.errors import DeviceError
+
+        dq, m = self.dqs[q], self.models[q]
+        bound = int(self.rng.choice([64, 4096, 65600]))
+        before = sum(m.bad.values())
+        r = m.pop()
+        if r == 0:
+            assert dq.pop_chain(bound) is None
+            return
+        if r < 0:
+            with pytest.raises(DeviceError) as e:
+                dq.pop_chain(bound)
+            assert m.last in str(e.value), (m.last, str(e.value))
+            assert sum(m.bad.values()) == before + 1
+            return
+        head, _, out_len, in_len = m.chain
+        got = dq.pop_chain(bound)
+        assert got is not None and got[0] == head and got[2] == in_len
+        if out_len > bound:
+            assert got[1] is None
+            m.too_long += 1
+        else:
+            assert got[1] == m.read_out(0, out_len)
+        if self.rng.random() < 0.8:
+            data = self.rng.integers(0, 256, int(self.rng.integers(0, in_len + 1)) if in_len < 4096 else 100,
+                                     dtype=np.uint8).tobytes()
+            dq.complete(head, data)
+            m.write_in(0, data)
+            m.push(head, len(data))
+            dq.publish_used()
+
+    def op_tx_burst(self, q: int) -> None:
+        from pmd._device import device_tx_burst
+
+        dq, m = self.dqs[q], self.models[q]
+        rows, cols = int(self.rng.integers(1, 32)), int(self.rng.choice([64, 1514, 4096]))
+        out = np.zeros((rows, cols), np.uint8)
+        lens = np.zeros(rows, np.uint32)
+        n = device_tx_burst(dq, out, lens)
+        i = 0
+        while i < rows:
+            r = m.pop()
+            if r == 0:
+                break
+            if r < 0:
+                continue
+            head, _, out_len, _ = m.chain
+            if out_len < HDR:
+                m.bad[REFUSALS[7]] += 1
+            elif out_len - HDR > cols:
+                m.dropped += 1
+            else:
+                pkt = m.read_out(HDR, out_len - HDR)
+                assert lens[i] == len(pkt) and out[i, :len(pkt)].tobytes() == pkt, f"tx packet {i}"
+                i += 1
+            m.push(head, 0)
+        assert n == i
+
+    def packets(self, k: int) -> list[bytes]:
+        return [self.rng.integers(0, 256, int(self.rng.integers(0, 3000)), dtype=np.uint8).tobytes()
+                for _ in range(k)]
+
+    def op_rx_burst(self, q: int) -> None:
+        from pmd._device import device_rx_burst
+
+        dq, m = self.dqs[q], self.models[q]
+        pkts = self.packets(int(self.rng.integers(1, 32)))
+        rows = np.zeros((len(pkts), 3000), np.uint8)
+        lens = np.array([len(p) for p in pkts], np.uint32)
+        for i, p in enumerate(pkts):
+            rows[i, :len(p)] = np.frombuffer(p, np.uint8)
+        mergeable = bool(self.rng.random() < 0.5)
+        n = device_rx_burst(dq, rows, lens, mergeable=mergeable)
+        i = 0
+        while i < len(pkts):
+            r = m.deliver(pkts[i], mergeable)
+            if r < 0:
+                break
+            if r == 0:
+                m.dropped += 1
+            i += 1
+        assert n == i
+
+    def op_loopback(self, q: int) -> None:
+        from pmd._device import loopback
+
+        tx, rx = self.models[q], self.models[1 - q]
+        budget = int(self.rng.integers(1, 64))
+        mergeable = bool(self.rng.random() < 0.5)
+        n = loopback(self.dqs[q], self.dqs[1 - q], budget, mergeable=mergeable)
+        moved = 0
+        while moved < budget:
+            r = tx.pop()
+            if r == 0:
+                break
+            if r < 0:
+                continue
+            head, segs, out_len, _ = tx.chain
+            if out_len < HDR:
+                tx.bad[REFUSALS[7]] += 1
+                tx.push(head, 0)
+                continue
+            if len(segs) > 1 and out_len - HDR > 65536 + 64:
+                tx.dropped += 1
+                tx.push(head, 0)
+                continue
+            pkt = tx.read_out(HDR, out_len - HDR)
+            d = rx.deliver(pkt, mergeable)
+            if d < 0:
+                tx.unpop()
+                break
+            if d == 0:
+                tx.dropped += 1
+            else:
+                moved += 1
+            tx.push(head, 0)
+        assert n == moved
+
+    # ---- checks ----
+    def check(self) -> None:
+        for dq, m, r in zip(self.dqs, self.models, self.rings):
+            s = dq.stats()
+            assert s["bad_descriptors"] == sum(m.bad.values()), (s, dict(m.bad))
+            assert s["popped"] == m.popped and s["dropped"] == m.dropped and s["too_long"] == m.too_long
+            assert s["broken"] == m.broken
+            assert dq.next_avail_idx == m.last_avail and dq.next_used_idx == m.used_idx
+            for slot, (head, length) in m.used_entries.items():
+                assert tuple(r["used_ring"][slot]) == (head, length), slot
+        assert (self.raw[self.win_end:] == 0xA5).all(), "the device wrote outside the DMA window"
+        assert (self.raw[self.buf_off:self.win_end] == self.mirror[self.buf_off:self.win_end]).all(), \
+            "the device wrote buffer bytes the model did not"
+
+    def run(self) -> None:
+        rng = self.rng
+        ops = (self.op_pop_chain, self.op_tx_burst, self.op_rx_burst, self.op_loopback)
+        for _ in range(int(rng.integers(10, 80))):
+            for q in (0, 1):
+                if rng.random() < 0.7:
+                    self.expose(q)
+            for m in self.models:
+                m.snapshot()
+            for _ in range(int(rng.integers(1, 4))):
+                ops[int(rng.integers(0, len(ops)))](int(rng.integers(0, 2)))
+            self.check()
+            self.totals["rounds"] += 1
+            if all(m.broken for m in self.models):
+                break
+        for m in self.models:
+            for why, n in m.bad.items():
+                self.totals[why] += n
+            self.totals["chains_popped"] += m.popped
+            self.totals["broken_queues"] += m.broken
+
+    def close(self) -> None:
+        for dq in self.dqs:
+            dq.close()
+        self.windows.clear()
+        for vq in self.vqs:
+            vq.close()
+        del self.rings, self.raw, self.models     # numpy views of the memory
+        gc.collect()                              # and tracebacks (pytest.raises) holding them
+        self.mem.close()
+        assert self.mem.pins == 0 and self.mem.fd == -1, "the memory stayed mapped"
+
+
+def fuzz_device(seed: int, seconds: float) -> dict[str, int]:
+    rng = np.random.default_rng(seed)
+    totals: Counter = Counter()
+    fds = open_fds()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ep = DeviceEpisode(rng, totals)
+        ep.run()        # a failure ends the run here: the child reports it
+        ep.close()
+        totals["episodes"] += 1
+    gc.collect()
+    assert open_fds() == fds, "file descriptors leaked"
+    return dict(totals)
+
+
+# =============================================================================
+
+def run_fuzzer(name: str, seed: int, seconds: float) -> dict[str, int]:
+    out = check_isolated(f"""
+import json
+from tests.test_fuzz_rings import fuzz_{name}
+print(json.dumps(fuzz_{name}({seed}, {seconds})))
+""", timeout=seconds * 4 + 120)
+    totals = json.loads(out.strip().splitlines()[-1])
+    print(f"\nfuzz {name}: seed {seed}, {seconds:g} s: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
+    return totals
+
+
+def test_fuzz_driver_used_rings_written_by_a_hostile_device():
+    totals = run_fuzzer("driver", SEED, SECONDS)
+    assert totals["rounds"] > 0 and totals["packets_checked"] > 0
+    # every kind of bad entry was tried (a short run may miss the rarest)
+    tried = {k for k in totals if k.startswith(("rx_", "tx_"))}
+    assert {"rx_bad_id", "rx_dup", "rx_long", "rx_short", "rx_runt", "tx_bad_id", "tx_dup"} <= tried, tried
+
+
+def test_fuzz_device_avail_rings_and_descriptors_written_by_a_hostile_driver():
+    totals = run_fuzzer("device", SEED + 1, SECONDS)
+    assert totals["rounds"] > 0 and totals["chains_popped"] > 0
+    refused = {k for k in totals if k in REFUSALS}
+    assert len(refused) >= 6, refused
