@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the tests need and run them all: the package (scripts/setup.sh),
 # QEMU and a guest kernel for the vfio-pci tests (tests/vm/setup.sh, Debian
-# packages), then pytest over tests/ and bench/. QEMU tests may not skip here.
+# packages), the data-path tests under AddressSanitizer (scripts/sanitize.sh),
+# then pytest over tests/ and bench/. QEMU tests may not skip here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,5 +14,8 @@ if ! command -v tcpdump >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tcpdump >/dev/null
 fi
+# The data-path tests and the ring fuzzers again under AddressSanitizer, from a
+# separate build (a few minutes): any report fails the run.
+PYTHON="$PYTHON" bash scripts/sanitize.sh
 export PMD_REQUIRE_QEMU=1
 exec "$PYTHON" -m pytest tests bench -q -rs -p no:cacheprovider "$@"
