@@ -187,16 +187,12 @@ cdef class _Queue:
         """Detach a one-buffer chain the device completed; its buffer id, or
         NO_BUF (counted) when the chain is not one this queue built: a buffer
         is freed only by the queue that holds it."""
-        cdef uint32_t b
-        if pmd_unlikely(self.vq.extra[head].ndescs != 1):
-            self.vq.detach(head, NULL, 0)
+        cdef uint32_t b = self.vq.extra[head].cookie
+        if pmd_unlikely(not self.pool.held_by(b, self.owner) or self.vq.extra[head].ndescs != 1):
+            self.vq.detach(head, NULL, 0)       # all its descriptors, and no buffer
             self.foreign_chains += 1
             return NO_BUF
-        b = self.vq.detach1(head)
-        if pmd_unlikely(not self.pool.held_by(b, self.owner)):
-            self.foreign_chains += 1
-            return NO_BUF
-        return b
+        return self.vq.detach1(head)
 
     cdef uint32_t put_chain(self, uint16_t head) noexcept nogil:
         """Detach a chain and free its buffers; returns how many were freed."""
@@ -686,12 +682,14 @@ cdef class TxQueue(_Queue):
         if capped:
             rows = self.vq.size
         cdef uint32_t maxlen = self.max_packet_len, ln
+        cdef uint32_t limit = maxlen if <Py_ssize_t>maxlen < cols else <uint32_t>cols
+        cdef uint32_t *s_lens = self.s_lens
         for i in range(rows):
             ln = l[i]               # read once: the copy is checked and used
-            if pmd_unlikely(ln == 0 or ln > cols or ln > maxlen):
+            if pmd_unlikely(ln == 0 or ln > limit):
                 raise ValueError(f"lengths[{i}] = {ln}: a packet must be 1 to "
-                                 f"{min(cols, maxlen)} bytes (row width {cols}, queue limit {maxlen})")
-            self.s_lens[i] = ln
+                                 f"{limit} bytes (row width {cols}, queue limit {maxlen})")
+            s_lens[i] = ln
         cdef int n
         self.enter()
         with nogil:
@@ -716,6 +714,17 @@ cdef class TxQueue(_Queue):
             self.bytes += lengths[i]
             self.packets += 1
         return <int>burst
+
+    cdef object _zc_error(self, Py_ssize_t i, uint32_t b, uint32_t ln):
+        cdef PacketPool pool = self.pool
+        if b >= pool.n_buffers:
+            return PoolError(f"ids[{i}] = {b} does not belong to this pool (ids 0..{pool.n_buffers - 1})")
+        if pool.state[b] != BUF_APP:
+            return PoolError(f"ids[{i}] = {b} is not owned by the application "
+                             f"({'free' if pool.state[b] == BUF_FREE else 'already queued'}): "
+                             "transmit only buffers from pool.alloc or rx_burst_zc, once")
+        return ValueError(f"lengths[{i}] = {ln}: a zero-copy packet must be 1 to "
+                          f"{pool.buffer_size - pool.headroom} bytes (the pool's data room)")
 
     cdef void _unclaim(self, Py_ssize_t start, Py_ssize_t end) noexcept:
         cdef Py_ssize_t j
@@ -742,34 +751,29 @@ cdef class TxQueue(_Queue):
             nids = self.vq.size
         cdef PacketPool pool = self.pool
         cdef uint32_t room = pool.buffer_size - pool.headroom, b, ln
+        cdef uint32_t n_buffers = pool.n_buffers
+        cdef uint8_t *state = pool.state
+        cdef uint8_t owner = self.owner
+        cdef uint32_t *s_ids = self.s_ids
+        cdef uint32_t *s_lens = self.s_lens
         # Read each id and length once into the queue's own arrays, check the
         # copy and claim the id; undo on error. Claiming as we go catches an id
         # listed twice (it would be sent twice and freed twice).
         for i in range(nids):
             b = d[i]
             ln = l[i]
-            err = None
-            if b >= pool.n_buffers:
-                err = PoolError(f"ids[{i}] = {b} does not belong to this pool (ids 0..{pool.n_buffers - 1})")
-            elif pool.state[b] != BUF_APP:
-                err = PoolError(f"ids[{i}] = {b} is not owned by the application "
-                                f"({'free' if pool.state[b] == BUF_FREE else 'already queued'}): "
-                                "transmit only buffers from pool.alloc or rx_burst_zc, once")
-            elif ln == 0 or ln > room:
-                err = ValueError(f"lengths[{i}] = {ln}: a zero-copy packet must be 1 to {room} bytes "
-                                 "(the pool's data room)")
-            if err is not None:
+            if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln == 0 or ln > room):
+                err = self._zc_error(i, b, ln)
                 self._unclaim(0, i)
                 raise err
-            pool.state[b] = self.owner
-            self.s_ids[i] = b
-            self.s_lens[i] = ln
+            state[b] = owner
+            s_ids[i] = b
+            s_lens[i] = ln
         cdef int n
-        try:
-            self.enter()
-        except BaseException:
+        if pmd_unlikely(self.is_closed):
             self._unclaim(0, nids)
-            raise
+            self.check()
+        self.busy += 1      # as enter(): checked, and nothing since let another thread in
         with nogil:
             n = self.send_zc(self.s_ids, self.s_lens, nids)
             self.vq.flush()

@@ -79,6 +79,7 @@ cdef class DeviceQueue:
     cdef int irq_fd
     cdef int last_bad
     cdef list memories               # DmaMemory regions pinned while the queue is open
+    cdef object mem0                 # memories[0] or None: the usual one, checked without a loop
     cdef bint is_closed
     cdef int busy                    # device bursts running without the GIL right now
     cdef uint64_t pop_generation     # windows.generation when the last chain was popped

@@ -157,6 +157,8 @@ cdef class DeviceQueue:
             if isinstance(owner, DmaMemory):
                 (<DmaMemory>owner).pin()
                 self.memories.append(owner)
+        if self.memories:
+            self.mem0 = self.memories[0]
         # The device starts where the ring is now (0 on a fresh queue).
         self.used_idx = vring_load16(&self.vr.used.idx)
         self.signalled_used = self.used_idx
@@ -171,14 +173,19 @@ cdef class DeviceQueue:
         for m in self.memories:
             (<DmaMemory>m).unpin()
         self.memories = []
+        self.mem0 = None
 
     cdef int check(self) except -1:
+        cdef DmaMemory mem
         if self.is_closed:
-            raise QueueStateError("device queue is closed")
-        for m in self.memories:
-            if (<DmaMemory>m).closed:
-                raise QueueStateError(f"device queue: the driver's DMA memory {(<DmaMemory>m).name!r} "
-                                      "is closed")
+            raise QueueStateError("device queue is closed; create it again")
+        if self.mem0 is not None:
+            mem = <DmaMemory>self.mem0
+            if mem.closing or mem.base == NULL or len(self.memories) > 1:
+                for m in self.memories:
+                    mem = <DmaMemory>m
+                    if mem.closing or mem.base == NULL:
+                        raise QueueStateError(f"device queue: the driver's DMA memory {mem.name!r} is closed")
         return 0
 
     cdef int enter(self) except -1:
@@ -640,22 +647,18 @@ def loopback(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, u
     ``mergeable``: spread packets larger than one rx buffer over several (MRG_RXBUF)."""
     _check_hdr_len(hdr_len)
     cdef int n
+    tx.check()
+    rx.check()
     cdef char *scratch = <char *>malloc(LOOPBACK_SCRATCH)
     if scratch == NULL:
         raise MemoryError()
-    try:
-        tx.enter()
-        try:
-            rx.enter()
-        except BaseException:
-            tx.leave()
-            raise
-        with nogil:
-            n = loopback_burst(tx, rx, budget, hdr_len, mergeable, scratch, LOOPBACK_SCRATCH)
-        rx.leave()
-        tx.leave()
-    finally:
-        free(scratch)
+    tx.busy += 1        # checked above, nothing since let another thread in: see enter()
+    rx.busy += 1
+    with nogil:
+        n = loopback_burst(tx, rx, budget, hdr_len, mergeable, scratch, LOOPBACK_SCRATCH)
+    rx.leave()
+    tx.leave()
+    free(scratch)
     return n
 
 
