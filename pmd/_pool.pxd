@@ -26,7 +26,6 @@ cdef class PacketPool:
     cdef uint8_t *state             # BufState per buffer
     cdef readonly size_t offset     # of buffer 0 in the memory region
     cdef bint closed
-    cdef bint pinned                # holds a pin on `memory`
     cdef uint32_t next_owner        # the next queue's tag
 
     cdef inline uint32_t get(self, uint8_t new_state) noexcept nogil:

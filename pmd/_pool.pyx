@@ -23,7 +23,6 @@ give each thread its own pool.
 
 import numpy as np
 
-cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, calloc
 
@@ -44,7 +43,6 @@ cdef Py_ssize_t _first_index(long long[::1] v, Py_ssize_t i) noexcept:
     return i
 
 
-@cython.no_gc_clear   # __dealloc__ unpins `memory`: it must not be cleared first
 cdef class PacketPool:
     """``PacketPool(memory, n_buffers, buffer_size=2048, headroom=64)``
 
@@ -97,15 +95,11 @@ cdef class PacketPool:
             self.free_stack[i] = n_buffers - 1 - i
         self.n_free = n_buffers
         self.next_owner = BUF_QUEUE
-        memory.pin()
-        self.pinned = True
 
     def __dealloc__(self):
         free(self.iova)
         free(self.free_stack)
         free(self.state)
-        if self.pinned:
-            self.memory.unpin()
 
     cdef int new_owner(self) except -1:
         """A tag for one more queue drawing from this pool."""
@@ -223,9 +217,6 @@ cdef class PacketPool:
         """Stop using the pool. The memory stays with its ``DmaMemory`` (queues
         drawing from the pool keep it mapped until they are closed)."""
         self.closed = True
-        if self.pinned:
-            self.pinned = False
-            self.memory.unpin()
 
     def __repr__(self):
         return (f"<PacketPool {self.n_buffers} x {self.buffer_size} B, headroom {self.headroom}, "

@@ -68,7 +68,6 @@ cdef class Virtqueue:
     cdef uint16_t notify_data
     cdef object notify_owner
     cdef bint is_closed
-    cdef bint pinned                   # holds a pin on `memory` (until close or dealloc)
     cdef bint owned                    # an RxQueue/TxQueue drives it: no raw Python access
     # statistics
     cdef public uint64_t n_notify

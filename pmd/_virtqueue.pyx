@@ -10,12 +10,14 @@ them: an id out of range or not in flight, or a length larger than the
 buffer, is counted and never followed.
 
 The Python methods here are for the control path and for tests; the bursts
-(pmd._burst) use the inline methods of _virtqueue.pxd without the GIL.
+(pmd._burst) use the inline methods of _virtqueue.pxd without the GIL. Each
+Python method that touches the ring checks first that the queue and its
+memory are open (with the GIL held the memory cannot go meanwhile); the
+bursts pin the memory instead.
 """
 
 import numpy as np
 
-cimport cython
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -73,7 +75,6 @@ def _check_ring_params(uint32_t num, size_t align):
         raise ValueError(f"ring alignment must be a power of two >= 4, got {align}")
 
 
-@cython.no_gc_clear   # __dealloc__ unpins `memory`: it must not be cleared first
 cdef class Virtqueue:
     """``Virtqueue(memory, size, queue_index=0, event_idx=False, weak_barriers=True, align=4096, interrupts=False)``
 
@@ -120,8 +121,6 @@ cdef class Virtqueue:
         self.num_free = size
         self.notify_kind = NOTIFY_NONE
         self.notify_data = queue_index
-        memory.pin()
-        self.pinned = True
         if interrupts:
             self.enable_interrupts()
         else:
@@ -129,8 +128,6 @@ cdef class Virtqueue:
 
     def __dealloc__(self):
         free(self.extra)
-        if self.pinned:
-            self.memory.unpin()
 
     cdef void check_usable(self) except *:
         if self.is_closed:
@@ -241,9 +238,9 @@ cdef class Virtqueue:
         Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT. With it the flag must
         stay 0 (2.7.7.1): used_event is set one behind the next used entry,
         which the device reaches only after 65535 more, i.e. never while we poll.
-        A closed queue has nothing to disable.
+        A closed queue (or one whose memory is closed) has nothing to disable.
         """
-        if self.is_closed:
+        if self.is_closed or self.memory.closed:
             return
         if self.event_idx:
             vring_store16(vring_used_event(&self.vr), <uint16_t>(self.last_used_idx - 1))
@@ -349,9 +346,6 @@ cdef class Virtqueue:
         self.is_closed = True
         self.notify_owner = None
         self.notify_kind = NOTIFY_NONE
-        if self.pinned:
-            self.pinned = False
-            self.memory.unpin()
 
     @property
     def closed(self):

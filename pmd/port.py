@@ -316,6 +316,9 @@ class Port:
         # later ones raise QueueStateError, before rings, notify registers and
         # memory go. Then the device is reset, so it stops DMA and interrupts
         # before the memory and eventfds go; then start()'s steps are undone in reverse.
+        # Not started from here on: a config interrupt arriving now is ignored
+        # instead of waiting for the port lock we hold while we unregister it.
+        self._started = False
         for q in (*self.rxqs, *self.txqs):
             q.fence()
         self._reset_device()
