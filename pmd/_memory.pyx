@@ -257,10 +257,10 @@ cdef class DmaMemory:
         self.exports -= 1
         self._unmap_if_unused()
 
-    # Pins: objects that keep raw pointers into the region (virtqueues, pools,
-    # burst queues, DMA windows) pin it while they may use them, as numpy views
-    # do through the buffer exports. close() then only marks the region closing;
-    # the pages go with the last pin or view, never under a burst in flight.
+    # Pins: objects that use raw pointers into the region without the GIL
+    # (RxQueue/TxQueue, DmaWindows, DeviceQueue) pin it while they may, as numpy
+    # views do through the buffer exports. close() then only marks the region
+    # closing; the pages go with the last pin or view, never under a burst.
     cdef int pin(self) except -1:
         self._check_open()
         self.n_pins += 1
@@ -276,16 +276,16 @@ cdef class DmaMemory:
 
     @property
     def pins(self):
-        """Objects (queues, pools, DMA windows) that keep the pages mapped."""
+        """Objects (burst and device queues, DMA windows) that keep the pages mapped."""
         return self.n_pins
 
     def close(self):
         """Release the region. Idempotent.
 
-        If numpy views of it, or queues, pools or DMA windows built on it, are
-        still alive, the pages stay mapped until the last of them is gone (or
-        closed), so nothing ever points at unmapped memory; the region is
-        unusable for new work at once.
+        If numpy views of it, or burst queues, device queues or DMA windows
+        built on it, are still alive, the pages stay mapped until the last of
+        them is gone (or closed), so nothing ever points at unmapped memory;
+        the region is unusable for new work at once.
         """
         if self.base == NULL:
             return
