@@ -37,7 +37,6 @@ import mmap
 import os
 import select
 import socket
-import stat
 import threading
 import time
 import weakref
@@ -54,6 +53,7 @@ from ..access import (
     vfio_error,
 )
 from ..errors import VfioError
+from ..shm import require_sealed
 from ..vfio import (
     VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_ACTION_UNMASK,
@@ -752,17 +752,10 @@ class VfioUserDevice(DeviceAccess):
             raise vfio_error(
                 f"{self.name} region {index}: mmap offset {info.offset:#x} is not page aligned", errno.EINVAL
             )
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise vfio_error(f"{self.name} region {index}: the server's fd is unusable: {exc.strerror}", exc.errno) from None
+        # A file the server could shrink under the mapping would kill this process with SIGBUS:
+        # it must be sealed (F_SEAL_SHRINK) and long enough; seals cannot be removed later.
         end = info.offset + max(a.end for a in areas)
-        if stat.S_ISREG(st.st_mode) and st.st_size < end:
-            raise vfio_error(
-                f"{self.name} region {index}: the server's file is {st.st_size:#x} bytes but the mappable areas "
-                f"reach {end:#x}; touching the rest would kill this process with SIGBUS, so it is not mapped",
-                errno.EINVAL,
-            )
+        require_sealed(fd, end, f"{self.name} region {index}: the server's file")
         mapping = RegionMapping(index, fd, info.offset, info.size, areas)
         res.mappings.append(mapping)
         return mapping

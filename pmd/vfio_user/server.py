@@ -43,6 +43,7 @@ from ..access import (
     vfio_error,
 )
 from ..errors import VfioError
+from ..shm import require_sealed
 from ..vfio import (
     VFIO_DEVICE_FLAGS_RESET,
     VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -203,18 +204,54 @@ class VfioUserServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         res.listener = sock
         # Linux gives the socket file the mode of the socket's inode (less the umask) at bind
-        # time, so the file never exists with wider permissions than asked; chmod after bind
-        # then sets exactly ``mode`` (the umask may have removed bits the caller wanted).
+        # time, so the file never exists with wider permissions than asked; _set_mode after
+        # bind then sets exactly ``mode`` (the umask may have removed bits the caller wanted).
         os.fchmod(sock.fileno(), self.mode)
         try:
             sock.bind(path)
         except OSError as exc:
             raise vfio_error(f"cannot create the vfio-user socket {path}: {exc.strerror}", exc.errno) from exc
-        st = os.lstat(path)
-        res.identity = (st.st_dev, st.st_ino)
-        os.chmod(path, self.mode)
+        self._set_mode(path)
         sock.listen(4)
         log.debug("vfio-user server listening on %s (mode %#o)", path, self.mode)
+
+    def _set_mode(self, path: str) -> None:
+        """Give the socket file just bound at ``path`` exactly ``mode``, never following a symlink.
+
+        ``chmod(path)`` follows a symlink someone put there after ``bind`` (Linux has no
+        ``lchmod``), and would change the mode of whatever it points to. So the path is opened
+        ``O_PATH | O_NOFOLLOW`` (a symlink opens as itself, open(2)), checked to be a socket of
+        ours, and changed through ``/proc/self/fd/N``, which names that inode and nothing else.
+        """
+        try:
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise vfio_error(
+                f"the vfio-user socket {path} is gone right after bind ({exc.strerror}): another process "
+                "removes files there; use a directory only this user can write",
+                exc.errno,
+            ) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+                raise vfio_error(
+                    f"{path} was replaced right after bind by something that is not this server's socket "
+                    f"({stat.filemode(st.st_mode)}, uid {st.st_uid}; a symlink?): not changing its mode; "
+                    "use a directory only this user can write",
+                    errno.EEXIST,
+                )
+            self._res.identity = (st.st_dev, st.st_ino)
+            if stat.S_IMODE(st.st_mode) != self.mode:
+                try:
+                    os.chmod(f"/proc/self/fd/{fd}", self.mode)
+                except OSError as exc:
+                    raise vfio_error(
+                        f"cannot set mode {self.mode:#o} on the vfio-user socket {path} through /proc/self/fd "
+                        f"({exc.strerror}); mount /proc, or set a umask that keeps those bits",
+                        exc.errno,
+                    ) from None
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _remove_stale(path: str) -> None:
@@ -675,14 +712,12 @@ class VfioUserServer:
         if req.offset % _PAGE:
             raise _request_error(f"DMA_MAP file offset {req.offset:#x} is not page aligned")
         fd = msg.fds[0]
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _request_error("DMA_MAP: the file descriptor is not a regular file (a memfd)")
-        if st.st_size < req.offset + req.size:
-            raise _request_error(
-                f"DMA_MAP of {req.size:#x} bytes at file offset {req.offset:#x}, but the file is only "
-                f"{st.st_size:#x} bytes long"
-            )
+        # The device mmaps this file: unless it is sealed against shrinking, the client could
+        # truncate it and kill the device with SIGBUS (spec, Security Considerations; fcntl(2)).
+        try:
+            require_sealed(fd, req.offset + req.size, f"DMA_MAP [{req.address:#x}, +{req.size:#x}): the file")
+        except VfioError as exc:
+            raise _request_error(str(exc), exc.errno or errno.EINVAL) from None
         for iova, size in session.dma.items():
             if req.address < iova + size and iova < req.address + req.size:
                 raise _request_error(
