@@ -1256,6 +1256,32 @@ def test_truncating_shared_memory_cannot_kill_the_device():
             assert again.config_read_int(0, 2) == 0x1AF4
 
 
+def test_server_counts_every_bad_message(served, raw):
+    _model, server, _path = served
+    before = server.stats()
+    raw.negotiate()
+    assert error_of(raw.call(99)) == errno.ENOSYS
+    assert error_of(raw.call(p.VFIO_USER_REGION_READ, p.encode_region_access(0, 7, 0))) == errno.EINVAL
+    r, w = os.pipe()
+    try:
+        assert not raw.call(p.VFIO_USER_DEVICE_GET_INFO, p.encode_device_info_request(), fds=[r, w]).is_error
+    finally:
+        os.close(r)
+        os.close(w)
+    raw.send(p.VFIO_USER_REGION_READ, p.encode_region_access(0, 7, 0), flags=p.FLAG_NO_REPLY)
+    raw.send(p.VFIO_USER_DEVICE_GET_INFO, flags=p.TYPE_REPLY)
+    assert not raw.call(p.VFIO_USER_DEVICE_GET_INFO, p.encode_device_info_request()).is_error
+    raw.send_raw(struct.pack("<HHIII", 1, 1, 8, 0, 0))  # size below the header: dropped
+    assert raw.dropped()
+    assert wait_for(lambda: not server.connected)
+    after = server.stats()
+    delta = {k: after[k] - before[k] for k in ("messages", "error_replies", "silent_errors", "dropped",
+                                                "ignored_replies", "unused_fds")}
+    assert delta == {"messages": 8, "error_replies": 2, "silent_errors": 1, "dropped": 1,
+                     "ignored_replies": 1, "unused_fds": 2}
+    assert after["errnos"] == {"EINVAL": 2, "ENOSYS": 1}
+
+
 def test_server_ignores_replies_and_honours_no_reply(raw, model):
     raw.negotiate()
     raw.send(p.VFIO_USER_DEVICE_GET_INFO, flags=p.TYPE_REPLY)  # a reply nobody asked for: ignored
@@ -1695,6 +1721,25 @@ def test_a_server_that_shrinks_its_bar_cannot_kill_the_driver(sock_dir):
     model.bar0 = mmap.mmap(-1, PAGE)  # for model.close()
 
 
+def test_client_refuses_a_region_too_large_to_reserve(fake):
+    # Found by the fuzzer: a huge region size made the address-space reservation fail with a
+    # bare OSError (EINVAL/ENOMEM) instead of a VfioError saying what the device claimed.
+    bar = create_sealed_memfd("bar", 0x7000)
+
+    def build(m):
+        payload = p.encode_region_info(0, RW | REGION_INFO_FLAG_MMAP, 1 << 62, 0, [p.SparseArea(0x6000, PAGE)], 1024)
+        return ("send", reply_header(m, payload=payload), [bar])
+
+    dev = fake(region_info_hook(0, build)).device()
+    try:
+        with pytest.raises(VfioError) as e:
+            dev.map_region(0)
+        assert e.value.errno == errno.EINVAL and "described it wrongly" in str(e.value)
+    finally:
+        dev.close()
+        os.close(bar)
+
+
 def test_client_treats_a_mappable_region_without_fd_as_message_only(fake):
     def build(m):
         return ("send", reply_header(m, payload=p.encode_region_info(0, RW | REGION_INFO_FLAG_MMAP, PAGE, 0, None, 1024)))
@@ -1772,6 +1817,14 @@ def test_recv_message_on_any_byte_stream(data):
     finally:
         a.close()
         b.close()
+
+
+def test_version_json_nested_too_deeply_is_a_message_error():
+    # Found by the fuzzer: 4096 bytes of "[" made json.loads raise RecursionError, which
+    # escaped the client (and became EIO with a traceback at the server).
+    with pytest.raises(p.MessageError) as e:
+        p.decode_version(struct.pack("<HH", 0, 1) + b"[" * 4000)
+    assert e.value.errno == errno.EINVAL and "too deeply" in str(e.value)
 
 
 def test_header_round_trip_and_limits():

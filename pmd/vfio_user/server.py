@@ -171,6 +171,13 @@ class VfioUserServer:
         self.max_msg_size = p.max_message_size(max_data_xfer_size)
         self.sessions = 0  # clients served so far
         self.refused = 0  # connections closed because a client was already connected
+        self.messages = 0  # messages received, well framed or not
+        self.error_replies = 0  # commands answered with an error reply
+        self.silent_errors = 0  # commands that failed with the no-reply bit set (logged only)
+        self.errnos: dict[int, int] = {}  # errno -> how many commands failed with it
+        self.dropped = 0  # connections this server dropped (framing, a failed VERSION or reply)
+        self.ignored_replies = 0  # replies nobody asked for
+        self.unused_fds = 0  # fds that came with a message and were closed unused
         self._res = _Resources(self.socket_path)
         self._finalizer = weakref.finalize(self, self._res.release)
         self._state = threading.Lock()
@@ -293,6 +300,21 @@ class VfioUserServer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def stats(self) -> dict[str, object]:
+        """What the server has seen: every bad message is counted here (and logged)."""
+        return {
+            "sessions": self.sessions,
+            "refused": self.refused,
+            "messages": self.messages,
+            "error_replies": self.error_replies,
+            "silent_errors": self.silent_errors,
+            "errnos": {errno.errorcode.get(k, str(k)): v for k, v in sorted(self.errnos.items())},
+            "dropped": self.dropped,
+            "ignored_replies": self.ignored_replies,
+            "unused_fds": self.unused_fds,
+            "connected": self.connected,
+        }
 
     @property
     def connected(self) -> bool:
@@ -452,12 +474,15 @@ class VfioUserServer:
             )
         except p.MessageError as exc:
             log.warning("vfio-user %s: client %d: %s; dropping the connection", self.socket_path, session.number, exc)
+            self.messages += 1
+            self.dropped += 1
             self._end_session(sel, f"broken framing: {exc}")
             return
         if msg is None:
             self._end_session(sel, "disconnected")
             return
         session.messages += 1
+        self.messages += 1
         drop = False
         payload = b""
         reply_fds: list[int] = []
@@ -467,6 +492,7 @@ class VfioUserServer:
             if msg.is_reply:
                 # pmd's server sends no commands, so no reply is awaited: ignore it.
                 log.warning("vfio-user %s: ignoring an unsolicited %s", self.socket_path, msg.describe())
+                self.ignored_replies += 1
                 return
             if msg.fds_truncated:
                 raise _request_error(
@@ -491,9 +517,16 @@ class VfioUserServer:
                 exc_info=not isinstance(exc, (OSError, ValueError, LookupError, NotImplementedError)),
             )
         finally:
+            self.unused_fds += len(msg.fds)
             msg.close_fds()  # whatever the handler did not take
         if err and not session.negotiated:
             drop = True  # no agreement on the protocol: the spec has the server close the connection
+        if err:
+            self.errnos[err] = self.errnos.get(err, 0) + 1
+            if msg.no_reply or msg.is_reply:
+                self.silent_errors += 1
+            else:
+                self.error_replies += 1
         if msg.is_reply:
             return
         if not msg.no_reply:
@@ -510,6 +543,7 @@ class VfioUserServer:
         elif err:
             log.warning("vfio-user %s: %s (no reply requested) failed with errno %d", self.socket_path, msg.name, err)
         if drop:
+            self.dropped += 1
             self._end_session(sel, f"dropped after {msg.name}")
 
     # --- the commands ---------------------------------------------------------
