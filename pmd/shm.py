@@ -102,7 +102,11 @@ def require_sealed(fd: int, end: int, what: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise _error(f"{what} is not a regular file (a sealed memfd is needed): {_REMEDY}", errno.EINVAL)
     # Seals first, then the size: once F_SEAL_SHRINK is there the size can only grow.
-    seals = seals_of(fd)
+    try:
+        seals = seals_of(fd)
+    except OSError as exc:  # an O_PATH fd, for one, has no seals to read (EBADF)
+        raise _error(f"{what}: cannot read its seals (F_GET_SEALS: {exc.strerror}); it must be an open "
+                     f"memfd, not an O_PATH descriptor: {_REMEDY}", exc.errno or errno.EBADF) from None
     if not seals & fcntl.F_SEAL_SHRINK:
         raise _error(f"{what} is not sealed against shrinking (seals {seals:#x}): truncating it would kill "
                      f"this process with SIGBUS, so it is not mapped; {_REMEDY}", errno.EPERM)

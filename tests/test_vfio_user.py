@@ -1740,6 +1740,30 @@ def test_client_refuses_a_region_too_large_to_reserve(fake):
         os.close(bar)
 
 
+def test_client_reports_pci_interrupts_and_regions_the_server_does_not_count_as_absent(fake):
+    # Found by the fuzzer: a server counting 2 IRQ indexes made Port.start() fail with a
+    # ValueError (a caller's mistake) when it asked for MSI-X (index 2), where kernel VFIO
+    # would say "none". PCI's own indexes (5 IRQ, 9 regions) are absent, not errors.
+    def hook(m):
+        if m.command == p.VFIO_USER_DEVICE_GET_INFO:
+            return ("send", reply_header(m, payload=p.encode_device_info(VFIO_DEVICE_FLAGS_PCI, 8, 2)))
+        return None
+
+    server = fake(hook)
+    dev = server.device()
+    try:
+        before = dev.requests
+        msix = dev.irq_info(PCI_MSIX_IRQ_INDEX)
+        assert msix.count == 0 and dev.region_info(8).size == 0
+        assert dev.requests == before  # nothing to ask
+        with pytest.raises(ValueError):
+            dev.irq_info(5)
+        with pytest.raises(ValueError):
+            dev.region_info(9)
+    finally:
+        dev.close()
+
+
 def test_client_treats_a_mappable_region_without_fd_as_message_only(fake):
     def build(m):
         return ("send", reply_header(m, payload=p.encode_region_info(0, RW | REGION_INFO_FLAG_MMAP, PAGE, 0, None, 1024)))

@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 
 from ..access import (
     PCI_CONFIG_REGION_INDEX,
+    PCI_NUM_IRQS,
+    PCI_NUM_REGIONS,
     REGION_INFO_FLAG_MMAP,
     DeviceAccess,
     DeviceInfo,
@@ -634,6 +636,10 @@ class VfioUserDevice(DeviceAccess):
             return cached
         res = self._live()
         if not 0 <= index < self._device_info.num_regions:
+            if 0 <= index < PCI_NUM_REGIONS:  # a PCI region the device does not count: size 0, as vfio-pci
+                info = RegionInfo(index=index, flags=0, offset=0, size=0)
+                self._regions[index] = info
+                return info
             raise ValueError(f"{self.name} has regions 0..{self._device_info.num_regions - 1}, not {index}")
         argsz = _FIRST_REGION_INFO_ARGSZ
         for _attempt in range(2):
@@ -834,6 +840,12 @@ class VfioUserDevice(DeviceAccess):
             return cached
         self._live()
         if not 0 <= index < self._device_info.num_irqs:
+            if 0 <= index < PCI_NUM_IRQS:
+                # A PCI interrupt kind the device does not count (a server reporting fewer than
+                # vfio-pci's 5 indexes): it has none, as vfio-pci's EINVAL means on the kernel path.
+                info = IrqInfo(index=index, flags=0, count=0)
+                self._irq_infos[index] = info
+                return info
             raise ValueError(f"{self.name} has IRQ indexes 0..{self._device_info.num_irqs - 1}, not {index}")
         reply = self._conn.request(
             p.VFIO_USER_DEVICE_GET_IRQ_INFO, p.encode_irq_info_request(index), what=f"IRQ index {index} info"
