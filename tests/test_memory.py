@@ -238,3 +238,29 @@ def test_hugepage_dma_memory_is_sealed_too():
         assert m.hugepages and m.sealed
         with pytest.raises(PermissionError):
             os.ftruncate(m.fd, 0)
+
+
+def test_shared_memory_that_cannot_be_checked_is_refused():
+    # require_sealed (pmd.shm) on what a peer may send instead of a sealed memfd
+    import errno as errno_
+
+    from pmd.errors import VfioError
+    from pmd.shm import create_sealed_memfd, require_sealed
+
+    sealed = create_sealed_memfd("pmd-test", 8192)
+    r, w = os.pipe()
+    opath = os.open(f"/proc/self/fd/{sealed}", os.O_PATH)
+    directory = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        require_sealed(sealed, 8192, "sealed")  # fine
+        for fd, err in ((r, errno_.EINVAL), (directory, errno_.EINVAL), (opath, errno_.EBADF),
+                        (sealed + 1000, errno_.EBADF)):
+            with pytest.raises(VfioError) as e:
+                require_sealed(fd, 4096, "the peer's file")
+            assert e.value.errno == err and "the peer's file" in str(e.value)
+        with pytest.raises(VfioError) as e:
+            require_sealed(sealed, 8193, "the peer's file")
+        assert e.value.errno == errno_.EINVAL and "SIGBUS" in str(e.value)
+    finally:
+        for fd in (sealed, r, w, opath, directory):
+            os.close(fd)
