@@ -6,8 +6,8 @@ fd (a vfio-user device, a vhost-user backend), and is locked so the pages
 stay put while a device may be writing them. The memfd is sealed against
 shrinking and growing (and against further seals) before anyone can see the
 fd: a peer that truncated it would kill every process mapping it with SIGBUS
-(see pmd.shm). Queues and pools carve their
-pieces out of it with a bump allocator; the region is freed whole.
+(see pmd.shm). Queues and pools carve their pieces out of it with a bump
+allocator; the region is freed whole.
 
 Addresses: the device sees IOVAs, never our virtual addresses. Each page has
 an IOVA in a table filled by a translator (identity by default: kernel VFIO
@@ -25,7 +25,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport strerror
 
 from pmd.errors import PmdError, QueueStateError
-from pmd.shm import SEALS, seal_memfd, seals_of
+from pmd.shm import SEALS as _SEALS, seal_memfd, seals_of
 
 log = logging.getLogger("pmd.memory")
 
@@ -192,7 +192,7 @@ cdef class DmaMemory:
     def sealed(self):
         """Whether the memfd carries pmd's seals (it cannot shrink, grow or take other seals)."""
         self._check_open()
-        return seals_of(self.fd) & SEALS == SEALS
+        return seals_of(self.fd) & _SEALS == _SEALS
 
     @property
     def allocated(self):
