@@ -365,7 +365,7 @@ class ServerFuzzer:
         start = rng.choice([0, 0, 1, 2, 3, 4, 5, 0x7FFFFFFF, 0xFFFFFFFF])
         count = rng.choice([0, 1, 1, 2, 3, 4, 5, 16, 17, 2048, 0xFFFF, 0xFFFFFFFF])
         data = b""
-        if flags & 0x1F == 0x2 or (flags & 0x7 == 0x2):  # DATA_BOOL
+        if flags & 0x7 == 0x2:  # DATA_BOOL: one byte per vector follows
             data = os.urandom(min(count, 64) if rng.random() < 0.7 else rng.randrange(4))
         argsz = 20 + len(data)
         if rng.random() < 0.1:
