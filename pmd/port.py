@@ -201,7 +201,7 @@ class Port:
             ctrl_size = top if t.queue_size_fixed() else min(64, top)
         per_pair = n_buffers if n_buffers is not None else 2 * max(sizes) + 512
         total = sum(ring_size(s, t.ring_align) + 4096 for s in sizes)
-        total += (ring_size(ctrl_size, t.ring_align) + 8192) if ctrl_size else 0
+        total += (ring_size(ctrl_size, t.ring_align) + 4096 + ControlQueue.memory_needed()) if ctrl_size else 0
         total += queue_pairs * (per_pair * buffer_size + 4096) + (1 << 16)
         if hugepages is not False:
             total += queue_pairs * (2 << 20)   # each pool starts on a page: 2 MiB with huge pages
@@ -587,6 +587,8 @@ class Port:
             "device_errors": bad, "notifications": total(rx, "notifications") + total(tx, "notifications"),
             "config_interrupts": self.config_interrupts, "rx_interrupts": self.rx_interrupts,
             "control_commands": self.ctrl.commands if self.ctrl else 0,
+            "control_timeouts": self.ctrl.timeouts if self.ctrl else 0,
+            "control_late_completions": self.ctrl.late_completions if self.ctrl else 0,
             "rx_queues": rx, "tx_queues": tx,
         }
 

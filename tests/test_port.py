@@ -648,3 +648,78 @@ def test_reading_port_link_does_not_swallow_the_change_the_callbacks_are_owed():
         blocker.close()
         port.close()
         m.close()
+
+
+class SlowControl:
+    """Wraps the built-in device's control handler: the first ``slow`` commands are
+    answered ``delay`` seconds late with ``ack`` (the engine thread sleeps meanwhile)."""
+
+    def __init__(self, model, delay: float, ack: int, slow: int = 1):
+        self.handler = model.engine.control
+        self.delay, self.ack, self.slow = delay, ack, slow
+        self.seen: list[tuple[int, int, bytes]] = []
+        model.engine.control = self
+
+    def __call__(self, cls: int, cmd: int, data: bytes) -> int:
+        self.seen.append((cls, cmd, bytes(data)))
+        if len(self.seen) <= self.slow:
+            time.sleep(self.delay)
+            return self.ack
+        return int(self.handler(cls, cmd, data))
+
+
+def test_a_control_command_after_a_timeout_does_not_take_the_stale_completion():
+    # 5.1.6.5: the device answers each command in its own chain's ack. The first
+    # command times out in the driver; the device answers it late, with an error.
+    # The next command must get its own answer (OK), not the late one.
+    from .conftest import ring_view
+
+    port, m = local_port()
+    slow = SlowControl(m, delay=0.5, ack=F.CTRL_ERR)
+    port.ctrl.timeout = 0.2
+    used_idx = ring_view(port.ctrl.vq)["used_idx"]
+    try:
+        before = int(used_idx[0])
+        with pytest.raises(DeviceError, match="not completed within 0.2 s"):
+            port.promiscuous = False
+        deadline = time.monotonic() + 10
+        while int(used_idx[0]) == before and time.monotonic() < deadline:
+            time.sleep(0.01)                              # the late answer is in the used ring
+        assert int(used_idx[0]) != before
+        port.ctrl.timeout = 5.0
+        port.allmulticast = True                          # its own OK, not the stale ERR
+        assert slow.seen == [(F.CTRL_RX, F.CTRL_RX_PROMISC, b"\x00"), (F.CTRL_RX, F.CTRL_RX_ALLMULTI, b"\x01")]
+        assert port.ctrl.late_completions == 1 and port.ctrl.timeouts == 1
+        port.promiscuous = False                          # and the queue goes on
+        assert port.stats()["control_timeouts"] == 1
+    finally:
+        port.close()
+        m.close()
+
+
+def test_control_commands_the_device_never_answers_fill_the_queue_then_a_restart_recovers():
+    # Each timed-out command keeps its buffer until the device returns it (the
+    # device may still write its ack there). When every slot is held the queue
+    # says so and how to recover; a restart resets the device and the queue.
+    port, m = local_port()
+    SlowControl(m, delay=3.0, ack=F.CTRL_OK, slow=1)
+    port.ctrl.timeout = 0.05
+    try:
+        held = 0
+        with pytest.raises(DeviceError, match="not completed"):
+            port.promiscuous = False
+        held += 1
+        while True:
+            with pytest.raises(DeviceError) as e:
+                port.promiscuous = False
+            if "restart the port" in str(e.value):
+                break
+            held += 1
+            assert held < 64
+        assert held == port.ctrl.slots
+        port.stop()
+        port.start()
+        port.promiscuous = False                          # a fresh control queue after the reset
+    finally:
+        port.close()
+        m.close()
