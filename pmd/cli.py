@@ -238,6 +238,9 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
             kw["size"] = args.size
     elif args.wire != "generator":
         raise SystemExit("pmd fwd: --wire applies to the built-in device only (no DEVICE, or 'sim')")
+    # Until fwd.run takes SIGTERM over, it interrupts like Ctrl-C, so the port
+    # (and the built-in device) is closed on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0, **kw) as port:
         port.start(queue_pairs=args.queues, queue_size=args.queue_size)
         print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
@@ -247,6 +250,10 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
                 duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
                 report=lambda line: print(line, flush=True))
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
@@ -323,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PmdError as e:
         print(f"pmd {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"pmd {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (OSError, ValueError) as e:
         # Bad input (an address, a file) or a system refusal: one line, no traceback.
         text = str(e)
