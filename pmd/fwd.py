@@ -186,7 +186,7 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
                for q in range(queues)]
     # Ctrl-C and SIGTERM (kill, systemd, container runtimes) end the run alike:
     # workers stop, the summary is reported, the caller closes the port.
-    old: dict[int, Any] = {}
+    old: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             old[signum] = signal.signal(signum, lambda *a: stop.set())
