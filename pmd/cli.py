@@ -6,6 +6,8 @@
     pmd bind DEVICE            give a device to vfio-pci (refuses an active interface unless --force)
     pmd unbind DEVICE          give it back to its kernel driver
     pmd loopback               the data path in one process with live statistics
+    pmd fwd [DEVICE]           forward packets (rxonly, txonly, io, macswap) with live statistics
+    pmd sim --socket PATH      the built-in virtio-net device, served over vfio-user for another process
 
 Each subcommand is a thin layer over the library; errors are printed as one
 line with the remedy, exit status 1.
@@ -257,9 +259,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
-    from .sim.__main__ import main as sim_main
+    from .sim.process import serve
 
-    return int(sim_main(args.sim_args))
+    return serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,9 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="io/macswap: tries for a full tx ring before dropping (0: drop at once)")
     fw.set_defaults(func=_cmd_fwd)
 
-    sim = sub.add_parser("sim", help="run the built-in virtio-net device for another process "
-                                     "(options: pmd sim --help)", add_help=False)
-    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    from .sim.process import add_arguments as add_sim_arguments
+
+    sim = sub.add_parser("sim", help="run the built-in virtio-net device for another process",
+                         description="pmd's built-in virtio-net device, served over vfio-user on --socket "
+                                     "until SIGTERM or Ctrl-C (docs/sim.md); drive it with "
+                                     "pmd fwd vfio-user:SOCKET or open_port('vfio-user:SOCKET')")
+    add_sim_arguments(sim)
     sim.set_defaults(func=_cmd_sim)
     return p
 

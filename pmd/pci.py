@@ -358,7 +358,7 @@ def _refuse_active(device: PciDevice, force: bool) -> None:
         raise DeviceBusyError(
             f"{device.address} carries network interface {names}, which is up; "
             f"unbinding it would take it away from the host. Bring it down "
-            f"(ip link set {device.active_interfaces[0]} down) or force.")
+            f"(ip link set {device.active_interfaces[0]} down) or force it (--force; force=True).")
 
 
 def bind(address: str | PciAddress, driver: str = VFIO_PCI,

@@ -386,3 +386,98 @@ def test_readme_main_job_runs_on_the_built_in_device_and_prints_a_summary():
 def test_ci_runs_the_readme_test_command():
     command = _readme_command("Set up and pass the tests")
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+# ---------------------------------------------------------------------------- help and recommended commands
+
+def _subcommands() -> list[str]:
+    from pmd.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return sorted(action.choices)
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_subcommand_has_help_that_exits_0(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pmd.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: pmd {command}"), out
+
+
+def _recommended_commands() -> list[tuple[str, str]]:
+    """Every ``pmd ...`` command line pmd's messages tell the user to run: in
+    backquotes, or in parentheses ("(pmd bind DEVICE)"), with placeholders filled."""
+    found: list[tuple[str, str]] = []
+    # In backquotes anything is a command; in parentheses or quotes, prose
+    # ("pmd takes ...") is told apart by a subcommand's name.
+    sub = "|".join(_subcommands())
+    pattern = rf"`(pmd [^`\n]+)`|\((pmd (?:{sub})\b[^()\n]*)\)|'(pmd (?:{sub})\b[^'\n]*)'"
+    for path in sorted((ROOT / "pmd").rglob("*.py")):
+        text = path.read_text()
+        for m in re.finditer(pattern, text):
+            command = next(g for g in m.groups() if g)
+            where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+            found.append((where, command))
+    return found
+
+
+def _fill(command: str) -> list[str]:
+    argv = command.split()[1:]
+    out = []
+    for i, word in enumerate(argv):
+        if word.startswith("{") or word.isupper():
+            word = "/tmp/pmd-example.sock" if argv[i - 1] == "--socket" else "0000:00:03.0"
+        out.append(word)
+    return out
+
+
+def test_the_messages_recommend_commands_at_all() -> None:
+    commands = {c.split()[1] for _, c in _recommended_commands()}
+    assert {"bind", "status", "sim", "loopback"} <= commands, commands
+
+
+@pytest.mark.parametrize("where,command", _recommended_commands())
+def test_every_command_a_message_recommends_parses(where: str, command: str) -> None:
+    from pmd.cli import build_parser
+
+    try:
+        build_parser().parse_args(_fill(command))
+    except SystemExit as e:
+        pytest.fail(f"{where}: `{command}` does not parse (argparse exit {e.code})")
+
+
+def test_pmd_sim_as_the_vfio_user_error_recommends_serves_a_driver(tmp_path: Path) -> None:
+    # The client's error for a missing socket names a command; run exactly that.
+    import signal
+    import time
+
+    import pmd
+    from pmd.errors import PmdError
+
+    path = str(tmp_path / "dev.sock")
+    with pytest.raises(PmdError) as e:
+        pmd.open_port("vfio-user:" + path)
+    m = re.search(r"`(pmd sim [^`]+)`", str(e.value))
+    assert m, str(e.value)
+    argv = m.group(1).split()
+    proc = subprocess.Popen([sys.executable, "-m", "pmd", *argv[1:], "--wire", "null", "--queue-pairs", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(path + ".ctl").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Path(path + ".ctl").exists(), proc.stderr.read() if proc.poll() is not None else "not serving"
+        with pmd.open_port("vfio-user:" + path) as port:
+            port.start(queue_pairs=2)
+            assert port.max_queue_pairs == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not Path(path).exists() and not Path(path + ".ctl").exists()

@@ -61,7 +61,7 @@ class SimError(PmdError, RuntimeError):
 # ------------------------------------------------------------------ the process side
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The device's options (shared by ``python -m pmd.sim`` and ``pmd sim``)."""
+    """The device's options, the same for ``python -m pmd.sim`` and the ``sim`` subcommand of ``pmd``."""
     parser.add_argument("--socket", required=True, help="vfio-user socket path to serve on")
     parser.add_argument("--wire", choices=WIRES, default="loopback", help="what is behind the device")
     parser.add_argument("--mac", default=None, help="device MAC (default 02:50:4d:44:00:01)")
