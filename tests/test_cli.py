@@ -3,7 +3,8 @@
 Three settings:
 
 - a fake sysfs tree (``SYSFS_PCI_DEVICES``, the tree of tests/test_pci.py): status,
-  info, and the only place ``bind``/``unbind`` ever run;
+  info, and the only place ``bind``/``unbind`` ever run (in this process, as an
+  ordinary user or as root: as root pmd refuses to write where the variable points);
 - this machine's real sysfs, read only: ``status`` and ``info`` (never bind);
 - marked ``vfio``, inside the QEMU guest of tests/vm, against QEMU's virtio-net bound to
   vfio-pci (``PMD_VFIO_DEVICE``): status, info with VFIO's view, and what pmd parsed
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -188,13 +190,17 @@ def test_info_of_this_machine_read_only() -> None:
         (("info", "--config", "/nonexistent/config.bin"), "/nonexistent/config.bin: No such file or directory"),
         (("info",), "give a DEVICE"),
         (("bind", "00:03"), "bad PCI address"),
-        (("unbind", "0000:00:1f.7"), "no PCI device"),
     ],
 )
 def test_bad_input_is_one_line_and_status_1(sysfs: FakeSysfs, args: tuple[str, ...], expect: str) -> None:
     sysfs.add("0000:00:03.0")
     line = one_line_error(pmd_cmd(*args, sysfs=sysfs.root), args[0])
     assert expect in line
+
+
+def test_unbind_of_a_missing_device_is_one_line(sysfs: FakeSysfs, pmd_user: Any) -> None:
+    sysfs.add("0000:00:03.0")
+    assert "no PCI device" in one_line_error(pmd_user("unbind", "0000:00:1f.7", sysfs=sysfs.root), "unbind")
 
 
 def test_truncated_config_file_is_one_line(tmp_path: Path) -> None:
@@ -221,39 +227,74 @@ def fake_only(sysfs: FakeSysfs, tmp_path: Path) -> Iterator[FakeSysfs]:
     yield sysfs
 
 
-def test_bind_through_driver_override(fake_only: FakeSysfs) -> None:
+@pytest.fixture()
+def pmd_user(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """``pmd ARGS`` in this process as an ordinary user (uid 1000) or as root (uid 0),
+    on the fake tree through ``SYSFS_PCI_DEVICES``, with writes to the real /sys
+    refused: as root the variable no longer says where pmd writes, and the
+    tests may run as root, so the identity is set here rather than inherited."""
+    from pmd import cli
+
+    from .test_pci import refuse_writes_to_real_sysfs
+
+    refuse_writes_to_real_sysfs(monkeypatch)
+
+    def run(*args: str, sysfs: Path, uid: int = 1000) -> subprocess.CompletedProcess[str]:
+        monkeypatch.setenv("SYSFS_PCI_DEVICES", str(sysfs))
+        monkeypatch.setattr(os, "geteuid", lambda: uid)
+        monkeypatch.setattr(os, "getuid", lambda: uid)
+        code = cli.main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+    return run
+
+
+def test_bind_through_driver_override(fake_only: FakeSysfs, pmd_user: Any) -> None:
     real = fake_only.add("0000:00:03.0", interfaces={"eth0": 0x1002})  # down
-    r = pmd_cmd("bind", "00:03.0", sysfs=fake_only.root)
+    r = pmd_user("bind", "00:03.0", sysfs=fake_only.root)
     assert r.returncode == 0 and r.stdout == "00:03.0: bound to vfio-pci (was virtio-pci)\n"
     assert (real / "driver_override").read_text() == "vfio-pci"
     assert (fake_only.top / "bus/pci/drivers/virtio-pci/unbind").read_text() == "0000:00:03.0"
     assert (fake_only.top / "bus/pci/drivers_probe").read_text() == "0000:00:03.0"
 
 
-def test_bind_refuses_an_interface_that_is_up_unless_forced(fake_only: FakeSysfs) -> None:
+def test_bind_refuses_an_interface_that_is_up_unless_forced(fake_only: FakeSysfs, pmd_user: Any) -> None:
     real = fake_only.add("0000:00:03.0", interfaces={"eth0": 0x1003})
-    line = one_line_error(pmd_cmd("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
-    assert "eth0, which is up" in line
+    line = one_line_error(pmd_user("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
+    assert "eth0, which is up" in line and "--force" in line
     assert (real / "driver_override").read_text() == "(null)\n"
-    r = pmd_cmd("bind", "0000:00:03.0", "--force", sysfs=fake_only.root)
+    r = pmd_user("bind", "0000:00:03.0", "--force", sysfs=fake_only.root)
     assert r.returncode == 0 and (real / "driver_override").read_text() == "vfio-pci"
 
 
-def test_unbind_gives_the_device_back(fake_only: FakeSysfs) -> None:
+def test_unbind_gives_the_device_back(fake_only: FakeSysfs, pmd_user: Any) -> None:
     real = fake_only.add("0000:00:03.0", driver="vfio-pci", override="vfio-pci")
-    r = pmd_cmd("unbind", "0000:00:03.0", sysfs=fake_only.root)
+    r = pmd_user("unbind", "0000:00:03.0", sysfs=fake_only.root)
     assert r.returncode == 0
     assert r.stdout.startswith("0000:00:03.0: unbound from vfio-pci")
     assert (fake_only.top / "bus/pci/drivers/vfio-pci/unbind").read_text() == "0000:00:03.0"
     assert (real / "driver_override").read_text() == "\n"
 
 
-def test_bind_with_a_missing_sysfs_file_is_one_line(fake_only: FakeSysfs) -> None:
+def test_bind_with_a_missing_sysfs_file_is_one_line(fake_only: FakeSysfs, pmd_user: Any) -> None:
     fake_only.add("0000:00:03.0", driver=None)
     (fake_only.top / "bus/pci/drivers_probe").unlink()
-    line = one_line_error(pmd_cmd("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
+    line = one_line_error(pmd_user("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
     assert "drivers_probe" in line
     assert not (fake_only.top / "bus/pci/drivers_probe").exists()
+
+
+@pytest.mark.parametrize("command", ["bind", "unbind"])
+def test_as_root_bind_and_unbind_refuse_to_write_where_SYSFS_PCI_DEVICES_points(
+        fake_only: FakeSysfs, pmd_user: Any, command: str) -> None:
+    real = fake_only.add("0000:00:03.0", driver="vfio-pci" if command == "unbind" else "virtio-pci")
+    line = one_line_error(pmd_user(command, "0000:00:03.0", sysfs=fake_only.root, uid=0), command)
+    assert "SYSFS_PCI_DEVICES" in line and "unset it" in line
+    assert (real / "driver_override").read_text() == "(null)\n"
+    assert (fake_only.top / "bus/pci/drivers_probe").read_text() == ""
+    r = pmd_user("status", "--vfio-dir", str(fake_only.top / "no-vfio"), sysfs=fake_only.root, uid=0)
+    assert r.returncode == 0 and "0000:00:03.0" in r.stdout                 # reading: still there
 
 
 # ===========================================================================
