@@ -255,7 +255,10 @@ class Port:
             self.ctrl_command(F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, self._want_mac, need=F.NET_CTRL_MAC_ADDR)
             self.mac = self._want_mac
         if promiscuous is not None:
-            self.promiscuous = promiscuous
+            # Not the property: it refuses a port that is not started, and this one
+            # is started only when _start returns.
+            self._rx_mode(F.CTRL_RX_PROMISC, promiscuous)
+            self._promisc = bool(promiscuous)
         if self._config_event is not None:
             reg = interrupts.get_interrupt_thread().register(self._config_event, self._on_config_interrupt)
             self._resources.append(lambda: interrupts.get_interrupt_thread().unregister(reg))

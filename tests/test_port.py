@@ -650,6 +650,16 @@ def test_reading_port_link_does_not_swallow_the_change_the_callbacks_are_owed():
         m.close()
 
 
+def test_start_with_promiscuous_sets_it_through_the_control_queue():
+    for on in (False, True):
+        port, m = local_port(promiscuous=on)
+        try:
+            assert port.promiscuous is on and m.rx_filter.promiscuous is on
+        finally:
+            port.close()
+            m.close()
+
+
 class SlowControl:
     """Wraps the built-in device's control handler: the first ``slow`` commands are
     answered ``delay`` seconds late with ``ack`` (the engine thread sleeps meanwhile)."""
