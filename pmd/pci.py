@@ -146,9 +146,35 @@ def sysfs_pci_devices(root: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get("SYSFS_PCI_DEVICES") or DEFAULT_SYSFS_PCI_DEVICES)
 
 
+_ATTRIBUTE_LIMIT = 1 << 16  # a sysfs attribute is a page at most (config space: 4096 bytes)
+
+
+def _read_attribute(path: Path) -> bytes:
+    """A sysfs attribute's bytes. Opened without blocking and checked to be a
+    regular file, read up to a limit: where the tree is not sysfs, a FIFO would
+    hang the read and a device node (/dev/zero) would never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file: not a sysfs attribute")
+        chunks: list[bytes] = []
+        total = 0
+        while total <= _ATTRIBUTE_LIMIT:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > _ATTRIBUTE_LIMIT:
+            raise ValueError(f"{path} holds more than {_ATTRIBUTE_LIMIT} bytes: not a sysfs attribute")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _read_text(path: Path) -> str | None:
     try:
-        return path.read_text().strip()
+        return _read_attribute(path).decode(errors="replace").strip()
     except FileNotFoundError:
         return None
 
@@ -254,7 +280,7 @@ class PciDevice:
 
     def read_config(self) -> bytes:
         """The config space as sysfs gives it (only 64 bytes unless root: Linux pci-sysfs.c)."""
-        return self.config_path.read_bytes()
+        return _read_attribute(self.config_path)
 
     def bar_sizes(self) -> dict[int, int]:
         """BAR index -> size from the ``resource`` file (readable without root)."""

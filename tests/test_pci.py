@@ -1138,23 +1138,45 @@ def test_sysfs_writes_never_follow_a_symlink(sysfs: FakeSysfs, tmp_path: Path, w
     assert victim.read_text() == "precious\n"
 
 
-def test_sysfs_writes_go_only_to_regular_files(sysfs: FakeSysfs) -> None:
+def test_sysfs_writes_go_only_to_regular_files(sysfs: FakeSysfs, no_hang: None) -> None:
     sysfs.add("0000:00:03.0")
     probe = sysfs.top / "bus/pci/drivers_probe"
     probe.unlink()
     os.mkfifo(probe)                                  # a plain O_WRONLY open would block forever
+    with pytest.raises(OSError, match="not a regular file"):
+        pci.bind("0000:00:03.0", root=sysfs.root)
 
+
+@pytest.fixture()
+def no_hang() -> Iterator[None]:
+    """Fail in seconds instead of hanging in an open or a read that never ends."""
     def hung(signum: int, frame: object) -> None:
-        raise TimeoutError("opening a FIFO for writing blocked")
+        raise TimeoutError("a sysfs read or write blocked")
 
     old = signal.signal(signal.SIGALRM, hung)
     signal.setitimer(signal.ITIMER_REAL, 10)
     try:
-        with pytest.raises(OSError, match="not a regular file"):
-            pci.bind("0000:00:03.0", root=sysfs.root)
+        yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_a_fifo_where_an_attribute_should_be_is_an_error_not_a_hang(sysfs: FakeSysfs, no_hang: None) -> None:
+    real = sysfs.add("0000:00:03.0")
+    (real / "driver_override").unlink()
+    os.mkfifo(real / "driver_override")
+    with pytest.raises(ValueError, match="not a regular file"):
+        pci.read_device("0000:00:03.0")
+
+
+def test_a_device_node_where_config_should_be_is_an_error_not_an_endless_read(sysfs: FakeSysfs,
+                                                                              no_hang: None) -> None:
+    real = sysfs.add("0000:00:03.0")
+    (real / "config").unlink()
+    (real / "config").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="not a regular file"):
+        pci.read_device("0000:00:03.0").read_config()
 
 
 def test_docs_example_is_what_format_info_prints() -> None:
