@@ -242,15 +242,18 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
         raise SystemExit("pmd fwd: --wire applies to the built-in device only (no DEVICE, or 'sim')")
     # Until fwd.run takes SIGTERM over, it interrupts like Ctrl-C, so the port
     # (and the built-in device) is closed on the way out.
-    signal.signal(signal.SIGTERM, _interrupt)
-    with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0, **kw) as port:
-        port.start(queue_pairs=args.queues, queue_size=args.queue_size)
-        print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
-              f"{args.queues} queue pair(s), burst {args.burst}"
-              + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
-        fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
-                duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
-                report=lambda line: print(line, flush=True))
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0, **kw) as port:
+            port.start(queue_pairs=args.queues, queue_size=args.queue_size)
+            print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
+                  f"{args.queues} queue pair(s), burst {args.burst}"
+                  + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
+            fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
+                    duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
+                    report=lambda line: print(line, flush=True))
+    finally:
+        signal.signal(signal.SIGTERM, old)
     return 0
 
 
