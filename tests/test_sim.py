@@ -1425,3 +1425,18 @@ def test_a_device_whose_parent_is_already_gone_exits_at_once(tmp_path):
                        capture_output=True, text=True, timeout=60, env=_child_env())
     assert r.returncode == 0, r.stderr
     assert not directory.exists()
+
+
+def test_the_device_process_runs_the_drivers_pmd_whatever_its_working_directory(tmp_path, monkeypatch):
+    # A pmd package in the working directory must not shadow the one that spawns
+    # the device (python -m would put the working directory first on sys.path).
+    decoy = tmp_path / "pmd"
+    (decoy / "sim").mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy pmd in the working directory')\n")
+    (decoy / "sim" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    sim = spawn_device()
+    try:
+        assert sim.running
+    finally:
+        sim.stop()

@@ -483,6 +483,14 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+# ``python -m pmd.sim`` would put the working directory ahead of PYTHONPATH on the
+# child's sys.path, so a checkout there would shadow the pmd running here: the
+# child's first path entry is set to this pmd's root instead.
+_CHILD_MAIN = ("import sys; sys.path[0] = {root!r}; from pmd.sim.process import main; "
+               "sys.argv[0] = 'python -m pmd.sim'; sys.exit(main(sys.argv[1:]))"
+               .format(root=str(Path(__file__).resolve().parent.parent.parent)))
+
+
 def spawn_device(tmpdir: str | os.PathLike[str] | None = None, *, socket_path: str | None = None,
                  timeout: float = READY_TIMEOUT, netns: str | None = None, python: str | None = None,
                  **options: Any) -> SimProcess:
@@ -505,7 +513,7 @@ def spawn_device(tmpdir: str | os.PathLike[str] | None = None, *, socket_path: s
     directory = Path(tmpdir)
     path = socket_path or str(directory / "dev.sock")
     log_path = str(directory / f"sim-{Path(path).name}.log")
-    argv = [python or sys.executable, "-m", "pmd.sim", "--socket", path, *option_argv,
+    argv = [python or sys.executable, "-c", _CHILD_MAIN, "--socket", path, *option_argv,
             "--parent-pid", str(os.getpid())]
     if own_dir is not None:
         argv += ["--owned-dir", own_dir]     # removed by the device if this process dies first
