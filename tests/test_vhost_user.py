@@ -1266,6 +1266,34 @@ def test_dpdk_server_mode_frames_come_back_byte_exact(sock_dir, testpmd):
 
 
 @needs_testpmd
+def test_dpdk_rings_resume_from_the_saved_base(sock_dir, testpmd):
+    # what a reconnect replays: the kept QueueState, SET_VRING_BASE with the base GET_VRING_BASE gave
+    path = os.path.join(sock_dir, "vhost.sock")
+    tp = testpmd(path)
+    tp.wait_for_socket(path)
+    fe = VhostUserFrontend.connect(path, wait=30, timeout=DPDK_TIMEOUT)
+    r = Rings()
+    try:
+        r.start(fe, VERSION_1)
+        sent, got = r.echo(64, seed=3)
+        assert got == sent
+        assert (fe.stop_queue(0), fe.stop_queue(1)) == (64, 64)
+        for i in range(2):
+            q = fe.queues[i]
+            assert not q.started and q.base == 64
+            fe.setup_queue(i, q.size, q.desc, q.avail, q.used, r.kicks[i].fileno(), r.calls[i].fileno(), base=q.base)
+            fe.enable_queue(i)
+        sent, got = r.echo(64, seed=4)
+        assert got == sent
+        assert (fe.stop_queue(0), fe.stop_queue(1)) == (128, 128)
+    finally:
+        fe.close()
+        r.close()
+    assert tp.stop() == 0
+    assert tp.forwarded() == (128, 128)
+
+
+@needs_testpmd
 def test_dpdk_backend_loss_is_reported_within_a_second(sock_dir, testpmd):
     path = os.path.join(sock_dir, "vhost.sock")
     tp = testpmd(path)

@@ -108,6 +108,7 @@ MAX_QUEUE_PAIRS = v.MAX_VRINGS // 2
 #: features this front-end never accepts: dirty logging (migration) and IOTLB translation
 _NEVER = 1 << v.VHOST_F_LOG_ALL | 1 << v.VIRTIO_F_IOMMU_PLATFORM | 1 << v.VHOST_USER_F_PROTOCOL_FEATURES
 _STATUS_MAX = 0xFF
+_GONE = "the backend closed the connection (it exited or crashed)"
 
 
 def testpmd_command(path: str, *, client: bool = False) -> str:
@@ -205,7 +206,7 @@ class _Connection:
             poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
             events = poller.poll(0)
             if events and events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLRDHUP | select.POLLNVAL):
-                self.break_("the backend closed the connection")
+                self.break_(_GONE)
                 return False
             return True  # nothing, or an unsolicited message: the next request deals with it
         finally:
@@ -252,7 +253,8 @@ class _Connection:
             except v.MessageError as exc:
                 if exc.errno == errno.ETIMEDOUT:
                     raise self.fail(what, f"no reply to {name} within {limit} s: the backend is stuck, or does not "
-                                    "implement it", errno.ETIMEDOUT) from None
+                                    f"implement {name} (on a busy host give it longer: timeout=)",
+                                    errno.ETIMEDOUT) from None
                 raise self.fail(what, f"bad reply to {name}: {exc}", exc.errno or errno.EPROTO) from None
             if msg is None:
                 raise self.fail(what, f"the backend closed the connection instead of answering {name} (it exited, "
@@ -318,7 +320,7 @@ class _Watcher:
         self._thread.start()
 
     def _reason(self) -> str:
-        return self.conn.broken or "the backend closed the connection (it exited or crashed)"
+        return self.conn.broken or _GONE
 
     def _run(self) -> None:
         poller = select.poll()

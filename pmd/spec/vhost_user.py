@@ -996,17 +996,22 @@ def check_request_flags(msg: Message) -> None:
 def check_reply(msg: Message, request: int) -> None:
     """The back-end's answer to front-end ``request``: version 1, the reply bit, no need_reply, the same code.
 
-    A reply with another code means the two sides no longer agree on what is being
-    answered (vhost-user has no message ids): the caller must drop the connection.
+    A reply with another code, or a request of the back-end's where the answer was due,
+    means the two sides no longer agree on what is being answered (vhost-user has no
+    message ids): the caller must drop the connection.
     """
     what = f"the reply to {request_name(request)}"
+    _check_flags(msg, what)
+    if not msg.is_reply:
+        if msg.request == request:
+            raise message_error(f"{what} lacks the reply flag (flags {msg.flags:#x})", request=msg.request)
+        raise message_error(
+            f"the backend sent request code {msg.request} without the reply flag, a request of its own, "
+            f"where {what} was due", request=msg.request)
     if msg.request != request:
         raise message_error(
             f"{what} names {msg.name} ({msg.request}): the backend answered a different request", request=msg.request
         )
-    _check_flags(msg, what)
-    if not msg.is_reply:
-        raise message_error(f"{what} lacks the reply flag (flags {msg.flags:#x})", request=msg.request)
     if msg.need_reply:
         raise message_error(f"{what} carries the need_reply flag, which only a request may", request=msg.request)
 
@@ -1061,7 +1066,10 @@ def _recv_into(sock: socket.socket, want: int, deadline: float | None, max_fds: 
             raise TimeoutError
         sock.settimeout(left)
         # MSG_CMSG_CLOEXEC: a peer's fd must not leak into a process this one starts
-        data, ancdata, flags, _addr = sock.recvmsg(want - got, space, socket.MSG_CMSG_CLOEXEC)
+        try:
+            data, ancdata, flags, _addr = sock.recvmsg(want - got, space, socket.MSG_CMSG_CLOEXEC)
+        except ConnectionResetError:
+            break  # a peer that closed with our bytes unread (AF_UNIX reports a reset): closed all the same
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(cdata) - len(cdata) % 4
