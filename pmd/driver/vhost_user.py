@@ -512,7 +512,8 @@ def _remove_stale(path: str) -> None:
     except (ConnectionRefusedError, FileNotFoundError):
         pass  # stale: its listener is gone
     except OSError as exc:
-        raise vhost_user_error(f"cannot check whether {path} is in use: {exc.strerror}", exc.errno or errno.EIO) from None
+        raise vhost_user_error(f"cannot check whether {path} is in use: {exc.strerror}",
+                               exc.errno or errno.EIO) from None
     else:
         raise vhost_user_error(
             f"{path} is in use: something listens on it (a vhost-user backend in server mode?); connect to it "
@@ -973,7 +974,8 @@ class VhostUserFrontend:
     def _check_index(self, index: int) -> None:
         limit = 2 * self.max_queue_pairs
         if not 0 <= index < limit:
-            raise ValueError(f"vring {index}: the backend has {self.max_queue_pairs} queue pair(s), vrings 0..{limit - 1}")
+            raise ValueError(f"vring {index}: the backend has {self.max_queue_pairs} queue pair(s), "
+                             f"vrings 0..{limit - 1}")
 
     def setup_queue(
         self,
@@ -1051,6 +1053,14 @@ class VhostUserFrontend:
         except OSError as exc:
             raise ValueError(f"eventfd {fd} is not an open file descriptor ({exc.strerror})") from None
         dups.append(copy)
+        try:
+            kind = os.readlink(f"/proc/self/fd/{copy}")
+        except OSError:
+            return copy  # no /proc: take it on trust
+        if kind != "anon_inode:[eventfd]":
+            # the back-end writes 8-byte counters into it: a file or a socket would be corrupted
+            raise ValueError(f"fd {fd} is not an eventfd ({kind}); create one with os.eventfd or "
+                             "pmd.interrupts.EventFd")
         return copy
 
     def enable_queue(self, index: int, on: bool = True) -> None:

@@ -170,7 +170,9 @@ def vhost_user_error(text: str, err: int) -> VhostUserError:
     return exc
 
 
-def message_error(text: str, err: int = errno.EPROTO, *, fatal: bool = False, request: int | None = None) -> MessageError:
+def message_error(
+    text: str, err: int = errno.EPROTO, *, fatal: bool = False, request: int | None = None
+) -> MessageError:
     """A :class:`MessageError` whose ``str()`` is ``text`` and whose ``errno`` is ``err``."""
     exc = MessageError(text)
     exc.errno = err
@@ -588,7 +590,8 @@ def decode_vring_addr(payload: bytes, what: str = "SET_VRING_ADDR") -> VringAddr
     if flags & ~VHOST_VRING_F_LOG:
         raise _bad(what, f"unknown vring flags {flags:#x} (only VHOST_VRING_F_LOG, bit 0, is defined)")
     if desc % 16 or avail % 2 or used % 4:
-        raise _bad(what, f"misaligned ring: desc {desc:#x} (16), avail {avail:#x} (2), used {used:#x} (4) (Virtio 1.2 2.7)")
+        raise _bad(what, f"misaligned ring: desc {desc:#x} (16), avail {avail:#x} (2), used {used:#x} (4) "
+                         "(Virtio 1.2 2.7)")
     return VringAddr(int(index), int(flags), int(desc), int(used), int(avail), int(log))
 
 
