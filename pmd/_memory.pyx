@@ -3,8 +3,11 @@
 The region comes from memfd_create (hugetlb pages when the system has them),
 is mapped MAP_SHARED so the same pages can be handed to another process by
 fd (a vfio-user device, a vhost-user backend), and is locked so the pages
-stay put while a device may be writing them. Queues and pools carve their
-pieces out of it with a bump allocator; the region is freed whole.
+stay put while a device may be writing them. The memfd is sealed against
+shrinking and growing (and against further seals) before anyone can see the
+fd: a peer that truncated it would kill every process mapping it with SIGBUS
+(see pmd.shm). Queues and pools carve their pieces out of it with a bump
+allocator; the region is freed whole.
 
 Addresses: the device sees IOVAs, never our virtual addresses. Each page has
 an IOVA in a table filled by a translator (identity by default: kernel VFIO
@@ -22,6 +25,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport strerror
 
 from pmd.errors import PmdError, QueueStateError
+from pmd.shm import SEALS as _SEALS, seal_memfd, seals_of
 
 log = logging.getLogger("pmd.memory")
 
@@ -40,6 +44,7 @@ cdef extern from "<sys/mman.h>" nogil:
         MAP_POPULATE
         MFD_CLOEXEC
         MFD_HUGETLB
+        MFD_ALLOW_SEALING
 
 cdef extern from "<unistd.h>" nogil:
     int ftruncate(int fd, long length)
@@ -73,7 +78,9 @@ cdef class DmaMemory:
       memory without an IOMMU pinning it (vfio-user, tests).
 
     The region is zero-filled (new memfd pages are zero by definition).
-    ``fd`` stays open until ``close()`` so the memory can be shared.
+    ``fd`` stays open until ``close()`` so the memory can be shared; it is
+    sealed (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``, memfd_create(2))
+    before it is mapped, so its size is fixed for good (``sealed``).
     """
 
     def __cinit__(self):
@@ -116,7 +123,7 @@ cdef class DmaMemory:
         self.set_iova_translator(None)
 
     cdef _map(self, size_t size, bint huge):
-        cdef unsigned int flags = MFD_CLOEXEC
+        cdef unsigned int flags = MFD_CLOEXEC | MFD_ALLOW_SEALING
         cdef size_t page = DEFAULT_HUGEPAGE_SIZE if huge else <size_t>os.sysconf("SC_PAGE_SIZE")
         if huge:
             flags |= MFD_HUGETLB | MFD_HUGE_2MB
@@ -129,6 +136,11 @@ cdef class DmaMemory:
             err = errno
             close(fd)
             raise OSError(err, f"ftruncate({size}): {strerror(err).decode()}")
+        try:
+            seal_memfd(fd)      # before the fd can be shared: the size never changes again
+        except OSError:
+            close(fd)
+            raise
         cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0)
         if p == MAP_FAILED:
             err = errno
@@ -175,6 +187,12 @@ cdef class DmaMemory:
     @property
     def closed(self):
         return self.base == NULL or self.closing
+
+    @property
+    def sealed(self):
+        """Whether the memfd carries pmd's seals (it cannot shrink, grow or take other seals)."""
+        self._check_open()
+        return seals_of(self.fd) & _SEALS == _SEALS
 
     @property
     def allocated(self):

@@ -263,6 +263,7 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FIXED = 0x10  # Linux, all architectures pmd runs on
 _PROT_NONE = 0  # not exported by Python's mmap module
+_MAX_REGION_SPAN = 1 << 47  # x86-64 and arm64 (4 levels) user address space: no region can be larger
 
 _WIDTH_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 
@@ -339,6 +340,12 @@ class RegionMapping:
                     f"or lies outside the region (size {length:#x}); the device described it wrongly",
                     _errno.EINVAL,
                 )
+        if length > _MAX_REGION_SPAN or file_offset < 0 or file_offset + length > 1 << 63:
+            raise vfio_error(
+                f"region {region}: {length:#x} bytes at file offset {file_offset:#x} cannot be mapped "
+                "(larger than an address space, or past the largest file offset); the device described it wrongly",
+                _errno.EINVAL,
+            )
         self.region = region
         self.length = length
         self.areas: tuple[SparseArea, ...] = tuple(areas)
@@ -347,7 +354,12 @@ class RegionMapping:
         self._area_windows: list[Mmio] = []
         span = (length + page - 1) // page * page
         self._span = span
-        base = _raw_mmap(0, span, _PROT_NONE, _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS, -1, 0)
+        try:  # the whole span, inaccessible, so the areas land at their offsets
+            base = _raw_mmap(0, span, _PROT_NONE, _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS, -1, 0)
+        except OSError as exc:
+            raise vfio_error(
+                f"cannot reserve {span:#x} bytes of address space for region {region}: {exc.strerror}", exc.errno
+            ) from exc
         try:
             for area in self.areas:
                 size = (area.size + page - 1) // page * page

@@ -6,6 +6,8 @@
     pmd bind DEVICE            give a device to vfio-pci (refuses an active interface unless --force)
     pmd unbind DEVICE          give it back to its kernel driver
     pmd loopback               the data path in one process with live statistics
+    pmd fwd [DEVICE]           forward packets (rxonly, txonly, io, macswap) with live statistics
+    pmd sim --socket PATH      the built-in virtio-net device, served over vfio-user for another process
 
 Each subcommand is a thin layer over the library; errors are printed as one
 line with the remedy, exit status 1.
@@ -238,21 +240,31 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
             kw["size"] = args.size
     elif args.wire != "generator":
         raise SystemExit("pmd fwd: --wire applies to the built-in device only (no DEVICE, or 'sim')")
-    with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0, **kw) as port:
-        port.start(queue_pairs=args.queues, queue_size=args.queue_size)
-        print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
-              f"{args.queues} queue pair(s), burst {args.burst}"
-              + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
-        fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
-                duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
-                report=lambda line: print(line, flush=True))
+    # Until fwd.run takes SIGTERM over, it interrupts like Ctrl-C, so the port
+    # (and the built-in device) is closed on the way out.
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0, **kw) as port:
+            port.start(queue_pairs=args.queues, queue_size=args.queue_size)
+            print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
+                  f"{args.queues} queue pair(s), burst {args.burst}"
+                  + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
+            fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
+                    duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
+                    report=lambda line: print(line, flush=True))
+    finally:
+        signal.signal(signal.SIGTERM, old)
     return 0
 
 
-def _cmd_sim(args: argparse.Namespace) -> int:
-    from .sim.__main__ import main as sim_main
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
-    return int(sim_main(args.sim_args))
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from .sim.process import serve
+
+    return serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,9 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="io/macswap: tries for a full tx ring before dropping (0: drop at once)")
     fw.set_defaults(func=_cmd_fwd)
 
-    sim = sub.add_parser("sim", help="run the built-in virtio-net device for another process "
-                                     "(options: pmd sim --help)", add_help=False)
-    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    from .sim.process import add_arguments as add_sim_arguments
+
+    sim = sub.add_parser("sim", help="run the built-in virtio-net device for another process",
+                         description="pmd's built-in virtio-net device, served over vfio-user on --socket "
+                                     "until SIGTERM or Ctrl-C (docs/sim.md); drive it with "
+                                     "pmd fwd vfio-user:SOCKET or open_port('vfio-user:SOCKET')")
+    add_sim_arguments(sim)
     sim.set_defaults(func=_cmd_sim)
     return p
 
@@ -323,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PmdError as e:
         print(f"pmd {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"pmd {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (OSError, ValueError) as e:
         # Bad input (an address, a file) or a system refusal: one line, no traceback.
         text = str(e)

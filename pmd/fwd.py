@@ -3,7 +3,7 @@
 One thread per queue pair, each running bursts on its own queues (the GIL is
 released inside every burst, so pairs run in parallel); the main thread prints
 statistics once a second and a final summary, and stops everything on Ctrl-C,
-after ``duration`` seconds, or when ``stop`` is set.
+SIGTERM, after ``duration`` seconds, or when ``stop`` is set.
 """
 
 from __future__ import annotations
@@ -184,9 +184,12 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
                                 args=(port, q, mode, burst, size, stop, writer, lock, errors, drops,
                                       tx_retry))
                for q in range(queues)]
-    old = None
+    # Ctrl-C and SIGTERM (kill, systemd, container runtimes) end the run alike:
+    # workers stop, the summary is reported, the caller closes the port.
+    old: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        old = signal.signal(signal.SIGINT, lambda *a: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            old[signum] = signal.signal(signum, lambda *a: stop.set())
     base = port.stats()
     start = last = time.monotonic()
     prev = base
@@ -214,8 +217,8 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
         stop.set()
         for t in threads:
             t.join(timeout=10)
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
         if writer is not None:
             writer.close()
     elapsed = time.monotonic() - start

@@ -11,8 +11,8 @@ interrupt is "an eventfd became readable", and this module has three pieces:
   waits in ``epoll`` on every registered eventfd, reads the counter and calls
   the callbacks registered for that fd; :func:`get_interrupt_thread` returns
   the shared one;
-- :func:`wait`, a blocking wait on one eventfd with a timeout, no thread in
-  between, for a queue in rx-interrupt mode.
+- :func:`wait` (and :func:`wait_any` on several), a blocking wait on an
+  eventfd with a timeout, no thread in between, for a queue in rx-interrupt mode.
 
 Callbacks are called as ``callback(fd, count, arg)``: ``fd`` the eventfd that
 fired, ``count`` the counter read from it (how many times it was signalled
@@ -34,7 +34,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, Union
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "SupportsFileno",
     "get_interrupt_thread",
     "wait",
+    "wait_any",
 ]
 
 logger = logging.getLogger("pmd.interrupts")
@@ -210,31 +211,50 @@ def wait(fd: FdLike, timeout: float | None = None) -> int:
     Do not wait on an fd the interrupt thread is also watching: the two
     readers would race for each count.
     """
-    fd = _fd_of(fd, "wait")
-    timeout = _check_timeout(timeout, "wait")
+    return _wait([_fd_of(fd, "wait")], _check_timeout(timeout, "wait"), "wait")[0]
+
+
+def wait_any(fds: Sequence[FdLike], timeout: float | None = None) -> list[int]:
+    """:func:`wait` on several eventfds at once: returns the count drained from each
+    (all of them are read, in order), all zeros on timeout.
+
+    For a queue whose MSI-X vector is shared: it sleeps on the vector's
+    eventfd and on a private one through which another sharer passes an
+    interrupt on.
+    """
+    if isinstance(fds, (int, str, bytes)) or not hasattr(fds, "__iter__"):
+        raise TypeError(f"wait_any: expected a sequence of fds, got {type(fds).__name__}")
+    numbers = [_fd_of(fd, "wait_any") for fd in fds]
+    if not numbers:
+        raise ValueError("wait_any: no fds given; pass at least one eventfd")
+    return _wait(numbers, _check_timeout(timeout, "wait_any"), "wait_any")
+
+
+def _wait(fds: list[int], timeout: float | None, what: str) -> list[int]:
     deadline = None if timeout is None else time.monotonic() + timeout
     poller = select.poll()  # poll, not epoll: no fd to create and close per wait
-    poller.register(fd, select.POLLIN)
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
     while True:
-        count = _read_counter(fd)
-        if count:
-            return count
+        counts = [_read_counter(fd) for fd in fds]
+        if any(counts):
+            return counts
         ms: float
         if deadline is None:
             ms = _MAX_POLL_MS
         else:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return 0
+                return counts
             # Python rounds the milliseconds up, so poll never wakes early;
             # and the deadline is re-checked in any case.
             ms = min(remaining * 1000.0, _MAX_POLL_MS)
         # Python's poll retries by itself on EINTR (PEP 475) with the time left.
-        for _, mask in poller.poll(ms):
+        for fd, mask in poller.poll(ms):
             if mask & select.POLLNVAL:
-                raise ValueError(f"wait: fd {fd} was closed while waiting on it")
+                raise ValueError(f"{what}: fd {fd} was closed while waiting on it")
             if mask & select.POLLERR:
-                raise OSError(errno.EIO, f"wait: poll reported an error on eventfd {fd}")
+                raise OSError(errno.EIO, f"{what}: poll reported an error on eventfd {fd}")
         # Readable, or a spurious wakeup, or another reader won the count: loop and re-read.
 
 

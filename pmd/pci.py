@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,9 +146,35 @@ def sysfs_pci_devices(root: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get("SYSFS_PCI_DEVICES") or DEFAULT_SYSFS_PCI_DEVICES)
 
 
+_ATTRIBUTE_LIMIT = 1 << 16  # a sysfs attribute is a page at most (config space: 4096 bytes)
+
+
+def _read_attribute(path: Path) -> bytes:
+    """A sysfs attribute's bytes. Opened without blocking and checked to be a
+    regular file, read up to a limit: where the tree is not sysfs, a FIFO would
+    hang the read and a device node (/dev/zero) would never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file: not a sysfs attribute")
+        chunks: list[bytes] = []
+        total = 0
+        while total <= _ATTRIBUTE_LIMIT:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > _ATTRIBUTE_LIMIT:
+            raise ValueError(f"{path} holds more than {_ATTRIBUTE_LIMIT} bytes: not a sysfs attribute")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _read_text(path: Path) -> str | None:
     try:
-        return path.read_text().strip()
+        return _read_attribute(path).decode(errors="replace").strip()
     except FileNotFoundError:
         return None
 
@@ -253,7 +280,7 @@ class PciDevice:
 
     def read_config(self) -> bytes:
         """The config space as sysfs gives it (only 64 bytes unless root: Linux pci-sysfs.c)."""
-        return self.config_path.read_bytes()
+        return _read_attribute(self.config_path)
 
     def bar_sizes(self) -> dict[int, int]:
         """BAR index -> size from the ``resource`` file (readable without root)."""
@@ -332,19 +359,64 @@ def iommu_group(address: str | PciAddress,
 
 
 # --- bind / unbind (write into sysfs; tests only ever point them at a fake tree) ---
+#
+# Who may say where pmd writes: the caller (``root=``), and the environment only
+# when pmd is not privileged. Root with a preserved environment (sudo -E, or a
+# sudoers env_keep) would otherwise write where whoever set SYSFS_PCI_DEVICES
+# chose: a tree whose driver_override is a symlink to /etc/shadow.
+#
+# Under /sys itself the links on the way (bus/pci/devices/X -> ../../../devices/...,
+# X/driver -> .../drivers/D) are the kernel's, and only root can change sysfs, so
+# following them is what the kernel means. The file written is always a regular
+# attribute, never a link: O_NOFOLLOW (open(2)) refuses a last component that is
+# one, and fstat refuses anything but a regular file (a FIFO, a device node), so
+# a tree that is not sysfs cannot redirect the write.
+
+def _privileged() -> bool:
+    """Root, or set-user-ID: the environment may be someone else's."""
+    return os.geteuid() == 0 or os.geteuid() != os.getuid()
+
+
+def _write_root(root: str | os.PathLike[str] | None) -> Path:
+    """The device directory bind/unbind read and write: ``root`` when given; else
+    as :func:`sysfs_pci_devices`, except that a privileged process refuses a
+    ``SYSFS_PCI_DEVICES`` other than /sys's (honoured for reading only)."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("SYSFS_PCI_DEVICES")
+    if env and _privileged() and os.path.normpath(env) != DEFAULT_SYSFS_PCI_DEVICES:
+        raise PmdError(f"SYSFS_PCI_DEVICES={env} is set and pmd runs as root: pmd reads devices there "
+                       "but never writes where an environment variable points (with sudo -E whoever set "
+                       "it would choose the files root writes); unset it (sudo without -E) to bind this "
+                       "machine's device, or pass root= to pmd.pci.bind/unbind from Python")
+    return sysfs_pci_devices(None)
+
 
 def _write_sysfs(path: Path, value: str) -> None:
-    # No O_CREAT: sysfs attributes exist or the write is wrong;
-    # never create a file that the kernel did not.
+    # No O_CREAT: sysfs attributes exist or the write is wrong; never create a
+    # file the kernel did not. O_NOFOLLOW and O_NONBLOCK: see above (a FIFO
+    # would block the open).
+    flags = os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        fd = os.open(path, flags)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, f"refusing to write {value!r} to {path}: it is a symbolic link "
+                          "(a sysfs attribute never is; this is not the kernel's sysfs)") from exc
+        if exc.errno == errno.ENXIO:     # a FIFO nobody reads (O_NONBLOCK)
+            raise OSError(exc.errno, f"refusing to write {value!r} to {path}: not a regular file "
+                          "(a sysfs attribute is one)") from exc
         hint = " (needs root)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
         raise type(exc)(exc.errno, f"cannot open {path} to write {value!r}: "
                         f"{exc.strerror}{hint}") from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"refusing to write {value!r} to {path}: not a regular file "
+                          "(a sysfs attribute is one)")
         os.write(fd, value.encode())
     except OSError as exc:
+        if exc.strerror and exc.strerror.startswith("refusing"):
+            raise
         raise type(exc)(exc.errno, f"writing {value!r} to {path} failed: {exc.strerror}") from exc
     finally:
         os.close(fd)
@@ -358,7 +430,7 @@ def _refuse_active(device: PciDevice, force: bool) -> None:
         raise DeviceBusyError(
             f"{device.address} carries network interface {names}, which is up; "
             f"unbinding it would take it away from the host. Bring it down "
-            f"(ip link set {device.active_interfaces[0]} down) or force.")
+            f"(ip link set {device.active_interfaces[0]} down) or force it (--force; force=True).")
 
 
 def bind(address: str | PciAddress, driver: str = VFIO_PCI,
@@ -369,14 +441,16 @@ def bind(address: str | PciAddress, driver: str = VFIO_PCI,
     name to ``driver_override``, unbind from the current driver, then ask the
     bus to probe (``drivers_probe``), which now only matches ``driver``.
     """
-    device = read_device(address, root)
+    addr = parse_address(address)        # a bad address is the first thing to say
+    base = _write_root(root)
+    device = read_device(addr, base)
     if device.driver == driver:
         return driver
     _refuse_active(device, force)
     _write_sysfs(device.path / "driver_override", driver)
     if device.driver is not None:
         _write_sysfs(device.path / "driver" / "unbind", str(device.address))
-    _write_sysfs(sysfs_pci_devices(root).parent / "drivers_probe", str(device.address))
+    _write_sysfs(base.parent / "drivers_probe", str(device.address))
     return device.driver
 
 
@@ -386,14 +460,16 @@ def unbind(address: str | PciAddress, root: str | os.PathLike[str] | None = None
 
     Returns the driver it was bound to.
     """
-    device = read_device(address, root)
+    addr = parse_address(address)
+    base = _write_root(root)
+    device = read_device(addr, base)
     if device.driver is not None:
         _refuse_active(device, force)
         _write_sysfs(device.path / "driver" / "unbind", str(device.address))
     # An empty line clears driver_override (drivers/pci/pci-sysfs.c).
     _write_sysfs(device.path / "driver_override", "\n")
     if reprobe:
-        _write_sysfs(sysfs_pci_devices(root).parent / "drivers_probe", str(device.address))
+        _write_sysfs(base.parent / "drivers_probe", str(device.address))
     return device.driver
 
 

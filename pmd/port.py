@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -96,11 +97,17 @@ class Port:
         self.txqs: list[TxQueue] = []
         self.memory: DmaMemory | None = None
         self.ctrl: ControlQueue | None = None
+        # Per rx queue in rx-interrupt mode: its vector's eventfd (one object for
+        # the queues that share a vector), the vector, and, when shared, a private
+        # eventfd by which the sharer that drained an interrupt wakes the others.
         self._rx_events: list[interrupts.EventFd | None] = []
+        self._rx_vectors: list[int] = []
+        self._rx_wakes: list[interrupts.EventFd | None] = []
         self._config_event: interrupts.EventFd | None = None
         self.config_interrupts = 0
         self.rx_interrupts = 0
-        self._link = Link(True)
+        self._link = Link(True)             # as last read (port.link or an interrupt)
+        self._link_reported = Link(True)    # as the link callbacks last heard of it
         self._promisc: bool | None = None
         self._allmulti: bool | None = None
         #: why the device went away under a started port (see :meth:`_device_lost`), else None
@@ -174,7 +181,7 @@ class Port:
                              f"{cfg.max_queue_pairs}" + ("" if accepted & F.bit(F.NET_MQ)
                                                          else " (no VIRTIO_NET_F_MQ)"))
         self.mtu = cfg.mtu
-        self._link = link_from(cfg)
+        self._link = self._link_reported = link_from(cfg)
         self.mac = cfg.mac if cfg.mac is not None else (self._want_mac or random_mac())
 
         sizes = []
@@ -194,7 +201,7 @@ class Port:
             ctrl_size = top if t.queue_size_fixed() else min(64, top)
         per_pair = n_buffers if n_buffers is not None else 2 * max(sizes) + 512
         total = sum(ring_size(s, t.ring_align) + 4096 for s in sizes)
-        total += (ring_size(ctrl_size, t.ring_align) + 8192) if ctrl_size else 0
+        total += (ring_size(ctrl_size, t.ring_align) + 4096 + ControlQueue.memory_needed()) if ctrl_size else 0
         total += queue_pairs * (per_pair * buffer_size + 4096) + (1 << 16)
         if hugepages is not False:
             total += queue_pairs * (2 << 20)   # each pool starts on a page: 2 MiB with huge pages
@@ -248,7 +255,10 @@ class Port:
             self.ctrl_command(F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, self._want_mac, need=F.NET_CTRL_MAC_ADDR)
             self.mac = self._want_mac
         if promiscuous is not None:
-            self.promiscuous = promiscuous
+            # Not the property: it refuses a port that is not started, and this one
+            # is started only when _start returns.
+            self._rx_mode(F.CTRL_RX_PROMISC, promiscuous)
+            self._promisc = bool(promiscuous)
         if self._config_event is not None:
             reg = interrupts.get_interrupt_thread().register(self._config_event, self._on_config_interrupt)
             self._resources.append(lambda: interrupts.get_interrupt_thread().unregister(reg))
@@ -272,37 +282,51 @@ class Port:
 
             memory.set_iova_translator(virt_to_phys)
 
-    def _setup_interrupts(self, rx_vectors: int) -> None:
+    def _setup_interrupts(self, rx_queues: int) -> None:
         info = self.access.irq_info(IRQ_INDEX_MSIX)
         if info.count == 0:
-            if rx_vectors:
+            if rx_queues:
                 raise DeviceError("rx interrupts need MSI-X, which this device does not have")
             log.info("%s: no MSI-X: link changes are seen only by reading port.link", self.name)
             return
+        if rx_queues and info.count < 2:
+            raise DeviceError("the device has a single MSI-X vector: no room for rx interrupts "
+                              "(start without rx_interrupts=True)")
+        self._resources.append(self._forget_rx_interrupts)
         self._config_event = interrupts.EventFd()
         self._resources.append(self._config_event.close)
         fds = [self._config_event.fileno()]
-        # Vector 0: configuration changes; 1..: rx queues (shared when vectors run short).
-        spare = info.count - 1
-        for pair in range(rx_vectors):
-            if pair < spare:
-                ev = interrupts.EventFd()
-                self._resources.append(ev.close)
-                fds.append(ev.fileno())
-                self._rx_events.append(ev)
-            else:
-                self._rx_events.append(self._rx_events[pair % max(spare, 1)] if spare else None)
-        if rx_vectors and not spare:
-            raise DeviceError("the device has a single MSI-X vector: no room for rx interrupts")
+        # Vector 0: configuration changes; 1..: rx queues. With fewer vectors than
+        # rx queues, queues share them (Virtio 1.2 4.1.5.1.2 lets the driver map
+        # several queues to one vector): rx queue p uses vector 1 + p % (V - 1).
+        n_vectors = min(rx_queues, info.count - 1)
+        events = []
+        for _ in range(n_vectors):
+            ev = interrupts.EventFd()
+            self._resources.append(ev.close)
+            fds.append(ev.fileno())
+            events.append(ev)
+        sharers = [len(range(k, rx_queues, n_vectors)) for k in range(n_vectors)]
+        for pair in range(rx_queues):
+            k = pair % n_vectors
+            wake = None
+            if sharers[k] > 1:
+                wake = interrupts.EventFd()
+                self._resources.append(wake.close)
+            self._rx_events.append(events[k])
+            self._rx_vectors.append(1 + k)
+            self._rx_wakes.append(wake)
         self.access.set_irqs(IRQ_INDEX_MSIX, 0, fds)
         self._resources.append(lambda: self.access.disable_irqs(IRQ_INDEX_MSIX))
         if self.transport.kind == "legacy":
             self.transport.msix = True  # type: ignore[attr-defined]
 
+    def _forget_rx_interrupts(self) -> None:
+        self._rx_vectors.clear()
+        self._rx_wakes.clear()
+
     def _rx_vector(self, pair: int) -> int:
-        if pair < len(self._rx_events) and self._rx_events[pair] is not None:
-            return 1 + min(pair, len([e for e in self._rx_events if e is not None]) - 1)
-        return NO_VECTOR
+        return self._rx_vectors[pair] if pair < len(self._rx_vectors) else NO_VECTOR
 
     def _reset_device(self) -> None:
         try:
@@ -422,22 +446,38 @@ class Port:
         Enables the queue's interrupt, re-checks the ring (a packet that came
         before the device saw the enable would otherwise be slept through,
         2.7.7.2), waits on the vector's eventfd, then disables interrupts
-        again. Returns True when packets are ready.
+        again. Returns True when packets are ready, False on timeout. When
+        queues share a vector, an interrupt wakes every sharer (the one that
+        drained the eventfd passes it on) and each re-checks its own ring.
         """
         rxq = self.rx_queue(queue)
         ev = self._rx_events[queue] if queue < len(self._rx_events) else None
         if ev is None:
             raise QueueStateError("rx interrupts are off: start the port with rx_interrupts=True")
+        wake = self._rx_wakes[queue]
+        vector = self._rx_vectors[queue]
+        peers = [w for q, w in enumerate(self._rx_wakes)
+                 if w is not None and q != queue and self._rx_vectors[q] == vector]
+        fds = [ev] if wake is None else [ev, wake]
+        timeout = interrupts._check_timeout(timeout, "rx_wait")
+        deadline = None if timeout is None else time.monotonic() + timeout
         vq = rxq.vq
         try:
-            if vq.enable_interrupts():
-                return True
-            count = interrupts.wait(ev, timeout)
-            if vq.fail_reason is not None:
-                raise DeviceError(f"rx queue {queue}: {vq.fail_reason}")
-            if count:
-                self.rx_interrupts += 1
-            return bool(count)
+            while True:
+                if vq.fail_reason is not None:
+                    raise DeviceError(f"rx queue {queue}: {vq.fail_reason}")
+                if vq.enable_interrupts():
+                    return True
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                counts = interrupts.wait_any(fds, left)
+                if counts[0]:
+                    self.rx_interrupts += 1
+                    for peer in peers:      # the interrupt may have been for a sharer
+                        peer.signal()
+                if not any(counts):         # timed out
+                    if vq.fail_reason is not None:
+                        raise DeviceError(f"rx queue {queue}: {vq.fail_reason}")
+                    return bool(vq.enable_interrupts())
         finally:
             vq.disable_interrupts()
 
@@ -446,6 +486,8 @@ class Port:
     def link(self) -> Link:
         """The link as the device reports it now (reads the device configuration)."""
         self._check_started()
+        # Not what the callbacks were told: they compare with _link_reported,
+        # so a change read here first is still reported to them.
         self._link = link_from(read_net_config(self.transport, self.features))
         return self._link
 
@@ -474,7 +516,7 @@ class Port:
             queues.append(self.ctrl.vq)
         for vq in queues:
             vq.fail(msg)
-        for ev in list(self._rx_events):
+        for ev in [*self._rx_events, *self._rx_wakes]:
             if ev is not None and not ev.closed:
                 try:
                     ev.signal()
@@ -486,8 +528,9 @@ class Port:
         if not self._started:
             return
         link = link_from(read_net_config(self.transport, self.features))
-        if link != self._link:
-            self._link = link
+        self._link = link
+        if link != self._link_reported:
+            self._link_reported = link
             with self._lock:
                 callbacks = list(self._link_callbacks)
             for cb in callbacks:
@@ -554,6 +597,8 @@ class Port:
             "device_errors": bad, "notifications": total(rx, "notifications") + total(tx, "notifications"),
             "config_interrupts": self.config_interrupts, "rx_interrupts": self.rx_interrupts,
             "control_commands": self.ctrl.commands if self.ctrl else 0,
+            "control_timeouts": self.ctrl.timeouts if self.ctrl else 0,
+            "control_late_completions": self.ctrl.late_completions if self.ctrl else 0,
             "rx_queues": rx, "tx_queues": tx,
         }
 

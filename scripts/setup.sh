@@ -10,4 +10,7 @@ if ! command -v gcc >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev
 fi
+# setuptools 77 or newer reads the SPDX license of pyproject.toml; in-place builds
+# (python setup.py build_ext --inplace, the debug and sanitizer builds) use this one.
+"$PYTHON" -m pip install -q --disable-pip-version-check "setuptools>=77"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -3,7 +3,8 @@
 Three settings:
 
 - a fake sysfs tree (``SYSFS_PCI_DEVICES``, the tree of tests/test_pci.py): status,
-  info, and the only place ``bind``/``unbind`` ever run;
+  info, and the only place ``bind``/``unbind`` ever run (in this process, as an
+  ordinary user or as root: as root pmd refuses to write where the variable points);
 - this machine's real sysfs, read only: ``status`` and ``info`` (never bind);
 - marked ``vfio``, inside the QEMU guest of tests/vm, against QEMU's virtio-net bound to
   vfio-pci (``PMD_VFIO_DEVICE``): status, info with VFIO's view, and what pmd parsed
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -188,13 +190,17 @@ def test_info_of_this_machine_read_only() -> None:
         (("info", "--config", "/nonexistent/config.bin"), "/nonexistent/config.bin: No such file or directory"),
         (("info",), "give a DEVICE"),
         (("bind", "00:03"), "bad PCI address"),
-        (("unbind", "0000:00:1f.7"), "no PCI device"),
     ],
 )
 def test_bad_input_is_one_line_and_status_1(sysfs: FakeSysfs, args: tuple[str, ...], expect: str) -> None:
     sysfs.add("0000:00:03.0")
     line = one_line_error(pmd_cmd(*args, sysfs=sysfs.root), args[0])
     assert expect in line
+
+
+def test_unbind_of_a_missing_device_is_one_line(sysfs: FakeSysfs, pmd_user: Any) -> None:
+    sysfs.add("0000:00:03.0")
+    assert "no PCI device" in one_line_error(pmd_user("unbind", "0000:00:1f.7", sysfs=sysfs.root), "unbind")
 
 
 def test_truncated_config_file_is_one_line(tmp_path: Path) -> None:
@@ -221,39 +227,74 @@ def fake_only(sysfs: FakeSysfs, tmp_path: Path) -> Iterator[FakeSysfs]:
     yield sysfs
 
 
-def test_bind_through_driver_override(fake_only: FakeSysfs) -> None:
+@pytest.fixture()
+def pmd_user(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """``pmd ARGS`` in this process as an ordinary user (uid 1000) or as root (uid 0),
+    on the fake tree through ``SYSFS_PCI_DEVICES``, with writes to the real /sys
+    refused: as root the variable no longer says where pmd writes, and the
+    tests may run as root, so the identity is set here rather than inherited."""
+    from pmd import cli
+
+    from .test_pci import refuse_writes_to_real_sysfs
+
+    refuse_writes_to_real_sysfs(monkeypatch)
+
+    def run(*args: str, sysfs: Path, uid: int = 1000) -> subprocess.CompletedProcess[str]:
+        monkeypatch.setenv("SYSFS_PCI_DEVICES", str(sysfs))
+        monkeypatch.setattr(os, "geteuid", lambda: uid)
+        monkeypatch.setattr(os, "getuid", lambda: uid)
+        code = cli.main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+    return run
+
+
+def test_bind_through_driver_override(fake_only: FakeSysfs, pmd_user: Any) -> None:
     real = fake_only.add("0000:00:03.0", interfaces={"eth0": 0x1002})  # down
-    r = pmd_cmd("bind", "00:03.0", sysfs=fake_only.root)
+    r = pmd_user("bind", "00:03.0", sysfs=fake_only.root)
     assert r.returncode == 0 and r.stdout == "00:03.0: bound to vfio-pci (was virtio-pci)\n"
     assert (real / "driver_override").read_text() == "vfio-pci"
     assert (fake_only.top / "bus/pci/drivers/virtio-pci/unbind").read_text() == "0000:00:03.0"
     assert (fake_only.top / "bus/pci/drivers_probe").read_text() == "0000:00:03.0"
 
 
-def test_bind_refuses_an_interface_that_is_up_unless_forced(fake_only: FakeSysfs) -> None:
+def test_bind_refuses_an_interface_that_is_up_unless_forced(fake_only: FakeSysfs, pmd_user: Any) -> None:
     real = fake_only.add("0000:00:03.0", interfaces={"eth0": 0x1003})
-    line = one_line_error(pmd_cmd("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
-    assert "eth0, which is up" in line
+    line = one_line_error(pmd_user("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
+    assert "eth0, which is up" in line and "--force" in line
     assert (real / "driver_override").read_text() == "(null)\n"
-    r = pmd_cmd("bind", "0000:00:03.0", "--force", sysfs=fake_only.root)
+    r = pmd_user("bind", "0000:00:03.0", "--force", sysfs=fake_only.root)
     assert r.returncode == 0 and (real / "driver_override").read_text() == "vfio-pci"
 
 
-def test_unbind_gives_the_device_back(fake_only: FakeSysfs) -> None:
+def test_unbind_gives_the_device_back(fake_only: FakeSysfs, pmd_user: Any) -> None:
     real = fake_only.add("0000:00:03.0", driver="vfio-pci", override="vfio-pci")
-    r = pmd_cmd("unbind", "0000:00:03.0", sysfs=fake_only.root)
+    r = pmd_user("unbind", "0000:00:03.0", sysfs=fake_only.root)
     assert r.returncode == 0
     assert r.stdout.startswith("0000:00:03.0: unbound from vfio-pci")
     assert (fake_only.top / "bus/pci/drivers/vfio-pci/unbind").read_text() == "0000:00:03.0"
     assert (real / "driver_override").read_text() == "\n"
 
 
-def test_bind_with_a_missing_sysfs_file_is_one_line(fake_only: FakeSysfs) -> None:
+def test_bind_with_a_missing_sysfs_file_is_one_line(fake_only: FakeSysfs, pmd_user: Any) -> None:
     fake_only.add("0000:00:03.0", driver=None)
     (fake_only.top / "bus/pci/drivers_probe").unlink()
-    line = one_line_error(pmd_cmd("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
+    line = one_line_error(pmd_user("bind", "0000:00:03.0", sysfs=fake_only.root), "bind")
     assert "drivers_probe" in line
     assert not (fake_only.top / "bus/pci/drivers_probe").exists()
+
+
+@pytest.mark.parametrize("command", ["bind", "unbind"])
+def test_as_root_bind_and_unbind_refuse_to_write_where_SYSFS_PCI_DEVICES_points(
+        fake_only: FakeSysfs, pmd_user: Any, command: str) -> None:
+    real = fake_only.add("0000:00:03.0", driver="vfio-pci" if command == "unbind" else "virtio-pci")
+    line = one_line_error(pmd_user(command, "0000:00:03.0", sysfs=fake_only.root, uid=0), command)
+    assert "SYSFS_PCI_DEVICES" in line and "unset it" in line
+    assert (real / "driver_override").read_text() == "(null)\n"
+    assert (fake_only.top / "bus/pci/drivers_probe").read_text() == ""
+    r = pmd_user("status", "--vfio-dir", str(fake_only.top / "no-vfio"), sysfs=fake_only.root, uid=0)
+    assert r.returncode == 0 and "0000:00:03.0" in r.stdout                 # reading: still there
 
 
 # ===========================================================================
@@ -386,3 +427,98 @@ def test_readme_main_job_runs_on_the_built_in_device_and_prints_a_summary():
 def test_ci_runs_the_readme_test_command():
     command = _readme_command("Set up and pass the tests")
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+# ---------------------------------------------------------------------------- help and recommended commands
+
+def _subcommands() -> list[str]:
+    from pmd.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return sorted(action.choices)
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_subcommand_has_help_that_exits_0(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pmd.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: pmd {command}"), out
+
+
+def _recommended_commands() -> list[tuple[str, str]]:
+    """Every ``pmd ...`` command line pmd's messages tell the user to run: in
+    backquotes, or in parentheses ("(pmd bind DEVICE)"), with placeholders filled."""
+    found: list[tuple[str, str]] = []
+    # In backquotes anything is a command; in parentheses or quotes, prose
+    # ("pmd takes ...") is told apart by a subcommand's name.
+    sub = "|".join(_subcommands())
+    pattern = rf"`(pmd [^`\n]+)`|\((pmd (?:{sub})\b[^()\n]*)\)|'(pmd (?:{sub})\b[^'\n]*)'"
+    for path in sorted((ROOT / "pmd").rglob("*.py")):
+        text = path.read_text()
+        for m in re.finditer(pattern, text):
+            command = next(g for g in m.groups() if g)
+            where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+            found.append((where, command))
+    return found
+
+
+def _fill(command: str) -> list[str]:
+    argv = command.split()[1:]
+    out = []
+    for i, word in enumerate(argv):
+        if word.startswith("{") or word.isupper():
+            word = "/tmp/pmd-example.sock" if argv[i - 1] == "--socket" else "0000:00:03.0"
+        out.append(word)
+    return out
+
+
+def test_the_messages_recommend_commands_at_all() -> None:
+    commands = {c.split()[1] for _, c in _recommended_commands()}
+    assert {"bind", "status", "sim", "loopback"} <= commands, commands
+
+
+@pytest.mark.parametrize("where,command", _recommended_commands())
+def test_every_command_a_message_recommends_parses(where: str, command: str) -> None:
+    from pmd.cli import build_parser
+
+    try:
+        build_parser().parse_args(_fill(command))
+    except SystemExit as e:
+        pytest.fail(f"{where}: `{command}` does not parse (argparse exit {e.code})")
+
+
+def test_pmd_sim_as_the_vfio_user_error_recommends_serves_a_driver(tmp_path: Path) -> None:
+    # The client's error for a missing socket names a command; run exactly that.
+    import signal
+    import time
+
+    import pmd
+    from pmd.errors import PmdError
+
+    path = str(tmp_path / "dev.sock")
+    with pytest.raises(PmdError) as e:
+        pmd.open_port("vfio-user:" + path)
+    m = re.search(r"`(pmd sim [^`]+)`", str(e.value))
+    assert m, str(e.value)
+    argv = m.group(1).split()
+    proc = subprocess.Popen([sys.executable, "-m", "pmd", *argv[1:], "--wire", "null", "--queue-pairs", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(path + ".ctl").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Path(path + ".ctl").exists(), proc.stderr.read() if proc.poll() is not None else "not serving"
+        with pmd.open_port("vfio-user:" + path) as port:
+            port.start(queue_pairs=2)
+            assert port.max_queue_pairs == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not Path(path).exists() and not Path(path + ".ctl").exists()

@@ -153,3 +153,51 @@ def test_pcap_is_read_by_tcpdump(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2 and "198.18.0.1.9 > 198.18.0.2.9: UDP" in lines[0]
+
+
+def test_pmd_fwd_on_sigterm_prints_the_summary_stops_the_device_and_exits_0():
+    # SIGTERM (what kill, systemd and container runtimes send) ends pmd fwd as
+    # Ctrl-C does: the summary, the built-in device stopped, status 0.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pmd.sim.process import _child_env
+
+    proc = subprocess.Popen([sys.executable, "-m", "pmd", "fwd", "--mode", "io"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_child_env())
+    children: list[int] = []
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("pmd fwd: sim"), first
+        children += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                     and _ppid(p) == proc.pid]
+        assert children, "no device process"
+        assert proc.stdout.readline().strip()              # a statistics line: forwarding
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert any(line.startswith("summary: mode=io") for line in out.splitlines()), out
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(_ppid(Path(f"/proc/{c}")) is None for c in children):
+        time.sleep(0.05)
+    left = [c for c in children if _ppid(Path(f"/proc/{c}")) is not None]
+    for c in left:
+        os.kill(c, signal.SIGKILL)                        # the test's own orphan, by its PID
+    assert not left, "the device outlived pmd fwd"
+
+
+def _ppid(proc_dir) -> int | None:
+    try:
+        stat = (proc_dir / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else int(fields[1])

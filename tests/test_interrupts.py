@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pmd.interrupts import EventFd, InterruptThread, Registration, get_interrupt_thread, wait
+from pmd.interrupts import EventFd, InterruptThread, Registration, get_interrupt_thread, wait, wait_any
 
 TIMEOUT = 5.0  # seconds; only reached when a rule is broken
 
@@ -506,6 +506,42 @@ def test_wait_is_correct_under_eintr(new_efd: Callable[[], EventFd]) -> None:
         stop.set()
         kicker.join(TIMEOUT)
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_wait_any_returns_the_count_of_each_fd_that_fired(new_efd: Callable[[], EventFd]) -> None:
+    a, b, c = new_efd(), new_efd(), new_efd()
+    timer = threading.Timer(0.05, c.signal, args=(3,))
+    timer.start()
+    try:
+        assert wait_any([a, b, c], timeout=TIMEOUT) == [0, 0, 3]
+    finally:
+        timer.cancel()
+        timer.join(TIMEOUT)
+    a.signal()
+    b.signal(2)
+    assert wait_any([a, b, c], timeout=0) == [1, 2, 0]     # every fd is drained, not only the first
+    assert a.drain() == b.drain() == 0
+
+
+def test_wait_any_times_out_with_all_zeros(new_efd: Callable[[], EventFd]) -> None:
+    a, b = new_efd(), new_efd()
+    start = time.monotonic()
+    assert wait_any([a, b.fileno()], timeout=0.2) == [0, 0]
+    assert time.monotonic() - start >= 0.2
+
+
+def test_wait_any_refuses_no_fds_and_non_eventfds(new_efd: Callable[[], EventFd]) -> None:
+    with pytest.raises(ValueError, match="at least one eventfd"):
+        wait_any([], timeout=0)
+    with pytest.raises(TypeError, match="sequence of fds"):
+        wait_any(new_efd(), timeout=0)  # type: ignore[arg-type]
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ValueError, match="not an eventfd"):
+            wait_any([new_efd(), r], timeout=0)
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 # ----------------------------------------------------------------- bad inputs

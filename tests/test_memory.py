@@ -179,3 +179,88 @@ def test_no_fd_leak_over_many_regions():
         with pmd.DmaMemory(1 << 16, lock=False):
             pass
     assert open_fds() == before
+
+
+# --- sealing (memfd_create(2), fcntl(2) "File Sealing"): a peer cannot shrink shared memory ---
+
+
+def test_dma_memory_is_sealed_against_shrinking():
+    import fcntl
+
+    with pmd.DmaMemory(1 << 20, hugepages=False, lock=False) as m:
+        assert m.sealed
+        seals = fcntl.fcntl(m.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SEAL
+        # what a peer holding the fd would try: shrink, grow, take the seals further
+        for size in (0, m.size - 4096, m.size + 4096):
+            with pytest.raises(PermissionError):
+                os.ftruncate(m.fd, size)
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(m.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        assert os.fstat(m.fd).st_size == m.size
+        m.view()[m.size - 1] = 1  # the last page is still there
+
+
+def test_dma_memory_is_sealed_before_its_fd_can_be_shared():
+    # The seals are there when the constructor returns, in another process's view of the fd too.
+    import fcntl
+
+    with pmd.DmaMemory(1 << 16, hugepages=False, lock=False) as m:
+        other = os.open(f"/proc/self/fd/{m.fd}", os.O_RDWR)  # as a peer would hold it
+        try:
+            assert fcntl.fcntl(other, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+            with pytest.raises(PermissionError):
+                os.ftruncate(other, 0)
+        finally:
+            os.close(other)
+
+
+def test_hugetlb_memfds_take_the_same_seals():
+    # Sealing hugetlbfs memfds needs Linux 4.16; creating and sizing one takes no huge page.
+    from pmd._memory import MFD_HUGE_2MB
+    from pmd.shm import SEALS, create_sealed_memfd, seals_of
+
+    try:
+        fd = create_sealed_memfd("pmd-test-huge", 2 << 20, os.MFD_HUGETLB | MFD_HUGE_2MB)
+    except OSError as e:
+        pytest.skip(f"no sealable hugetlb memfd here: {e}")
+    try:
+        assert seals_of(fd) & SEALS == SEALS
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(_free_hugepages() < 1, reason="no free 2 MiB huge page (this test does not reserve one)")
+def test_hugepage_dma_memory_is_sealed_too():
+    with pmd.DmaMemory(2 << 20, hugepages=True, lock=False) as m:
+        assert m.hugepages and m.sealed
+        with pytest.raises(PermissionError):
+            os.ftruncate(m.fd, 0)
+
+
+def test_shared_memory_that_cannot_be_checked_is_refused():
+    # require_sealed (pmd.shm) on what a peer may send instead of a sealed memfd
+    import errno as errno_
+
+    from pmd.errors import VfioError
+    from pmd.shm import create_sealed_memfd, require_sealed
+
+    sealed = create_sealed_memfd("pmd-test", 8192)
+    r, w = os.pipe()
+    opath = os.open(f"/proc/self/fd/{sealed}", os.O_PATH)
+    directory = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        require_sealed(sealed, 8192, "sealed")  # fine
+        for fd, err in ((r, errno_.EINVAL), (directory, errno_.EINVAL), (opath, errno_.EBADF),
+                        (sealed + 1000, errno_.EBADF)):
+            with pytest.raises(VfioError) as e:
+                require_sealed(fd, 4096, "the peer's file")
+            assert e.value.errno == err and "the peer's file" in str(e.value)
+        with pytest.raises(VfioError) as e:
+            require_sealed(sealed, 8193, "the peer's file")
+        assert e.value.errno == errno_.EINVAL and "SIGBUS" in str(e.value)
+    finally:
+        for fd in (sealed, r, w, opath, directory):
+            os.close(fd)

@@ -12,6 +12,7 @@ import os
 import signal
 import struct
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,20 @@ HOST_BRIDGE = DATA / "0000_00_00_0_8086_0d57.bin"
 @pytest.fixture(autouse=True)
 def _no_real_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every test that forgets to pass a root lands in an empty directory,
-    # never in /sys/bus/pci/devices.
+    # never in /sys/bus/pci/devices; and no test writes there whatever it passes.
     monkeypatch.setenv("SYSFS_PCI_DEVICES", str(tmp_path / "no-sysfs-here"))
+    refuse_writes_to_real_sysfs(monkeypatch)
+
+
+def refuse_writes_to_real_sysfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def guarded(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR) and os.path.realpath(path).startswith("/sys/"):
+            raise AssertionError(f"a test tried to write {path} on this machine")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", guarded)
 
 
 @pytest.fixture()
@@ -1035,29 +1048,29 @@ def test_bind_writes_driver_override_then_unbinds_then_probes(sysfs: FakeSysfs) 
 
 def test_bind_of_an_unbound_device_skips_the_unbind(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", driver=None)
-    assert pci.bind("0000:00:03.0") is None
+    assert pci.bind("0000:00:03.0", root=sysfs.root) is None
     assert (real / "driver_override").read_text() == "vfio-pci"
     assert (sysfs.top / "bus" / "pci" / "drivers_probe").read_text() == "0000:00:03.0"
 
 
 def test_bind_to_the_current_driver_writes_nothing(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", driver="vfio-pci")
-    assert pci.bind("0000:00:03.0") == "vfio-pci"
+    assert pci.bind("0000:00:03.0", root=sysfs.root) == "vfio-pci"
     assert (real / "driver_override").read_text() == "(null)\n"
 
 
 def test_bind_refuses_a_device_whose_interface_is_up_unless_forced(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1003})
     with pytest.raises(DeviceBusyError, match="eth0, which is up"):
-        pci.bind("0000:00:03.0")
+        pci.bind("0000:00:03.0", root=sysfs.root)
     assert (real / "driver_override").read_text() == "(null)\n"  # nothing written
-    pci.bind("0000:00:03.0", force=True)
+    pci.bind("0000:00:03.0", root=sysfs.root, force=True)
     assert (real / "driver_override").read_text() == "vfio-pci"
 
 
 def test_unbind_unbinds_clears_override_and_reprobes(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", driver="vfio-pci", override="vfio-pci")
-    assert pci.unbind("0000:00:03.0") == "vfio-pci"
+    assert pci.unbind("0000:00:03.0", root=sysfs.root) == "vfio-pci"
     assert (sysfs.top / "bus/pci/drivers/vfio-pci/unbind").read_text() == "0000:00:03.0"
     assert (real / "driver_override").read_text() == "\n"
     assert (sysfs.top / "bus" / "pci" / "drivers_probe").read_text() == "0000:00:03.0"
@@ -1066,15 +1079,104 @@ def test_unbind_unbinds_clears_override_and_reprobes(sysfs: FakeSysfs) -> None:
 def test_unbind_refuses_an_active_interface(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1003})
     with pytest.raises(DeviceBusyError):
-        pci.unbind("0000:00:03.0")
+        pci.unbind("0000:00:03.0", root=sysfs.root)
 
 
 def test_bind_never_creates_a_sysfs_file(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", driver=None)
     (sysfs.top / "bus" / "pci" / "drivers_probe").unlink()
     with pytest.raises(FileNotFoundError, match="drivers_probe"):
-        pci.bind("0000:00:03.0")
+        pci.bind("0000:00:03.0", root=sysfs.root)
     assert not (sysfs.top / "bus" / "pci" / "drivers_probe").exists()
+
+
+def _as(monkeypatch: pytest.MonkeyPatch, uid: int) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
+    monkeypatch.setattr(os, "getuid", lambda: uid)
+
+
+def test_as_root_SYSFS_PCI_DEVICES_is_honoured_for_reading_only(sysfs: FakeSysfs,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # sudo -E keeps the variable: as root it must not choose where root writes
+    # (a tree of symlinks would make bind write "vfio-pci" into any file).
+    real = sysfs.add("0000:00:03.0")
+    _as(monkeypatch, 0)
+    assert pci.read_device("0000:00:03.0").driver == "virtio-pci"     # reading: the variable holds
+    assert [str(d.address) for d in pci.scan()] == ["0000:00:03.0"]
+    for call in (pci.bind, pci.unbind):
+        with pytest.raises(PmdError, match="SYSFS_PCI_DEVICES.*as root.*unset it"):
+            call("0000:00:03.0")
+    assert (real / "driver_override").read_text() == "(null)\n"       # nothing written anywhere
+    assert (sysfs.top / "bus/pci/drivers/virtio-pci/unbind").read_text() == ""
+    assert (sysfs.top / "bus/pci/drivers_probe").read_text() == ""
+    assert pci.bind("0000:00:03.0", root=sysfs.root) == "virtio-pci"  # root= is the caller's own choice
+    assert (real / "driver_override").read_text() == "vfio-pci"
+
+
+def test_without_root_SYSFS_PCI_DEVICES_is_honoured_for_writing_too(sysfs: FakeSysfs,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real = sysfs.add("0000:00:03.0")
+    _as(monkeypatch, 1000)
+    assert pci.bind("0000:00:03.0") == "virtio-pci"
+    assert (real / "driver_override").read_text() == "vfio-pci"
+
+
+@pytest.mark.parametrize("which", ["driver_override", "unbind", "drivers_probe"])
+def test_sysfs_writes_never_follow_a_symlink(sysfs: FakeSysfs, tmp_path: Path, which: str) -> None:
+    # A sysfs attribute is never a symlink (the links are devices, drivers,
+    # groups): one where pmd writes means this is not sysfs. O_NOFOLLOW.
+    real = sysfs.add("0000:00:03.0")
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    target = {"driver_override": real / "driver_override",
+              "unbind": sysfs.top / "bus/pci/drivers/virtio-pci/unbind",
+              "drivers_probe": sysfs.top / "bus/pci/drivers_probe"}[which]
+    target.unlink()
+    target.symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link"):
+        pci.bind("0000:00:03.0", root=sysfs.root)
+    assert victim.read_text() == "precious\n"
+
+
+def test_sysfs_writes_go_only_to_regular_files(sysfs: FakeSysfs, no_hang: None) -> None:
+    sysfs.add("0000:00:03.0")
+    probe = sysfs.top / "bus/pci/drivers_probe"
+    probe.unlink()
+    os.mkfifo(probe)                                  # a plain O_WRONLY open would block forever
+    with pytest.raises(OSError, match="not a regular file"):
+        pci.bind("0000:00:03.0", root=sysfs.root)
+
+
+@pytest.fixture()
+def no_hang() -> Iterator[None]:
+    """Fail in seconds instead of hanging in an open or a read that never ends."""
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("a sysfs read or write blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_fifo_where_an_attribute_should_be_is_an_error_not_a_hang(sysfs: FakeSysfs, no_hang: None) -> None:
+    real = sysfs.add("0000:00:03.0")
+    (real / "driver_override").unlink()
+    os.mkfifo(real / "driver_override")
+    with pytest.raises(ValueError, match="not a regular file"):
+        pci.read_device("0000:00:03.0")
+
+
+def test_a_device_node_where_config_should_be_is_an_error_not_an_endless_read(sysfs: FakeSysfs,
+                                                                              no_hang: None) -> None:
+    real = sysfs.add("0000:00:03.0")
+    (real / "config").unlink()
+    (real / "config").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="not a regular file"):
+        pci.read_device("0000:00:03.0").read_config()
 
 
 def test_docs_example_is_what_format_info_prints() -> None:

@@ -537,3 +537,199 @@ class TestPortSim(PortTests, MergeableTests):
             assert p.stats()["control_commands"] >= 1
         finally:
             p.close()
+
+
+# ---------------------------------------------------------------- the driver on the built-in device, in process
+
+def local_port(model=None, **start):
+    """A Port on a built-in device model in this process (pmd.sim.local.LocalAccess)."""
+    from pmd.sim.device import VirtioNetModel
+    from pmd.sim.local import LocalAccess
+
+    m = model or VirtioNetModel()
+    port = pmd.Port(LocalAccess(m), name="sim")
+    try:
+        port.start(**start)
+    except BaseException:
+        port.close()
+        m.close()
+        raise
+    return port, m
+
+
+def one_frame(port, queue: int) -> None:
+    frame = np.frombuffer(b"\xff" * 6 + port.mac + b"\x88\xb5" + bytes(46), np.uint8)
+    assert port.tx_queue(queue).tx_burst(frame.reshape(1, -1), np.full(1, 60, np.uint32)) == 1
+
+
+def test_rx_queues_share_msix_vectors_when_the_device_has_fewer():
+    # Virtio 1.2 4.1.5.1.2: several queues may use one vector. Vector 0 is the
+    # configuration's; 4 rx queues over 2 more vectors: pair p uses 1 + p % 2.
+    from pmd.sim.device import VirtioNetModel
+
+    port, m = local_port(VirtioNetModel(queue_pairs=4, msix_vectors=3), queue_pairs=4, rx_interrupts=True)
+    try:
+        assert [m.queues[2 * p].msix_vector for p in range(4)] == [1, 2, 1, 2]
+        assert m.config_msix_vector == 0
+        assert all(m.queues[2 * p + 1].msix_vector == 0xFFFF for p in range(4))   # tx: no vector
+    finally:
+        port.close()
+        m.close()
+
+
+def test_rx_wait_wakes_each_queue_on_a_shared_vector_and_only_for_its_own_packets():
+    # Queues 0 and 2 share vector 1. Each sleeps in rx_wait in its own thread; a
+    # packet for one must wake that one, whichever of the two drained the
+    # eventfd, and must not make the other report packets it does not have.
+    # Which thread drains is up to the scheduler: several rounds, both orders.
+    from pmd.sim.device import VirtioNetModel
+
+    port, m = local_port(VirtioNetModel(queue_pairs=4, msix_vectors=3), queue_pairs=4, rx_interrupts=True)
+    out = np.zeros((4, port.rx_queue(0).max_packet_len), np.uint8)
+    try:
+        for round_ in range(8):
+            first, second = (2, 0) if round_ % 2 == 0 else (0, 2)
+            sent = {0: threading.Event(), 2: threading.Event()}
+            woke: dict[int, bool] = {}
+            errors: list[BaseException] = []
+
+            def sleeper(q: int) -> None:
+                try:
+                    ready = port.rx_wait(q, timeout=20)
+                    woke[q] = ready and sent[q].is_set()      # woke for a packet that was there
+                except BaseException as e:                    # pragma: no cover - reported below
+                    errors.append(e)
+
+            threads = {q: threading.Thread(target=sleeper, args=(q,)) for q in (0, 2)}
+            for t in threads.values():
+                t.start()
+            time.sleep(0.1)                                   # both asleep in rx_wait (most rounds)
+            sent[first].set()
+            one_frame(port, first)
+            threads[first].join(10)
+            assert woke.get(first) is True, (round_, woke, errors)
+            assert threads[second].is_alive() and second not in woke   # nothing for it: sleeps on
+            sent[second].set()
+            one_frame(port, second)
+            threads[second].join(10)
+            assert woke.get(second) is True and not errors, (round_, woke, errors)
+            for q in (0, 2):
+                assert port.rx_burst(out, np.zeros(4, np.uint32), queue=q) == 1
+        assert port.stats()["rx_interrupts"] > 0
+    finally:
+        port.close()
+        m.close()
+
+
+def test_reading_port_link_does_not_swallow_the_change_the_callbacks_are_owed():
+    # The interrupt thread is held in another callback while the link goes down
+    # and port.link is read; when it gets to the config interrupt, the callback
+    # must still be called for that change.
+    from pmd.interrupts import EventFd, get_interrupt_thread
+
+    port, m = local_port()
+    seen: list = []
+    changed = threading.Event()
+    port.on_link_change(lambda link: (seen.append(link), changed.set()))
+    blocker, release, inside = EventFd(), threading.Event(), threading.Event()
+    intr = get_interrupt_thread()
+    reg = intr.register(blocker, lambda fd, count, arg: (inside.set(), release.wait(10)))
+    try:
+        blocker.signal()
+        assert inside.wait(5)                             # the interrupt thread is busy
+        m.set_link(False)
+        assert port.link.up is False                      # read before the thread saw the interrupt
+        release.set()
+        assert changed.wait(5), "the link-down callback never came"
+        assert seen == [Link(False)]
+    finally:
+        release.set()
+        intr.unregister(reg)
+        blocker.close()
+        port.close()
+        m.close()
+
+
+def test_start_with_promiscuous_sets_it_through_the_control_queue():
+    for on in (False, True):
+        port, m = local_port(promiscuous=on)
+        try:
+            assert port.promiscuous is on and m.rx_filter.promiscuous is on
+        finally:
+            port.close()
+            m.close()
+
+
+class SlowControl:
+    """Wraps the built-in device's control handler: the first ``slow`` commands are
+    answered ``delay`` seconds late with ``ack`` (the engine thread sleeps meanwhile)."""
+
+    def __init__(self, model, delay: float, ack: int, slow: int = 1):
+        self.handler = model.engine.control
+        self.delay, self.ack, self.slow = delay, ack, slow
+        self.seen: list[tuple[int, int, bytes]] = []
+        model.engine.control = self
+
+    def __call__(self, cls: int, cmd: int, data: bytes) -> int:
+        self.seen.append((cls, cmd, bytes(data)))
+        if len(self.seen) <= self.slow:
+            time.sleep(self.delay)
+            return self.ack
+        return int(self.handler(cls, cmd, data))
+
+
+def test_a_control_command_after_a_timeout_does_not_take_the_stale_completion():
+    # 5.1.6.5: the device answers each command in its own chain's ack. The first
+    # command times out in the driver; the device answers it late, with an error.
+    # The next command must get its own answer (OK), not the late one.
+    from .conftest import ring_view
+
+    port, m = local_port()
+    slow = SlowControl(m, delay=0.5, ack=F.CTRL_ERR)
+    port.ctrl.timeout = 0.2
+    used_idx = ring_view(port.ctrl.vq)["used_idx"]
+    try:
+        before = int(used_idx[0])
+        with pytest.raises(DeviceError, match="not completed within 0.2 s"):
+            port.promiscuous = False
+        deadline = time.monotonic() + 10
+        while int(used_idx[0]) == before and time.monotonic() < deadline:
+            time.sleep(0.01)                              # the late answer is in the used ring
+        assert int(used_idx[0]) != before
+        port.ctrl.timeout = 5.0
+        port.allmulticast = True                          # its own OK, not the stale ERR
+        assert slow.seen == [(F.CTRL_RX, F.CTRL_RX_PROMISC, b"\x00"), (F.CTRL_RX, F.CTRL_RX_ALLMULTI, b"\x01")]
+        assert port.ctrl.late_completions == 1 and port.ctrl.timeouts == 1
+        port.promiscuous = False                          # and the queue goes on
+        assert port.stats()["control_timeouts"] == 1
+    finally:
+        port.close()
+        m.close()
+
+
+def test_control_commands_the_device_never_answers_fill_the_queue_then_a_restart_recovers():
+    # Each timed-out command keeps its buffer until the device returns it (the
+    # device may still write its ack there). When every slot is held the queue
+    # says so and how to recover; a restart resets the device and the queue.
+    port, m = local_port()
+    SlowControl(m, delay=3.0, ack=F.CTRL_OK, slow=1)
+    port.ctrl.timeout = 0.05
+    try:
+        held = 0
+        with pytest.raises(DeviceError, match="not completed"):
+            port.promiscuous = False
+        held += 1
+        while True:
+            with pytest.raises(DeviceError) as e:
+                port.promiscuous = False
+            if "restart the port" in str(e.value):
+                break
+            held += 1
+            assert held < 64
+        assert held == port.ctrl.slots
+        port.stop()
+        port.start()
+        port.promiscuous = False                          # a fresh control queue after the reset
+    finally:
+        port.close()
+        m.close()

@@ -1343,3 +1343,100 @@ def test_the_device_process_runs_the_same_pmd_as_its_parent(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import pmd; print(pmd.__file__)"], cwd="/", env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == str(Path(pmd.__file__).resolve())
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie nobody has reaped yet: it serves nothing."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _wait_gone(pid: int, directory: Path, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _gone(pid) and not directory.exists():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+DRIVER_THAT_GETS_KILLED = """
+import sys, time
+from pathlib import Path
+import pmd
+port = pmd.open_port("sim", wire="generator")
+port.start()
+print(port.sim.pid, Path(port.sim.socket_path).parent, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_device_process_dies_with_a_killed_driver_and_removes_its_folder(tmp_path):
+    # SIGKILL leaves the driver no chance to stop its device: the device learns of
+    # its parent's death itself (PR_SET_PDEATHSIG, prctl(2)) and cleans up.
+    _client()
+    from pmd.sim.process import _child_env
+
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER_THAT_GETS_KILLED], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_child_env())
+    try:
+        line = driver.stdout.readline()
+        assert line, driver.stderr.read()
+        pid, directory = int(line.split()[0]), Path(line.split()[1])
+        assert not _gone(pid) and directory.exists()
+        driver.kill()
+        driver.wait(10)
+        assert _wait_gone(pid, directory), f"device {pid} still serving or {directory} left behind"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+        if "pid" in locals() and not _gone(pid):
+            os.kill(pid, signal.SIGKILL)                  # the test's own orphan, by its PID
+
+
+def test_the_device_outlives_the_thread_that_spawned_it(tmp_path):
+    # prctl(2): the parent-death signal comes when the *thread* that forked exits.
+    # The device must tell that from its parent process dying.
+    box = []
+    t = threading.Thread(target=lambda: box.append(spawn_device(tmp_path)))
+    t.start()
+    t.join(30)
+    sim = box[0]
+    try:
+        time.sleep(0.5)                                   # the signal, if any, has come by now
+        assert sim.running and sim.control("ping")["pid"] == sim.pid
+    finally:
+        assert sim.stop() == 0
+
+
+def test_a_device_whose_parent_is_already_gone_exits_at_once(tmp_path):
+    # The race prctl cannot close: the parent died before the child asked for the
+    # signal. The child compares its parent with the PID that started it.
+    from pmd.sim.process import _child_env
+
+    directory = tmp_path / "pmd-sim-orphan"
+    directory.mkdir()
+    r = subprocess.run([sys.executable, "-m", "pmd.sim", "--socket", str(directory / "dev.sock"),
+                        "--parent-pid", "1", "--owned-dir", str(directory)],
+                       capture_output=True, text=True, timeout=60, env=_child_env())
+    assert r.returncode == 0, r.stderr
+    assert not directory.exists()
+
+
+def test_the_device_process_runs_the_drivers_pmd_whatever_its_working_directory(tmp_path, monkeypatch):
+    # A pmd package in the working directory must not shadow the one that spawns
+    # the device (python -m would put the working directory first on sys.path).
+    decoy = tmp_path / "pmd"
+    (decoy / "sim").mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy pmd in the working directory')\n")
+    (decoy / "sim" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    sim = spawn_device()
+    try:
+        assert sim.running
+    finally:
+        sim.stop()

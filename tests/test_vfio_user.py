@@ -44,6 +44,7 @@ from pmd.access import (
     REGION_INFO_FLAG_WRITE,
 )
 from pmd.errors import VfioError
+from pmd.shm import create_sealed_memfd
 from pmd.vfio import (
     VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET,
@@ -129,11 +130,9 @@ class ToyModel:
         struct.pack_into("<HH", self.config, 0, 0x1AF4, 0x1041)
         self.config[0x0E] = 0  # header type 0
         # BAR0 lives at file offset PAGE of its memfd (a region need not start the file)
-        self.bar0_fd = os.memfd_create("toy-bar0", os.MFD_CLOEXEC)
-        os.ftruncate(self.bar0_fd, 3 * PAGE)
+        self.bar0_fd = create_sealed_memfd("toy-bar0", 3 * PAGE)
         self.bar0 = mmap.mmap(self.bar0_fd, 2 * PAGE, offset=PAGE)
-        self.bar1_fd = os.memfd_create("toy-bar1", os.MFD_CLOEXEC)
-        os.ftruncate(self.bar1_fd, 2 * BAR1_AREAS * PAGE)
+        self.bar1_fd = create_sealed_memfd("toy-bar1", 2 * BAR1_AREAS * PAGE)
         self.flags = VFIO_DEVICE_FLAGS_PCI | (VFIO_DEVICE_FLAGS_RESET if reset else 0)
         self.msix = msix
         self.calls: list[tuple] = []
@@ -638,6 +637,43 @@ def test_server_replaces_a_stale_socket_but_not_a_live_one(model, sock_dir):
     assert not os.path.exists(path)
 
 
+def test_socket_chmod_does_not_follow_a_symlink(model, sock_dir, monkeypatch):
+    """Someone swaps the new socket file for a symlink to a file of ours between bind and
+    chmod: the server must not change that file's mode (it refuses, and removes nothing)."""
+    path = os.path.join(sock_dir, "s")
+    victim = os.path.join(sock_dir, "victim")
+    Path(victim).write_text("secret")
+    os.chmod(victim, 0o600)
+    real_socket = socket.socket
+
+    class PlantingSocket(real_socket):
+        def bind(self, address):
+            super().bind(address)
+            if address == path:
+                os.unlink(path)
+                os.symlink(victim, path)
+
+    monkeypatch.setattr(socket, "socket", PlantingSocket)
+    old = os.umask(0o077)  # the umask takes the bits mode= asks for: a chmod is needed after bind
+    try:
+        with pytest.raises(VfioError) as e:
+            VfioUserServer(model, path, mode=0o666)
+    finally:
+        os.umask(old)
+        monkeypatch.undo()
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
+    assert os.path.islink(path) and Path(victim).read_text() == "secret"
+    assert e.value.errno == errno.EEXIST and "symlink" in str(e.value)
+    os.unlink(path)
+    old = os.umask(0o077)  # without the swap, the mode is exactly what was asked, umask or not
+    try:
+        with VfioUserServer(model, path, mode=0o666):
+            st_ = os.lstat(path)
+            assert stat.S_ISSOCK(st_.st_mode) and stat.S_IMODE(st_.st_mode) == 0o666
+    finally:
+        os.umask(old)
+
+
 def test_socket_path_too_long(model, sock_dir):
     with pytest.raises(VfioError) as e:
         VfioUserServer(model, os.path.join(sock_dir, "x" * 120))
@@ -1081,8 +1117,7 @@ def test_server_closes_fds_a_message_did_not_use(raw):
         # DMA_MAP of a pipe, of a file too small, two fds
         reply = raw.call(p.VFIO_USER_DMA_MAP, p.encode_dma_map(0x10000, PAGE, 0), fds=[r])
         assert error_of(reply) == errno.EINVAL
-        small = os.memfd_create("small")
-        os.ftruncate(small, PAGE)
+        small = create_sealed_memfd("small", PAGE)
         reply = raw.call(p.VFIO_USER_DMA_MAP, p.encode_dma_map(0x10000, 2 * PAGE, 0), fds=[small])
         assert error_of(reply) == errno.EINVAL
         reply = raw.call(p.VFIO_USER_DMA_MAP, p.encode_dma_map(0x10000, PAGE, 0), fds=[small, small])
@@ -1099,8 +1134,7 @@ def test_server_closes_fds_a_message_did_not_use(raw):
 
 def test_server_dma_map_overlap_and_unmap_echo(raw, model):
     raw.negotiate()
-    mem = os.memfd_create("dma")
-    os.ftruncate(mem, 4 * PAGE)
+    mem = create_sealed_memfd("dma", 4 * PAGE)
     try:
         assert not raw.call(p.VFIO_USER_DMA_MAP, p.encode_dma_map(0x100000, 2 * PAGE, 0), fds=[mem]).is_error
         reply = raw.call(p.VFIO_USER_DMA_MAP, p.encode_dma_map(0x101000, 2 * PAGE, 2 * PAGE), fds=[mem])
@@ -1113,6 +1147,139 @@ def test_server_dma_map_overlap_and_unmap_echo(raw, model):
         assert not model.dma
     finally:
         os.close(mem)
+
+
+def unsealed_files():
+    """Files a careless peer might send, none sealed against shrinking: (name, fd)."""
+    plain = os.memfd_create("plain", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING: F_SEAL_SEAL only
+    sealable = os.memfd_create("sealable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)  # could be, is not
+    growonly = os.memfd_create("grow", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    tmp = tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    files = [("memfd", plain), ("sealable memfd", sealable), ("memfd sealed against growing only", growonly),
+             ("file", os.dup(tmp.fileno()))]
+    tmp.close()
+    for _name, fd in files:
+        os.ftruncate(fd, 4 * PAGE)
+    import fcntl
+
+    fcntl.fcntl(growonly, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+    return files
+
+
+def test_server_refuses_an_unsealed_dma_fd(raw, model):
+    raw.negotiate()
+    files = unsealed_files()
+    try:
+        for name, fd in files:
+            reply = raw.call(p.VFIO_USER_DMA_MAP, p.encode_dma_map(0x100000, 2 * PAGE, 0), fds=[fd])
+            assert error_of(reply) == errno.EPERM, name
+        assert not any(c[0] == "dma_map" for c in model.calls)  # the model never saw them
+        sealed = create_sealed_memfd("sealed", 4 * PAGE)
+        try:
+            assert not raw.call(p.VFIO_USER_DMA_MAP, p.encode_dma_map(0x100000, 2 * PAGE, 0), fds=[sealed]).is_error
+        finally:
+            os.close(sealed)
+    finally:
+        for _name, fd in files:
+            os.close(fd)
+
+
+def test_device_model_refuses_an_unsealed_dma_fd():
+    # The built-in device's own check, where it mmaps (LocalAccess reaches it with no server).
+    from pmd.sim.device import VirtioNetModel
+    from pmd.sim.dma import PROT_RW
+
+    files = unsealed_files()
+    try:
+        with VirtioNetModel() as dev:
+            for name, fd in files:
+                with pytest.raises(OSError) as e:
+                    dev.dma_map(0x100000, 2 * PAGE, fd, 0, PROT_RW)
+                assert e.value.errno == errno.EPERM and "F_SEAL_SHRINK" in str(e.value), name
+            sealed = create_sealed_memfd("sealed", 2 * PAGE)
+            try:
+                with pytest.raises(OSError) as e:
+                    dev.dma_map(0x100000, 4 * PAGE, sealed, 0, PROT_RW)  # longer than the file
+                assert e.value.errno == errno.EINVAL and "SIGBUS" in str(e.value)
+                dev.dma_map(0x100000, 2 * PAGE, sealed, 0, PROT_RW)
+                assert len(dev.dma) == 1
+            finally:
+                os.close(sealed)
+    finally:
+        for _name, fd in files:
+            os.close(fd)
+
+
+def test_device_bar_memfd_is_sealed_against_shrinking():
+    from pmd.sim.device import VirtioNetModel
+    from pmd.shm import SEALS, seals_of
+
+    with VirtioNetModel() as dev:
+        assert seals_of(dev.bar_fd) & SEALS == SEALS
+        with pytest.raises(PermissionError):
+            os.ftruncate(dev.bar_fd, 0)
+
+
+def test_truncating_shared_memory_cannot_kill_the_device():
+    """A hostile driver truncates the BAR memfd it was given and the DMA memfd it handed over;
+    the built-in device process (which maps both) must refuse to be shrunk under and live on."""
+    import pmd
+    from pmd.sim.process import spawn_device
+
+    with spawn_device() as sim:
+        dev = VfioUserDevice.connect(sim.socket_path)
+        try:
+            dev.region_info(0)
+            bar_fd = dev._res.region_fds[0]
+            with pytest.raises(PermissionError):
+                os.ftruncate(bar_fd, 0)
+            mem = pmd.DmaMemory(1 << 20, lock=False)
+            dev.map_memory(mem)
+            with pytest.raises(PermissionError):
+                os.ftruncate(mem.fd, 0)
+            files = unsealed_files()  # and memory it could shrink later is not taken at all
+            try:
+                for name, fd in files:
+                    with pytest.raises(VfioError) as e:
+                        dev.dma_map(0, 0x10000000, 2 * PAGE, fd)
+                    assert e.value.errno == errno.EPERM, name
+            finally:
+                for _name, fd in files:
+                    os.close(fd)
+            assert dev.config_read_int(0, 2) == 0x1AF4
+        finally:
+            dev.close()  # the device resets its notify area (a store into the BAR memfd) and its maps
+        mem.close()
+        time.sleep(0.2)
+        assert sim.running, sim.log_text()
+        with VfioUserDevice.connect(sim.socket_path) as again:  # and serves the next driver
+            assert again.config_read_int(0, 2) == 0x1AF4
+
+
+def test_server_counts_every_bad_message(served, raw):
+    _model, server, _path = served
+    before = server.stats()
+    raw.negotiate()
+    assert error_of(raw.call(99)) == errno.ENOSYS
+    assert error_of(raw.call(p.VFIO_USER_REGION_READ, p.encode_region_access(0, 7, 0))) == errno.EINVAL
+    r, w = os.pipe()
+    try:
+        assert not raw.call(p.VFIO_USER_DEVICE_GET_INFO, p.encode_device_info_request(), fds=[r, w]).is_error
+    finally:
+        os.close(r)
+        os.close(w)
+    raw.send(p.VFIO_USER_REGION_READ, p.encode_region_access(0, 7, 0), flags=p.FLAG_NO_REPLY)
+    raw.send(p.VFIO_USER_DEVICE_GET_INFO, flags=p.TYPE_REPLY)
+    assert not raw.call(p.VFIO_USER_DEVICE_GET_INFO, p.encode_device_info_request()).is_error
+    raw.send_raw(struct.pack("<HHIII", 1, 1, 8, 0, 0))  # size below the header: dropped
+    assert raw.dropped()
+    assert wait_for(lambda: not server.connected)
+    after = server.stats()
+    delta = {k: after[k] - before[k] for k in ("messages", "error_replies", "silent_errors", "dropped",
+                                                "ignored_replies", "unused_fds")}
+    assert delta == {"messages": 8, "error_replies": 2, "silent_errors": 1, "dropped": 1,
+                     "ignored_replies": 1, "unused_fds": 2}
+    assert after["errnos"] == {"EINVAL": 2, "ENOSYS": 1}
 
 
 def test_server_ignores_replies_and_honours_no_reply(raw, model):
@@ -1463,8 +1630,7 @@ def test_client_rejects_region_info_for_another_index(fake):
 
 
 def test_client_will_not_map_a_file_shorter_than_the_region(fake):
-    small = os.memfd_create("small")
-    os.ftruncate(small, PAGE)
+    small = create_sealed_memfd("small", PAGE)
 
     def build(m):
         payload = p.encode_region_info(0, RW | REGION_INFO_FLAG_MMAP, 4 * PAGE, 0, None, 1024)
@@ -1479,6 +1645,123 @@ def test_client_will_not_map_a_file_shorter_than_the_region(fake):
     finally:
         dev.close()
         os.close(small)
+
+
+def test_client_refuses_an_unsealed_region_fd(fake):
+    files = unsealed_files()
+    for name, fd in files:
+
+        def build(m, fd=fd):
+            payload = p.encode_region_info(0, RW | REGION_INFO_FLAG_MMAP, 4 * PAGE, 0, None, 1024)
+            return ("send", reply_header(m, payload=payload), [fd])
+
+        server = fake(region_info_hook(0, build))
+        baseline = open_fds()
+        dev = server.device()
+        try:
+            with pytest.raises(VfioError) as e:
+                dev.map_region(0)
+            assert e.value.errno == errno.EPERM, name
+            assert "not sealed against shrinking" in str(e.value) and "MFD_ALLOW_SEALING" in str(e.value)
+            assert dev.config_read(0, 4) == b"\x11" * 4  # the connection goes on
+        finally:
+            dev.close()
+        assert open_fds() == baseline - 1  # the socketpair's client end went with the device
+        os.close(fd)
+
+
+SHRINKING_SERVER_CLIENT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from pmd.vfio_user import VfioUserDevice
+    dev = VfioUserDevice.connect({path!r})
+    try:
+        bar = dev.map_region(0).mmio(0, 4096)
+    except Exception as e:
+        print("refused", getattr(e, "errno", None), flush=True)
+    else:
+        print("mapped", flush=True)
+        sys.stdin.readline()       # the server truncates its file now
+        print("read", bar.read32(0), flush=True)
+    dev.close()
+    """
+)
+
+
+def test_a_server_that_shrinks_its_bar_cannot_kill_the_driver(sock_dir):
+    """A vfio-user server hands out an unsealed BAR memfd and truncates it once the driver
+    mapped it: the driver (in a child process, so a SIGBUS shows) must have refused the map."""
+    model = ToyModel()
+    os.close(model.bar0_fd)
+    model.bar0.close()
+    model.bar0_fd = os.memfd_create("toy-bar0-unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(model.bar0_fd, 3 * PAGE)
+    model.bar0 = mmap.mmap(model.bar0_fd, 2 * PAGE, offset=PAGE)
+    path = os.path.join(sock_dir, "s")
+    with VfioUserServer(model, path) as server:
+        server.serve_in_thread()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SHRINKING_SERVER_CLIENT.format(root=str(ROOT), path=path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            line = proc.stdout.readline().split()
+            if line and line[0] == "mapped":
+                model.bar0.close()
+                os.ftruncate(model.bar0_fd, 0)  # under the driver's mapping
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+            assert proc.wait(10) == 0, f"the driver died with signal {-proc.returncode}"
+            assert line == ["refused", str(errno.EPERM)]
+        finally:
+            proc.kill()
+            proc.wait(5)
+    model.bar0 = mmap.mmap(-1, PAGE)  # for model.close()
+
+
+def test_client_refuses_a_region_too_large_to_reserve(fake):
+    # Found by the fuzzer: a huge region size made the address-space reservation fail with a
+    # bare OSError (EINVAL/ENOMEM) instead of a VfioError saying what the device claimed.
+    bar = create_sealed_memfd("bar", 0x7000)
+
+    def build(m):
+        payload = p.encode_region_info(0, RW | REGION_INFO_FLAG_MMAP, 1 << 62, 0, [p.SparseArea(0x6000, PAGE)], 1024)
+        return ("send", reply_header(m, payload=payload), [bar])
+
+    dev = fake(region_info_hook(0, build)).device()
+    try:
+        with pytest.raises(VfioError) as e:
+            dev.map_region(0)
+        assert e.value.errno == errno.EINVAL and "described it wrongly" in str(e.value)
+    finally:
+        dev.close()
+        os.close(bar)
+
+
+def test_client_reports_pci_interrupts_and_regions_the_server_does_not_count_as_absent(fake):
+    # Found by the fuzzer: a server counting 2 IRQ indexes made Port.start() fail with a
+    # ValueError (a caller's mistake) when it asked for MSI-X (index 2), where kernel VFIO
+    # would say "none". PCI's own indexes (5 IRQ, 9 regions) are absent, not errors.
+    def hook(m):
+        if m.command == p.VFIO_USER_DEVICE_GET_INFO:
+            return ("send", reply_header(m, payload=p.encode_device_info(VFIO_DEVICE_FLAGS_PCI, 8, 2)))
+        return None
+
+    server = fake(hook)
+    dev = server.device()
+    try:
+        before = dev.requests
+        msix = dev.irq_info(PCI_MSIX_IRQ_INDEX)
+        assert msix.count == 0 and dev.region_info(8).size == 0
+        assert dev.requests == before  # nothing to ask
+        with pytest.raises(ValueError):
+            dev.irq_info(5)
+        with pytest.raises(ValueError):
+            dev.region_info(9)
+    finally:
+        dev.close()
 
 
 def test_client_treats_a_mappable_region_without_fd_as_message_only(fake):
@@ -1558,6 +1841,14 @@ def test_recv_message_on_any_byte_stream(data):
     finally:
         a.close()
         b.close()
+
+
+def test_version_json_nested_too_deeply_is_a_message_error():
+    # Found by the fuzzer: 4096 bytes of "[" made json.loads raise RecursionError, which
+    # escaped the client (and became EIO with a traceback at the server).
+    with pytest.raises(p.MessageError) as e:
+        p.decode_version(struct.pack("<HH", 0, 1) + b"[" * 4000)
+    assert e.value.errno == errno.EINVAL and "too deeply" in str(e.value)
 
 
 def test_header_round_trip_and_limits():

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from .._device import DeviceQueue
 from ..errors import DeviceError
+from ..shm import create_sealed_memfd
 from ..virtio import features as F
 from . import config as C
 from .dma import DmaMap
@@ -202,9 +203,9 @@ class VirtioNetModel:
         self._lock = threading.RLock()
         self._cfg_lock = threading.Lock()      # innermost: MAC, link, generation, ISR
         self._closed = False
-        # BAR0's mmap-able part: a memfd holding the notify area (at its BAR offset).
-        self._bar_fd = os.memfd_create(f"{name}-bar0", os.MFD_CLOEXEC)
-        os.ftruncate(self._bar_fd, C.BAR0_SIZE)
+        # BAR0's mmap-able part: a memfd holding the notify area (at its BAR offset), sealed
+        # before the driver gets it: a driver that truncated it would SIGBUS this process.
+        self._bar_fd = create_sealed_memfd(f"{name}-bar0", C.BAR0_SIZE)
         self._bar = mmap.mmap(self._bar_fd, C.BAR0_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._irq_fds: list[int] = [-1] * self.msix_vectors
         self._msix_table = bytearray(16 * self.msix_vectors)

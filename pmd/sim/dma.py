@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 from .._device import DmaWindows
+from ..shm import require_sealed
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -65,7 +66,10 @@ class DmaMap:
 
         Refuses (``OSError`` with an errno) a range that is empty, wraps past 2^64,
         overlaps a current one, is not readable and writable (the device writes
-        received packets and used rings wherever the driver points it), or has no fd.
+        received packets and used rings wherever the driver points it), or has no fd;
+        and a file that is not sealed against shrinking (``EPERM``) or is shorter
+        than ``fd_offset + size`` (``EINVAL``): the driver could truncate it under
+        the mapping and kill the device with SIGBUS (:func:`pmd.shm.require_sealed`).
         """
         if size <= 0 or iova < 0 or iova + size > 1 << 64 or fd_offset < 0:
             raise OSError(errno.EINVAL, f"bad DMA range iova={iova:#x} size={size:#x} offset={fd_offset:#x}")
@@ -78,6 +82,7 @@ class DmaMap:
         for m in self.mappings.values():
             if iova < m.iova + m.size and m.iova < iova + size:
                 raise OSError(errno.EEXIST, f"DMA range {iova:#x}+{size:#x} overlaps {m.iova:#x}+{m.size:#x}")
+        require_sealed(fd, fd_offset + size, f"the file of DMA range {iova:#x}+{size:#x}")
         page = mmap.PAGESIZE
         skew = fd_offset % page
         length = (skew + size + page - 1) // page * page

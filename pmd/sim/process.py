@@ -61,7 +61,7 @@ class SimError(PmdError, RuntimeError):
 # ------------------------------------------------------------------ the process side
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The device's options (shared by ``python -m pmd.sim`` and ``pmd sim``)."""
+    """The device's options, the same for ``python -m pmd.sim`` and the ``sim`` subcommand of ``pmd``."""
     parser.add_argument("--socket", required=True, help="vfio-user socket path to serve on")
     parser.add_argument("--wire", choices=WIRES, default="loopback", help="what is behind the device")
     parser.add_argument("--mac", default=None, help="device MAC (default 02:50:4d:44:00:01)")
@@ -86,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dgram-remote", default=None, help="dgram wire: the peer's datagram socket path")
     parser.add_argument("--mode", default="600", help="socket permissions, octal (default 600)")
     parser.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    # Set by spawn_device: the PID of the process that started this one (exit when
+    # it is gone) and the temporary folder it made for us (removed then).
+    parser.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--owned-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -197,20 +201,85 @@ class _Control:
             os.unlink(self.path)
 
 
+PR_SET_PDEATHSIG = 1     # linux/prctl.h
+# The parent-death signal. Not SIGTERM: prctl(2) sends it when the *thread* that
+# forked this process exits, which a live parent also does (open_port() from a
+# worker thread), so the handler must check whether the parent process is gone,
+# and a deliberate SIGTERM from a live parent must still stop the device.
+PARENT_DEATH_SIGNAL = signal.SIGHUP
+
+
+def _ask_for_parent_death_signal() -> bool:
+    """prctl(PR_SET_PDEATHSIG): be signalled when the parent goes. False when refused."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) == 0:
+            return True
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: %s; polling for the parent instead",
+                    os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as e:
+        log.warning("no prctl (%s); polling for the parent instead", e)
+    return False
+
+
+class _Parent:
+    """The process that started this device (``--parent-pid``), watched two ways:
+    the parent-death signal, and a look at ``getppid()`` each time the main loop
+    wakes (for the parent that died before prctl, or a missed signal)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.gone = False
+
+    def check(self) -> bool:
+        if self.pid and not self.gone and os.getppid() != self.pid:
+            self.gone = True     # reparented: the process that started us has exited
+        return self.gone
+
+
+def _remove_owned_dir(path: str | None) -> None:
+    # Only the folder spawn_device made for this device (its name says so).
+    if path and Path(path).name.startswith("pmd-sim-"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the device(s) until told to stop. Returns the exit status."""
+    stop = threading.Event()
+    parent = _Parent(int(getattr(args, "parent_pid", 0) or 0))
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    def on_parent_death(signum: int, frame: object) -> None:
+        if parent.check():
+            stop.set()
+
+    # Handlers first, then ask for the signal, then look: a parent that dies at
+    # any point is seen.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if parent.pid:
+        signal.signal(PARENT_DEATH_SIGNAL, on_parent_death)
+        _ask_for_parent_death_signal()
+    try:
+        if parent.check():
+            return 0
+        return _serve(args, stop, parent)
+    finally:
+        if parent.gone:
+            log.warning("the process that started this device (PID %d) is gone: stopping", parent.pid)
+            _remove_owned_dir(getattr(args, "owned_dir", None))
+
+
+def _serve(args: argparse.Namespace, stop: threading.Event, parent: _Parent) -> int:
     from ..vfio_user.server import VfioUserServer
     from .device import VirtioNetModel
 
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="pmd-sim[%(process)d] %(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     mode = int(str(args.mode), 8)
     models: list[VirtioNetModel] = []
     servers: list[VfioUserServer] = []
@@ -235,6 +304,8 @@ def serve(args: argparse.Namespace) -> int:
             server.serve_in_thread()
         control = _Control(args.socket + CONTROL_SUFFIX, models, stop)
         ready = {"ready": True, "pid": os.getpid(), "sockets": paths, "control": control.path}
+        if parent.check() or stop.is_set():
+            return 0
         if args.ready_fd >= 0:
             os.write(args.ready_fd, json.dumps(ready).encode() + b"\n")
             os.close(args.ready_fd)
@@ -242,7 +313,8 @@ def serve(args: argparse.Namespace) -> int:
             print(f"pmd sim: serving a virtio-net device ({args.wire} wire) on {', '.join(paths)}; "
                   f"control socket {control.path}", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
-            pass
+            if parent.check():
+                break
         return 0
     finally:
         for server in servers:
@@ -411,6 +483,14 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+# ``python -m pmd.sim`` would put the working directory ahead of PYTHONPATH on the
+# child's sys.path, so a checkout there would shadow the pmd running here: the
+# child's first path entry is set to this pmd's root instead.
+_CHILD_MAIN = ("import sys; sys.path[0] = {root!r}; from pmd.sim.process import main; "
+               "sys.argv[0] = 'python -m pmd.sim'; sys.exit(main(sys.argv[1:]))"
+               .format(root=str(Path(__file__).resolve().parent.parent.parent)))
+
+
 def spawn_device(tmpdir: str | os.PathLike[str] | None = None, *, socket_path: str | None = None,
                  timeout: float = READY_TIMEOUT, netns: str | None = None, python: str | None = None,
                  **options: Any) -> SimProcess:
@@ -433,7 +513,10 @@ def spawn_device(tmpdir: str | os.PathLike[str] | None = None, *, socket_path: s
     directory = Path(tmpdir)
     path = socket_path or str(directory / "dev.sock")
     log_path = str(directory / f"sim-{Path(path).name}.log")
-    argv = [python or sys.executable, "-m", "pmd.sim", "--socket", path, *option_argv]
+    argv = [python or sys.executable, "-c", _CHILD_MAIN, "--socket", path, *option_argv,
+            "--parent-pid", str(os.getpid())]
+    if own_dir is not None:
+        argv += ["--owned-dir", own_dir]     # removed by the device if this process dies first
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
     r, w = os.pipe2(os.O_CLOEXEC)

@@ -37,7 +37,6 @@ import mmap
 import os
 import select
 import socket
-import stat
 import threading
 import time
 import weakref
@@ -45,6 +44,8 @@ from collections.abc import Callable, Sequence
 
 from ..access import (
     PCI_CONFIG_REGION_INDEX,
+    PCI_NUM_IRQS,
+    PCI_NUM_REGIONS,
     REGION_INFO_FLAG_MMAP,
     DeviceAccess,
     DeviceInfo,
@@ -54,6 +55,7 @@ from ..access import (
     vfio_error,
 )
 from ..errors import VfioError
+from ..shm import require_sealed
 from ..vfio import (
     VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_ACTION_UNMASK,
@@ -634,6 +636,10 @@ class VfioUserDevice(DeviceAccess):
             return cached
         res = self._live()
         if not 0 <= index < self._device_info.num_regions:
+            if 0 <= index < PCI_NUM_REGIONS:  # a PCI region the device does not count: size 0, as vfio-pci
+                info = RegionInfo(index=index, flags=0, offset=0, size=0)
+                self._regions[index] = info
+                return info
             raise ValueError(f"{self.name} has regions 0..{self._device_info.num_regions - 1}, not {index}")
         argsz = _FIRST_REGION_INFO_ARGSZ
         for _attempt in range(2):
@@ -752,17 +758,10 @@ class VfioUserDevice(DeviceAccess):
             raise vfio_error(
                 f"{self.name} region {index}: mmap offset {info.offset:#x} is not page aligned", errno.EINVAL
             )
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise vfio_error(f"{self.name} region {index}: the server's fd is unusable: {exc.strerror}", exc.errno) from None
+        # A file the server could shrink under the mapping would kill this process with SIGBUS:
+        # it must be sealed (F_SEAL_SHRINK) and long enough; seals cannot be removed later.
         end = info.offset + max(a.end for a in areas)
-        if stat.S_ISREG(st.st_mode) and st.st_size < end:
-            raise vfio_error(
-                f"{self.name} region {index}: the server's file is {st.st_size:#x} bytes but the mappable areas "
-                f"reach {end:#x}; touching the rest would kill this process with SIGBUS, so it is not mapped",
-                errno.EINVAL,
-            )
+        require_sealed(fd, end, f"{self.name} region {index}: the server's file")
         mapping = RegionMapping(index, fd, info.offset, info.size, areas)
         res.mappings.append(mapping)
         return mapping
@@ -841,6 +840,12 @@ class VfioUserDevice(DeviceAccess):
             return cached
         self._live()
         if not 0 <= index < self._device_info.num_irqs:
+            if 0 <= index < PCI_NUM_IRQS:
+                # A PCI interrupt kind the device does not count (a server reporting fewer than
+                # vfio-pci's 5 indexes): it has none, as vfio-pci's EINVAL means on the kernel path.
+                info = IrqInfo(index=index, flags=0, count=0)
+                self._irq_infos[index] = info
+                return info
             raise ValueError(f"{self.name} has IRQ indexes 0..{self._device_info.num_irqs - 1}, not {index}")
         reply = self._conn.request(
             p.VFIO_USER_DEVICE_GET_IRQ_INFO, p.encode_irq_info_request(index), what=f"IRQ index {index} info"

@@ -484,6 +484,8 @@ def decode_version(payload: bytes) -> tuple[int, int, Capabilities]:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(what, f"version data is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # 4096 bytes of "[" nest deeper than the parser recurses
+        raise _bad(what, "version data nests JSON arrays or objects too deeply") from None
     if not isinstance(doc, dict):
         raise _bad(what, f"version data must be a JSON object, not {type(doc).__name__}")
     raw = doc.get("capabilities", {})

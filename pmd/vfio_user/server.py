@@ -43,6 +43,7 @@ from ..access import (
     vfio_error,
 )
 from ..errors import VfioError
+from ..shm import require_sealed
 from ..vfio import (
     VFIO_DEVICE_FLAGS_RESET,
     VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -170,6 +171,13 @@ class VfioUserServer:
         self.max_msg_size = p.max_message_size(max_data_xfer_size)
         self.sessions = 0  # clients served so far
         self.refused = 0  # connections closed because a client was already connected
+        self.messages = 0  # messages received, well framed or not
+        self.error_replies = 0  # commands answered with an error reply
+        self.silent_errors = 0  # commands that failed with the no-reply bit set (logged only)
+        self.errnos: dict[int, int] = {}  # errno -> how many commands failed with it
+        self.dropped = 0  # connections this server dropped (framing, a failed VERSION or reply)
+        self.ignored_replies = 0  # replies nobody asked for
+        self.unused_fds = 0  # fds that came with a message and were closed unused
         self._res = _Resources(self.socket_path)
         self._finalizer = weakref.finalize(self, self._res.release)
         self._state = threading.Lock()
@@ -203,18 +211,54 @@ class VfioUserServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         res.listener = sock
         # Linux gives the socket file the mode of the socket's inode (less the umask) at bind
-        # time, so the file never exists with wider permissions than asked; chmod after bind
-        # then sets exactly ``mode`` (the umask may have removed bits the caller wanted).
+        # time, so the file never exists with wider permissions than asked; _set_mode after
+        # bind then sets exactly ``mode`` (the umask may have removed bits the caller wanted).
         os.fchmod(sock.fileno(), self.mode)
         try:
             sock.bind(path)
         except OSError as exc:
             raise vfio_error(f"cannot create the vfio-user socket {path}: {exc.strerror}", exc.errno) from exc
-        st = os.lstat(path)
-        res.identity = (st.st_dev, st.st_ino)
-        os.chmod(path, self.mode)
+        self._set_mode(path)
         sock.listen(4)
         log.debug("vfio-user server listening on %s (mode %#o)", path, self.mode)
+
+    def _set_mode(self, path: str) -> None:
+        """Give the socket file just bound at ``path`` exactly ``mode``, never following a symlink.
+
+        ``chmod(path)`` follows a symlink someone put there after ``bind`` (Linux has no
+        ``lchmod``), and would change the mode of whatever it points to. So the path is opened
+        ``O_PATH | O_NOFOLLOW`` (a symlink opens as itself, open(2)), checked to be a socket of
+        ours, and changed through ``/proc/self/fd/N``, which names that inode and nothing else.
+        """
+        try:
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise vfio_error(
+                f"the vfio-user socket {path} is gone right after bind ({exc.strerror}): another process "
+                "removes files there; use a directory only this user can write",
+                exc.errno,
+            ) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+                raise vfio_error(
+                    f"{path} was replaced right after bind by something that is not this server's socket "
+                    f"({stat.filemode(st.st_mode)}, uid {st.st_uid}; a symlink?): not changing its mode; "
+                    "use a directory only this user can write",
+                    errno.EEXIST,
+                )
+            self._res.identity = (st.st_dev, st.st_ino)
+            if stat.S_IMODE(st.st_mode) != self.mode:
+                try:
+                    os.chmod(f"/proc/self/fd/{fd}", self.mode)
+                except OSError as exc:
+                    raise vfio_error(
+                        f"cannot set mode {self.mode:#o} on the vfio-user socket {path} through /proc/self/fd "
+                        f"({exc.strerror}); mount /proc, or set a umask that keeps those bits",
+                        exc.errno,
+                    ) from None
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _remove_stale(path: str) -> None:
@@ -256,6 +300,21 @@ class VfioUserServer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def stats(self) -> dict[str, object]:
+        """What the server has seen: every bad message is counted here (and logged)."""
+        return {
+            "sessions": self.sessions,
+            "refused": self.refused,
+            "messages": self.messages,
+            "error_replies": self.error_replies,
+            "silent_errors": self.silent_errors,
+            "errnos": {errno.errorcode.get(k, str(k)): v for k, v in sorted(self.errnos.items())},
+            "dropped": self.dropped,
+            "ignored_replies": self.ignored_replies,
+            "unused_fds": self.unused_fds,
+            "connected": self.connected,
+        }
 
     @property
     def connected(self) -> bool:
@@ -415,12 +474,15 @@ class VfioUserServer:
             )
         except p.MessageError as exc:
             log.warning("vfio-user %s: client %d: %s; dropping the connection", self.socket_path, session.number, exc)
+            self.messages += 1
+            self.dropped += 1
             self._end_session(sel, f"broken framing: {exc}")
             return
         if msg is None:
             self._end_session(sel, "disconnected")
             return
         session.messages += 1
+        self.messages += 1
         drop = False
         payload = b""
         reply_fds: list[int] = []
@@ -430,6 +492,7 @@ class VfioUserServer:
             if msg.is_reply:
                 # pmd's server sends no commands, so no reply is awaited: ignore it.
                 log.warning("vfio-user %s: ignoring an unsolicited %s", self.socket_path, msg.describe())
+                self.ignored_replies += 1
                 return
             if msg.fds_truncated:
                 raise _request_error(
@@ -454,9 +517,16 @@ class VfioUserServer:
                 exc_info=not isinstance(exc, (OSError, ValueError, LookupError, NotImplementedError)),
             )
         finally:
+            self.unused_fds += len(msg.fds)
             msg.close_fds()  # whatever the handler did not take
         if err and not session.negotiated:
             drop = True  # no agreement on the protocol: the spec has the server close the connection
+        if err:
+            self.errnos[err] = self.errnos.get(err, 0) + 1
+            if msg.no_reply or msg.is_reply:
+                self.silent_errors += 1
+            else:
+                self.error_replies += 1
         if msg.is_reply:
             return
         if not msg.no_reply:
@@ -473,6 +543,7 @@ class VfioUserServer:
         elif err:
             log.warning("vfio-user %s: %s (no reply requested) failed with errno %d", self.socket_path, msg.name, err)
         if drop:
+            self.dropped += 1
             self._end_session(sel, f"dropped after {msg.name}")
 
     # --- the commands ---------------------------------------------------------
@@ -675,14 +746,12 @@ class VfioUserServer:
         if req.offset % _PAGE:
             raise _request_error(f"DMA_MAP file offset {req.offset:#x} is not page aligned")
         fd = msg.fds[0]
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _request_error("DMA_MAP: the file descriptor is not a regular file (a memfd)")
-        if st.st_size < req.offset + req.size:
-            raise _request_error(
-                f"DMA_MAP of {req.size:#x} bytes at file offset {req.offset:#x}, but the file is only "
-                f"{st.st_size:#x} bytes long"
-            )
+        # The device mmaps this file: unless it is sealed against shrinking, the client could
+        # truncate it and kill the device with SIGBUS (spec, Security Considerations; fcntl(2)).
+        try:
+            require_sealed(fd, req.offset + req.size, f"DMA_MAP [{req.address:#x}, +{req.size:#x}): the file")
+        except VfioError as exc:
+            raise _request_error(str(exc), exc.errno or errno.EINVAL) from None
         for iova, size in session.dma.items():
             if req.address < iova + size and iova < req.address + req.size:
                 raise _request_error(

@@ -8,7 +8,9 @@ device configuration (MAC, link status, queue pairs, MTU, speed and duplex,
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +22,8 @@ from .._virtqueue import Virtqueue
 from ..errors import DeviceError, QueueStateError
 from . import features as F
 from .transport import Transport
+
+log = logging.getLogger("pmd.virtio.net")
 
 # What pmd asks for when the device offers it (the feature table in docs/port.md).
 WANTED = (F.bit(F.VERSION_1) | F.bit(F.ACCESS_PLATFORM) | F.bit(F.NET_MAC) | F.bit(F.NET_STATUS)
@@ -165,43 +169,106 @@ class ControlQueue:
     Each command is a chain: device-readable ``{u8 class; u8 command; data}``
     then a device-writable ``u8 ack``. pmd waits for the device to use it
     (polling, with a timeout) and raises when the ack is not VIRTIO_NET_OK.
+
+    A command that times out stays with the device, which may still answer it
+    (write its ack, return its chain). So each command has a buffer of its own
+    (one of ``slots``), named by the chain's cookie: a used entry is matched to
+    its command, a late one is reclaimed and counted (``late_completions``)
+    and its buffer reused only then. When every buffer is held by a command the
+    device never returned, commands are refused until the port restarts (the
+    reset takes the chains back, 2.4).
     """
 
-    BUF = 4096
+    BUF = 4096          # one command's header, data and ack
+    SLOTS = 4           # commands in flight at most: the live one and timed-out ones
+
+    @classmethod
+    def memory_needed(cls) -> int:
+        return cls.BUF * cls.SLOTS + 64
 
     def __init__(self, vq: Virtqueue, memory: DmaMemory, timeout: float = 2.0) -> None:
         self.vq = vq
         self.memory = memory
         self.timeout = timeout
-        self.offset = memory.alloc(self.BUF, 64)
-        self.view = memory.view(self.offset, self.BUF)
+        # Each chain takes two descriptors: a ring smaller than 2 * SLOTS has fewer slots.
+        self.slots = max(1, min(self.SLOTS, vq.size // 2))
+        self.offset = memory.alloc(self.BUF * self.slots, 64)
+        self.view = memory.view(self.offset, self.BUF * self.slots)
+        self._free = list(range(self.slots - 1, -1, -1))
+        self._stale: dict[int, tuple[str, int]] = {}   # slot -> (command, ack offset) that timed out
+        self._lock = threading.Lock()         # one command at a time, from any thread
         self.commands = 0
+        self.timeouts = 0
+        self.late_completions = 0
 
     def command(self, cls: int, cmd: int, data: bytes = b"") -> None:
         if len(data) + 3 > self.BUF:
-            raise ValueError("control command too long")
+            raise ValueError(f"control command too long: {len(data)} data bytes, at most {self.BUF - 3}")
+        with self._lock:
+            self._command(cls, cmd, data)
+
+    def _command(self, cls: int, cmd: int, data: bytes) -> None:
+        self._reclaim(None, 0.0)
+        if not self._free:
+            raise DeviceError(f"the control queue is stuck: {len(self._stale)} earlier command(s) "
+                              f"({', '.join(name for name, _ in self._stale.values())}) timed out and the device never "
+                              "returned them; restart the port (stop() and start()) to reset the device")
+        slot = self._free.pop()
+        name = f"{cls}.{cmd}"
+        base = slot * self.BUF
         n = len(data) + 2
-        self.view[0] = cls
-        self.view[1] = cmd
-        self.view[2:n] = np.frombuffer(data, dtype=np.uint8)
-        ack_off = (n + 63) & ~63
+        self.view[base] = cls
+        self.view[base + 1] = cmd
+        self.view[base + 2:base + n] = np.frombuffer(data, dtype=np.uint8)
+        ack_off = base + ((n + 63) & ~63)
         self.view[ack_off] = 0xFF
-        base = self.memory.iova(self.offset)
-        self.vq.add([(base, n)], [(base + ack_off, 1)])
-        self.vq.kick()
-        deadline = time.monotonic() + self.timeout
-        while True:
-            used = self.vq.get_used()
-            if used is not None:
-                break
-            if time.monotonic() > deadline:
-                raise DeviceError(f"control command {cls}.{cmd} not completed within {self.timeout} s; "
-                                  "the device is not processing its control queue")
-            time.sleep(0.0002)
+        iova = self.memory.iova(self.offset + base)
+        try:
+            self.vq.add([(iova, n)], [(iova + ack_off - base, 1)], cookie=slot)
+        except BaseException:
+            self._free.append(slot)
+            raise
+        done = False
+        try:
+            self.vq.kick()
+            done = self._reclaim(slot, self.timeout)
+        finally:
+            if not done:            # timed out, or a bad used entry: the chain is still the device's
+                self._stale[slot] = (name, ack_off)
+                self.timeouts += 1
+        if not done:
+            raise DeviceError(f"control command {name} not completed within {self.timeout} s; "
+                              "the device is not processing its control queue")
+        self._free.append(slot)
         self.commands += 1
         ack = int(self.view[ack_off])
         if ack != F.CTRL_OK:
             raise DeviceError(f"the device refused control command class {cls} command {cmd} (ack {ack})")
+
+    def _reclaim(self, slot: int | None, timeout: float) -> bool:
+        """Take used entries until ``slot``'s comes back (True) or ``timeout`` passes
+        (False); entries of timed-out commands are reclaimed on the way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            used = self.vq.get_used()
+            if used is None:
+                if slot is None or time.monotonic() > deadline:
+                    return False
+                time.sleep(0.0002)
+                continue
+            done = used[0][0]
+            if done == slot:
+                return True
+            # The virtqueue returns only chains it had in flight: a timed-out one.
+            stale = self._stale.pop(done, None)
+            if stale is None:
+                log.warning("control queue: a used entry names buffer %d, held by no command; ignored", done)
+                continue
+            name, ack_off = stale
+            self.late_completions += 1
+            self._free.append(done)
+            log.warning("control command %s completed after its timeout (ack %d); dropped", name,
+                        int(self.view[ack_off]))
 
     def close(self) -> None:
         del self.view

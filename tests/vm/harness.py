@@ -673,6 +673,28 @@ def _tail(path: Path, limit: int = 4000) -> str:
     return data[-limit:].decode("utf-8", "replace")
 
 
+# The guest mounts fresh tmpfs file systems on /tmp and /run (init.sh).
+_TMPFS_ROOTS = ("/tmp", "/run")
+
+
+def _kept_dirs(cwd: str, env: dict) -> list:
+    """Directories under the guest's fresh /tmp and /run that the command needs
+    (this checkout, its cwd, the interpreter's prefix, PYTHONPATH entries): init.sh
+    binds them back over the tmpfs, so a checkout in /tmp works in the guest."""
+    wanted = [str(CHECKOUT), cwd, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))]
+    wanted += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    keep: list = []
+    for p in wanted:
+        p = os.path.realpath(p)
+        if not any(p == r or p.startswith(r + "/") for r in _TMPFS_ROOTS) or p in _TMPFS_ROOTS:
+            continue
+        if " " in p or not os.path.isdir(p):
+            continue
+        if not any(p == k or p.startswith(k + "/") for k in keep):
+            keep = [k for k in keep if not k.startswith(p + "/")] + [p]
+    return keep
+
+
 def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: bool = False,
                  env: Optional[dict] = None, cwd: Optional[Union[str, Path]] = None,
                  kernel_nic: bool = False, stream: Optional[Union[TextIO, Callable]] = None,
@@ -721,7 +743,8 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
     (share / "guest.conf").write_text(
         f"PMD_BIND={shlex.quote(' '.join(bind))}\n"
         f"PMD_KNIC={shlex.quote(KNIC_BDF if kernel_nic else '')}\n"
-        f"PMD_HUGEPAGES={int(hugepages)}\n")
+        f"PMD_HUGEPAGES={int(hugepages)}\n"
+        f"PMD_KEEP={shlex.quote(' '.join(_kept_dirs(cwd, genv)))}\n")
     lines = ["#!/bin/sh", "# written by tests/vm/harness.py; runs chrooted in the guest"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(genv.items())]
     lines += ["[ -f /pmd-vm/guest.env ] && set -a && . /pmd-vm/guest.env && set +a",

@@ -45,6 +45,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results /share \
 PMD_BIND=""
 PMD_KNIC=""
 PMD_HUGEPAGES=0
+PMD_KEEP=""
 . /share/guest.conf
 
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /lower \
@@ -94,8 +95,24 @@ mkdir -p $R/dev/pts $R/dev/shm $R/dev/hugepages
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
 mount -t hugetlbfs hugetlbfs $R/dev/hugepages
+# Directories under /tmp or /run that the command needs (a checkout, a virtual
+# environment) would vanish under the fresh tmpfs: bind the overlay's view of
+# each aside first and back over the tmpfs after (writable, like the rest).
+mkdir -p /keep
+i=0
+for p in $PMD_KEEP; do
+    i=$((i + 1))
+    mkdir -p /keep/$i
+    mount --bind "$R$p" /keep/$i || fatal "keep $p"
+done
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fatal "mount tmpfs on /tmp"
 mount -t tmpfs -o mode=0755 tmpfs $R/run
+i=0
+for p in $PMD_KEEP; do
+    i=$((i + 1))
+    mkdir -p "$R$p"
+    mount --bind /keep/$i "$R$p" || fatal "bind $p back over the tmpfs"
+done
 # No udev: make the /dev/virtio-ports/NAME links it would make.
 for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] || continue

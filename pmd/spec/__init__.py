@@ -1,0 +1,1 @@
+"""The specifications pmd speaks, as vocabulary: constants, layouts and strict codecs (standard library only)."""
