@@ -79,6 +79,9 @@ class Port:
         self._disable = F.parse(disable)
         self._want_mac = parse_mac(mac) if mac is not None else None
         self._lock = threading.RLock()
+        # The link callbacks have a lock of their own: the interrupt thread takes it,
+        # and never the port lock, which stop() holds while it waits for that thread.
+        self._callbacks_lock = threading.Lock()
         self._started = False
         self._closed = False
         self._link_callbacks: list[LinkCallback] = []
@@ -496,11 +499,11 @@ class Port:
         Returns a function that removes it."""
         if not callable(callback):
             raise TypeError("on_link_change needs a callable taking a Link")
-        with self._lock:
+        with self._callbacks_lock:
             self._link_callbacks.append(callback)
 
         def remove() -> None:
-            with self._lock:
+            with self._callbacks_lock:
                 if callback in self._link_callbacks:
                     self._link_callbacks.remove(callback)
         return remove
@@ -531,7 +534,7 @@ class Port:
         self._link = link
         if link != self._link_reported:
             self._link_reported = link
-            with self._lock:
+            with self._callbacks_lock:
                 callbacks = list(self._link_callbacks)
             for cb in callbacks:
                 cb(link)

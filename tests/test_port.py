@@ -650,6 +650,41 @@ def test_reading_port_link_does_not_swallow_the_change_the_callbacks_are_owed():
         m.close()
 
 
+def test_stopping_a_port_while_a_config_interrupt_is_handled_does_not_deadlock():
+    # stop() holds the port lock while it waits for the interrupt thread to leave
+    # the config-interrupt handler: the handler must never wait for the port lock.
+    # In a child process, so a deadlock is a failed test and not a hung run.
+    import subprocess
+
+    from tests.isolated import describe, run_isolated
+
+    code = """
+import threading
+import pmd
+from pmd.sim.device import VirtioNetModel
+from pmd.sim.local import LocalAccess
+
+m = VirtioNetModel()
+port = pmd.Port(LocalAccess(m), name="sim")
+port.start()
+inside, release = threading.Event(), threading.Event()
+port.on_link_change(lambda link: (inside.set(), release.wait(10)))
+with port._lock:                      # as stop() holds it
+    m.set_link(False)
+    inside.wait(5)                    # the handler runs even while the port lock is held
+    release.set()
+    port.stop()
+port.close()
+m.close()
+print("stopped", inside.is_set())
+"""
+    try:
+        r = run_isolated(code, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("stop() and the config-interrupt handler waited for each other (deadlock)")
+    assert r.returncode == 0 and "stopped True" in r.stdout, describe(r)
+
+
 def test_start_with_promiscuous_sets_it_through_the_control_queue():
     for on in (False, True):
         port, m = local_port(promiscuous=on)
