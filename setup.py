@@ -11,6 +11,7 @@ with -fsanitize=...; the interpreter must then load the sanitizer runtime
 first (LD_PRELOAD of gcc's libasan.so), as scripts/sanitize.sh does.
 """
 import os
+from pathlib import Path
 
 import numpy
 from Cython.Build import cythonize
@@ -19,7 +20,8 @@ from setuptools import Extension, setup
 DEBUG = os.environ.get("PMD_DEBUG", "") not in ("", "0")
 SANITIZE = os.environ.get("PMD_SANITIZE", "").strip()
 
-MODULES = ["_mmio", "_memory", "_pool", "_virtqueue", "_device", "_burst"]
+# Every Cython module of the package: pmd/driver/_rx.pyx builds the extension pmd.driver._rx.
+SOURCES = sorted(str(p) for p in Path("pmd").rglob("*.pyx"))
 
 macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 cflags = ["-std=gnu11", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
@@ -37,14 +39,14 @@ if SANITIZE:
 
 extensions = [
     Extension(
-        f"pmd.{name}",
-        [f"pmd/{name}.pyx"],
+        source[: -len(".pyx")].replace("/", "."),
+        [source],
         include_dirs=["csrc", numpy.get_include()],
         define_macros=macros,
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )
-    for name in MODULES
+    for source in SOURCES
 ]
 
 directives = {
@@ -64,7 +66,7 @@ setup(
     ext_modules=cythonize(
         extensions,
         compiler_directives=directives,
-        include_path=["pmd"],
+        include_path=["."],
         annotate=os.environ.get("PMD_ANNOTATE", "") not in ("", "0"),
     ),
 )

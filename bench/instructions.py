@@ -153,11 +153,16 @@ def perf_instructions(kind: str, size: int, burst: int, rounds: int) -> int | No
     return None
 
 
+_DEVICE_SIDE = "pmd device side (pmd/sim: _tx, _rx, _virtqueue)"
+_DRIVER_SIDE = "pmd driver side (pmd/driver: _rx, _tx, inlined _virtqueue/_pool)"
+
+
 def module_of(fn: str, obj: str) -> str:
-    if obj.startswith("_device."):
-        return "pmd device side (_device)"
-    if obj.startswith(("_burst.", "_virtqueue.", "_pool.")):
-        return "pmd driver side (_burst, inlined _virtqueue/_pool)"
+    # Cython names carry the module: __pyx_..._3pmd_3sim_3_tx_... is pmd.sim._tx.
+    if "3pmd_3sim_" in fn or "/sim/_" in obj:
+        return _DEVICE_SIDE
+    if "3pmd_6driver_" in fn or "/driver/_" in obj or obj.startswith(("_rx.", "_tx.", "_queue.", "_pool.")):
+        return _DRIVER_SIDE
     if obj.startswith("libpython") or obj.startswith("python"):
         return "Python interpreter (incl. GIL release/take)"
     if obj.startswith("_struct."):
@@ -165,9 +170,9 @@ def module_of(fn: str, obj: str) -> str:
     if obj.startswith("libc"):
         return "libc (memcpy, memset, mutexes of the GIL)"
     if "__pyx" in fn and "device" in fn:
-        return "pmd device side (_device)"
+        return _DEVICE_SIDE
     if "__pyx" in fn:
-        return "pmd driver side (_burst, inlined _virtqueue/_pool)"
+        return _DRIVER_SIDE
     if not obj:  # callgrind_annotate sometimes omits the object: go by the name
         if fn.startswith(("__mem", "mem", "pthread", "__pthread")):
             return "libc (memcpy, memset, mutexes of the GIL)"

@@ -32,7 +32,7 @@ from typing import Any
 # Measure the checkout this script is in, even where another pmd is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pmd.interrupts import EventFd, InterruptThread, wait  # noqa: E402
+from pmd.driver.interrupts import EventFd, InterruptThread, wait  # noqa: E402
 
 WARMUP = 50  # first samples of each kind, discarded (caches, thread start)
 TIMEOUT = 2.0  # per sample; only reached if something is broken

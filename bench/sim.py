@@ -80,7 +80,8 @@ import numpy as np  # noqa: E402
 
 import dpdk  # noqa: E402
 from pmd import fwd  # noqa: E402
-from pmd.port import Port, open_port  # noqa: E402
+from pmd.backends import open_port  # noqa: E402
+from pmd.driver.port import Port  # noqa: E402
 
 MODES = ("tx", "rx", "io")
 SIZES = (64, 1500)

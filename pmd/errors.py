@@ -35,3 +35,14 @@ class PoolError(PmdError, ValueError):
 
 class VfioError(PmdError, OSError):
     """A VFIO (kernel or vfio-user) operation failed; the message names the file or request."""
+
+
+def vfio_error(message: str, err: int | None = None) -> VfioError:
+    """A :class:`VfioError` whose ``str()`` is exactly ``message`` and whose ``errno`` is ``err``.
+
+    Both sides build them: the driver's device access and the built-in device's
+    server (an error reply carries the errno).
+    """
+    exc = VfioError(message)
+    exc.errno = err
+    return exc

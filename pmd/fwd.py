@@ -16,7 +16,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .pcap import PcapWriter
+from .spec.ethernet import udp_frame
+from .spec.pcap import PcapWriter
 
 MODES = ("rxonly", "txonly", "io", "macswap")
 
@@ -54,22 +55,6 @@ class Summary:
         return (f"summary: mode={self.mode} seconds={self.seconds:.2f} rx={self.rx_packets} "
                 f"tx={self.tx_packets} mpps={self.mpps:.3f} gbps={gbps:.3f} drops={self.drops} "
                 f"errors={self.errors}")
-
-
-def udp_frame(size: int, src: bytes, dst: bytes = b"\xff" * 6) -> bytes:
-    """An Ethernet/IPv4/UDP frame of ``size`` bytes (60-9014) from ``src`` to ``dst``."""
-    if not 60 <= size <= 9014:
-        raise ValueError("packet size must be 60 to 9014 bytes")
-    ip_len = size - 14
-    ip = bytearray(20)
-    ip[0], ip[8], ip[9] = 0x45, 64, 17
-    ip[2:4] = ip_len.to_bytes(2, "big")
-    ip[12:16], ip[16:20] = bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])   # RFC 2544 test range
-    csum = sum(int.from_bytes(ip[i:i + 2], "big") for i in range(0, 20, 2))
-    csum = (csum & 0xFFFF) + (csum >> 16)
-    ip[10:12] = (~csum & 0xFFFF).to_bytes(2, "big")
-    udp = (9).to_bytes(2, "big") + (9).to_bytes(2, "big") + (ip_len - 20).to_bytes(2, "big") + b"\0\0"
-    return dst + src + b"\x08\x00" + bytes(ip) + udp + bytes(size - 42)
 
 
 def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:

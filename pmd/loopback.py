@@ -1,22 +1,27 @@
 """An in-process loopback: pmd's driver queues against the device side of the
 same rings, in one process and one thread.
 
-What the driver transmits, the device-side code (``pmd._device``) takes from
-the tx ring and writes into buffers of the rx ring, exactly as a device would
-by DMA (through IOVAs and DMA windows). It is the test bed of the data path
-and the baseline of ``bench/loopback.py``; the built-in device (a separate
-process over vfio-user) builds on the same device-side code.
+What the driver transmits (:mod:`pmd.driver._tx`), the device side
+(:func:`pmd.sim._tx.tx_to_rx`) takes from the tx ring and writes into buffers
+of the rx ring, exactly as a device would by DMA (through IOVAs and DMA
+windows), and the driver receives (:mod:`pmd.driver._rx`). It is the test bed
+of the data path and the baseline of ``bench/loopback.py``; the built-in device
+(a separate process over vfio-user) builds on the same device-side code. It
+stands above both sides, as :mod:`pmd.backends` does.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from ._burst import RxQueue, TxQueue
-from ._device import DeviceQueue, DmaWindows, loopback
-from ._memory import DmaMemory
-from ._pool import PacketPool
-from ._virtqueue import Virtqueue, ring_size
+from .driver._pool import PacketPool
+from .driver._rx import RxQueue
+from .driver._tx import TxQueue
+from .driver._virtqueue import Virtqueue, ring_size
+from .memory import DmaMemory
+from .sim._dma import DmaWindows
+from .sim._tx import tx_to_rx
+from .sim._virtqueue import DeviceQueue
 
 
 class Loopback:
@@ -79,7 +84,7 @@ class Loopback:
     def step(self, budget: int = 256) -> int:
         """Run the device once: move up to ``budget`` packets from tx to rx.
         After close() the device queues raise QueueStateError."""
-        return loopback(self.device_tx, self.device_rx, budget, self.hdr_len, self.mergeable)
+        return tx_to_rx(self.device_tx, self.device_rx, budget, self.hdr_len, self.mergeable)
 
     def stats(self) -> dict[str, Any]:
         return {

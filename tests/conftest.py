@@ -14,7 +14,7 @@ import pytest
 
 def ring_view(vq):
     """numpy views of a Virtqueue's three areas, straight from DMA memory."""
-    from pmd._virtqueue import ring_layout
+    from pmd.driver._virtqueue import ring_layout
 
     lay = ring_layout(vq.size, vq.align)
     mem = np.frombuffer(vq.memory, dtype=np.uint8)
@@ -58,7 +58,8 @@ def ring_pair(memory):
 
 def make_pair(memory, size, *, event_idx=False):
     import pmd
-    from pmd._device import DeviceQueue, DmaWindows
+    from pmd.sim._dma import DmaWindows
+    from pmd.sim._virtqueue import DeviceQueue
 
     vq = pmd.Virtqueue(memory, size, 0, event_idx=event_idx)
     w = DmaWindows()

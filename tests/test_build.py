@@ -24,9 +24,9 @@ def test_debug_build_traces_lines_checks_bounds_and_runs(tmp_path):
     r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=src, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    c = (src / "pmd" / "_device.c").read_text()
+    c = (src / "pmd" / "sim" / "_virtqueue.c").read_text()
     assert "__Pyx_TraceLine(" in c                      # linetrace on
-    release = (ROOT / "pmd" / "_device.c")
+    release = (ROOT / "pmd" / "sim" / "_virtqueue.c")
     if release.exists():
         assert "__Pyx_TraceLine(" not in release.read_text()   # and off in the normal build
     run = ("import numpy as np; from pmd.loopback import Loopback; lb = Loopback(16); "

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from pmd import pci
-from pmd.pci import parse_config
+from pmd.cli import text as cli_text
+from pmd.driver import sysfs as pci_sysfs
+from pmd.spec.pci import parse_config
 
 from .test_pci import VIRTIO_NET, FakeSysfs
 
@@ -111,7 +112,7 @@ def test_status_of_this_machine_read_only() -> None:
     assert "Devices pmd can use now\n=======================\n<none>" in r.stdout
     why = r.stdout.split("No device is usable by pmd now: ")[1].split("\n")[0]
     assert why.endswith(".") and len(why) > 20
-    rows = pci.status_rows()
+    rows = pci_sysfs.status_rows()
     assert not any(row.usable for row in rows)
     for row in rows:  # every device with its reason
         assert f"{row.address} '{row.name}'" in r.stdout and f"({row.reason})" in r.stdout
@@ -128,7 +129,7 @@ def test_info_of_a_config_file_is_format_info() -> None:
     path = DATA / "0000_00_03_0_1af4_1041.bin"
     r = pmd_cmd("info", "--config", str(path))
     assert r.returncode == 0 and r.stderr == ""
-    assert r.stdout == pci.format_info(path.read_bytes(), title=str(path))
+    assert r.stdout == cli_text.format_info(path.read_bytes(), title=str(path))
     assert "0x98 [0x11] MSI-X            -> end   3 vectors, enabled" in r.stdout
     assert "notify  BAR0 + 0x6000 len 0x1000 (capability at 0x70), notify_off_multiplier 4" in r.stdout
 
@@ -176,7 +177,7 @@ def test_info_of_this_machine_read_only() -> None:
             assert re.search(rf"^  {cap.pos:#04x} \[{cap.cap_id:#04x}\] ", r.stdout, re.M), cap
     else:
         assert "Capabilities: not read" in r.stdout
-    driver = pci.read_device(addr).driver
+    driver = pci_sysfs.read_device(addr).driver
     if driver != "vfio-pci":
         assert "VFIO: not shown, the device is not bound to vfio-pci" in r.stdout
 
@@ -340,7 +341,7 @@ class TestInGuest:
         r = pmd_cmd("status", timeout=300)
         assert r.returncode == 0, r.stderr
         usable = r.stdout.split("Devices pmd cannot use")[0]
-        group = pci.read_device(VFIO_DEVICE).iommu_group
+        group = pci_sysfs.read_device(VFIO_DEVICE).iommu_group
         assert re.search(rf"^{VFIO_DEVICE} 'virtio-net \(modern\)' 1af4:1041 drv=vfio-pci "
                          rf"group={group}  \(/dev/vfio/{group}\)$", usable, re.M), r.stdout
         assert "No device is usable" not in r.stdout
@@ -352,7 +353,7 @@ class TestInGuest:
         r = pmd_cmd("info", VFIO_DEVICE, timeout=300)
         assert r.returncode == 0, r.stderr
         out = r.stdout
-        group = pci.read_device(VFIO_DEVICE).iommu_group
+        group = pci_sysfs.read_device(VFIO_DEVICE).iommu_group
         assert f"VFIO (group {group}, /dev/vfio/{group}, type1v2 IOMMU, IOVA mode va)" in out
         assert re.search(r"^  IOMMU page sizes 0x[0-9a-f]+ \(4K.*\); IOVA ranges \[0x0, ", out, re.M)
         assert "  device flags 0x2 (PCI, no reset), 9 regions, 5 IRQ indexes" in out
@@ -368,7 +369,7 @@ class TestInGuest:
 
     def test_what_pmd_parsed_matches_lspci(self) -> None:
         seen = parse_lspci(lspci(VFIO_DEVICE))
-        dev = pci.read_device(VFIO_DEVICE)
+        dev = pci_sysfs.read_device(VFIO_DEVICE)
         cs = parse_config(dev.read_config())
         assert cs.capabilities_read, "root in the guest reads the whole config space"
         # the same capabilities at the same offsets
@@ -390,10 +391,10 @@ class TestInGuest:
     def test_vfio_config_region_agrees_with_lspci(self) -> None:
         """What pmd reads through VFIO's config region (virtualized by vfio-pci) names the same
         capabilities and BARs."""
-        from pmd.vfio import VfioDevice
+        from pmd.driver.access.vfio import VfioAccess
 
         seen = parse_lspci(lspci(VFIO_DEVICE))
-        with VfioDevice.open(VFIO_DEVICE) as dev:
+        with VfioAccess.open(VFIO_DEVICE) as dev:
             size = dev.region_info(7).size
             cs = parse_config(dev.config_read(0, 256 if size < 4096 else 4096))
         caps = seen["caps"]

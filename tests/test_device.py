@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import pmd
-from pmd._device import DeviceQueue, DmaWindows
+from pmd.sim._dma import DmaWindows
+from pmd.sim._virtqueue import DeviceQueue
 from pmd.errors import DeviceError
 
 from .conftest import ring_view
@@ -151,7 +152,8 @@ def test_complete_more_than_the_chain_holds_is_refused(raw):
 # ---- the wire side: device_tx_burst / device_rx_burst ----
 
 def test_wire_round_trip_through_both_rings():
-    from pmd._device import device_rx_burst, device_tx_burst
+    from pmd.sim._rx import device_rx_burst
+    from pmd.sim._tx import device_tx_burst
     from pmd.loopback import Loopback
 
     rng = np.random.default_rng(5)
@@ -173,7 +175,7 @@ def test_wire_round_trip_through_both_rings():
 
 
 def test_wire_delivery_stops_when_the_driver_has_no_buffers():
-    from pmd._device import device_rx_burst
+    from pmd.sim._rx import device_rx_burst
     from pmd.loopback import Loopback
 
     with Loopback(queue_size=8) as lb:
@@ -184,7 +186,7 @@ def test_wire_delivery_stops_when_the_driver_has_no_buffers():
 
 
 def test_wire_jumbo_over_mergeable_buffers():
-    from pmd._device import device_rx_burst
+    from pmd.sim._rx import device_rx_burst
     from pmd.loopback import Loopback
 
     with Loopback(queue_size=16, mergeable=True) as lb:
@@ -196,7 +198,7 @@ def test_wire_jumbo_over_mergeable_buffers():
 
 
 def test_wire_tx_drops_packets_longer_than_the_row():
-    from pmd._device import device_tx_burst
+    from pmd.sim._tx import device_tx_burst
     from pmd.loopback import Loopback
 
     with Loopback(queue_size=8) as lb:

@@ -491,7 +491,8 @@ class DeviceEpisode:
 
     def __init__(self, rng: np.random.Generator, totals: Counter) -> None:
         import pmd
-        from pmd._device import DeviceQueue, DmaWindows
+        from pmd.sim._dma import DmaWindows
+        from pmd.sim._virtqueue import DeviceQueue
 
         from .conftest import ring_view
 
@@ -628,7 +629,7 @@ class DeviceEpisode:
             dq.publish_used()
 
     def op_tx_burst(self, q: int) -> None:
-        from pmd._device import device_tx_burst
+        from pmd.sim._tx import device_tx_burst
 
         dq, m = self.dqs[q], self.models[q]
         rows, cols = int(self.rng.integers(1, 32)), int(self.rng.choice([64, 1514, 4096]))
@@ -659,7 +660,7 @@ class DeviceEpisode:
                 for _ in range(k)]
 
     def op_rx_burst(self, q: int) -> None:
-        from pmd._device import device_rx_burst
+        from pmd.sim._rx import device_rx_burst
 
         dq, m = self.dqs[q], self.models[q]
         pkts = self.packets(int(self.rng.integers(1, 32)))
@@ -680,12 +681,12 @@ class DeviceEpisode:
         assert n == i
 
     def op_loopback(self, q: int) -> None:
-        from pmd._device import loopback
+        from pmd.sim._tx import tx_to_rx
 
         tx, rx = self.models[q], self.models[1 - q]
         budget = int(self.rng.integers(1, 64))
         mergeable = bool(self.rng.random() < 0.5)
-        n = loopback(self.dqs[q], self.dqs[1 - q], budget, mergeable=mergeable)
+        n = tx_to_rx(self.dqs[q], self.dqs[1 - q], budget, mergeable=mergeable)
         moved = 0
         while moved < budget:
             r = tx.pop()

@@ -10,7 +10,7 @@
   counted by the server (its counts equal what the client saw), the server never dies, a
   good client and a Port still work afterwards, and nothing leaks (fds, threads and memfd
   mappings of the server process, counted from /proc/PID).
-- :func:`test_fuzz_client_against_a_hostile_server`: ``VfioUserDevice`` in a child process
+- :func:`test_fuzz_client_against_a_hostile_server`: ``VfioUserAccess`` in a child process
   (so a SIGBUS or SIGSEGV shows as a negative exit status) against a proxy in front of a
   real server that mutates what the server says: wrong sizes, ids and commands, bad flags,
   garbage payloads, region info with huge sizes, offsets past the file and capability
@@ -53,8 +53,8 @@ from pathlib import Path
 
 import pytest
 
-from pmd.shm import create_sealed_memfd
-from pmd.vfio_user import protocol as p
+from pmd.memory.seals import create_sealed_memfd
+from pmd.spec import vfio_user as p
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = mmap.PAGESIZE
@@ -112,8 +112,8 @@ SERVER_SCRIPT = textwrap.dedent(
     problems = Problems()
     logging.getLogger().addHandler(problems)
     logging.getLogger().setLevel(logging.WARNING)
-    from pmd.sim.device import VirtioNetModel
-    from pmd.vfio_user import VfioUserServer
+    from pmd.sim.model import VirtioNetModel
+    from pmd.sim.server import VfioUserServer
 
     model = VirtioNetModel()
     server = VfioUserServer(model, {path!r}, timeout={timeout})
@@ -708,12 +708,12 @@ class ServerFuzzer:
 def good_client_works(path: str) -> None:
     """A well-behaved client: connect, read config, map BAR0 and memory, interrupts, close."""
     import pmd
-    from pmd.vfio_user import VfioUserDevice
+    from pmd.driver.access.vfio_user import VfioUserAccess
 
     efd = os.eventfd(0, os.EFD_CLOEXEC)
     mem = pmd.DmaMemory(1 << 20, lock=False, name="fz-good")
     try:
-        with VfioUserDevice.connect(path, timeout=REPLY_WAIT) as dev:
+        with VfioUserAccess.connect(path, timeout=REPLY_WAIT) as dev:
             assert dev.config_read_int(0, 2) == 0x1AF4
             mapping = dev.map_region(0)
             assert mapping.mmio(0x6000, 4).read32(0) is not None
@@ -803,7 +803,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {root!r})
     import pmd
     from pmd.errors import PmdError
-    from pmd.vfio_user import VfioUserDevice
+    from pmd.driver.access.vfio_user import VfioUserAccess
 
     mem = pmd.DmaMemory(1 << 20, lock=False, name="fz-client")
     efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
@@ -828,7 +828,7 @@ CLIENT_SCRIPT = textwrap.dedent(
 
     # What a process creates once and keeps (pmd's shared interrupt thread): made now, so that
     # the counts around each connection see only what that connection left behind.
-    from pmd.sim.local import open_local_port
+    from pmd.backends.local import open_local_port
     warm = open_local_port()
     warm.start(queue_size=64)
     warm.close()
@@ -858,7 +858,7 @@ CLIENT_SCRIPT = textwrap.dedent(
             ops.append([name, "ok", None, ""])
             return value if value is not None else True
 
-        dev = run("connect", lambda: VfioUserDevice.connect({path!r}, timeout={timeout}))
+        dev = run("connect", lambda: VfioUserAccess.connect({path!r}, timeout={timeout}))
         if dev and mode == "port":  # the whole driver on the hostile server: fail cleanly or work
             port = run("open_port", lambda: pmd.Port(dev, name="fz"))
             if port:
@@ -1204,8 +1204,8 @@ class HostileProxy:
 
 
 def test_fuzz_client_against_a_hostile_server(sock_dir):
-    from pmd.sim.device import VirtioNetModel
-    from pmd.vfio_user import VfioUserServer
+    from pmd.sim.model import VirtioNetModel
+    from pmd.sim.server import VfioUserServer
 
     rng = random.Random(SEED)
     model = VirtioNetModel()

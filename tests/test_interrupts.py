@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pmd.interrupts import EventFd, InterruptThread, Registration, get_interrupt_thread, wait, wait_any
+from pmd.driver.interrupts import EventFd, InterruptThread, Registration, get_interrupt_thread, wait, wait_any
 
 TIMEOUT = 5.0  # seconds; only reached when a rule is broken
 

@@ -33,7 +33,7 @@ import pmd
 from pmd.errors import DeviceError, PmdError
 from pmd.sim.process import SimProcess, spawn_device
 
-pytest.importorskip("pmd.vfio_user.client")
+pytest.importorskip("pmd.driver.access.vfio_user")
 
 CYCLES = 500                 # the figure, over vfio-user to one device process
 SPAWN_CYCLES = 25            # open_port("sim"): a process per cycle

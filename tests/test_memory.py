@@ -217,8 +217,8 @@ def test_dma_memory_is_sealed_before_its_fd_can_be_shared():
 
 def test_hugetlb_memfds_take_the_same_seals():
     # Sealing hugetlbfs memfds needs Linux 4.16; creating and sizing one takes no huge page.
-    from pmd._memory import MFD_HUGE_2MB
-    from pmd.shm import SEALS, create_sealed_memfd, seals_of
+    from pmd.memory._dma import MFD_HUGE_2MB
+    from pmd.memory.seals import SEALS, create_sealed_memfd, seals_of
 
     try:
         fd = create_sealed_memfd("pmd-test-huge", 2 << 20, os.MFD_HUGETLB | MFD_HUGE_2MB)
@@ -245,7 +245,7 @@ def test_shared_memory_that_cannot_be_checked_is_refused():
     import errno as errno_
 
     from pmd.errors import VfioError
-    from pmd.shm import create_sealed_memfd, require_sealed
+    from pmd.memory.seals import create_sealed_memfd, require_sealed
 
     sealed = create_sealed_memfd("pmd-test", 8192)
     r, w = os.pipe()

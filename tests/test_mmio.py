@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import pmd
-from pmd._mmio import BARRIER_ARCH
+from pmd.driver._mmio import BARRIER_ARCH
 from pmd.errors import QueueStateError
 
 

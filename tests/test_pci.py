@@ -19,22 +19,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pmd import pci
+from pmd.cli import text as cli_text
+from pmd.driver import sysfs as pci_sysfs
+from pmd.spec import pci
 from pmd.errors import ConfigSpaceError, PmdError
-from pmd.pci import (
+from pmd.driver.sysfs import DeviceBusyError, NoSuchDeviceError
+from pmd.spec.pci import (
     Bar,
     ConfigSpace,
-    DeviceBusyError,
     MsiCapability,
     MsixCapability,
-    NoSuchDeviceError,
     PciAddress,
     PcieCapability,
     VendorCapability,
     VirtioPciCap,
     parse_config,
-    select_virtio_structures,
 )
+from pmd.spec.virtio_pci import select_virtio_structures
 
 DATA = Path(__file__).parent / "data" / "pci-config"
 FIXTURES = sorted(DATA.glob("*.bin"))
@@ -185,7 +186,7 @@ def test_every_fixture_parses(path: Path) -> None:
     # File names are <domain>_<bus>_<dev>_<fn>_<vendor>_<device>.bin.
     vendor, device = path.stem.split("_")[-2:]
     assert (cs.vendor_id, cs.device_id) == (int(vendor, 16), int(device, 16))
-    assert pci.format_info(cs)
+    assert cli_text.format_info(cs)
 
 
 @pytest.mark.parametrize("path", [p for p in FIXTURES if "1af4" in p.name], ids=lambda p: p.name)
@@ -260,11 +261,11 @@ def test_host_bridge_has_no_capability_list_when_status_bit4_is_clear() -> None:
     assert cs.capabilities == () and cs.capabilities_read
     assert cs.extended_capabilities == ()  # header at 0x100 is zero
     assert cs.class_code == 0x060000
-    assert "Capabilities: none (status bit 4 clear)" in pci.format_info(cs)
+    assert "Capabilities: none (status bit 4 clear)" in cli_text.format_info(cs)
 
 
 def test_format_info_shows_where_each_virtio_structure_lives() -> None:
-    text = pci.format_info(VIRTIO_NET.read_bytes(), title="0000:00:03.0")
+    text = cli_text.format_info(VIRTIO_NET.read_bytes(), title="0000:00:03.0")
     assert text.startswith("0000:00:03.0: 1af4:1041 virtio-net (modern)")
     assert "BAR0 0x10  memory, 64-bit, non-prefetchable at 0x4000100000" in text
     assert "BAR1 0x14  upper half of BAR0" in text
@@ -281,14 +282,14 @@ def test_format_info_shows_where_each_virtio_structure_lives() -> None:
 
 
 def test_format_info_adds_bar_sizes_when_given() -> None:
-    text = pci.format_info(VIRTIO_NET.read_bytes(), bar_sizes={0: 0x80000})
+    text = cli_text.format_info(VIRTIO_NET.read_bytes(), bar_sizes={0: 0x80000})
     assert "at 0x4000100000, 0x80000 bytes" in text
 
 
 def test_format_info_reports_an_unusable_virtio_layout_instead_of_raising() -> None:
     buf = modern_virtio_net()
     struct.pack_into("<I", buf, 0x40 + 12, 0x10)  # common cfg shorter than 0x38
-    text = pci.format_info(buf)
+    text = cli_text.format_info(buf)
     assert "unusable: virtio common config capability at 0x40: length 0x10 < 0x38" in text
 
 
@@ -313,7 +314,7 @@ def test_header_only_64_bytes_parses_header_and_bars_but_no_capabilities() -> No
     cs = parse_config(VIRTIO_NET.read_bytes()[:64])
     assert not cs.capabilities_read and cs.capabilities == ()
     assert cs.bar(0) is not None and cs.bar(0).address == 0x4000100000  # type: ignore[union-attr]
-    assert "only the 64-byte header" in pci.format_info(cs)
+    assert "only the 64-byte header" in cli_text.format_info(cs)
 
 
 def test_vendor_id_all_ones_means_no_device() -> None:
@@ -343,7 +344,7 @@ def test_interrupt_pin_and_line_are_read() -> None:
     buf[0x3C], buf[0x3D] = 11, 1
     cs = parse_config(buf)
     assert (cs.interrupt_line, cs.interrupt_pin) == (11, 1)
-    assert "interrupt pin INTA, line 11" in pci.format_info(cs)
+    assert "interrupt pin INTA, line 11" in cli_text.format_info(cs)
 
 
 # ---------------------------------------------------------------------------
@@ -590,7 +591,7 @@ def test_virtio_cap_with_reserved_bar_is_kept_but_ignored_by_selection() -> None
     assert not cs.virtio_caps[0].bar_valid
     vs = select_virtio_structures(cs)
     assert vs.common is not None and vs.common.pos == 0xB8
-    assert "reserved BAR value: ignored" in pci.format_info(cs)
+    assert "reserved BAR value: ignored" in cli_text.format_info(cs)
 
 
 # ---------------------------------------------------------------------------
@@ -651,7 +652,7 @@ def test_selection_reports_missing_notify_and_isr() -> None:
     virtio_cap(buf, 0x40, 1, length=0x38)
     vs = select_virtio_structures(parse_config(buf))
     assert vs.missing == ("notify", "isr") and not vs.modern
-    assert "not a modern device: notify, isr missing" in pci.format_info(buf)
+    assert "not a modern device: notify, isr missing" in cli_text.format_info(buf)
 
 
 def test_selection_ignores_reserved_cfg_types() -> None:
@@ -674,7 +675,7 @@ def parse_or_config_error(data: bytes) -> ConfigSpace | None:
     except ConfigSpaceError as exc:
         assert str(exc)
         return None
-    pci.format_info(cs)
+    cli_text.format_info(cs)
     try:
         select_virtio_structures(cs)
     except ConfigSpaceError:
@@ -831,12 +832,12 @@ def sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSysfs:
 
 def test_sysfs_root_is_sys_bus_pci_devices_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SYSFS_PCI_DEVICES")
-    assert pci.sysfs_pci_devices() == Path("/sys/bus/pci/devices")
+    assert pci_sysfs.sysfs_pci_devices() == Path("/sys/bus/pci/devices")
 
 
 def test_sysfs_root_comes_from_SYSFS_PCI_DEVICES(sysfs: FakeSysfs) -> None:
-    assert pci.sysfs_pci_devices() == sysfs.root
-    assert pci.sysfs_pci_devices("/elsewhere") == Path("/elsewhere")  # explicit root wins
+    assert pci_sysfs.sysfs_pci_devices() == sysfs.root
+    assert pci_sysfs.sysfs_pci_devices("/elsewhere") == Path("/elsewhere")  # explicit root wins
 
 
 def test_scan_lists_devices_sorted_and_skips_names_that_are_not_addresses(
@@ -844,16 +845,16 @@ def test_scan_lists_devices_sorted_and_skips_names_that_are_not_addresses(
     sysfs.add("0000:00:05.0")
     sysfs.add("0000:00:03.0")
     (sysfs.root / "not-a-device").mkdir()
-    assert [str(d.address) for d in pci.scan()] == ["0000:00:03.0", "0000:00:05.0"]
+    assert [str(d.address) for d in pci_sysfs.scan()] == ["0000:00:03.0", "0000:00:05.0"]
 
 
 def test_scan_of_a_missing_root_is_empty(tmp_path: Path) -> None:
-    assert pci.scan(tmp_path / "absent") == []
+    assert pci_sysfs.scan(tmp_path / "absent") == []
 
 
 def test_device_reads_ids_class_driver_group_numa_and_config_path(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", numa="1", interfaces={"eth0": 0x1003})
-    d = pci.read_device("00:03.0")
+    d = pci_sysfs.read_device("00:03.0")
     assert (d.vendor_id, d.device_id) == (0x1AF4, 0x1041)
     assert (d.subsystem_vendor_id, d.subsystem_id) == (0x1AF4, 0x1041)
     assert d.class_code == 0x020000 and d.is_network and d.is_virtio_net
@@ -867,20 +868,20 @@ def test_device_reads_ids_class_driver_group_numa_and_config_path(sysfs: FakeSys
 def test_unbound_device_without_group_numa_or_override(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", driver=None, group=None, numa=None, override=None,
               subsystem=None)
-    d = pci.read_device("0000:00:03.0")
+    d = pci_sysfs.read_device("0000:00:03.0")
     assert d.driver is None and d.iommu_group is None and d.numa_node == -1
     assert d.driver_override is None and d.subsystem_id is None
 
 
 def test_driver_override_is_read(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", override="vfio-pci")
-    assert pci.read_device("0000:00:03.0").driver_override == "vfio-pci"
+    assert pci_sysfs.read_device("0000:00:03.0").driver_override == "vfio-pci"
 
 
 def test_interfaces_are_found_under_net_and_under_a_virtio_child(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1002}, iface_parent="")
     sysfs.add("0000:00:04.0", interfaces={"ens4": 0x1003}, iface_parent="virtio3")
-    a, b = pci.scan()
+    a, b = pci_sysfs.scan()
     assert (a.interfaces, a.active_interfaces) == (("eth0",), ())  # IFF_UP clear
     assert (b.interfaces, b.active_interfaces) == (("ens4",), ("ens4",))
 
@@ -889,7 +890,7 @@ def test_interfaces_of_functions_behind_a_bridge_are_not_the_bridges(sysfs: Fake
     bridge = sysfs.add("0000:00:1c.0", vendor=0x8086, device=0x1234, class_code=0x060400)
     child = bridge / "0000:01:00.0" / "net" / "eth9"
     child.mkdir(parents=True)
-    assert pci.read_device("0000:00:1c.0").interfaces == ()
+    assert pci_sysfs.read_device("0000:00:1c.0").interfaces == ()
 
 
 def test_iommu_group_is_the_last_component_of_the_link(sysfs: FakeSysfs) -> None:
@@ -897,29 +898,29 @@ def test_iommu_group_is_the_last_component_of_the_link(sysfs: FakeSysfs) -> None
     link = sysfs.root / "0000:00:03.0" / "iommu_group"
     assert os.readlink(link) == "../../../kernel/iommu_groups/42"
     assert link.resolve() == (sysfs.top / "kernel" / "iommu_groups" / "42").resolve()
-    assert pci.iommu_group("0000:00:03.0") == 42
+    assert pci_sysfs.iommu_group("0000:00:03.0") == 42
 
 
 def test_missing_device_raises_no_such_device(sysfs: FakeSysfs) -> None:
     with pytest.raises(NoSuchDeviceError, match="no PCI device 0000:00:09.0 under") as info:
-        pci.read_device("0000:00:09.0")
+        pci_sysfs.read_device("0000:00:09.0")
     assert isinstance(info.value, PmdError) and isinstance(info.value, LookupError)
 
 
 def test_bad_address_to_read_device_is_a_value_error(sysfs: FakeSysfs) -> None:
     with pytest.raises(ValueError, match="bad PCI address"):
-        pci.read_device("eth0")
+        pci_sysfs.read_device("eth0")
 
 
 def test_config_read_through_sysfs_parses(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0")
-    cs = parse_config(pci.read_device("0000:00:03.0").read_config())
+    cs = parse_config(pci_sysfs.read_device("0000:00:03.0").read_config())
     assert cs.msix is not None and cs.msix.table_size == 3
 
 
 def test_bar_sizes_come_from_the_resource_file(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0")
-    assert pci.read_device("0000:00:03.0").bar_sizes() == {0: 0x80000}
+    assert pci_sysfs.read_device("0000:00:03.0").bar_sizes() == {0: 0x80000}
 
 
 # --- status ---------------------------------------------------------------------
@@ -932,8 +933,8 @@ def vfio_dir(tmp_path: Path) -> Path:
     return path
 
 
-def rows_by_address(vfio_dir: Path) -> dict[str, pci.StatusRow]:
-    return {str(r.address): r for r in pci.status_rows(vfio_dir=vfio_dir)}
+def rows_by_address(vfio_dir: Path) -> dict[str, pci_sysfs.StatusRow]:
+    return {str(r.address): r for r in pci_sysfs.status_rows(vfio_dir=vfio_dir)}
 
 
 def test_status_lists_network_and_virtio_devices_only(sysfs: FakeSysfs, vfio_dir: Path) -> None:
@@ -1027,7 +1028,7 @@ def test_format_status_groups_usable_devices_first(sysfs: FakeSysfs, vfio_dir: P
     sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1003})
     sysfs.add("0000:00:07.0", driver="vfio-pci", group=12)
     (vfio_dir / "12").touch()
-    text = pci.format_status(pci.status_rows(vfio_dir=vfio_dir))
+    text = cli_text.format_status(pci_sysfs.status_rows(vfio_dir=vfio_dir))
     usable, unusable = text.split("Devices pmd cannot use")
     assert "0000:00:07.0 'virtio-net (modern)' 1af4:1041 drv=vfio-pci group=12" in usable
     assert "0000:00:03.0" in unusable and "if=eth0*" in unusable
@@ -1038,7 +1039,7 @@ def test_format_status_groups_usable_devices_first(sysfs: FakeSysfs, vfio_dir: P
 
 def test_bind_writes_driver_override_then_unbinds_then_probes(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1002})  # present but down
-    previous = pci.bind("0000:00:03.0", root=sysfs.root)
+    previous = pci_sysfs.bind("0000:00:03.0", root=sysfs.root)
     assert previous == "virtio-pci"
     assert (real / "driver_override").read_text() == "vfio-pci"
     drivers = sysfs.top / "bus" / "pci" / "drivers"
@@ -1048,29 +1049,29 @@ def test_bind_writes_driver_override_then_unbinds_then_probes(sysfs: FakeSysfs) 
 
 def test_bind_of_an_unbound_device_skips_the_unbind(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", driver=None)
-    assert pci.bind("0000:00:03.0", root=sysfs.root) is None
+    assert pci_sysfs.bind("0000:00:03.0", root=sysfs.root) is None
     assert (real / "driver_override").read_text() == "vfio-pci"
     assert (sysfs.top / "bus" / "pci" / "drivers_probe").read_text() == "0000:00:03.0"
 
 
 def test_bind_to_the_current_driver_writes_nothing(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", driver="vfio-pci")
-    assert pci.bind("0000:00:03.0", root=sysfs.root) == "vfio-pci"
+    assert pci_sysfs.bind("0000:00:03.0", root=sysfs.root) == "vfio-pci"
     assert (real / "driver_override").read_text() == "(null)\n"
 
 
 def test_bind_refuses_a_device_whose_interface_is_up_unless_forced(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1003})
     with pytest.raises(DeviceBusyError, match="eth0, which is up"):
-        pci.bind("0000:00:03.0", root=sysfs.root)
+        pci_sysfs.bind("0000:00:03.0", root=sysfs.root)
     assert (real / "driver_override").read_text() == "(null)\n"  # nothing written
-    pci.bind("0000:00:03.0", root=sysfs.root, force=True)
+    pci_sysfs.bind("0000:00:03.0", root=sysfs.root, force=True)
     assert (real / "driver_override").read_text() == "vfio-pci"
 
 
 def test_unbind_unbinds_clears_override_and_reprobes(sysfs: FakeSysfs) -> None:
     real = sysfs.add("0000:00:03.0", driver="vfio-pci", override="vfio-pci")
-    assert pci.unbind("0000:00:03.0", root=sysfs.root) == "vfio-pci"
+    assert pci_sysfs.unbind("0000:00:03.0", root=sysfs.root) == "vfio-pci"
     assert (sysfs.top / "bus/pci/drivers/vfio-pci/unbind").read_text() == "0000:00:03.0"
     assert (real / "driver_override").read_text() == "\n"
     assert (sysfs.top / "bus" / "pci" / "drivers_probe").read_text() == "0000:00:03.0"
@@ -1079,14 +1080,14 @@ def test_unbind_unbinds_clears_override_and_reprobes(sysfs: FakeSysfs) -> None:
 def test_unbind_refuses_an_active_interface(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1003})
     with pytest.raises(DeviceBusyError):
-        pci.unbind("0000:00:03.0", root=sysfs.root)
+        pci_sysfs.unbind("0000:00:03.0", root=sysfs.root)
 
 
 def test_bind_never_creates_a_sysfs_file(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", driver=None)
     (sysfs.top / "bus" / "pci" / "drivers_probe").unlink()
     with pytest.raises(FileNotFoundError, match="drivers_probe"):
-        pci.bind("0000:00:03.0", root=sysfs.root)
+        pci_sysfs.bind("0000:00:03.0", root=sysfs.root)
     assert not (sysfs.top / "bus" / "pci" / "drivers_probe").exists()
 
 
@@ -1101,15 +1102,15 @@ def test_as_root_SYSFS_PCI_DEVICES_is_honoured_for_reading_only(sysfs: FakeSysfs
     # (a tree of symlinks would make bind write "vfio-pci" into any file).
     real = sysfs.add("0000:00:03.0")
     _as(monkeypatch, 0)
-    assert pci.read_device("0000:00:03.0").driver == "virtio-pci"     # reading: the variable holds
-    assert [str(d.address) for d in pci.scan()] == ["0000:00:03.0"]
-    for call in (pci.bind, pci.unbind):
+    assert pci_sysfs.read_device("0000:00:03.0").driver == "virtio-pci"     # reading: the variable holds
+    assert [str(d.address) for d in pci_sysfs.scan()] == ["0000:00:03.0"]
+    for call in (pci_sysfs.bind, pci_sysfs.unbind):
         with pytest.raises(PmdError, match="SYSFS_PCI_DEVICES.*as root.*unset it"):
             call("0000:00:03.0")
     assert (real / "driver_override").read_text() == "(null)\n"       # nothing written anywhere
     assert (sysfs.top / "bus/pci/drivers/virtio-pci/unbind").read_text() == ""
     assert (sysfs.top / "bus/pci/drivers_probe").read_text() == ""
-    assert pci.bind("0000:00:03.0", root=sysfs.root) == "virtio-pci"  # root= is the caller's own choice
+    assert pci_sysfs.bind("0000:00:03.0", root=sysfs.root) == "virtio-pci"  # root= is the caller's own choice
     assert (real / "driver_override").read_text() == "vfio-pci"
 
 
@@ -1117,7 +1118,7 @@ def test_without_root_SYSFS_PCI_DEVICES_is_honoured_for_writing_too(sysfs: FakeS
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     real = sysfs.add("0000:00:03.0")
     _as(monkeypatch, 1000)
-    assert pci.bind("0000:00:03.0") == "virtio-pci"
+    assert pci_sysfs.bind("0000:00:03.0") == "virtio-pci"
     assert (real / "driver_override").read_text() == "vfio-pci"
 
 
@@ -1134,7 +1135,7 @@ def test_sysfs_writes_never_follow_a_symlink(sysfs: FakeSysfs, tmp_path: Path, w
     target.unlink()
     target.symlink_to(victim)
     with pytest.raises(OSError, match="symbolic link"):
-        pci.bind("0000:00:03.0", root=sysfs.root)
+        pci_sysfs.bind("0000:00:03.0", root=sysfs.root)
     assert victim.read_text() == "precious\n"
 
 
@@ -1144,7 +1145,7 @@ def test_sysfs_writes_go_only_to_regular_files(sysfs: FakeSysfs, no_hang: None) 
     probe.unlink()
     os.mkfifo(probe)                                  # a plain O_WRONLY open would block forever
     with pytest.raises(OSError, match="not a regular file"):
-        pci.bind("0000:00:03.0", root=sysfs.root)
+        pci_sysfs.bind("0000:00:03.0", root=sysfs.root)
 
 
 @pytest.fixture()
@@ -1167,7 +1168,7 @@ def test_a_fifo_where_an_attribute_should_be_is_an_error_not_a_hang(sysfs: FakeS
     (real / "driver_override").unlink()
     os.mkfifo(real / "driver_override")
     with pytest.raises(ValueError, match="not a regular file"):
-        pci.read_device("0000:00:03.0")
+        pci_sysfs.read_device("0000:00:03.0")
 
 
 def test_a_device_node_where_config_should_be_is_an_error_not_an_endless_read(sysfs: FakeSysfs,
@@ -1176,9 +1177,9 @@ def test_a_device_node_where_config_should_be_is_an_error_not_an_endless_read(sy
     (real / "config").unlink()
     (real / "config").symlink_to("/dev/zero")
     with pytest.raises(ValueError, match="not a regular file"):
-        pci.read_device("0000:00:03.0").read_config()
+        pci_sysfs.read_device("0000:00:03.0").read_config()
 
 
 def test_docs_example_is_what_format_info_prints() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "pci.md").read_text()
-    assert pci.format_info(VIRTIO_NET.read_bytes()) in doc
+    assert cli_text.format_info(VIRTIO_NET.read_bytes()) in doc

@@ -23,16 +23,11 @@ import pytest
 
 import pmd
 from pmd.errors import DeviceError, QueueStateError
-from pmd.virtio import features as F
-from pmd.virtio.net import (
-    Link,
-    hdr_len_for,
-    link_from,
-    negotiate,
-    parse_mac,
-    read_net_config,
-)
-from pmd.virtio.transport import Transport
+from pmd.spec import virtio as V, virtio_net as N
+from pmd.driver.virtio.net import Link, link_from, negotiate, read_net_config
+from pmd.spec.ethernet import parse_mac
+from pmd.spec.virtio_net import hdr_len_for
+from pmd.driver.virtio.transport import Transport
 
 DATA = Path(__file__).parent / "data" / "pci-config"
 
@@ -40,7 +35,7 @@ DATA = Path(__file__).parent / "data" / "pci-config"
 # ---------------------------------------------------------------- host: negotiation
 
 def bits(*names: str) -> int:
-    return F.parse(",".join(names))
+    return N.parse_features(",".join(names))
 
 
 def test_version_1_is_required_on_a_modern_transport():
@@ -61,7 +56,7 @@ def test_wanted_features_taken_when_offered_and_not_disabled():
     offered = bits("VERSION_1", "MAC", "STATUS", "MRG_RXBUF", "CTRL_VQ", "CTRL_RX", "MQ", "EVENT_IDX",
                    "GUEST_TSO4", "CSUM")
     got = negotiate(offered, disable=bits("EVENT_IDX"))
-    assert F.names(got) == ["MAC", "MRG_RXBUF", "STATUS", "CTRL_VQ", "CTRL_RX", "MQ", "VERSION_1"]
+    assert N.feature_names(got) == ["MAC", "MRG_RXBUF", "STATUS", "CTRL_VQ", "CTRL_RX", "MQ", "VERSION_1"]
 
 
 def test_features_needing_the_control_queue_go_with_it():
@@ -82,7 +77,7 @@ def test_header_is_12_bytes_with_version_1_or_mrg_rxbuf_else_10():
 
 def test_unknown_feature_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown virtio feature 'NOPE'"):
-        F.parse("MAC,NOPE")
+        N.parse_features("MAC,NOPE")
 
 
 def test_mac_parsing():
@@ -181,7 +176,7 @@ class ConfigOnlyAccess:
 
 
 def test_non_virtio_device_is_refused():
-    from pmd.virtio import open_transport
+    from pmd.driver.virtio.pci import open_transport
 
     raw = (DATA / "0000_00_00_0_8086_0d57.bin").read_bytes()
     with pytest.raises(DeviceError, match="not a virtio device"):
@@ -189,7 +184,7 @@ def test_non_virtio_device_is_refused():
 
 
 def test_modern_only_device_has_no_legacy_interface():
-    from pmd.virtio import open_transport
+    from pmd.driver.virtio.pci import open_transport
 
     raw = (DATA / "0000_00_03_0_1af4_1041.bin").read_bytes()
     with pytest.raises(DeviceError, match="not transitional"):
@@ -257,8 +252,8 @@ class PortTests:
             assert port.mac == parse_mac(self.expect_mac)
         assert port.started and port.link.up
         assert port.features & bits("MAC", "STATUS")
-        assert port.transport.get_status() == (F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER | F.STATUS_DRIVER_OK
-                                               | (0 if port.transport.kind == "legacy" else F.STATUS_FEATURES_OK))
+        assert port.transport.get_status() == (V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_DRIVER_OK
+                                               | (0 if port.transport.kind == "legacy" else V.STATUS_FEATURES_OK))
 
     def test_starting_twice_is_refused(self, port):
         with pytest.raises(QueueStateError, match="already started"):
@@ -466,7 +461,7 @@ class TestPortModernVfio(PortTests, MergeableTests):
         assert r["received"] == 1000 and r["n_mismatched"] == 0, r
         summary = [l for l in out.splitlines() if l.startswith("summary:")][-1]
         assert re.search(r"rx=1000 tx=1000 mpps=[0-9.]+ gbps=[0-9.]+ drops=0 errors=0", summary), summary
-        from pmd.pcap import read_pcap
+        from pmd.spec.pcap import read_pcap
         assert len(list(read_pcap(tmp_path / "rx.pcap"))) == 1000
 
 
@@ -543,8 +538,8 @@ class TestPortSim(PortTests, MergeableTests):
 
 def local_port(model=None, **start):
     """A Port on a built-in device model in this process (pmd.sim.local.LocalAccess)."""
-    from pmd.sim.device import VirtioNetModel
-    from pmd.sim.local import LocalAccess
+    from pmd.sim.model import VirtioNetModel
+    from pmd.backends.local import LocalAccess
 
     m = model or VirtioNetModel()
     port = pmd.Port(LocalAccess(m), name="sim")
@@ -565,7 +560,7 @@ def one_frame(port, queue: int) -> None:
 def test_rx_queues_share_msix_vectors_when_the_device_has_fewer():
     # Virtio 1.2 4.1.5.1.2: several queues may use one vector. Vector 0 is the
     # configuration's; 4 rx queues over 2 more vectors: pair p uses 1 + p % 2.
-    from pmd.sim.device import VirtioNetModel
+    from pmd.sim.model import VirtioNetModel
 
     port, m = local_port(VirtioNetModel(queue_pairs=4, msix_vectors=3), queue_pairs=4, rx_interrupts=True)
     try:
@@ -582,7 +577,7 @@ def test_rx_wait_wakes_each_queue_on_a_shared_vector_and_only_for_its_own_packet
     # packet for one must wake that one, whichever of the two drained the
     # eventfd, and must not make the other report packets it does not have.
     # Which thread drains is up to the scheduler: several rounds, both orders.
-    from pmd.sim.device import VirtioNetModel
+    from pmd.sim.model import VirtioNetModel
 
     port, m = local_port(VirtioNetModel(queue_pairs=4, msix_vectors=3), queue_pairs=4, rx_interrupts=True)
     out = np.zeros((4, port.rx_queue(0).max_packet_len), np.uint8)
@@ -625,7 +620,7 @@ def test_reading_port_link_does_not_swallow_the_change_the_callbacks_are_owed():
     # The interrupt thread is held in another callback while the link goes down
     # and port.link is read; when it gets to the config interrupt, the callback
     # must still be called for that change.
-    from pmd.interrupts import EventFd, get_interrupt_thread
+    from pmd.driver.interrupts import EventFd, get_interrupt_thread
 
     port, m = local_port()
     seen: list = []
@@ -661,8 +656,8 @@ def test_stopping_a_port_while_a_config_interrupt_is_handled_does_not_deadlock()
     code = """
 import threading
 import pmd
-from pmd.sim.device import VirtioNetModel
-from pmd.sim.local import LocalAccess
+from pmd.sim.model import VirtioNetModel
+from pmd.backends.local import LocalAccess
 
 m = VirtioNetModel()
 port = pmd.Port(LocalAccess(m), name="sim")
@@ -720,7 +715,7 @@ def test_a_control_command_after_a_timeout_does_not_take_the_stale_completion():
     from .conftest import ring_view
 
     port, m = local_port()
-    slow = SlowControl(m, delay=0.5, ack=F.CTRL_ERR)
+    slow = SlowControl(m, delay=0.5, ack=N.CTRL_ERR)
     port.ctrl.timeout = 0.2
     used_idx = ring_view(port.ctrl.vq)["used_idx"]
     try:
@@ -733,7 +728,7 @@ def test_a_control_command_after_a_timeout_does_not_take_the_stale_completion():
         assert int(used_idx[0]) != before
         port.ctrl.timeout = 5.0
         port.allmulticast = True                          # its own OK, not the stale ERR
-        assert slow.seen == [(F.CTRL_RX, F.CTRL_RX_PROMISC, b"\x00"), (F.CTRL_RX, F.CTRL_RX_ALLMULTI, b"\x01")]
+        assert slow.seen == [(N.CTRL_RX, N.CTRL_RX_PROMISC, b"\x00"), (N.CTRL_RX, N.CTRL_RX_ALLMULTI, b"\x01")]
         assert port.ctrl.late_completions == 1 and port.ctrl.timeouts == 1
         port.promiscuous = False                          # and the queue goes on
         assert port.stats()["control_timeouts"] == 1
@@ -747,7 +742,7 @@ def test_control_commands_the_device_never_answers_fill_the_queue_then_a_restart
     # device may still write its ack there). When every slot is held the queue
     # says so and how to recover; a restart resets the device and the queue.
     port, m = local_port()
-    SlowControl(m, delay=3.0, ack=F.CTRL_OK, slow=1)
+    SlowControl(m, delay=3.0, ack=N.CTRL_OK, slow=1)
     port.ctrl.timeout = 0.05
     try:
         held = 0

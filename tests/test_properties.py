@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import pmd
-from pmd._device import DeviceQueue, DmaWindows
+from pmd.sim._dma import DmaWindows
+from pmd.sim._virtqueue import DeviceQueue
 
 
 class RingMachine(RuleBasedStateMachine):

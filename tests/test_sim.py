@@ -23,13 +23,15 @@ import pytest
 
 import pmd
 from pmd.errors import DeviceError
-from pmd.interrupts import EventFd
-from pmd.pci import parse_config, select_virtio_structures
-from pmd.pcap import PcapWriter, read_pcap
-from pmd.sim import config as C
-from pmd.sim.device import NO_VECTOR, OFFERED, SimOptions, VirtioNetModel
+from pmd.driver.interrupts import EventFd
+from pmd.spec.pci import parse_config
+from pmd.spec.virtio_pci import select_virtio_structures
+from pmd.spec.pcap import PcapWriter, read_pcap
+from pmd.sim import pci_config as C
+from pmd.spec.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_ROM_ADDRESS
+from pmd.sim.model import NO_VECTOR, OFFERED, SimOptions, VirtioNetModel
 from pmd.sim.dma import PROT_RW
-from pmd.sim.local import LocalAccess
+from pmd.backends.local import LocalAccess
 from pmd.sim.process import SimError, spawn_device
 from pmd.sim.wires import (
     Batch,
@@ -42,14 +44,14 @@ from pmd.sim.wires import (
     generator_frame,
     pair_wires,
 )
-from pmd.virtio import features as F
-from pmd.virtio import modern as M
+from pmd.spec import virtio as V, virtio_net as N
+from pmd.spec import virtio_pci
 
 DEADLINE = 10.0
 
 
 def bits(*names: str) -> int:
-    return F.parse(",".join(names))
+    return N.parse_features(",".join(names))
 
 
 # ====================================================================== config space
@@ -96,11 +98,11 @@ def test_bar_sizing_reads_back_the_size_mask():
     pc.write(C.PCI_BAR0, b"\xff\xff\xff\xff")
     pc.write(C.PCI_BAR1, b"\xff\xff\xff\xff")
     pc.write(0x18, b"\xff\xff\xff\xff")             # BAR2: not implemented
-    pc.write(C.PCI_ROM, b"\xff\xff\xff\xff")
+    pc.write(PCI_ROM_ADDRESS, b"\xff\xff\xff\xff")
     bar0, bar1, bar2 = struct.unpack("<III", pc.read(C.PCI_BAR0, 12))
     size = ~((bar1 << 32 | bar0) & ~0xF) + 1 & (1 << 64) - 1
     assert bar0 == 0xFFFF0004 and bar1 == 0xFFFFFFFF and size == C.BAR0_SIZE
-    assert bar2 == 0 and pc.read(C.PCI_ROM, 4) == bytes(4)
+    assert bar2 == 0 and pc.read(PCI_ROM_ADDRESS, 4) == bytes(4)
     pc.write(C.PCI_BAR0, struct.pack("<I", 0xFE000000))
     assert struct.unpack("<I", pc.read(C.PCI_BAR0, 4))[0] == 0xFE000004
     assert pc.ignored_writes == 0                  # sizing is not a bad write
@@ -138,41 +140,41 @@ class Regs:
         self.m.region_write(0, off, value.to_bytes(width, "little"))
 
     def status(self) -> int:
-        return self.r(M.DEVICE_STATUS, 1)
+        return self.r(virtio_pci.DEVICE_STATUS, 1)
 
     def set_status(self, value: int) -> None:
-        self.w(M.DEVICE_STATUS, 1, value)
+        self.w(virtio_pci.DEVICE_STATUS, 1, value)
 
     def device_features(self) -> int:
-        self.w(M.DEVICE_FEATURE_SELECT, 4, 0)
-        lo = self.r(M.DEVICE_FEATURE, 4)
-        self.w(M.DEVICE_FEATURE_SELECT, 4, 1)
-        return lo | self.r(M.DEVICE_FEATURE, 4) << 32
+        self.w(virtio_pci.DEVICE_FEATURE_SELECT, 4, 0)
+        lo = self.r(virtio_pci.DEVICE_FEATURE, 4)
+        self.w(virtio_pci.DEVICE_FEATURE_SELECT, 4, 1)
+        return lo | self.r(virtio_pci.DEVICE_FEATURE, 4) << 32
 
     def driver_features(self, value: int) -> None:
         for sel in (0, 1):
-            self.w(M.DRIVER_FEATURE_SELECT, 4, sel)
-            self.w(M.DRIVER_FEATURE, 4, value >> 32 * sel & 0xFFFFFFFF)
+            self.w(virtio_pci.DRIVER_FEATURE_SELECT, 4, sel)
+            self.w(virtio_pci.DRIVER_FEATURE, 4, value >> 32 * sel & 0xFFFFFFFF)
 
     def negotiate(self, features: int) -> int:
-        self.set_status(F.STATUS_ACKNOWLEDGE)
-        self.set_status(F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER)
+        self.set_status(V.STATUS_ACKNOWLEDGE)
+        self.set_status(V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
         self.driver_features(features)
-        self.set_status(self.status() | F.STATUS_FEATURES_OK)
+        self.set_status(self.status() | V.STATUS_FEATURES_OK)
         return self.status()
 
     def bus_master(self) -> None:
-        self.m.region_write(7, C.PCI_COMMAND, (C.COMMAND_MEMORY | C.COMMAND_MASTER).to_bytes(2, "little"))
+        self.m.region_write(7, C.PCI_COMMAND, (PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER).to_bytes(2, "little"))
 
     def setup_queue(self, index: int, vq: pmd.Virtqueue, vector: int = NO_VECTOR) -> None:
-        self.w(M.QUEUE_SELECT, 2, index)
-        self.w(M.QUEUE_SIZE, 2, vq.size)
-        for reg, addr in ((M.QUEUE_DESC, vq.desc_iova), (M.QUEUE_DRIVER, vq.avail_iova),
-                          (M.QUEUE_DEVICE, vq.used_iova)):
+        self.w(virtio_pci.QUEUE_SELECT, 2, index)
+        self.w(virtio_pci.QUEUE_SIZE, 2, vq.size)
+        for reg, addr in ((virtio_pci.QUEUE_DESC, vq.desc_iova), (virtio_pci.QUEUE_DRIVER, vq.avail_iova),
+                          (virtio_pci.QUEUE_DEVICE, vq.used_iova)):
             self.w(reg, 4, addr & 0xFFFFFFFF)
             self.w(reg + 4, 4, addr >> 32)
-        self.w(M.QUEUE_MSIX_VECTOR, 2, vector)
-        self.w(M.QUEUE_ENABLE, 2, 1)
+        self.w(virtio_pci.QUEUE_MSIX_VECTOR, 2, vector)
+        self.w(virtio_pci.QUEUE_ENABLE, 2, 1)
 
 
 BASIC = bits("VERSION_1", "ACCESS_PLATFORM")
@@ -199,28 +201,28 @@ def mapped(model, memory):
 
 def test_reset_values(model, regs):
     assert regs.status() == 0
-    assert regs.r(M.NUM_QUEUES, 2) == 3
+    assert regs.r(virtio_pci.NUM_QUEUES, 2) == 3
     assert regs.device_features() == OFFERED
-    assert regs.r(M.CONFIG_MSIX_VECTOR, 2) == NO_VECTOR
+    assert regs.r(virtio_pci.CONFIG_MSIX_VECTOR, 2) == NO_VECTOR
     for q in range(3):
-        regs.w(M.QUEUE_SELECT, 2, q)
-        assert regs.r(M.QUEUE_SIZE, 2) == 1024 and regs.r(M.QUEUE_ENABLE, 2) == 0
-        assert regs.r(M.QUEUE_MSIX_VECTOR, 2) == NO_VECTOR and regs.r(M.QUEUE_NOTIFY_OFF, 2) == q
+        regs.w(virtio_pci.QUEUE_SELECT, 2, q)
+        assert regs.r(virtio_pci.QUEUE_SIZE, 2) == 1024 and regs.r(virtio_pci.QUEUE_ENABLE, 2) == 0
+        assert regs.r(virtio_pci.QUEUE_MSIX_VECTOR, 2) == NO_VECTOR and regs.r(virtio_pci.QUEUE_NOTIFY_OFF, 2) == q
 
 
 def test_device_features_are_64_bits_through_the_select_register(regs):
-    regs.w(M.DEVICE_FEATURE_SELECT, 4, 1)
-    assert regs.r(M.DEVICE_FEATURE, 4) == OFFERED >> 32 == bits("VERSION_1", "ACCESS_PLATFORM") >> 32
-    regs.w(M.DEVICE_FEATURE_SELECT, 4, 2)
-    assert regs.r(M.DEVICE_FEATURE, 4) == 0
+    regs.w(virtio_pci.DEVICE_FEATURE_SELECT, 4, 1)
+    assert regs.r(virtio_pci.DEVICE_FEATURE, 4) == OFFERED >> 32 == bits("VERSION_1", "ACCESS_PLATFORM") >> 32
+    regs.w(virtio_pci.DEVICE_FEATURE_SELECT, 4, 2)
+    assert regs.r(virtio_pci.DEVICE_FEATURE, 4) == 0
 
 
 def test_status_sequence_in_the_spec_order_is_accepted(model, regs):
-    assert regs.negotiate(BASIC | bits("MAC", "STATUS")) == (F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER
-                                                             | F.STATUS_FEATURES_OK)
+    assert regs.negotiate(BASIC | bits("MAC", "STATUS")) == (V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER
+                                                             | V.STATUS_FEATURES_OK)
     assert model.features == BASIC | bits("MAC", "STATUS")
-    regs.set_status(regs.status() | F.STATUS_DRIVER_OK)
-    assert regs.status() & F.STATUS_DRIVER_OK
+    regs.set_status(regs.status() | V.STATUS_DRIVER_OK)
+    assert regs.status() & V.STATUS_DRIVER_OK
 
 
 @pytest.mark.parametrize("features, why", [
@@ -233,25 +235,25 @@ def test_status_sequence_in_the_spec_order_is_accepted(model, regs):
 ], ids=["unoffered", "packed", "no-version-1", "no-access-platform", "ctrl-rx-alone", "mq-alone"])
 def test_features_ok_is_refused_for_bad_features(model, regs, features, why):
     status = regs.negotiate(features)
-    assert not status & F.STATUS_FEATURES_OK
+    assert not status & V.STATUS_FEATURES_OK
     assert why in model.stats()["features_refusal"] and model.stats()["refused_features"] == 1
-    regs.set_status(status | F.STATUS_DRIVER_OK)          # and it does not go live
-    assert not regs.status() & F.STATUS_DRIVER_OK
+    regs.set_status(status | V.STATUS_DRIVER_OK)          # and it does not go live
+    assert not regs.status() & V.STATUS_DRIVER_OK
 
 
 def test_driver_ok_before_features_ok_is_refused(model, regs):
-    regs.set_status(F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER)
-    regs.set_status(F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER | F.STATUS_DRIVER_OK)
-    assert regs.status() == F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER
+    regs.set_status(V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
+    regs.set_status(V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_DRIVER_OK)
+    assert regs.status() == V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER
     assert model.stats()["refused_driver_ok"] == 1 and not model.engine.running
 
 
 def test_driver_before_acknowledge_and_clearing_bits_are_refused(model, regs):
-    regs.set_status(F.STATUS_DRIVER)
+    regs.set_status(V.STATUS_DRIVER)
     assert regs.status() == 0
     regs.negotiate(BASIC)
-    regs.set_status(F.STATUS_ACKNOWLEDGE)                 # clearing DRIVER and FEATURES_OK
-    assert regs.status() == F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER | F.STATUS_FEATURES_OK
+    regs.set_status(V.STATUS_ACKNOWLEDGE)                 # clearing DRIVER and FEATURES_OK
+    assert regs.status() == V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_FEATURES_OK
     assert model.stats()["bad_status_writes"] == 2
     regs.set_status(0)                                    # reset is the way back
     assert regs.status() == 0 and model.features == 0
@@ -264,107 +266,107 @@ def test_driver_features_cannot_change_after_features_ok(model, regs):
 
 
 def test_queue_select_changes_what_the_queue_registers_show(regs):
-    regs.w(M.QUEUE_SELECT, 2, 0)
-    regs.w(M.QUEUE_SIZE, 2, 256)
-    regs.w(M.QUEUE_DESC, 8, 0x1000)
-    regs.w(M.QUEUE_SELECT, 2, 1)
-    assert regs.r(M.QUEUE_SIZE, 2) == 1024 and regs.r(M.QUEUE_DESC, 8) == 0
-    regs.w(M.QUEUE_SELECT, 2, 0)
-    assert regs.r(M.QUEUE_SIZE, 2) == 256 and regs.r(M.QUEUE_DESC, 8) == 0x1000
-    regs.w(M.QUEUE_SELECT, 2, 3)                          # past num_queues: size 0, the queue does not exist
-    assert regs.r(M.QUEUE_SIZE, 2) == 0
+    regs.w(virtio_pci.QUEUE_SELECT, 2, 0)
+    regs.w(virtio_pci.QUEUE_SIZE, 2, 256)
+    regs.w(virtio_pci.QUEUE_DESC, 8, 0x1000)
+    regs.w(virtio_pci.QUEUE_SELECT, 2, 1)
+    assert regs.r(virtio_pci.QUEUE_SIZE, 2) == 1024 and regs.r(virtio_pci.QUEUE_DESC, 8) == 0
+    regs.w(virtio_pci.QUEUE_SELECT, 2, 0)
+    assert regs.r(virtio_pci.QUEUE_SIZE, 2) == 256 and regs.r(virtio_pci.QUEUE_DESC, 8) == 0x1000
+    regs.w(virtio_pci.QUEUE_SELECT, 2, 3)                          # past num_queues: size 0, the queue does not exist
+    assert regs.r(virtio_pci.QUEUE_SIZE, 2) == 0
 
 
 @pytest.mark.parametrize("size", [0, 3, 100, 2048])
 def test_queue_size_must_be_a_power_of_two_up_to_the_maximum(model, regs, size):
-    regs.w(M.QUEUE_SIZE, 2, size)
-    assert regs.r(M.QUEUE_SIZE, 2) == 1024 and model.stats()["bad_register_writes"] == 1
+    regs.w(virtio_pci.QUEUE_SIZE, 2, size)
+    assert regs.r(virtio_pci.QUEUE_SIZE, 2) == 1024 and model.stats()["bad_register_writes"] == 1
 
 
 def test_msix_vectors_out_of_range_read_back_no_vector(model, regs):
     top = model.msix_vectors
-    regs.w(M.QUEUE_MSIX_VECTOR, 2, top - 1)
-    assert regs.r(M.QUEUE_MSIX_VECTOR, 2) == top - 1
-    regs.w(M.QUEUE_MSIX_VECTOR, 2, top)
-    assert regs.r(M.QUEUE_MSIX_VECTOR, 2) == NO_VECTOR
-    regs.w(M.CONFIG_MSIX_VECTOR, 2, 0)
-    assert regs.r(M.CONFIG_MSIX_VECTOR, 2) == 0
-    regs.w(M.CONFIG_MSIX_VECTOR, 2, 999)
-    assert regs.r(M.CONFIG_MSIX_VECTOR, 2) == NO_VECTOR
+    regs.w(virtio_pci.QUEUE_MSIX_VECTOR, 2, top - 1)
+    assert regs.r(virtio_pci.QUEUE_MSIX_VECTOR, 2) == top - 1
+    regs.w(virtio_pci.QUEUE_MSIX_VECTOR, 2, top)
+    assert regs.r(virtio_pci.QUEUE_MSIX_VECTOR, 2) == NO_VECTOR
+    regs.w(virtio_pci.CONFIG_MSIX_VECTOR, 2, 0)
+    assert regs.r(virtio_pci.CONFIG_MSIX_VECTOR, 2) == 0
+    regs.w(virtio_pci.CONFIG_MSIX_VECTOR, 2, 999)
+    assert regs.r(virtio_pci.CONFIG_MSIX_VECTOR, 2) == NO_VECTOR
 
 
 def test_registers_take_only_their_own_width(model, regs):
-    regs.w(M.QUEUE_SIZE, 4, 256)                          # 32-bit write to a 16-bit field
-    regs.w(M.QUEUE_SELECT + 1, 1, 1)                      # inside a field
-    regs.w(M.NUM_QUEUES, 2, 7)                            # read-only
-    regs.w(M.CONFIG_GENERATION, 1, 7)
+    regs.w(virtio_pci.QUEUE_SIZE, 4, 256)                          # 32-bit write to a 16-bit field
+    regs.w(virtio_pci.QUEUE_SELECT + 1, 1, 1)                      # inside a field
+    regs.w(virtio_pci.NUM_QUEUES, 2, 7)                            # read-only
+    regs.w(virtio_pci.CONFIG_GENERATION, 1, 7)
     assert model.stats()["bad_register_writes"] == 4
-    assert regs.r(M.QUEUE_SIZE, 2) == 1024 and regs.r(M.NUM_QUEUES, 2) == 3
+    assert regs.r(virtio_pci.QUEUE_SIZE, 2) == 1024 and regs.r(virtio_pci.NUM_QUEUES, 2) == 3
 
 
 def test_ring_addresses_take_two_halves_or_one_64_bit_write(regs):
-    regs.w(M.QUEUE_DESC, 4, 0x89ABC000)
-    regs.w(M.QUEUE_DESC + 4, 4, 0x01234567)
-    regs.w(M.QUEUE_DRIVER, 8, 0x0123456789ABD000)
-    assert regs.r(M.QUEUE_DESC, 8) == 0x0123456789ABC000
-    assert regs.r(M.QUEUE_DRIVER, 4) == 0x89ABD000 and regs.r(M.QUEUE_DRIVER + 4, 4) == 0x01234567
+    regs.w(virtio_pci.QUEUE_DESC, 4, 0x89ABC000)
+    regs.w(virtio_pci.QUEUE_DESC + 4, 4, 0x01234567)
+    regs.w(virtio_pci.QUEUE_DRIVER, 8, 0x0123456789ABD000)
+    assert regs.r(virtio_pci.QUEUE_DESC, 8) == 0x0123456789ABC000
+    assert regs.r(virtio_pci.QUEUE_DRIVER, 4) == 0x89ABD000 and regs.r(virtio_pci.QUEUE_DRIVER + 4, 4) == 0x01234567
 
 
 def test_queue_enable_checks_the_rings_against_the_dma_maps(model, regs, mapped):
     regs.negotiate(BASIC)
     vq = pmd.Virtqueue(mapped, 256, 0)
     regs.setup_queue(0, vq)
-    assert regs.r(M.QUEUE_ENABLE, 2) == 1 and 0 in model.device_queues
-    assert not regs.status() & F.STATUS_DEVICE_NEEDS_RESET
-    regs.w(M.QUEUE_DESC, 8, 0x1000)                       # an enabled queue's registers are fixed
-    assert regs.r(M.QUEUE_DESC, 8) == vq.desc_iova
+    assert regs.r(virtio_pci.QUEUE_ENABLE, 2) == 1 and 0 in model.device_queues
+    assert not regs.status() & V.STATUS_DEVICE_NEEDS_RESET
+    regs.w(virtio_pci.QUEUE_DESC, 8, 0x1000)                       # an enabled queue's registers are fixed
+    assert regs.r(virtio_pci.QUEUE_DESC, 8) == vq.desc_iova
 
 
 @pytest.mark.parametrize("bad", ["outside", "misaligned", "past-end"])
 def test_bad_ring_address_sets_needs_reset_and_is_never_followed(model, regs, mapped, bad):
     regs.negotiate(BASIC)
     vq = pmd.Virtqueue(mapped, 256, 0)
-    regs.w(M.QUEUE_SELECT, 2, 0)
-    regs.w(M.QUEUE_SIZE, 2, 256)
+    regs.w(virtio_pci.QUEUE_SELECT, 2, 0)
+    regs.w(virtio_pci.QUEUE_SIZE, 2, 256)
     desc = {"outside": 0x1000, "misaligned": vq.desc_iova + 8,
             "past-end": mapped.iova(mapped.size - 64)}[bad]
-    regs.w(M.QUEUE_DESC, 8, desc)
-    regs.w(M.QUEUE_DRIVER, 8, vq.avail_iova)
-    regs.w(M.QUEUE_DEVICE, 8, vq.used_iova)
-    regs.w(M.QUEUE_ENABLE, 2, 1)
-    assert regs.status() & F.STATUS_DEVICE_NEEDS_RESET
-    assert regs.r(M.QUEUE_ENABLE, 2) == 0 and not model.device_queues
+    regs.w(virtio_pci.QUEUE_DESC, 8, desc)
+    regs.w(virtio_pci.QUEUE_DRIVER, 8, vq.avail_iova)
+    regs.w(virtio_pci.QUEUE_DEVICE, 8, vq.used_iova)
+    regs.w(virtio_pci.QUEUE_ENABLE, 2, 1)
+    assert regs.status() & V.STATUS_DEVICE_NEEDS_RESET
+    assert regs.r(virtio_pci.QUEUE_ENABLE, 2) == 0 and not model.device_queues
     st = model.stats()
     assert st["bad_ring_addresses"] == 1 and "queue 0" in st["needs_reset_reason"]
-    regs.set_status(regs.status() | F.STATUS_DRIVER_OK)
+    regs.set_status(regs.status() | V.STATUS_DRIVER_OK)
     assert not model.engine.running
     regs.set_status(0)
     assert regs.status() == 0                             # a reset clears it
 
 
 def test_queue_enable_before_features_ok_needs_reset(model, regs, mapped):
-    regs.set_status(F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER)
+    regs.set_status(V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
     regs.setup_queue(0, pmd.Virtqueue(mapped, 64, 0))
-    assert regs.status() & F.STATUS_DEVICE_NEEDS_RESET and not model.device_queues
+    assert regs.status() & V.STATUS_DEVICE_NEEDS_RESET and not model.device_queues
 
 
 def test_isr_is_cleared_by_reading_it(model, regs):
     regs.negotiate(BASIC | bits("STATUS"))
-    regs.set_status(regs.status() | F.STATUS_DRIVER_OK)
+    regs.set_status(regs.status() | V.STATUS_DRIVER_OK)
     model.set_link(False)
     assert regs.r(C.ISR_OFFSET, 1) == 2                   # configuration change
     assert regs.r(C.ISR_OFFSET, 1) == 0
 
 
 def test_config_generation_moves_on_link_changes(model, regs):
-    gen = regs.r(M.CONFIG_GENERATION, 1)
-    st = lambda: regs.r(C.DEVICE_OFFSET + F.NET_CFG_STATUS, 2)   # noqa: E731
-    assert st() == F.NET_S_LINK_UP
+    gen = regs.r(virtio_pci.CONFIG_GENERATION, 1)
+    st = lambda: regs.r(C.DEVICE_OFFSET + N.NET_CFG_STATUS, 2)   # noqa: E731
+    assert st() == N.NET_S_LINK_UP
     model.set_link(False)
-    assert regs.r(M.CONFIG_GENERATION, 1) == gen + 1 and st() == 0
+    assert regs.r(virtio_pci.CONFIG_GENERATION, 1) == gen + 1 and st() == 0
     model.set_link(False)                                 # no change, no new generation
     model.set_link(True)
-    assert regs.r(M.CONFIG_GENERATION, 1) == gen + 2 and st() == F.NET_S_LINK_UP
+    assert regs.r(virtio_pci.CONFIG_GENERATION, 1) == gen + 2 and st() == N.NET_S_LINK_UP
 
 
 def test_device_configuration_layout():
@@ -372,7 +374,7 @@ def test_device_configuration_layout():
         cfg = m.region_read(0, C.DEVICE_OFFSET, 18)
         mac, status, pairs, mtu, speed, duplex = struct.unpack("<6sHHHIB", cfg[:17])
         assert (mac.hex(), status, pairs, mtu) == ("02aabbccddee", 1, 4, 9000)
-        assert Regs(m).r(M.NUM_QUEUES, 2) == 9 and m.msix_vectors == 10
+        assert Regs(m).r(virtio_pci.NUM_QUEUES, 2) == 9 and m.msix_vectors == 10
         with pytest.raises(ValueError, match="straddles"):
             m.region_read(0, C.DEVICE_OFFSET + 0xFE, 4)
 
@@ -382,7 +384,7 @@ def test_features_can_be_turned_off():
         assert not m.offered & bits("MQ", "EVENT_IDX") and m.offered & bits("CTRL_RX")
     with VirtioNetModel(features_off="CTRL_VQ", queue_pairs=2) as m:
         assert not m.offered & bits("CTRL_VQ", "CTRL_RX", "MQ", "CTRL_MAC_ADDR")
-        assert Regs(m).r(M.NUM_QUEUES, 2) == 4
+        assert Regs(m).r(virtio_pci.NUM_QUEUES, 2) == 4
     with pytest.raises(ValueError, match="VERSION_1"):
         SimOptions(features_off="VERSION_1")
     with pytest.raises(ValueError, match="not offered"):
@@ -412,11 +414,11 @@ def test_region_specs_notify_area_is_the_only_mmap():
 def test_pci_cfg_access_capability_reaches_bar0(model):
     cfg = model.pci
     model.region_write(7, C.PCI_CFG_BAR, b"\x00")
-    model.region_write(7, C.PCI_CFG_OFFSET, struct.pack("<II", M.NUM_QUEUES, 2))
+    model.region_write(7, C.PCI_CFG_OFFSET, struct.pack("<II", virtio_pci.NUM_QUEUES, 2))
     assert struct.unpack("<H", model.region_read(7, C.PCI_CFG_DATA, 2))[0] == 3
-    model.region_write(7, C.PCI_CFG_OFFSET, struct.pack("<II", M.DEVICE_STATUS, 1))
+    model.region_write(7, C.PCI_CFG_OFFSET, struct.pack("<II", virtio_pci.DEVICE_STATUS, 1))
     model.region_write(7, C.PCI_CFG_DATA, b"\x01")
-    assert model.status == F.STATUS_ACKNOWLEDGE and cfg.ignored_writes == 0
+    assert model.status == V.STATUS_ACKNOWLEDGE and cfg.ignored_writes == 0
 
 
 def test_dma_maps_are_validated(model, memory):
@@ -534,7 +536,7 @@ def test_port_starts_on_the_model_through_the_modern_transport(sim):
     assert port.features & OFFERED == port.features
     assert port.features & bits("MAC", "STATUS", "MRG_RXBUF", "CTRL_VQ", "CTRL_RX", "MQ", "EVENT_IDX", "MTU")
     assert port.mac == m.mac and port.mtu == 1500 and port.link.up and port.hdr_len == 12
-    assert m.status == (F.STATUS_ACKNOWLEDGE | F.STATUS_DRIVER | F.STATUS_FEATURES_OK | F.STATUS_DRIVER_OK)
+    assert m.status == (V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK)
     assert m.engine.running and len(m.dma) == 1 and m.pci.bus_master
     assert sorted(m.device_queues) == [0, 1, 2]           # rx, tx, control
 
@@ -570,7 +572,7 @@ def test_jumbo_frames_arrive_whole_over_mergeable_buffers():
 def test_round_trip_with_features_off_on_the_device(off):
     port, m = open_sim(VirtioNetModel(features_off=off))
     try:
-        assert not port.features & F.parse(off)
+        assert not port.features & N.parse_features(off)
         data, lengths = random_frames(200, seed=3)
         send(port, data, lengths)
         got = receive(port, 200)
@@ -624,18 +626,18 @@ def test_promiscuous_off_filters_and_the_mac_table_lets_frames_in(sim):
 
 
 @pytest.mark.parametrize("cls, cmd, data", [
-    (F.CTRL_RX, F.CTRL_RX_PROMISC, b"\x02"),                              # on is 0 or 1
-    (F.CTRL_RX, F.CTRL_RX_PROMISC, b""),                                  # missing
-    (F.CTRL_RX, 9, b"\x01"),                                              # unknown command
-    (F.CTRL_MAC, F.CTRL_MAC_TABLE_SET, struct.pack("<I", 1)),             # entries without addresses
-    (F.CTRL_MAC, F.CTRL_MAC_TABLE_SET, struct.pack("<I", 1) + bytes.fromhex("01005e000001")
+    (N.CTRL_RX, N.CTRL_RX_PROMISC, b"\x02"),                              # on is 0 or 1
+    (N.CTRL_RX, N.CTRL_RX_PROMISC, b""),                                  # missing
+    (N.CTRL_RX, 9, b"\x01"),                                              # unknown command
+    (N.CTRL_MAC, N.CTRL_MAC_TABLE_SET, struct.pack("<I", 1)),             # entries without addresses
+    (N.CTRL_MAC, N.CTRL_MAC_TABLE_SET, struct.pack("<I", 1) + bytes.fromhex("01005e000001")
      + struct.pack("<I", 0)),                                             # multicast in the unicast table
-    (F.CTRL_MAC, F.CTRL_MAC_TABLE_SET, struct.pack("<II", 0, 0) + b"x"),  # trailing bytes
-    (F.CTRL_MAC, F.CTRL_MAC_TABLE_SET, struct.pack("<I", 65) + bytes(6 * 65) + struct.pack("<I", 0)),
-    (F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, bytes.fromhex("02aabbccdd")),       # 5 bytes, not an address
-    (F.CTRL_MQ, F.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 0)),
-    (F.CTRL_MQ, F.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)),            # more than max_virtqueue_pairs
-    (F.CTRL_MQ, F.CTRL_MQ_VQ_PAIRS_SET, b"\x01"),
+    (N.CTRL_MAC, N.CTRL_MAC_TABLE_SET, struct.pack("<II", 0, 0) + b"x"),  # trailing bytes
+    (N.CTRL_MAC, N.CTRL_MAC_TABLE_SET, struct.pack("<I", 65) + bytes(6 * 65) + struct.pack("<I", 0)),
+    (N.CTRL_MAC, N.CTRL_MAC_ADDR_SET, bytes.fromhex("02aabbccdd")),       # 5 bytes, not an address
+    (N.CTRL_MQ, N.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 0)),
+    (N.CTRL_MQ, N.CTRL_MQ_VQ_PAIRS_SET, struct.pack("<H", 2)),            # more than max_virtqueue_pairs
+    (N.CTRL_MQ, N.CTRL_MQ_VQ_PAIRS_SET, b"\x01"),
     (7, 0, b""),                                                          # unknown class
 ], ids=["promisc-2", "promisc-empty", "rx-unknown", "table-short", "table-multicast-as-unicast",
         "table-trailing", "table-too-big", "addr-short", "pairs-0", "pairs-too-many",
@@ -654,7 +656,7 @@ def test_mac_addr_set_refused_when_not_negotiated():
     try:
         port.start()
         with pytest.raises(DeviceError, match="refused"):
-            port.ctrl.command(F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, bytes.fromhex("02aabbccddee"))
+            port.ctrl.command(N.CTRL_MAC, N.CTRL_MAC_ADDR_SET, bytes.fromhex("02aabbccddee"))
     finally:
         port.close()
         m.close()
@@ -665,11 +667,11 @@ def test_mac_addr_set_changes_the_device_mac():
     port, m = open_sim()
     try:
         gen = m.config_generation
-        port.ctrl_command(F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, new, need=F.NET_CTRL_MAC_ADDR)
+        port.ctrl_command(N.CTRL_MAC, N.CTRL_MAC_ADDR_SET, new, need=N.NET_CTRL_MAC_ADDR)
         assert m.mac == new and m.config_generation == gen + 1
         assert port.transport.read_config_bytes(0, 6) == new
         with pytest.raises(DeviceError):
-            port.ctrl_command(F.CTRL_MAC, F.CTRL_MAC_ADDR_SET, b"\x01" + new[1:], need=F.NET_CTRL_MAC_ADDR)
+            port.ctrl_command(N.CTRL_MAC, N.CTRL_MAC_ADDR_SET, b"\x01" + new[1:], need=N.NET_CTRL_MAC_ADDR)
         port.stop()
         assert m.mac == m.options.mac                     # a reset restores it
     finally:
@@ -781,10 +783,10 @@ def test_unmapping_memory_under_live_queues_needs_reset_with_a_config_interrupt(
     ev = EventFd()
     try:
         m.set_irqs(2, 0, [os.dup(ev.fileno())])
-        m.region_write(0, M.CONFIG_MSIX_VECTOR, (0).to_bytes(2, "little"))
+        m.region_write(0, virtio_pci.CONFIG_MSIX_VECTOR, (0).to_bytes(2, "little"))
         iova, (_vaddr, size) = next(iter(port.access.dma_mappings.items()))
         m.dma_unmap(iova, size)
-        assert m.status & F.STATUS_DEVICE_NEEDS_RESET and not m.engine.running
+        assert m.status & V.STATUS_DEVICE_NEEDS_RESET and not m.engine.running
         assert ev.wait(2) >= 1
         assert m.stats()["bad_ring_addresses"] == 1
     finally:
@@ -936,7 +938,7 @@ def test_generator_numbers_each_flow_consecutively_across_batches():
 
 
 def test_device_rx_generate_stamps_sequence_numbers_and_stops_without_buffers(memory):
-    from pmd._device import device_rx_generate
+    from pmd.sim._rx import device_rx_generate
     from pmd.sim.wires import GEN_PAYLOAD
     from pmd.loopback import Loopback
 
@@ -1036,9 +1038,9 @@ def test_a_dead_data_path_sets_needs_reset():
     port, _ = open_sim(m)
     try:
         deadline = time.monotonic() + 5
-        while not m.status & F.STATUS_DEVICE_NEEDS_RESET and time.monotonic() < deadline:
+        while not m.status & V.STATUS_DEVICE_NEEDS_RESET and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert m.status & F.STATUS_DEVICE_NEEDS_RESET
+        assert m.status & V.STATUS_DEVICE_NEEDS_RESET
         assert "wire broke" in m.stats()["needs_reset_reason"]
         assert isinstance(m.engine.error, RuntimeError) and not m.engine.running
     finally:
@@ -1214,7 +1216,7 @@ def test_pair_process_serves_two_sockets(tmp_path):
 
 
 def _client():
-    return pytest.importorskip("pmd.vfio_user.client")
+    return pytest.importorskip("pmd.driver.access.vfio_user")
 
 
 def test_driver_over_vfio_user_in_another_process_and_reconnect(tmp_path):
@@ -1241,7 +1243,7 @@ def test_device_process_killed_in_the_middle_of_traffic_is_a_clear_error_within_
     from .conftest import open_fds
 
     _client()
-    from pmd.interrupts import get_interrupt_thread
+    from pmd.driver.interrupts import get_interrupt_thread
 
     get_interrupt_thread().start()                        # started once per process, on first use
     fds, threads = open_fds(), threading.active_count()

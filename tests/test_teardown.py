@@ -151,7 +151,10 @@ with pytest.raises(QueueStateError, match="closed"):
 def test_device_queue_after_its_memory_is_closed_raises():
     check_isolated("""
 import numpy as np, pytest, pmd
-from pmd._device import DeviceQueue, DmaWindows, device_rx_burst, device_tx_burst, loopback
+from pmd.sim._dma import DmaWindows
+from pmd.sim._rx import device_rx_burst
+from pmd.sim._tx import device_tx_burst, tx_to_rx
+from pmd.sim._virtqueue import DeviceQueue
 from pmd.errors import QueueStateError
 m = pmd.DmaMemory(1 << 20, lock=False)
 vq = pmd.Virtqueue(m, 8)
@@ -161,7 +164,7 @@ m.close()
 assert m.closed and m.pins > 0        # still mapped: the queue and windows use it
 calls = [dq.pop_chain, dq.publish_used, dq.disable_notify, dq.enable_notify,
          lambda: dq.complete(0), lambda: dq.push_raw(0, 0), lambda: dq.set_used_idx(1),
-         lambda: dq.avail_pending, lambda: loopback(dq, dq),
+         lambda: dq.avail_pending, lambda: tx_to_rx(dq, dq),
          lambda: device_tx_burst(dq, np.zeros((1, 64), np.uint8), np.zeros(1, np.uint32)),
          lambda: device_rx_burst(dq, np.zeros((1, 64), np.uint8), np.zeros(1, np.uint32))]
 for call in calls:

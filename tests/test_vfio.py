@@ -23,15 +23,14 @@ from pathlib import Path
 import pytest
 
 import pmd
-from pmd import access, vfio
-from pmd.access import (
-    DeviceAccess,
-    DeviceInfo,
-    IrqInfo,
-    RegionInfo,
-    RegionMapping,
-    SparseArea,
-)
+from pmd.driver.access import iova as access_iova
+from pmd.driver.access import pagemap as access_pagemap
+from pmd.driver.access import vfio
+from pmd.driver import sysfs as pci_sysfs
+from pmd.spec import vfio as spec_vfio
+from pmd.spec.pci import PciAddress
+from pmd.driver.access import DeviceAccess, RegionMapping
+from pmd.spec.vfio import DeviceInfo, IrqInfo, RegionInfo, SparseArea
 from pmd.errors import PmdError, QueueStateError, VfioError
 
 PAGE = mmap.PAGESIZE
@@ -88,19 +87,19 @@ def test_ioctl_request_known_literals(name: str, value: int) -> None:
 
 def test_ioc_macro_encodes_direction_and_size() -> None:
     # FS_IOC_GETFLAGS = _IOR('f', 1, long) = 0x80086601 on 64-bit Linux (_IOC_READ = 2)
-    assert vfio.ioc(2, ord("f"), 1, 8) == 0x80086601
-    assert vfio.io(ord(";"), 100) == 0x3B64
+    assert spec_vfio.ioc(2, ord("f"), 1, 8) == 0x80086601
+    assert spec_vfio.io(ord(";"), 100) == 0x3B64
 
 
 def test_header_constants() -> None:
-    assert vfio.VFIO_API_VERSION == 0
-    assert (vfio.VFIO_TYPE1_IOMMU, vfio.VFIO_TYPE1v2_IOMMU, vfio.VFIO_NOIOMMU_IOMMU) == (1, 3, 8)
-    assert vfio.VFIO_PCI_CONFIG_REGION_INDEX == 7
-    assert (vfio.VFIO_PCI_INTX_IRQ_INDEX, vfio.VFIO_PCI_MSI_IRQ_INDEX, vfio.VFIO_PCI_MSIX_IRQ_INDEX) == (0, 1, 2)
-    assert vfio.VFIO_REGION_INFO_CAP_SPARSE_MMAP == 1
-    assert vfio.VFIO_REGION_INFO_CAP_TYPE == 2
-    assert vfio.VFIO_IRQ_SET_DATA_EVENTFD | vfio.VFIO_IRQ_SET_ACTION_TRIGGER == 0x24
-    assert vfio.VFIO_IRQ_SET_DATA_NONE | vfio.VFIO_IRQ_SET_ACTION_TRIGGER == 0x21
+    assert spec_vfio.VFIO_API_VERSION == 0
+    assert (spec_vfio.VFIO_TYPE1_IOMMU, spec_vfio.VFIO_TYPE1v2_IOMMU, spec_vfio.VFIO_NOIOMMU_IOMMU) == (1, 3, 8)
+    assert spec_vfio.VFIO_PCI_CONFIG_REGION_INDEX == 7
+    assert (spec_vfio.VFIO_PCI_INTX_IRQ_INDEX, spec_vfio.VFIO_PCI_MSI_IRQ_INDEX, spec_vfio.VFIO_PCI_MSIX_IRQ_INDEX) == (0, 1, 2)
+    assert spec_vfio.VFIO_REGION_INFO_CAP_SPARSE_MMAP == 1
+    assert spec_vfio.VFIO_REGION_INFO_CAP_TYPE == 2
+    assert spec_vfio.VFIO_IRQ_SET_DATA_EVENTFD | spec_vfio.VFIO_IRQ_SET_ACTION_TRIGGER == 0x24
+    assert spec_vfio.VFIO_IRQ_SET_DATA_NONE | spec_vfio.VFIO_IRQ_SET_ACTION_TRIGGER == 0x21
 
 
 # ---------------------------------------------------------------------------
@@ -126,7 +125,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_struct_size_and_offsets(name: str) -> None:
     size, offsets = LAYOUTS[name]
-    cls = getattr(vfio, name)
+    cls = getattr(spec_vfio, name)
     assert ctypes.sizeof(cls) == size
     assert {f: getattr(cls, f).offset for f in offsets} == offsets
 
@@ -151,7 +150,7 @@ def sparse_body(areas: Sequence[tuple[int, int]], nr: int | None = None) -> byte
 
 
 def test_region_info_without_caps() -> None:
-    info = vfio.parse_region_info(region_info_bytes(4, 0x7, 0x4000, 4 << 40))
+    info = spec_vfio.parse_region_info(region_info_bytes(4, 0x7, 0x4000, 4 << 40))
     assert (info.index, info.flags, info.size, info.offset) == (4, 7, 0x4000, 4 << 40)
     assert info.sparse_areas is None
     assert info.readable and info.writable and info.mmappable
@@ -162,7 +161,7 @@ def test_region_info_without_caps() -> None:
 def test_sparse_mmap_with_two_areas() -> None:
     areas = [(0, 0x2000), (0x3000, 0x1000)]
     caps = cap(1, 1, 0, sparse_body(areas))
-    info = vfio.parse_region_info(region_info_bytes(0, 0xF, 0x4000, 0, caps, cap_offset=32))
+    info = spec_vfio.parse_region_info(region_info_bytes(0, 0xF, 0x4000, 0, caps, cap_offset=32))
     assert info.sparse_areas == (SparseArea(0, 0x2000), SparseArea(0x3000, 0x1000))
     assert info.mmap_areas() == info.sparse_areas
     assert [(c.id, c.version, c.offset) for c in info.caps] == [(1, 1, 32)]
@@ -172,7 +171,7 @@ def test_chain_of_sparse_type_and_msix_mappable() -> None:
     first = cap(2, 1, 32 + 16, struct.pack("=II", 0x80008086, 1))  # CAP_TYPE, then ...
     second = cap(3, 1, 32 + 16 + 8, b"")  # MSIX_MAPPABLE, then ...
     third = cap(1, 1, 0, sparse_body([(0x1000, 0x1000)]))
-    info = vfio.parse_region_info(region_info_bytes(1, 0xF, 0x2000, 1 << 40, first + second + third, 32))
+    info = spec_vfio.parse_region_info(region_info_bytes(1, 0xF, 0x2000, 1 << 40, first + second + third, 32))
     assert info.type == (0x80008086, 1)
     assert info.msix_mappable
     assert info.sparse_areas == (SparseArea(0x1000, 0x1000),)
@@ -180,7 +179,7 @@ def test_chain_of_sparse_type_and_msix_mappable() -> None:
 
 
 def test_sparse_mmap_with_no_areas_allows_no_mapping() -> None:
-    info = vfio.parse_region_info(region_info_bytes(2, 0xF, 0x1000, 0, cap(1, 1, 0, sparse_body([])), 32))
+    info = spec_vfio.parse_region_info(region_info_bytes(2, 0xF, 0x1000, 0, cap(1, 1, 0, sparse_body([])), 32))
     assert info.sparse_areas == ()
     assert info.mmap_areas() == ()
 
@@ -189,71 +188,71 @@ def test_capability_chain_loop_is_an_error() -> None:
     a = cap(2, 1, 32 + 16, struct.pack("=II", 1, 1))
     b = cap(2, 1, 32, struct.pack("=II", 1, 1))  # points back to the first
     with pytest.raises(VfioError, match="loops back to offset 0x20") as ei:
-        vfio.parse_region_info(region_info_bytes(0, 0xF, 0x1000, 0, a + b, 32))
+        spec_vfio.parse_region_info(region_info_bytes(0, 0xF, 0x1000, 0, a + b, 32))
     assert ei.value.errno == errno.ELOOP
 
 
 def test_capability_chain_self_loop_is_an_error() -> None:
     with pytest.raises(VfioError, match="loops"):
-        vfio.parse_region_info(region_info_bytes(0, 0xF, 0x1000, 0, cap(3, 1, 32, b""), 32))
+        spec_vfio.parse_region_info(region_info_bytes(0, 0xF, 0x1000, 0, cap(3, 1, 32, b""), 32))
 
 
 @pytest.mark.parametrize("nxt", [0x1000, 44, 8, 0xFFFFFFFF])
 def test_capability_next_out_of_range_is_an_error(nxt: int) -> None:
     caps = cap(3, 1, nxt, b"") + b"\0" * 8
     with pytest.raises(VfioError, match="out of range") as ei:
-        vfio.parse_region_info(region_info_bytes(0, 0xF, 0x1000, 0, caps, 32))
+        spec_vfio.parse_region_info(region_info_bytes(0, 0xF, 0x1000, 0, caps, 32))
     assert ei.value.errno == errno.ERANGE
 
 
 def test_first_capability_inside_fixed_struct_is_an_error() -> None:
     with pytest.raises(VfioError, match="out of range"):
-        vfio.parse_region_info(region_info_bytes(0, 0xF, 0x1000, 0, cap(3, 1, 0, b""), cap_offset=16))
+        spec_vfio.parse_region_info(region_info_bytes(0, 0xF, 0x1000, 0, cap(3, 1, 0, b""), cap_offset=16))
 
 
 def test_sparse_mmap_claiming_more_areas_than_fit_is_an_error() -> None:
     caps = cap(1, 1, 0, sparse_body([(0, 0x1000)], nr=5))
     with pytest.raises(VfioError, match="claims 5 areas but has room for 1"):
-        vfio.parse_region_info(region_info_bytes(0, 0xF, 0x4000, 0, caps, 32))
+        spec_vfio.parse_region_info(region_info_bytes(0, 0xF, 0x4000, 0, caps, 32))
 
 
 def test_sparse_area_outside_region_is_an_error() -> None:
     caps = cap(1, 1, 0, sparse_body([(0x3000, 0x2000)]))
     with pytest.raises(VfioError, match="outside the region"):
-        vfio.parse_region_info(region_info_bytes(0, 0xF, 0x4000, 0, caps, 32))
+        spec_vfio.parse_region_info(region_info_bytes(0, 0xF, 0x4000, 0, caps, 32))
 
 
 def test_caps_flag_with_zero_offset_means_no_chain() -> None:
     # What the kernel answers when argsz was too small: CAPS set, cap_offset 0, argsz grown.
     raw = bytearray(region_info_bytes(1, 0xF, 0x1000, 0))
     struct.pack_into("=I", raw, 0, 80)
-    info = vfio.parse_region_info(bytes(raw))
+    info = spec_vfio.parse_region_info(bytes(raw))
     assert info.caps == () and info.sparse_areas is None
 
 
 def test_device_info_with_and_without_caps() -> None:
-    plain = vfio.parse_device_info(struct.pack("=IIIIII", 24, 0x2, 9, 5, 0, 0))
+    plain = spec_vfio.parse_device_info(struct.pack("=IIIIII", 24, 0x2, 9, 5, 0, 0))
     assert (plain.flags, plain.num_regions, plain.num_irqs, plain.caps) == (2, 9, 5, ())
     assert plain.is_pci and not plain.supports_reset
-    old = vfio.parse_device_info(struct.pack("=IIII", 16, 0x3, 9, 5))  # pre-caps layout
+    old = spec_vfio.parse_device_info(struct.pack("=IIII", 16, 0x3, 9, 5))  # pre-caps layout
     assert old.supports_reset
-    atomic = cap(vfio.VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP, 1, 0, struct.pack("=II", 0x3, 0))
-    withcaps = vfio.parse_device_info(struct.pack("=IIIIII", 24 + 16, 0x82, 9, 5, 24, 0) + atomic)
+    atomic = cap(spec_vfio.VFIO_DEVICE_INFO_CAP_PCI_ATOMIC_COMP, 1, 0, struct.pack("=II", 0x3, 0))
+    withcaps = spec_vfio.parse_device_info(struct.pack("=IIIIII", 24 + 16, 0x82, 9, 5, 24, 0) + atomic)
     assert [(c.id, c.data[:4]) for c in withcaps.caps] == [(5, b"\x03\0\0\0")]
 
 
 def test_irq_info_parsing() -> None:
-    info = vfio.parse_irq_info(struct.pack("=IIII", 16, 0x9, 2, 4))
+    info = spec_vfio.parse_irq_info(struct.pack("=IIII", 16, 0x9, 2, 4))
     assert info == IrqInfo(index=2, flags=9, count=4)
     assert info.eventfd and info.noresize and not info.maskable and info.name == "MSI-X"
 
 
 def test_areas_without_msix_table() -> None:
     # 16 KiB BAR, MSI-X table of 4 vectors at 0x2000: that page is left out
-    assert vfio.areas_without(0x4000, 0x2000, 64, 0x1000) == (SparseArea(0, 0x2000), SparseArea(0x3000, 0x1000))
+    assert spec_vfio.areas_without(0x4000, 0x2000, 64, 0x1000) == (SparseArea(0, 0x2000), SparseArea(0x3000, 0x1000))
     # table at the start: one area after it; table covering the BAR: nothing
-    assert vfio.areas_without(0x4000, 0, 0x800, 0x1000) == (SparseArea(0x1000, 0x3000),)
-    assert vfio.areas_without(0x1000, 0, 0x800, 0x1000) == ()
+    assert spec_vfio.areas_without(0x4000, 0, 0x800, 0x1000) == (SparseArea(0x1000, 0x3000),)
+    assert spec_vfio.areas_without(0x1000, 0, 0x800, 0x1000) == ()
 
 
 # ---------------------------------------------------------------------------
@@ -262,7 +261,7 @@ def test_areas_without_msix_table() -> None:
 
 
 def test_irq_set_with_eventfds() -> None:
-    buf = vfio.build_irq_set_eventfds(vfio.VFIO_PCI_MSIX_IRQ_INDEX, 1, [10, -1, 12])
+    buf = spec_vfio.build_irq_set_eventfds(spec_vfio.VFIO_PCI_MSIX_IRQ_INDEX, 1, [10, -1, 12])
     assert len(buf) == 20 + 3 * 4
     argsz, flags, index, start, count = struct.unpack_from("=IIIII", buf, 0)
     assert (argsz, flags, index, start, count) == (32, 0x24, 2, 1, 3)
@@ -270,7 +269,7 @@ def test_irq_set_with_eventfds() -> None:
 
 
 def test_irq_set_disable() -> None:
-    buf = vfio.build_irq_set(2, vfio.VFIO_IRQ_SET_DATA_NONE | vfio.VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
+    buf = spec_vfio.build_irq_set(2, spec_vfio.VFIO_IRQ_SET_DATA_NONE | spec_vfio.VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
     assert bytes(buf) == struct.pack("=IIIII", 20, 0x21, 2, 0, 0)
 
 
@@ -327,9 +326,9 @@ def sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSysfs:
 
 
 def test_sysfs_root_follows_environment(sysfs: FakeSysfs, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert vfio.sysfs_pci_root() == str(sysfs.devices)
+    assert str(pci_sysfs.sysfs_pci_devices()) == str(sysfs.devices)
     monkeypatch.delenv("SYSFS_PCI_DEVICES")
-    assert vfio.sysfs_pci_root() == "/sys/bus/pci/devices"
+    assert str(pci_sysfs.sysfs_pci_devices()) == "/sys/bus/pci/devices"
 
 
 def test_group_from_iommu_group_link(sysfs: FakeSysfs) -> None:
@@ -352,34 +351,34 @@ def test_device_without_iommu_group_says_how_to_bind(sysfs: FakeSysfs) -> None:
 
 def test_no_such_device(sysfs: FakeSysfs) -> None:
     with pytest.raises(VfioError, match=r"no PCI device 0000:00:1f\.7") as ei:
-        vfio.VfioDevice.open("0000:00:1f.7")
+        vfio.VfioAccess.open("0000:00:1f.7")
     assert ei.value.errno == errno.ENODEV
 
 
 @pytest.mark.parametrize("bad", ["", "eth0", "0000:00:03", "00:03.8", "00:20.0", "0000:000:03.0", "zz:03.0"])
 def test_malformed_address(bad: str) -> None:
     with pytest.raises(VfioError, match="is not a PCI address") as ei:
-        vfio.VfioDevice.open(bad)
+        vfio.VfioAccess.open(bad)
     assert ei.value.errno == errno.EINVAL
 
 
 def test_address_normalization() -> None:
-    assert vfio.normalize_pci_address("00:03.0") == "0000:00:03.0"
-    assert vfio.normalize_pci_address("0000:0A:1F.7") == "0000:0a:1f.7"
-    assert vfio.normalize_pci_address("10000:00:00.0") == "10000:00:00.0"
+    assert str(PciAddress.parse("00:03.0")) == "0000:00:03.0"
+    assert str(PciAddress.parse("0000:0A:1F.7")) == "0000:0a:1f.7"
+    assert str(PciAddress.parse("10000:00:00.0")) == "10000:00:00.0"
 
 
 def test_device_bound_to_another_driver(sysfs: FakeSysfs, tmp_path: Path) -> None:
     sysfs.add("0000:00:05.0", "virtio-pci", 9)
     with pytest.raises(VfioError, match="is bound to virtio-pci, not vfio-pci: bind it to vfio-pci") as ei:
-        vfio.VfioDevice.open("0000:00:05.0", dev_dir=str(tmp_path))
+        vfio.VfioAccess.open("0000:00:05.0", dev_dir=str(tmp_path))
     assert "pmd bind 0000:00:05.0" in str(ei.value)
 
 
 def test_unbound_device(sysfs: FakeSysfs, tmp_path: Path) -> None:
     sysfs.add("0000:00:06.0", None, 10)
     with pytest.raises(VfioError, match="is not bound to any driver, not vfio-pci"):
-        vfio.VfioDevice.open("0000:00:06.0", dev_dir=str(tmp_path))
+        vfio.VfioAccess.open("0000:00:06.0", dev_dir=str(tmp_path))
 
 
 def test_open_without_container_names_it(sysfs: FakeSysfs, tmp_path: Path) -> None:
@@ -387,7 +386,7 @@ def test_open_without_container_names_it(sysfs: FakeSysfs, tmp_path: Path) -> No
     devdir = tmp_path / "dev-vfio"
     devdir.mkdir()
     with pytest.raises(VfioError) as ei:
-        vfio.VfioDevice.open("0000:00:03.0", dev_dir=str(devdir))
+        vfio.VfioAccess.open("0000:00:03.0", dev_dir=str(devdir))
     assert f"{devdir}/vfio does not exist: VFIO is not available in this kernel" in str(ei.value)
 
 
@@ -395,7 +394,7 @@ def test_group_not_viable_message_names_the_others(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", "vfio-pci", 7)
     sysfs.add("0000:00:03.1", "snd_hda_intel", 7)
     sysfs.add("0000:00:03.2", None, 7)
-    dev = object.__new__(vfio.VfioDevice)
+    dev = object.__new__(vfio.VfioAccess)
     dev.address, dev.group, dev._sysfs_root = "0000:00:03.0", 7, None
     msg = str(dev._not_viable_error())
     assert "IOMMU group 7 of 0000:00:03.0 is not viable" in msg
@@ -412,21 +411,21 @@ def test_group_not_viable_message_names_the_others(sysfs: FakeSysfs) -> None:
 
 def test_pagemap_entry_decoding() -> None:
     entry = (1 << 63) | 0x12345  # present, PFN 0x12345
-    assert vfio.pagemap_entry_to_phys(entry, 0x7F0000001ABC, 0x1000) == 0x12345ABC
+    assert access_pagemap.pagemap_entry_to_phys(entry, 0x7F0000001ABC, 0x1000) == 0x12345ABC
     # bits 55-62 (soft-dirty, exclusive, file, swapped) are not part of the PFN
-    assert vfio.pagemap_entry_to_phys(entry | (1 << 55) | (1 << 61), 0x1000, 0x1000) == 0x12345000
+    assert access_pagemap.pagemap_entry_to_phys(entry | (1 << 55) | (1 << 61), 0x1000, 0x1000) == 0x12345000
 
 
 def test_pagemap_entry_not_present() -> None:
     with pytest.raises(VfioError, match="not present"):
-        vfio.pagemap_entry_to_phys(0x12345, 0x1000, 0x1000)
+        access_pagemap.pagemap_entry_to_phys(0x12345, 0x1000, 0x1000)
     with pytest.raises(VfioError, match="swapped out"):
-        vfio.pagemap_entry_to_phys(1 << 62, 0x1000, 0x1000)
+        access_pagemap.pagemap_entry_to_phys(1 << 62, 0x1000, 0x1000)
 
 
 def test_pagemap_hidden_pfn_needs_root() -> None:
     with pytest.raises(VfioError, match="CAP_SYS_ADMIN") as ei:
-        vfio.pagemap_entry_to_phys(1 << 63, 0x1000, 0x1000)
+        access_pagemap.pagemap_entry_to_phys(1 << 63, 0x1000, 0x1000)
     assert ei.value.errno == errno.EPERM
 
 
@@ -435,9 +434,9 @@ def test_virt_to_phys_reads_the_right_entry(tmp_path: Path) -> None:
     entries = [0] * 8
     entries[5] = (1 << 63) | 0xABCDE
     pagemap.write_bytes(struct.pack("=8Q", *entries))
-    assert vfio.virt_to_phys(5 * PAGE + 0x10, str(pagemap)) == 0xABCDE * PAGE + 0x10
+    assert access_pagemap.virt_to_phys(5 * PAGE + 0x10, str(pagemap)) == 0xABCDE * PAGE + 0x10
     with pytest.raises(VfioError, match="not present"):
-        vfio.virt_to_phys(4 * PAGE, str(pagemap))
+        access_pagemap.virt_to_phys(4 * PAGE, str(pagemap))
 
 
 def test_virt_to_phys_of_this_process() -> None:
@@ -447,7 +446,7 @@ def test_virt_to_phys_of_this_process() -> None:
     try:
         addr = ctypes.addressof(holder)
         try:
-            phys = vfio.virt_to_phys(addr)
+            phys = access_pagemap.virt_to_phys(addr)
         except VfioError as exc:  # not root: PFNs hidden, and the message says so
             assert "CAP_SYS_ADMIN" in str(exc)
         else:
@@ -703,7 +702,7 @@ def test_context_manager_closes() -> None:
 
 
 # ---------------------------------------------------------------------------
-# VfioDevice lifetime without a kernel: resources released once, in order, on errors too
+# VfioAccess lifetime without a kernel: resources released once, in order, on errors too
 # ---------------------------------------------------------------------------
 
 
@@ -717,28 +716,28 @@ def _fd_open(fd: int) -> bool:
 
 @pytest.fixture
 def fake_open(sysfs: FakeSysfs, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make VfioDevice._open hand out three ordinary fds instead of VFIO ones."""
+    """Make VfioAccess._open hand out three ordinary fds instead of VFIO ones."""
     sysfs.add("0000:00:03.0", "vfio-pci", 7)
     handed: list[int] = []
 
-    def _open(self: vfio.VfioDevice, dev_dir: str, iommu_type: int | None) -> None:
+    def _open(self: vfio.VfioAccess, dev_dir: str, iommu_type: int | None) -> None:
         res = self._res
         res.container_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         res.group_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         res.device_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         handed[:] = [res.container_fd, res.group_fd, res.device_fd]
         self.group, self.group_path, self.noiommu = 7, "/dev/vfio/7", False
-        self.iommu_type = vfio.VFIO_TYPE1v2_IOMMU
+        self.iommu_type = spec_vfio.VFIO_TYPE1v2_IOMMU
         self._device_info = DeviceInfo(flags=2, num_regions=9, num_irqs=5)
         if dev_dir == "fail":
             raise VfioError("injected failure after the fds were opened")
 
-    monkeypatch.setattr(vfio.VfioDevice, "_open", _open)
+    monkeypatch.setattr(vfio.VfioAccess, "_open", _open)
     return handed
 
 
 def test_close_is_idempotent(fake_open: list[int]) -> None:
-    dev = vfio.VfioDevice.open("0000:00:03.0")
+    dev = vfio.VfioAccess.open("0000:00:03.0")
     assert all(_fd_open(fd) for fd in fake_open)
     dev.close()
     assert dev.closed and not any(_fd_open(fd) for fd in fake_open)
@@ -748,7 +747,7 @@ def test_close_is_idempotent(fake_open: list[int]) -> None:
 
 
 def test_use_after_close_is_a_clear_error(fake_open: list[int]) -> None:
-    with vfio.VfioDevice.open("0000:00:03.0") as dev:
+    with vfio.VfioAccess.open("0000:00:03.0") as dev:
         pass
     with pytest.raises(VfioError, match="is closed") as ei:
         dev.region_read(7, 0, 4)
@@ -757,12 +756,12 @@ def test_use_after_close_is_a_clear_error(fake_open: list[int]) -> None:
 
 def test_failed_open_releases_what_it_took(fake_open: list[int]) -> None:
     with pytest.raises(VfioError, match="injected"):
-        vfio.VfioDevice.open("0000:00:03.0", dev_dir="fail")
+        vfio.VfioAccess.open("0000:00:03.0", dev_dir="fail")
     assert fake_open and not any(_fd_open(fd) for fd in fake_open)
 
 
 def test_garbage_collection_releases(fake_open: list[int]) -> None:
-    dev = vfio.VfioDevice.open("0000:00:03.0")
+    dev = vfio.VfioAccess.open("0000:00:03.0")
     del dev
     import gc
 
@@ -771,7 +770,7 @@ def test_garbage_collection_releases(fake_open: list[int]) -> None:
 
 
 def test_dma_map_validates_alignment(fake_open: list[int]) -> None:
-    with vfio.VfioDevice.open("0000:00:03.0") as dev:
+    with vfio.VfioAccess.open("0000:00:03.0") as dev:
         with pytest.raises(ValueError, match="page-aligned"):
             dev.dma_map(0x1001, 0x1000, PAGE)
         with pytest.raises(ValueError, match="page-aligned"):
@@ -781,7 +780,7 @@ def test_dma_map_validates_alignment(fake_open: list[int]) -> None:
 
 
 def test_reset_unsupported_points_at_device_status(fake_open: list[int]) -> None:
-    with vfio.VfioDevice.open("0000:00:03.0") as dev:
+    with vfio.VfioAccess.open("0000:00:03.0") as dev:
         with pytest.raises(VfioError, match="device_status") as ei:
             dev.reset()
     assert ei.value.errno == errno.ENOTSUP
@@ -798,56 +797,56 @@ HIGH_VA = 0x7F12_3456_0000  # where mmap puts memory: 47 bits
 
 
 def test_iova_is_the_virtual_address_when_the_iommu_reaches_it() -> None:
-    assert access.choose_iova(MIB, ((0, (1 << 48) - 1),), identity=HIGH_VA) == HIGH_VA
-    assert access.choose_iova(MIB, None, identity=HIGH_VA) == HIGH_VA  # no ranges reported: any
+    assert access_iova.choose_iova(MIB, ((0, (1 << 48) - 1),), identity=HIGH_VA) == HIGH_VA
+    assert access_iova.choose_iova(MIB, None, identity=HIGH_VA) == HIGH_VA  # no ranges reported: any
 
 
 def test_iova_past_39_bits_gets_the_lowest_aligned_free_range_instead() -> None:
-    assert access.choose_iova(MIB, QEMU_39BIT, identity=HIGH_VA) == PAGE  # never 0
-    assert access.choose_iova(MIB, QEMU_39BIT, identity=HIGH_VA, align=2 * MIB) == 2 * MIB
+    assert access_iova.choose_iova(MIB, QEMU_39BIT, identity=HIGH_VA) == PAGE  # never 0
+    assert access_iova.choose_iova(MIB, QEMU_39BIT, identity=HIGH_VA, align=2 * MIB) == 2 * MIB
 
 
 def test_iova_skips_what_is_taken() -> None:
     taken = [(PAGE, MIB), (MIB + 2 * PAGE, PAGE)]
     # the gap [MIB + PAGE, MIB + 2*PAGE) holds one page, no more
-    assert access.choose_iova(PAGE, QEMU_39BIT, taken) == MIB + PAGE
-    assert access.choose_iova(2 * PAGE, QEMU_39BIT, taken) == MIB + 3 * PAGE
-    assert access.choose_iova(PAGE, QEMU_39BIT, taken, align=2 * MIB) == 2 * MIB
+    assert access_iova.choose_iova(PAGE, QEMU_39BIT, taken) == MIB + PAGE
+    assert access_iova.choose_iova(2 * PAGE, QEMU_39BIT, taken) == MIB + 3 * PAGE
+    assert access_iova.choose_iova(PAGE, QEMU_39BIT, taken, align=2 * MIB) == 2 * MIB
 
 
 def test_iova_identity_overlapping_a_mapping_is_not_taken() -> None:
     va = 0x40000000
     ranges = ((0, (1 << 39) - 1),)
-    assert access.choose_iova(MIB, ranges, identity=va) == va
-    assert access.choose_iova(MIB, ranges, [(va + PAGE, PAGE)], identity=va) == PAGE
+    assert access_iova.choose_iova(MIB, ranges, identity=va) == va
+    assert access_iova.choose_iova(MIB, ranges, [(va + PAGE, PAGE)], identity=va) == PAGE
 
 
 def test_iova_does_not_straddle_a_hole_between_ranges() -> None:
     # Everything below 0xfe800000 is taken; 8 MiB from there would run into the hole
     # [0xfee00000, 0xfeefffff] (the MSI window): the next aligned place is in the second range.
     taken = [(PAGE, 0xFE800000 - PAGE)]
-    got = access.choose_iova(8 * MIB, QEMU_39BIT, taken, align=2 * MIB)
+    got = access_iova.choose_iova(8 * MIB, QEMU_39BIT, taken, align=2 * MIB)
     assert got == 0xFF000000
     assert got >= 0xFEF00000 and got + 8 * MIB - 1 <= 0x7FFFFFFFFF
 
 
 def test_iova_range_starting_high_is_respected() -> None:
-    assert access.choose_iova(PAGE, ((0x10000, 0x1FFFF),)) == 0x10000
-    assert access.choose_iova(PAGE, ((0x10800, 0x1FFFF),)) == 0x11000
+    assert access_iova.choose_iova(PAGE, ((0x10000, 0x1FFFF),)) == 0x10000
+    assert access_iova.choose_iova(PAGE, ((0x10800, 0x1FFFF),)) == 0x11000
 
 
 def test_no_room_for_the_iova_is_a_clear_error() -> None:
     with pytest.raises(VfioError, match=r"no free IOVA range of 0x200000 bytes.*\[0x0, 0xfffff\]") as ei:
-        access.choose_iova(2 * MIB, ((0, MIB - 1),))
+        access_iova.choose_iova(2 * MIB, ((0, MIB - 1),))
     assert ei.value.errno == errno.ENOSPC
     with pytest.raises(VfioError, match="already mapped: 0x1000\\+0xff000"):
-        access.choose_iova(PAGE, ((0, MIB - 1),), [(PAGE, MIB - PAGE)])
+        access_iova.choose_iova(PAGE, ((0, MIB - 1),), [(PAGE, MIB - PAGE)])
 
 
 @pytest.mark.parametrize("size,align", [(0, PAGE), (PAGE, 0), (PAGE, 3 * PAGE)])
 def test_iova_arguments_are_checked(size: int, align: int) -> None:
     with pytest.raises(ValueError):
-        access.choose_iova(size, None, align=align)
+        access_iova.choose_iova(size, None, align=align)
 
 
 class FakeIoctl:
@@ -859,13 +858,13 @@ class FakeIoctl:
         self.unmaps: list[tuple[int, int]] = []
 
     def __call__(self, fd: int, request: int, arg: object = 0, mutate: bool = True) -> object:
-        if request == vfio.VFIO_IOMMU_MAP_DMA:
-            m = vfio.vfio_iommu_type1_dma_map.from_buffer_copy(bytes(arg))  # type: ignore[arg-type]
-            assert m.flags == vfio.VFIO_DMA_MAP_FLAG_READ | vfio.VFIO_DMA_MAP_FLAG_WRITE
+        if request == spec_vfio.VFIO_IOMMU_MAP_DMA:
+            m = spec_vfio.vfio_iommu_type1_dma_map.from_buffer_copy(bytes(arg))  # type: ignore[arg-type]
+            assert m.flags == spec_vfio.VFIO_DMA_MAP_FLAG_READ | spec_vfio.VFIO_DMA_MAP_FLAG_WRITE
             self.maps.append((m.vaddr, m.iova, m.size))
             return 0
-        if request == vfio.VFIO_IOMMU_UNMAP_DMA:
-            u = vfio.vfio_iommu_type1_dma_unmap.from_buffer_copy(bytes(arg))  # type: ignore[arg-type]
+        if request == spec_vfio.VFIO_IOMMU_UNMAP_DMA:
+            u = spec_vfio.vfio_iommu_type1_dma_unmap.from_buffer_copy(bytes(arg))  # type: ignore[arg-type]
             self.unmaps.append((u.iova, u.size))
             return 0
         return self.real(fd, request, arg, mutate)  # type: ignore[operator]
@@ -883,7 +882,7 @@ def _iommu(ranges: tuple[tuple[int, int], ...]) -> vfio.IommuInfo:
 
 
 def test_map_memory_with_a_39_bit_iommu_allocates_low_iovas(fake_dma: FakeIoctl) -> None:
-    with vfio.VfioDevice.open("0000:00:03.0") as dev, pmd.DmaMemory(1 * MIB, hugepages=False, lock=False) as mem:
+    with vfio.VfioAccess.open("0000:00:03.0") as dev, pmd.DmaMemory(1 * MIB, hugepages=False, lock=False) as mem:
         dev._iommu_info = _iommu(QEMU_39BIT)
         iova = dev.map_memory(mem)
         assert iova == PAGE and mem.address > 0x7FFFFFFFFF  # not the virtual address
@@ -918,7 +917,7 @@ def test_map_memory_with_a_39_bit_iommu_allocates_low_iovas(fake_dma: FakeIoctl)
 
 
 def test_map_memory_uses_the_virtual_address_when_the_iommu_has_48_bits(fake_dma: FakeIoctl) -> None:
-    with vfio.VfioDevice.open("0000:00:03.0") as dev, pmd.DmaMemory(4 * PAGE, hugepages=False, lock=False) as mem:
+    with vfio.VfioAccess.open("0000:00:03.0") as dev, pmd.DmaMemory(4 * PAGE, hugepages=False, lock=False) as mem:
         dev._iommu_info = _iommu(((0, (1 << 48) - 1),))
         assert dev.map_memory(mem) == mem.address
         assert dev.mapped_memories[0].how == "identity"
@@ -927,7 +926,7 @@ def test_map_memory_uses_the_virtual_address_when_the_iommu_has_48_bits(fake_dma
 
 
 def test_map_memory_failure_leaves_nothing_mapped(fake_dma: FakeIoctl) -> None:
-    with vfio.VfioDevice.open("0000:00:03.0") as dev, pmd.DmaMemory(4 * PAGE, hugepages=False, lock=False) as mem:
+    with vfio.VfioAccess.open("0000:00:03.0") as dev, pmd.DmaMemory(4 * PAGE, hugepages=False, lock=False) as mem:
         dev._iommu_info = _iommu(((0, 2 * PAGE - 1),))  # too small for 4 pages
         with pytest.raises(VfioError, match="no free IOVA range"):
             dev.map_memory(mem)
@@ -943,8 +942,8 @@ def test_map_memory_without_iommu_uses_physical_pages(fake_open: list[int], monk
         base = mem.address
         phys = {base: 0x10000, base + PAGE: 0x11000, base + 2 * PAGE: 0x50000, base + 3 * PAGE: 0x51000}
         monkeypatch.setattr(vfio, "virt_to_phys", lambda va: phys[va // PAGE * PAGE] + va % PAGE)
-        with vfio.VfioDevice.open("0000:00:03.0") as dev:
-            dev.iommu_type = vfio.VFIO_NOIOMMU_IOMMU
+        with vfio.VfioAccess.open("0000:00:03.0") as dev:
+            dev.iommu_type = spec_vfio.VFIO_NOIOMMU_IOMMU
             assert dev.iova_mode == "pa" and dev.iova_ranges() is None
             assert dev.map_memory(mem) == 0x10000
             entry = dev.mapped_memories[0]
@@ -963,8 +962,8 @@ def test_map_memory_without_iommu_uses_physical_pages(fake_open: list[int], monk
 
 
 def test_map_memory_without_iommu_needs_locked_memory(fake_open: list[int]) -> None:
-    with vfio.VfioDevice.open("0000:00:03.0") as dev, pmd.DmaMemory(PAGE, hugepages=False, lock=False) as mem:
-        dev.iommu_type = vfio.VFIO_NOIOMMU_IOMMU
+    with vfio.VfioAccess.open("0000:00:03.0") as dev, pmd.DmaMemory(PAGE, hugepages=False, lock=False) as mem:
+        dev.iommu_type = spec_vfio.VFIO_NOIOMMU_IOMMU
         with pytest.raises(VfioError, match="lock=True"):
             dev.map_memory(mem)
 
@@ -1008,30 +1007,30 @@ def _dma_buffer(size: int) -> tuple[mmap.mmap, int]:
     return buf, addr
 
 
-def _pick_iova(dev: vfio.VfioDevice, vaddr: int, size: int) -> int:
+def _pick_iova(dev: vfio.VfioAccess, vaddr: int, size: int) -> int:
     """IOVA = vaddr when the IOMMU reaches it; QEMU 7.2's intel-iommu has 39 address bits,
     below where mmap puts memory: then the lowest free IOVA inside its ranges."""
     taken = [(iova, n) for iova, (_v, n) in dev.dma_mappings.items()]
-    return access.choose_iova(size, dev.iova_ranges(), taken, align=dev.iova_alignment(), identity=vaddr)
+    return access_iova.choose_iova(size, dev.iova_ranges(), taken, align=dev.iova_alignment(), identity=vaddr)
 
 
 @pytest.fixture
-def device() -> Iterator[vfio.VfioDevice]:
-    with vfio.VfioDevice.open(VFIO_DEVICE) as dev:
+def device() -> Iterator[vfio.VfioAccess]:
+    with vfio.VfioAccess.open(VFIO_DEVICE) as dev:
         yield dev
 
 
 @pytest.mark.vfio
 @needs_vfio
 class TestRealDevice:
-    def test_config_space_is_virtio(self, device: vfio.VfioDevice) -> None:
+    def test_config_space_is_virtio(self, device: vfio.VfioAccess) -> None:
         vendor, dev_id = struct.unpack("<HH", device.config_read(0, 4))
         assert vendor == 0x1AF4
         assert dev_id in (0x1000, 0x1041)  # transitional or modern virtio-net
         assert device.device_info.is_pci
         assert device.region_info(7).size >= 256
 
-    def test_every_region_info(self, device: vfio.VfioDevice) -> None:
+    def test_every_region_info(self, device: vfio.VfioAccess) -> None:
         regions = device.regions()
         assert [r.index for r in regions] == list(range(device.device_info.num_regions))
         for r in regions:
@@ -1042,7 +1041,7 @@ class TestRealDevice:
         for i in range(device.device_info.num_irqs):
             assert device.irq_info(i).index == i
 
-    def test_map_bar_with_common_config(self, device: vfio.VfioDevice) -> None:
+    def test_map_bar_with_common_config(self, device: vfio.VfioAccess) -> None:
         """num_queues and the device features through the Cython MMIO accessors (Virtio 1.2 4.1.4.3)."""
         caps = _virtio_caps(device)
         assert 1 in caps, f"no virtio common config capability: {caps}"
@@ -1070,7 +1069,7 @@ class TestRealDevice:
         with pytest.raises(QueueStateError, match="closed"):
             common.read16(0x12)
 
-    def test_map_memory_with_pool_and_virtqueue(self, device: vfio.VfioDevice) -> None:
+    def test_map_memory_with_pool_and_virtqueue(self, device: vfio.VfioAccess) -> None:
         """pmd's own DMA memory, mapped with an IOVA the IOMMU accepts; the pool and the ring
         built in it hand the device IOVAs inside the mapping."""
         ranges = device.iova_ranges()
@@ -1101,7 +1100,7 @@ class TestRealDevice:
             assert device.dma_mappings == {} and device.mapped_memories == ()
             assert mem.iova(0) == mem.address
 
-    def test_dma_map_and_unmap(self, device: vfio.VfioDevice) -> None:
+    def test_dma_map_and_unmap(self, device: vfio.VfioAccess) -> None:
         size = 16 * PAGE
         buf, vaddr = _dma_buffer(size)
         iova = _pick_iova(device, vaddr, size)
@@ -1115,12 +1114,12 @@ class TestRealDevice:
             device.dma_unmap(iova, size)
         buf.close()
 
-    def test_msix_with_eventfds(self, device: vfio.VfioDevice) -> None:
-        msix = device.irq_info(vfio.VFIO_PCI_MSIX_IRQ_INDEX)
+    def test_msix_with_eventfds(self, device: vfio.VfioAccess) -> None:
+        msix = device.irq_info(spec_vfio.VFIO_PCI_MSIX_IRQ_INDEX)
         assert msix.count >= 2 and msix.eventfd
         fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
         try:
-            assert device.enable_interrupts(fds) == (vfio.VFIO_PCI_MSIX_IRQ_INDEX, 2)
+            assert device.enable_interrupts(fds) == (spec_vfio.VFIO_PCI_MSIX_IRQ_INDEX, 2)
             assert device.enabled_irqs == {2: 2}
             with pytest.raises(VfioError, match="vector"):
                 device.set_irqs(2, 0, [fds[0]] * (msix.count + 1))
@@ -1130,46 +1129,46 @@ class TestRealDevice:
             for fd in fds:
                 os.close(fd)
 
-    def test_bus_master(self, device: vfio.VfioDevice) -> None:
+    def test_bus_master(self, device: vfio.VfioAccess) -> None:
         device.enable_bus_master()
         assert device.config_read_int(4, 2) & 0x4
 
-    def test_reset_or_clear_refusal(self, device: vfio.VfioDevice) -> None:
+    def test_reset_or_clear_refusal(self, device: vfio.VfioAccess) -> None:
         if device.device_info.supports_reset:
             device.reset()
         else:
             with pytest.raises(VfioError, match="device_status"):
                 device.reset()
 
-    def test_already_open(self, device: vfio.VfioDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_already_open(self, device: vfio.VfioAccess, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(VfioError, match="already open in this process") as ei:
-            vfio.VfioDevice.open(VFIO_DEVICE)
+            vfio.VfioAccess.open(VFIO_DEVICE)
         assert ei.value.errno == errno.EBUSY
         # and the kernel's own refusal, past our bookkeeping
         monkeypatch.setattr(vfio, "_open_addresses", set())
         before = _fd_count()
         with pytest.raises(VfioError, match="busy|already open") as ei:
-            vfio.VfioDevice.open(VFIO_DEVICE)
+            vfio.VfioAccess.open(VFIO_DEVICE)
         assert ei.value.errno == errno.EBUSY
         assert _fd_count() == before
 
     def test_wrong_addresses(self) -> None:
         with pytest.raises(VfioError, match="no PCI device"):
-            vfio.VfioDevice.open("0000:00:1f.7")
+            vfio.VfioAccess.open("0000:00:1f.7")
         with pytest.raises(VfioError, match="not a PCI address"):
-            vfio.VfioDevice.open("00:03")
-        root = vfio.sysfs_pci_root()
+            vfio.VfioAccess.open("00:03")
+        root = str(pci_sysfs.sysfs_pci_devices())
         other = next(
-            (a for a in sorted(os.listdir(root)) if vfio._driver_of(os.path.join(root, a)) not in (None, "vfio-pci")),
+            (a for a in sorted(os.listdir(root)) if pci_sysfs.link_name(Path(root, a, "driver")) not in (None, "vfio-pci")),
             None,
         )
         if other is not None:  # e.g. the guest's 9p transport, bound to virtio-pci (only read, never touched)
             with pytest.raises(VfioError, match="not vfio-pci"):
-                vfio.VfioDevice.open(other)
+                vfio.VfioAccess.open(other)
 
     def test_close_releases_everything(self) -> None:
         before = _fd_count()
-        dev = vfio.VfioDevice.open(VFIO_DEVICE)
+        dev = vfio.VfioAccess.open(VFIO_DEVICE)
         bar = next(r.index for r in dev.regions()[:6] if r.mmappable)
         mapping = dev.map_region(bar)
         window = mapping.mmio(0, 4)
@@ -1188,7 +1187,7 @@ class TestRealDevice:
         buf.close()
         mem.close()
         assert _fd_count() == before
-        with vfio.VfioDevice.open(VFIO_DEVICE) as again:  # the group is free again
+        with vfio.VfioAccess.open(VFIO_DEVICE) as again:  # the group is free again
             assert again.config_read_int(0, 2) == 0x1AF4
 
 
@@ -1202,7 +1201,7 @@ LEGACY_DEVICE = os.environ.get("PMD_VFIO_LEGACY_DEVICE", "")
 )
 def test_io_bar_by_pread_and_pwrite() -> None:
     """The transitional device's legacy registers sit in I/O BAR0 (Virtio 1.2, 4.1.4.8)."""
-    with vfio.VfioDevice.open(LEGACY_DEVICE) as dev:
+    with vfio.VfioAccess.open(LEGACY_DEVICE) as dev:
         assert dev.is_io_bar(0)
         assert not dev.region_info(0).mmappable
         with pytest.raises(VfioError, match="I/O-space BAR"):

@@ -33,7 +33,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pmd.access import (
+from pmd.spec.vfio import (
     IRQ_INFO_AUTOMASKED,
     IRQ_INFO_EVENTFD,
     IRQ_INFO_MASKABLE,
@@ -44,8 +44,8 @@ from pmd.access import (
     REGION_INFO_FLAG_WRITE,
 )
 from pmd.errors import VfioError
-from pmd.shm import create_sealed_memfd
-from pmd.vfio import (
+from pmd.memory.seals import create_sealed_memfd
+from pmd.spec.vfio import (
     VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET,
     VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -54,8 +54,9 @@ from pmd.vfio import (
     VFIO_IRQ_SET_DATA_EVENTFD,
     VFIO_IRQ_SET_DATA_NONE,
 )
-from pmd.vfio_user import RegionSpec, VfioUserDevice, VfioUserServer
-from pmd.vfio_user import protocol as p
+from pmd.driver.access.vfio_user import VfioUserAccess
+from pmd.sim.server import RegionSpec, VfioUserServer
+from pmd.spec import vfio_user as p
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = mmap.PAGESIZE
@@ -267,7 +268,7 @@ def served(model, sock_dir):
 @pytest.fixture
 def device(served):
     _model, _server, path = served
-    dev = VfioUserDevice.connect(path, timeout=2.0)
+    dev = VfioUserAccess.connect(path, timeout=2.0)
     yield dev
     dev.close()
 
@@ -284,7 +285,7 @@ def eventfd_fired(fd: int, timeout: float = 1.0) -> int:
 
 def test_version_negotiation_and_capabilities(served):
     _model, server, path = served
-    with VfioUserDevice.connect(path) as dev:
+    with VfioUserAccess.connect(path) as dev:
         assert dev.version == (0, 1)
         caps = dev.server_capabilities
         assert caps.max_msg_fds == p.MAX_MSG_FDS
@@ -375,7 +376,7 @@ def test_large_accesses_are_split_by_max_data_xfer_size(model, sock_dir):
     path = os.path.join(sock_dir, "s")
     with VfioUserServer(model, path, max_data_xfer_size=64) as server:
         server.serve_in_thread()
-        with VfioUserDevice.connect(path) as dev:
+        with VfioUserAccess.connect(path) as dev:
             assert dev.server_capabilities.max_data_xfer_size == 64
             before = dev.requests
             assert dev.config_read(0, 256) == bytes(model.config)
@@ -423,7 +424,7 @@ def test_set_irqs_split_by_the_servers_max_msg_fds(model, sock_dir):
         server.serve_in_thread()
         e0, e1 = os.eventfd(0), os.eventfd(0)
         try:
-            with VfioUserDevice.connect(path) as dev:
+            with VfioUserAccess.connect(path) as dev:
                 dev.irq_info(PCI_MSIX_IRQ_INDEX)  # cached from here on
                 before = dev.requests
                 dev.set_irqs(PCI_MSIX_IRQ_INDEX, 0, [e0, e1])
@@ -481,7 +482,7 @@ def test_reset_refused_when_the_device_has_none(sock_dir):
     try:
         with VfioUserServer(m, path) as server:
             server.serve_in_thread()
-            with VfioUserDevice.connect(path) as dev:
+            with VfioUserAccess.connect(path) as dev:
                 with pytest.raises(VfioError) as e:
                     dev.reset()
                 assert e.value.errno == errno.ENOTSUP and m.resets == 0
@@ -551,7 +552,7 @@ def test_close_while_another_thread_waits(device, model):
 def test_a_second_client_is_refused_while_one_is_connected(device, served):
     _model, server, path = served
     with pytest.raises(VfioError) as e:
-        VfioUserDevice.connect(path, timeout=2.0)
+        VfioUserAccess.connect(path, timeout=2.0)
     assert "one client at a time" in str(e.value)
     assert server.refused == 1
     assert device.config_read_int(0, 2) == 0x1AF4
@@ -560,7 +561,7 @@ def test_a_second_client_is_refused_while_one_is_connected(device, served):
 def test_server_accepts_the_next_client(served):
     model, server, path = served
     for _ in range(3):
-        with VfioUserDevice.connect(path) as dev:
+        with VfioUserAccess.connect(path) as dev:
             assert dev.config_read_int(0, 2) == 0x1AF4
         assert wait_for(lambda: not server.connected)
     assert model.gone_count == 3 and server.sessions == 3
@@ -568,7 +569,7 @@ def test_server_accepts_the_next_client(served):
 
 def test_server_close_ends_the_session_and_the_client_fails_fast(served):
     model, server, path = served
-    dev = VfioUserDevice.connect(path)
+    dev = VfioUserAccess.connect(path)
     try:
         mapping = dev.map_region(0)
         server.close()
@@ -682,13 +683,13 @@ def test_socket_path_too_long(model, sock_dir):
 
 def test_connect_errors_are_clear(sock_dir):
     with pytest.raises(VfioError) as e:
-        VfioUserDevice.connect(os.path.join(sock_dir, "nothing"))
+        VfioUserAccess.connect(os.path.join(sock_dir, "nothing"))
     assert e.value.errno == errno.ENOENT and "pmd sim --socket" in str(e.value)
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(os.path.join(sock_dir, "stale"))
     stale.close()
     with pytest.raises(VfioError) as e:
-        VfioUserDevice.connect(os.path.join(sock_dir, "stale"))
+        VfioUserAccess.connect(os.path.join(sock_dir, "stale"))
     assert e.value.errno == errno.ECONNREFUSED
 
 
@@ -701,7 +702,7 @@ SERVER_SCRIPT = textwrap.dedent(
     import sys
     sys.path.insert(0, {root!r})
     from tests.test_vfio_user import ToyModel
-    from pmd.vfio_user import VfioUserServer
+    from pmd.sim.server import VfioUserServer
     model = ToyModel()
     model.sleep_at_0x40 = 60.0
     server = VfioUserServer(model, {path!r})
@@ -715,8 +716,8 @@ CLIENT_SCRIPT = textwrap.dedent(
     import os, sys, time
     sys.path.insert(0, {root!r})
     import pmd
-    from pmd.vfio_user import VfioUserDevice
-    dev = VfioUserDevice.connect({path!r})
+    from pmd.driver.access.vfio_user import VfioUserAccess
+    dev = VfioUserAccess.connect({path!r})
     mem = pmd.DmaMemory(1 << 20, lock=False)
     dev.map_memory(mem)
     fds = [os.eventfd(0), os.eventfd(0)]
@@ -747,7 +748,7 @@ def server_process(sock_dir):
 
 def test_server_killed_in_the_middle_of_a_request(server_process):
     proc, path = server_process
-    dev = VfioUserDevice.connect(path, timeout=10.0)
+    dev = VfioUserAccess.connect(path, timeout=10.0)
     try:
         bar = dev.map_region(0).mmio(0, PAGE)
         bar.write32(0, 0x1234)
@@ -771,7 +772,7 @@ def test_server_killed_in_the_middle_of_a_request(server_process):
 
 def test_server_killed_while_idle_is_noticed_without_a_request(server_process):
     proc, path = server_process
-    with VfioUserDevice.connect(path) as dev:
+    with VfioUserAccess.connect(path) as dev:
         assert dev.alive
         proc.kill()
         proc.wait(5)
@@ -786,7 +787,7 @@ def test_server_killed_while_idle_is_noticed_without_a_request(server_process):
 
 def test_on_lost_is_called_once_when_the_server_goes(server_process):
     proc, path = server_process
-    with VfioUserDevice.connect(path) as dev:
+    with VfioUserAccess.connect(path) as dev:
         calls: list[tuple[str, float]] = []
         dev.on_lost(lambda why: calls.append(("a", time.monotonic())))
         cancel_b = dev.on_lost(lambda why: calls.append(("b", time.monotonic())))
@@ -812,7 +813,7 @@ def test_closing_the_device_stops_the_watcher_without_calling_back(served):
     _model, _server, path = served
     threads = threading.active_count()
     calls: list[str] = []
-    dev = VfioUserDevice.connect(path)
+    dev = VfioUserAccess.connect(path)
     fds = open_fds()
     dev.on_lost(calls.append)
     assert threading.active_count() == threads + 1 and open_fds() == fds + 2   # a dup'd socket, an eventfd
@@ -844,7 +845,7 @@ def test_client_that_disappears_is_cleaned_up(served):
     finally:
         proc.kill()
         proc.wait(5)
-    with VfioUserDevice.connect(path) as dev:  # and the next client is served
+    with VfioUserAccess.connect(path) as dev:  # and the next client is served
         assert dev.config_read_int(0, 2) == 0x1AF4
 
 
@@ -859,7 +860,7 @@ def test_no_fd_leaks(sock_dir):
     e0, e1 = os.eventfd(0), os.eventfd(0)
     mem = pmd.DmaMemory(1 << 20, lock=False)
     for _ in range(3):
-        dev = VfioUserDevice.connect(path)
+        dev = VfioUserAccess.connect(path)
         dev.map_region(0).mmio(0, 64).write32(0, 1)
         dev.map_region(1)
         dev.map_memory(mem)
@@ -948,7 +949,7 @@ def test_server_wants_version_first(served, raw):
     assert error_of(reply) == errno.EINVAL
     assert raw.dropped()
     assert model.gone.wait(1)
-    with VfioUserDevice.connect(path) as dev:
+    with VfioUserAccess.connect(path) as dev:
         assert dev.config_read_int(0, 2) == 0x1AF4
 
 
@@ -1068,7 +1069,7 @@ def test_server_drops_a_connection_with_broken_framing(served):
         client.close()
         assert wait_for(lambda: not server.connected)
     assert model.gone_count == 2
-    with VfioUserDevice.connect(path) as dev:
+    with VfioUserAccess.connect(path) as dev:
         assert dev.config_read_int(0, 2) == 0x1AF4
 
 
@@ -1186,7 +1187,7 @@ def test_server_refuses_an_unsealed_dma_fd(raw, model):
 
 def test_device_model_refuses_an_unsealed_dma_fd():
     # The built-in device's own check, where it mmaps (LocalAccess reaches it with no server).
-    from pmd.sim.device import VirtioNetModel
+    from pmd.sim.model import VirtioNetModel
     from pmd.sim.dma import PROT_RW
 
     files = unsealed_files()
@@ -1211,8 +1212,8 @@ def test_device_model_refuses_an_unsealed_dma_fd():
 
 
 def test_device_bar_memfd_is_sealed_against_shrinking():
-    from pmd.sim.device import VirtioNetModel
-    from pmd.shm import SEALS, seals_of
+    from pmd.sim.model import VirtioNetModel
+    from pmd.memory.seals import SEALS, seals_of
 
     with VirtioNetModel() as dev:
         assert seals_of(dev.bar_fd) & SEALS == SEALS
@@ -1227,7 +1228,7 @@ def test_truncating_shared_memory_cannot_kill_the_device():
     from pmd.sim.process import spawn_device
 
     with spawn_device() as sim:
-        dev = VfioUserDevice.connect(sim.socket_path)
+        dev = VfioUserAccess.connect(sim.socket_path)
         try:
             dev.region_info(0)
             bar_fd = dev._res.region_fds[0]
@@ -1252,7 +1253,7 @@ def test_truncating_shared_memory_cannot_kill_the_device():
         mem.close()
         time.sleep(0.2)
         assert sim.running, sim.log_text()
-        with VfioUserDevice.connect(sim.socket_path) as again:  # and serves the next driver
+        with VfioUserAccess.connect(sim.socket_path) as again:  # and serves the next driver
             assert again.config_read_int(0, 2) == 0x1AF4
 
 
@@ -1351,8 +1352,8 @@ class FakeServer:
             except OSError:
                 return
 
-    def device(self, timeout: float = 1.0) -> VfioUserDevice:
-        return VfioUserDevice.from_socket(self.client_sock, name="fake", timeout=timeout)
+    def device(self, timeout: float = 1.0) -> VfioUserAccess:
+        return VfioUserAccess.from_socket(self.client_sock, name="fake", timeout=timeout)
 
     def close(self) -> None:
         try:
@@ -1674,8 +1675,8 @@ SHRINKING_SERVER_CLIENT = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {root!r})
-    from pmd.vfio_user import VfioUserDevice
-    dev = VfioUserDevice.connect({path!r})
+    from pmd.driver.access.vfio_user import VfioUserAccess
+    dev = VfioUserAccess.connect({path!r})
     try:
         bar = dev.map_region(0).mmio(0, 4096)
     except Exception as e:

@@ -47,13 +47,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pmd
-from pmd._burst import RxQueue, TxQueue
-from pmd._pool import PacketPool
-from pmd._virtqueue import Virtqueue
+from pmd.driver._rx import RxQueue
+from pmd.driver._tx import TxQueue
+from pmd.driver._pool import PacketPool
+from pmd.driver._virtqueue import Virtqueue
 from pmd.driver import vhost_user as fe_mod
 from pmd.driver.vhost_user import VhostUserFrontend
 from pmd.errors import PmdError
-from pmd.interrupts import EventFd
+from pmd.driver.interrupts import EventFd
 from pmd.spec import vhost_user as v
 from pmd.spec.vhost_user import MessageError, VhostUserError
 
@@ -527,7 +528,7 @@ def test_the_wire_format_is_pure_vocabulary():
 def test_the_frontend_imports_neither_the_device_side_nor_the_port():
     absolute, relative = _imports(ROOT / "pmd" / "driver" / "vhost_user.py")
     assert absolute - {"__future__"} <= set(sys.stdlib_module_names)
-    assert relative <= {"..errors", "..spec", "..spec.vhost_user", ".._memory", "..shm", "..interrupts"}
+    assert relative <= {"..errors", "..spec", "..spec.vhost_user", "..memory", "..memory.seals", ".interrupts"}
 
 
 # ===========================================================================
@@ -1358,9 +1359,9 @@ FUZZ_CHILD = textwrap.dedent(
     import json, os, random, re, socket, sys, threading, time
     sys.path.insert(0, {root!r})
     import pmd
-    from pmd._virtqueue import Virtqueue
+    from pmd.driver._virtqueue import Virtqueue
     from pmd.driver.vhost_user import VhostUserFrontend
-    from pmd.interrupts import EventFd
+    from pmd.driver.interrupts import EventFd
     from pmd.spec import vhost_user as v
     from tests.vhost_user_peer import ALL_PROTOCOL, DPDK_FEATURES, DPDK_PROTOCOL_FEATURES, FakeBackend
 

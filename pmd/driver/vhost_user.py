@@ -73,7 +73,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from .._memory import DmaMemory
+from ..memory import DmaMemory
 from ..spec import vhost_user as v
 from ..spec.vhost_user import VhostUserError, vhost_user_error
 

@@ -9,6 +9,12 @@ cdef extern from "pmd_virtio_pci.h" nogil:
         VIRTIO_PCI_CAP_DEVICE_CFG
         VIRTIO_PCI_CAP_PCI_CFG
         VIRTIO_MSI_NO_VECTOR
+        VIRTIO_STATUS_ACKNOWLEDGE
+        VIRTIO_STATUS_DRIVER
+        VIRTIO_STATUS_DRIVER_OK
+        VIRTIO_STATUS_FEATURES_OK
+        VIRTIO_STATUS_DEVICE_NEEDS_RESET
+        VIRTIO_STATUS_FAILED
 
     struct virtio_pci_cap:
         uint8_t cap_vndr

@@ -1,15 +1,24 @@
-"""The built-in virtio-net device: a software PCI device served over vfio-user.
+"""The device side of pmd: the built-in virtio-net device, a software PCI device served over vfio-user.
 
-- :mod:`pmd.sim.config`: its PCI configuration space (capabilities, BAR, MSI-X);
-- :mod:`pmd.sim.device`: :class:`VirtioNetModel`, the vfio-user device model
-  (registers, status and features, queues, control queue, interrupts, DMA);
-- :mod:`pmd.sim.engine`: the data path thread over the Cython device-side rings;
+It never imports the driver side (:mod:`pmd.driver`); both build on the shared
+vocabulary (:mod:`pmd.spec`) and memory (:mod:`pmd.memory`).
+
+- :mod:`pmd.sim.model`: :class:`VirtioNetModel`, the device model (regions,
+  IRQs, DMA, reset, the engine's lifecycle), made of
+  :mod:`pmd.sim.virtio_pci` (BAR0's registers: common configuration, status,
+  queues, ISR, notifications, MSI-X) and :mod:`pmd.sim.net` (features, device
+  configuration, control queue);
+- :mod:`pmd.sim.pci_config`: its PCI configuration space (capabilities, BAR, MSI-X);
+- :mod:`pmd.sim.engine`: the data path thread over the Cython device-side rings
+  (:mod:`pmd.sim._virtqueue`, :mod:`pmd.sim._rx`, :mod:`pmd.sim._tx`, DMA
+  windows in :mod:`pmd.sim._dma` and :mod:`pmd.sim.dma`);
 - :mod:`pmd.sim.wires`: what is behind it (loopback, pair, pcap, generator, tap, null);
-- :mod:`pmd.sim.local`: pmd's driver on a model in the same process (no socket);
+- :mod:`pmd.sim.server`: the vfio-user server and what a device model implements;
 - :mod:`pmd.sim.process`: a device in its own process (``python -m pmd.sim``,
   :func:`spawn_device`).
 
-See docs/sim.md.
+pmd's driver on a model in the same process (no socket) is
+:class:`pmd.backends.local.LocalAccess`. See docs/sim.md.
 """
 
 from __future__ import annotations
@@ -18,9 +27,9 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "PciConfig": "pmd.sim.config",
-    "VirtioNetModel": "pmd.sim.device",
-    "SimOptions": "pmd.sim.device",
+    "PciConfig": "pmd.sim.pci_config",
+    "VirtioNetModel": "pmd.sim.model",
+    "SimOptions": "pmd.sim.model",
     "Engine": "pmd.sim.engine",
     "RxFilter": "pmd.sim.engine",
     "LoopbackWire": "pmd.sim.wires",
@@ -30,8 +39,6 @@ _LAZY = {
     "NullWire": "pmd.sim.wires",
     "pair_wires": "pmd.sim.wires",
     "make_wire": "pmd.sim.wires",
-    "LocalAccess": "pmd.sim.local",
-    "open_local_port": "pmd.sim.local",
     "SimProcess": "pmd.sim.process",
     "spawn_device": "pmd.sim.process",
 }

@@ -3,12 +3,13 @@
 A vfio-user client hands the server each DMA range as ``(iova, size, fd,
 fd_offset)``; the device maps the file (``MAP_SHARED``, so it sees the
 driver's stores) and registers ``[iova, iova + size)`` with a
-:class:`pmd._device.DmaWindows`, which the Cython ring code uses to turn every
+:class:`pmd.sim._dma.DmaWindows`, which the Cython ring code uses to turn every
 address the driver writes into a local pointer, or to refuse it.
 
-The mappings are raw ``mmap``/``munmap`` calls (ctypes) rather than Python
-``mmap`` objects: a window's address must stay valid until it is removed, and
-unmapping must happen exactly when the device says so, whatever views exist.
+The mappings are raw ``mmap``/``munmap`` calls (:mod:`pmd.memory.raw`) rather
+than Python ``mmap`` objects: a window's address must stay valid until it is
+removed, and unmapping must happen exactly when the device says so, whatever
+views exist.
 The caller makes sure no ring code runs while a mapping goes (the engine is
 paused around :meth:`DmaMap.unmap`).
 """
@@ -18,19 +19,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
-import os
 from dataclasses import dataclass
 
-from .._device import DmaWindows
-from ..shm import require_sealed
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_long]
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
+from ..memory.raw import mmap_raw, munmap_raw
+from ..memory.seals import require_sealed
+from ._dma import DmaWindows
 
 PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 
@@ -69,7 +62,7 @@ class DmaMap:
         received packets and used rings wherever the driver points it), or has no fd;
         and a file that is not sealed against shrinking (``EPERM``) or is shorter
         than ``fd_offset + size`` (``EINVAL``): the driver could truncate it under
-        the mapping and kill the device with SIGBUS (:func:`pmd.shm.require_sealed`).
+        the mapping and kill the device with SIGBUS (:func:`pmd.memory.seals.require_sealed`).
         """
         if size <= 0 or iova < 0 or iova + size > 1 << 64 or fd_offset < 0:
             raise OSError(errno.EINVAL, f"bad DMA range iova={iova:#x} size={size:#x} offset={fd_offset:#x}")
@@ -86,16 +79,16 @@ class DmaMap:
         page = mmap.PAGESIZE
         skew = fd_offset % page
         length = (skew + size + page - 1) // page * page
-        address = _libc.mmap(None, length, PROT_RW, mmap.MAP_SHARED, fd, fd_offset - skew)
-        if address is None or address == _MAP_FAILED:
-            err = ctypes.get_errno()
-            raise OSError(err, f"cannot map DMA range {iova:#x}+{size:#x} from fd {fd} offset {fd_offset:#x}: "
-                               f"{os.strerror(err)}")
-        mapping = DmaMapping(iova, size, int(address), length, skew)
+        try:
+            address = mmap_raw(0, length, PROT_RW, mmap.MAP_SHARED, fd, fd_offset - skew)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot map DMA range {iova:#x}+{size:#x} from fd {fd} offset "
+                                     f"{fd_offset:#x}: {exc.strerror}") from None
+        mapping = DmaMapping(iova, size, address, length, skew)
         try:
             self.windows.add(iova, size, mapping.local, mapping)
         except BaseException:
-            _libc.munmap(mapping.address, length)
+            munmap_raw(mapping.address, length)
             raise
         self.mappings[iova] = mapping
         return mapping
@@ -111,7 +104,7 @@ class DmaMap:
             raise OSError(errno.ENOENT, f"no DMA mapping {iova:#x}+{(size or 0):#x}")
         self.windows.remove(iova)
         del self.mappings[iova]
-        _libc.munmap(mapping.address, mapping.length)
+        munmap_raw(mapping.address, mapping.length)
 
     def clear(self) -> None:
         for iova in list(self.mappings):

@@ -3,8 +3,8 @@
 While the device is live (DRIVER_OK, bus mastering on, no NEEDS_RESET) the
 engine thread loops over the enabled queue pairs:
 
-- **loopback, no filter on**: ``pmd._device.loopback(tx, rx)`` moves packets
-  from each tx ring straight into the rx ring of the same pair, one copy;
+- **loopback, no filter on**: ``tx_to_rx(tx, rx)`` (:mod:`pmd.sim._tx`) moves
+  packets from each tx ring straight into the rx ring of the same pair, one copy;
 - **otherwise**: ``device_tx_burst`` takes what the driver sent into numpy rows
   and hands them to the wire; ``wire.receive`` gives packets for the driver,
   the receive filter (promiscuous, all-multicast, MAC table: the control
@@ -38,7 +38,9 @@ from typing import Any, Callable
 import numpy as np
 import numpy.typing as npt
 
-from .._device import DeviceQueue, device_rx_burst, device_tx_burst, loopback
+from ._rx import device_rx_burst
+from ._tx import device_tx_burst, tx_to_rx
+from ._virtqueue import DeviceQueue
 from ..errors import DeviceError
 from .wires import Batch, Lengths, Rows, Wire
 
@@ -272,7 +274,7 @@ class Engine:
                 if fast:
                     rx = rxqs.get(index % active)
                     if rx is not None and index % active not in self._pending:
-                        n = loopback(tx, rx, budget, hdr_len, mergeable)
+                        n = tx_to_rx(tx, rx, budget, hdr_len, mergeable)
                         self.tx_packets += n
                         self.rx_packets += n
                         moved += n

@@ -94,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    from ..virtio.net import parse_mac
+    from ..spec.ethernet import parse_mac
 
     opts: dict[str, Any] = {"queue_pairs": args.queue_pairs, "queue_size": args.queue_size, "mtu": args.mtu,
                             "msix_vectors": args.msix_vectors, "features_off": args.features_off,
@@ -275,8 +275,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, stop: threading.Event, parent: _Parent) -> int:
-    from ..vfio_user.server import VfioUserServer
-    from .device import VirtioNetModel
+    from .model import VirtioNetModel
+    from .server import VfioUserServer
 
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="pmd-sim[%(process)d] %(levelname)s %(name)s: %(message)s")
@@ -295,7 +295,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event, parent: _Parent) -> 
             if k and "mac" in o:
                 o["mac"] = o["mac"][:5] + bytes([(o["mac"][5] + k) & 0xFF])
             elif k:
-                from .device import DEFAULT_MAC
+                from .net import DEFAULT_MAC
                 o["mac"] = DEFAULT_MAC[:5] + bytes([DEFAULT_MAC[5] + k])
             models.append(VirtioNetModel(wire=wire, name=f"pmd-sim{k}", **o))
         for model, path in zip(models, paths):

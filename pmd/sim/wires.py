@@ -9,7 +9,7 @@ Ethernet frames without the virtio-net header and without FCS.
 
 | wire | what it is |
 | --- | --- |
-| ``loopback`` | the driver's own tx comes back on its rx (the engine moves ring to ring with ``loopback()`` while no receive filter is on) |
+| ``loopback`` | the driver's own tx comes back on its rx (the engine moves ring to ring with ``tx_to_rx()`` while no receive filter is on) |
 | ``pair`` | two devices back to back: A's tx is B's rx and B's tx is A's rx (:func:`pair_wires`) |
 | ``pcap`` | rx from a capture file (optionally at a rate, looped), tx written to another |
 | ``generator`` | synthetic UDP flows at a rate and size; checks the sequence numbers of what comes back |
@@ -37,8 +37,10 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .._device import DeviceQueue, device_rx_generate
-from ..pcap import PcapWriter, read_pcap
+from ..spec.ethernet import udp_frame
+from ..spec.pcap import PcapWriter, read_pcap
+from ._rx import device_rx_generate
+from ._virtqueue import DeviceQueue
 
 Rows = npt.NDArray[np.uint8]
 Lengths = npt.NDArray[np.uint32]
@@ -209,7 +211,7 @@ class LoopbackWire(Wire):
     """What the driver sends comes back to it, on the rx queue of the same pair.
 
     While the device's receive filter accepts everything the engine moves
-    packets ring to ring (``pmd._device.loopback``, one copy); with a filter on,
+    packets ring to ring (``pmd.sim._tx.tx_to_rx``, one copy); with a filter on,
     they go through rows here so the filter can drop what is not for the driver.
     """
 
@@ -401,8 +403,6 @@ GEN_SRC_MAC = bytes.fromhex("020000000001")
 def generator_frame(size: int, dst: bytes, src: bytes, flow: int) -> bytes:
     """The template of flow ``flow``: Ethernet/IPv4/UDP (198.18.0.1 -> 198.18.0.2, ports
     1024+flow -> 9) with payload ``"PMDG" flow(le32) seq(le64)`` and a fill pattern."""
-    from ..fwd import udp_frame
-
     frame = bytearray(udp_frame(size, src, dst))
     frame[34:36] = (1024 + flow % 64512).to_bytes(2, "big")
     frame[GEN_PAYLOAD:GEN_PAYLOAD + 4] = GEN_MAGIC

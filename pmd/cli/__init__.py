@@ -1,0 +1,293 @@
+"""The ``pmd`` command (also ``python -m pmd``).
+
+    pmd status                 network and virtio devices, their drivers, and which pmd can use
+    pmd info DEVICE            config space, capabilities, virtio structures, VFIO regions and IRQs
+    pmd info --config FILE     the same from a saved config space
+    pmd bind DEVICE            give a device to vfio-pci (refuses an active interface unless --force)
+    pmd unbind DEVICE          give it back to its kernel driver
+    pmd loopback               the data path in one process with live statistics
+    pmd fwd [DEVICE]           forward packets (rxonly, txonly, io, macswap) with live statistics
+    pmd sim --socket PATH      the built-in virtio-net device, served over vfio-user for another process
+
+Each subcommand is a thin layer over the library; errors are printed as one
+line with the remedy, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..driver import sysfs
+from ..errors import PmdError
+from .text import format_info, format_status, format_vfio
+
+__all__ = ["main", "build_parser", "format_vfio"]
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    rows = sysfs.status_rows(vfio_dir=args.vfio_dir)
+    print(format_status(rows))
+    if not any(r.usable for r in rows):
+        print("No device is usable by pmd now: " + "; ".join(_why_none_usable(rows, Path(args.vfio_dir))) + ".")
+        print("A virtio-net device must be bound to vfio-pci (pmd bind DEVICE) and its "
+              f"{args.vfio_dir}/<group> must exist. Without one, pmd runs on the in-process "
+              "loopback (pmd loopback).")
+    return 0
+
+
+def _why_none_usable(rows: Sequence[sysfs.StatusRow], vfio_dir: Path) -> list[str]:
+    """The machine-wide reasons no device is usable, most basic first."""
+    why: list[str] = []
+    nets = [r for r in rows if r.name.startswith("virtio-net")]
+    if not nets:
+        why.append("there is no virtio-net device on this machine")
+    if not (vfio_dir / "vfio").exists():
+        why.append(f"this kernel offers no VFIO ({vfio_dir / 'vfio'} does not exist: "
+                   "modprobe vfio-pci, or a kernel with CONFIG_VFIO_PCI)")
+    if rows and all(r.iommu_group is None for r in rows):
+        why.append("no device is in an IOMMU group (no IOMMU is enabled: intel_iommu=on / "
+                   "amd_iommu=on, or vfio's enable_unsafe_noiommu_mode=1)")
+    for r in nets:
+        if r.driver and r.driver != sysfs.VFIO_PCI:
+            up = (f" and carries {', '.join(r.active_interfaces)}, which is up" if r.active_interfaces else "")
+            why.append(f"{r.address} is bound to {r.driver}{up}")
+    why += [f"{r.address}: {r.reason}" for r in nets if r.driver in (None, sysfs.VFIO_PCI)]
+    return why or ["see the reason on each line above"]
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    if args.config:
+        data = Path(args.config).read_bytes()
+        print(format_info(data, title=args.config), end="")
+        return 0
+    if not args.device:
+        raise PmdError("give a DEVICE (e.g. 0000:00:03.0) or --config FILE")
+    dev = sysfs.read_device(args.device)
+    print(format_info(dev.read_config(), bar_sizes=dev.bar_sizes(), title=str(dev.address)), end="")
+    print(f"Sysfs: driver {dev.driver or '(none)'}, IOMMU group "
+          f"{dev.iommu_group if dev.iommu_group is not None else '(none)'}, NUMA node {dev.numa_node}")
+    if dev.driver != sysfs.VFIO_PCI:
+        print(f"VFIO: not shown, the device is not bound to vfio-pci (pmd bind {dev.address})")
+        return 0
+    from ..driver.access.vfio import VfioAccess
+
+    with VfioAccess.open(str(dev.address), dev_dir=args.vfio_dir) as vdev:
+        print(format_vfio(vdev))
+    return 0
+
+
+def _cmd_bind(args: argparse.Namespace) -> int:
+    before = sysfs.bind(args.device, force=args.force)
+    print(f"{args.device}: bound to vfio-pci (was {before or 'unbound'})")
+    return 0
+
+
+def _cmd_unbind(args: argparse.Namespace) -> int:
+    before = sysfs.unbind(args.device, force=args.force)
+    print(f"{args.device}: unbound from {before or 'nothing'}; its kernel driver may take it back")
+    return 0
+
+
+def _cmd_loopback(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..loopback import Loopback
+
+    burst = args.burst
+    size = args.size
+    if not 60 <= size <= 1514:
+        raise SystemExit("pmd loopback: --size must be 60 to 1514 bytes")
+    if not 1 <= burst <= args.queue_size:
+        raise SystemExit(f"pmd loopback: --burst must be 1 to the queue size ({args.queue_size})")
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    old = signal.signal(signal.SIGINT, on_signal)
+    try:
+        with Loopback(queue_size=args.queue_size) as lb:
+            tx, rx, pool = lb.driver_tx, lb.driver_rx, lb.pool
+            ids = np.zeros(burst, np.uint32)
+            lens = np.zeros(burst, np.uint32)
+            pkts = np.zeros((burst, size), np.uint8)
+            out = np.zeros((burst, rx.max_packet_len), np.uint8)
+            plen = np.full(burst, size, np.uint32)
+            # A UDP-looking frame: broadcast destination, locally administered source.
+            pkts[:, :12] = [255] * 6 + [2, 0, 0, 0, 0, 1]
+            pkts[:, 12:14] = [8, 0]
+            if args.mode == "zerocopy":
+                seed = pool.alloc(burst)
+                pool.data[seed, :size] = pkts
+                tx.tx_burst_zc(seed, plen)
+            print(f"pmd loopback: {args.mode}, {size}-byte packets, burst {burst}, "
+                  f"queue size {args.queue_size} (driver and device side in this process)")
+            start = last = time.perf_counter()
+            end = start + args.duration if args.duration else None
+            total = last_total = 0
+            while not stop:
+                for _ in range(256):
+                    lb.step(burst)
+                    if args.mode == "zerocopy":
+                        n = rx.rx_burst_zc(ids, lens)
+                        tx.tx_burst_zc(ids[:n], lens[:n])
+                    else:
+                        n = rx.rx_burst(out, lens)
+                        tx.tx_burst(pkts, plen)
+                    total += n
+                now = time.perf_counter()
+                if now - last >= 1.0:
+                    rate = (total - last_total) / (now - last)
+                    s = rx.stats()
+                    print(f"  {now - start:6.1f}s  rx {rate / 1e6:7.3f} Mpps  {rate * size * 8 / 1e9:7.2f} Gbit/s"
+                          f"  drops {s['dropped']}  errors {s['bad_used_id'] + s['bad_used_len'] + s['used_not_in_flight']}",
+                          flush=True)
+                    last, last_total = now, total
+                if end is not None and now >= end:
+                    break
+            elapsed = time.perf_counter() - start
+            s = lb.stats()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    mpps = total / elapsed / 1e6 if elapsed > 0 else 0.0
+    errors = sum(s[k]["bad_used_id"] + s[k]["bad_used_len"] + s[k]["used_not_in_flight"]
+                 for k in ("driver_rx", "driver_tx"))
+    print(f"summary: packets={total} seconds={elapsed:.2f} mpps={mpps:.3f} "
+          f"gbps={total * size * 8 / elapsed / 1e9 if elapsed else 0:.2f} "
+          f"drops={s['driver_rx']['dropped']} errors={errors}")
+    return 0
+
+
+def _cmd_fwd(args: argparse.Namespace) -> int:
+    from .. import fwd
+    from ..backends import open_port
+
+    device = args.device or "sim"
+    kw: dict[str, Any] = {}
+    if device == "sim" or device.startswith("sim:"):
+        kw["wire"] = args.wire
+        kw["queue_pairs"] = args.queues
+        if args.wire == "generator":
+            kw["rate"] = args.rate
+            kw["size"] = args.size
+    elif args.wire != "generator":
+        raise SystemExit("pmd fwd: --wire applies to the built-in device only (no DEVICE, or 'sim')")
+    # Until fwd.run takes SIGTERM over, it interrupts like Ctrl-C, so the port
+    # (and the built-in device) is closed on the way out.
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0, **kw) as port:
+            port.start(queue_pairs=args.queues, queue_size=args.queue_size)
+            print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
+                  f"{args.queues} queue pair(s), burst {args.burst}"
+                  + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
+            fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
+                    duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
+                    report=lambda line: print(line, flush=True))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from ..sim.process import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pmd", description="A user-space virtio-net poll-mode driver.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_vfio_dir(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--vfio-dir", metavar="DIR", default="/dev/vfio",
+                            help="where VFIO's character devices are (default /dev/vfio)")
+
+    status = sub.add_parser("status", help="list network and virtio devices and whether pmd can use them")
+    add_vfio_dir(status)
+    status.set_defaults(func=_cmd_status)
+
+    info = sub.add_parser("info", help="show a device: config space, capabilities, VFIO regions, IRQs")
+    info.add_argument("device", nargs="?", help="PCI address, e.g. 0000:00:03.0")
+    info.add_argument("--config", metavar="FILE", help="read a saved config space instead of a device")
+    add_vfio_dir(info)
+    info.set_defaults(func=_cmd_info)
+
+    for name, func, text in (("bind", _cmd_bind, "give a device to vfio-pci"),
+                             ("unbind", _cmd_unbind, "give a device back to its kernel driver")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("device", help="PCI address, e.g. 0000:00:03.0")
+        sp.add_argument("--force", action="store_true",
+                        help="even if it carries an interface that is up")
+        sp.set_defaults(func=func)
+
+    lb = sub.add_parser("loopback", help="run the data path in one process with live statistics")
+    lb.add_argument("--duration", type=float, default=5.0, help="seconds (0: until Ctrl-C)")
+    lb.add_argument("--size", type=int, default=64, help="packet size in bytes (60-1514)")
+    lb.add_argument("--burst", type=int, default=32, help="packets per burst")
+    lb.add_argument("--queue-size", type=int, default=256, help="ring entries")
+    lb.add_argument("--mode", choices=("zerocopy", "copy"), default="zerocopy")
+    lb.set_defaults(func=_cmd_loopback)
+
+    fw = sub.add_parser("fwd", help="forward packets (rxonly, txonly, io, macswap) with live statistics")
+    fw.add_argument("device", nargs="?", help="PCI address, 'sim' or 'vfio-user:PATH' (default: the "
+                                              "built-in device)")
+    fw.add_argument("--mode", choices=("rxonly", "txonly", "io", "macswap"), default="io")
+    fw.add_argument("--queues", type=int, default=1, help="queue pairs, one thread each")
+    fw.add_argument("--burst", type=int, default=32, help="packets per burst")
+    fw.add_argument("--size", type=int, default=64, help="packet size for txonly and the generator")
+    fw.add_argument("--queue-size", type=int, default=256, help="ring entries (0: the device's maximum)")
+    fw.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
+    fw.add_argument("--pcap", metavar="FILE", help="write received packets to a pcap file")
+    fw.add_argument("--legacy", action="store_true", help="drive a transitional device's legacy interface")
+    fw.add_argument("--disable", metavar="FEATURES", help="feature names not to negotiate, e.g. MRG_RXBUF")
+    fw.add_argument("--wire", default="generator",
+                    choices=("generator", "loopback", "pcap", "pair", "tap"),
+                    help="what is behind the built-in device (default: a traffic generator)")
+    fw.add_argument("--rate", type=float, default=0.0, help="generator packets per second (0: max)")
+    fw.add_argument("--tx-retry", type=int, default=10000,
+                    help="io/macswap: tries for a full tx ring before dropping (0: drop at once)")
+    fw.set_defaults(func=_cmd_fwd)
+
+    from ..sim.process import add_arguments as add_sim_arguments
+
+    sim = sub.add_parser("sim", help="run the built-in virtio-net device for another process",
+                         description="pmd's built-in virtio-net device, served over vfio-user on --socket "
+                                     "until SIGTERM or Ctrl-C (docs/sim.md); drive it with "
+                                     "pmd fwd vfio-user:SOCKET or open_port('vfio-user:SOCKET')")
+    add_sim_arguments(sim)
+    sim.set_defaults(func=_cmd_sim)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PmdError as e:
+        print(f"pmd {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pmd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as e:
+        # Bad input (an address, a file) or a system refusal: one line, no traceback.
+        text = str(e)
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            text = f"{e.filename}: {e.strerror}"
+        print(f"pmd {args.command}: {' '.join(text.split())}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

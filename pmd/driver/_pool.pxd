@@ -1,0 +1,56 @@
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+from pmd.memory._dma cimport DmaMemory
+
+# Who holds a buffer. A buffer id is valid for an operation only in the right state.
+cdef enum BufState:
+    BUF_FREE = 0    # on the pool's free stack
+    BUF_APP = 1     # handed to the application (rx zero-copy, alloc)
+    BUF_QUEUE = 2   # owned by a queue / the device: each queue has its own
+                    # tag from BUF_QUEUE to 255 (new_owner), so a queue only
+                    # ever frees buffers it holds itself
+
+cdef enum:
+    NO_BUF = 0xffffffff
+
+
+cdef class PacketPool:
+    cdef readonly DmaMemory memory
+    cdef readonly uint32_t n_buffers
+    cdef readonly uint32_t buffer_size
+    cdef readonly uint32_t headroom
+    cdef char *base                 # first byte of buffer 0
+    cdef uint64_t *iova             # IOVA of each buffer's first byte
+    cdef uint32_t *free_stack       # ids of free buffers, top at n_free - 1
+    cdef uint32_t n_free
+    cdef uint8_t *state             # BufState per buffer
+    cdef readonly size_t offset     # of buffer 0 in the memory region
+    cdef bint closed
+    cdef uint32_t next_owner        # the next queue's tag
+
+    cdef inline uint32_t get(self, uint8_t new_state) noexcept nogil:
+        """Take a free buffer (O(1)); NO_BUF when the pool is empty."""
+        if self.n_free == 0:
+            return NO_BUF
+        self.n_free -= 1
+        cdef uint32_t i = self.free_stack[self.n_free]
+        self.state[i] = new_state
+        return i
+
+    cdef inline void put(self, uint32_t i) noexcept nogil:
+        """Return a buffer whose state the caller has checked (O(1))."""
+        self.state[i] = BUF_FREE
+        self.free_stack[self.n_free] = i
+        self.n_free += 1
+
+    cdef inline char *buf(self, uint32_t i) noexcept nogil:
+        return self.base + <size_t>i * self.buffer_size
+
+    cdef inline bint held_by(self, uint32_t i, uint8_t owner) noexcept nogil:
+        """Is ``i`` a buffer of this pool that queue ``owner`` holds? Checked
+        before every put of a cookie that came back from a ring."""
+        return i < self.n_buffers and self.state[i] == owner
+
+    cdef int new_owner(self) except -1
+    cdef void check_open(self) except *
+    cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto) noexcept

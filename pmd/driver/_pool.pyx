@@ -1,0 +1,223 @@
+"""Packet buffer pool: fixed-size buffers in DMA memory, an O(1) free stack.
+
+Layout of one buffer (``buffer_size`` bytes, 2 KiB by default)::
+
+    0                 headroom - hdr_len   headroom                buffer_size
+    +---------------------+----------------+-------------------------+
+    |  (unused headroom)  | virtio_net_hdr |  packet data (data room) |
+    +---------------------+----------------+-------------------------+
+
+The device reads or writes header + data as one descriptor starting at
+``headroom - hdr_len``; applications see only the data, at ``headroom``. The
+whole pool is one 2-D numpy array (``array``: ids x buffer_size) and its data
+part another (``data``: ids x data room), both views of the DMA memory, never
+copies.
+
+Ownership is tracked per buffer (free / application / queue), so a buffer
+given back twice, or an id the application does not own, is refused with a
+clear error instead of corrupting the free stack.
+
+A pool is used by one thread at a time (like the queues that draw from it):
+give each thread its own pool.
+"""
+
+import numpy as np
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc, calloc
+
+from pmd.memory._dma cimport DmaMemory
+from pmd.errors import PoolError, QueueStateError
+
+DEFAULT_BUFFER_SIZE = 2048
+DEFAULT_HEADROOM = 64
+MAX_HDR_LEN = 12
+
+
+cdef Py_ssize_t _first_index(long long[::1] v, Py_ssize_t i) noexcept:
+    """Where v[i] first appears in v (i when it does not before); only on an error path."""
+    cdef Py_ssize_t k
+    for k in range(i):
+        if v[k] == v[i]:
+            return k
+    return i
+
+
+cdef class PacketPool:
+    """``PacketPool(memory, n_buffers, buffer_size=2048, headroom=64)``
+
+    ``buffer_size`` must be a multiple of 64; ``headroom`` a multiple of 8 of
+    at least 12 (the virtio-net header), leaving at least 64 bytes of data room.
+    """
+
+    def __cinit__(self):
+        self.iova = NULL
+        self.free_stack = NULL
+        self.state = NULL
+
+    def __init__(self, DmaMemory memory not None, uint32_t n_buffers,
+                 uint32_t buffer_size=DEFAULT_BUFFER_SIZE, uint32_t headroom=DEFAULT_HEADROOM):
+        memory._check_open()
+        if n_buffers == 0:
+            raise ValueError("n_buffers must be at least 1")
+        if buffer_size == 0 or buffer_size % 64:
+            raise ValueError(f"buffer_size must be a positive multiple of 64, got {buffer_size}")
+        if headroom < MAX_HDR_LEN or headroom % 8 or headroom + 64 > buffer_size:
+            raise ValueError(f"headroom must be a multiple of 8, at least {MAX_HDR_LEN} (the virtio-net "
+                             f"header) and leave 64 bytes of data in a {buffer_size}-byte buffer; got {headroom}")
+        # A buffer must be one range of IOVAs. With a translation that is not
+        # contiguous (physical addresses), buffers must not straddle pages.
+        straddles = memory.page_size % buffer_size != 0
+        if straddles and not memory.iova_contiguous:
+            raise ValueError(f"buffer_size {buffer_size} does not divide the page size {memory.page_size} "
+                             "and this memory's IOVAs are not contiguous (physical addresses): use a "
+                             "buffer size that divides the page size, or huge pages")
+        cdef size_t total = <size_t>n_buffers * buffer_size
+        self.offset = memory.alloc(total, memory.page_size if not straddles else 64)
+        self.memory = memory
+        self.n_buffers = n_buffers
+        self.buffer_size = buffer_size
+        self.headroom = headroom
+        self.base = memory.base + self.offset
+        self.iova = <uint64_t *>malloc(sizeof(uint64_t) * n_buffers)
+        self.free_stack = <uint32_t *>malloc(sizeof(uint32_t) * n_buffers)
+        self.state = <uint8_t *>calloc(n_buffers, sizeof(uint8_t))
+        if self.iova == NULL or self.free_stack == NULL or self.state == NULL:
+            raise MemoryError()
+        cdef uint32_t i
+        cdef size_t off
+        for i in range(n_buffers):
+            off = self.offset + <size_t>i * buffer_size
+            if straddles and not memory.range_iova_contiguous(off, buffer_size):
+                raise ValueError(f"buffer {i} spans pages whose IOVAs are not contiguous")
+            self.iova[i] = memory.iova_of(off)
+            # Stack top = lowest id, so a fresh pool hands out 0, 1, 2, ...
+            self.free_stack[i] = n_buffers - 1 - i
+        self.n_free = n_buffers
+        self.next_owner = BUF_QUEUE
+
+    def __dealloc__(self):
+        free(self.iova)
+        free(self.free_stack)
+        free(self.state)
+
+    cdef int new_owner(self) except -1:
+        """A tag for one more queue drawing from this pool."""
+        self.check_open()
+        if self.next_owner > 255:
+            raise PoolError(f"at most {256 - BUF_QUEUE} queues can draw from one pool; "
+                            "create another pool")
+        self.next_owner += 1
+        return self.next_owner - 1
+
+    cdef void check_open(self) except *:
+        if self.closed:
+            raise QueueStateError("PacketPool is closed")
+        self.memory._check_open()
+
+    @property
+    def data_room(self):
+        """Bytes of packet data one buffer holds (after the headroom)."""
+        return self.buffer_size - self.headroom
+
+    @property
+    def available(self):
+        """Buffers on the free stack."""
+        return self.n_free
+
+    @property
+    def array(self):
+        """All buffers as a ``(n_buffers, buffer_size)`` uint8 array (a view, no copy)."""
+        self.check_open()
+        return np.frombuffer(self.memory, dtype=np.uint8, count=<Py_ssize_t>self.n_buffers * self.buffer_size,
+                             offset=self.offset).reshape(self.n_buffers, self.buffer_size)
+
+    @property
+    def data(self):
+        """Packet data of all buffers, ``(n_buffers, data_room)`` (a view): row ``i`` is buffer ``i``."""
+        return self.array[:, self.headroom:]
+
+    def iova_of(self, uint32_t buffer_id):
+        """IOVA of the first byte of a buffer."""
+        self._check_id(buffer_id)
+        return self.iova[buffer_id]
+
+    def state_of(self, uint32_t buffer_id):
+        """'free', 'app' or 'queue'."""
+        self._check_id(buffer_id)
+        return ("free", "app")[self.state[buffer_id]] if self.state[buffer_id] < BUF_QUEUE else "queue"
+
+    def _check_id(self, long long buffer_id):
+        if buffer_id < 0 or buffer_id >= self.n_buffers:
+            raise PoolError(f"buffer id {buffer_id} does not belong to this pool (ids are 0..{self.n_buffers - 1})")
+
+    def alloc(self, n=None):
+        """Take one buffer (returns its id) or ``n`` (returns a uint32 array of ids).
+
+        Raises ``PoolError`` when the pool has fewer free buffers than asked;
+        nothing is taken then.
+        """
+        self.check_open()
+        cdef uint32_t count = 1 if n is None else n
+        if count > self.n_free:
+            raise PoolError(f"pool exhausted: {count} buffers asked, {self.n_free} of "
+                            f"{self.n_buffers} free; free buffers or create a larger pool")
+        if n is None:
+            return self.get(BUF_APP)
+        out = np.empty(count, dtype=np.uint32)
+        cdef uint32_t[::1] ids = out
+        cdef uint32_t i
+        for i in range(count):
+            ids[i] = self.get(BUF_APP)
+        return out
+
+    def free(self, ids):
+        """Give buffers back: one id, or an array/sequence of ids.
+
+        Every id is checked first (it belongs to the pool, the application
+        owns it, it appears once); on any error nothing is freed.
+        """
+        self.check_open()
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise TypeError(f"buffer ids must be integers in a 1-D array, got {arr.dtype} with shape {arr.shape}")
+        cdef long long[::1] v = arr.astype(np.int64)
+        cdef Py_ssize_t i, n = v.shape[0]
+        cdef long long b
+        # Validate and mark in one pass, undo on error: catches duplicates too.
+        for i in range(n):
+            b = v[i]
+            if b < 0 or b >= self.n_buffers:
+                self._undo_free(v, i)
+                raise PoolError(f"buffer id {b} does not belong to this pool (ids are 0..{self.n_buffers - 1})")
+            if self.state[b] != BUF_APP:
+                first = _first_index(v, i)
+                if self.state[b] == BUF_FREE and first < i:
+                    err = PoolError(f"buffer {b} is listed twice in this call (ids[{first}] and "
+                                    f"ids[{i}]); give each id once. Nothing was freed")
+                elif self.state[b] == BUF_FREE:
+                    err = PoolError(f"double free: buffer {b} is already free")
+                else:
+                    err = PoolError(f"buffer {b} is owned by a queue, not the application; "
+                                    "it comes back to the pool when the device is done with it")
+                self._undo_free(v, i)
+                raise err
+            self.state[b] = BUF_FREE
+        for i in range(n):
+            self.put(<uint32_t>v[i])
+
+    cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto) noexcept:
+        cdef Py_ssize_t i
+        for i in range(upto):
+            self.state[v[i]] = BUF_APP
+
+    def close(self):
+        """Stop using the pool. The memory stays with its ``DmaMemory`` (queues
+        drawing from the pool keep it mapped until they are closed)."""
+        self.closed = True
+
+    def __repr__(self):
+        return (f"<PacketPool {self.n_buffers} x {self.buffer_size} B, headroom {self.headroom}, "
+                f"{self.n_free} free>")

@@ -1,0 +1,321 @@
+"""The driver's receive queue: used buffers into numpy arrays, and the refill.
+
+``RxQueue`` takes what the device put in the used ring (2.7.14), validates each
+entry, strips the virtio-net header (5.1.6) and hands the packet over in one of
+two shapes (docs/bursts.md):
+
+copy        ``rx_burst(out, lengths)``: packets copied into rows of a caller's
+            2-D uint8 array;
+zero-copy   ``rx_burst_zc(ids, lengths)``: buffer ids; the data is
+            ``pool.data[id, :length]``, owned by the caller until it frees
+            the ids or transmits them (:meth:`pmd.driver._tx.TxQueue.tx_burst_zc`).
+
+Every burst ends with the **refill** (:meth:`RxQueue.refill`): a fresh pool
+buffer in each free descriptor, one avail index store, a notification only if
+the device asked (``Virtqueue.flush``). Arguments are validated while holding
+the GIL; the per-packet work then runs in C with the GIL released. The shared
+base (``_Queue``) is :mod:`pmd.driver._queue`.
+"""
+
+cimport cython
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from pmd.driver._pool cimport BUF_APP, NO_BUF, PacketPool
+from pmd.driver._queue cimport DEFAULT_HDR_LEN, _Queue, u8_2d, u32_1d
+from pmd.driver._virtqueue cimport USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, Virtqueue
+from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.includes.virtio_net cimport virtio_net_hdr
+
+cnp.import_array()
+
+cdef enum:
+    ETH_HLEN = 14              # destination, source, EtherType: the shortest frame there is
+    DISCARD_MAX = 256          # rx_discard: ids on the stack per call
+
+
+@cython.no_gc_clear   # __dealloc__ (the base's) unpins the memory of `vq` and `pool`
+cdef class RxQueue(_Queue):
+    """``RxQueue(vq, pool, hdr_len=12, strict=False)``: receive side of a port queue.
+
+    Each descriptor is one pool buffer from ``headroom - hdr_len`` to its end;
+    the device writes the header then the packet. ``fill()`` gives the device
+    buffers; every burst refills what it took, with one avail index store.
+    """
+    cdef uint32_t buf_len           # device-writable bytes per buffer
+    cdef readonly bint mergeable    # VIRTIO_NET_F_MRG_RXBUF: a packet may span buffers
+    cdef uint32_t mrg_max_len       # largest packet accepted when mergeable
+    cdef public uint64_t no_buffer  # refills short of pool buffers
+    cdef public uint64_t truncated
+    cdef public uint64_t runt       # shorter than an Ethernet header: dropped
+    cdef public uint64_t bad_num_buffers
+    cdef public uint64_t zc_multi_dropped
+
+    def __init__(self, Virtqueue vq not None, PacketPool pool not None, *, bint mergeable=False,
+                 uint32_t max_packet_len=9216, **kw):
+        """``mergeable``: VIRTIO_NET_F_MRG_RXBUF was negotiated (5.1.6.3.2): packets up to
+        ``max_packet_len`` bytes arrive spread over several buffers, with the count
+        in the first header's num_buffers. Needs the 12-byte header."""
+        hdr_len = kw.get("hdr_len", DEFAULT_HDR_LEN)
+        if mergeable and hdr_len != 12:
+            raise ValueError("mergeable rx buffers need the 12-byte header (num_buffers)")
+        super().__init__(vq, pool, **kw)
+        self.buf_len = pool.buffer_size - self.buf_off
+        self.mergeable = mergeable
+        self.mrg_max_len = max_packet_len
+
+    @property
+    def max_packet_len(self):
+        """Largest packet a burst can return: one buffer's room, or ``max_packet_len``
+        with mergeable buffers."""
+        if self.mergeable:
+            return self.mrg_max_len
+        return self.buf_len - self.hdr_len
+
+    cdef uint32_t refill(self) noexcept nogil:
+        cdef uint32_t added = 0, b
+        while self.vq.num_free:
+            b = self.pool.get(self.owner)
+            if pmd_unlikely(b == NO_BUF):
+                self.no_buffer += 1
+                break
+            self.vq.add1(self.pool.iova[b] + self.buf_off, self.buf_len, True, b)
+            added += 1
+        return added
+
+    cdef inline bint idle(self) noexcept:
+        """Nothing received and nothing to refill: a poll that finds an empty
+        ring returns without the cost of releasing and retaking the GIL."""
+        return self.vq.num_free == 0 and self.vq.nused() == 0 and not self.vq.broken
+
+    def fill(self):
+        """Give the device every buffer the ring and the pool allow; returns how many."""
+        self.check()
+        cdef uint32_t n
+        self.enter()
+        with nogil:
+            n = self.refill()
+            self.vq.flush()
+        self.leave()
+        return n
+
+    cdef int harvest(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                     Py_ssize_t burst) noexcept nogil:
+        """Take up to ``burst`` received packets; copy them to ``out`` rows (copy
+        mode), hand their buffers to the application (``ids``, zero-copy), or
+        with neither free them at once (rx_discard)."""
+        if self.mergeable:
+            return self.harvest_mrg(out, cols, ids, lengths, burst)
+        cdef uint16_t avail = self.vq.nused()
+        cdef uint16_t head = 0
+        cdef uint32_t length = 0, b, pkt
+        cdef int r, got = 0
+        cdef uint16_t k
+        if avail > burst:
+            avail = <uint16_t>burst
+        for k in range(avail):
+            r = self.vq.pop_used(&head, &length)
+            if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
+                continue  # counted by the virtqueue; nothing of ours to reclaim
+            b = self.take1(head)
+            if pmd_unlikely(b == NO_BUF):
+                continue  # not a buffer of this queue: counted, never freed
+            if pmd_unlikely(r == USED_BAD_LEN or length < self.hdr_len):
+                if r == USED_OK:
+                    self.vq.n_bad_len += 1  # shorter than the header: not a packet
+                self.dropped += 1
+                self.pool.put(b)
+                continue
+            pkt = length - self.hdr_len
+            if pmd_unlikely(pkt < ETH_HLEN):
+                # A runt: no Ethernet header. Dropped and counted, as Linux
+                # (rx_length_errors) and DPDK do; never handed to the application.
+                self.runt += 1
+                self.dropped += 1
+                self.pool.put(b)
+                continue
+            if out != NULL:
+                if pmd_unlikely(pkt > cols):
+                    memcpy(out + got * cols, self.pool.buf(b) + self.pool.headroom, cols)
+                    self.truncated += 1
+                else:
+                    memcpy(out + got * cols, self.pool.buf(b) + self.pool.headroom, pkt)
+                self.pool.put(b)
+            elif ids != NULL:
+                self.pool.state[b] = BUF_APP
+                ids[got] = b
+            else:
+                self.pool.put(b)
+            lengths[got] = pkt
+            self.bytes += pkt
+            got += 1
+        self.packets += got
+        self.refill()
+        self.vq.flush()
+        return got
+
+    cdef int harvest_mrg(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                         Py_ssize_t burst) noexcept nogil:
+        """harvest() with mergeable buffers (5.1.6.4.2): the first buffer's header
+        says how many used entries the packet takes; they follow it in the ring.
+        A packet whose buffers are not all published yet waits for the next burst.
+        num_buffers is device-written: 0, more than the ring, or a packet longer
+        than max_packet_len is counted and dropped.
+        """
+        cdef uint16_t avail = self.vq.nused()
+        cdef uint16_t head = 0, nb, k
+        cdef uint32_t length = 0, b, cookie = 0, pkt, take, handed
+        cdef int r, got = 0
+        cdef bint ok
+        cdef char *dst
+        cdef const char *src
+        while got < burst and avail > 0:
+            if (not self.vq.peek_used(&cookie, &length) or length < self.hdr_len or length > self.buf_len
+                    or not self.pool.held_by(cookie, self.owner)):
+                # Not a packet's first buffer we can read a header from: never
+                # follow its num_buffers; pop_used / take1 count it below.
+                nb = 1
+            else:
+                nb = (<virtio_net_hdr *>(self.pool.buf(cookie) + self.buf_off)).num_buffers
+                if pmd_unlikely(nb == 0 or nb > self.vq.size):
+                    self.bad_num_buffers += 1
+                    nb = 0   # never followed: reclaim this one buffer, drop it
+                elif nb > avail:
+                    break    # the rest of this packet is not published yet
+            ok = nb != 0
+            if not ok:
+                nb = 1
+            avail -= nb
+            pkt = 0
+            handed = NO_BUF
+            dst = NULL
+            if out != NULL:
+                dst = out + got * cols
+            for k in range(nb):
+                r = self.vq.pop_used(&head, &length)
+                if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
+                    ok = False
+                    continue
+                b = self.take1(head)
+                if pmd_unlikely(b == NO_BUF):
+                    ok = False
+                    continue
+                if pmd_unlikely(r == USED_BAD_LEN or (k == 0 and length < self.hdr_len)):
+                    if r == USED_OK:
+                        self.vq.n_bad_len += 1
+                    ok = False
+                    self.pool.put(b)
+                    continue
+                if k == 0:
+                    length -= self.hdr_len
+                    src = self.pool.buf(b) + self.pool.headroom
+                else:
+                    src = self.pool.buf(b) + self.buf_off   # continuation: no header
+                if ok and out != NULL and pkt < cols:
+                    take = length if pkt + length <= cols else <uint32_t>(cols - pkt)
+                    memcpy(dst + pkt, src, take)
+                if ids != NULL and nb == 1 and ok:
+                    handed = b           # to the application if the packet is kept
+                else:
+                    self.pool.put(b)
+                pkt += length
+            if pmd_unlikely(not ok or pkt < ETH_HLEN or pkt > self.mrg_max_len or (ids != NULL and nb > 1)):
+                if handed != NO_BUF:
+                    self.pool.put(handed)
+                if ok and pkt < ETH_HLEN:
+                    self.runt += 1
+                elif ok and ids != NULL and nb > 1:
+                    self.zc_multi_dropped += 1   # zero-copy returns one buffer per packet
+                self.dropped += 1
+                continue
+            if ids != NULL:
+                self.pool.state[handed] = BUF_APP
+                ids[got] = handed
+            elif out != NULL and pkt > cols:
+                self.truncated += 1
+            lengths[got] = pkt
+            self.bytes += pkt
+            got += 1
+        self.packets += got
+        self.refill()
+        self.vq.flush()
+        return got
+
+    def rx_burst(self, out, lengths, *, bint truncate=False):
+        """Receive up to ``len(out)`` packets into the rows of ``out`` (uint8, 2-D,
+        C-contiguous); ``lengths[i]`` (uint32) gets packet i's length. Returns the
+        count. Rows must hold ``max_packet_len`` bytes unless ``truncate=True``
+        (then longer packets are cut to the row and ``lengths`` keeps their
+        real length, like pcap's snaplen).
+        """
+        self.check()
+        cdef Py_ssize_t rows, cols, nlen
+        cdef char *o = u8_2d(out, "out", True, &rows, &cols)
+        cdef uint32_t *l = u32_1d(lengths, "lengths", True, &nlen)
+        if nlen < rows:
+            raise ValueError(f"lengths has {nlen} entries but out has {rows} rows; "
+                             "give lengths at least one entry per row")
+        if cols < self.max_packet_len and not truncate:
+            raise ValueError(f"out rows hold {cols} bytes but packets can be up to {self.max_packet_len}; "
+                             f"use out with at least {self.max_packet_len} columns, or truncate=True")
+        if self.idle():
+            return 0
+        cdef int n
+        self.enter()
+        with nogil:
+            n = self.harvest(o, cols, NULL, l, rows)
+        self.leave()
+        self.report()
+        return n
+
+    def rx_burst_zc(self, ids, lengths):
+        """Receive up to ``len(ids)`` packets without copying: ``ids[i]`` (uint32) is
+        a pool buffer whose data is ``pool.data[ids[i], :lengths[i]]``. The
+        application owns those buffers until it gives them back with
+        ``pool.free(ids[:n])`` or transmits them with ``TxQueue.tx_burst_zc``.
+        Returns the count.
+        """
+        self.check()
+        cdef Py_ssize_t nids, nlen
+        cdef uint32_t *i = u32_1d(ids, "ids", True, &nids)
+        cdef uint32_t *l = u32_1d(lengths, "lengths", True, &nlen)
+        if nlen < nids:
+            raise ValueError(f"lengths has {nlen} entries but ids has {nids}; give one length per id")
+        if self.idle():
+            return 0
+        cdef int n
+        self.enter()
+        with nogil:
+            n = self.harvest(NULL, 0, i, l, nids)
+        self.leave()
+        self.report()
+        return n
+
+    def rx_discard(self, Py_ssize_t max_packets=32):
+        """Receive up to ``max_packets`` (1 to 256) and give their buffers straight
+        back to the pool: what testpmd's rxonly does (receive, count, free), in one
+        call without the GIL and with no ids handed to Python. The queue's
+        statistics count them. Returns the count."""
+        self.check()
+        if not 1 <= max_packets <= DISCARD_MAX:
+            raise ValueError(f"max_packets must be 1 to {DISCARD_MAX}, got {max_packets}")
+        if self.idle():
+            return 0
+        cdef uint32_t lens[DISCARD_MAX]
+        cdef int n
+        self.enter()
+        with nogil:
+            n = self.harvest(NULL, 0, NULL, lens, max_packets)   # neither rows nor ids: freed at once
+        self.leave()
+        self.report()
+        return n
+
+    def stats(self):
+        s = super().stats()
+        s["no_buffer"] = self.no_buffer
+        s["truncated"] = self.truncated
+        s["runt"] = self.runt
+        s["bad_num_buffers"] = self.bad_num_buffers
+        s["zc_multi_dropped"] = self.zc_multi_dropped
+        return s

@@ -1,0 +1,281 @@
+"""The driver's transmit queue: numpy arrays into the avail ring, and the reclaim.
+
+``TxQueue`` puts each packet behind a zeroed virtio-net header (5.1.6) in a
+pool buffer and exposes the chains with one avail index store per burst,
+notifying only if the device asked (2.7.13). Two shapes (docs/bursts.md):
+
+copy        ``tx_burst(packets, lengths)``: rows of a caller's array copied
+            into pool buffers (a chain of up to 32 for a long packet);
+zero-copy   ``tx_burst_zc(ids, lengths)``: pool buffers sent as they are
+            (from ``pool.alloc`` or :meth:`pmd.driver._rx.RxQueue.rx_burst_zc`).
+
+Every burst starts with the **reclaim** (:meth:`TxQueue.reclaim_used`): the
+buffers of chains the device has used go back to the pool. Arguments are read
+once and validated while holding the GIL; the per-packet work then runs in C
+with the GIL released. The shared base (``_Queue``) is :mod:`pmd.driver._queue`.
+"""
+
+cimport cython
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+
+from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
+from pmd.driver._queue cimport MAX_TX_SEGS, _Queue, u8_2d, u32_1d
+from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, Virtqueue
+from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+
+from pmd.errors import PoolError
+
+cnp.import_array()
+
+
+@cython.no_gc_clear   # __dealloc__ (the base's) unpins the memory of `vq` and `pool`
+cdef class TxQueue(_Queue):
+    """``TxQueue(vq, pool, hdr_len=12, strict=False)``: transmit side of a port queue.
+
+    A packet is one descriptor (header in the headroom, then data) when it
+    fits a buffer's data room; copy mode chains more buffers for longer ones.
+    Completed buffers go back to the pool at the start of each burst.
+    """
+    cdef public uint64_t ring_full
+    # The caller's ids and lengths, read once with the GIL held, checked, and
+    # used from here without it: an array in shared memory may change meanwhile.
+    cdef uint32_t *s_ids
+    cdef uint32_t *s_lens
+
+    def __cinit__(self):
+        self.s_ids = NULL
+        self.s_lens = NULL
+
+    def __init__(self, Virtqueue vq not None, PacketPool pool not None, **kw):
+        super().__init__(vq, pool, **kw)
+        # No burst can queue more packets than the ring has descriptors.
+        self.s_ids = <uint32_t *>malloc(sizeof(uint32_t) * vq.size)
+        self.s_lens = <uint32_t *>malloc(sizeof(uint32_t) * vq.size)
+        if self.s_ids == NULL or self.s_lens == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.s_ids)
+        free(self.s_lens)
+
+    @property
+    def max_packet_len(self):
+        """Largest packet ``tx_burst`` sends (a chain of up to 32 buffers)."""
+        return self.pool.data_room + (MAX_TX_SEGS - 1) * self.pool.buffer_size
+
+    cdef uint32_t reclaim_used(self) noexcept nogil:
+        cdef uint16_t n = self.vq.nused(), k
+        cdef uint16_t head = 0
+        cdef uint32_t length = 0, b
+        cdef int r
+        cdef uint32_t freed = 0
+        for k in range(n):
+            r = self.vq.pop_used(&head, &length, False)
+            if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
+                continue
+            if pmd_likely(self.vq.extra[head].ndescs == 1):
+                b = self.take1(head)
+                if pmd_likely(b != NO_BUF):
+                    self.pool.put(b)
+                    freed += 1
+            else:
+                freed += self.put_chain(head)
+        return freed
+
+    def reclaim(self):
+        """Give buffers the device has finished with back to the pool; returns how many."""
+        self.check()
+        cdef uint32_t n
+        self.enter()
+        with nogil:
+            n = self.reclaim_used()
+        self.leave()
+        self.report()
+        return n
+
+    @property
+    def in_flight(self):
+        """Descriptors the device has not completed yet."""
+        return self.vq.in_flight
+
+    cdef int send_copy(self, const char *pkts, Py_ssize_t cols, const uint32_t *lengths,
+                       Py_ssize_t burst) noexcept nogil:
+        cdef uint64_t addr[MAX_TX_SEGS]
+        cdef uint32_t lens[MAX_TX_SEGS]
+        cdef uint32_t ids[MAX_TX_SEGS]
+        cdef uint32_t room = self.pool.buffer_size - self.pool.headroom, ln, done, take
+        cdef uint32_t nseg, k, b
+        cdef const char *src
+        cdef char *dst
+        cdef Py_ssize_t i, sent = 0
+        self.reclaim_used()
+        for i in range(burst):
+            ln = lengths[i]
+            src = pkts + i * cols
+            if pmd_likely(ln <= room):
+                nseg = 1
+            else:
+                nseg = 1 + (ln - room + self.pool.buffer_size - 1) // self.pool.buffer_size
+            if pmd_unlikely(nseg > self.vq.num_free or nseg > self.pool.n_free):
+                self.ring_full += 1
+                break
+            if pmd_likely(nseg == 1):
+                b = self.pool.get(self.owner)
+                dst = self.pool.buf(b) + self.buf_off
+                memset(dst, 0, self.hdr_len)
+                memcpy(dst + self.hdr_len, src, ln)
+                self.vq.add1(self.pool.iova[b] + self.buf_off, self.hdr_len + ln, False, b)
+            else:
+                # Header + first part in the first buffer, the rest in whole buffers.
+                done = 0
+                for k in range(nseg):
+                    ids[k] = self.pool.get(self.owner)
+                    if k == 0:
+                        dst = self.pool.buf(ids[k]) + self.buf_off
+                        memset(dst, 0, self.hdr_len)
+                        memcpy(dst + self.hdr_len, src, room)
+                        addr[k] = self.pool.iova[ids[k]] + self.buf_off
+                        lens[k] = self.hdr_len + room
+                        done = room
+                    else:
+                        take = ln - done
+                        if take > self.pool.buffer_size:
+                            take = self.pool.buffer_size
+                        memcpy(self.pool.buf(ids[k]), src + done, take)
+                        addr[k] = self.pool.iova[ids[k]]
+                        lens[k] = take
+                        done += take
+                self.vq.add_chain(addr, lens, ids, <uint16_t>nseg, <uint16_t>nseg)
+            self.bytes += ln
+            sent += 1
+        self.packets += sent
+        self.vq.flush()
+        return <int>sent
+
+    def tx_burst(self, packets, lengths):
+        """Transmit ``packets[i, :lengths[i]]`` for each row of ``packets`` (uint8,
+        2-D, C-contiguous; ``lengths`` uint32). Data is copied into pool buffers.
+        Returns how many were queued: fewer than the rows when the ring or the
+        pool is full (send the rest again later). One call looks at no more rows
+        than the ring has entries.
+        """
+        self.check()
+        cdef Py_ssize_t rows, cols, nlen, i
+        cdef const char *p = u8_2d(packets, "packets", False, &rows, &cols)
+        cdef uint32_t *l = u32_1d(lengths, "lengths", False, &nlen)
+        if nlen < rows:
+            raise ValueError(f"lengths has {nlen} entries but packets has {rows} rows; "
+                             "give one length per row")
+        cdef bint capped = rows > self.vq.size
+        if capped:
+            rows = self.vq.size
+        cdef uint32_t maxlen = self.max_packet_len, ln
+        cdef uint32_t limit = maxlen if <Py_ssize_t>maxlen < cols else <uint32_t>cols
+        cdef uint32_t *s_lens = self.s_lens
+        for i in range(rows):
+            ln = l[i]               # read once: the copy is checked and used
+            if pmd_unlikely(ln == 0 or ln > limit):
+                raise ValueError(f"lengths[{i}] = {ln}: a packet must be 1 to "
+                                 f"{limit} bytes (row width {cols}, queue limit {maxlen})")
+            s_lens[i] = ln
+        cdef int n
+        self.enter()
+        with nogil:
+            n = self.send_copy(p, cols, self.s_lens, rows)
+        self.leave()
+        if capped and n == rows:
+            self.ring_full += 1     # a whole ring's worth went: the rest did not fit
+        self.report()
+        return n
+
+    cdef int send_zc(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef uint32_t b
+        self.reclaim_used()
+        for i in range(burst):
+            if pmd_unlikely(self.vq.num_free == 0):
+                self.ring_full += 1
+                return <int>i
+            b = ids[i]
+            memset(self.pool.buf(b) + self.buf_off, 0, self.hdr_len)
+            self.vq.add1(self.pool.iova[b] + self.buf_off, self.hdr_len + lengths[i], False, b)
+            self.bytes += lengths[i]
+            self.packets += 1
+        return <int>burst
+
+    cdef object _zc_error(self, Py_ssize_t i, uint32_t b, uint32_t ln):
+        cdef PacketPool pool = self.pool
+        if b >= pool.n_buffers:
+            return PoolError(f"ids[{i}] = {b} does not belong to this pool (ids 0..{pool.n_buffers - 1})")
+        if pool.state[b] != BUF_APP:
+            return PoolError(f"ids[{i}] = {b} is not owned by the application "
+                             f"({'free' if pool.state[b] == BUF_FREE else 'already queued'}): "
+                             "transmit only buffers from pool.alloc or rx_burst_zc, once")
+        return ValueError(f"lengths[{i}] = {ln}: a zero-copy packet must be 1 to "
+                          f"{pool.buffer_size - pool.headroom} bytes (the pool's data room)")
+
+    cdef void _unclaim(self, Py_ssize_t start, Py_ssize_t end) noexcept:
+        cdef Py_ssize_t j
+        for j in range(start, end):
+            self.pool.state[self.s_ids[j]] = BUF_APP
+
+    def tx_burst_zc(self, ids, lengths):
+        """Transmit pool buffers as they are: ``pool.data[ids[i], :lengths[i]]``.
+
+        The application must own each id (from ``pool.alloc`` or ``rx_burst_zc``),
+        each at most once; ownership passes to the queue, and the buffer returns
+        to the pool when the device is done. Returns how many were queued; the
+        rest (ring full, or beyond the ring's size: one call looks at no more)
+        still belong to the application.
+        """
+        self.check()
+        cdef Py_ssize_t nids, nlen, i
+        cdef uint32_t *d = u32_1d(ids, "ids", False, &nids)
+        cdef uint32_t *l = u32_1d(lengths, "lengths", False, &nlen)
+        if nlen < nids:
+            raise ValueError(f"lengths has {nlen} entries but ids has {nids}; give one length per id")
+        cdef bint capped = nids > self.vq.size
+        if capped:
+            nids = self.vq.size
+        cdef PacketPool pool = self.pool
+        cdef uint32_t room = pool.buffer_size - pool.headroom, b, ln
+        cdef uint32_t n_buffers = pool.n_buffers
+        cdef uint8_t *state = pool.state
+        cdef uint8_t owner = self.owner
+        cdef uint32_t *s_ids = self.s_ids
+        cdef uint32_t *s_lens = self.s_lens
+        # Read each id and length once into the queue's own arrays, check the
+        # copy and claim the id; undo on error. Claiming as we go catches an id
+        # listed twice (it would be sent twice and freed twice).
+        for i in range(nids):
+            b = d[i]
+            ln = l[i]
+            if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln == 0 or ln > room):
+                err = self._zc_error(i, b, ln)
+                self._unclaim(0, i)
+                raise err
+            state[b] = owner
+            s_ids[i] = b
+            s_lens[i] = ln
+        cdef int n
+        if pmd_unlikely(self.is_closed):
+            self._unclaim(0, nids)
+            self.check()
+        self.busy += 1      # as enter(): checked, and nothing since let another thread in
+        with nogil:
+            n = self.send_zc(self.s_ids, self.s_lens, nids)
+            self.vq.flush()
+        self.leave()
+        self._unclaim(n, nids)   # not sent: still the application's
+        if capped and n == nids:
+            self.ring_full += 1
+        self.report()
+        return n
+
+    def stats(self):
+        s = super().stats()
+        s["ring_full"] = self.ring_full
+        return s

@@ -1,0 +1,283 @@
+# The driver side of a split virtqueue (Virtio 1.2 section 2.7).
+#
+# The data-path methods are `cdef inline` here, not in the .pyx, so the burst
+# code in other modules compiles them in place (no call through a vtable).
+# Every one is noexcept nogil and touches only the ring, the shadow arrays
+# and the notify register.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from posix.unistd cimport pwrite, write
+
+from pmd.memory._dma cimport DmaMemory
+from pmd.includes.barrier cimport pmd_virtio_mb, pmd_virtio_rmb, pmd_virtio_wmb
+from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.includes.mmio cimport pmd_write16
+from pmd.includes.vring cimport (
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+    vring, vring_avail_event, vring_desc, vring_load16, vring_load32, vring_need_event,
+    vring_store16, vring_used_event,
+)
+
+cdef enum NotifyKind:
+    NOTIFY_NONE = 0      # device polls (in-process tests); only counted
+    NOTIFY_MMIO16 = 1    # modern PCI: 16-bit store to the queue's notify address (4.1.5.2)
+    NOTIFY_PWRITE16 = 2  # legacy PCI: 16-bit write to the I/O BAR, via the VFIO region fd
+    NOTIFY_EVENTFD = 3   # a kick eventfd (vhost-user style backends)
+
+# What pop_used found. Anything but USED_OK is a device error, counted.
+cdef enum UsedResult:
+    USED_OK = 0
+    USED_BAD_ID = 1         # id >= queue size: nothing to reclaim
+    USED_NOT_IN_FLIGHT = 2  # id is not the head of a chain we exposed: nothing to reclaim
+    USED_BAD_LEN = 3        # len > device-writable bytes of the chain: reclaim, drop data
+
+# Our own record of each descriptor, never read back from memory the device can
+# write: the chain walk on reclaim follows these, not the ring (as Linux's
+# desc_extra and DPDK's vq_descx do).
+cdef struct DescExtra:
+    uint32_t cookie     # the caller's handle (a buffer id)
+    uint32_t writable   # heads: device-writable bytes in the chain (bound for used.len)
+    uint16_t next       # next in chain, or in the free list
+    uint16_t ndescs     # heads: descriptors in the chain; 0 = not an in-flight head
+
+
+cdef class Virtqueue:
+    cdef vring vr
+    cdef readonly DmaMemory memory
+    cdef readonly size_t offset        # of the ring in `memory`
+    cdef readonly uint32_t size
+    cdef readonly uint32_t align
+    cdef readonly uint16_t queue_index
+    cdef uint16_t mask
+    cdef uint16_t free_head
+    cdef uint32_t num_free
+    cdef uint16_t avail_idx            # next avail slot (free-running); the ring's idx after publish
+    cdef uint16_t last_used_idx        # next used entry to read (free-running)
+    cdef uint16_t kicked_avail_idx     # avail idx at the last notification decision
+    cdef uint16_t avail_flags
+    cdef readonly bint event_idx
+    cdef readonly bint weak_barriers
+    cdef readonly bint interrupts_enabled
+    cdef readonly bint broken
+    cdef readonly object fail_reason   # why fail() stopped the queue (str), or None
+    cdef DescExtra *extra
+    cdef int notify_kind
+    cdef char *notify_addr
+    cdef int notify_fd
+    cdef long notify_offset
+    cdef uint16_t notify_data
+    cdef object notify_owner
+    cdef bint is_closed
+    cdef bint owned                    # an RxQueue/TxQueue drives it: no raw Python access
+    # statistics
+    cdef public uint64_t n_notify
+    cdef public uint64_t n_notify_suppressed
+    cdef public uint64_t n_bad_id
+    cdef public uint64_t n_not_in_flight
+    cdef public uint64_t n_bad_len
+    cdef public uint64_t n_bad_used_idx
+    cdef public uint64_t n_notify_errors
+
+    cdef void check_usable(self) except *
+    cdef void check_raw(self) except *
+    cdef void disown_cookies(self) noexcept
+    cdef void check_mapped(self) except *
+
+    # ---- adding buffers (2.7.13) ----
+
+    cdef inline int add1(self, uint64_t addr, uint32_t length, bint device_writes,
+                         uint32_t cookie) noexcept nogil:
+        """Put one single-descriptor buffer in the next avail slot (not yet published).
+
+        Returns the head, or -1 when no descriptor is free.
+        """
+        if pmd_unlikely(self.num_free == 0):
+            return -1
+        cdef uint16_t head = self.free_head
+        cdef vring_desc *d = &self.vr.desc[head]
+        cdef DescExtra *x = &self.extra[head]
+        d.addr = addr
+        d.len = length
+        d.flags = VRING_DESC_F_WRITE if device_writes else 0
+        self.free_head = x.next
+        self.num_free -= 1
+        x.cookie = cookie
+        x.writable = length if device_writes else 0
+        x.ndescs = 1
+        self.vr.avail.ring[self.avail_idx & self.mask] = head
+        self.avail_idx += 1
+        return head
+
+    cdef inline int add_chain(self, const uint64_t *addr, const uint32_t *length,
+                              const uint32_t *cookie, uint16_t n, uint16_t n_out) noexcept nogil:
+        """Put an ``n``-descriptor chain in the next avail slot (not yet published).
+
+        The first ``n_out`` descriptors are device-readable, the rest
+        device-writable: 2.7.4.2 requires readable ones before writable ones.
+        Returns the head, or -1 when fewer than ``n`` descriptors are free.
+        """
+        if pmd_unlikely(n == 0 or n > self.num_free or n_out > n):
+            return -1
+        cdef uint16_t head = self.free_head
+        cdef uint16_t i = head, k
+        cdef uint32_t writable = 0
+        cdef vring_desc *d
+        for k in range(n):
+            d = &self.vr.desc[i]
+            d.addr = addr[k]
+            d.len = length[k]
+            d.flags = 0 if k < n_out else VRING_DESC_F_WRITE
+            if k >= n_out:
+                writable += length[k]
+            self.extra[i].cookie = cookie[k]
+            self.extra[i].ndescs = 0
+            if k + 1 < n:
+                d.flags |= VRING_DESC_F_NEXT
+                d.next = self.extra[i].next
+                i = self.extra[i].next
+        self.free_head = self.extra[i].next
+        self.num_free -= n
+        self.extra[head].ndescs = n
+        self.extra[head].writable = writable
+        self.vr.avail.ring[self.avail_idx & self.mask] = head
+        self.avail_idx += 1
+        return head
+
+    cdef inline void publish(self) noexcept nogil:
+        """Make every added buffer visible: one avail idx store per burst.
+
+        Write barrier first: descriptors and ring entries must reach the
+        device before the index that tells it to look (2.7.13.3.1).
+        """
+        pmd_virtio_wmb(self.weak_barriers)
+        vring_store16(&self.vr.avail.idx, self.avail_idx)
+
+    cdef inline bint kick_prepare(self) noexcept nogil:
+        """Does the device want a notification for what was published since the last one?
+
+        Full barrier: our avail idx store must be visible before we read the
+        device's suppression state, or both sides may decide to wait
+        (2.7.13.4; DPDK virtqueue_kick_prepare).
+        """
+        cdef uint16_t old = self.kicked_avail_idx
+        cdef uint16_t new = self.avail_idx
+        if new == old:
+            return False
+        pmd_virtio_mb(self.weak_barriers)
+        self.kicked_avail_idx = new
+        if self.event_idx:
+            # 2.7.10: notify only if avail_event is in [old, new).
+            return vring_need_event(vring_load16(vring_avail_event(&self.vr)), new, old)
+        return not (vring_load16(&self.vr.used.flags) & VRING_USED_F_NO_NOTIFY)
+
+    cdef inline void notify(self) noexcept nogil:
+        """Tell the device the queue has new buffers (4.1.5.2 / legacy QUEUE_NOTIFY)."""
+        cdef uint64_t one = 1
+        self.n_notify += 1
+        if self.notify_kind == NOTIFY_MMIO16:
+            pmd_write16(self.notify_data, self.notify_addr)
+        elif self.notify_kind == NOTIFY_PWRITE16:
+            if pwrite(self.notify_fd, &self.notify_data, 2, self.notify_offset) != 2:
+                self.n_notify_errors += 1
+        elif self.notify_kind == NOTIFY_EVENTFD:
+            if write(self.notify_fd, &one, 8) != 8:
+                self.n_notify_errors += 1
+
+    cdef inline void flush(self) noexcept nogil:
+        """publish + notify if the device asked: the end of every burst."""
+        if self.avail_idx == self.kicked_avail_idx:
+            return
+        self.publish()
+        if self.kick_prepare():
+            self.notify()
+        else:
+            self.n_notify_suppressed += 1
+
+    # ---- harvesting used buffers (2.7.14) ----
+
+    cdef inline uint16_t nused(self) noexcept nogil:
+        """Used entries ready to read; 0 (and the queue marked broken) if the
+        device claims more than are in flight.
+
+        Read barrier after loading used->idx: the entries it covers must not be
+        read before it (2.7.14; DPDK virtqueue_nused).
+        """
+        cdef uint16_t idx = vring_load16(&self.vr.used.idx)
+        pmd_virtio_rmb(self.weak_barriers)
+        cdef uint16_t n = idx - self.last_used_idx
+        if pmd_unlikely(n > self.size - self.num_free):
+            if not self.broken:
+                self.n_bad_used_idx += 1
+            self.broken = True
+            return 0
+        return n
+
+    cdef inline int pop_used(self, uint16_t *head, uint32_t *length, bint check_len=True) noexcept nogil:
+        """Read the next used entry (the caller saw nused() > 0). Validates it.
+
+        On USED_OK and USED_BAD_LEN, ``head`` names an in-flight chain the
+        caller must detach; on the others there is nothing to reclaim.
+        ``check_len`` is false for transmit queues: their chains are
+        device-readable only and the driver ignores len (2.7.8.1).
+        """
+        cdef uint16_t slot = self.last_used_idx & self.mask
+        cdef uint32_t id = vring_load32(&self.vr.used.ring[slot].id)
+        cdef uint32_t ln = vring_load32(&self.vr.used.ring[slot].len)
+        self.last_used_idx += 1
+        if pmd_unlikely(id >= self.size):
+            self.n_bad_id += 1
+            return USED_BAD_ID
+        if pmd_unlikely(self.extra[id].ndescs == 0):
+            self.n_not_in_flight += 1
+            return USED_NOT_IN_FLIGHT
+        head[0] = <uint16_t>id
+        length[0] = ln
+        if pmd_unlikely(check_len and ln > self.extra[id].writable):
+            self.n_bad_len += 1
+            return USED_BAD_LEN
+        return USED_OK
+
+    cdef inline bint peek_used(self, uint32_t *cookie, uint32_t *length) noexcept nogil:
+        """Look at the next used entry without taking it (the caller saw nused() > 0).
+
+        False when it names no in-flight chain: then pop_used it to count it.
+        """
+        cdef uint16_t slot = self.last_used_idx & self.mask
+        cdef uint32_t id = vring_load32(&self.vr.used.ring[slot].id)
+        length[0] = vring_load32(&self.vr.used.ring[slot].len)
+        if id >= self.size or self.extra[id].ndescs == 0:
+            return False
+        cookie[0] = self.extra[id].cookie
+        return True
+
+    cdef inline uint32_t detach1(self, uint16_t head) noexcept nogil:
+        """Return a single-descriptor chain to the free list; give its cookie.
+
+        Only for heads added with add1 (ndescs == 1); see detach for chains.
+        """
+        cdef DescExtra *x = &self.extra[head]
+        x.ndescs = 0
+        x.next = self.free_head
+        self.free_head = head
+        self.num_free += 1
+        return x.cookie
+
+    cdef inline uint16_t detach(self, uint16_t head, uint32_t *cookies, uint16_t room) noexcept nogil:
+        """Return a chain to the free list, walking our shadow links.
+
+        Writes the cookies of the first ``room`` descriptors to ``cookies``.
+        Returns the number of descriptors (more than ``room``: some cookies
+        were not written).
+        """
+        cdef uint16_t n = self.extra[head].ndescs
+        cdef uint16_t i = head, k
+        for k in range(n):
+            if k < room:
+                cookies[k] = self.extra[i].cookie
+            if k + 1 < n:
+                i = self.extra[i].next
+        self.extra[head].ndescs = 0
+        self.extra[i].next = self.free_head
+        self.free_head = head
+        self.num_free += n
+        return n

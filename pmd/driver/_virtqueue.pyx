@@ -1,0 +1,347 @@
+"""The driver side of a split virtqueue (Virtio 1.2 section 2.7).
+
+The ring lives in DMA memory; free descriptors form a chain through our
+shadow ``next`` links (O(1) allocation); a side array maps each descriptor to
+the caller's cookie (a buffer id). Buffers are added without publishing;
+``flush`` publishes a whole burst with one avail idx store and notifies only
+if the device asked (VRING_USED_F_NO_NOTIFY, or avail_event with
+VIRTIO_F_EVENT_IDX). Used entries are validated before anything is done with
+them: an id out of range or not in flight, or a length larger than the
+buffer, is counted and never followed.
+
+The Python methods here are for the control path and for tests; the bursts
+(pmd.driver._rx, pmd.driver._tx) use the inline methods of _virtqueue.pxd without the GIL. Each
+Python method that touches the ring checks first that the queue and its
+memory are open (with the GIL held the memory cannot go meanwhile); the
+bursts pin the memory instead.
+"""
+
+import numpy as np
+
+from libc.stdint cimport uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+from pmd.memory._dma cimport DmaMemory
+from pmd.driver._mmio cimport Mmio
+from pmd.includes.vring cimport (
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_LEGACY_ALIGN, VRING_MAX_SIZE, vring_avail_bytes,
+    vring_desc_bytes, vring_init, vring_load16, vring_size, vring_store16, vring_used_bytes,
+    vring_used_event, vring_avail_event, vring_need_event, vring_desc, vring_used_elem,
+)
+from pmd.includes.virtio_net cimport virtio_net_hdr
+
+from pmd.errors import DeviceError, QueueStateError
+
+USED_RESULTS = {USED_OK: "ok", USED_BAD_ID: "bad id", USED_NOT_IN_FLIGHT: "not in flight",
+                USED_BAD_LEN: "bad len"}
+
+
+def ring_size(uint32_t num, size_t align=VRING_LEGACY_ALIGN):
+    """Bytes of a contiguous split ring of ``num`` entries (Linux's vring_size)."""
+    _check_ring_params(num, align)
+    return vring_size(num, align)
+
+
+def ring_layout(uint32_t num, size_t align=VRING_LEGACY_ALIGN):
+    """Offsets and sizes of the three areas: dict of (offset, size) per area."""
+    _check_ring_params(num, align)
+    desc = vring_desc_bytes(num)
+    avail_off = desc
+    used_off = (desc + vring_avail_bytes(num) + align - 1) & ~(align - 1)
+    return {"desc": (0, desc), "avail": (avail_off, vring_avail_bytes(num)),
+            "used": (used_off, vring_used_bytes(num)), "total": vring_size(num, align)}
+
+
+def need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old):
+    """vring_need_event (2.7.10): should moving an index from old to new signal event_idx?"""
+    return vring_need_event(event_idx, new_idx, old)
+
+
+def _check_ring_params(uint32_t num, size_t align):
+    if num == 0 or num > VRING_MAX_SIZE or num & (num - 1):
+        raise ValueError(f"queue size must be a power of two from 1 to {VRING_MAX_SIZE} "
+                         f"(Virtio 1.2 2.7), got {num}")
+    if align < 4 or align & (align - 1):
+        raise ValueError(f"ring alignment must be a power of two >= 4, got {align}")
+
+
+cdef class Virtqueue:
+    """``Virtqueue(memory, size, queue_index=0, event_idx=False, weak_barriers=True, align=4096, interrupts=False)``
+
+    Carves a ring of ``size`` entries out of ``memory``. ``event_idx`` is
+    VIRTIO_F_EVENT_IDX as negotiated; ``weak_barriers`` is true unless
+    VIRTIO_F_ORDER_PLATFORM was negotiated (real hardware); ``interrupts``
+    is the initial state of used-buffer notifications (off for polling).
+    """
+
+    def __cinit__(self):
+        self.extra = NULL
+        self.notify_fd = -1
+
+    def __init__(self, DmaMemory memory not None, uint32_t size, uint16_t queue_index=0, *,
+                 bint event_idx=False, bint weak_barriers=True, size_t align=VRING_LEGACY_ALIGN,
+                 bint interrupts=False):
+        memory._check_open()
+        _check_ring_params(size, align)
+        cdef size_t nbytes = vring_size(size, align)
+        cdef size_t off = memory.alloc(nbytes, max(align, 16))
+        if not memory.range_iova_contiguous(off, nbytes):
+            raise ValueError(f"the {nbytes}-byte ring would span pages with non-contiguous IOVAs "
+                             "(physical addresses without huge pages): use huge pages or a smaller queue")
+        self.memory = memory
+        self.offset = off
+        self.size = size
+        self.align = align
+        self.mask = size - 1
+        self.queue_index = queue_index
+        self.event_idx = event_idx
+        self.weak_barriers = weak_barriers
+        memset(memory.base + off, 0, nbytes)
+        vring_init(&self.vr, size, memory.base + off, align)
+        self.extra = <DescExtra *>malloc(sizeof(DescExtra) * size)
+        if self.extra == NULL:
+            raise MemoryError()
+        cdef uint32_t i
+        for i in range(size):
+            self.extra[i].next = <uint16_t>(i + 1)
+            self.extra[i].ndescs = 0
+            self.extra[i].cookie = 0
+            self.extra[i].writable = 0
+        self.free_head = 0
+        self.num_free = size
+        self.notify_kind = NOTIFY_NONE
+        self.notify_data = queue_index
+        if interrupts:
+            self.enable_interrupts()
+        else:
+            self.disable_interrupts()
+
+    def __dealloc__(self):
+        free(self.extra)
+
+    cdef void check_usable(self) except *:
+        if self.is_closed:
+            raise QueueStateError(f"virtqueue {self.queue_index} is closed")
+        self.memory._check_open()
+        if self.fail_reason is not None:
+            raise DeviceError(f"virtqueue {self.queue_index}: {self.fail_reason}")
+        if self.broken:
+            raise DeviceError(f"virtqueue {self.queue_index}: the device published a used index "
+                              f"covering more entries than are in flight (queue size {self.size}); "
+                              "the queue is stopped: reset the device")
+
+    cdef void check_raw(self) except *:
+        # An RxQueue/TxQueue keeps buffer ids as cookies and frees what comes
+        # back: a chain added behind its back would name buffers it never gave.
+        if self.owned:
+            raise QueueStateError(f"virtqueue {self.queue_index} belongs to an RxQueue/TxQueue: "
+                                  "use its bursts, or a Virtqueue of its own for raw access")
+        self.check_usable()
+
+    cdef void disown_cookies(self) noexcept:
+        # A queue taking over a virtqueue: chains added through the raw API
+        # carry the caller's cookies, which must never be taken for buffer ids.
+        cdef uint32_t i
+        for i in range(self.size):
+            self.extra[i].cookie = 0xffffffff
+
+    cdef void check_mapped(self) except *:
+        if self.is_closed:
+            raise QueueStateError(f"virtqueue {self.queue_index} is closed")
+        self.memory._check_open()
+
+    # ---- where the device finds the ring (given to queue_desc/driver/device) ----
+    @property
+    def desc_iova(self):
+        self.check_mapped()
+        return self.memory.iova_of(self.offset)
+
+    @property
+    def avail_iova(self):
+        self.check_mapped()
+        return self.memory.iova_of(self.offset + (<char *>self.vr.avail - <char *>self.vr.desc))
+
+    @property
+    def used_iova(self):
+        self.check_mapped()
+        return self.memory.iova_of(self.offset + (<char *>self.vr.used - <char *>self.vr.desc))
+
+    @property
+    def ring_address(self):
+        """Virtual address of the descriptor table (the start of the ring)."""
+        return <uintptr_t>self.vr.desc
+
+    @property
+    def free_descriptors(self):
+        """Descriptors not in flight."""
+        return self.num_free
+
+    @property
+    def next_avail_idx(self):
+        """The driver's next avail index (free-running, 16 bits)."""
+        return self.avail_idx
+
+    @property
+    def next_used_idx(self):
+        """The next used entry the driver will read (free-running, 16 bits)."""
+        return self.last_used_idx
+
+    @property
+    def in_flight(self):
+        return self.size - self.num_free
+
+    # ---- notification configuration ----
+    def set_notify_mmio(self, Mmio window not None, size_t offset, notify_data=None):
+        """Notify by a 16-bit store at ``offset`` in ``window`` (modern PCI notify area)."""
+        self.notify_addr = window.at(offset, 2)
+        self.notify_owner = window
+        self.notify_kind = NOTIFY_MMIO16
+        if notify_data is not None:
+            self.notify_data = notify_data
+
+    def set_notify_pwrite(self, int fd, long offset, notify_data=None):
+        """Notify by ``pwrite`` of the queue index at ``offset`` of ``fd`` (legacy I/O BAR via VFIO)."""
+        if fd < 0:
+            raise ValueError("notify fd must be an open file descriptor")
+        self.notify_fd = fd
+        self.notify_offset = offset
+        self.notify_kind = NOTIFY_PWRITE16
+        if notify_data is not None:
+            self.notify_data = notify_data
+
+    def set_notify_eventfd(self, int fd):
+        """Notify by writing 1 to an eventfd."""
+        if fd < 0:
+            raise ValueError("notify eventfd must be an open file descriptor")
+        self.notify_fd = fd
+        self.notify_kind = NOTIFY_EVENTFD
+
+    def set_notify_none(self):
+        """The device polls; notifications are only counted."""
+        self.notify_kind = NOTIFY_NONE
+        self.notify_owner = None
+
+    # ---- used-buffer notification (interrupt) suppression, 2.7.7 ----
+    def disable_interrupts(self):
+        """Ask the device not to interrupt (polling mode).
+
+        Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT. With it the flag must
+        stay 0 (2.7.7.1): used_event is set one behind the next used entry,
+        which the device reaches only after 65535 more, i.e. never while we poll.
+        A closed queue (or one whose memory is closed) has nothing to disable.
+        """
+        if self.is_closed or self.memory.closed:
+            return
+        if self.event_idx:
+            vring_store16(vring_used_event(&self.vr), <uint16_t>(self.last_used_idx - 1))
+        else:
+            self.avail_flags |= VRING_AVAIL_F_NO_INTERRUPT
+            vring_store16(&self.vr.avail.flags, self.avail_flags)
+        self.interrupts_enabled = False
+
+    def enable_interrupts(self):
+        """Ask for an interrupt at the next used entry. Returns True if entries
+        are already pending: then process them instead of sleeping, or a
+        wake-up is lost (the device may have written them before it saw this).
+        """
+        self.check_mapped()
+        if self.event_idx:
+            vring_store16(vring_used_event(&self.vr), self.last_used_idx)
+        else:
+            self.avail_flags &= ~VRING_AVAIL_F_NO_INTERRUPT
+            vring_store16(&self.vr.avail.flags, self.avail_flags)
+        self.interrupts_enabled = True
+        pmd_virtio_mb(self.weak_barriers)  # our store before re-reading used->idx
+        return vring_load16(&self.vr.used.idx) != self.last_used_idx
+
+    # ---- Python access for the control path and tests ----
+    def add(self, list out_bufs, list in_bufs=None, uint32_t cookie=0):
+        """Add a chain: ``out_bufs`` device-readable then ``in_bufs`` device-writable,
+        each a list of ``(iova, length)``. Not published until ``flush``. Returns the head.
+        """
+        self.check_raw()
+        in_bufs = in_bufs or []
+        cdef Py_ssize_t n = len(out_bufs) + len(in_bufs)
+        if n == 0:
+            raise ValueError("a chain needs at least one buffer")
+        if n > self.num_free:
+            raise QueueStateError(f"virtqueue {self.queue_index} is full: {n} descriptors needed, "
+                                  f"{self.num_free} free; reclaim used buffers first")
+        a = np.empty(n, dtype=np.uint64)
+        l = np.empty(n, dtype=np.uint32)
+        c = np.full(n, cookie, dtype=np.uint32)
+        for k, (addr, ln) in enumerate(list(out_bufs) + list(in_bufs)):
+            a[k] = addr
+            l[k] = ln
+        cdef uint64_t[::1] av = a
+        cdef uint32_t[::1] lv = l
+        cdef uint32_t[::1] cv = c
+        return self.add_chain(&av[0], &lv[0], &cv[0], <uint16_t>n, <uint16_t>len(out_bufs))
+
+    def kick(self):
+        """Publish what was added and notify if the device wants it. Returns True if notified."""
+        self.check_raw()
+        cdef uint64_t before = self.n_notify
+        self.flush()
+        return self.n_notify != before
+
+    def get_used(self):
+        """Reclaim one used entry: ``(cookies, length)`` or ``None`` when none is ready.
+
+        A bad entry raises DeviceError after it has been counted (and its
+        chain reclaimed when it named one).
+        """
+        self.check_raw()
+        if self.nused() == 0:
+            self.check_usable()
+            return None
+        cdef uint16_t head = 0
+        cdef uint32_t length = 0
+        cdef uint32_t cookies[64]
+        r = self.pop_used(&head, &length)
+        if r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT:
+            raise DeviceError(f"virtqueue {self.queue_index}: used entry {USED_RESULTS[r]} "
+                              f"(id out of range or not the head of an in-flight chain); ignored")
+        n = self.detach(head, cookies, 64)
+        if n > 64:
+            raise ValueError(f"virtqueue {self.queue_index}: a chain of {n} descriptors came back; "
+                             "get_used returns the cookies of at most 64 (descriptors reclaimed)")
+        if r == USED_BAD_LEN:
+            raise DeviceError(f"virtqueue {self.queue_index}: used length {length} is larger than the "
+                              "chain's device-writable bytes; buffer reclaimed, data dropped")
+        return [cookies[k] for k in range(n)], length
+
+    def stats(self):
+        """Counters: notifications and every kind of bad used entry."""
+        return {
+            "notifications": self.n_notify,
+            "notifications_suppressed": self.n_notify_suppressed,
+            "notify_errors": self.n_notify_errors,
+            "bad_used_id": self.n_bad_id,
+            "used_not_in_flight": self.n_not_in_flight,
+            "bad_used_len": self.n_bad_len,
+            "bad_used_idx": self.n_bad_used_idx,
+        }
+
+    def fail(self, reason):
+        """Stop the queue from outside the data path (the device went away, for
+        example): every later burst raises DeviceError with ``reason``. Safe from
+        any thread: a burst in progress finishes, the next one raises."""
+        self.fail_reason = str(reason)
+        self.broken = True
+
+    def close(self):
+        """Stop using the queue. The device must have been reset (or the queue
+        disabled) first; the ring memory goes with its DmaMemory."""
+        self.is_closed = True
+        self.notify_owner = None
+        self.notify_kind = NOTIFY_NONE
+
+    @property
+    def closed(self):
+        return self.is_closed
+
+    def __repr__(self):
+        return (f"<Virtqueue {self.queue_index} size {self.size}, {self.size - self.num_free} in flight, "
+                f"avail {self.avail_idx}, used {self.last_used_idx}{', broken' if self.broken else ''}>")

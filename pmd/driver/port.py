@@ -1,0 +1,605 @@
+"""The Port: one virtio-net device, opened, started, and bursting.
+
+    with pmd.open_port("0000:00:03.0") as port:
+        port.start(queue_pairs=1, queue_size=256)
+        n = port.rx_burst(out, lengths)
+
+A port owns everything it uses and releases it in reverse order on
+``stop()``/``close()``, on an error half-way through ``start()``, and at
+interpreter exit: the device is reset first (so it stops DMA), then
+interrupts, queues, the control queue, DMA mappings, memory, the transport
+and the device access.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import DeviceError, PmdError, QueueStateError
+from ..memory import DmaMemory
+from ..spec import virtio as V, virtio_net as N
+from ..spec.ethernet import format_mac, parse_mac, random_mac
+from ..spec.vfio import PCI_MSIX_IRQ_INDEX as IRQ_INDEX_MSIX
+from ..spec.virtio import NO_VECTOR
+from ..spec.virtio_net import ctrl_queue_index, hdr_len_for, rx_queue_index, tx_queue_index
+from . import interrupts
+from ._pool import PacketPool
+from ._rx import RxQueue
+from ._tx import TxQueue
+from ._virtqueue import Virtqueue, ring_size
+from .access import DeviceAccess
+from .virtio.net import ControlQueue, Link, LinkCallback, link_from, negotiate, read_net_config
+from .virtio.pci import open_transport
+from .virtio.transport import Transport
+
+log = logging.getLogger("pmd.port")
+
+_open_ports: "weakref.WeakSet[Port]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for port in list(_open_ports):
+        try:
+            port.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            log.exception("closing %s at exit", port.name)
+
+
+class Port:
+    """A virtio-net device driven by pmd. Build it with :func:`open_port`.
+
+    ``Port(access, legacy=None, disable=0, mac=None, owns_access=True)``: ``access``
+    is a :class:`pmd.access.DeviceAccess` (kernel VFIO, vfio-user); ``disable`` is
+    a feature mask or names ("MRG_RXBUF,EVENT_IDX") pmd must not negotiate;
+    ``mac`` replaces the device's address where the device allows it.
+    """
+
+    def __init__(self, access: DeviceAccess, *, legacy: bool | None = None, disable: int | str = 0,
+                 mac: str | bytes | None = None, owns_access: bool = True, name: str | None = None) -> None:
+        self.access = access
+        self.name = name or getattr(access, "address", None) or getattr(access, "name", "device")
+        self._owns_access = owns_access
+        self._disable = N.parse_features(disable)
+        self._want_mac = parse_mac(mac) if mac is not None else None
+        self._lock = threading.RLock()
+        # The link callbacks have a lock of their own: the interrupt thread takes it,
+        # and never the port lock, which stop() holds while it waits for that thread.
+        self._callbacks_lock = threading.Lock()
+        self._started = False
+        self._closed = False
+        self._link_callbacks: list[LinkCallback] = []
+        self._resources: list[Callable[[], object]] = []   # undo actions of start(), run in reverse
+        self._on_close: list[Callable[[], object]] = []    # after the device access is closed
+        self.sim: Any = None                                # the built-in device's process, if any
+        self.features = 0
+        self.device_features = 0
+        self.hdr_len = 12
+        self.mac = b""
+        self.mtu: int | None = None
+        self.max_queue_pairs = 1
+        self.queue_pairs = 0
+        self.pools: list[PacketPool] = []
+        self.rxqs: list[RxQueue] = []
+        self.txqs: list[TxQueue] = []
+        self.memory: DmaMemory | None = None
+        self.ctrl: ControlQueue | None = None
+        # Per rx queue in rx-interrupt mode: its vector's eventfd (one object for
+        # the queues that share a vector), the vector, and, when shared, a private
+        # eventfd by which the sharer that drained an interrupt wakes the others.
+        self._rx_events: list[interrupts.EventFd | None] = []
+        self._rx_vectors: list[int] = []
+        self._rx_wakes: list[interrupts.EventFd | None] = []
+        self._config_event: interrupts.EventFd | None = None
+        self.config_interrupts = 0
+        self.rx_interrupts = 0
+        self._link = Link(True)             # as last read (port.link or an interrupt)
+        self._link_reported = Link(True)    # as the link callbacks last heard of it
+        self._promisc: bool | None = None
+        self._allmulti: bool | None = None
+        #: why the device went away under a started port (see :meth:`_device_lost`), else None
+        self.lost: str | None = None
+        try:
+            self.transport: Transport = open_transport(access, legacy=legacy)
+            self.transport.reset()
+        except BaseException:
+            if owns_access:
+                access.close()
+            raise
+        _open_ports.add(self)
+
+    # ------------------------------------------------------------------ start
+    def start(self, queue_pairs: int = 1, queue_size: int = 256, *, n_buffers: int | None = None,
+              buffer_size: int = 2048, rx_interrupts: bool = False, promiscuous: bool | None = None,
+              hugepages: bool | None = None, max_packet_len: int | None = None) -> "Port":
+        """Initialise the device (Virtio 1.2 3.1.1) and its queues; returns the port.
+
+        ``queue_size`` is the ring size (a legacy device imposes its own; pass
+        0 to take the device's maximum); ``n_buffers`` per queue pair defaults
+        to twice the ring size plus 512. ``rx_interrupts`` gives each rx queue
+        an MSI-X vector for :meth:`rx_wait`.
+        """
+        with self._lock:
+            self._check_open()
+            if self._started:
+                raise QueueStateError(f"port {self.name} is already started; stop() it first")
+            if queue_pairs < 1:
+                raise ValueError("queue_pairs must be at least 1")
+            try:
+                self._start(queue_pairs, queue_size, n_buffers, buffer_size, rx_interrupts, promiscuous,
+                            hugepages, max_packet_len)
+            except BaseException:
+                try:
+                    self.transport.add_status(V.STATUS_FAILED)   # 3.1.1 step 8: give up on the device
+                except Exception:
+                    pass
+                self._teardown()
+                raise
+            self._started = True
+        return self
+
+    def _start(self, queue_pairs: int, queue_size: int, n_buffers: int | None, buffer_size: int,
+               rx_interrupts: bool, promiscuous: bool | None, hugepages: bool | None,
+               max_packet_len: int | None) -> None:
+        t = self.transport
+        legacy = t.kind == "legacy"
+        t.reset()
+        t.add_status(V.STATUS_ACKNOWLEDGE)
+        t.add_status(V.STATUS_DRIVER)
+        self.device_features = t.device_features()
+        accepted = negotiate(self.device_features, transport_bits=t.feature_bits, disable=self._disable)
+        t.set_driver_features(accepted)
+        if not legacy:
+            t.add_status(V.STATUS_FEATURES_OK)
+            if not t.get_status() & V.STATUS_FEATURES_OK:
+                raise DeviceError(f"the device refused the features pmd accepted: "
+                                  f"{', '.join(N.feature_names(accepted))} (FEATURES_OK did not stick, 3.1.1); "
+                                  "turn some off with disable=")
+        self.features = accepted
+        self.hdr_len = hdr_len_for(accepted)
+
+        # Interrupts before the device configuration: a legacy device moves its
+        # configuration from offset 20 to 24 once MSI-X is on.
+        self._setup_interrupts(queue_pairs if rx_interrupts else 0)
+        cfg = read_net_config(t, accepted)
+        self.max_queue_pairs = cfg.max_queue_pairs
+        if queue_pairs > cfg.max_queue_pairs:
+            raise ValueError(f"{queue_pairs} queue pairs asked; the device has at most "
+                             f"{cfg.max_queue_pairs}" + ("" if accepted & V.bit(N.NET_MQ)
+                                                         else " (no VIRTIO_NET_F_MQ)"))
+        self.mtu = cfg.mtu
+        self._link = self._link_reported = link_from(cfg)
+        self.mac = cfg.mac if cfg.mac is not None else (self._want_mac or random_mac())
+
+        sizes = []
+        for pair in range(queue_pairs):
+            for index in (rx_queue_index(pair), tx_queue_index(pair)):
+                top = t.queue_max_size(index)
+                size = top if (queue_size == 0 or t.queue_size_fixed()) else queue_size
+                if top == 0:
+                    raise DeviceError(f"queue {index} does not exist on the device")
+                if size > top:
+                    raise ValueError(f"queue_size {size} is larger than the device allows ({top})")
+                sizes.append(size)
+        ctrl_index = ctrl_queue_index(accepted, cfg.max_queue_pairs)
+        ctrl_size = 0
+        if accepted & V.bit(N.NET_CTRL_VQ):
+            top = t.queue_max_size(ctrl_index)
+            ctrl_size = top if t.queue_size_fixed() else min(64, top)
+        per_pair = n_buffers if n_buffers is not None else 2 * max(sizes) + 512
+        total = sum(ring_size(s, t.ring_align) + 4096 for s in sizes)
+        total += (ring_size(ctrl_size, t.ring_align) + 4096 + ControlQueue.memory_needed()) if ctrl_size else 0
+        total += queue_pairs * (per_pair * buffer_size + 4096) + (1 << 16)
+        if hugepages is not False:
+            total += queue_pairs * (2 << 20)   # each pool starts on a page: 2 MiB with huge pages
+
+        self.memory = DmaMemory(total, hugepages=hugepages, lock=True, name=f"pmd-{self.name}")
+        memory = self.memory
+        self._resources.append(memory.close)
+        self._map_memory(memory, accepted)
+
+        weak = not accepted & V.bit(V.ORDER_PLATFORM)
+        event_idx = bool(accepted & V.bit(V.RING_EVENT_IDX))
+        mergeable = bool(accepted & V.bit(N.NET_MRG_RXBUF))
+        max_len = max_packet_len or ((self.mtu or 1500) + 18 if mergeable else 0)
+        for pair in range(queue_pairs):
+            pool = PacketPool(memory, per_pair, buffer_size)
+            self.pools.append(pool)
+            rvq = Virtqueue(memory, sizes[2 * pair], rx_queue_index(pair), event_idx=event_idx,
+                            weak_barriers=weak, align=t.ring_align, interrupts=False)
+            tvq = Virtqueue(memory, sizes[2 * pair + 1], tx_queue_index(pair), event_idx=event_idx,
+                            weak_barriers=weak, align=t.ring_align, interrupts=False)
+            rx_kw: dict[str, Any] = {"hdr_len": self.hdr_len, "mergeable": mergeable}
+            if mergeable:
+                rx_kw["max_packet_len"] = max(max_len, pool.data_room)
+            rxq = RxQueue(rvq, pool, **rx_kw)
+            txq = TxQueue(tvq, pool, hdr_len=self.hdr_len)
+            self.rxqs.append(rxq)
+            self.txqs.append(txq)
+            self._resources.append(rxq.close)
+            self._resources.append(txq.close)
+            vector = self._rx_vector(pair)
+            t.setup_queue(rx_queue_index(pair), rvq, vector)
+            t.setup_queue(tx_queue_index(pair), tvq, NO_VECTOR)
+        if ctrl_size:
+            cvq = Virtqueue(memory, ctrl_size, ctrl_index, event_idx=event_idx, weak_barriers=weak,
+                            align=t.ring_align)
+            t.setup_queue(ctrl_index, cvq, NO_VECTOR)
+            self.ctrl = ControlQueue(cvq, memory)
+            self._resources.append(self.ctrl.close)
+        if self._config_event is not None:
+            t.set_config_vector(0)
+        # Bus mastering before DRIVER_OK: without it a device (QEMU) accepts every
+        # register write but never does DMA (docs/devices.md).
+        self.access.enable_bus_master()
+        t.add_status(V.STATUS_DRIVER_OK)
+        self.queue_pairs = queue_pairs
+        for rxq in self.rxqs:
+            rxq.fill()
+        if queue_pairs > 1:
+            self.ctrl_command(N.CTRL_MQ, N.CTRL_MQ_VQ_PAIRS_SET, queue_pairs.to_bytes(2, "little"))
+        if self._want_mac is not None and cfg.mac is not None and self._want_mac != cfg.mac:
+            self.ctrl_command(N.CTRL_MAC, N.CTRL_MAC_ADDR_SET, self._want_mac, need=N.NET_CTRL_MAC_ADDR)
+            self.mac = self._want_mac
+        if promiscuous is not None:
+            # Not the property: it refuses a port that is not started, and this one
+            # is started only when _start returns.
+            self._rx_mode(N.CTRL_RX_PROMISC, promiscuous)
+            self._promisc = bool(promiscuous)
+        if self._config_event is not None:
+            reg = interrupts.get_interrupt_thread().register(self._config_event, self._on_config_interrupt)
+            self._resources.append(lambda: interrupts.get_interrupt_thread().unregister(reg))
+        # The data path never asks the device anything, so a device that goes away
+        # (a vfio-user server that exits) would only show as empty rings: be told.
+        self._resources.append(self.access.on_lost(self._device_lost))
+        log.info("%s: started, %s, features %s, MAC %s, %d queue pair(s)", self.name, t.describe(),
+                 ",".join(N.feature_names(accepted)), format_mac(self.mac), queue_pairs)
+
+    def _map_memory(self, memory: DmaMemory, accepted: int) -> None:
+        if accepted & V.bit(V.ACCESS_PLATFORM):
+            # The device goes through the IOMMU: map the memory and use the IOVAs
+            # the access layer picked (inside the IOMMU's valid ranges).
+            self.access.map_memory(memory)
+            self._resources.append(lambda: self.access.unmap_memory(memory))
+        else:
+            # Without ACCESS_PLATFORM the device uses physical addresses (6.1):
+            # legacy and transitional devices bypass the IOMMU. Pages are locked
+            # (DmaMemory lock=True); rings longer than a page need huge pages.
+            from .access.pagemap import virt_to_phys
+
+            memory.set_iova_translator(virt_to_phys)
+
+    def _setup_interrupts(self, rx_queues: int) -> None:
+        info = self.access.irq_info(IRQ_INDEX_MSIX)
+        if info.count == 0:
+            if rx_queues:
+                raise DeviceError("rx interrupts need MSI-X, which this device does not have")
+            log.info("%s: no MSI-X: link changes are seen only by reading port.link", self.name)
+            return
+        if rx_queues and info.count < 2:
+            raise DeviceError("the device has a single MSI-X vector: no room for rx interrupts "
+                              "(start without rx_interrupts=True)")
+        self._resources.append(self._forget_rx_interrupts)
+        self._config_event = interrupts.EventFd()
+        self._resources.append(self._config_event.close)
+        fds = [self._config_event.fileno()]
+        # Vector 0: configuration changes; 1..: rx queues. With fewer vectors than
+        # rx queues, queues share them (Virtio 1.2 4.1.5.1.2 lets the driver map
+        # several queues to one vector): rx queue p uses vector 1 + p % (V - 1).
+        n_vectors = min(rx_queues, info.count - 1)
+        events = []
+        for _ in range(n_vectors):
+            ev = interrupts.EventFd()
+            self._resources.append(ev.close)
+            fds.append(ev.fileno())
+            events.append(ev)
+        sharers = [len(range(k, rx_queues, n_vectors)) for k in range(n_vectors)]
+        for pair in range(rx_queues):
+            k = pair % n_vectors
+            wake = None
+            if sharers[k] > 1:
+                wake = interrupts.EventFd()
+                self._resources.append(wake.close)
+            self._rx_events.append(events[k])
+            self._rx_vectors.append(1 + k)
+            self._rx_wakes.append(wake)
+        self.access.set_irqs(IRQ_INDEX_MSIX, 0, fds)
+        self._resources.append(lambda: self.access.disable_irqs(IRQ_INDEX_MSIX))
+        if self.transport.kind == "legacy":
+            self.transport.msix = True  # type: ignore[attr-defined]
+
+    def _forget_rx_interrupts(self) -> None:
+        self._rx_vectors.clear()
+        self._rx_wakes.clear()
+
+    def _rx_vector(self, pair: int) -> int:
+        return self._rx_vectors[pair] if pair < len(self._rx_vectors) else NO_VECTOR
+
+    def _reset_device(self) -> None:
+        try:
+            self.transport.reset()
+        except Exception as e:
+            log.warning("%s: reset during cleanup failed: %s", self.name, e)
+
+    # ------------------------------------------------------------------ stop/close
+    def _teardown(self) -> None:
+        # Queues are fenced first: a burst another thread is running finishes and
+        # later ones raise QueueStateError, before rings, notify registers and
+        # memory go. Then the device is reset, so it stops DMA and interrupts
+        # before the memory and eventfds go; then start()'s steps are undone in reverse.
+        # Not started from here on: a config interrupt arriving now is ignored
+        # instead of waiting for the port lock we hold while we unregister it.
+        self._started = False
+        for q in (*self.rxqs, *self.txqs):
+            q.fence()
+        self._reset_device()
+        while self._resources:
+            undo = self._resources.pop()
+            try:
+                undo()
+            except Exception as e:
+                log.warning("%s: cleanup step failed: %s", self.name, e)
+        self.rxqs.clear()
+        self.txqs.clear()
+        self.pools.clear()
+        self._rx_events.clear()
+        self._config_event = None
+        self.ctrl = None
+        self.memory = None
+        self.queue_pairs = 0
+        self._started = False
+
+    def stop(self) -> None:
+        """Reset the device and release queues, interrupts and memory. The port can start again."""
+        with self._lock:
+            if self._started:
+                self._teardown()
+
+    def close(self) -> None:
+        """stop(), then release the transport and the device. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self.stop()
+            self._closed = True
+            try:
+                self.transport.close()
+            finally:
+                try:
+                    if self._owns_access:
+                        self.access.close()
+                finally:
+                    for fn in self._on_close:
+                        fn()
+            _open_ports.discard(self)
+
+    def __enter__(self) -> "Port":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueStateError(f"port {self.name} is closed")
+
+    def _check_started(self) -> None:
+        self._check_open()
+        if not self._started:
+            raise QueueStateError(f"port {self.name} is not started: call port.start() first")
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ data path
+    def rx_queue(self, queue: int = 0) -> RxQueue:
+        self._check_started()
+        if not 0 <= queue < len(self.rxqs):
+            raise ValueError(f"rx queue {queue} does not exist (the port has {len(self.rxqs)})")
+        return self.rxqs[queue]
+
+    def tx_queue(self, queue: int = 0) -> TxQueue:
+        self._check_started()
+        if not 0 <= queue < len(self.txqs):
+            raise ValueError(f"tx queue {queue} does not exist (the port has {len(self.txqs)})")
+        return self.txqs[queue]
+
+    def pool(self, queue: int = 0) -> PacketPool:
+        """The packet pool shared by rx and tx queue ``queue`` (one per queue pair)."""
+        self._check_started()
+        return self.pools[queue]
+
+    def rx_burst(self, out: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32], queue: int = 0, *,
+                 truncate: bool = False) -> int:
+        return self.rx_queue(queue).rx_burst(out, lengths, truncate=truncate)
+
+    def rx_burst_zc(self, ids: npt.NDArray[np.uint32], lengths: npt.NDArray[np.uint32], queue: int = 0) -> int:
+        return self.rx_queue(queue).rx_burst_zc(ids, lengths)
+
+    def tx_burst(self, packets: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32], queue: int = 0) -> int:
+        return self.tx_queue(queue).tx_burst(packets, lengths)
+
+    def tx_burst_zc(self, ids: npt.NDArray[np.uint32], lengths: npt.NDArray[np.uint32], queue: int = 0) -> int:
+        return self.tx_queue(queue).tx_burst_zc(ids, lengths)
+
+    def rx_wait(self, queue: int = 0, timeout: float | None = None) -> bool:
+        """Sleep until rx queue ``queue`` has packets or ``timeout`` passes (rx-interrupt mode).
+
+        Enables the queue's interrupt, re-checks the ring (a packet that came
+        before the device saw the enable would otherwise be slept through,
+        2.7.7.2), waits on the vector's eventfd, then disables interrupts
+        again. Returns True when packets are ready, False on timeout. When
+        queues share a vector, an interrupt wakes every sharer (the one that
+        drained the eventfd passes it on) and each re-checks its own ring.
+        """
+        rxq = self.rx_queue(queue)
+        ev = self._rx_events[queue] if queue < len(self._rx_events) else None
+        if ev is None:
+            raise QueueStateError("rx interrupts are off: start the port with rx_interrupts=True")
+        wake = self._rx_wakes[queue]
+        vector = self._rx_vectors[queue]
+        peers = [w for q, w in enumerate(self._rx_wakes)
+                 if w is not None and q != queue and self._rx_vectors[q] == vector]
+        fds = [ev] if wake is None else [ev, wake]
+        timeout = interrupts._check_timeout(timeout, "rx_wait")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        vq = rxq.vq
+        try:
+            while True:
+                if vq.fail_reason is not None:
+                    raise DeviceError(f"rx queue {queue}: {vq.fail_reason}")
+                if vq.enable_interrupts():
+                    return True
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                counts = interrupts.wait_any(fds, left)
+                if counts[0]:
+                    self.rx_interrupts += 1
+                    for peer in peers:      # the interrupt may have been for a sharer
+                        peer.signal()
+                if not any(counts):         # timed out
+                    if vq.fail_reason is not None:
+                        raise DeviceError(f"rx queue {queue}: {vq.fail_reason}")
+                    return bool(vq.enable_interrupts())
+        finally:
+            vq.disable_interrupts()
+
+    # ------------------------------------------------------------------ link
+    @property
+    def link(self) -> Link:
+        """The link as the device reports it now (reads the device configuration)."""
+        self._check_started()
+        # Not what the callbacks were told: they compare with _link_reported,
+        # so a change read here first is still reported to them.
+        self._link = link_from(read_net_config(self.transport, self.features))
+        return self._link
+
+    def on_link_change(self, callback: LinkCallback) -> Callable[[], None]:
+        """Call ``callback(link)`` from the interrupt thread when the link changes.
+        Returns a function that removes it."""
+        if not callable(callback):
+            raise TypeError("on_link_change needs a callable taking a Link")
+        with self._callbacks_lock:
+            self._link_callbacks.append(callback)
+
+        def remove() -> None:
+            with self._callbacks_lock:
+                if callback in self._link_callbacks:
+                    self._link_callbacks.remove(callback)
+        return remove
+
+    def _device_lost(self, reason: str) -> None:
+        """The access layer says the device is gone (from its watcher thread): stop
+        every queue so the next burst raises DeviceError, and wake rx_wait sleepers."""
+        msg = f"the device is gone ({reason}); close the port and open it again"
+        self.lost = msg
+        log.error("%s: %s", self.name, msg)
+        queues = [q.vq for q in (*self.rxqs, *self.txqs)]
+        if self.ctrl is not None:
+            queues.append(self.ctrl.vq)
+        for vq in queues:
+            vq.fail(msg)
+        for ev in [*self._rx_events, *self._rx_wakes]:
+            if ev is not None and not ev.closed:
+                try:
+                    ev.signal()
+                except (OSError, ValueError):
+                    pass    # closed by a stop() running now
+
+    def _on_config_interrupt(self, fd: int, count: int, arg: object) -> None:
+        self.config_interrupts += 1
+        if not self._started:
+            return
+        link = link_from(read_net_config(self.transport, self.features))
+        self._link = link
+        if link != self._link_reported:
+            self._link_reported = link
+            with self._callbacks_lock:
+                callbacks = list(self._link_callbacks)
+            for cb in callbacks:
+                cb(link)
+
+    # ------------------------------------------------------------------ control queue
+    def ctrl_command(self, cls: int, cmd: int, data: bytes = b"", *, need: int = N.NET_CTRL_VQ) -> None:
+        self._check_open()
+        if self.ctrl is None or not self.features & V.bit(need):
+            raise PmdError(f"the device did not negotiate VIRTIO_NET_F_{N.FEATURE_NAMES.get(need, need)}: "
+                           "this setting cannot be changed on it")
+        self.ctrl.command(cls, cmd, data)
+
+    def _rx_mode(self, cmd: int, on: bool) -> None:
+        self.ctrl_command(N.CTRL_RX, cmd, bytes([1 if on else 0]), need=N.NET_CTRL_RX)
+
+    @property
+    def promiscuous(self) -> bool | None:
+        """Receive frames for every address (CTRL_RX). None until set: the device's default."""
+        return self._promisc
+
+    @promiscuous.setter
+    def promiscuous(self, on: bool) -> None:
+        self._check_started()
+        self._rx_mode(N.CTRL_RX_PROMISC, on)
+        self._promisc = bool(on)
+
+    @property
+    def allmulticast(self) -> bool | None:
+        return self._allmulti
+
+    @allmulticast.setter
+    def allmulticast(self, on: bool) -> None:
+        self._check_started()
+        self._rx_mode(N.CTRL_RX_ALLMULTI, on)
+        self._allmulti = bool(on)
+
+    def set_mac_filter(self, unicast: Sequence[str | bytes], multicast: Sequence[str | bytes] = ()) -> None:
+        """Accept frames to these addresses (5.1.6.5.2 VIRTIO_NET_CTRL_MAC_TABLE_SET);
+        the port's own MAC is always accepted."""
+        self._check_started()
+        uni = [parse_mac(m) for m in unicast]
+        multi = [parse_mac(m) for m in multicast]
+        data = (len(uni).to_bytes(4, "little") + b"".join(uni)
+                + len(multi).to_bytes(4, "little") + b"".join(multi))
+        self.ctrl_command(N.CTRL_MAC, N.CTRL_MAC_TABLE_SET, data, need=N.NET_CTRL_RX)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        """Per-queue and port totals: packets, bytes, drops, bad used entries,
+        notifications, interrupts, control commands."""
+        rx = [q.stats() for q in self.rxqs]
+        tx = [q.stats() for q in self.txqs]
+
+        def total(qs: list[dict[str, Any]], key: str) -> int:
+            return sum(int(q.get(key, 0)) for q in qs)
+
+        bad = sum(total(qs, k) for qs in (rx, tx) for k in ("bad_used_id", "used_not_in_flight",
+                                                               "bad_used_len", "bad_used_idx"))
+        return {
+            "rx_packets": total(rx, "packets"), "rx_bytes": total(rx, "bytes"),
+            "rx_dropped": total(rx, "dropped"), "tx_packets": total(tx, "packets"),
+            "tx_bytes": total(tx, "bytes"), "tx_ring_full": total(tx, "ring_full"),
+            "device_errors": bad, "notifications": total(rx, "notifications") + total(tx, "notifications"),
+            "config_interrupts": self.config_interrupts, "rx_interrupts": self.rx_interrupts,
+            "control_commands": self.ctrl.commands if self.ctrl else 0,
+            "control_timeouts": self.ctrl.timeouts if self.ctrl else 0,
+            "control_late_completions": self.ctrl.late_completions if self.ctrl else 0,
+            "rx_queues": rx, "tx_queues": tx,
+        }
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("started" if self._started else "stopped")
+        return f"<Port {self.name} {self.transport.kind if hasattr(self, 'transport') else ''} {state}>"
+
+
+__all__ = ["Port", "Link"]

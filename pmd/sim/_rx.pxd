@@ -1,0 +1,79 @@
+# Serving the driver's receive queues: a packet into the next rx chain (Virtio 1.2
+# 5.1.6.4), with a fresh virtio-net header, over several buffers when MRG_RXBUF
+# is negotiated (5.1.6.4.2).
+#
+# `cdef inline` here, not in _rx.pyx: both the wire paths (_rx.pyx) and the
+# ring-to-ring path (_tx.pyx, tx_to_rx) deliver every packet through it, and
+# the split into modules must cost no call per packet.
+
+from libc.stdint cimport uint16_t, uint32_t
+from libc.string cimport memcpy, memmove, memset
+
+from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.includes.virtio_net cimport virtio_net_hdr
+from pmd.sim._virtqueue cimport DeviceQueue
+
+
+cdef inline int check_hdr_len(uint32_t hdr_len) except -1:
+    if hdr_len > sizeof(virtio_net_hdr):
+        raise ValueError(f"hdr_len must be at most {sizeof(virtio_net_hdr)} (the virtio-net header, 5.1.6)")
+    return 0
+
+
+cdef inline int deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr_len,
+                        bint mergeable) noexcept nogil:
+    """Write one packet into the driver's rx ring: 1 delivered, 0 dropped (too
+    large for the driver's buffers), -1 no rx buffer available (nothing taken)."""
+    cdef int r = rx.pop()
+    while r < 0:
+        r = rx.pop()
+    if r == 0:
+        return -1
+    cdef virtio_net_hdr hdr
+    memset(&hdr, 0, sizeof(hdr))
+    hdr.num_buffers = 1
+    if rx.in_len >= hdr_len + pkt:
+        if pmd_likely(rx.nsegs == 1):
+            # The common case: one buffer; header then data, no segment walk.
+            memcpy(rx.segs[0].ptr, &hdr, hdr_len)
+            memmove(rx.segs[0].ptr + hdr_len, src, pkt)   # src may be a tx buffer that overlaps
+        else:
+            rx.write_in(0, <const char *>&hdr, hdr_len)
+            rx.write_in(hdr_len, src, pkt)
+        rx.push(rx.head, hdr_len + pkt)
+        return 1
+    if not mergeable or rx.in_len <= hdr_len:
+        rx.unpop()
+        return 0
+    cdef uint32_t room = rx.in_len
+    cdef uint32_t need = (hdr_len + pkt + room - 1) // room
+    if need > rx.size:
+        rx.unpop()
+        return 0
+    if rx.pending() + 1 < need:
+        rx.unpop()
+        return -1
+    hdr.num_buffers = <uint16_t>need
+    cdef uint32_t done = room - hdr_len, take, k
+    rx.write_in(0, <const char *>&hdr, hdr_len)
+    rx.write_in(hdr_len, src, done)
+    rx.push(rx.head, room)
+    for k in range(1, need):
+        if rx.pop() != 1:
+            rx.broken = True
+            return 1
+        take = pkt - done if pkt - done <= rx.in_len else rx.in_len
+        rx.write_in(0, src + done, take)
+        rx.push(rx.head, take)
+        done += take
+    return 1
+
+
+cdef inline bint deliver_or_drop(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr_len,
+                                 bint mergeable) noexcept nogil:
+    """deliver() for a packet from outside the rings: one too large for the
+    driver's buffers is dropped and counted on ``rx``. False: no rx buffer (nothing taken)."""
+    cdef int r = deliver(rx, src, pkt, hdr_len, mergeable)
+    if r == 0:
+        rx.n_dropped += 1
+    return r >= 0

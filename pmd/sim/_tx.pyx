@@ -1,0 +1,127 @@
+"""Serving the driver's transmit queues: what it sent, out of its tx ring.
+
+Each tx chain is a virtio-net header and a packet (5.1.6). :func:`device_tx_burst`
+copies the packets into numpy rows for the wire behind the device;
+:func:`tx_to_rx` moves them straight into the driver's rx ring instead (the
+loopback wire with no receive filter, and :class:`pmd.Loopback`), through the
+same ``deliver`` as the wire path (_rx.pxd). Every chain taken is returned used
+(length 0: the device wrote nothing), one used index store per burst. It
+mirrors the driver's :mod:`pmd.driver._tx`.
+"""
+
+from libc.stdint cimport uint32_t
+from libc.stdlib cimport free, malloc
+
+from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.sim._rx cimport check_hdr_len, deliver
+from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
+
+
+cdef int tx_to_rx_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len,
+                        bint mergeable, char *scratch, uint32_t scratch_len) noexcept nogil:
+    """Move up to ``budget`` packets from the driver's tx queue to its rx queue.
+
+    Each tx chain is header + packet; the packet goes to the rx ring with a
+    fresh header (deliver: over several buffers when ``mergeable``). No rx
+    buffer: the tx chain is put back (back-pressure, nothing lost). A packet
+    the rx buffers cannot hold is dropped and counted. A packet spread over
+    several tx descriptors is gathered into ``scratch`` first.
+    """
+    cdef int moved = 0, r
+    cdef uint32_t pkt
+    cdef const char *src
+    while moved < budget:
+        r = tx.pop()
+        if r == 0:
+            break
+        if r < 0:
+            continue
+        if pmd_unlikely(tx.out_len < hdr_len):
+            tx._bad(BAD_SHORT)
+            tx.push(tx.head, 0)
+            continue
+        pkt = tx.out_len - hdr_len
+        if pmd_likely(tx.nsegs == 1):
+            src = tx.segs[0].ptr + hdr_len
+        elif pkt <= scratch_len:
+            tx.read_out(hdr_len, scratch, pkt)
+            src = scratch
+        else:
+            tx.n_dropped += 1
+            tx.push(tx.head, 0)
+            continue
+        r = deliver(rx, src, pkt, hdr_len, mergeable)
+        if r < 0:
+            tx.unpop()
+            break
+        if r == 0:
+            tx.n_dropped += 1
+        else:
+            moved += 1
+        tx.push(tx.head, 0)
+    tx.flush()
+    rx.flush()
+    return moved
+
+
+cdef enum:
+    GATHER_SCRATCH = 65536 + 64   # the largest packet a tx chain may carry, gathered
+
+
+def tx_to_rx(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, uint32_t hdr_len=12,
+             bint mergeable=False):
+    """The driver's tx queue into its rx queue, ring to ring (GIL released). Returns packets moved.
+    ``mergeable``: spread packets larger than one rx buffer over several (MRG_RXBUF)."""
+    check_hdr_len(hdr_len)
+    cdef int n
+    tx.check()
+    rx.check()
+    cdef char *scratch = <char *>malloc(GATHER_SCRATCH)
+    if scratch == NULL:
+        raise MemoryError()
+    tx.busy += 1        # checked above, nothing since let another thread in: see enter()
+    rx.busy += 1
+    with nogil:
+        n = tx_to_rx_burst(tx, rx, budget, hdr_len, mergeable, scratch, GATHER_SCRATCH)
+    rx.leave()
+    tx.leave()
+    free(scratch)
+    return n
+
+
+def device_tx_burst(DeviceQueue tx not None, unsigned char[:, ::1] out not None,
+                    unsigned int[::1] lengths not None, uint32_t hdr_len=12):
+    """Take up to ``len(out)`` packets the driver transmitted: packet i (without
+    the virtio-net header) goes to ``out[i, :lengths[i]]``. A packet longer than
+    a row, or shorter than the header, is dropped and counted. Returns the count."""
+    if lengths.shape[0] < out.shape[0]:
+        raise ValueError("lengths needs one entry per row of out")
+    cdef Py_ssize_t rows = out.shape[0], cols = out.shape[1], i = 0
+    cdef uint32_t pkt
+    cdef int r
+    if rows == 0:
+        return 0
+    tx.enter()
+    with nogil:
+        while i < rows:
+            r = tx.pop()
+            if r == 0:
+                break
+            if r < 0:
+                continue
+            if tx.out_len < hdr_len:
+                tx._bad(BAD_SHORT)
+                tx.push(tx.head, 0)
+                continue
+            pkt = tx.out_len - hdr_len
+            if pkt > cols:
+                tx.n_dropped += 1
+                tx.push(tx.head, 0)
+                continue
+            tx.read_out(hdr_len, <char *>&out[i, 0], pkt)
+            lengths[i] = pkt
+            tx.push(tx.head, 0)
+            i += 1
+        tx.flush()
+    tx.leave()
+    return i

@@ -1,0 +1,79 @@
+# The device side of a split virtqueue: what a virtio device does with the rings.
+#
+# Every value here was written by the driver and is untrusted: ring indices,
+# descriptor indices, chain links, addresses and lengths are all checked before
+# a byte is touched, and each descriptor field is read exactly once.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from pmd.includes.vring cimport vring
+from pmd.sim._dma cimport DmaWindows
+
+# One descriptor of a popped chain, translated.
+cdef struct Seg:
+    char *ptr
+    uint32_t len
+    uint8_t write
+
+# Why pop() refused a chain (the last one is kept for the error report).
+cdef enum BadDesc:
+    BAD_NONE = 0
+    BAD_AVAIL_IDX = 1     # avail idx moved by more than the queue size
+    BAD_HEAD = 2          # head index >= queue size
+    BAD_NEXT = 3          # next index >= queue size
+    BAD_LOOP = 4          # chain longer than the queue: a loop
+    BAD_ADDR = 5          # address/length outside every DMA window
+    BAD_INDIRECT = 6      # VRING_DESC_F_INDIRECT, not negotiated
+    BAD_ORDER = 7         # device-readable after device-writable (2.7.4.2)
+    BAD_SHORT = 8         # a packet shorter than the virtio-net header
+    BAD_TOO_LONG = 9      # the chain's readable or writable bytes overflow 32 bits
+
+
+cdef class DeviceQueue:
+    cdef vring vr
+    cdef readonly DmaWindows windows
+    cdef readonly uint32_t size
+    cdef uint16_t mask
+    cdef uint16_t last_avail_idx     # next avail entry to read (free-running)
+    cdef uint16_t shadow_avail_idx   # avail->idx as last read: re-read only when caught up
+    cdef uint16_t used_idx           # next used slot (free-running); the ring's idx after publish
+    cdef uint16_t signalled_used     # used idx at the last interrupt decision
+    cdef uint16_t used_flags
+    cdef readonly bint event_idx
+    cdef readonly bint weak_barriers
+    cdef readonly bint broken
+    cdef Seg *segs                   # the chain popped last
+    cdef public uint16_t nsegs
+    cdef public uint16_t head
+    cdef public uint32_t out_len     # device-readable bytes in it
+    cdef public uint32_t in_len      # device-writable bytes in it
+    cdef int irq_fd
+    cdef int last_bad
+    cdef list memories               # DmaMemory regions pinned while the queue is open
+    cdef object mem0                 # memories[0] or None: the usual one, checked without a loop
+    cdef bint is_closed
+    cdef int busy                    # device bursts running without the GIL right now
+    cdef uint64_t pop_generation     # windows.generation when the last chain was popped
+    cdef public uint64_t n_popped
+    cdef public uint64_t n_bad_desc
+    cdef public uint64_t n_interrupts
+    cdef public uint64_t n_interrupts_suppressed
+    cdef public uint64_t n_dropped
+    cdef public uint64_t n_too_long  # pop_chain: more readable bytes than the caller's bound
+
+    cdef void _unpin(self) noexcept
+    cdef int check(self) except -1
+    cdef int enter(self) except -1
+    cdef void leave(self) noexcept
+    cdef int pop(self) noexcept nogil
+    cdef uint16_t pending(self) noexcept nogil
+    cdef int _refuse(self, uint16_t head, int why) noexcept nogil
+    cdef void _bad(self, int why) noexcept nogil
+    cdef void unpop(self) noexcept nogil
+    cdef void push(self, uint16_t head, uint32_t length) noexcept nogil
+    cdef void publish(self) noexcept nogil
+    cdef bint need_interrupt(self) noexcept nogil
+    cdef void interrupt(self) noexcept nogil
+    cdef void flush(self) noexcept nogil
+    cdef uint32_t write_in(self, uint32_t skip, const char *src, uint32_t n) noexcept nogil
+    cdef uint32_t read_out(self, uint32_t skip, char *dst, uint32_t n) noexcept nogil
