@@ -832,7 +832,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     warm = open_local_port()
     warm.start(queue_size=64)
     warm.close()
-    warm.access.model.close()
+    warm.transport.access.model.close()
     warm = None
 
     print("ready", flush=True)
@@ -860,7 +860,7 @@ CLIENT_SCRIPT = textwrap.dedent(
 
         dev = run("connect", lambda: VfioUserAccess.connect({path!r}, timeout={timeout}))
         if dev and mode == "port":  # the whole driver on the hostile server: fail cleanly or work
-            port = run("open_port", lambda: pmd.Port(dev, name="fz"))
+            port = run("open_port", lambda: pmd.open_port(dev, name="fz"))
             if port:
                 if run("start", lambda: port.start(queue_size=64)):
                     run("burst", lambda: burst(port))

@@ -542,7 +542,7 @@ def local_port(model=None, **start):
     from pmd.backends.local import LocalAccess
 
     m = model or VirtioNetModel()
-    port = pmd.Port(LocalAccess(m), name="sim")
+    port = pmd.open_port(LocalAccess(m), name="sim")
     try:
         port.start(**start)
     except BaseException:
@@ -555,6 +555,70 @@ def local_port(model=None, **start):
 def one_frame(port, queue: int) -> None:
     frame = np.frombuffer(b"\xff" * 6 + port.mac + b"\x88\xb5" + bytes(46), np.uint8)
     assert port.tx_queue(queue).tx_burst(frame.reshape(1, -1), np.full(1, 60, np.uint32)) == 1
+
+
+def test_a_port_takes_a_transport_and_says_how_to_open_an_access():
+    from pmd.backends.local import LocalAccess
+    from pmd.sim.model import VirtioNetModel
+
+    with VirtioNetModel() as m:
+        access = LocalAccess(m)
+        with pytest.raises(TypeError, match=r"use pmd\.open_port\(access\)"):
+            pmd.Port(access)  # type: ignore[arg-type]
+        access.close()
+
+
+class OnlyTheInterface(Transport):
+    """A transport that is nothing but the Transport interface, over another one:
+    no device access, no PCI attribute for a Port to reach past it (as vhost-user)."""
+
+    kind = "interface-only"
+
+    def __init__(self, inner: Transport) -> None:
+        self._inner = inner
+        self.name, self.ring_align, self.feature_bits, self.legacy = "bare", inner.ring_align, inner.feature_bits, inner.legacy
+
+    def get_status(self): return self._inner.get_status()
+    def set_status(self, s): self._inner.set_status(s)
+    def device_features(self): return self._inner.device_features()
+    def set_driver_features(self, f): self._inner.set_driver_features(f)
+    def num_queues(self): return self._inner.num_queues()
+    def queue_max_size(self, i): return self._inner.queue_max_size(i)
+    def setup_queue(self, i, vq, vector=0xFFFF): self._inner.setup_queue(i, vq, vector)
+    def queue_size_fixed(self): return self._inner.queue_size_fixed()
+    def set_config_vector(self, v): self._inner.set_config_vector(v)
+    def read_isr(self): return self._inner.read_isr()
+    def config_generation(self): return self._inner.config_generation()
+    def _read_config(self, o, w): return self._inner._read_config(o, w)
+    def write_config(self, o, w, v): self._inner.write_config(o, w, v)
+    def device_config_length(self): return self._inner.device_config_length()
+    def interrupt_vectors(self): return self._inner.interrupt_vectors()
+    def set_interrupts(self, fds): self._inner.set_interrupts(fds)
+    def disable_interrupts(self): self._inner.disable_interrupts()
+    def map_memory(self, memory, *, iommu): return self._inner.map_memory(memory, iommu=iommu)
+    def enable_dma(self): self._inner.enable_dma()
+    def on_lost(self, callback): return self._inner.on_lost(callback)
+    def close(self): self._inner.close()
+
+
+def test_a_port_needs_nothing_of_its_transport_beyond_the_interface():
+    # The virtio transport interface assumes no PCI (a vhost-user transport has no
+    # DeviceAccess): a port on a transport that is only the interface starts,
+    # moves packets, takes interrupts and closes.
+    from pmd.backends.local import LocalAccess
+    from pmd.driver.virtio.pci import open_transport
+    from pmd.sim.model import VirtioNetModel
+
+    with VirtioNetModel() as m:
+        port = pmd.Port(OnlyTheInterface(open_transport(LocalAccess(m))))
+        try:
+            port.start(rx_interrupts=True)
+            assert port.name == "bare" and not hasattr(port.transport, "access")
+            one_frame(port, 0)
+            assert port.rx_wait(0, timeout=10)
+            assert port.rx_queue(0).rx_discard() == 1
+        finally:
+            port.close()
 
 
 def test_rx_queues_share_msix_vectors_when_the_device_has_fewer():
@@ -660,7 +724,7 @@ from pmd.sim.model import VirtioNetModel
 from pmd.backends.local import LocalAccess
 
 m = VirtioNetModel()
-port = pmd.Port(LocalAccess(m), name="sim")
+port = pmd.open_port(LocalAccess(m), name="sim")
 port.start()
 inside, release = threading.Event(), threading.Event()
 port.on_link_change(lambda link: (inside.set(), release.wait(10)))

@@ -459,7 +459,7 @@ def test_set_irqs_owns_fds_and_client_gone_closes_them(model):
 def open_sim(model=None, **start):
     """pmd's Port on a model through LocalAccess (no socket)."""
     m = model or VirtioNetModel()
-    port = pmd.Port(LocalAccess(m), name="sim")
+    port = pmd.open_port(LocalAccess(m), name="sim")
     try:
         port.start(**start)
     except BaseException:
@@ -652,7 +652,7 @@ def test_control_commands_with_bad_fields_are_refused(sim, cls, cmd, data):
 
 def test_mac_addr_set_refused_when_not_negotiated():
     m = VirtioNetModel()
-    port = pmd.Port(LocalAccess(m), name="sim", disable="CTRL_MAC_ADDR")
+    port = pmd.open_port(LocalAccess(m), name="sim", disable="CTRL_MAC_ADDR")
     try:
         port.start()
         with pytest.raises(DeviceError, match="refused"):
@@ -784,7 +784,7 @@ def test_unmapping_memory_under_live_queues_needs_reset_with_a_config_interrupt(
     try:
         m.set_irqs(2, 0, [os.dup(ev.fileno())])
         m.region_write(0, virtio_pci.CONFIG_MSIX_VECTOR, (0).to_bytes(2, "little"))
-        iova, (_vaddr, size) = next(iter(port.access.dma_mappings.items()))
+        iova, (_vaddr, size) = next(iter(port.transport.access.dma_mappings.items()))
         m.dma_unmap(iova, size)
         assert m.status & V.STATUS_DEVICE_NEEDS_RESET and not m.engine.running
         assert ev.wait(2) >= 1

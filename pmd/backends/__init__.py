@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..driver.access import DeviceAccess
 from ..driver.port import Port
+from ..driver.virtio.pci import open_transport
 from ..spec.ethernet import format_mac
 
 __all__ = ["open_port"]
 
 
-def open_port(address: str = "sim", *, legacy: bool | None = None, disable: int | str = 0,
-              mac: str | bytes | None = None, **kwargs: Any) -> Port:
+def open_port(address: str | DeviceAccess = "sim", *, legacy: bool | None = None, disable: int | str = 0,
+              mac: str | bytes | None = None, name: str | None = None, **kwargs: Any) -> Port:
     """Open a virtio-net device; the port is returned stopped (call :meth:`Port.start`).
 
     ``address`` is one of:
@@ -32,8 +34,17 @@ def open_port(address: str = "sim", *, legacy: bool | None = None, disable: int 
     - ``"vfio-user:PATH"``: a vfio-user device already serving on the socket PATH
       (for example ``pmd sim --socket PATH``).
     - a PCI address of a device bound to vfio-pci (``"0000:00:03.0"``, ``"00:03.0"``):
-      kernel VFIO; keyword arguments go to :meth:`pmd.driver.access.vfio.VfioAccess.open`.
+      kernel VFIO; keyword arguments go to :meth:`pmd.driver.access.vfio.VfioAccess.open`;
+    - a :class:`pmd.driver.access.DeviceAccess` already open (kernel VFIO, vfio-user,
+      :class:`pmd.backends.local.LocalAccess`): the port owns it from here on.
+
+    ``legacy`` picks the PCI interface (:func:`pmd.driver.virtio.pci.open_transport`);
+    ``name`` names the port (default: the address).
     """
+    if isinstance(address, DeviceAccess):
+        if kwargs:
+            raise TypeError(f"options {sorted(kwargs)} are for a device open_port opens itself, not for an access")
+        return _port(address, legacy=legacy, disable=disable, mac=mac, name=name)
     if address == "sim" or address.startswith("sim:"):
         from ..driver.access.vfio_user import VfioUserAccess
         from ..sim.process import spawn_device
@@ -42,20 +53,31 @@ def open_port(address: str = "sim", *, legacy: bool | None = None, disable: int 
             kwargs.setdefault("mac", mac if isinstance(mac, str) else format_mac(mac))
         sim = spawn_device(**kwargs)
         try:
-            access = VfioUserAccess.connect(sim.socket_path)
-            port = Port(access, legacy=legacy, disable=disable, name="sim")
+            port = _port(VfioUserAccess.connect(sim.socket_path), legacy=legacy, disable=disable, mac=None,
+                         name=name or "sim")
         except BaseException:
             sim.stop()
             raise
         port.sim = sim
-        port._on_close.append(sim.stop)
+        port.after_close(sim.stop)
         return port
     if address.startswith("vfio-user:"):
         from ..driver.access.vfio_user import VfioUserAccess
 
         access = VfioUserAccess.connect(address[len("vfio-user:"):], **kwargs)
-        return Port(access, legacy=legacy, disable=disable, mac=mac, name=address)
+        return _port(access, legacy=legacy, disable=disable, mac=mac, name=name or address)
     from ..driver.access.vfio import VfioAccess
 
     vfio = VfioAccess.open(address, **kwargs)
-    return Port(vfio, legacy=legacy, disable=disable, mac=mac, name=str(address))
+    return _port(vfio, legacy=legacy, disable=disable, mac=mac, name=name or str(address))
+
+
+def _port(access: DeviceAccess, *, legacy: bool | None, disable: int | str, mac: str | bytes | None,
+          name: str | None) -> Port:
+    """A port on the virtio transport behind ``access``; it owns the access (closed on failure too)."""
+    try:
+        transport = open_transport(access, legacy=legacy)
+    except BaseException:
+        access.close()
+        raise
+    return Port(transport, disable=disable, mac=mac, name=name)

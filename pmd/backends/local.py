@@ -145,11 +145,11 @@ class LocalAccess(DeviceAccess):
 def open_local_port(model: VirtioNetModel | None = None, **options: object) -> Port:
     """A :class:`pmd.Port` on ``model`` (a new :class:`VirtioNetModel` from ``options`` when
     None) in this process. Closing the port disconnects; the model stays (close it too)."""
-    from ..driver.port import Port
+    from . import open_port
 
     if model is None:
         model = VirtioNetModel(**options)  # type: ignore[arg-type]
-    return Port(LocalAccess(model), name="sim-local")
+    return open_port(LocalAccess(model), name="sim-local")
 
 
 __all__ = ["LocalAccess", "open_local_port"]

@@ -4,11 +4,13 @@
         port.start(queue_pairs=1, queue_size=256)
         n = port.rx_burst(out, lengths)
 
-A port owns everything it uses and releases it in reverse order on
-``stop()``/``close()``, on an error half-way through ``start()``, and at
-interpreter exit: the device is reset first (so it stops DMA), then
-interrupts, queues, the control queue, DMA mappings, memory, the transport
-and the device access.
+A port drives one :class:`~pmd.driver.virtio.transport.Transport` and knows
+nothing of how it reaches the device (PCI through kernel VFIO or vfio-user, or
+no PCI at all): :func:`pmd.open_port` builds the transport. A port owns
+everything it uses and releases it in reverse order on ``stop()``/``close()``,
+on an error half-way through ``start()``, and at interpreter exit: the device is
+reset first (so it stops DMA), then interrupts, queues, the control queue, DMA
+mappings, memory, and the transport (with the device access it owns).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import atexit
 import logging
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -27,7 +30,6 @@ from ..errors import DeviceError, PmdError, QueueStateError
 from ..memory import DmaMemory
 from ..spec import virtio as V, virtio_net as N
 from ..spec.ethernet import format_mac, parse_mac, random_mac
-from ..spec.vfio import PCI_MSIX_IRQ_INDEX as IRQ_INDEX_MSIX
 from ..spec.virtio import NO_VECTOR
 from ..spec.virtio_net import ctrl_queue_index, hdr_len_for, rx_queue_index, tx_queue_index
 from . import interrupts
@@ -35,9 +37,7 @@ from ._pool import PacketPool
 from ._rx import RxQueue
 from ._tx import TxQueue
 from ._virtqueue import Virtqueue, ring_size
-from .access import DeviceAccess
 from .virtio.net import ControlQueue, Link, LinkCallback, link_from, negotiate, read_net_config
-from .virtio.pci import open_transport
 from .virtio.transport import Transport
 
 log = logging.getLogger("pmd.port")
@@ -55,19 +55,23 @@ def _close_all() -> None:
 
 
 class Port:
-    """A virtio-net device driven by pmd. Build it with :func:`open_port`.
+    """A virtio-net device driven by pmd. Build it with :func:`pmd.open_port`.
 
-    ``Port(access, legacy=None, disable=0, mac=None, owns_access=True)``: ``access``
-    is a :class:`pmd.access.DeviceAccess` (kernel VFIO, vfio-user); ``disable`` is
-    a feature mask or names ("MRG_RXBUF,EVENT_IDX") pmd must not negotiate;
-    ``mac`` replaces the device's address where the device allows it.
+    ``Port(transport, disable=0, mac=None, name=None, owns_transport=True)``:
+    ``transport`` is the device's :class:`~pmd.driver.virtio.transport.Transport`;
+    ``disable`` is a feature mask or names ("MRG_RXBUF,EVENT_IDX") pmd must not
+    negotiate; ``mac`` replaces the device's address where the device allows it;
+    ``owns_transport``: :meth:`close` closes the transport too.
     """
 
-    def __init__(self, access: DeviceAccess, *, legacy: bool | None = None, disable: int | str = 0,
-                 mac: str | bytes | None = None, owns_access: bool = True, name: str | None = None) -> None:
-        self.access = access
-        self.name = name or getattr(access, "address", None) or getattr(access, "name", "device")
-        self._owns_access = owns_access
+    def __init__(self, transport: Transport, *, disable: int | str = 0, mac: str | bytes | None = None,
+                 name: str | None = None, owns_transport: bool = True) -> None:
+        if not isinstance(transport, Transport):
+            raise TypeError(f"Port drives a virtio Transport, not a {type(transport).__name__}; for a device "
+                            "access (kernel VFIO, vfio-user, LocalAccess) use pmd.open_port(access)")
+        self.transport = transport
+        self.name = name or transport.name
+        self._owns_transport = owns_transport
         self._disable = N.parse_features(disable)
         self._want_mac = parse_mac(mac) if mac is not None else None
         self._lock = threading.RLock()
@@ -78,8 +82,9 @@ class Port:
         self._closed = False
         self._link_callbacks: list[LinkCallback] = []
         self._resources: list[Callable[[], object]] = []   # undo actions of start(), run in reverse
-        self._on_close: list[Callable[[], object]] = []    # after the device access is closed
-        self.sim: Any = None                                # the built-in device's process, if any
+        self._on_close: list[Callable[[], object]] = []    # after the transport is closed (after_close)
+        #: what open_port started for this port, if anything (the built-in device's process)
+        self.sim: Any = None
         self.features = 0
         self.device_features = 0
         self.hdr_len = 12
@@ -108,11 +113,10 @@ class Port:
         #: why the device went away under a started port (see :meth:`_device_lost`), else None
         self.lost: str | None = None
         try:
-            self.transport: Transport = open_transport(access, legacy=legacy)
-            self.transport.reset()
+            transport.reset()
         except BaseException:
-            if owns_access:
-                access.close()
+            if owns_transport:
+                transport.close()
             raise
         _open_ports.add(self)
 
@@ -150,14 +154,13 @@ class Port:
                rx_interrupts: bool, promiscuous: bool | None, hugepages: bool | None,
                max_packet_len: int | None) -> None:
         t = self.transport
-        legacy = t.kind == "legacy"
         t.reset()
         t.add_status(V.STATUS_ACKNOWLEDGE)
         t.add_status(V.STATUS_DRIVER)
         self.device_features = t.device_features()
         accepted = negotiate(self.device_features, transport_bits=t.feature_bits, disable=self._disable)
         t.set_driver_features(accepted)
-        if not legacy:
+        if not t.legacy:
             t.add_status(V.STATUS_FEATURES_OK)
             if not t.get_status() & V.STATUS_FEATURES_OK:
                 raise DeviceError(f"the device refused the features pmd accepted: "
@@ -204,7 +207,9 @@ class Port:
         self.memory = DmaMemory(total, hugepages=hugepages, lock=True, name=f"pmd-{self.name}")
         memory = self.memory
         self._resources.append(memory.close)
-        self._map_memory(memory, accepted)
+        # 6.1: with ACCESS_PLATFORM the device goes through the IOMMU (the IOVAs the
+        # transport picks); without it, it is given physical addresses.
+        self._resources.append(t.map_memory(memory, iommu=bool(accepted & V.bit(V.ACCESS_PLATFORM))))
 
         weak = not accepted & V.bit(V.ORDER_PLATFORM)
         event_idx = bool(accepted & V.bit(V.RING_EVENT_IDX))
@@ -237,9 +242,9 @@ class Port:
             self._resources.append(self.ctrl.close)
         if self._config_event is not None:
             t.set_config_vector(0)
-        # Bus mastering before DRIVER_OK: without it a device (QEMU) accepts every
-        # register write but never does DMA (docs/devices.md).
-        self.access.enable_bus_master()
+        # DMA on before DRIVER_OK: over PCI the bus-master bit, without which a device
+        # (QEMU) accepts every register write but never does DMA (docs/devices.md).
+        t.enable_dma()
         t.add_status(V.STATUS_DRIVER_OK)
         self.queue_pairs = queue_pairs
         for rxq in self.rxqs:
@@ -259,32 +264,19 @@ class Port:
             self._resources.append(lambda: interrupts.get_interrupt_thread().unregister(reg))
         # The data path never asks the device anything, so a device that goes away
         # (a vfio-user server that exits) would only show as empty rings: be told.
-        self._resources.append(self.access.on_lost(self._device_lost))
+        self._resources.append(t.on_lost(self._device_lost))
         log.info("%s: started, %s, features %s, MAC %s, %d queue pair(s)", self.name, t.describe(),
                  ",".join(N.feature_names(accepted)), format_mac(self.mac), queue_pairs)
 
-    def _map_memory(self, memory: DmaMemory, accepted: int) -> None:
-        if accepted & V.bit(V.ACCESS_PLATFORM):
-            # The device goes through the IOMMU: map the memory and use the IOVAs
-            # the access layer picked (inside the IOMMU's valid ranges).
-            self.access.map_memory(memory)
-            self._resources.append(lambda: self.access.unmap_memory(memory))
-        else:
-            # Without ACCESS_PLATFORM the device uses physical addresses (6.1):
-            # legacy and transitional devices bypass the IOMMU. Pages are locked
-            # (DmaMemory lock=True); rings longer than a page need huge pages.
-            from .access.pagemap import virt_to_phys
-
-            memory.set_iova_translator(virt_to_phys)
-
     def _setup_interrupts(self, rx_queues: int) -> None:
-        info = self.access.irq_info(IRQ_INDEX_MSIX)
-        if info.count == 0:
+        t = self.transport
+        count = t.interrupt_vectors()
+        if count == 0:
             if rx_queues:
                 raise DeviceError("rx interrupts need MSI-X, which this device does not have")
             log.info("%s: no MSI-X: link changes are seen only by reading port.link", self.name)
             return
-        if rx_queues and info.count < 2:
+        if rx_queues and count < 2:
             raise DeviceError("the device has a single MSI-X vector: no room for rx interrupts "
                               "(start without rx_interrupts=True)")
         self._resources.append(self._forget_rx_interrupts)
@@ -294,7 +286,7 @@ class Port:
         # Vector 0: configuration changes; 1..: rx queues. With fewer vectors than
         # rx queues, queues share them (Virtio 1.2 4.1.5.1.2 lets the driver map
         # several queues to one vector): rx queue p uses vector 1 + p % (V - 1).
-        n_vectors = min(rx_queues, info.count - 1)
+        n_vectors = min(rx_queues, count - 1)
         events = []
         for _ in range(n_vectors):
             ev = interrupts.EventFd()
@@ -311,10 +303,8 @@ class Port:
             self._rx_events.append(events[k])
             self._rx_vectors.append(1 + k)
             self._rx_wakes.append(wake)
-        self.access.set_irqs(IRQ_INDEX_MSIX, 0, fds)
-        self._resources.append(lambda: self.access.disable_irqs(IRQ_INDEX_MSIX))
-        if self.transport.kind == "legacy":
-            self.transport.msix = True  # type: ignore[attr-defined]
+        t.set_interrupts(fds)
+        self._resources.append(t.disable_interrupts)
 
     def _forget_rx_interrupts(self) -> None:
         self._rx_vectors.clear()
@@ -364,22 +354,31 @@ class Port:
                 self._teardown()
 
     def close(self) -> None:
-        """stop(), then release the transport and the device. Idempotent."""
+        """stop(), then release the transport and what it owns of the device. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self.stop()
             self._closed = True
             try:
-                self.transport.close()
+                if self._owns_transport:
+                    self.transport.close()
             finally:
-                try:
-                    if self._owns_access:
-                        self.access.close()
-                finally:
-                    for fn in self._on_close:
-                        fn()
+                for fn in self._on_close:
+                    fn()
             _open_ports.discard(self)
+
+    def after_close(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` once the port has closed its transport (open_port stops the
+        built-in device's process this way)."""
+        self._on_close.append(fn)
+
+    @property
+    def access(self) -> Any:
+        """Deprecated: the device access under a PCI transport (``port.transport.access``)."""
+        warnings.warn("Port.access is deprecated: a port drives a transport; use port.transport.access",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(self.transport, "access", None)
 
     def __enter__(self) -> "Port":
         return self

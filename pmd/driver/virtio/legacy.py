@@ -12,6 +12,8 @@ configuration starts at 20, or at 24 once MSI-X is enabled.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ...errors import DeviceError
 from ...spec.virtio import NO_VECTOR
 from ...spec.virtio_pci import (
@@ -32,29 +34,31 @@ from ...spec.virtio_pci import (
 )
 from .._virtqueue import Virtqueue
 from ..access import DeviceAccess
-from .transport import Transport, check_queue_size
+from .pci_common import PciTransport
+from .transport import check_queue_size
 
 MAX_QUEUES = 64         # legacy devices do not report a count; probe up to this
 
 
-class LegacyTransport(Transport):
+class LegacyTransport(PciTransport):
     """``LegacyTransport(access)``: BAR0 must be an I/O BAR."""
 
     kind = "legacy"
+    legacy = True
     ring_align = LEGACY_RING_ALIGN
     feature_bits = 32
 
-    def __init__(self, access: DeviceAccess, bar: int = 0) -> None:
+    def __init__(self, access: DeviceAccess, bar: int = 0, *, owns_access: bool = True) -> None:
         if not access.is_io_bar(bar):
             raise DeviceError(f"BAR{bar} is not an I/O BAR: no legacy virtio interface here "
                               "(only transitional devices, id 0x1000-0x103f, have one)")
         info = access.region_info(bar)
         if info.size < LEGACY_CONFIG_MSIX:
             raise DeviceError(f"legacy BAR{bar} is {info.size} bytes, too small for the virtio registers")
-        self.access = access
+        super().__init__(access, owns_access=owns_access)
         self.bar = bar
         self.size = info.size
-        self.msix = False      # set by the driver after it enables MSI-X
+        self.msix = False      # MSI-X vectors set up: the device configuration moved (4.1.4.8)
 
     def _r(self, offset: int, width: int) -> int:
         return int.from_bytes(self.access.region_read(self.bar, offset, width), "little")
@@ -149,8 +153,15 @@ class LegacyTransport(Transport):
                 return a
         raise DeviceError("legacy device configuration kept changing while being read")
 
-    def close(self) -> None:
-        pass
+    def set_interrupts(self, fds: Sequence[int]) -> None:
+        super().set_interrupts(fds)
+        # 4.1.4.8: with MSI-X enabled the vector registers appear at 20 and 22 and the
+        # device configuration moves from 20 to 24.
+        self.msix = True
+
+    def disable_interrupts(self) -> None:
+        super().disable_interrupts()
+        self.msix = False
 
     def describe(self) -> str:
         return f"legacy virtio PCI: I/O BAR{self.bar} ({self.size} bytes), MSI-X {'on' if self.msix else 'off'}"

@@ -38,7 +38,8 @@ from ...spec.virtio_pci import (
 from .._mmio import Mmio
 from .._virtqueue import Virtqueue
 from ..access import DeviceAccess, RegionMapping
-from .transport import Transport, check_queue_size
+from .pci_common import PciTransport
+from .transport import check_queue_size
 
 
 class RegionRegisters:
@@ -79,15 +80,15 @@ class RegionRegisters:
 Registers = Union[Mmio, RegionRegisters]
 
 
-class ModernTransport(Transport):
+class ModernTransport(PciTransport):
     """``ModernTransport(access, config)``: maps the BARs holding the virtio structures."""
 
     kind = "modern"
     ring_align = 4096
     feature_bits = 64
 
-    def __init__(self, access: DeviceAccess, config: ConfigSpace) -> None:
-        self.access = access
+    def __init__(self, access: DeviceAccess, config: ConfigSpace, *, owns_access: bool = True) -> None:
+        super().__init__(access, owns_access=owns_access)
         sizes = {i: access.region_info(i).size for i in range(6)}
         structs: VirtioStructures = select_virtio_structures(config, sizes)
         common, notify, isr, device = structs.common, structs.notify, structs.isr, structs.device
@@ -104,7 +105,7 @@ class ModernTransport(Transport):
             self.device = self._window(device.bar, device.offset, device.length)
             self.notify = self._window(notify.bar, notify.offset, notify.length)
         except BaseException:
-            self.close()
+            self._unmap()
             raise
         self.notify_multiplier: int = notify.notify_off_multiplier or 0
         self._device_length = device.length
@@ -211,7 +212,7 @@ class ModernTransport(Transport):
     def write_config(self, offset: int, width: int, value: int) -> None:
         {1: self.device.write8, 2: self.device.write16, 4: self.device.write32}[width](offset, value)
 
-    def close(self) -> None:
+    def _unmap(self) -> None:
         for mapping in self._maps.values():
             mapping.close()
         self._maps.clear()

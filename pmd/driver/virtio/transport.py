@@ -15,19 +15,35 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ...errors import DeviceError
 from ...spec.virtio import NO_VECTOR
 from .._virtqueue import Virtqueue
 
+if TYPE_CHECKING:
+    from ...memory import DmaMemory
+
 GENERATION_RETRIES = 64
 
 
 class Transport(abc.ABC):
-    """One virtio device, as a driver sees it through its transport."""
+    """One virtio device, as a driver sees it through its transport.
 
-    #: "modern" or "legacy"
+    Everything the virtio-net logic and the Port do to a device goes through
+    here: the registers of 4.1.4.3 (status, features, queues, configuration)
+    and what a port needs around them (interrupt vectors, DMA memory, the device
+    going away). The PCI transports implement it over a device access; a
+    transport with no PCI (vhost-user) implements it over its session.
+    """
+
+    #: "modern", "legacy", ...
     kind: str
+    #: what a port on this device is called when nobody names it (a PCI address, a socket)
+    name: str = "virtio"
+    #: a legacy interface (3.1.2 "Legacy Interface: Device Initialization"): no FEATURES_OK step
+    legacy: bool = False
     #: ring alignment the transport needs (legacy: 4096 for the used ring)
     ring_align: int = 4096
     #: highest feature bit the transport can carry (legacy: 31)
@@ -127,9 +143,42 @@ class Transport(abc.ABC):
         """Bytes of the device configuration, read a byte at a time inside one generation."""
         return bytes(self.read_config([(offset + i, 1) for i in range(length)]))
 
+    # ---- interrupt vectors (4.1.5.1.2: queues may share one; one for configuration changes) ----
+    def interrupt_vectors(self) -> int:
+        """How many interrupt vectors the device can signal; 0: none (the driver polls)."""
+        return 0
+
+    def set_interrupts(self, fds: Sequence[int]) -> None:
+        """Signal vector ``i`` on the eventfd ``fds[i]``."""
+        raise DeviceError(f"the {self.kind} transport signals no interrupts: poll the device")
+
+    def disable_interrupts(self) -> None:
+        """Signal nothing any more (undoes :meth:`set_interrupts`)."""
+
+    # ---- the driver's memory ----
+    def map_memory(self, memory: DmaMemory, *, iommu: bool) -> Callable[[], None]:
+        """Let the device reach ``memory`` by DMA; returns what undoes it.
+
+        ``iommu``: VIRTIO_F_ACCESS_PLATFORM was negotiated (6.1), so the device
+        reaches memory through the platform's address translation; without it
+        the device uses the addresses it is given as they are. Afterwards the
+        memory gives the addresses the device must be given (its IOVAs).
+        """
+        raise NotImplementedError(f"the {self.kind} transport cannot give the device DMA memory")
+
+    def enable_dma(self) -> None:
+        """Let the device start DMA, before DRIVER_OK (nothing to do unless the transport gates it)."""
+
+    def on_lost(self, callback: Callable[[str], object]) -> Callable[[], None]:
+        """Have ``callback(reason)`` called once, from another thread, if the device goes
+        away under the driver; returns a function that cancels it. The data path never
+        asks the device anything, so without this a lost device shows only as empty rings."""
+        return lambda: None
+
     # ---- lifetime ----
     @abc.abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release what the transport holds (and what it owns of the device). Idempotent."""
 
     def describe(self) -> str:
         return f"{self.kind} virtio transport"
