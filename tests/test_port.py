@@ -621,6 +621,25 @@ def test_a_port_needs_nothing_of_its_transport_beyond_the_interface():
             port.close()
 
 
+def test_port_totals_count_runts_and_foreign_chains_of_every_queue():
+    # A 10-byte frame (no Ethernet header) looped back by the device is a runt for
+    # the driver: dropped and counted on its queue, and in the port's totals.
+    port, m = local_port()
+    try:
+        assert port.tx_queue(0).tx_burst(np.zeros((1, 10), np.uint8), np.full(1, 10, np.uint32)) == 1
+        deadline = time.monotonic() + 10
+        while port.rx_queue(0).stats()["runt"] == 0 and time.monotonic() < deadline:
+            port.rx_queue(0).rx_discard()
+        st = port.stats()
+        assert st["rx_runt"] == sum(q["runt"] for q in st["rx_queues"]) == 1
+        assert st["rx_dropped"] >= st["rx_runt"]
+        assert st["rx_foreign_chains"] == sum(q["foreign_chains"] for q in st["rx_queues"])
+        assert st["tx_foreign_chains"] == sum(q["foreign_chains"] for q in st["tx_queues"])
+    finally:
+        port.close()
+        m.close()
+
+
 def test_rx_queues_share_msix_vectors_when_the_device_has_fewer():
     # Virtio 1.2 4.1.5.1.2: several queues may use one vector. Vector 0 is the
     # configuration's; 4 rx queues over 2 more vectors: pair p uses 1 + p % 2.

@@ -1146,6 +1146,47 @@ def leftovers(directory):
     return sorted(p.name for p in Path(directory).iterdir() if p.is_socket())
 
 
+def test_control_socket_mode_never_follows_a_symlink(tmp_path, monkeypatch):
+    """The control socket's file gets 0600 as the vfio-user socket's does (pmd.sim.sockets):
+    a symlink planted between bind and the mode change is refused, and the file it points
+    to keeps its mode."""
+    import errno
+    import socket
+    import stat
+
+    from pmd.errors import VfioError
+    from pmd.sim.process import _Control
+
+    path = str(tmp_path / "dev.sock.ctl")
+    victim = tmp_path / "victim"
+    victim.write_text("secret")
+    os.chmod(victim, 0o644)
+    real_socket = socket.socket
+
+    class PlantingSocket(real_socket):
+        def bind(self, address):
+            super().bind(address)
+            if address == path:
+                os.unlink(path)
+                os.symlink(victim, path)
+
+    monkeypatch.setattr(socket, "socket", PlantingSocket)
+    try:
+        with pytest.raises(VfioError) as e:
+            _Control(path, [], threading.Event())
+    finally:
+        monkeypatch.undo()
+    assert e.value.errno == errno.EEXIST and "symlink" in str(e.value)
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o644 and victim.read_text() == "secret"
+    os.unlink(path)
+    control = _Control(path, [], threading.Event())
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    finally:
+        control.close()
+    assert not os.path.exists(path)
+
+
 def test_spawned_device_answers_control_and_stops_cleanly(tmp_path):
     sim = spawn_device(tmp_path)
     try:

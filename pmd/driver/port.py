@@ -574,8 +574,8 @@ class Port:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
-        """Per-queue and port totals: packets, bytes, drops, bad used entries,
-        notifications, interrupts, control commands."""
+        """Per-queue and port totals: packets, bytes, drops (runts among them), bad used
+        entries, chains the queues did not build, notifications, interrupts, control commands."""
         rx = [q.stats() for q in self.rxqs]
         tx = [q.stats() for q in self.txqs]
 
@@ -586,8 +586,10 @@ class Port:
                                                                "bad_used_len", "bad_used_idx"))
         return {
             "rx_packets": total(rx, "packets"), "rx_bytes": total(rx, "bytes"),
-            "rx_dropped": total(rx, "dropped"), "tx_packets": total(tx, "packets"),
+            "rx_dropped": total(rx, "dropped"), "rx_runt": total(rx, "runt"),
+            "rx_foreign_chains": total(rx, "foreign_chains"), "tx_packets": total(tx, "packets"),
             "tx_bytes": total(tx, "bytes"), "tx_ring_full": total(tx, "ring_full"),
+            "tx_foreign_chains": total(tx, "foreign_chains"),
             "device_errors": bad, "notifications": total(rx, "notifications") + total(tx, "notifications"),
             "config_interrupts": self.config_interrupts, "rx_interrupts": self.rx_interrupts,
             "control_commands": self.ctrl.commands if self.ctrl else 0,

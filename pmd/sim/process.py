@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, Sequence
 
 from ..errors import PmdError
+from .sockets import bind_socket, remove_socket
 from .wires import WIRES, Wire, make_wire, pair_wires
 
 log = logging.getLogger("pmd.sim.process")
@@ -123,9 +124,12 @@ class _Control:
             if Path(path).is_socket():
                 os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        os.fchmod(self.sock.fileno(), 0o600)
-        self.sock.bind(path)
-        os.chmod(path, 0o600)
+        try:
+            # 0600, never through a symlink planted after bind (pmd.sim.sockets).
+            self.identity = bind_socket(self.sock, path, 0o600, "control socket")
+        except BaseException:
+            self.sock.close()
+            raise
         self.sock.listen(4)
         self.sock.settimeout(0.2)
         self.thread = threading.Thread(target=self._serve, name="pmd-sim-control", daemon=True)
@@ -197,8 +201,7 @@ class _Control:
         self.stop.set()
         self.sock.close()
         self.thread.join(2.0)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        remove_socket(self.path, self.identity)
 
 
 PR_SET_PDEATHSIG = 1     # linux/prctl.h

@@ -78,7 +78,6 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from types import TracebackType
-
 from typing import Protocol
 
 from ..errors import VfioError, vfio_error
@@ -95,6 +94,7 @@ from ..spec.vfio import (
     VFIO_IRQ_SET_DATA_NONE,
     SparseArea,
 )
+from .sockets import bind_socket, remove_socket
 
 __all__ = ["VfioUserServer", "DeviceModel", "RegionSpec", "errno_for"]
 
@@ -217,14 +217,8 @@ class _Resources:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-        if self.identity is not None:
-            try:
-                st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self.identity:
-                    os.unlink(self.path)
-            except OSError:
-                pass
-            self.identity = None
+        remove_socket(self.path, self.identity)
+        self.identity = None
         for fd in (self.wake_r, self.wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -305,55 +299,10 @@ class VfioUserServer:
         res.wake_r, res.wake_w = r, w
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         res.listener = sock
-        # Linux gives the socket file the mode of the socket's inode (less the umask) at bind
-        # time, so the file never exists with wider permissions than asked; _set_mode after
-        # bind then sets exactly ``mode`` (the umask may have removed bits the caller wanted).
-        os.fchmod(sock.fileno(), self.mode)
-        try:
-            sock.bind(path)
-        except OSError as exc:
-            raise vfio_error(f"cannot create the vfio-user socket {path}: {exc.strerror}", exc.errno) from exc
-        self._set_mode(path)
+        # Exactly ``mode``, never through a symlink planted after bind (pmd.sim.sockets).
+        res.identity = bind_socket(sock, path, self.mode, "vfio-user socket")
         sock.listen(4)
         log.debug("vfio-user server listening on %s (mode %#o)", path, self.mode)
-
-    def _set_mode(self, path: str) -> None:
-        """Give the socket file just bound at ``path`` exactly ``mode``, never following a symlink.
-
-        ``chmod(path)`` follows a symlink someone put there after ``bind`` (Linux has no
-        ``lchmod``), and would change the mode of whatever it points to. So the path is opened
-        ``O_PATH | O_NOFOLLOW`` (a symlink opens as itself, open(2)), checked to be a socket of
-        ours, and changed through ``/proc/self/fd/N``, which names that inode and nothing else.
-        """
-        try:
-            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise vfio_error(
-                f"the vfio-user socket {path} is gone right after bind ({exc.strerror}): another process "
-                "removes files there; use a directory only this user can write",
-                exc.errno,
-            ) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
-                raise vfio_error(
-                    f"{path} was replaced right after bind by something that is not this server's socket "
-                    f"({stat.filemode(st.st_mode)}, uid {st.st_uid}; a symlink?): not changing its mode; "
-                    "use a directory only this user can write",
-                    errno.EEXIST,
-                )
-            self._res.identity = (st.st_dev, st.st_ino)
-            if stat.S_IMODE(st.st_mode) != self.mode:
-                try:
-                    os.chmod(f"/proc/self/fd/{fd}", self.mode)
-                except OSError as exc:
-                    raise vfio_error(
-                        f"cannot set mode {self.mode:#o} on the vfio-user socket {path} through /proc/self/fd "
-                        f"({exc.strerror}); mount /proc, or set a umask that keeps those bits",
-                        exc.errno,
-                    ) from None
-        finally:
-            os.close(fd)
 
     @staticmethod
     def _remove_stale(path: str) -> None:
