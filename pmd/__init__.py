@@ -66,7 +66,17 @@ __all__ = [
     "PoolError",
     "QueueStateError",
     "VfioError",
-    *_LAZY,
+    "Mmio",
+    "DmaMemory",
+    "PacketPool",
+    "Virtqueue",
+    "DeviceQueue",
+    "RxQueue",
+    "TxQueue",
+    "Loopback",
+    "Port",
+    "open_port",
+    "Link",
 ]
 
 _compat.install()

@@ -72,6 +72,23 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def plant_symlink_after_bind(monkeypatch, path: str, target) -> None:
+    """From now on, a socket bound at ``path`` has its new file swapped for a symlink to
+    ``target`` right after ``bind``: the race a chmod by path loses (symlink(7))."""
+    import socket
+
+    real_socket = socket.socket
+
+    class PlantingSocket(real_socket):  # type: ignore[misc, valid-type]
+        def bind(self, address):
+            super().bind(address)
+            if address == path:
+                os.unlink(path)
+                os.symlink(target, path)
+
+    monkeypatch.setattr(socket, "socket", PlantingSocket)
+
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):

@@ -1151,26 +1151,17 @@ def test_control_socket_mode_never_follows_a_symlink(tmp_path, monkeypatch):
     a symlink planted between bind and the mode change is refused, and the file it points
     to keeps its mode."""
     import errno
-    import socket
     import stat
 
     from pmd.errors import VfioError
     from pmd.sim.process import _Control
+    from tests.conftest import plant_symlink_after_bind
 
     path = str(tmp_path / "dev.sock.ctl")
     victim = tmp_path / "victim"
     victim.write_text("secret")
     os.chmod(victim, 0o644)
-    real_socket = socket.socket
-
-    class PlantingSocket(real_socket):
-        def bind(self, address):
-            super().bind(address)
-            if address == path:
-                os.unlink(path)
-                os.symlink(victim, path)
-
-    monkeypatch.setattr(socket, "socket", PlantingSocket)
+    plant_symlink_after_bind(monkeypatch, path, victim)
     try:
         with pytest.raises(VfioError) as e:
             _Control(path, [], threading.Event())

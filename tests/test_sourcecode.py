@@ -1,5 +1,6 @@
-"""Typing is part of the test suite: the stubs match the compiled modules and
-the package passes mypy --strict (as uvloop's tests/test_sourcecode.py does)."""
+"""Typing is part of the test suite: the whole package, its compiled modules' stubs
+and its Python modules alike, matches what runs (mypy.stubtest), and passes mypy
+--strict (as uvloop's tests/test_sourcecode.py does)."""
 
 import importlib.util
 import pathlib
@@ -20,6 +21,16 @@ needs_mypy = pytest.mark.skipif(importlib.util.find_spec("mypy") is None,
 def test_stubs_match_the_compiled_modules():
     r = subprocess.run([sys.executable, "-m", "mypy.stubtest", *COMPILED],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_mypy
+def test_the_whole_package_matches_what_the_type_checker_sees():
+    # Every module, Python and compiled: the top-level names behind the lazy
+    # __getattr__ (pmd.open_port is typed, not Any), the ctypes structures' fields, ...
+    r = subprocess.run([sys.executable, "-m", "mypy.stubtest", "pmd",
+                        "--allowlist", str(ROOT / "tests" / "stubtest_allowlist.txt")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -55,6 +55,7 @@ from pmd.spec.vfio import (
     VFIO_IRQ_SET_DATA_NONE,
 )
 from pmd.driver.access.vfio_user import VfioUserAccess
+from tests.conftest import plant_symlink_after_bind
 from pmd.sim.server import RegionSpec, VfioUserServer
 from pmd.spec import vfio_user as p
 
@@ -645,16 +646,7 @@ def test_socket_chmod_does_not_follow_a_symlink(model, sock_dir, monkeypatch):
     victim = os.path.join(sock_dir, "victim")
     Path(victim).write_text("secret")
     os.chmod(victim, 0o600)
-    real_socket = socket.socket
-
-    class PlantingSocket(real_socket):
-        def bind(self, address):
-            super().bind(address)
-            if address == path:
-                os.unlink(path)
-                os.symlink(victim, path)
-
-    monkeypatch.setattr(socket, "socket", PlantingSocket)
+    plant_symlink_after_bind(monkeypatch, path, victim)
     old = os.umask(0o077)  # the umask takes the bits mode= asks for: a chmod is needed after bind
     try:
         with pytest.raises(VfioError) as e:

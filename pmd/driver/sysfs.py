@@ -334,7 +334,7 @@ def _write_root(root: str | os.PathLike[str] | None) -> Path:
         raise PmdError(f"SYSFS_PCI_DEVICES={env} is set and pmd runs as root: pmd reads devices there "
                        "but never writes where an environment variable points (with sudo -E whoever set "
                        "it would choose the files root writes); unset it (sudo without -E) to bind this "
-                       "machine's device, or pass root= to pmd.pci.bind/unbind from Python")
+                       "machine's device, or pass root= to pmd.driver.sysfs.bind/unbind from Python")
     return sysfs_pci_devices(None)
 
 

@@ -1060,7 +1060,7 @@ class VhostUserFrontend:
         if kind != "anon_inode:[eventfd]":
             # the back-end writes 8-byte counters into it: a file or a socket would be corrupted
             raise ValueError(f"fd {fd} is not an eventfd ({kind}); create one with os.eventfd or "
-                             "pmd.interrupts.EventFd")
+                             "pmd.driver.interrupts.EventFd")
         return copy
 
     def enable_queue(self, index: int, on: bool = True) -> None:

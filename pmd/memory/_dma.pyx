@@ -6,7 +6,7 @@ fd (a vfio-user device, a vhost-user backend), and is locked so the pages
 stay put while a device may be writing them. The memfd is sealed against
 shrinking and growing (and against further seals) before anyone can see the
 fd: a peer that truncated it would kill every process mapping it with SIGBUS
-(see pmd.shm). Queues and pools carve their pieces out of it with a bump
+(see pmd.memory.seals). Queues and pools carve their pieces out of it with a bump
 allocator; the region is freed whole.
 
 Addresses: the device sees IOVAs, never our virtual addresses. Each page has

@@ -24,7 +24,14 @@ pmd's driver on a model in the same process (no socket) is
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import Engine, RxFilter
+    from .model import SimOptions, VirtioNetModel
+    from .pci_config import PciConfig
+    from .process import SimProcess, spawn_device
+    from .wires import GeneratorWire, LoopbackWire, NullWire, PcapWire, TapWire, make_wire, pair_wires
 
 _LAZY = {
     "PciConfig": "pmd.sim.pci_config",
@@ -43,7 +50,8 @@ _LAZY = {
     "spawn_device": "pmd.sim.process",
 }
 
-__all__ = list(_LAZY)
+__all__ = ["PciConfig", "VirtioNetModel", "SimOptions", "Engine", "RxFilter", "LoopbackWire", "PcapWire",
+           "GeneratorWire", "TapWire", "NullWire", "pair_wires", "make_wire", "SimProcess", "spawn_device"]
 
 
 def __getattr__(name: str) -> Any:

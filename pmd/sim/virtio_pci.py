@@ -110,7 +110,7 @@ class VirtioPciFunction:
     _update_engine: Callable[[], None]
     _needs_reset: Callable[[str], None]
     _engine_paused: Callable[[], AbstractContextManager[None]]
-    _queue_role: Callable[[int], "tuple[str, int] | None"]
+    _queue_role: Callable[[int], tuple[str, int] | None]
     _accept_features: Callable[[], bool]
     _device_config: Callable[[], bytes]
 

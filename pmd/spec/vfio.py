@@ -404,14 +404,25 @@ class DeviceInfo:
 
 
 class vfio_info_cap_header(ctypes.Structure):
+    id: int
+    version: int
+    next: int
     _fields_ = [("id", ctypes.c_uint16), ("version", ctypes.c_uint16), ("next", ctypes.c_uint32)]
 
 
 class vfio_group_status(ctypes.Structure):
+    argsz: int
+    flags: int
     _fields_ = [("argsz", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class vfio_device_info(ctypes.Structure):
+    argsz: int
+    flags: int
+    num_regions: int
+    num_irqs: int
+    cap_offset: int
+    pad: int
     _fields_ = [
         ("argsz", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
@@ -423,6 +434,12 @@ class vfio_device_info(ctypes.Structure):
 
 
 class vfio_region_info(ctypes.Structure):
+    argsz: int
+    flags: int
+    index: int
+    cap_offset: int
+    size: int
+    offset: int
     _fields_ = [
         ("argsz", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
@@ -434,20 +451,32 @@ class vfio_region_info(ctypes.Structure):
 
 
 class vfio_region_sparse_mmap_area(ctypes.Structure):
+    offset: int
+    size: int
     _fields_ = [("offset", ctypes.c_uint64), ("size", ctypes.c_uint64)]
 
 
 class vfio_region_info_cap_sparse_mmap(ctypes.Structure):
     """Header of the sparse-mmap capability; ``nr_areas`` areas follow it."""
 
+    header: vfio_info_cap_header
+    nr_areas: int
+    reserved: int
     _fields_ = [("header", vfio_info_cap_header), ("nr_areas", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
 
 class vfio_region_info_cap_type(ctypes.Structure):
+    header: vfio_info_cap_header
+    type: int
+    subtype: int
     _fields_ = [("header", vfio_info_cap_header), ("type", ctypes.c_uint32), ("subtype", ctypes.c_uint32)]
 
 
 class vfio_irq_info(ctypes.Structure):
+    argsz: int
+    flags: int
+    index: int
+    count: int
     _fields_ = [
         ("argsz", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
@@ -459,6 +488,11 @@ class vfio_irq_info(ctypes.Structure):
 class vfio_irq_set(ctypes.Structure):
     """Header of ``struct vfio_irq_set``; ``data[]`` (here: ``__s32`` eventfds) follows at offset 20."""
 
+    argsz: int
+    flags: int
+    index: int
+    start: int
+    count: int
     _fields_ = [
         ("argsz", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
@@ -469,6 +503,11 @@ class vfio_irq_set(ctypes.Structure):
 
 
 class vfio_iommu_type1_info(ctypes.Structure):
+    argsz: int
+    flags: int
+    iova_pgsizes: int
+    cap_offset: int
+    pad: int
     _fields_ = [
         ("argsz", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
@@ -479,6 +518,11 @@ class vfio_iommu_type1_info(ctypes.Structure):
 
 
 class vfio_iommu_type1_dma_map(ctypes.Structure):
+    argsz: int
+    flags: int
+    vaddr: int
+    iova: int
+    size: int
     _fields_ = [
         ("argsz", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
@@ -489,6 +533,10 @@ class vfio_iommu_type1_dma_map(ctypes.Structure):
 
 
 class vfio_iommu_type1_dma_unmap(ctypes.Structure):
+    argsz: int
+    flags: int
+    iova: int
+    size: int
     _fields_ = [
         ("argsz", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
@@ -602,7 +650,7 @@ def parse_device_info(buf: bytes) -> DeviceInfo:
     caps: tuple[InfoCap, ...] = ()
     fixed = ctypes.sizeof(vfio_device_info)
     if flags & VFIO_DEVICE_FLAGS_CAPS and len(buf) >= fixed:
-        (cap_offset,) = struct.unpack_from("=I", buf, vfio_device_info.cap_offset.offset)
+        (cap_offset,) = struct.unpack_from("=I", buf, vfio_device_info.__dict__["cap_offset"].offset)
         if cap_offset:
             caps = parse_cap_chain(bytes(buf[: min(len(buf), max(argsz, fixed))]), cap_offset, fixed, "device info")
     return DeviceInfo(flags=flags, num_regions=num_regions, num_irqs=num_irqs, caps=caps)

@@ -307,9 +307,10 @@ class _Shift:
 class DeviceAccess(abc.ABC):
     """Access to one PCI device's config space, regions, DMA and interrupts.
 
-    Implementations: :class:`pmd.vfio.VfioDevice` (kernel VFIO),
-    :class:`pmd.vfio_user.client.VfioUserDevice` (vfio-user) and, for tests,
-    :class:`pmd.sim.local.LocalAccess`. Everything a virtio transport needs goes through here.
+    Implementations: :class:`pmd.driver.access.vfio.VfioAccess` (kernel VFIO),
+    :class:`pmd.driver.access.vfio_user.VfioUserAccess` (vfio-user) and, for tests,
+    :class:`pmd.backends.local.LocalAccess`. Everything a PCI virtio transport needs goes
+    through here.
     """
 
     #: PCI address (kernel VFIO) or a socket path (vfio-user)
