@@ -2,7 +2,7 @@
 
 Two sides over one vocabulary (docs/architecture.md):
 
-- :mod:`pmd.spec`, :mod:`pmd.memory`, :mod:`pmd.errors`: what both sides share
+- :mod:`pmd.abi`, :mod:`pmd.memory`, :mod:`pmd.errors`: what both sides share
   (the virtio, virtio-net, PCI, VFIO, vfio-user and vhost-user vocabulary; DMA memory);
 - :mod:`pmd.driver`: the driver (device access, interrupts, the Cython data
   path, the virtio transports, virtio-net, :class:`Port`);
@@ -10,7 +10,7 @@ Two sides over one vocabulary (docs/architecture.md):
 - :mod:`pmd.backends` (:func:`open_port`), :mod:`pmd.loopback`, :mod:`pmd.fwd`,
   :mod:`pmd.cli`: what stands above both.
 
-The names below are loaded on first use, so that ``import pmd.spec.pci`` does
+The names below are loaded on first use, so that ``import pmd.abi.pci`` does
 not pull in numpy or the compiled core. The import paths before issue 9
 (``pmd.vfio``, ``pmd._burst``, ...) still work, deprecated (:mod:`pmd._compat`).
 """

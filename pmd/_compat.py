@@ -1,6 +1,6 @@
 """The import paths of pmd before issue 9, as deprecated aliases of the new ones.
 
-pmd's modules moved into the shared vocabulary (:mod:`pmd.spec`, :mod:`pmd.memory`),
+pmd's modules moved into the shared vocabulary (:mod:`pmd.abi`, :mod:`pmd.memory`),
 the driver side (:mod:`pmd.driver`), the device side (:mod:`pmd.sim`) and the
 factory above both (:mod:`pmd.backends`). A program written against the old
 paths keeps working: ``import pmd.vfio`` or ``from pmd._burst import RxQueue``
@@ -37,9 +37,9 @@ MOVED: dict[str, str] = {
     "pmd._mmio": "pmd.driver._mmio",
     "pmd._pool": "pmd.driver._pool",
     "pmd.interrupts": "pmd.driver.interrupts",
-    "pmd.pcap": "pmd.spec.pcap",
+    "pmd.pcap": "pmd.abi.pcap",
     "pmd.shm": "pmd.memory.seals",
-    "pmd.vfio_user.protocol": "pmd.spec.vfio_user",
+    "pmd.vfio_user.protocol": "pmd.abi.vfio_user",
     "pmd.vfio_user.server": "pmd.sim.server",
     "pmd.vfio_user.model": "pmd.sim.server",
     "pmd.sim.config": "pmd.sim.pci_config",
@@ -50,10 +50,10 @@ _VFIO_USER_ACCESS = ("pmd.driver.access.vfio_user", "VfioUserAccess")
 _LEGACY_REGISTERS = ("HOST_FEATURES", "GUEST_FEATURES", "QUEUE_PFN", "QUEUE_NUM", "QUEUE_SEL", "QUEUE_NOTIFY",
                      "STATUS", "ISR", "MSI_CONFIG_VECTOR", "MSI_QUEUE_VECTOR", "CONFIG_NO_MSIX", "CONFIG_MSIX",
                      "PFN_SHIFT")
-_FEATURE_RENAMES = {"names": ("pmd.spec.virtio_net", "feature_names"),
-                    "parse": ("pmd.spec.virtio_net", "parse_features"),
-                    "NAMES": ("pmd.spec.virtio_net", "FEATURE_NAMES"),
-                    "BY_NAME": ("pmd.spec.virtio_net", "FEATURES_BY_NAME")}
+_FEATURE_RENAMES = {"names": ("pmd.abi.virtio_net", "feature_names"),
+                    "parse": ("pmd.abi.virtio_net", "parse_features"),
+                    "NAMES": ("pmd.abi.virtio_net", "FEATURE_NAMES"),
+                    "BY_NAME": ("pmd.abi.virtio_net", "FEATURES_BY_NAME")}
 
 #: old module -> (the new modules its names went to, in search order; renamed names: old -> (module, new),
 #: where a new name "" is the module itself)
@@ -61,26 +61,26 @@ SPLIT: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, str]]]] = {
     "pmd._burst": (("pmd.driver._rx", "pmd.driver._tx", "pmd.driver._queue"), {}),
     "pmd._device": (("pmd.sim._virtqueue", "pmd.sim._dma", "pmd.sim._rx", "pmd.sim._tx"),
                     {"loopback": ("pmd.sim._tx", "tx_to_rx")}),
-    "pmd._virtqueue": (("pmd.driver._virtqueue", "pmd.spec._layout"), {}),
-    "pmd.access": (("pmd.driver.access", "pmd.driver.access.iova", "pmd.spec.vfio", "pmd.spec.pci",
+    "pmd._virtqueue": (("pmd.driver._virtqueue", "pmd.abi._layout"), {}),
+    "pmd.access": (("pmd.driver.access", "pmd.driver.access.iova", "pmd.abi.vfio", "pmd.abi.pci",
                     "pmd.errors"), {}),
-    "pmd.vfio": (("pmd.driver.access.vfio", "pmd.spec.vfio", "pmd.driver.access.pagemap", "pmd.driver.sysfs"),
+    "pmd.vfio": (("pmd.driver.access.vfio", "pmd.abi.vfio", "pmd.driver.access.pagemap", "pmd.driver.sysfs"),
                  {"VfioDevice": ("pmd.driver.access.vfio", "VfioAccess"),
                   "SYSFS_PCI_DEVICES": ("pmd.driver.sysfs", "DEFAULT_SYSFS_PCI_DEVICES")}),
-    "pmd.pci": (("pmd.spec.pci", "pmd.driver.sysfs", "pmd.spec.virtio_pci", "pmd.cli.text"), {}),
+    "pmd.pci": (("pmd.abi.pci", "pmd.driver.sysfs", "pmd.abi.virtio_pci", "pmd.cli.text"), {}),
     "pmd.port": (("pmd.driver.port", "pmd.backends", "pmd.driver.virtio.net"), {}),
     "pmd.virtio": (("pmd.driver.virtio.pci", "pmd.driver.virtio.transport", "pmd.driver.virtio.modern",
-                    "pmd.driver.virtio.legacy", "pmd.spec.virtio"), {}),
-    "pmd.virtio.features": (("pmd.spec.virtio", "pmd.spec.virtio_net"), _FEATURE_RENAMES),
-    "pmd.virtio.transport": (("pmd.driver.virtio.transport", "pmd.spec.virtio"),
+                    "pmd.driver.virtio.legacy", "pmd.abi.virtio"), {}),
+    "pmd.virtio.features": (("pmd.abi.virtio", "pmd.abi.virtio_net"), _FEATURE_RENAMES),
+    "pmd.virtio.transport": (("pmd.driver.virtio.transport", "pmd.abi.virtio"),
                              {"F": ("pmd.virtio.features", "")}),
-    "pmd.virtio.modern": (("pmd.driver.virtio.modern", "pmd.spec.virtio_pci"), {}),
-    "pmd.virtio.legacy": (("pmd.driver.virtio.legacy", "pmd.spec.virtio"),
-                          {name: ("pmd.spec.virtio_pci", f"LEGACY_{name}") for name in _LEGACY_REGISTERS}),
-    "pmd.virtio.net": (("pmd.driver.virtio.net", "pmd.spec.virtio_net", "pmd.spec.ethernet", "pmd.errors"), {}),
+    "pmd.virtio.modern": (("pmd.driver.virtio.modern", "pmd.abi.virtio_pci"), {}),
+    "pmd.virtio.legacy": (("pmd.driver.virtio.legacy", "pmd.abi.virtio"),
+                          {name: ("pmd.abi.virtio_pci", f"LEGACY_{name}") for name in _LEGACY_REGISTERS}),
+    "pmd.virtio.net": (("pmd.driver.virtio.net", "pmd.abi.virtio_net", "pmd.abi.ethernet", "pmd.errors"), {}),
     "pmd.vfio_user": (("pmd.sim.server",), {"VfioUserDevice": _VFIO_USER_ACCESS}),
     "pmd.vfio_user.client": (("pmd.driver.access.vfio_user",), {"VfioUserDevice": _VFIO_USER_ACCESS}),
-    "pmd.sim.device": (("pmd.sim.model", "pmd.sim.net", "pmd.sim.virtio_pci", "pmd.spec.virtio"), {}),
+    "pmd.sim.device": (("pmd.sim.model", "pmd.sim.net", "pmd.sim.virtio_pci", "pmd.abi.virtio"), {}),
 }
 
 #: old packages: their submodules (pmd.virtio.net) are old names too
@@ -88,14 +88,14 @@ _PACKAGES = {"pmd.virtio", "pmd.vfio_user"}
 
 
 def _common_fields() -> dict[int, tuple[int, str]]:
-    from .spec.virtio_pci import COMMON_CFG
+    from .abi.virtio_pci import COMMON_CFG
 
     return {f.offset: (f.width, f.name) for f in COMMON_CFG}
 
 
 def _normalize_pci_address(address: str) -> str:
     from .errors import vfio_error
-    from .spec.pci import PciAddress
+    from .abi.pci import PciAddress
 
     try:
         return str(PciAddress.parse(address))

@@ -16,8 +16,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .spec.ethernet import udp_frame
-from .spec.pcap import PcapWriter
+from .abi.ethernet import udp_frame
+from .abi.pcap import PcapWriter
 
 MODES = ("rxonly", "txonly", "io", "macswap")
 

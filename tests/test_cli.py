@@ -26,7 +26,7 @@ import pytest
 
 from pmd.cli import text as cli_text
 from pmd.driver import sysfs as pci_sysfs
-from pmd.spec.pci import parse_config
+from pmd.abi.pci import parse_config
 
 from .test_pci import VIRTIO_NET, FakeSysfs
 

@@ -150,7 +150,7 @@ def test_old_names_are_the_new_objects() -> None:
         "from pmd.driver._rx import RxQueue\n"
         "from pmd.sim._tx import tx_to_rx\n"
         "from pmd.backends import open_port\n"
-        "from pmd.spec.virtio_net import parse_features\n"
+        "from pmd.abi.virtio_net import parse_features\n"
         "assert pmd.vfio.VfioDevice is VfioAccess\n"
         "assert pmd.vfio_user.VfioUserDevice is VfioUserAccess\n"
         "assert pmd._device.loopback is tx_to_rx and pmd._burst.RxQueue is RxQueue\n"

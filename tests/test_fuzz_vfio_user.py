@@ -54,7 +54,7 @@ from pathlib import Path
 import pytest
 
 from pmd.memory.seals import create_sealed_memfd
-from pmd.spec import vfio_user as p
+from pmd.abi import vfio_user as p
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = mmap.PAGESIZE

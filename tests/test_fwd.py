@@ -11,7 +11,7 @@ import pytest
 
 from pmd import fwd
 from pmd.loopback import Loopback
-from pmd.spec.pcap import PcapWriter, read_pcap
+from pmd.abi.pcap import PcapWriter, read_pcap
 
 
 class ThreadedLoopback:

@@ -2,9 +2,9 @@
 the package (ast for .py, the import lines of .pyx/.pxd) and fails on an edge
 the design forbids.
 
-- **shared** (the vocabulary at the bottom: ``pmd.spec``, ``pmd.includes``,
+- **shared** (the vocabulary at the bottom: ``pmd.abi``, ``pmd.includes``,
   ``pmd.memory``, ``pmd.errors``) imports only shared modules, and the
-  vocabulary (``pmd.spec``) only itself, ``pmd.errors`` and ``pmd.includes``;
+  vocabulary (``pmd.abi``) only itself, ``pmd.errors`` and ``pmd.includes``;
 - **driver** (``pmd.driver``) imports shared and driver modules, never the
   built-in device;
 - **device** (``pmd.sim``) imports shared and device modules, never the driver;
@@ -31,7 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "pmd"
 
-SHARED = ("pmd.errors", "pmd.spec", "pmd.includes", "pmd.memory")
+SHARED = ("pmd.errors", "pmd.abi", "pmd.includes", "pmd.memory")
 DRIVER = ("pmd.driver",)
 DEVICE = ("pmd.sim",)
 TOP = ("pmd", "pmd.__main__", "pmd._compat", "pmd.backends", "pmd.loopback", "pmd.fwd", "pmd.cli")
@@ -49,11 +49,11 @@ DRIVER_LAYERS = [
 
 # Above the transport interface nothing may assume PCI (issue: vhost-user has no DeviceAccess).
 PCI_FREE = ("pmd.driver.port", "pmd.driver.virtio.transport", "pmd.driver.virtio.net")
-PCI_ONLY = ("pmd.driver.access", "pmd.driver.sysfs", "pmd.driver._mmio", "pmd.spec.pci", "pmd.spec.vfio",
-            "pmd.spec.vfio_user", "pmd.spec.virtio_pci", "pmd.driver.virtio.modern", "pmd.driver.virtio.legacy",
+PCI_ONLY = ("pmd.driver.access", "pmd.driver.sysfs", "pmd.driver._mmio", "pmd.abi.pci", "pmd.abi.vfio",
+            "pmd.abi.vfio_user", "pmd.abi.virtio_pci", "pmd.driver.virtio.modern", "pmd.driver.virtio.legacy",
             "pmd.driver.virtio.pci", "pmd.driver.virtio.pci_common")
 # The vocabulary is the bottom of the bottom: numbers, layouts, codecs.
-SPEC_MAY_IMPORT = ("pmd.spec", "pmd.errors", "pmd.includes")
+ABI_MAY_IMPORT = ("pmd.abi", "pmd.errors", "pmd.includes")
 
 
 def _module_name(path: Path) -> str:
@@ -173,9 +173,9 @@ def test_the_device_never_imports_the_driver(graph: dict[str, set[str]]) -> None
 
 
 def test_the_vocabulary_imports_nothing_but_vocabulary(graph: dict[str, set[str]]) -> None:
-    bad = sorted(f"{m} -> {t}" for m, ts in graph.items() if _within(m, ("pmd.spec",))
-                 for t in ts if not _within(t, SPEC_MAY_IMPORT))
-    assert not bad, "pmd.spec must stay vocabulary (spec, errors, C declarations):\n" + "\n".join(bad)
+    bad = sorted(f"{m} -> {t}" for m, ts in graph.items() if _within(m, ("pmd.abi",))
+                 for t in ts if not _within(t, ABI_MAY_IMPORT))
+    assert not bad, "pmd.abi must stay vocabulary (spec, errors, C declarations):\n" + "\n".join(bad)
 
 
 def test_driver_layers_import_only_downwards(graph: dict[str, set[str]]) -> None:

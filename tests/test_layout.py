@@ -3,7 +3,7 @@
 import pytest
 
 from pmd.driver._virtqueue import need_event, ring_layout, ring_size
-from pmd.spec._layout import struct_sizes
+from pmd.abi._layout import struct_sizes
 
 
 @pytest.mark.parametrize(
@@ -94,15 +94,15 @@ def test_need_event_exhaustive_against_model():
 def test_common_config_table_is_the_c_structure():
     # Virtio 1.2 4.1.4.3: the table the driver's modern transport and the built-in
     # device both use is struct virtio_pci_common_cfg as the compiler laid it out.
-    from pmd.spec._layout import common_cfg_layout
-    from pmd.spec.virtio_pci import COMMON_CFG, COMMON_CFG_LEN, COMMON_CFG_STRUCT
+    from pmd.abi._layout import common_cfg_layout
+    from pmd.abi.virtio_pci import COMMON_CFG, COMMON_CFG_LEN, COMMON_CFG_STRUCT
 
     assert {f.name: (f.offset, f.width) for f in COMMON_CFG} == common_cfg_layout()
     assert COMMON_CFG_LEN == COMMON_CFG_STRUCT.size == struct_sizes()["virtio_pci_common_cfg"]
 
 
 def test_common_config_fields_tile_the_structure_and_the_driver_writes_only_its_own():
-    from pmd.spec.virtio_pci import COMMON_CFG
+    from pmd.abi.virtio_pci import COMMON_CFG
 
     ends = [f.offset + f.width for f in COMMON_CFG]
     assert [f.offset for f in COMMON_CFG] == [0] + ends[:-1]       # no gap, no overlap
@@ -112,8 +112,8 @@ def test_common_config_fields_tile_the_structure_and_the_driver_writes_only_its_
 
 
 def test_net_header_table_is_the_c_structure():
-    from pmd.spec._layout import net_hdr_layout
-    from pmd.spec.virtio_net import NET_HDR, NET_HDR_LEN, NET_HDR_LEN_LEGACY
+    from pmd.abi._layout import net_hdr_layout
+    from pmd.abi.virtio_net import NET_HDR, NET_HDR_LEN, NET_HDR_LEN_LEGACY
 
     assert {f.name: (f.offset, f.width) for f in NET_HDR} == net_hdr_layout()
     assert NET_HDR_LEN == struct_sizes()["virtio_net_hdr"] == NET_HDR[-1].offset + NET_HDR[-1].width
@@ -121,8 +121,8 @@ def test_net_header_table_is_the_c_structure():
 
 
 def test_numbers_python_and_c_both_define_are_the_same():
-    from pmd.spec import pci, virtio, virtio_net
-    from pmd.spec._layout import constants
+    from pmd.abi import pci, virtio, virtio_net
+    from pmd.abi._layout import constants
 
     python = {name: getattr(virtio, name) for name in ("STATUS_ACKNOWLEDGE", "STATUS_DRIVER", "STATUS_DRIVER_OK",
                                                         "STATUS_FEATURES_OK", "STATUS_DEVICE_NEEDS_RESET",
@@ -136,7 +136,7 @@ def test_numbers_python_and_c_both_define_are_the_same():
 
 def test_net_config_fields_tile_what_the_device_shows():
     # 5.1.4: mac[6], status, max_virtqueue_pairs, mtu, speed, duplex, one after the other.
-    from pmd.spec.virtio_net import NET_CFG_LENGTH, NET_CONFIG
+    from pmd.abi.virtio_net import NET_CFG_LENGTH, NET_CONFIG
 
     ends = [f.offset + f.width for f in NET_CONFIG]
     assert [f.offset for f in NET_CONFIG] == [0] + ends[:-1]

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from pmd.cli import text as cli_text
 from pmd.driver import sysfs as pci_sysfs
-from pmd.spec import pci
+from pmd.abi import pci
 from pmd.errors import ConfigSpaceError, PmdError
 from pmd.driver.sysfs import DeviceBusyError, NoSuchDeviceError
-from pmd.spec.pci import (
+from pmd.abi.pci import (
     Bar,
     ConfigSpace,
     MsiCapability,
@@ -35,7 +35,7 @@ from pmd.spec.pci import (
     VirtioPciCap,
     parse_config,
 )
-from pmd.spec.virtio_pci import select_virtio_structures
+from pmd.abi.virtio_pci import select_virtio_structures
 
 DATA = Path(__file__).parent / "data" / "pci-config"
 FIXTURES = sorted(DATA.glob("*.bin"))

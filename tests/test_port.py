@@ -23,10 +23,10 @@ import pytest
 
 import pmd
 from pmd.errors import DeviceError, QueueStateError
-from pmd.spec import virtio as V, virtio_net as N
+from pmd.abi import virtio as V, virtio_net as N
 from pmd.driver.virtio.net import Link, link_from, negotiate, read_net_config
-from pmd.spec.ethernet import parse_mac
-from pmd.spec.virtio_net import hdr_len_for
+from pmd.abi.ethernet import parse_mac
+from pmd.abi.virtio_net import hdr_len_for
 from pmd.driver.virtio.transport import Transport
 
 DATA = Path(__file__).parent / "data" / "pci-config"
@@ -461,7 +461,7 @@ class TestPortModernVfio(PortTests, MergeableTests):
         assert r["received"] == 1000 and r["n_mismatched"] == 0, r
         summary = [l for l in out.splitlines() if l.startswith("summary:")][-1]
         assert re.search(r"rx=1000 tx=1000 mpps=[0-9.]+ gbps=[0-9.]+ drops=0 errors=0", summary), summary
-        from pmd.spec.pcap import read_pcap
+        from pmd.abi.pcap import read_pcap
         assert len(list(read_pcap(tmp_path / "rx.pcap"))) == 1000
 
 

@@ -24,11 +24,11 @@ import pytest
 import pmd
 from pmd.errors import DeviceError
 from pmd.driver.interrupts import EventFd
-from pmd.spec.pci import parse_config
-from pmd.spec.virtio_pci import select_virtio_structures
-from pmd.spec.pcap import PcapWriter, read_pcap
+from pmd.abi.pci import parse_config
+from pmd.abi.virtio_pci import select_virtio_structures
+from pmd.abi.pcap import PcapWriter, read_pcap
 from pmd.sim import pci_config as C
-from pmd.spec.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_ROM_ADDRESS
+from pmd.abi.pci import PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_ROM_ADDRESS
 from pmd.sim.model import NO_VECTOR, OFFERED, SimOptions, VirtioNetModel
 from pmd.sim.dma import PROT_RW
 from pmd.backends.local import LocalAccess
@@ -44,8 +44,8 @@ from pmd.sim.wires import (
     generator_frame,
     pair_wires,
 )
-from pmd.spec import virtio as V, virtio_net as N
-from pmd.spec import virtio_pci
+from pmd.abi import virtio as V, virtio_net as N
+from pmd.abi import virtio_pci
 
 DEADLINE = 10.0
 

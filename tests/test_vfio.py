@@ -27,10 +27,10 @@ from pmd.driver.access import iova as access_iova
 from pmd.driver.access import pagemap as access_pagemap
 from pmd.driver.access import vfio
 from pmd.driver import sysfs as pci_sysfs
-from pmd.spec import vfio as spec_vfio
-from pmd.spec.pci import PciAddress
+from pmd.abi import vfio as spec_vfio
+from pmd.abi.pci import PciAddress
 from pmd.driver.access import DeviceAccess, RegionMapping
-from pmd.spec.vfio import DeviceInfo, IrqInfo, RegionInfo, SparseArea
+from pmd.abi.vfio import DeviceInfo, IrqInfo, RegionInfo, SparseArea
 from pmd.errors import PmdError, QueueStateError, VfioError
 
 PAGE = mmap.PAGESIZE

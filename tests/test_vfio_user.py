@@ -33,7 +33,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pmd.spec.vfio import (
+from pmd.abi.vfio import (
     IRQ_INFO_AUTOMASKED,
     IRQ_INFO_EVENTFD,
     IRQ_INFO_MASKABLE,
@@ -45,7 +45,7 @@ from pmd.spec.vfio import (
 )
 from pmd.errors import VfioError
 from pmd.memory.seals import create_sealed_memfd
-from pmd.spec.vfio import (
+from pmd.abi.vfio import (
     VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET,
     VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -57,7 +57,7 @@ from pmd.spec.vfio import (
 from pmd.driver.access.vfio_user import VfioUserAccess
 from tests.conftest import plant_symlink_after_bind
 from pmd.sim.server import RegionSpec, VfioUserServer
-from pmd.spec import vfio_user as p
+from pmd.abi import vfio_user as p
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = mmap.PAGESIZE

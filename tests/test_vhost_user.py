@@ -1,4 +1,4 @@
-"""vhost-user: the wire format (pmd.spec.vhost_user), the front-end session
+"""vhost-user: the wire format (pmd.abi.vhost_user), the front-end session
 (pmd.driver.vhost_user) against a fake back-end, and interop with DPDK's testpmd.
 
 - the codec, one test per rule: every size checked, headers cut short, wrong
@@ -55,8 +55,8 @@ from pmd.driver import vhost_user as fe_mod
 from pmd.driver.vhost_user import VhostUserFrontend
 from pmd.errors import PmdError
 from pmd.driver.interrupts import EventFd
-from pmd.spec import vhost_user as v
-from pmd.spec.vhost_user import MessageError, VhostUserError
+from pmd.abi import vhost_user as v
+from pmd.abi.vhost_user import MessageError, VhostUserError
 
 from .vhost_user_peer import ALL_PROTOCOL, DPDK_FEATURES, DPDK_PROTOCOL_FEATURES, FakeBackend
 
@@ -171,7 +171,7 @@ def no_leaks(before_fds: int, before_threads: int) -> None:
 
 
 # ===========================================================================
-# the codec (pmd.spec.vhost_user)
+# the codec (pmd.abi.vhost_user)
 # ===========================================================================
 
 
@@ -520,7 +520,7 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
 
 
 def test_the_wire_format_is_pure_vocabulary():
-    absolute, relative = _imports(ROOT / "pmd" / "spec" / "vhost_user.py")
+    absolute, relative = _imports(ROOT / "pmd" / "abi" / "vhost_user.py")
     assert absolute - {"__future__"} <= set(sys.stdlib_module_names)
     assert relative == {"..errors"}
 
@@ -528,7 +528,7 @@ def test_the_wire_format_is_pure_vocabulary():
 def test_the_frontend_imports_neither_the_device_side_nor_the_port():
     absolute, relative = _imports(ROOT / "pmd" / "driver" / "vhost_user.py")
     assert absolute - {"__future__"} <= set(sys.stdlib_module_names)
-    assert relative <= {"..errors", "..spec", "..spec.vhost_user", "..memory", "..memory.seals", ".interrupts"}
+    assert relative <= {"..errors", "..abi", "..abi.vhost_user", "..memory", "..memory.seals", ".interrupts"}
 
 
 # ===========================================================================
@@ -1362,7 +1362,7 @@ FUZZ_CHILD = textwrap.dedent(
     from pmd.driver._virtqueue import Virtqueue
     from pmd.driver.vhost_user import VhostUserFrontend
     from pmd.driver.interrupts import EventFd
-    from pmd.spec import vhost_user as v
+    from pmd.abi import vhost_user as v
     from tests.vhost_user_peer import ALL_PROTOCOL, DPDK_FEATURES, DPDK_PROTOCOL_FEATURES, FakeBackend
 
     ACTIONS = ["close", "silent", "huge", "short", "half_header", "wrong_request", "bad_version",

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pmd.spec import vhost_user as v
+from pmd.abi import vhost_user as v
 
 #: what DPDK 22.11's net_vhost offered on this machine (CSUM ... IN_ORDER, bit 30 included)
 DPDK_FEATURES = 0xD7C66E7CB

@@ -16,7 +16,7 @@ from typing import Any
 from ..driver.access import DeviceAccess
 from ..driver.port import Port
 from ..driver.virtio.pci import open_transport
-from ..spec.ethernet import format_mac
+from ..abi.ethernet import format_mac
 
 __all__ = ["open_port"]
 

@@ -29,7 +29,7 @@ from ..driver.access import DeviceAccess, RegionMapping
 from ..errors import vfio_error
 from ..sim.dma import PROT_RW
 from ..sim.model import VirtioNetModel
-from ..spec.vfio import DeviceInfo, IrqInfo, RegionInfo, SparseArea
+from ..abi.vfio import DeviceInfo, IrqInfo, RegionInfo, SparseArea
 
 if TYPE_CHECKING:
     from ..driver.port import Port

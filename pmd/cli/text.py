@@ -1,7 +1,7 @@
 """What the ``pmd`` commands print: a config space, the device list, a VFIO device.
 
-Text only, built from the vocabulary (:mod:`pmd.spec.pci`, :mod:`pmd.spec.virtio_pci`,
-:mod:`pmd.spec.vfio`) and what the driver side found (sysfs rows, an open
+Text only, built from the vocabulary (:mod:`pmd.abi.pci`, :mod:`pmd.abi.virtio_pci`,
+:mod:`pmd.abi.vfio`) and what the driver side found (sysfs rows, an open
 :class:`pmd.driver.access.vfio.VfioAccess`); nothing here touches a device.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigSpaceError
-from ..spec.pci import (
+from ..abi.pci import (
     PCI_BASE_ADDRESS_0,
     PCI_CAPABILITY_LIST,
     PCI_STATUS_CAP_LIST,
@@ -26,8 +26,8 @@ from ..spec.pci import (
     class_name,
     parse_config,
 )
-from ..spec.vfio import IOMMU_TYPE_NAMES
-from ..spec.virtio_pci import select_virtio_structures
+from ..abi.vfio import IOMMU_TYPE_NAMES
+from ..abi.virtio_pci import select_virtio_structures
 
 if TYPE_CHECKING:
     from ..driver.access.vfio import VfioAccess

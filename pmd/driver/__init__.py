@@ -14,6 +14,6 @@ Bottom up (docs/architecture.md):
 - :mod:`pmd.driver.virtio`: the transport interface, the PCI transports, virtio-net;
 - :mod:`pmd.driver.port`: the :class:`~pmd.driver.port.Port`.
 
-It imports the shared vocabulary (:mod:`pmd.spec`, :mod:`pmd.memory`) and
+It imports the shared vocabulary (:mod:`pmd.abi`, :mod:`pmd.memory`) and
 nothing of :mod:`pmd.sim`.
 """

@@ -28,10 +28,10 @@ import numpy.typing as npt
 
 from ..errors import DeviceError, PmdError, QueueStateError
 from ..memory import DmaMemory
-from ..spec import virtio as V, virtio_net as N
-from ..spec.ethernet import format_mac, parse_mac, random_mac
-from ..spec.virtio import NO_VECTOR
-from ..spec.virtio_net import ctrl_queue_index, hdr_len_for, rx_queue_index, tx_queue_index
+from ..abi import virtio as V, virtio_net as N
+from ..abi.ethernet import format_mac, parse_mac, random_mac
+from ..abi.virtio import NO_VECTOR
+from ..abi.virtio_net import ctrl_queue_index, hdr_len_for, rx_queue_index, tx_queue_index
 from . import interrupts
 from ._pool import PacketPool
 from ._rx import RxQueue

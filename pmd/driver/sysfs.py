@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PmdError
-from ..spec.pci import (
+from ..abi.pci import (
     ADDRESS_RE,
     PCI_CLASS_NETWORK,
     VIRTIO_VENDOR_ID,

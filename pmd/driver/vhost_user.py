@@ -4,7 +4,7 @@ A vhost-user back-end (DPDK's ``net_vhost``, a software switch) runs the device 
 virtio-net in another process. pmd, the *front-end*, tells it over a UNIX socket where
 the rings are and which memory they point into, and hands it eventfds for
 notifications (QEMU ``docs/interop/vhost-user.rst``; wire format in
-:mod:`pmd.spec.vhost_user`). Then both sides work on the shared rings with no message
+:mod:`pmd.abi.vhost_user`). Then both sides work on the shared rings with no message
 per packet. This module is the session, not a virtio transport: a
 ``VhostUserTransport`` is built on it (see docs/vhost-user.md).
 
@@ -74,8 +74,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from ..memory import DmaMemory
-from ..spec import vhost_user as v
-from ..spec.vhost_user import VhostUserError, vhost_user_error
+from ..abi import vhost_user as v
+from ..abi.vhost_user import VhostUserError, vhost_user_error
 
 __all__ = [
     "VhostUserFrontend",
@@ -1087,7 +1087,7 @@ class VhostUserFrontend:
         """Disable vring ``index``, then GET_VRING_BASE: the back-end stops it and answers the
         next avail index it would have processed, which is returned and kept (the base to
         resume from). For a packed ring the 32-bit value holds both indices
-        (:func:`pmd.spec.vhost_user.decode_packed_base`)."""
+        (:func:`pmd.abi.vhost_user.decode_packed_base`)."""
         self._check_index(index)
         conn = self._live(f"stop vring {index}")
         with conn.lock:

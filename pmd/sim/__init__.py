@@ -1,7 +1,7 @@
 """The device side of pmd: the built-in virtio-net device, a software PCI device served over vfio-user.
 
 It never imports the driver side (:mod:`pmd.driver`); both build on the shared
-vocabulary (:mod:`pmd.spec`) and memory (:mod:`pmd.memory`).
+vocabulary (:mod:`pmd.abi`) and memory (:mod:`pmd.memory`).
 
 - :mod:`pmd.sim.model`: :class:`VirtioNetModel`, the device model (regions,
   IRQs, DMA, reset, the engine's lifecycle), made of

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from ..memory.seals import create_sealed_memfd
-from ..spec import virtio as V, virtio_net as N
-from ..spec.ethernet import parse_mac
-from ..spec.vfio import (
+from ..abi import virtio as V, virtio_net as N
+from ..abi.ethernet import parse_mac
+from ..abi.vfio import (
     IRQ_INFO_EVENTFD,
     IRQ_INFO_NORESIZE,
     PCI_CONFIG_REGION_INDEX,
@@ -61,7 +61,7 @@ from ..spec.vfio import (
     VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET,
 )
-from ..spec.virtio import NO_VECTOR
+from ..abi.virtio import NO_VECTOR
 from . import pci_config as C
 from ._virtqueue import DeviceQueue
 from .dma import DmaMap

@@ -8,7 +8,7 @@ of the device model (:class:`pmd.sim.model.VirtioNetModel`):
   feature that needs the control queue without it);
 - its queues (5.1.2: receiveq1, transmitq1, ..., controlq);
 - its device configuration (5.1.4): MAC, status (LINK_UP), max_virtqueue_pairs,
-  MTU, speed and duplex, laid out as :data:`pmd.spec.virtio_net.NET_CONFIG`;
+  MTU, speed and duplex, laid out as :data:`pmd.abi.virtio_net.NET_CONFIG`;
   the link can go down and up (a configuration change);
 - the control queue's commands (5.1.6.5): RX_PROMISC, RX_ALLMULTI,
   MAC_TABLE_SET, MAC_ADDR_SET, MQ_VQ_PAIRS_SET, every field checked
@@ -23,8 +23,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..spec import virtio as V, virtio_net as N
-from ..spec.ethernet import ETH_ALEN
+from ..abi import virtio as V, virtio_net as N
+from ..abi.ethernet import ETH_ALEN
 from . import pci_config as C
 from .engine import RxFilter, mac_key
 

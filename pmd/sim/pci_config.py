@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from ..spec.pci import (
+from ..abi.pci import (
     PCI_BASE_ADDRESS_0,
     PCI_CAP_ID_MSIX,
     PCI_CAP_ID_VNDR,
@@ -57,7 +57,7 @@ from ..spec.pci import (
     VIRTIO_PCI_CAP_PCI_CFG,
     VIRTIO_VENDOR_ID,
 )
-from ..spec.virtio_pci import COMMON_CFG_LEN
+from ..abi.virtio_pci import COMMON_CFG_LEN
 
 # --- identity ---
 VENDOR_ID = VIRTIO_VENDOR_ID

@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    from ..spec.ethernet import parse_mac
+    from ..abi.ethernet import parse_mac
 
     opts: dict[str, Any] = {"queue_pairs": args.queue_pairs, "queue_size": args.queue_size, "mtu": args.mtu,
                             "msix_vectors": args.msix_vectors, "features_off": args.features_off,

@@ -82,8 +82,8 @@ from typing import Protocol
 
 from ..errors import VfioError, vfio_error
 from ..memory.seals import require_sealed
-from ..spec import vfio_user as p
-from ..spec.vfio import (
+from ..abi import vfio_user as p
+from ..abi.vfio import (
     IRQ_INFO_EVENTFD,
     REGION_INFO_FLAG_MMAP,
     REGION_INFO_FLAG_READ,

@@ -9,7 +9,7 @@ device model (:class:`pmd.sim.model.VirtioNetModel`), which holds the state and
 runs the engine:
 
 - common configuration, field by field at its own width (4.1.3.1, the layout of
-  :data:`pmd.spec.virtio_pci.COMMON_CFG`), 64-bit fields also as two halves;
+  :data:`pmd.abi.virtio_pci.COMMON_CFG`), 64-bit fields also as two halves;
   read-only fields and bad widths are counted, never obeyed;
 - device status (2.1, 3.1.1): ACKNOWLEDGE, DRIVER, FEATURES_OK only when the
   driver's features are acceptable, DRIVER_OK only after FEATURES_OK, 0 resets;
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import DeviceError
-from ..spec import virtio as V
-from ..spec.virtio import NO_VECTOR
-from ..spec.virtio_pci import COMMON_CFG_BY_OFFSET, COMMON_CFG_STRUCT, ISR_CONFIG, QUEUE_DESC
+from ..abi import virtio as V
+from ..abi.virtio import NO_VECTOR
+from ..abi.virtio_pci import COMMON_CFG_BY_OFFSET, COMMON_CFG_STRUCT, ISR_CONFIG, QUEUE_DESC
 from . import pci_config as C
 from ._virtqueue import DeviceQueue
 
@@ -196,7 +196,7 @@ class VirtioPciFunction:
         device_feature = (self.offered >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
         dsel = self.driver_feature_select
         driver_feature = (self.driver_features >> (32 * dsel)) & 0xFFFFFFFF if dsel < 2 else 0
-        # The fields in the order of the spec's table (pmd.spec.virtio_pci.COMMON_CFG).
+        # The fields in the order of the spec's table (pmd.abi.virtio_pci.COMMON_CFG).
         return COMMON_CFG_STRUCT.pack(
             self.device_feature_select, device_feature, self.driver_feature_select, driver_feature,
             self.config_msix_vector, self.num_queues, self.status, self.config_generation,

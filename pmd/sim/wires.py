@@ -37,8 +37,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ..spec.ethernet import udp_frame
-from ..spec.pcap import PcapWriter, read_pcap
+from ..abi.ethernet import udp_frame
+from ..abi.pcap import PcapWriter, read_pcap
 from ._rx import device_rx_generate
 from ._virtqueue import DeviceQueue
 

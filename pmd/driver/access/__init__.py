@@ -5,12 +5,12 @@ Kernel VFIO (:class:`pmd.driver.access.vfio.VfioAccess`) and vfio-user
 :class:`DeviceAccess`; the PCI virtio transports (:mod:`pmd.driver.virtio.pci`)
 are written against this class only. Its vocabulary is VFIO's because vfio-user
 reuses it on the wire (region and IRQ indexes, flags, region info with its
-capability chain): that ABI is :mod:`pmd.spec.vfio`.
+capability chain): that ABI is :mod:`pmd.abi.vfio`.
 
 What the interface gives:
 
 - PCI configuration space as bytes at an offset (``config_read``/``config_write``);
-- region information (:class:`pmd.spec.vfio.RegionInfo`: flags, size, offset,
+- region information (:class:`pmd.abi.vfio.RegionInfo`: flags, size, offset,
   sparse mmap areas) and region access by read/write (I/O BARs, config space)
   or by mapping into memory (memory BARs: :class:`RegionMapping`);
 - DMA map/unmap of a memory range, given its virtual address, the IOVA the
@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ...errors import QueueStateError, vfio_error
 from ...memory.raw import MAP_FIXED, PROT_NONE, mmap_raw, munmap_raw
-from ...spec.pci import PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_SPACE_IO, PCI_COMMAND, PCI_COMMAND_MASTER
-from ...spec.vfio import (
+from ...abi.pci import PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_SPACE_IO, PCI_COMMAND, PCI_COMMAND_MASTER
+from ...abi.vfio import (
     PCI_BAR0_REGION_INDEX,
     PCI_BAR5_REGION_INDEX,
     PCI_CONFIG_REGION_INDEX,

@@ -22,7 +22,7 @@ and ``drivers/bus/pci/linux/pci_vfio.c`` do the same in C)::
 
 :class:`VfioAccess` owns all of it and gives it back in reverse order on
 ``close()``, when ``open`` fails half-way, and at interpreter exit. The ABI
-(ioctl numbers, structures, info parsers) is :mod:`pmd.spec.vfio`; the device's
+(ioctl numbers, structures, info parsers) is :mod:`pmd.abi.vfio`; the device's
 group and driver come from :mod:`pmd.driver.sysfs`.
 """
 
@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import VfioError, vfio_error
-from ...spec.pci import PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_MSIX_FLAGS_QSIZE, PCI_STATUS, PCI_STATUS_CAP_LIST, PciAddress
-from ...spec.vfio import (
+from ...abi.pci import PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_MSIX_FLAGS_QSIZE, PCI_STATUS, PCI_STATUS_CAP_LIST, PciAddress
+from ...abi.vfio import (
     IOCTL_NAMES,
     IOMMU_TYPE_NAMES,
     IRQ_INDEX_NAMES,
@@ -116,7 +116,7 @@ _MAX_INFO_SIZE = 1 << 20  # no info reply is anywhere near this; a larger argsz 
 
 
 def _pci_address(address: str) -> str:
-    """``0000:00:03.0`` from any form :class:`pmd.spec.pci.PciAddress` reads, else a VfioError."""
+    """``0000:00:03.0`` from any form :class:`pmd.abi.pci.PciAddress` reads, else a VfioError."""
     try:
         return str(PciAddress.parse(address))
     except ValueError:

@@ -44,8 +44,8 @@ from collections.abc import Callable, Sequence
 
 from ...errors import VfioError, vfio_error
 from ...memory.seals import require_sealed
-from ...spec import vfio_user as p
-from ...spec.vfio import (
+from ...abi import vfio_user as p
+from ...abi.vfio import (
     PCI_CONFIG_REGION_INDEX,
     PCI_NUM_IRQS,
     PCI_NUM_REGIONS,

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ...errors import DeviceError
-from ...spec.virtio import NO_VECTOR
-from ...spec.virtio_pci import (
+from ...abi.virtio import NO_VECTOR
+from ...abi.virtio_pci import (
     LEGACY_CONFIG_MSIX,
     LEGACY_CONFIG_NO_MSIX,
     LEGACY_GUEST_FEATURES,

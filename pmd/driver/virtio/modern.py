@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Union
 
 from ...errors import DeviceError
-from ...spec.pci import ConfigSpace
-from ...spec.virtio import NO_VECTOR
-from ...spec.virtio_pci import (
+from ...abi.pci import ConfigSpace
+from ...abi.virtio import NO_VECTOR
+from ...abi.virtio_pci import (
     COMMON_CFG_LEN,
     CONFIG_GENERATION,
     CONFIG_MSIX_VECTOR,

@@ -4,7 +4,7 @@ The pieces a port needs that do not depend on the transport: feature
 negotiation (what pmd asks for and requires), the device configuration (MAC,
 link status, queue pairs, MTU, speed and duplex, 5.1.4, read as one consistent
 snapshot) and the control virtqueue (5.1.6.5). The vocabulary they speak
-(feature bits, layouts, commands, queue numbering) is :mod:`pmd.spec.virtio_net`.
+(feature bits, layouts, commands, queue numbering) is :mod:`pmd.abi.virtio_net`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 
 from ...errors import DeviceError
 from ...memory import DmaMemory
-from ...spec import virtio as V, virtio_net as N
-from ...spec.ethernet import ETH_ALEN
+from ...abi import virtio as V, virtio_net as N
+from ...abi.ethernet import ETH_ALEN
 from .._virtqueue import Virtqueue
 from .transport import Transport
 

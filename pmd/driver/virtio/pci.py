@@ -12,7 +12,7 @@ the access is :class:`~pmd.driver.virtio.pci_common.PciTransport`.
 from __future__ import annotations
 
 from ...errors import DeviceError
-from ...spec.pci import VIRTIO_VENDOR_ID, is_transitional, parse_config
+from ...abi.pci import VIRTIO_VENDOR_ID, is_transitional, parse_config
 from ..access import DeviceAccess
 from .legacy import LegacyTransport
 from .modern import ModernTransport

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ...spec.vfio import PCI_MSIX_IRQ_INDEX
+from ...abi.vfio import PCI_MSIX_IRQ_INDEX
 from ..access import DeviceAccess
 from ..access.pagemap import virt_to_phys
 from .transport import Transport

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ...errors import DeviceError
-from ...spec.virtio import NO_VECTOR
+from ...abi.virtio import NO_VECTOR
 from .._virtqueue import Virtqueue
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ Pure Python and standard library only. The bytes come from anywhere (a sysfs
 untrusted: every pointer and length is checked, a looping list raises, and
 nothing is read outside the data. The virtio vendor capabilities (Virtio 1.2
 4.1.4) are decoded here with the rest of the list; the structures they point to
-are :mod:`pmd.spec.virtio_pci`.
+are :mod:`pmd.abi.virtio_pci`.
 
 - :class:`PciAddress`: ``domain:bus:device.function``, ONE syntax for everything
   that names a device (sysfs, kernel VFIO, the CLI);

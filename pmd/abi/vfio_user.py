@@ -25,7 +25,7 @@ maximum number of file descriptors; a message that breaks the framing raises
 a *fatal* :class:`MessageError` (the connection cannot be trusted any more).
 
 The region-info structure and its capability chain are the kernel's
-(``struct vfio_region_info``): they are decoded by :func:`pmd.spec.vfio.parse_region_info`,
+(``struct vfio_region_info``): they are decoded by :func:`pmd.abi.vfio.parse_region_info`,
 shared with kernel VFIO.
 """
 

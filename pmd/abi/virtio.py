@@ -5,7 +5,7 @@ MSI-X "no vector" value (4.1.4.3), under the spec's names without their
 ``VIRTIO_`` prefixes. One definition each: the driver, the built-in device, the
 vhost-user codec and the CLI all read them here, and tests/test_layout.py holds
 them against csrc/pmd_virtio_pci.h. The virtio-net vocabulary built on this is
-:mod:`pmd.spec.virtio_net`.
+:mod:`pmd.abi.virtio_net`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Virtio over PCI (Virtio 1.2 section 4.1): the structures the capabilities point to.
 
 The vendor capabilities themselves are part of the configuration space and are
-parsed with it (:mod:`pmd.spec.pci`: ``VirtioPciCap``, the ``VIRTIO_PCI_CAP_*``
+parsed with it (:mod:`pmd.abi.pci`: ``VirtioPciCap``, the ``VIRTIO_PCI_CAP_*``
 types). Here is what lives in the BARs they name, as both sides use it:
 
 - the common configuration (4.1.4.3), as ONE table of fields (offset, width,

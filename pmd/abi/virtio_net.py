@@ -5,7 +5,7 @@ configuration layout (5.1.4), the control queue's classes, commands and acks
 (5.1.6.5) and the queue numbering (5.1.2). The driver negotiates, reads and
 sends with these; the built-in device offers, lays out and answers with the
 same ones. Feature names cover the device-independent bits too
-(:mod:`pmd.spec.virtio`), so one mask can be written as ``"MRG_RXBUF,EVENT_IDX"``.
+(:mod:`pmd.abi.virtio`), so one mask can be written as ``"MRG_RXBUF,EVENT_IDX"``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The csrc/ layouts as the C compiler laid them out: sizes, field offsets, constants.
 
 Nothing here is used at run time. tests/test_layout.py holds the Python tables
-of the vocabulary (:mod:`pmd.spec.virtio`, :mod:`pmd.spec.virtio_net`,
-:mod:`pmd.spec.virtio_pci`) against these figures, so the one definition in
+of the vocabulary (:mod:`pmd.abi.virtio`, :mod:`pmd.abi.virtio_net`,
+:mod:`pmd.abi.virtio_pci`) against these figures, so the one definition in
 Python and the C structures the Cython core uses cannot drift apart. The headers
 also ``static_assert`` their own sizes and the offsets that matter most.
 """

@@ -1,1 +1,0 @@
-"""The specifications pmd speaks, as vocabulary: constants, layouts and strict codecs (standard library only)."""
