@@ -39,7 +39,7 @@ TOP = ("pmd", "pmd.__main__", "pmd._compat", "pmd.backends", "pmd.loopback", "pm
 # Driver layers, bottom up: a module may import its own layer and the ones below.
 DRIVER_LAYERS = [
     ("pmd.driver.sysfs", "pmd.driver.access", "pmd.driver._mmio",
-     "pmd.driver.vhost_user"),                                                 # reaching a device
+     "pmd.driver.vhost_user", "pmd.driver.session"),  # reaching a device
     ("pmd.driver.interrupts",),                                                # eventfds, the epoll thread
     ("pmd.driver._pool", "pmd.driver._virtqueue", "pmd.driver._queue",
      "pmd.driver._rx", "pmd.driver._tx"),                                      # the data path

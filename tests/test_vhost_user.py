@@ -528,7 +528,7 @@ def test_the_wire_format_is_pure_vocabulary():
 def test_the_frontend_imports_neither_the_device_side_nor_the_port():
     absolute, relative = _imports(ROOT / "pmd" / "driver" / "vhost_user.py")
     assert absolute - {"__future__"} <= set(sys.stdlib_module_names)
-    assert relative <= {"..errors", "..abi", "..abi.vhost_user", "..memory", "..memory.seals", ".interrupts"}
+    assert relative <= {"..errors", "..abi", "..abi.vhost_user", "..memory", "..memory.seals", ".interrupts", ".session"}
 
 
 # ===========================================================================

@@ -63,7 +63,6 @@ import collections
 import errno
 import logging
 import os
-import select
 import socket
 import stat
 import struct
@@ -74,6 +73,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from ..memory import DmaMemory
+from .session import LossWatcher, Session
 from ..abi import vhost_user as v
 from ..abi.vhost_user import VhostUserError, vhost_user_error
 
@@ -141,76 +141,29 @@ class QueueState:
 # ---------------------------------------------------------------------------
 
 
-class _Connection:
+class _Connection(Session):
     """The socket and the request/reply machinery; no reference to the front-end (for the finalizer)."""
 
+    protocol = "vhost-user"
+    kind = "vhost-user"
+    log = log
+    gone = _GONE
+    what_breaks = "the session with the backend"
+    remedy = "close this front-end and start a new session"
+
     def __init__(self, sock: socket.socket, name: str, timeout: float) -> None:
-        self.sock: socket.socket | None = sock
-        self.name = name
-        self.timeout = timeout
-        self.lock = threading.RLock()
-        self.broken: str | None = None
-        self.closed = False
+        super().__init__(sock, name, timeout, threading.RLock())
         self.reply_ack = False  # NEED_REPLY on requests without a reply of their own
         self.protocol_features = 0
-        self.requests = 0
         self.sent: collections.deque[str] = collections.deque(maxlen=256)  # names, for traces and tests
 
-    def unusable(self, what: str) -> VhostUserError:
-        if self.closed:
-            return vhost_user_error(f"vhost-user {self.name} is closed: cannot {what}", errno.EBADF)
-        return vhost_user_error(
-            f"vhost-user {self.name}: cannot {what}: the session with the backend is broken ({self.broken}); "
-            "close this front-end and start a new session",
-            errno.EPIPE,
-        )
-
-    def break_(self, reason: str) -> None:
-        """Give up on the session: remember why, shut the socket down (wakes the watcher) and close it."""
-        if self.broken is None:
-            self.broken = reason
-            log.warning("vhost-user %s: session broken: %s", self.name, reason)
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-
-    def interrupt(self) -> None:
-        """Wake a thread blocked in a request (close() from another thread)."""
-        sock = self.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def error(self, message: str, err: int) -> VhostUserError:
+        return vhost_user_error(message, err)
 
     def fail(self, what: str, text: str, err: int = errno.EPROTO) -> VhostUserError:
         """Break the session over a reply that breaks the protocol and say so."""
         self.break_(text)
         return vhost_user_error(f"vhost-user {self.name}: {what}: {text}; the session is closed", err)
-
-    def alive(self) -> bool:
-        sock = self.sock
-        if sock is None or self.broken is not None or self.closed:
-            return False
-        if not self.lock.acquire(blocking=False):
-            return True  # a request is in flight; it will find out
-        try:
-            sock = self.sock
-            if sock is None:
-                return False
-            poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
-            events = poller.poll(0)
-            if events and events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLRDHUP | select.POLLNVAL):
-                self.break_(_GONE)
-                return False
-            return True  # nothing, or an unsolicited message: the next request deals with it
-        finally:
-            self.lock.release()
 
     def request(
         self,
@@ -282,92 +235,6 @@ class _Connection:
                 )
             return None
 
-    def close(self) -> None:
-        self.closed = True
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-
-
-class _Watcher:
-    """A thread that notices the back-end hang up and calls the ``on_lost`` callbacks once.
-
-    It polls a duplicate of the socket for POLLRDHUP only (POLLHUP and POLLERR come
-    anyway), so replies never wake it, and an eventfd that ``stop`` signals. A session
-    the front-end breaks itself is shut down, which wakes it too.
-    """
-
-    def __init__(self, conn: _Connection) -> None:
-        sock = conn.sock
-        if sock is None:
-            raise conn.unusable("watch the connection")
-        self.conn = conn
-        self.callbacks: list[Callable[[str], object]] = []
-        self.lock = threading.Lock()
-        self.fired = False
-        self.fired_at: float | None = None
-        self._fd = os.dup(sock.fileno())
-        try:
-            self._wake = os.eventfd(0, os.EFD_CLOEXEC)
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._thread = threading.Thread(target=self._run, name=f"vhost-user-watch {conn.name}", daemon=True)
-        self._thread.start()
-
-    def _reason(self) -> str:
-        return self.conn.broken or _GONE
-
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._fd, select.POLLRDHUP)
-        poller.register(self._wake, select.POLLIN)
-        while True:
-            try:
-                events = dict(poller.poll())
-            except InterruptedError:
-                continue
-            if self._wake in events:
-                return
-            if events.get(self._fd):
-                break
-        with self.lock:
-            self.fired = True
-            self.fired_at = time.monotonic()
-            callbacks = list(self.callbacks)
-        reason = self._reason()
-        for callback in callbacks:
-            try:
-                callback(reason)
-            except Exception:
-                log.exception("vhost-user %s: on_lost callback failed", self.conn.name)
-
-    def add(self, callback: Callable[[str], object]) -> Callable[[], None]:
-        with self.lock:
-            fired = self.fired
-            if not fired:
-                self.callbacks.append(callback)
-        if fired:  # already gone: tell at once
-            callback(self._reason())
-
-        def cancel() -> None:
-            with self.lock:
-                if callback in self.callbacks:
-                    self.callbacks.remove(callback)
-
-        return cancel
-
-    def stop(self) -> None:
-        os.eventfd_write(self._wake, 1)
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-        os.close(self._fd)
-        os.close(self._wake)
-
 
 class _Resources:
     """Everything a front-end holds, released by ``release`` (no reference to the front-end)."""
@@ -378,7 +245,7 @@ class _Resources:
         self.memories: list[DmaMemory] = []
         self.listener: socket.socket | None = None
         self.socket_file: tuple[str, int, int] | None = None  # (path, st_dev, st_ino) of the file we made
-        self.watcher: _Watcher | None = None
+        self.watcher: LossWatcher | None = None
         self.packed = False
         self.released = False
 
@@ -820,7 +687,7 @@ class VhostUserFrontend:
             if self._conn.sock is None:  # already broken: nothing to watch, say so now
                 callback(self._conn.broken or "the session is broken")
                 return lambda: None
-            res.watcher = _Watcher(self._conn)
+            res.watcher = LossWatcher(self._conn)
         return res.watcher.add(callback)
 
     def close(self) -> None:

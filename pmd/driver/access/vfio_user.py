@@ -35,9 +35,7 @@ import errno
 import logging
 import mmap
 import os
-import select
 import socket
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -58,6 +56,7 @@ from ...abi.vfio import (
     IrqInfo,
     RegionInfo,
 )
+from ..session import LossWatcher, Session
 from . import DeviceAccess, RegionMapping
 
 __all__ = ["VfioUserAccess", "DEFAULT_TIMEOUT"]
@@ -69,20 +68,24 @@ _FIRST_REGION_INFO_ARGSZ = 1024
 _CLOSE_BUDGET = 1.0  # seconds close() may spend telling the server to drop IRQs and DMA maps
 
 
-class _Connection:
+class _Connection(Session):
     """The socket and the request/reply machinery; no reference to the device (for the finalizer)."""
 
+    protocol = "vfio-user"
+    kind = "vfio-user device"
+    log = log
+    gone = "the server closed the connection"
+    what_breaks = "the connection to the server"
+    remedy = "close this device and connect again"
+
     def __init__(self, sock: socket.socket, name: str, timeout: float) -> None:
-        self.sock: socket.socket | None = sock
-        self.name = name
-        self.timeout = timeout
-        self.lock = threading.Lock()
+        super().__init__(sock, name, timeout)
         self.next_id = 0
-        self.broken: str | None = None
-        self.closed = False
         self.peer_caps = p.Capabilities()
         self.max_size = p.max_message_size(p.MAX_DATA_XFER_SIZE)
-        self.requests = 0
+
+    def error(self, message: str, err: int) -> VfioError:
+        return vfio_error(message, err)
 
     # --- limits agreed in VERSION ---
 
@@ -93,72 +96,6 @@ class _Connection:
     @property
     def max_fds(self) -> int:
         return max(1, min(self.peer_caps.max_msg_fds, p.MAX_MSG_FDS))
-
-    # --- state ---
-
-    def _unusable(self, what: str) -> VfioError:
-        if self.closed:
-            return vfio_error(f"vfio-user device {self.name} is closed: cannot {what}", errno.EBADF)
-        return vfio_error(
-            f"vfio-user device {self.name}: cannot {what}: the connection to the server is broken "
-            f"({self.broken}); close this device and connect again",
-            errno.EPIPE,
-        )
-
-    def _break(self, reason: str) -> None:
-        """Give up on the connection: remember why, close the socket now."""
-        if self.broken is None:
-            self.broken = reason
-            log.warning("vfio-user %s: connection broken: %s", self.name, reason)
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-
-    def interrupt(self) -> None:
-        """Wake a thread blocked in a request (for close() from another thread)."""
-        sock = self.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def alive(self) -> bool:
-        sock = self.sock
-        if sock is None or self.broken is not None or self.closed:
-            return False
-        if not self.lock.acquire(blocking=False):
-            return True  # a request is in flight; it will find out
-        try:
-            sock = self.sock
-            if sock is None:
-                return False
-            poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
-            events = poller.poll(0)
-            if not events:
-                return True
-            mask = events[0][1]
-            if mask & (select.POLLHUP | select.POLLERR | select.POLLRDHUP | select.POLLNVAL):
-                self._break("the server closed the connection")
-                return False
-            try:
-                peek = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return True
-            except OSError as exc:
-                self._break(f"the connection failed: {exc.strerror}")
-                return False
-            if not peek:
-                self._break("the server closed the connection")
-                return False
-            return True  # an unsolicited message waits; the next request deals with it
-        finally:
-            self.lock.release()
 
     # --- request / reply ---
 
@@ -186,7 +123,7 @@ class _Connection:
         """One request and its reply (the caller holds ``lock``). The reply's fds are the caller's."""
         sock = self.sock
         if sock is None or self.broken is not None or self.closed:
-            raise self._unusable(what)
+            raise self.unusable(what)
         if len(fds) > self.max_fds:
             raise ValueError(f"{len(fds)} fds in one message; the server takes at most {self.max_fds}")
         limit = self.timeout if timeout is None else timeout
@@ -198,14 +135,14 @@ class _Connection:
         try:
             p.send_message(sock, p.encode_message(msg_id, command, payload), fds, deadline)
         except TimeoutError:
-            self._break(f"sending {name} took longer than {limit} s")
+            self.break_(f"sending {name} took longer than {limit} s")
             raise vfio_error(
                 f"vfio-user {self.name}: {what}: the server did not take the {name} request within {limit} s "
                 "(it is stuck); the connection is closed",
                 errno.ETIMEDOUT,
             ) from None
         except OSError as exc:
-            self._break(f"sending {name} failed: {exc.strerror or exc}")
+            self.break_(f"sending {name} failed: {exc.strerror or exc}")
             raise vfio_error(
                 f"vfio-user {self.name}: {what}: the server is gone ({exc.strerror or exc} while sending {name}); "
                 "it exited or crashed",
@@ -216,16 +153,16 @@ class _Connection:
                 reply = p.recv_message(sock, deadline=deadline, max_size=self.max_size, max_fds=p.MAX_MSG_FDS)
             except p.MessageError as exc:
                 if exc.errno == errno.ETIMEDOUT:
-                    self._break(f"no reply to {name} within {limit} s")
+                    self.break_(f"no reply to {name} within {limit} s")
                     raise vfio_error(
                         f"vfio-user {self.name}: {what}: no reply to {name} within {limit} s; the server is stuck "
                         "or gone, and the connection is closed",
                         errno.ETIMEDOUT,
                     ) from None
-                self._break(f"bad reply to {name}: {exc}")
+                self.break_(f"bad reply to {name}: {exc}")
                 raise vfio_error(f"vfio-user {self.name}: {what}: {exc}; the connection is closed", exc.errno) from None
             if reply is None:
-                self._break(f"the server closed the connection while {name} waited for its reply")
+                self.break_(f"the server closed the connection while {name} waited for its reply")
                 raise vfio_error(
                     f"vfio-user {self.name}: {what}: the server closed the connection before answering {name} "
                     "(it exited or crashed)",
@@ -235,7 +172,7 @@ class _Connection:
                 p.check_flags(reply)
             except p.MessageError as exc:
                 reply.close_fds()
-                self._break(str(exc))
+                self.break_(str(exc))
                 raise vfio_error(f"vfio-user {self.name}: {what}: {exc}; the connection is closed", errno.EPROTO) from None
             if not reply.is_reply:
                 self._refuse_server_command(sock, reply)
@@ -245,7 +182,7 @@ class _Connection:
                 text = (
                     f"the reply names {reply.name} id {reply.msg_id}, but the request was {name} id {msg_id}"
                 )
-                self._break(text)
+                self.break_(text)
                 raise vfio_error(f"vfio-user {self.name}: {what}: {text}; the connection is closed", errno.EPROTO)
             if reply.fds_truncated:
                 raise vfio_error(
@@ -275,80 +212,6 @@ class _Connection:
         except OSError:
             pass  # the request in progress finds out
 
-    def close(self) -> None:
-        self.closed = True
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            sock.close()
-
-
-class _Watcher:
-    """A thread that notices the server hang up and calls the ``on_lost`` callbacks once.
-
-    It polls a duplicate of the socket for POLLRDHUP only (POLLHUP and POLLERR
-    come anyway), so replies arriving for requests never wake it, and an
-    eventfd that ``stop`` signals. A connection the client itself breaks
-    (a timeout, a bad reply) is shut down, which wakes it too.
-    """
-
-    def __init__(self, conn: _Connection) -> None:
-        sock = conn.sock
-        if sock is None:
-            raise conn._unusable("watch the connection")
-        self.conn = conn
-        self.callbacks: list[Callable[[str], object]] = []
-        self.lock = threading.Lock()
-        self.fired = False
-        self._fd = os.dup(sock.fileno())
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC)
-        self._thread = threading.Thread(target=self._run, name=f"vfio-user-watch {conn.name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._fd, select.POLLRDHUP)
-        poller.register(self._wake, select.POLLIN)
-        while True:
-            try:
-                events = dict(poller.poll())
-            except InterruptedError:
-                continue
-            if self._wake in events:
-                return
-            if events.get(self._fd):
-                break
-        reason = self.conn.broken or "the server closed the connection"
-        with self.lock:
-            self.fired = True
-            callbacks = list(self.callbacks)
-        for callback in callbacks:
-            try:
-                callback(reason)
-            except Exception:
-                log.exception("vfio-user %s: on_lost callback failed", self.conn.name)
-
-    def add(self, callback: Callable[[str], object]) -> Callable[[], None]:
-        with self.lock:
-            fired = self.fired
-            if not fired:
-                self.callbacks.append(callback)
-        if fired:  # already gone: tell at once
-            callback(self.conn.broken or "the server closed the connection")
-
-        def cancel() -> None:
-            with self.lock:
-                if callback in self.callbacks:
-                    self.callbacks.remove(callback)
-
-        return cancel
-
-    def stop(self) -> None:
-        os.eventfd_write(self._wake, 1)
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-        os.close(self._fd)
-        os.close(self._wake)
-
 
 class _Resources:
     """Everything a VfioUserAccess holds, released in reverse order by ``release``."""
@@ -359,7 +222,7 @@ class _Resources:
         self.mappings: list[RegionMapping] = []
         self.dma: dict[int, tuple[int, int]] = {}  # iova -> (vaddr, size)
         self.irqs: dict[int, int] = {}  # irq index -> vectors set
-        self.watcher: _Watcher | None = None
+        self.watcher: LossWatcher | None = None
         self.closed = False
 
     def release(self) -> None:
@@ -516,10 +379,10 @@ class VfioUserAccess(DeviceAccess):
         try:
             major, minor, caps = p.decode_version(reply.payload)
         except p.MessageError as exc:
-            conn._break(str(exc))
+            conn.break_(str(exc))
             raise vfio_error(f"vfio-user {self.name}: version negotiation: {exc}", errno.EPROTO) from None
         if major != p.VFIO_USER_MAJOR or minor > p.VFIO_USER_MINOR:
-            conn._break(f"server answered version {major}.{minor}")
+            conn.break_(f"server answered version {major}.{minor}")
             raise vfio_error(
                 f"vfio-user {self.name}: the server answered protocol version {major}.{minor} to pmd's "
                 f"{p.VFIO_USER_MAJOR}.{p.VFIO_USER_MINOR} (it must keep the major and not raise the minor)",
@@ -582,13 +445,13 @@ class VfioUserAccess(DeviceAccess):
         stops at ``close()``. A callback added after the loss is called at once."""
         res = self._live()
         if res.watcher is None:
-            res.watcher = _Watcher(self._conn)
+            res.watcher = LossWatcher(self._conn)
         return res.watcher.add(callback)
 
     def check_alive(self) -> None:
         """Raise :class:`VfioError` when the server is gone (for a watchdog on the data path)."""
         if not self.alive:
-            raise self._conn._unusable("go on")
+            raise self._conn.unusable("go on")
 
     @property
     def broken(self) -> str | None:
