@@ -1870,3 +1870,41 @@ def test_set_irqs_decoding():
         p.decode_set_irqs(p.encode_set_irqs(VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, 2, 0, 1, b"\0" * 4))
     with pytest.raises(p.MessageError):
         p.decode_set_irqs(p.encode_set_irqs(VFIO_IRQ_SET_ACTION_TRIGGER, 2, 0, 1))  # no DATA bit
+
+
+@pytest.mark.parametrize("protocol", ["vfio-user", "vhost-user"])
+def test_received_fds_are_close_on_exec(protocol):
+    # A peer's fd (DMA memory, an eventfd) must not leak into a process pmd starts
+    # (MSG_CMSG_CLOEXEC, pmd.abi.stream): both protocols receive through one path.
+    from pmd.abi import vhost_user as v
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    os.set_inheritable(r, True)
+    try:
+        if protocol == "vfio-user":
+            p.send_message(a, p.encode_message(1, p.VFIO_USER_DMA_MAP, b""), [r])
+            msg = p.recv_message(b, deadline=p.deadline_after(5), max_size=p.max_message_size())
+        else:
+            v.send_message(a, v.encode_message(v.VHOST_USER_SET_OWNER), [r])
+            msg = v.recv_message(b, deadline=v.deadline_after(5))
+        assert msg is not None and len(msg.fds) == 1
+        assert not os.get_inheritable(msg.fds[0])
+        msg.close_fds()
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_a_reset_between_messages_reads_as_the_peer_gone():
+    # AF_UNIX reports a peer that closed with our bytes unread as a reset: between
+    # messages that is the end of the session (None), not a protocol error.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        b.send(b"x" * 4)  # bytes a never reads
+        a.close()
+        assert p.recv_message(b, deadline=p.deadline_after(5), max_size=p.max_message_size()) is None
+    finally:
+        b.close()

@@ -31,19 +31,17 @@ shared with kernel VFIO.
 
 from __future__ import annotations
 
-import array
 import errno
 import json
-import math
-import os
 import socket
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import VfioError
+from .stream import SCM_MAX_FD, close_fds, deadline_after, recv_upto
+from .stream import send_all as send_message
 from .vfio import (
     REGION_INFO_FLAG_CAPS,
     REGION_INFO_FLAG_MMAP,
@@ -210,7 +208,6 @@ MAX_INFO_SIZE = 1 << 16
 MAX_REGIONS = 64
 MAX_IRQ_INDEXES = 16
 _U64 = (1 << 64) - 1
-_SCM_MAX_FD = 253  # Linux: the most fds one SCM_RIGHTS message can carry
 
 _DMA_MAP = struct.Struct("<IIQQQ")  # argsz, flags, offset, address, size
 _DMA_UNMAP = struct.Struct("<IIQQ")  # argsz, flags, address, size
@@ -260,15 +257,6 @@ def message_error(
 def command_name(command: int) -> str:
     """``"DMA_MAP"`` for 2, ``"command 99"`` for what is not a vfio-user command."""
     return COMMAND_NAMES.get(command, f"command {command}")
-
-
-def close_fds(fds: Sequence[int]) -> None:
-    """Close every fd, ignoring the ones already closed."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 @dataclass
@@ -492,7 +480,7 @@ def decode_version(payload: bytes) -> tuple[int, int, Capabilities]:
     caps: dict[str, Any] = dict(raw)
     max_fds = DEFAULT_MAX_MSG_FDS
     if "max_msg_fds" in caps:
-        max_fds = _positive_int(what, "max_msg_fds", caps.pop("max_msg_fds"), _SCM_MAX_FD)
+        max_fds = _positive_int(what, "max_msg_fds", caps.pop("max_msg_fds"), SCM_MAX_FD)
     xfer = DEFAULT_MAX_DATA_XFER_SIZE
     if "max_data_xfer_size" in caps:
         xfer = _positive_int(what, "max_data_xfer_size", caps.pop("max_data_xfer_size"), 0xFFFFFFFF)
@@ -802,68 +790,6 @@ def decode_region_access(payload: bytes, what: str, *, with_data: bool, max_coun
 # ---------------------------------------------------------------------------
 
 
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    return deadline - time.monotonic()
-
-
-def send_message(sock: socket.socket, data: bytes, fds: Sequence[int] = (), deadline: float | None = None) -> None:
-    """Send one whole message; ``fds`` ride with its first byte as SCM_RIGHTS.
-
-    Raises ``TimeoutError`` past ``deadline`` and the ``OSError`` of a
-    connection that is gone (``BrokenPipeError``, ``ConnectionResetError``).
-    """
-    if len(fds) > _SCM_MAX_FD:
-        raise ValueError(f"{len(fds)} file descriptors in one message; Linux passes at most {_SCM_MAX_FD}")
-    left = _remaining(deadline)
-    if left is not None and left <= 0:
-        raise TimeoutError("deadline passed before sending")
-    sock.settimeout(left)
-    view = memoryview(data)
-    ancillary = []
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    sent = sock.sendmsg([view], ancillary, socket.MSG_NOSIGNAL)
-    while sent < len(view):
-        left = _remaining(deadline)
-        if left is not None and left <= 0:
-            raise TimeoutError(f"sent {sent} of {len(view)} bytes before the deadline")
-        sock.settimeout(left)
-        sent += sock.send(view[sent:], socket.MSG_NOSIGNAL)
-
-
-def _recv_into(
-    sock: socket.socket,
-    want: int,
-    deadline: float | None,
-    max_fds: int,
-    fds: list[int],
-    state: list[bool],
-) -> bytes:
-    """Up to ``want`` bytes (fewer only at EOF), collecting fds; ``state[0]`` is set when fds were cut."""
-    chunks: list[bytes] = []
-    got = 0
-    space = socket.CMSG_SPACE(max(max_fds, 1) * 4)
-    while got < want:
-        left = _remaining(deadline)
-        if left is not None and left <= 0:
-            raise TimeoutError
-        sock.settimeout(left)
-        data, ancdata, flags, _addr = sock.recvmsg(want - got, space)
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(cdata) - len(cdata) % 4
-                fds.extend(array.array("i", cdata[:usable]))
-        if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
-            state[0] = True
-        if not data:
-            break
-        chunks.append(data)
-        got += len(data)
-    return b"".join(chunks)
-
-
 def recv_message(
     sock: socket.socket,
     *,
@@ -891,7 +817,7 @@ def recv_message(
     state = [False]
     try:
         try:
-            head = _recv_into(
+            head = recv_upto(
                 sock,
                 HEADER_SIZE,
                 deadline if first_byte_deadline is None else first_byte_deadline,
@@ -906,7 +832,7 @@ def recv_message(
             return None
         try:
             if len(head) < HEADER_SIZE:
-                more = _recv_into(sock, HEADER_SIZE - len(head), deadline, max_fds, fds, state)
+                more = recv_upto(sock, HEADER_SIZE - len(head), deadline, max_fds, fds, state)
                 head += more
         except TimeoutError:
             raise message_error(
@@ -920,7 +846,7 @@ def recv_message(
         body = b""
         if size > HEADER_SIZE:
             try:
-                body = _recv_into(sock, size - HEADER_SIZE, deadline, max_fds, fds, state)
+                body = recv_upto(sock, size - HEADER_SIZE, deadline, max_fds, fds, state)
             except TimeoutError:
                 raise message_error(
                     f"timed out in the middle of a {size}-byte {command_name(command)} message id {msg_id}",
@@ -950,10 +876,3 @@ def recv_message(
     if msg.fds_truncated:
         msg.close_fds()
     return msg
-
-
-def deadline_after(timeout: float | None) -> float | None:
-    """``time.monotonic() + timeout``, or ``None`` for no timeout (``inf`` counts as none)."""
-    if timeout is None or math.isinf(timeout):
-        return None
-    return time.monotonic() + timeout

@@ -30,17 +30,14 @@ both a front-end (``pmd.driver.vhost_user``) and a back-end can be built on it.
 
 from __future__ import annotations
 
-import array
 import errno
-import math
-import os
 import socket
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import PmdError
+from .stream import close_fds, deadline_after, recv_upto, send_all
 
 __all__ = [
     "VhostUserError",
@@ -887,15 +884,6 @@ def decode_device_state(payload: bytes, what: str) -> DeviceStateTransfer:
 # ---------------------------------------------------------------------------
 
 
-def close_fds(fds: Sequence[int]) -> None:
-    """Close every fd, ignoring the ones already closed."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 @dataclass
 class Message:
     """One received message: header fields, payload and the fds that came with it.
@@ -1019,19 +1007,6 @@ def check_reply(msg: Message, request: int) -> None:
         raise message_error(f"{what} carries the need_reply flag, which only a request may", request=msg.request)
 
 
-def deadline_after(timeout: float | None) -> float | None:
-    """``time.monotonic() + timeout``, or ``None`` for no timeout (``inf`` counts as none)."""
-    if timeout is None or math.isinf(timeout):
-        return None
-    return time.monotonic() + timeout
-
-
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    return deadline - time.monotonic()
-
-
 def send_message(sock: socket.socket, data: bytes, fds: Sequence[int] = (), deadline: float | None = None) -> None:
     """Send one whole message; ``fds`` ride with its first byte (the header) as SCM_RIGHTS.
 
@@ -1040,50 +1015,7 @@ def send_message(sock: socket.socket, data: bytes, fds: Sequence[int] = (), dead
     """
     if len(fds) > MAX_FDS:
         raise ValueError(f"{len(fds)} file descriptors in one message; vhost-user messages carry at most {MAX_FDS}")
-    left = _remaining(deadline)
-    if left is not None and left <= 0:
-        raise TimeoutError("deadline passed before sending")
-    sock.settimeout(left)
-    view = memoryview(data)
-    ancillary = []
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    sent = sock.sendmsg([view], ancillary, socket.MSG_NOSIGNAL)
-    while sent < len(view):
-        left = _remaining(deadline)
-        if left is not None and left <= 0:
-            raise TimeoutError(f"sent {sent} of {len(view)} bytes before the deadline")
-        sock.settimeout(left)
-        sent += sock.send(view[sent:], socket.MSG_NOSIGNAL)
-
-
-def _recv_into(sock: socket.socket, want: int, deadline: float | None, max_fds: int, fds: list[int],
-               state: list[bool]) -> bytes:
-    """Up to ``want`` bytes (fewer only at EOF), collecting fds; ``state[0]`` is set when fds were cut."""
-    chunks: list[bytes] = []
-    got = 0
-    space = socket.CMSG_SPACE(max(max_fds, 1) * 4)
-    while got < want:
-        left = _remaining(deadline)
-        if left is not None and left <= 0:
-            raise TimeoutError
-        sock.settimeout(left)
-        # MSG_CMSG_CLOEXEC: a peer's fd must not leak into a process this one starts
-        try:
-            data, ancdata, flags, _addr = sock.recvmsg(want - got, space, socket.MSG_CMSG_CLOEXEC)
-        except ConnectionResetError:
-            break  # a peer that closed with our bytes unread (AF_UNIX reports a reset): closed all the same
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(cdata) - len(cdata) % 4
-                fds.extend(array.array("i", cdata[:usable]))
-        if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
-            state[0] = True
-        if not data:
-            break
-        chunks.append(data)
-        got += len(data)
-    return b"".join(chunks)
+    send_all(sock, data, fds, deadline)
 
 
 def recv_message(
@@ -1110,7 +1042,7 @@ def recv_message(
     state = [False]
     try:
         try:
-            head = _recv_into(sock, HEADER_SIZE, deadline if first_byte_deadline is None else first_byte_deadline,
+            head = recv_upto(sock, HEADER_SIZE, deadline if first_byte_deadline is None else first_byte_deadline,
                               max_fds, fds, state)
         except TimeoutError:
             raise message_error("no message arrived before the deadline", errno.ETIMEDOUT, fatal=True) from None
@@ -1119,7 +1051,7 @@ def recv_message(
             return None
         try:
             if len(head) < HEADER_SIZE:
-                head += _recv_into(sock, HEADER_SIZE - len(head), deadline, max_fds, fds, state)
+                head += recv_upto(sock, HEADER_SIZE - len(head), deadline, max_fds, fds, state)
         except TimeoutError:
             raise message_error(f"timed out with {len(head)} of the {HEADER_SIZE} header bytes", errno.ETIMEDOUT,
                                 fatal=True) from None
@@ -1130,7 +1062,7 @@ def recv_message(
         body = b""
         if size:
             try:
-                body = _recv_into(sock, size, deadline, max_fds, fds, state)
+                body = recv_upto(sock, size, deadline, max_fds, fds, state)
             except TimeoutError:
                 raise message_error(
                     f"timed out in the middle of a {request_name(request)} message ({HEADER_SIZE + size} bytes)",
