@@ -528,7 +528,7 @@ def test_the_wire_format_is_pure_vocabulary():
 def test_the_frontend_imports_neither_the_device_side_nor_the_port():
     absolute, relative = _imports(ROOT / "pmd" / "driver" / "vhost_user.py")
     assert absolute - {"__future__"} <= set(sys.stdlib_module_names)
-    assert relative <= {"..errors", "..abi", "..abi.vhost_user", "..memory", "..memory.seals", ".interrupts", ".session"}
+    assert relative <= {"..errors", "..abi", "..abi.vhost_user", "..memory", "..memory.seals", ".interrupts", ".session", "..sockets"}
 
 
 # ===========================================================================
@@ -1075,6 +1075,27 @@ def test_server_mode_refuses_to_replace_a_file_or_a_live_socket(sock_dir):
         assert e.value.errno == errno.EADDRINUSE
     finally:
         s.close()
+
+
+def test_server_mode_socket_mode_never_follows_a_symlink(sock_dir, monkeypatch):
+    # The listening socket's file gets its mode through the inode bound, as the
+    # device's sockets do (pmd.sockets): a symlink planted after bind is refused and
+    # what it points to keeps its mode.
+    from tests.conftest import plant_symlink_after_bind
+
+    path = os.path.join(sock_dir, "s.sock")
+    victim = Path(sock_dir, "victim")
+    victim.write_text("secret")
+    os.chmod(victim, 0o644)
+    plant_symlink_after_bind(monkeypatch, path, victim)
+    old = os.umask(0o077)
+    try:
+        with pytest.raises(VhostUserError, match="replaced right after bind") as e:
+            VhostUserFrontend.listen(path, accept_timeout=0.1, mode=0o660)
+    finally:
+        os.umask(old)
+    assert e.value.errno == errno.EEXIST
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644 and victim.read_text() == "secret"
 
 
 def test_server_mode_removes_a_stale_socket(sock_dir):

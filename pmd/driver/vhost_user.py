@@ -64,7 +64,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 import time
@@ -73,6 +72,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from ..memory import DmaMemory
+from ..sockets import Identity, bind_socket, check_path, remove_socket, remove_stale
 from .session import LossWatcher, Session
 from ..abi import vhost_user as v
 from ..abi.vhost_user import VhostUserError, vhost_user_error
@@ -94,7 +94,6 @@ DEFAULT_TIMEOUT = 1.0  # a back-end on the same host answers a control message i
 DEFAULT_MEMORY_TIMEOUT = 5.0  # SET_MEM_TABLE: the back-end maps (DPDK: and populates) all of it
 DEFAULT_ACCEPT_TIMEOUT = 10.0
 _CLOSE_BUDGET = 1.0  # seconds close() may spend stopping rings while the back-end answers
-_MAX_UNIX_PATH = 107  # sun_path holds 108 bytes with the NUL
 
 #: what pmd asks for when offered: the ones DPDK's virtio-user uses (MQ, REPLY_ACK, STATUS) and CONFIG
 WANTED_PROTOCOL_FEATURES = (
@@ -244,7 +243,7 @@ class _Resources:
         self.queues: dict[int, QueueState] = {}
         self.memories: list[DmaMemory] = []
         self.listener: socket.socket | None = None
-        self.socket_file: tuple[str, int, int] | None = None  # (path, st_dev, st_ino) of the file we made
+        self.socket_file: tuple[str, Identity] | None = None  # the file we made, to remove only it
         self.watcher: LossWatcher | None = None
         self.packed = False
         self.released = False
@@ -280,13 +279,7 @@ class _Resources:
             self.listener.close()
             self.listener = None
         if self.socket_file is not None:
-            path, dev, ino = self.socket_file
-            try:
-                st = os.lstat(path)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    os.unlink(path)
-            except OSError:
-                pass
+            remove_socket(*self.socket_file)
             self.socket_file = None
 
     def _stop_rings(self, conn: _Connection) -> None:
@@ -310,17 +303,8 @@ class _Resources:
 # ---------------------------------------------------------------------------
 
 
-def _check_path(path: str) -> None:
-    if len(os.fsencode(path)) > _MAX_UNIX_PATH:
-        raise vhost_user_error(
-            f"socket path {path!r} is longer than the {_MAX_UNIX_PATH} bytes a UNIX socket address holds; "
-            "use a shorter path",
-            errno.ENAMETOOLONG,
-        )
-
-
 def _connect_socket(path: str, timeout: float, wait: float) -> socket.socket:
-    _check_path(path)
+    check_path(path, vhost_user_error)
     give_up = time.monotonic() + wait
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -359,78 +343,15 @@ def _connect_socket(path: str, timeout: float, wait: float) -> socket.socket:
             ) from None
 
 
-def _remove_stale(path: str) -> None:
-    """Remove a socket file nobody listens on; refuse anything else at ``path``."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise vhost_user_error(f"cannot check {path}: {exc.strerror}", exc.errno or errno.EIO) from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise vhost_user_error(
-            f"{path} exists and is not a socket: refusing to replace it; choose another path or remove it yourself",
-            errno.EEXIST,
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        pass  # stale: its listener is gone
-    except OSError as exc:
-        raise vhost_user_error(f"cannot check whether {path} is in use: {exc.strerror}",
-                               exc.errno or errno.EIO) from None
-    else:
-        raise vhost_user_error(
-            f"{path} is in use: something listens on it (a vhost-user backend in server mode?); connect to it "
-            "with VhostUserFrontend.connect, or choose another path",
-            errno.EADDRINUSE,
-        )
-    finally:
-        probe.close()
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    log.info("removed the stale socket file %s", path)
-
-
 def _listen_socket(path: str, mode: int, res: _Resources) -> socket.socket:
     """Bind and listen at ``path`` with exactly ``mode``; the file is recorded in ``res`` for removal."""
-    _check_path(path)
-    _remove_stale(path)
+    check_path(path, vhost_user_error)
+    remove_stale(path, "something listens on it (a vhost-user backend in server mode?); connect to it with "
+                 "VhostUserFrontend.connect, or choose another path", vhost_user_error)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     res.listener = sock
-    # The socket file takes the socket inode's mode (less the umask) at bind, so it never
-    # exists with wider permissions than asked; the mode is set exactly after bind.
-    os.fchmod(sock.fileno(), mode)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        raise vhost_user_error(f"cannot create the socket {path}: {exc.strerror}", exc.errno or errno.EIO) from None
-    # chmod(path) would follow a symlink swapped in after bind: change the inode we opened instead.
-    try:
-        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise vhost_user_error(
-            f"the socket {path} is gone right after bind ({exc.strerror}): another process removes files there; "
-            "use a directory only this user can write",
-            exc.errno or errno.ENOENT,
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
-            raise vhost_user_error(
-                f"{path} was replaced right after bind by something that is not pmd's socket; "
-                "use a directory only this user can write",
-                errno.EEXIST,
-            )
-        res.socket_file = (path, st.st_dev, st.st_ino)
-        if stat.S_IMODE(st.st_mode) != mode:
-            os.chmod(f"/proc/self/fd/{fd}", mode)
-    finally:
-        os.close(fd)
+    # Exactly ``mode``, never through a symlink planted after bind (pmd.sockets).
+    res.socket_file = (path, bind_socket(sock, path, mode, "vhost-user socket", vhost_user_error))
     sock.listen(1)
     return sock
 

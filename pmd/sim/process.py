@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import Any, Sequence
 
 from ..errors import PmdError
-from .sockets import bind_socket, remove_socket
+from ..sockets import bind_socket, remove_socket
 from .wires import WIRES, Wire, make_wire, pair_wires
 
 log = logging.getLogger("pmd.sim.process")
@@ -125,7 +125,7 @@ class _Control:
                 os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            # 0600, never through a symlink planted after bind (pmd.sim.sockets).
+            # 0600, never through a symlink planted after bind (pmd.sockets).
             self.identity = bind_socket(self.sock, path, 0o600, "control socket")
         except BaseException:
             self.sock.close()

@@ -72,7 +72,6 @@ import mmap
 import os
 import selectors
 import socket
-import stat
 import struct
 import threading
 import weakref
@@ -94,14 +93,13 @@ from ..abi.vfio import (
     VFIO_IRQ_SET_DATA_NONE,
     SparseArea,
 )
-from .sockets import bind_socket, remove_socket
+from ..sockets import bind_socket, check_path, remove_socket, remove_stale
 
 __all__ = ["VfioUserServer", "DeviceModel", "RegionSpec", "errno_for"]
 
 log = logging.getLogger("pmd.vfio_user.server")
 
 _PAGE = mmap.PAGESIZE
-_MAX_UNIX_PATH = 107  # sun_path is 108 bytes with its NUL
 
 
 @dataclass
@@ -287,57 +285,17 @@ class VfioUserServer:
 
     def _listen(self) -> None:
         path = self.socket_path
-        if len(os.fsencode(path)) > _MAX_UNIX_PATH:
-            raise vfio_error(
-                f"socket path {path!r} is longer than the {_MAX_UNIX_PATH} bytes a UNIX socket address holds; "
-                "use a shorter path (a directory closer to /)",
-                errno.ENAMETOOLONG,
-            )
-        self._remove_stale(path)
+        check_path(path)
+        remove_stale(path, "another vfio-user server listens on it; stop that one or choose another path")
         res = self._res
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         res.wake_r, res.wake_w = r, w
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         res.listener = sock
-        # Exactly ``mode``, never through a symlink planted after bind (pmd.sim.sockets).
+        # Exactly ``mode``, never through a symlink planted after bind (pmd.sockets).
         res.identity = bind_socket(sock, path, self.mode, "vfio-user socket")
         sock.listen(4)
         log.debug("vfio-user server listening on %s (mode %#o)", path, self.mode)
-
-    @staticmethod
-    def _remove_stale(path: str) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise vfio_error(f"cannot check {path}: {exc.strerror}", exc.errno) from exc
-        if not stat.S_ISSOCK(st.st_mode):
-            raise vfio_error(
-                f"{path} exists and is not a socket: refusing to replace it; choose another socket path "
-                "or remove the file yourself",
-                errno.EEXIST,
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            pass  # a stale socket file: nobody listens on it
-        except OSError as exc:
-            raise vfio_error(f"cannot check whether {path} is in use: {exc.strerror}", exc.errno) from exc
-        else:
-            raise vfio_error(
-                f"{path} is in use: another vfio-user server listens on it; stop that one or choose another path",
-                errno.EADDRINUSE,
-            )
-        finally:
-            probe.close()
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        log.info("removed the stale socket file %s", path)
 
     # --- state ----------------------------------------------------------------
 
