@@ -125,6 +125,21 @@ class Session:
         finally:
             self.lock.release()
 
+    def end(self, goodbye: Callable[[], None]) -> None:
+        """The last words of a session being closed: take the lock (a request still waiting
+        for its reply is woken, fails and lets go), let ``goodbye`` undo what the peer holds
+        for us while it still answers, and mark the session closed: requests from now on
+        fail at once. The socket stays open until :meth:`close`."""
+        if not self.lock.acquire(timeout=0.05):
+            self.interrupt()
+            self.lock.acquire()
+        try:
+            if self.sock is not None and self.broken is None:
+                goodbye()
+        finally:
+            self.closed = True
+            self.lock.release()
+
     def close(self) -> None:
         self.closed = True
         self._drop_socket()

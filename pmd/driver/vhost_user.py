@@ -261,15 +261,7 @@ class _Resources:
             self.watcher = None
         conn = self.conn
         if conn is not None:
-            if not conn.lock.acquire(timeout=0.05):
-                conn.interrupt()  # a thread waits for a reply: wake it; it fails and lets go
-                conn.lock.acquire()
-            try:
-                if conn.sock is not None and conn.broken is None:
-                    self._stop_rings(conn)
-            finally:
-                conn.closed = True
-                conn.lock.release()
+            conn.end(lambda: self._stop_rings(conn))
             conn.close()
         for state in self.queues.values():
             self.drop_queue_fds(state)

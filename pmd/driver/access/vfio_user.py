@@ -233,15 +233,7 @@ class _Resources:
             self.watcher.stop()
             self.watcher = None
         conn = self.conn
-        if not conn.lock.acquire(timeout=0.05):
-            conn.interrupt()  # a thread waits for a reply: wake it, it fails and lets go
-            conn.lock.acquire()
-        try:
-            if conn.sock is not None and conn.broken is None:
-                self._tell_server(conn)
-        finally:
-            conn.closed = True
-            conn.lock.release()
+        conn.end(lambda: self._tell_server(conn))
         for mapping in reversed(self.mappings):
             mapping.close()
         self.mappings.clear()
