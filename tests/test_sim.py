@@ -1147,7 +1147,7 @@ def leftovers(directory):
 
 
 def test_control_socket_mode_never_follows_a_symlink(tmp_path, monkeypatch):
-    """The control socket's file gets 0600 as the vfio-user socket's does (pmd.sim.sockets):
+    """The control socket's file gets 0600 as the vfio-user socket's does (pmd.sockets):
     a symlink planted between bind and the mode change is refused, and the file it points
     to keeps its mode."""
     import errno
