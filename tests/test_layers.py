@@ -48,7 +48,7 @@ DRIVER_LAYERS = [
 ]
 
 # Above the transport interface nothing may assume PCI (issue: vhost-user has no DeviceAccess).
-PCI_FREE = ("pmd.driver.port", "pmd.driver.virtio.transport", "pmd.driver.virtio.net")
+PCI_FREE = ("pmd.driver.port", "pmd.driver.virtio.transport", "pmd.driver.virtio.net", "pmd.driver.virtio.vhost_user")
 PCI_ONLY = ("pmd.driver.access", "pmd.driver.sysfs", "pmd.driver._mmio", "pmd.abi.pci", "pmd.abi.vfio",
             "pmd.abi.vfio_user", "pmd.abi.virtio_pci", "pmd.driver.virtio.modern", "pmd.driver.virtio.legacy",
             "pmd.driver.virtio.pci", "pmd.driver.virtio.pci_common")

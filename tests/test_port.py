@@ -534,6 +534,103 @@ class TestPortSim(PortTests, MergeableTests):
             p.close()
 
 
+def _needs_testpmd(cls):
+    from tests.dpdk import needs_testpmd
+
+    for name in dir(cls):
+        if name.startswith("test_"):
+            setattr(cls, name, needs_testpmd(getattr(cls, name)))
+    return cls
+
+
+@_needs_testpmd
+class TestPortVhostUser(PortTests):
+    """The same driver tests over vhost-user, against DPDK's vhost library: one
+    ``dpdk-testpmd`` in io mode between the port under test and a peer port
+    (tests/vhost_user_wire.py). DPDK's back-end offers no device configuration
+    (no MAC, link status or MTU) and runs no control queue."""
+
+    net = "vhost-user"
+
+    @pytest.fixture(autouse=True)
+    def _backend(self, tmp_path):
+        import tempfile
+
+        from tests.dpdk import DpdkBackend
+
+        # a short directory: a UNIX socket path holds 107 bytes
+        d = tempfile.mkdtemp(prefix="pmdvu")
+        self.path = os.path.join(d, "port.sock")
+        self.testpmd = DpdkBackend(self.path, str(tmp_path / "testpmd.log"), peer=os.path.join(d, "peer.sock"))
+        self.wire = None
+        try:
+            self.testpmd.wait_for_socket(os.path.join(d, "peer.sock"))
+            yield
+        finally:
+            if self.wire is not None:
+                self.wire.close()
+            self.testpmd.stop()
+            import shutil
+
+            shutil.rmtree(d, ignore_errors=True)
+
+    @pytest.fixture
+    def host(self):
+        from tests.vhost_user_wire import VhostUserWire
+
+        if self.wire is None:
+            self.wire = VhostUserWire(os.path.join(os.path.dirname(self.path), "peer.sock"))
+        self.wire.host_clear()
+        return self.wire
+
+    def open(self, **kw):
+        kw.setdefault("timeout", 5.0)
+        kw.setdefault("wait", 30)
+        return pmd.open_port("vhost-user:" + self.path, **kw)
+
+    def test_start_reads_mac_features_and_link(self, port):
+        # no CONFIG from DPDK's vhost library: no MAC or STATUS to read; pmd picks a
+        # locally administered unicast MAC and the link is up
+        assert port.started and port.link.up
+        assert port.features & bits("VERSION_1", "MRG_RXBUF") == bits("VERSION_1", "MRG_RXBUF")
+        assert not port.features & bits("MAC", "STATUS", "CTRL_VQ", "MQ")
+        assert port.mac[0] & 0x03 == 0x02
+        assert port.transport.get_status() == (V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_DRIVER_OK
+                                               | V.STATUS_FEATURES_OK)
+
+    def test_link_change_reaches_the_callback(self, port, host):
+        # A vhost-user back-end reports no link changes to a front-end that serves no
+        # back-end requests (VHOST_USER_PROTOCOL_F_BACKEND_REQ), and DPDK's offers no
+        # STATUS: the link is up for the port's life, and no callback is owed.
+        seen: list[Link] = []
+        port.on_link_change(seen.append)
+        one_frame(port, 0)
+        assert host.host_wire_digest(quiet=0.5)["count"] == 1
+        assert port.link.up and not seen and port.stats()["config_interrupts"] == 0
+
+    def test_promiscuous_off_filters_other_macs_and_on_lets_them_in(self, port, host):
+        # no control queue over vhost-user: the receive mode cannot be set, and saying so
+        # is a clear error, not a silent no-op
+        with pytest.raises(pmd.PmdError, match="VIRTIO_NET_F_CTRL_RX"):
+            port.promiscuous = False
+
+    def test_a_port_restarts_and_keeps_its_mac(self, port, host):
+        mac = port.mac
+        port.stop()
+        port.start()
+        assert port.mac == mac
+        stop = threading.Event()
+        t = threading.Thread(target=forward, args=(port, stop, "io"))
+        t.start()
+        try:
+            host.host_traffic(500, seed=9, dst=port.mac, net=self.net)
+            r = host.host_traffic_check("io", wait=60, net=self.net)
+        finally:
+            stop.set()
+            t.join()
+        assert r["received"] == 500 and r["n_mismatched"] == 0, r
+
+
 # ---------------------------------------------------------------- the driver on the built-in device, in process
 
 def local_port(model=None, **start):

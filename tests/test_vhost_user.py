@@ -58,10 +58,10 @@ from pmd.driver.interrupts import EventFd
 from pmd.abi import vhost_user as v
 from pmd.abi.vhost_user import MessageError, VhostUserError
 
+from .dpdk import DpdkBackend, needs_testpmd
 from .vhost_user_peer import ALL_PROTOCOL, DPDK_FEATURES, DPDK_PROTOCOL_FEATURES, FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTPMD = shutil.which("dpdk-testpmd")
 VERSION_1 = 1 << 32
 EVENT_IDX = 1 << 29
 MRG_RXBUF = 1 << 15
@@ -1109,77 +1109,84 @@ def test_server_mode_removes_a_stale_socket(sock_dir):
 
 
 # ===========================================================================
-# DPDK testpmd as the back-end
+# the transport: a Port over a vhost-user session (pmd.driver.virtio.vhost_user)
 # ===========================================================================
 
-_NO_TESTPMD = "dpdk-testpmd is not installed (apt-get install --no-install-recommends dpdk-dev)"
+from pmd.driver.port import Port  # noqa: E402
+from pmd.driver.virtio.vhost_user import CONFIG_FEATURES, NOT_CARRIED, VhostUserTransport  # noqa: E402
+from pmd.abi import virtio as V  # noqa: E402
 
 
-def needs_testpmd(test):
-    """Skip without testpmd, saying so; with PMD_REQUIRE_DPDK=1 (CI) fail instead: a skip there is a
-    missing check."""
-    if os.environ.get("PMD_REQUIRE_DPDK", "") not in ("", "0"):
-        if TESTPMD is None:
-            def missing(*args, **kwargs):
-                pytest.fail(f"PMD_REQUIRE_DPDK=1, but {_NO_TESTPMD}")
-            missing.__name__ = test.__name__
-            return missing
-        return test
-    return pytest.mark.skipif(TESTPMD is None, reason=_NO_TESTPMD)(test)
+def test_the_transport_offers_only_what_vhost_user_carries(session):
+    # no control queue (a back-end runs data queues only) and no ACCESS_PLATFORM (IOTLB)
+    with_config = VhostUserTransport(session().open())
+    try:
+        offered = with_config.device_features()
+        assert offered & NOT_CARRIED == 0 and offered & V.bit(V.VERSION_1)
+        assert offered & CONFIG_FEATURES == DPDK_FEATURES & CONFIG_FEATURES   # CONFIG: its fields can be read
+        assert with_config.device_config_length() > 0
+    finally:
+        with_config.close()
+    # DPDK's vhost library: no CONFIG, so no MAC, link status or MTU to read
+    bare = VhostUserTransport(session(protocol_features=DPDK_PROTOCOL_FEATURES).open())
+    try:
+        assert bare.device_features() & (CONFIG_FEATURES | NOT_CARRIED) == 0
+        assert bare.device_config_length() == 0
+    finally:
+        bare.close()
 
 
-class DpdkBackend:
-    """One ``dpdk-testpmd`` with a vhost-user port in io mode, stopped by PID at the end."""
+def test_a_port_over_vhost_user_reads_the_config_and_stops_the_rings_before_its_memory_goes(session):
+    from pmd.driver.interrupts import get_interrupt_thread
 
-    def __init__(self, path: str, log_path: str, *, client: bool = False) -> None:
-        self.prefix = f"pmdvu{os.getpid()}x{int(time.monotonic() * 1000) % 100000}"
-        vdev = f"net_vhost0,iface={path},queues=1" + (",client=1" if client else "")
-        cmd = [TESTPMD, "--lcores", "0@0,1@1", "--main-lcore", "0", "--no-pci", "--file-prefix", self.prefix,
-               "--no-huge", "-m", "1024", "--vdev", vdev, "--", "--forward-mode=io", "--nb-cores=1",
-               "--rxq=1", "--txq=1", "--stats-period", "1",
-               # testpmd drains and drops whatever its ports hold when forwarding starts; in server mode
-               # pmd is connected (and may be sending) before that
-               "--no-flush-rx"]
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+    with EventFd() as ev:    # the process's one interrupt thread (its epoll and wake fds) is not the port's
+        get_interrupt_thread().unregister(get_interrupt_thread().register(ev, lambda: None))
+    before = open_fds()
+    # a back-end with CONFIG that offers MAC and STATUS (DPDK's offers neither)
+    s = session(features=DPDK_FEATURES | 1 << 5 | 1 << 16)
+    port = Port(VhostUserTransport(s.open()))
+    try:
+        port.start()
+        assert port.mac == bytes.fromhex("525400123456") and port.mtu == 1500 and port.link.up
+        names = s.synced().names()
+        assert "SET_MEM_TABLE" in names and names.count("SET_VRING_KICK") == 2
+        assert names.index("SET_MEM_TABLE") < names.index("SET_VRING_ADDR")
+        assert port.transport.get_status() & V.STATUS_DRIVER_OK
+        port.stop()
+        names = s.synced().names()
+        # the rings stop (GET_VRING_BASE) while the memory they point into still exists
+        assert names.count("GET_VRING_BASE") == 2
+        assert port.transport.get_status() == 0
+        old = port.transport.frontend.memory_regions
+        port.start()                     # and start again on the same session
+        assert s.synced().names().count("SET_MEM_TABLE") == 2
+        # never the old region's address: DPDK would take it for the old memfd and keep it
+        # ("memory regions not changed")
+        assert port.transport.frontend.memory_regions[0].userspace_addr != old[0].userspace_addr
+    finally:
+        port.close()
+    s.backend.join()
+    assert open_fds() == before
 
-    def wait_for_socket(self, path: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(path):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"testpmd exited with {self.proc.returncode}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"testpmd made no socket in {timeout} s:\n{self.output()}")
-            time.sleep(0.02)
 
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return Path(self.log_path).read_text(errors="replace")
+def test_the_transport_refuses_access_platform_and_vectors_never_set_up(session, memory):
+    t = VhostUserTransport(session().open())
+    try:
+        with pytest.raises(PmdError, match="ACCESS_PLATFORM"):
+            t.map_memory(memory, iommu=True)
+        with pytest.raises(PmdError, match="vector 3 was not set up"):
+            t.set_config_vector(3)
+        with pytest.raises(PmdError, match="were not offered"):
+            t.set_driver_features(V.bit(V.ACCESS_PLATFORM))
+    finally:
+        t.close()
+    with pytest.raises(TypeError, match="VhostUserFrontend"):
+        VhostUserTransport(object())  # type: ignore[arg-type]
 
-    def stop(self) -> int:
-        """SIGINT by PID (testpmd prints its statistics and exits), SIGKILL if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        shutil.rmtree(f"/var/run/dpdk/{self.prefix}", ignore_errors=True)  # its runtime files, our prefix
-        return self.proc.returncode
 
-    def forwarded(self) -> tuple[int, int]:
-        """RX and TX packets of port 0 in testpmd's final forward statistics."""
-        text = self.output()
-        block = text[text.rindex("Forward statistics for port 0"):]
-        rx = re.search(r"RX-packets:\s+(\d+)", block)
-        tx = re.search(r"TX-packets:\s+(\d+)", block)
-        assert rx and tx, block
-        return int(rx.group(1)), int(tx.group(1))
-
+# ===========================================================================
+# DPDK testpmd as the back-end
+# ===========================================================================
 
 @pytest.fixture
 def testpmd(sock_dir):
@@ -1307,6 +1314,61 @@ def test_dpdk_server_mode_frames_come_back_byte_exact(sock_dir, testpmd):
     assert not os.path.exists(path)
     assert tp.stop() == 0
     assert tp.forwarded() == (512, 512)
+
+
+@needs_testpmd
+def test_dpdk_a_port_in_server_mode_echoes_byte_exact(sock_dir, testpmd):
+    # open_port("vhost-user:PATH", server=True): pmd listens, DPDK connects (client=1)
+    path = os.path.join(sock_dir, "vhost.sock")
+    tp = testpmd(path, client=True)
+    port = pmd.open_port("vhost-user:" + path, server=True, accept_timeout=60, timeout=DPDK_TIMEOUT)
+    try:
+        port.start()
+        assert port.transport.frontend.server_mode
+        rng = np.random.default_rng(11)
+        n = 600
+        lengths = rng.integers(60, 1515, n).astype(np.uint32)
+        data = rng.integers(0, 256, (n, 1514), dtype=np.uint8)
+        out = np.zeros((64, port.rx_queue(0).max_packet_len), np.uint8)
+        lens = np.zeros(64, np.uint32)
+        got: list[bytes] = []
+        done = 0
+        deadline = time.monotonic() + 30
+        while len(got) < n and time.monotonic() < deadline:
+            if done < n and done - len(got) + 32 <= 128:   # testpmd drops what finds the rx ring full
+                done += port.tx_burst(data[done:done + 32], lengths[done:done + 32])
+            k = port.rx_burst(out, lens)
+            got.extend(bytes(out[j, :lens[j]]) for j in range(k))
+            if not k:
+                time.sleep(0.0005)
+        assert got == [bytes(data[i, :lengths[i]]) for i in range(n)]
+    finally:
+        port.close()
+    assert not os.path.exists(path)
+    assert tp.stop() == 0 and tp.forwarded() == (600, 600)
+
+
+@needs_testpmd
+def test_dpdk_pmd_fwd_txonly_over_vhost_user_prints_a_summary(sock_dir, testpmd):
+    path = os.path.join(sock_dir, "vhost.sock")
+    tp = testpmd(path)
+    tp.wait_for_socket(path)
+    r = subprocess.run([sys.executable, "-m", "pmd", "fwd", "vhost-user:" + path, "--mode", "txonly",
+                        "--duration", "1", "--timeout", str(DPDK_TIMEOUT)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "vhost-user virtio transport" in r.stdout
+    summary = re.search(r"summary: mode=txonly .* tx=(\d+)", r.stdout)
+    assert summary and int(summary.group(1)) > 0, r.stdout
+    assert tp.stop() == 0
+    received, _sent = tp.forwarded()
+    assert received > 0
+
+
+def test_pmd_fwd_server_applies_to_vhost_user_only():
+    r = subprocess.run([sys.executable, "-m", "pmd", "fwd", "sim", "--server", "--duration", "0.1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--server applies to vhost-user:PATH only" in r.stderr
 
 
 @needs_testpmd

@@ -33,6 +33,12 @@ def open_port(address: str | DeviceAccess = "sim", *, legacy: bool | None = None
       docs/sim.md). It stops when the port closes.
     - ``"vfio-user:PATH"``: a vfio-user device already serving on the socket PATH
       (for example ``pmd sim --socket PATH``).
+    - ``"vhost-user:PATH"``: a vhost-user back-end (DPDK's ``net_vhost``, OVS-DPDK)
+      listening on the socket PATH; with ``server=True`` pmd listens there and waits
+      for the back-end to connect (DPDK: ``client=1``). Keyword arguments go to
+      :meth:`pmd.driver.vhost_user.VhostUserFrontend.connect` (``timeout=``, ``wait=``)
+      or :meth:`~pmd.driver.vhost_user.VhostUserFrontend.listen` (``accept_timeout=``);
+      see docs/vhost-user.md.
     - a PCI address of a device bound to vfio-pci (``"0000:00:03.0"``, ``"00:03.0"``):
       kernel VFIO; keyword arguments go to :meth:`pmd.driver.access.vfio.VfioAccess.open`;
     - a :class:`pmd.driver.access.DeviceAccess` already open (kernel VFIO, vfio-user,
@@ -61,6 +67,11 @@ def open_port(address: str | DeviceAccess = "sim", *, legacy: bool | None = None
         port.sim = sim
         port.after_close(sim.stop)
         return port
+    if address.startswith("vhost-user:"):
+        if legacy:
+            raise ValueError("legacy= picks a PCI interface; a vhost-user device has none")
+        return _vhost_user_port(address[len("vhost-user:"):], disable=disable, mac=mac, name=name or address,
+                                **kwargs)
     if address.startswith("vfio-user:"):
         from ..driver.access.vfio_user import VfioUserAccess
 
@@ -79,5 +90,24 @@ def _port(access: DeviceAccess, *, legacy: bool | None, disable: int | str, mac:
         transport = open_transport(access, legacy=legacy)
     except BaseException:
         access.close()
+        raise
+    return Port(transport, disable=disable, mac=mac, name=name)
+
+
+def _vhost_user_port(path: str, *, server: bool = False, disable: int | str, mac: str | bytes | None,
+                     name: str, **kwargs: Any) -> Port:
+    from ..driver.vhost_user import VhostUserFrontend
+    from ..driver.virtio.vhost_user import VhostUserTransport
+
+    if not path:
+        raise ValueError("vhost-user: needs a socket path: open_port('vhost-user:/path/to.sock')")
+    # DPDK's back-end answers late while its main thread is busy (its mbuf pool at start):
+    # the session's 1 s default is too short on a loaded machine
+    kwargs.setdefault("timeout", 5.0)
+    frontend = VhostUserFrontend.listen(path, **kwargs) if server else VhostUserFrontend.connect(path, **kwargs)
+    try:
+        transport = VhostUserTransport(frontend)
+    except BaseException:
+        frontend.close()
         raise
     return Port(transport, disable=disable, mac=mac, name=name)

@@ -178,6 +178,15 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
             kw["size"] = args.size
     elif args.wire != "generator":
         raise SystemExit("pmd fwd: --wire applies to the built-in device only (no DEVICE, or 'sim')")
+    if device.startswith("vhost-user:"):
+        kw["server"] = args.server
+        kw["timeout"] = args.timeout
+        if args.server:
+            kw["accept_timeout"] = args.accept_timeout
+        else:
+            kw["wait"] = args.accept_timeout
+    elif args.server:
+        raise SystemExit("pmd fwd: --server applies to vhost-user:PATH only (pmd listens, the backend connects)")
     # Until fwd.run takes SIGTERM over, it interrupts like Ctrl-C, so the port
     # (and the built-in device) is closed on the way out.
     old = signal.signal(signal.SIGTERM, _interrupt)
@@ -240,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.set_defaults(func=_cmd_loopback)
 
     fw = sub.add_parser("fwd", help="forward packets (rxonly, txonly, io, macswap) with live statistics")
-    fw.add_argument("device", nargs="?", help="PCI address, 'sim' or 'vfio-user:PATH' (default: the "
-                                              "built-in device)")
+    fw.add_argument("device", nargs="?", help="PCI address, 'sim', 'vfio-user:PATH' or 'vhost-user:PATH' "
+                                              "(default: the built-in device)")
     fw.add_argument("--mode", choices=("rxonly", "txonly", "io", "macswap"), default="io")
     fw.add_argument("--queues", type=int, default=1, help="queue pairs, one thread each")
     fw.add_argument("--burst", type=int, default=32, help="packets per burst")
@@ -257,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--rate", type=float, default=0.0, help="generator packets per second (0: max)")
     fw.add_argument("--tx-retry", type=int, default=10000,
                     help="io/macswap: tries for a full tx ring before dropping (0: drop at once)")
+    fw.add_argument("--server", action="store_true",
+                    help="vhost-user: listen on PATH and wait for the backend to connect (DPDK: client=1)")
+    fw.add_argument("--accept-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="vhost-user: how long to wait for the backend (to connect, or to listen) (default 30)")
+    fw.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="vhost-user: how long each request may wait for the backend's answer (default 5)")
     fw.set_defaults(func=_cmd_fwd)
 
     from ..sim.process import add_arguments as add_sim_arguments

@@ -180,7 +180,8 @@ class Port:
                                                          else " (no VIRTIO_NET_F_MQ)"))
         self.mtu = cfg.mtu
         self._link = self._link_reported = link_from(cfg)
-        self.mac = cfg.mac if cfg.mac is not None else (self._want_mac or random_mac())
+        # no MAC from the device: the one asked for, else the one picked at the last start, else a new one
+        self.mac = cfg.mac if cfg.mac is not None else (self._want_mac or self.mac or random_mac())
 
         sizes = []
         for pair in range(queue_pairs):

@@ -1,0 +1,206 @@
+"""The vhost-user transport: a virtio device with no PCI, over a vhost-user session.
+
+DPDK's ``net_virtio_user`` drives a vhost-user back-end (DPDK's vhost library,
+OVS-DPDK, VPP) with the same virtio-net driver as a PCI device; this is pmd's
+equivalent. What the PCI transports do with registers, this one does with
+messages of its :class:`~pmd.driver.vhost_user.VhostUserFrontend` session (QEMU
+``docs/interop/vhost-user.rst``):
+
+============================  ============================================
+Transport                     vhost-user
+============================  ============================================
+status (2.1)                  SET_STATUS / GET_STATUS with STATUS, else kept here;
+                              0 stops every started ring first (GET_VRING_BASE),
+                              so the back-end lets go of the memory
+features (2.2)                GET_FEATURES / SET_FEATURES
+queues                        SET_VRING_CALL, _NUM, _BASE, _ADDR, _KICK, _ENABLE
+notifications                 the kick eventfd (``Virtqueue.set_notify_eventfd``)
+interrupt vectors             one eventfd per vector, given as a ring's call fd
+DMA memory                    SET_MEM_TABLE with the DmaMemory's memfd
+device configuration          GET_CONFIG with CONFIG, else none
+the device going away         the session's watcher (POLLRDHUP)
+============================  ============================================
+
+What vhost-user cannot carry is not offered to the driver above: the control queue
+(a vhost-user back-end runs the data queues only; DPDK's virtio-user answers
+control commands itself) and what depends on it (MQ, RX mode, MAC setting); the
+fields of the device configuration (MAC, link status, MTU) when the back-end has
+no CONFIG (DPDK's vhost library offers it for vDPA devices only): the port then
+picks a MAC and the link is up. ``VIRTIO_F_ACCESS_PLATFORM`` would need IOTLB
+messages pmd does not send.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from ...abi import virtio as V
+from ...abi import virtio_net as N
+from ...abi import vhost_user as v
+from ...abi.virtio import NO_VECTOR
+from ...errors import DeviceError
+from ...memory import DmaMemory
+from .._virtqueue import Virtqueue
+from ..vhost_user import VhostUserFrontend
+from .transport import Transport, check_queue_size
+
+__all__ = ["VhostUserTransport", "NOT_CARRIED", "CONFIG_FEATURES"]
+
+#: features a vhost-user back-end does not serve: the control queue and what needs it,
+#: and ACCESS_PLATFORM (IOTLB messages)
+NOT_CARRIED = (V.bit(N.NET_CTRL_VQ) | V.bit(N.NET_CTRL_RX) | V.bit(N.NET_CTRL_VLAN) | V.bit(N.NET_MQ)
+               | V.bit(N.NET_CTRL_MAC_ADDR) | V.bit(N.NET_GUEST_ANNOUNCE) | V.bit(N.NET_CTRL_GUEST_OFFLOADS)
+               | V.bit(V.ACCESS_PLATFORM))
+#: features whose fields live in the device configuration: offered only with CONFIG
+CONFIG_FEATURES = V.bit(N.NET_MAC) | V.bit(N.NET_STATUS) | V.bit(N.NET_MTU) | V.bit(N.NET_SPEED_DUPLEX)
+
+
+class VhostUserTransport(Transport):
+    """A virtio-net device behind a vhost-user back-end.
+
+    ``VhostUserTransport(frontend, owns_frontend=True)``: ``frontend`` is a session
+    already open (:meth:`VhostUserFrontend.connect` or :meth:`~VhostUserFrontend.listen`);
+    :meth:`close` closes it when the transport owns it.
+    """
+
+    kind = "vhost-user"
+
+    def __init__(self, frontend: VhostUserFrontend, *, owns_frontend: bool = True) -> None:
+        if not isinstance(frontend, VhostUserFrontend):
+            raise TypeError(f"VhostUserTransport takes a VhostUserFrontend, not a {type(frontend).__name__}")
+        self.frontend = frontend
+        self.name = frontend.name
+        self._owns = owns_frontend
+        self._kicks: dict[int, int] = {}        # queue -> the eventfd pmd writes to notify it
+        self._vectors: list[int] = []           # vector -> eventfd (set_interrupts)
+        self._held: object = None               # a view of the memory last shared (see map_memory)
+        self._closed = False
+
+    # ---- status ----
+    def get_status(self) -> int:
+        return self.frontend.get_status()
+
+    def set_status(self, status: int) -> None:
+        if status == 0:
+            self._stop_rings()
+        self.frontend.set_status(status)
+
+    def _stop_rings(self) -> None:
+        """GET_VRING_BASE for every started ring: the back-end stops touching them (and the
+        memory they point into) before the driver frees it."""
+        for index, state in sorted(self.frontend.queues.items()):
+            if state.started and not self.frontend.broken:
+                self.frontend.stop_queue(index)
+        # The kick eventfds stay open until replaced or closed: a queue not yet closed
+        # may still point at one, and a closed fd number could name another file.
+
+    # ---- features ----
+    def device_features(self) -> int:
+        offered = self.frontend.device_features & ~NOT_CARRIED
+        if not self.frontend.has_protocol_feature(v.VHOST_USER_PROTOCOL_F_CONFIG):
+            offered &= ~CONFIG_FEATURES
+        return offered
+
+    def set_driver_features(self, features: int) -> None:
+        extra = features & ~self.device_features()
+        if extra:
+            raise DeviceError(f"features {extra:#x} were not offered by the vhost-user backend")
+        self.frontend.negotiate(features)
+
+    # ---- queues ----
+    def num_queues(self) -> int:
+        return 2 * self.frontend.max_queue_pairs
+
+    def queue_max_size(self, index: int) -> int:
+        return v.MAX_QUEUE_SIZE if 0 <= index < self.num_queues() else 0
+
+    def queue_size_fixed(self) -> bool:
+        return False
+
+    def setup_queue(self, index: int, vq: Virtqueue, vector: int = NO_VECTOR) -> None:
+        check_queue_size(index, vq.size, self.queue_max_size(index))
+        if vector != NO_VECTOR and not 0 <= vector < len(self._vectors):
+            raise DeviceError(f"queue {index}: interrupt vector {vector} was not set up "
+                              f"({len(self._vectors)} vectors)")
+        call = self._vectors[vector] if vector != NO_VECTOR else None
+        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self.frontend.setup_queue(index, vq.size, vq.desc_iova, vq.avail_iova, vq.used_iova, kick, call)
+            self.frontend.enable_queue(index)
+        except BaseException:
+            os.close(kick)
+            raise
+        old = self._kicks.pop(index, None)
+        if old is not None:
+            os.close(old)
+        self._kicks[index] = kick
+        vq.set_notify_eventfd(kick)
+
+    # ---- interrupts: one eventfd per vector, handed to the rings as call fds ----
+    def interrupt_vectors(self) -> int:
+        # vector 0 (configuration changes) is never signalled: a vhost-user back-end
+        # reports none to a front-end that does not serve back-end requests
+        return 1 + self.num_queues()
+
+    def set_interrupts(self, fds: Sequence[int]) -> None:
+        self._vectors = list(fds)
+
+    def disable_interrupts(self) -> None:
+        self._vectors = []
+
+    def set_config_vector(self, vector: int) -> None:
+        if vector != NO_VECTOR and not 0 <= vector < len(self._vectors):
+            raise DeviceError(f"configuration vector {vector} was not set up ({len(self._vectors)} vectors)")
+
+    def read_isr(self) -> int:
+        return 0
+
+    # ---- device configuration ----
+    def config_generation(self) -> int:
+        return 0   # GET_CONFIG reads a range at once: no generation to compare
+
+    def device_config_length(self) -> int:
+        if self.frontend.has_protocol_feature(v.VHOST_USER_PROTOCOL_F_CONFIG):
+            return N.NET_CFG_LENGTH
+        return 0
+
+    def _read_config(self, offset: int, width: int) -> int:
+        return int.from_bytes(self.frontend.get_config(offset, width), "little")
+
+    def write_config(self, offset: int, width: int, value: int) -> None:
+        raise DeviceError("the vhost-user transport does not write the device configuration (SET_CONFIG)")
+
+    # ---- memory and the device going away ----
+    def map_memory(self, memory: DmaMemory, *, iommu: bool) -> Callable[[], None]:
+        if iommu:
+            raise DeviceError("vhost-user with VIRTIO_F_ACCESS_PLATFORM (IOTLB messages) is not supported")
+        self.frontend.set_memory(memory)
+        # DPDK's vhost library compares a new table with the old one by addresses and
+        # sizes only ("memory regions not changed"): memory of a restarted port mapped
+        # where the old one was would be taken for the old memfd, and the back-end would
+        # keep reading the old pages. A view keeps the old mapping (so its address) alive
+        # until the next table is sent; the rings in it were stopped by the reset.
+        self._held = memory.view(0, 1)
+        return lambda: None
+
+    def on_lost(self, callback: Callable[[str], object]) -> Callable[[], None]:
+        return self.frontend.on_lost(callback)
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._owns:
+                self.frontend.close()   # stops the started rings while the back-end answers
+        finally:
+            for fd in self._kicks.values():
+                os.close(fd)
+            self._kicks.clear()
+            self._vectors = []
+            self._held = None
+
+    def describe(self) -> str:
+        return f"vhost-user virtio transport ({self.name})"
