@@ -86,7 +86,7 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:
         while not stop.is_set():
             sent = txq.tx_burst_zc(ids, lens)
             if sent == burst:
-                ids = pool.alloc(burst)
+                pool.alloc_into(ids)  # the same array again: no allocation per burst
             elif sent:
                 ids = np.concatenate((ids[sent:], pool.alloc(sent)))
     finally:
@@ -129,9 +129,7 @@ def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: 
                 with pcap_lock:
                     pcap.write_burst(data[got], lens, n)
             if mode == "macswap":
-                dst = data[got, 0:6].copy()
-                data[got, 0:6] = data[got, 6:12]
-                data[got, 6:12] = dst
+                pool.swap_macs(got)
             sent = txq.tx_burst_zc(got, lens[:n])
             tries = 0
             while sent < n and tries < tx_retry and not stop.is_set():

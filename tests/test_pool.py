@@ -105,3 +105,38 @@ def test_buffers_never_straddle_non_contiguous_pages():
             assert iova % 4096 + 2048 <= 4096
         with pytest.raises(ValueError, match="not contiguous"):
             pmd.PacketPool(m, 4, 4096 + 1024)
+
+
+def test_swap_macs_swaps_the_first_twelve_bytes_of_each_packet_and_nothing_else(pool):
+    ids = pool.alloc(3)
+    frames = np.arange(3 * 20, dtype=np.uint8).reshape(3, 20)
+    pool.data[ids, :20] = frames
+    pool.swap_macs(ids, 2)                       # only the first two
+    for k in range(2):
+        assert list(pool.data[ids[k], :20]) == list(frames[k, 6:12]) + list(frames[k, 0:6]) + list(frames[k, 12:])
+    assert list(pool.data[ids[2], :20]) == list(frames[2])
+    pool.free(ids)
+
+
+def test_swap_macs_refuses_buffers_the_application_does_not_hold(pool):
+    ids = pool.alloc(2)
+    pool.free(ids[1:])
+    with pytest.raises(PoolError, match=r"ids\[1\]\) is not one the application holds \(free\)"):
+        pool.swap_macs(ids)
+    with pytest.raises(PoolError, match="not in this pool"):
+        pool.swap_macs(np.array([pool.n_buffers], np.uint32))
+    pool.free(ids[:1])
+
+
+def test_alloc_into_fills_the_array_given_or_takes_nothing(pool):
+    out = np.zeros(4, np.uint32)
+    before = pool.available
+    pool.alloc_into(out)
+    assert pool.available == before - 4 and len(set(out.tolist())) == 4
+    assert all(pool.state_of(int(b)) == "app" for b in out)
+    big = np.zeros(pool.available + 1, np.uint32)
+    with pytest.raises(PoolError, match="pool exhausted"):
+        pool.alloc_into(big)
+    assert pool.available == before - 4          # nothing taken by the refused call
+    pool.free(out)
+    assert pool.available == before
