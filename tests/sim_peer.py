@@ -21,7 +21,36 @@ sys.path.insert(0, str(Path(__file__).parent / "vm"))
 from harness import compare_frames, make_frames  # noqa: E402
 
 
-class SimPeer:
+class ReceivingPeer:
+    """What both peers share: the frames received (``rx``, filled by the subclass), the
+    frames of the last ``host_traffic`` (``sent``), and the guest.py functions that
+    compare or digest what came back."""
+
+    rx: collections.deque[bytes]
+    sent: list[bytes]
+
+    def host_traffic_check(self, mode: str = "io", *, wait: float = 120.0, net: str = "") -> dict:
+        deadline = time.monotonic() + wait
+        while len(self.rx) < len(self.sent) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got = [self.rx.popleft() for _ in range(min(len(self.rx), len(self.sent)))]
+        return compare_frames(self.sent, got, mode)
+
+    def host_wire_digest(self, *, quiet: float = 2.0, net: str = "") -> dict:
+        seen, since = -1, time.monotonic()
+        while time.monotonic() - since < quiet:
+            if len(self.rx) != seen:
+                seen, since = len(self.rx), time.monotonic()
+            time.sleep(0.02)
+        digest = hashlib.sha256()
+        count = 0
+        while self.rx:
+            digest.update(self.rx.popleft())
+            count += 1
+        return {"count": count, "sha256": digest.hexdigest()}
+
+
+class SimPeer(ReceivingPeer):
     def __init__(self, directory: Path) -> None:
         self.path = str(directory / "peer.sock")
         self.device_path = str(directory / "wire.sock")
@@ -71,26 +100,6 @@ class SimPeer:
         self.sent = make_frames(count, seed, min_len, max_len, dst, src)
         threading.Thread(target=self._send, args=(self.sent,), daemon=True).start()
         return len(self.sent)
-
-    def host_traffic_check(self, mode: str = "io", *, wait: float = 120.0, net: str = "sim") -> dict:
-        deadline = time.monotonic() + wait
-        while len(self.rx) < len(self.sent) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        got = [self.rx.popleft() for _ in range(min(len(self.rx), len(self.sent)))]
-        return compare_frames(self.sent, got, mode)
-
-    def host_wire_digest(self, *, quiet: float = 2.0, net: str = "sim") -> dict:
-        seen, since = -1, time.monotonic()
-        while time.monotonic() - since < quiet:
-            if len(self.rx) != seen:
-                seen, since = len(self.rx), time.monotonic()
-            time.sleep(0.02)
-        digest = hashlib.sha256()
-        count = 0
-        while self.rx:
-            digest.update(self.rx.popleft())
-            count += 1
-        return {"count": count, "sha256": digest.hexdigest()}
 
     def set_link(self, up: bool, net: str = "sim", **_: Any) -> None:
         self.sim.set_link(up)

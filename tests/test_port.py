@@ -215,6 +215,20 @@ def forward(port, stop: threading.Event, mode: str = "io", burst: int = 32) -> N
             sent += txq.tx_burst_zc(got[sent:], lens[sent:n])
 
 
+def echo_through(port, host, n: int, seed: int, mode: str = "io", *, net: str, wait: float = 300) -> dict:
+    """The peer sends ``n`` frames to the port, pmd forwards them (``mode``) while it does,
+    and the peer's comparison of what came back is returned."""
+    stop = threading.Event()
+    t = threading.Thread(target=forward, args=(port, stop, mode))
+    t.start()
+    try:
+        host.host_traffic(n, seed=seed, dst=port.mac, net=net)
+        return host.host_traffic_check(mode, wait=wait, net=net)
+    finally:
+        stop.set()
+        t.join()
+
+
 class PortTests:
     """Everything the driver must do, against one device. Subclasses say how to open it."""
 
@@ -279,30 +293,14 @@ class PortTests:
     # -- traffic
 
     def test_io_returns_10000_random_frames_byte_exact(self, port, host):
-        stop = threading.Event()
-        t = threading.Thread(target=forward, args=(port, stop, "io"))
-        t.start()
-        try:
-            host.host_traffic(10000, seed=1, dst=port.mac, net=self.net)
-            r = host.host_traffic_check("io", wait=300, net=self.net)
-        finally:
-            stop.set()
-            t.join()
+        r = echo_through(port, host, 10000, 1, net=self.net)
         assert r["received"] == r["sent"] == 10000 and r["n_mismatched"] == 0, r
         s = port.stats()
         assert s["rx_packets"] == s["tx_packets"] == 10000
         assert s["device_errors"] == 0 and s["rx_dropped"] == 0
 
     def test_macswap_returns_frames_with_macs_swapped(self, port, host):
-        stop = threading.Event()
-        t = threading.Thread(target=forward, args=(port, stop, "macswap"))
-        t.start()
-        try:
-            host.host_traffic(2000, seed=2, dst=port.mac, net=self.net)
-            r = host.host_traffic_check("macswap", wait=300, net=self.net)
-        finally:
-            stop.set()
-            t.join()
+        r = echo_through(port, host, 2000, 2, "macswap", net=self.net)
         assert r["received"] == 2000 and r["n_mismatched"] == 0, r
 
     def test_txonly_peer_receives_exactly_what_pmd_sent(self, port, host):
@@ -619,15 +617,7 @@ class TestPortVhostUser(PortTests):
         port.stop()
         port.start()
         assert port.mac == mac
-        stop = threading.Event()
-        t = threading.Thread(target=forward, args=(port, stop, "io"))
-        t.start()
-        try:
-            host.host_traffic(500, seed=9, dst=port.mac, net=self.net)
-            r = host.host_traffic_check("io", wait=60, net=self.net)
-        finally:
-            stop.set()
-            t.join()
+        r = echo_through(port, host, 500, 9, net=self.net, wait=60)
         assert r["received"] == 500 and r["n_mismatched"] == 0, r
 
 

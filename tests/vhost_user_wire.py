@@ -11,7 +11,6 @@ unchanged against this device too. Frames are made and compared by the same code
 from __future__ import annotations
 
 import collections
-import hashlib
 import sys
 import threading
 import time
@@ -23,14 +22,16 @@ import numpy as np
 import pmd
 
 sys.path.insert(0, str(Path(__file__).parent / "vm"))
-from harness import compare_frames, make_frames  # noqa: E402
+from harness import make_frames  # noqa: E402
+
+from tests.sim_peer import ReceivingPeer  # noqa: E402
 
 #: how many frames the peer keeps in flight towards the port under test: its rx ring
 #: holds 256, and testpmd drops (does not queue) what finds it full
 WINDOW = 96
 
 
-class VhostUserWire:
+class VhostUserWire(ReceivingPeer):
     def __init__(self, path: str, *, timeout: float = 5.0) -> None:
         self.port = pmd.open_port("vhost-user:" + path, timeout=timeout, wait=30, name="peer")
         # testpmd drops what finds this port's rx ring full (no back-pressure, unlike the
@@ -97,26 +98,6 @@ class VhostUserWire:
         self.host_clear()
         threading.Thread(target=self._send, args=(self.sent, WINDOW), daemon=True).start()
         return len(self.sent)
-
-    def host_traffic_check(self, mode: str = "io", *, wait: float = 120.0, net: str = "vhost-user") -> dict:
-        deadline = time.monotonic() + wait
-        while len(self.rx) < len(self.sent) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        got = [self.rx.popleft() for _ in range(min(len(self.rx), len(self.sent)))]
-        return compare_frames(self.sent, got, mode)
-
-    def host_wire_digest(self, *, quiet: float = 2.0, net: str = "vhost-user") -> dict:
-        seen, since = -1, time.monotonic()
-        while time.monotonic() - since < quiet:
-            if len(self.rx) != seen:
-                seen, since = len(self.rx), time.monotonic()
-            time.sleep(0.02)
-        digest = hashlib.sha256()
-        count = 0
-        while self.rx:
-            digest.update(self.rx.popleft())
-            count += 1
-        return {"count": count, "sha256": digest.hexdigest()}
 
     def close(self) -> None:
         self._stop.set()
