@@ -1169,6 +1169,22 @@ def test_a_port_over_vhost_user_reads_the_config_and_stops_the_rings_before_its_
     assert open_fds() == before
 
 
+def test_a_port_over_vhost_user_says_the_backend_is_gone_within_a_second(session):
+    s = session(features=DPDK_FEATURES | 1 << 5 | 1 << 16)
+    port = Port(VhostUserTransport(s.open()))
+    try:
+        port.start()
+        t0 = time.monotonic()
+        s.backend.close()                         # the back-end hangs up
+        while port.lost is None and time.monotonic() - t0 < 2:
+            time.sleep(0.01)
+        assert port.lost is not None and time.monotonic() - t0 < 1.0
+        with pytest.raises(PmdError, match="the device is gone"):
+            port.rx_burst(np.zeros((4, 2048), np.uint8), np.zeros(4, np.uint32))
+    finally:
+        port.close()                              # with the back-end gone: no hang, no error
+
+
 def test_the_transport_refuses_access_platform_and_vectors_never_set_up(session, memory):
     t = VhostUserTransport(session().open())
     try:
