@@ -421,6 +421,39 @@ def test_pci_cfg_access_capability_reaches_bar0(model):
     assert model.status == V.STATUS_ACKNOWLEDGE and cfg.ignored_writes == 0
 
 
+def test_dma_maps_of_huge_page_memory_are_made_and_undone_in_whole_pages(monkeypatch):
+    # A hugetlbfs memfd maps and unmaps only in whole huge pages (munmap of less: EINVAL,
+    # and the mapping would stay). The device takes the page size from the file
+    # (st_blksize); here a 2 MiB st_blksize on an ordinary memfd stands in for one, so the
+    # test needs no reserved huge page.
+    import mmap as mmap_mod
+
+    from pmd.memory.seals import create_sealed_memfd
+    from pmd.sim import dma as dma_mod
+
+    fd = create_sealed_memfd("huge-standin", 4 << 20)
+    real_fstat = os.fstat
+
+    class Stat:
+        def __init__(self, st):
+            self._st = st
+
+        def __getattr__(self, name):
+            return 2 << 20 if name == "st_blksize" else getattr(self._st, name)
+
+    monkeypatch.setattr(dma_mod.os, "fstat", lambda f: Stat(real_fstat(f)) if f == fd else real_fstat(f))
+    dm = dma_mod.DmaMap()
+    try:
+        m = dm.map(0x200000, 8192, fd, 4096, dma_mod.PROT_RW)
+        assert m.length == 2 << 20 and m.skew == 4096          # one whole 2 MiB page from offset 0
+        assert (m.address % mmap_mod.PAGESIZE, m.local - m.address) == (0, 4096)
+        dm.unmap(0x200000, 8192)                                 # a whole page again: no EINVAL
+        assert len(dm) == 0
+    finally:
+        dm.clear()
+        os.close(fd)
+
+
 def test_dma_maps_are_validated(model, memory):
     with pytest.raises(OSError, match="file descriptor"):
         model.dma_map(0x10000, 4096, -1, 0, PROT_RW)

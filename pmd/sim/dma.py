@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import os
 from dataclasses import dataclass
 
 from ..memory.raw import mmap_raw, munmap_raw
@@ -76,7 +77,10 @@ class DmaMap:
             if iova < m.iova + m.size and m.iova < iova + size:
                 raise OSError(errno.EEXIST, f"DMA range {iova:#x}+{size:#x} overlaps {m.iova:#x}+{m.size:#x}")
         require_sealed(fd, fd_offset + size, f"the file of DMA range {iova:#x}+{size:#x}")
-        page = mmap.PAGESIZE
+        # The file's page size: a hugetlbfs memfd (the driver's DmaMemory with huge pages)
+        # is mapped and unmapped in whole huge pages, and munmap of a shorter length
+        # fails (EINVAL), which would leave the mapping behind. fstat gives it as st_blksize.
+        page = max(mmap.PAGESIZE, _file_page_size(fd))
         skew = fd_offset % page
         length = (skew + size + page - 1) // page * page
         try:
@@ -116,6 +120,16 @@ class DmaMap:
         if local is None:
             raise OSError(errno.EFAULT, f"{iova:#x}+{size:#x} is not inside one DMA mapping")
         return ctypes.string_at(local, size)
+
+
+def _file_page_size(fd: int) -> int:
+    """The page size a mapping of ``fd`` is made of (hugetlbfs: its huge page size)."""
+    try:
+        size = os.fstat(fd).st_blksize
+    except OSError:
+        return mmap.PAGESIZE
+    # a power of two, at most 1 GiB (the largest huge page); anything else: ordinary pages
+    return size if 0 < size <= 1 << 30 and size & (size - 1) == 0 else mmap.PAGESIZE
 
 
 __all__ = ["DmaMap", "DmaMapping", "PROT_RW"]
