@@ -242,6 +242,9 @@ class _Resources:
         self.conn = conn
         self.queues: dict[int, QueueState] = {}
         self.memories: list[DmaMemory] = []
+        # a view of each memory in the table: keeps its mapping (so its address) until the next
+        # table replaces it (see set_memory)
+        self.mapped: list[object] = []
         self.listener: socket.socket | None = None
         self.socket_file: tuple[str, Identity] | None = None  # the file we made, to remove only it
         self.watcher: LossWatcher | None = None
@@ -267,6 +270,7 @@ class _Resources:
             self.drop_queue_fds(state)
         self.queues.clear()
         self.memories.clear()
+        self.mapped.clear()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -736,6 +740,12 @@ class VhostUserFrontend:
             conn.request(v.VHOST_USER_SET_MEM_TABLE, payload, [m.fd for m in memories],
                          what=f"share {len(regions)} memory region(s), {total:#x} bytes", timeout=self.memory_timeout)
             self._res.memories = memories
+            # DPDK's vhost library compares a new table with the old one by addresses and sizes
+            # only ("memory regions not changed"): memory mapped where an older table's was
+            # would be taken for the old memfd, and the back-end would keep using the old
+            # pages. Keeping every shared memory mapped until its table is replaced means a
+            # new memory never lands at a shared one's address.
+            self._res.mapped = [m.view(0, 1) for m in memories]
             self._regions = regions
 
     def _check_ring_area(self, what: str, address: int, size: int, align: int) -> None:

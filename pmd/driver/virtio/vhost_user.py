@@ -74,7 +74,6 @@ class VhostUserTransport(Transport):
         self._owns = owns_frontend
         self._kicks: dict[int, int] = {}        # queue -> the eventfd pmd writes to notify it
         self._vectors: list[int] = []           # vector -> eventfd (set_interrupts)
-        self._held: object = None               # a view of the memory last shared (see map_memory)
         self._closed = False
 
     # ---- status ----
@@ -175,13 +174,9 @@ class VhostUserTransport(Transport):
     def map_memory(self, memory: DmaMemory, *, iommu: bool) -> Callable[[], None]:
         if iommu:
             raise DeviceError("vhost-user with VIRTIO_F_ACCESS_PLATFORM (IOTLB messages) is not supported")
+        # The session keeps the memory mapped until the next table (set_memory says why);
+        # the rings in it are stopped by the reset before the port frees it.
         self.frontend.set_memory(memory)
-        # DPDK's vhost library compares a new table with the old one by addresses and
-        # sizes only ("memory regions not changed"): memory of a restarted port mapped
-        # where the old one was would be taken for the old memfd, and the back-end would
-        # keep reading the old pages. A view keeps the old mapping (so its address) alive
-        # until the next table is sent; the rings in it were stopped by the reset.
-        self._held = memory.view(0, 1)
         return lambda: None
 
     def on_lost(self, callback: Callable[[str], object]) -> Callable[[], None]:
@@ -200,7 +195,6 @@ class VhostUserTransport(Transport):
                 os.close(fd)
             self._kicks.clear()
             self._vectors = []
-            self._held = None
 
     def describe(self) -> str:
         return f"vhost-user virtio transport ({self.name})"
