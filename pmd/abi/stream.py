@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Sequence
 
-__all__ = ["SCM_MAX_FD", "close_fds", "deadline_after", "remaining", "send_all", "recv_upto"]
+__all__ = ["SCM_MAX_FD", "FdCarrier", "close_fds", "deadline_after", "remaining", "send_all", "recv_upto"]
 
 #: Linux: the most fds one SCM_RIGHTS message can carry (SCM_MAX_FD, include/net/scm.h)
 SCM_MAX_FD = 253
@@ -30,6 +30,21 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+class FdCarrier:
+    """What a received message does with the fds that came with it (``fds``, which the
+    receiver owns): hand them over, or close them."""
+
+    fds: list[int]
+
+    def take_fds(self) -> list[int]:
+        """Hand the fds over to the caller (who then owns them)."""
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        close_fds(self.take_fds())
 
 
 def deadline_after(timeout: float | None) -> float | None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import VfioError
-from .stream import SCM_MAX_FD, close_fds, deadline_after, recv_upto
+from .stream import FdCarrier, SCM_MAX_FD, close_fds, deadline_after, recv_upto
 from .stream import send_all as send_message
 from .vfio import (
     REGION_INFO_FLAG_CAPS,
@@ -260,7 +260,7 @@ def command_name(command: int) -> str:
 
 
 @dataclass
-class Message:
+class Message(FdCarrier):
     """One received message: header fields, payload and the fds that came with it.
 
     The receiver owns ``fds``: it takes the ones it keeps (removing them from
@@ -294,14 +294,6 @@ class Message:
     @property
     def name(self) -> str:
         return command_name(self.command)
-
-    def take_fds(self) -> list[int]:
-        """Hand the fds over to the caller (who then owns them)."""
-        fds, self.fds = self.fds, []
-        return fds
-
-    def close_fds(self) -> None:
-        close_fds(self.take_fds())
 
     def describe(self) -> str:
         kind = "reply" if self.is_reply else "command"

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import PmdError
-from .stream import close_fds, deadline_after, recv_upto, send_all
+from .stream import FdCarrier, close_fds, deadline_after, recv_upto, send_all
 
 __all__ = [
     "VhostUserError",
@@ -885,7 +885,7 @@ def decode_device_state(payload: bytes, what: str) -> DeviceStateTransfer:
 
 
 @dataclass
-class Message:
+class Message(FdCarrier):
     """One received message: header fields, payload and the fds that came with it.
 
     The receiver owns ``fds``: it takes the ones it keeps (:meth:`take_fds`) and closes
@@ -913,14 +913,6 @@ class Message:
     @property
     def name(self) -> str:
         return request_name(self.request)
-
-    def take_fds(self) -> list[int]:
-        """Hand the fds over to the caller (who then owns them)."""
-        fds, self.fds = self.fds, []
-        return fds
-
-    def close_fds(self) -> None:
-        close_fds(self.take_fds())
 
     def describe(self) -> str:
         kind = "reply" if self.is_reply else "request"
