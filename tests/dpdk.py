@@ -38,16 +38,16 @@ class DpdkBackend:
     """One ``dpdk-testpmd`` with a vhost-user port in io mode, stopped by PID at the end."""
 
     def __init__(self, path: str, log_path: str, *, client: bool = False, peer: str | None = None,
-                 mode: str = "io") -> None:
+                 mode: str = "io", queues: int = 1, extra: tuple[str, ...] = ()) -> None:
         # One port: io forwarding sends what port 0 receives back out of port 0 (an echo).
         # With ``peer``, a second vhost-user port there: io forwards 0 -> 1 and 1 -> 0.
         self.prefix = f"pmdvu{os.getpid()}x{int(time.monotonic() * 1000) % 100000}"
         vdevs = []
         for i, iface in enumerate([path] + ([peer] if peer else [])):
-            vdevs += ["--vdev", f"net_vhost{i},iface={iface},queues=1" + (",client=1" if client else "")]
+            vdevs += ["--vdev", f"net_vhost{i},iface={iface},queues={queues}" + (",client=1" if client else "")]
         cmd = [TESTPMD, "--lcores", "0@0,1@1", "--main-lcore", "0", "--no-pci", "--file-prefix", self.prefix,
                "--no-huge", "-m", "1024", *vdevs, "--", f"--forward-mode={mode}", "--nb-cores=1",
-               "--rxq=1", "--txq=1", "--stats-period", "1",
+               f"--rxq={queues}", f"--txq={queues}", "--stats-period", "1", *extra,
                # testpmd drains and drops whatever its ports hold when forwarding starts; in server mode
                # pmd is connected (and may be sending) before that
                "--no-flush-rx"]

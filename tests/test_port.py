@@ -591,7 +591,9 @@ class TestPortVhostUser(PortTests):
         # locally administered unicast MAC and the link is up
         assert port.started and port.link.up
         assert port.features & bits("VERSION_1", "MRG_RXBUF") == bits("VERSION_1", "MRG_RXBUF")
-        assert not port.features & bits("MAC", "STATUS", "CTRL_VQ", "MQ")
+        assert not port.features & bits("MAC", "STATUS", "CTRL_RX")
+        # the transport serves the control queue for MQ; DPDK answers GET_QUEUE_NUM with its limit
+        assert port.features & bits("CTRL_VQ", "MQ") == bits("CTRL_VQ", "MQ") and port.max_queue_pairs == 128
         assert port.mac[0] & 0x03 == 0x02
         assert port.transport.get_status() == (V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_DRIVER_OK
                                                | V.STATUS_FEATURES_OK)
@@ -611,6 +613,56 @@ class TestPortVhostUser(PortTests):
         # is a clear error, not a silent no-op
         with pytest.raises(pmd.PmdError, match="VIRTIO_NET_F_CTRL_RX"):
             port.promiscuous = False
+
+    def test_too_many_queue_pairs_is_a_clear_error_and_device_left_reset(self):
+        p = self.open()
+        try:
+            with pytest.raises(ValueError, match="at most 128"):
+                p.start(queue_pairs=129)
+            assert p.transport.get_status() == 0 and not p.started
+        finally:
+            p.close()
+
+    def test_several_queue_pairs_each_echoed_on_its_own_queue(self, tmp_path):
+        # testpmd's io mode on one port with two queues sends what queue q receives back
+        # out of queue q: random frames, 60 to 1514 B, come back byte-exact on their own queue
+        from tests.dpdk import DpdkBackend
+        from tests.vhost_user_wire import make_frames
+
+        path = os.path.join(os.path.dirname(self.path), "mq.sock")
+        echo = DpdkBackend(path, str(tmp_path / "mq.log"), queues=2)
+        try:
+            echo.wait_for_socket(path)
+            p = pmd.open_port("vhost-user:" + path, timeout=5.0, wait=30)
+            try:
+                p.start(queue_pairs=2)
+                assert p.queue_pairs == 2 and p.stats()["control_commands"] == 1
+                sent = {q: make_frames(300, 20 + q, 60, 1514, b"\xff" * 6, p.mac) for q in (0, 1)}
+                got: dict[int, list[bytes]] = {0: [], 1: []}
+                out = np.zeros((32, 2048), np.uint8)
+                lens = np.zeros(32, np.uint32)
+                for q in (0, 1):
+                    for i in range(0, 300, 30):           # 30 in flight: testpmd drops, not queues
+                        chunk = sent[q][i:i + 30]
+                        data = np.zeros((len(chunk), 1514), np.uint8)
+                        for j, f in enumerate(chunk):
+                            data[j, :len(f)] = np.frombuffer(f, np.uint8)
+                        lengths = np.array([len(f) for f in chunk], np.uint32)
+                        deadline = time.monotonic() + 10
+                        k = 0
+                        while k < 30 and time.monotonic() < deadline:
+                            k += p.tx_queue(q).tx_burst(data[k:], lengths[k:])
+                        while len(got[q]) < i + 30 and time.monotonic() < deadline:
+                            n = p.rx_queue(q).rx_burst(out, lens)
+                            got[q] += [bytes(out[j, :lens[j]]) for j in range(n)]
+                            other = p.rx_queue(1 - q).rx_burst(out, lens)
+                            assert other == 0, f"queue {1 - q} received what queue {q} sent"
+                assert got == sent
+            finally:
+                p.close()
+        finally:
+            echo.stop()
+        assert "Queue= 1 -> TX Port= 0/Queue= 1" in echo.output()
 
     def test_a_port_restarts_and_keeps_its_mac(self, port, host):
         mac = port.mac

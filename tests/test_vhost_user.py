@@ -1118,7 +1118,8 @@ from pmd.abi import virtio as V  # noqa: E402
 
 
 def test_the_transport_offers_only_what_vhost_user_carries(session):
-    # no control queue (a back-end runs data queues only) and no ACCESS_PLATFORM (IOTLB)
+    # no receive filters or MAC setting (a back-end runs data queues only and delivers every
+    # frame) and no ACCESS_PLATFORM (IOTLB)
     with_config = VhostUserTransport(session().open())
     try:
         offered = with_config.device_features()
@@ -1131,7 +1132,9 @@ def test_the_transport_offers_only_what_vhost_user_carries(session):
     bare = VhostUserTransport(session(protocol_features=DPDK_PROTOCOL_FEATURES).open())
     try:
         assert bare.device_features() & (CONFIG_FEATURES | NOT_CARRIED) == 0
-        assert bare.device_config_length() == 0
+        # only max_virtqueue_pairs, which the transport answers: GET_QUEUE_NUM
+        assert bare.device_config_length() == 10
+        assert bare.read_config([(8, 2)]) == [128]
     finally:
         bare.close()
 
@@ -1183,6 +1186,59 @@ def test_a_port_over_vhost_user_says_the_backend_is_gone_within_a_second(session
             port.rx_burst(np.zeros((4, 2048), np.uint8), np.zeros(4, np.uint32))
     finally:
         port.close()                              # with the back-end gone: no hang, no error
+
+
+def _enables(backend: FakeBackend) -> list[tuple[int, int]]:
+    return [(st.index, st.num) for st in (v.decode_vring_state(x.payload, x.name) for x in backend.seen
+                                          if x.request == v.VHOST_USER_SET_VRING_ENABLE)]
+
+
+def test_several_queue_pairs_run_once_vq_pairs_set_enables_their_rings(session):
+    # the transport serves the control queue: MQ is offered (GET_QUEUE_NUM 4), CTRL_VQ is
+    # never sent to the back-end, and VQ_PAIRS_SET becomes SET_VRING_ENABLE per ring
+    s = session(queue_num=4, protocol_features=DPDK_PROTOCOL_FEATURES)
+    port = Port(VhostUserTransport(s.open()))
+    try:
+        port.start(queue_pairs=2)
+        assert port.features & V.bit(17) and port.features & V.bit(22)       # CTRL_VQ, MQ
+        assert port.max_queue_pairs == 4 and port.queue_pairs == 2 and port.ctrl is not None
+        assert port.stats()["control_commands"] == 1
+        b = s.synced()
+        assert not b.acked_features & V.bit(17) and b.acked_features & V.bit(22)
+        # pair 0 at setup, pair 1 only on VQ_PAIRS_SET (5.1.6.5.5: the first pair until then)
+        assert _enables(b) == [(0, 1), (1, 1), (2, 1), (3, 1)]
+        names = b.names()
+        last_kick = len(names) - 1 - names[::-1].index("SET_VRING_KICK")
+        enables = [i for i, name in enumerate(names) if name == "SET_VRING_ENABLE"]
+        assert enables[1] < last_kick < enables[2]          # pair 1's rings: after every ring is set up
+        t = port.transport
+        assert t.control_command(4, 0, (1).to_bytes(2, "little")) == 0         # back to one pair
+        assert _enables(s.synced())[4:] == [(2, 0), (3, 0)]
+        for bad in (0, 3, 5):       # 3: its rings were never set up; 5: more than the back-end has
+            assert t.control_command(4, 0, bad.to_bytes(2, "little")) == 1
+        assert t.control_command(4, 0, b"\x02") == 1                            # short
+        assert t.control_command(0, 0, b"\x01") == 1                            # CTRL_RX: not served
+        assert len(_enables(s.synced())) == 6                                    # none of those touched a ring
+        with pytest.raises(PmdError, match="refused control command"):
+            port.ctrl_command(4, 0, (3).to_bytes(2, "little"))
+        with pytest.raises(PmdError, match="CTRL_RX"):
+            port.promiscuous = False
+    finally:
+        port.close()
+
+
+def test_one_queue_pair_backends_get_no_control_queue(session):
+    for kw in ({"queue_num": 1}, {"protocol_features": DPDK_PROTOCOL_FEATURES & ~(1 << v.VHOST_USER_PROTOCOL_F_MQ)}):
+        s = session(**kw)
+        port = Port(VhostUserTransport(s.open()))
+        try:
+            assert not port.transport.device_features() & (V.bit(17) | V.bit(22))
+            with pytest.raises(ValueError, match="at most 1 .*no VIRTIO_NET_F_MQ"):
+                port.start(queue_pairs=2)
+            port.start()
+            assert port.ctrl is None and port.queue_pairs == 1
+        finally:
+            port.close()
 
 
 def test_the_transport_refuses_access_platform_and_vectors_never_set_up(session, memory):

@@ -37,7 +37,7 @@ from ._pool import PacketPool
 from ._rx import RxQueue
 from ._tx import TxQueue
 from ._virtqueue import Virtqueue, ring_size
-from .virtio.net import ControlQueue, Link, LinkCallback, link_from, negotiate, read_net_config
+from .virtio.net import ControlQueue, Link, LinkCallback, TransportControl, link_from, negotiate, read_net_config
 from .virtio.transport import Transport
 
 log = logging.getLogger("pmd.port")
@@ -96,7 +96,7 @@ class Port:
         self.rxqs: list[RxQueue] = []
         self.txqs: list[TxQueue] = []
         self.memory: DmaMemory | None = None
-        self.ctrl: ControlQueue | None = None
+        self.ctrl: ControlQueue | TransportControl | None = None
         # Per rx queue in rx-interrupt mode: its vector's eventfd (one object for
         # the queues that share a vector), the vector, and, when shared, a private
         # eventfd by which the sharer that drained an interrupt wakes the others.
@@ -195,7 +195,7 @@ class Port:
                 sizes.append(size)
         ctrl_index = ctrl_queue_index(accepted, cfg.max_queue_pairs)
         ctrl_size = 0
-        if accepted & V.bit(N.NET_CTRL_VQ):
+        if accepted & V.bit(N.NET_CTRL_VQ) and not t.serves_control:
             top = t.queue_max_size(ctrl_index)
             ctrl_size = top if t.queue_size_fixed() else min(64, top)
         per_pair = n_buffers if n_buffers is not None else 2 * max(sizes) + 512
@@ -241,6 +241,8 @@ class Port:
             t.setup_queue(ctrl_index, cvq, NO_VECTOR)
             self.ctrl = ControlQueue(cvq, memory)
             self._resources.append(self.ctrl.close)
+        elif accepted & V.bit(N.NET_CTRL_VQ):
+            self.ctrl = TransportControl(t)
         if self._config_event is not None:
             t.set_config_vector(0)
         # DMA on before DRIVER_OK: over PCI the bus-master bit, without which a device
@@ -507,7 +509,7 @@ class Port:
         self.lost = msg
         log.error("%s: %s", self.name, msg)
         queues = [q.vq for q in (*self.rxqs, *self.txqs)]
-        if self.ctrl is not None:
+        if self.ctrl is not None and self.ctrl.vq is not None:
             queues.append(self.ctrl.vq)
         for vq in queues:
             vq.fail(msg)

@@ -230,7 +230,32 @@ class ControlQueue:
         del self.view
 
 
+class TransportControl:
+    """Control commands carried out by the transport itself (``Transport.serves_control``),
+    with the interface and counters of :class:`ControlQueue`; there is no ring (``vq`` None)."""
+
+    vq = None
+    timeouts = 0
+    late_completions = 0
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.commands = 0
+        self._lock = threading.Lock()
+
+    def command(self, cls: int, cmd: int, data: bytes = b"") -> None:
+        with self._lock:
+            ack = self.transport.control_command(cls, cmd, bytes(data))
+            self.commands += 1
+        if ack != N.CTRL_OK:
+            raise DeviceError(f"the {self.transport.kind} transport refused control command class {cls} "
+                              f"command {cmd} (ack {ack})")
+
+    def close(self) -> None:
+        pass
+
+
 LinkCallback = Callable[[Link], None]
 
 __all__ = ["WANTED", "MANDATORY", "negotiate", "Link", "NetConfig", "read_net_config", "link_from",
-           "ControlQueue", "LinkCallback"]
+           "ControlQueue", "TransportControl", "LinkCallback"]

@@ -48,6 +48,10 @@ class Transport(abc.ABC):
     ring_align: int = 4096
     #: highest feature bit the transport can carry (legacy: 31)
     feature_bits: int = 64
+    #: the transport carries out control commands itself (:meth:`control_command`) and the
+    #: port builds no control virtqueue: vhost-user, whose back-ends run the data queues
+    #: only (DPDK's virtio-user answers the control queue in the front-end too)
+    serves_control: bool = False
 
     # ---- status (2.1) ----
     @abc.abstractmethod
@@ -142,6 +146,12 @@ class Transport(abc.ABC):
     def read_config_bytes(self, offset: int, length: int) -> bytes:
         """Bytes of the device configuration, read a byte at a time inside one generation."""
         return bytes(self.read_config([(offset + i, 1) for i in range(length)]))
+
+    # ---- control commands, where the transport serves them (serves_control) ----
+    def control_command(self, cls: int, cmd: int, data: bytes) -> int:
+        """Carry out one control command (5.1.6.5); returns its ack (VIRTIO_NET_OK or _ERR)."""
+        raise DeviceError(f"the {self.kind} transport does not carry out control commands: "
+                          "they go through the device's control virtqueue")
 
     # ---- interrupt vectors (4.1.5.1.2: queues may share one; one for configuration changes) ----
     def interrupt_vectors(self) -> int:

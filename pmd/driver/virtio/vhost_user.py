@@ -21,13 +21,20 @@ device configuration          GET_CONFIG with CONFIG, else none
 the device going away         the session's watcher (POLLRDHUP)
 ============================  ============================================
 
-What vhost-user cannot carry is not offered to the driver above: the control queue
-(a vhost-user back-end runs the data queues only; DPDK's virtio-user answers
-control commands itself) and what depends on it (MQ, RX mode, MAC setting); the
-fields of the device configuration (MAC, link status, MTU) when the back-end has
-no CONFIG (DPDK's vhost library offers it for vDPA devices only): the port then
-picks a MAC and the link is up. ``VIRTIO_F_ACCESS_PLATFORM`` would need IOTLB
-messages pmd does not send.
+The control queue is not a ring here: a vhost-user back-end runs the data queues only,
+so, as DPDK's virtio-user does, the transport carries out control commands itself
+(``serves_control``). It offers CTRL_VQ and MQ when the back-end takes several queue
+pairs (VHOST_USER_PROTOCOL_F_MQ, GET_QUEUE_NUM), answers the device configuration's
+``max_virtqueue_pairs`` with that number, and carries out VQ_PAIRS_SET (5.1.6.5.5) as
+SET_VRING_ENABLE per ring: until then only the first pair runs. CTRL_VQ never reaches the
+back-end's SET_FEATURES.
+
+What vhost-user cannot carry is not offered to the driver above: the receive filters and
+MAC setting of the control queue (RX mode, MAC table, VLAN: a vhost-user back-end delivers
+every frame, so acking them would be a lie); the fields of the device configuration (MAC,
+link status, MTU) when the back-end has no CONFIG (DPDK's vhost library offers it for
+vDPA devices only): the port then picks a MAC and the link is up.
+``VIRTIO_F_ACCESS_PLATFORM`` would need IOTLB messages pmd does not send.
 """
 
 from __future__ import annotations
@@ -45,16 +52,18 @@ from .._virtqueue import Virtqueue
 from ..vhost_user import VhostUserFrontend
 from .transport import Transport, check_queue_size
 
-__all__ = ["VhostUserTransport", "NOT_CARRIED", "CONFIG_FEATURES"]
+__all__ = ["VhostUserTransport", "NOT_CARRIED", "SERVED", "CONFIG_FEATURES"]
 
-#: features a vhost-user back-end does not serve: the control queue and what needs it,
-#: and ACCESS_PLATFORM (IOTLB messages)
-NOT_CARRIED = (V.bit(N.NET_CTRL_VQ) | V.bit(N.NET_CTRL_RX) | V.bit(N.NET_CTRL_VLAN) | V.bit(N.NET_MQ)
-               | V.bit(N.NET_CTRL_MAC_ADDR) | V.bit(N.NET_GUEST_ANNOUNCE) | V.bit(N.NET_CTRL_GUEST_OFFLOADS)
-               | V.bit(V.ACCESS_PLATFORM))
+#: features a vhost-user back-end does not serve and the transport does not either: the
+#: control queue's filters and MAC setting, and ACCESS_PLATFORM (IOTLB messages)
+NOT_CARRIED = (V.bit(N.NET_CTRL_RX) | V.bit(N.NET_CTRL_VLAN) | V.bit(N.NET_CTRL_MAC_ADDR)
+               | V.bit(N.NET_GUEST_ANNOUNCE) | V.bit(N.NET_CTRL_GUEST_OFFLOADS) | V.bit(V.ACCESS_PLATFORM))
+#: features the transport serves itself when the back-end takes several queue pairs
+SERVED = V.bit(N.NET_CTRL_VQ) | V.bit(N.NET_MQ)
 #: features whose fields live in the device configuration: offered only with CONFIG
 CONFIG_FEATURES = V.bit(N.NET_MAC) | V.bit(N.NET_STATUS) | V.bit(N.NET_MTU) | V.bit(N.NET_SPEED_DUPLEX)
-
+#: the configuration up to max_virtqueue_pairs, which the transport answers itself (5.1.4)
+_PAIRS_CONFIG_LENGTH = N.NET_CFG_MAX_QUEUE_PAIRS + 2
 
 class VhostUserTransport(Transport):
     """A virtio-net device behind a vhost-user back-end.
@@ -65,6 +74,7 @@ class VhostUserTransport(Transport):
     """
 
     kind = "vhost-user"
+    serves_control = True
 
     def __init__(self, frontend: VhostUserFrontend, *, owns_frontend: bool = True) -> None:
         if not isinstance(frontend, VhostUserFrontend):
@@ -74,6 +84,7 @@ class VhostUserTransport(Transport):
         self._owns = owns_frontend
         self._kicks: dict[int, int] = {}        # queue -> the eventfd pmd writes to notify it
         self._vectors: list[int] = []           # vector -> eventfd (set_interrupts)
+        self._pairs = 1                         # queue pairs running (VQ_PAIRS_SET; 5.1.6.5.5)
         self._closed = False
 
     # ---- status ----
@@ -83,6 +94,7 @@ class VhostUserTransport(Transport):
     def set_status(self, status: int) -> None:
         if status == 0:
             self._stop_rings()
+            self._pairs = 1
         self.frontend.set_status(status)
 
     def _stop_rings(self) -> None:
@@ -96,16 +108,19 @@ class VhostUserTransport(Transport):
 
     # ---- features ----
     def device_features(self) -> int:
-        offered = self.frontend.device_features & ~NOT_CARRIED
+        offered = self.frontend.device_features & ~NOT_CARRIED & ~SERVED
         if not self.frontend.has_protocol_feature(v.VHOST_USER_PROTOCOL_F_CONFIG):
             offered &= ~CONFIG_FEATURES
+        if self.frontend.max_queue_pairs > 1:
+            offered |= SERVED
         return offered
 
     def set_driver_features(self, features: int) -> None:
         extra = features & ~self.device_features()
         if extra:
             raise DeviceError(f"features {extra:#x} were not offered by the vhost-user backend")
-        self.frontend.negotiate(features)
+        # CTRL_VQ is the transport's, not the back-end's; MQ goes along where it was offered
+        self.frontend.negotiate(features & ~SERVED | features & self.frontend.device_features & V.bit(N.NET_MQ))
 
     # ---- queues ----
     def num_queues(self) -> int:
@@ -126,7 +141,8 @@ class VhostUserTransport(Transport):
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             self.frontend.setup_queue(index, vq.size, vq.desc_iova, vq.avail_iova, vq.used_iova, kick, call)
-            self.frontend.enable_queue(index)
+            if index // 2 < self._pairs:    # the others wait for VQ_PAIRS_SET (5.1.6.5.5)
+                self.frontend.enable_queue(index)
         except BaseException:
             os.close(kick)
             raise
@@ -135,6 +151,24 @@ class VhostUserTransport(Transport):
             os.close(old)
         self._kicks[index] = kick
         vq.set_notify_eventfd(kick)
+
+    # ---- the control queue, served here ----
+    def control_command(self, cls: int, cmd: int, data: bytes) -> int:
+        """VQ_PAIRS_SET (5.1.6.5.5) as SET_VRING_ENABLE: the first ``n`` pairs run, the rest
+        stop being processed; every other command is refused (it is never offered)."""
+        if (cls, cmd) != (N.CTRL_MQ, N.CTRL_MQ_VQ_PAIRS_SET) or len(data) != 2:
+            return N.CTRL_ERR
+        pairs = int.from_bytes(data, "little")
+        queues = self.frontend.queues
+        # 5.1.6.5.5: 1 to max_virtqueue_pairs; the rings of each pair must have been set up
+        if not 1 <= pairs <= self.frontend.max_queue_pairs or any(
+                not (i in queues and queues[i].started) for i in range(2 * pairs)):
+            return N.CTRL_ERR
+        for index, state in sorted(queues.items()):
+            if state.started and state.enabled != (index // 2 < pairs):
+                self.frontend.enable_queue(index, index // 2 < pairs)
+        self._pairs = pairs
+        return N.CTRL_OK
 
     # ---- interrupts: one eventfd per vector, handed to the rings as call fds ----
     def interrupt_vectors(self) -> int:
@@ -162,10 +196,19 @@ class VhostUserTransport(Transport):
     def device_config_length(self) -> int:
         if self.frontend.has_protocol_feature(v.VHOST_USER_PROTOCOL_F_CONFIG):
             return N.NET_CFG_LENGTH
-        return 0
+        return _PAIRS_CONFIG_LENGTH if self.frontend.max_queue_pairs > 1 else 0
 
     def _read_config(self, offset: int, width: int) -> int:
-        return int.from_bytes(self.frontend.get_config(offset, width), "little")
+        if self.frontend.has_protocol_feature(v.VHOST_USER_PROTOCOL_F_CONFIG):
+            raw = bytearray(self.frontend.get_config(offset, width))
+        else:
+            raw = bytearray(width)
+        # max_virtqueue_pairs is the transport's (it serves MQ): GET_QUEUE_NUM, not the back-end's field
+        pairs = self.frontend.max_queue_pairs.to_bytes(2, "little")
+        for i in range(width):
+            if 0 <= offset + i - N.NET_CFG_MAX_QUEUE_PAIRS < 2:
+                raw[i] = pairs[offset + i - N.NET_CFG_MAX_QUEUE_PAIRS]
+        return int.from_bytes(raw, "little")
 
     def write_config(self, offset: int, width: int, value: int) -> None:
         raise DeviceError("the vhost-user transport does not write the device configuration (SET_CONFIG)")
