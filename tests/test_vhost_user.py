@@ -528,7 +528,7 @@ def test_the_wire_format_is_pure_vocabulary():
 def test_the_frontend_imports_neither_the_device_side_nor_the_port():
     absolute, relative = _imports(ROOT / "pmd" / "driver" / "vhost_user.py")
     assert absolute - {"__future__"} <= set(sys.stdlib_module_names)
-    assert relative <= {"..errors", "..abi", "..abi.vhost_user", "..memory", "..memory.seals", ".interrupts", ".session", "..sockets"}
+    assert relative <= {"..errors", "..abi", "..abi.vhost_user", "..abi.virtio", "..memory", "..memory.seals", ".interrupts", ".session", "..sockets"}
 
 
 # ===========================================================================
@@ -1256,6 +1256,175 @@ def test_the_transport_refuses_access_platform_and_vectors_never_set_up(session,
         VhostUserTransport(object())  # type: ignore[arg-type]
 
 
+# --- reconnect: server mode, a back-end that comes back ---
+
+
+def connect_fake(path: str, **backend) -> FakeBackend:
+    """A fake back-end that connects to pmd listening at ``path`` (DPDK's client=1)."""
+    deadline = time.monotonic() + 10
+    while True:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            c.connect(path)
+            return FakeBackend(c, **backend)
+        except (FileNotFoundError, ConnectionRefusedError):
+            c.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def listening_port(path: str, **backend) -> tuple[Port, FakeBackend]:
+    out: list[FakeBackend] = []
+    t = threading.Thread(target=lambda: out.append(connect_fake(path, **backend)), daemon=True)
+    t.start()
+    fe = VhostUserFrontend.listen(path, accept_timeout=10)
+    t.join()
+    return Port(VhostUserTransport(fe)), out[0]
+
+
+def baseline() -> tuple[int, int]:
+    """Open fds and threads, with the process's one interrupt thread (not a port's) running."""
+    from pmd.driver.interrupts import get_interrupt_thread
+
+    with EventFd() as ev:
+        get_interrupt_thread().unregister(get_interrupt_thread().register(ev, lambda: None))
+    return open_fds(), threading.active_count()
+
+
+def wait_for(condition, timeout: float) -> float:
+    """Seconds until ``condition()`` held; fails after ``timeout``."""
+    t0 = time.monotonic()
+    while not condition():
+        assert time.monotonic() - t0 < timeout, f"condition not met in time; threads {threading.enumerate()}"
+        time.sleep(0.005)
+    return time.monotonic() - t0
+
+
+def _used_idx(port: Port, vq) -> np.ndarray:
+    return port.memory.view(vq.used_iova - port.memory.iova(0) + 2, 2)
+
+
+def test_server_mode_link_goes_down_and_a_backend_that_connects_again_resumes_the_rings(sock_dir):
+    from pmd.driver.virtio.net import Link
+
+    path = os.path.join(sock_dir, "s.sock")
+    before, threads = baseline()
+    port, b1 = listening_port(path, protocol_features=DPDK_PROTOCOL_FEATURES)
+    try:
+        port.start()
+        # the transport reports the link (STATUS), and never tells the back-end so
+        assert port.features & V.bit(16) and port.link.up
+        assert not s_acked(b1) & V.bit(16)
+        links: list[Link] = []
+        port.on_link_change(links.append)
+        txvq = port.tx_queue(0).vq
+        _used_idx(port, txvq)[:] = (7, 0)     # as if the device had completed 7 tx chains
+        b1.close()                            # the back-end hangs up
+        assert wait_for(lambda: links == [Link(False)], 2.0) < 1.0
+        assert not port.link.up and port.lost is None and port.transport.reconnects == 0
+        assert port.rx_burst(np.zeros((4, 2048), np.uint8), np.zeros(4, np.uint32)) == 0   # nothing fails
+        b2 = connect_fake(path, protocol_features=DPDK_PROTOCOL_FEATURES)
+        wait_for(lambda: links == [Link(False), Link(True)], 5.0)
+        assert port.link.up and port.transport.reconnects == 1
+        names = b2.names()
+        assert names[:2] == ["SET_OWNER", "GET_FEATURES"]
+        assert names.index("SET_FEATURES") < names.index("SET_MEM_TABLE") < names.index("SET_VRING_CALL")
+        assert names.count("SET_VRING_KICK") == 2 and names.count("SET_VRING_ENABLE") == 2
+        assert names[-1] == "SET_STATUS" and b2.status == b1.status == port.transport.get_status()
+        assert s_acked(b2) == s_acked(b1)
+        # each ring resumes where the device had got to: the used index in its memory
+        assert b2.bases == {0: 0, 1: 7}
+        assert [k.fd_kinds for k in b2.seen if k.name == "SET_VRING_KICK"] == [["anon_inode:[eventfd]"]] * 2
+        _used_idx(port, txvq)[:] = (0, 0)
+    finally:
+        port.close()
+    b2.join()
+    wait_for(lambda: threading.active_count() <= threads, 5.0)
+    assert open_fds() == before
+
+
+def s_acked(backend: FakeBackend) -> int:
+    return backend.acked_features or 0
+
+
+def test_a_backend_that_cannot_take_the_session_is_refused_and_the_next_one_taken(sock_dir):
+    path = os.path.join(sock_dir, "s.sock")
+    port, b1 = listening_port(path)
+    try:
+        port.start()
+        b1.close()
+        wait_for(lambda: not port.link.up, 2.0)
+        poor = connect_fake(path, features=DPDK_FEATURES & ~MRG_RXBUF)   # lacks a negotiated feature
+        poor.join()                                           # pmd hung up on it
+        assert "SET_MEM_TABLE" not in poor.names() and not port.link.up
+        b3 = connect_fake(path)
+        wait_for(lambda: port.link.up, 5.0)
+        assert "SET_MEM_TABLE" in b3.names() and port.transport.reconnects == 1
+    finally:
+        port.close()
+    b3.join()
+
+
+def test_a_port_stopped_while_the_backend_is_away_replays_nothing_and_starts_on_the_next(sock_dir):
+    path = os.path.join(sock_dir, "s.sock")
+    port, b1 = listening_port(path)
+    try:
+        port.start()
+        b1.close()
+        wait_for(lambda: not port.link.up, 2.0)
+        port.stop()                                           # no back-end to stop rings on: no error
+        with pytest.raises(PmdError, match="waiting for one to connect again"):
+            port.start()
+        b2 = connect_fake(path)
+        wait_for(lambda: port.transport.connected, 5.0)
+        names = b2.names()
+        assert "SET_MEM_TABLE" not in names and "SET_VRING_KICK" not in names   # its memory is gone
+        port.start()
+        assert port.link.up and s_acked(b2) and "SET_MEM_TABLE" in b2.names()
+    finally:
+        port.close()
+    b2.join()
+
+
+def test_closing_a_port_that_waits_for_its_backend_ends_the_wait(sock_dir):
+    path = os.path.join(sock_dir, "s.sock")
+    before, threads = baseline()
+    port, b1 = listening_port(path)
+    port.start()
+    b1.close()
+    wait_for(lambda: not port.link.up, 2.0)
+    t0 = time.monotonic()
+    port.close()
+    assert time.monotonic() - t0 < 2.0 and not os.path.exists(path)
+    wait_for(lambda: threading.active_count() <= threads, 5.0)
+    assert open_fds() == before
+
+
+def test_without_reconnect_a_server_mode_port_reports_the_loss(sock_dir):
+    path = os.path.join(sock_dir, "s.sock")
+    out: list[FakeBackend] = []
+    t = threading.Thread(target=lambda: out.append(connect_fake(path)), daemon=True)
+    t.start()
+    fe = VhostUserFrontend.listen(path, accept_timeout=10)
+    t.join()
+    port = Port(VhostUserTransport(fe, reconnect=False))
+    try:
+        port.start()
+        assert not port.features & V.bit(16)     # no STATUS: the back-end offers none without CONFIG
+        out[0].close()
+        wait_for(lambda: port.lost is not None, 1.0)
+    finally:
+        port.close()
+
+
+def test_reconnect_is_refused_in_client_mode(session):
+    with pytest.raises(ValueError, match="reconnect needs server mode"):
+        VhostUserTransport(session().open(), reconnect=True)
+    with pytest.raises(ValueError, match="reconnect=True needs server=True"):
+        pmd.open_port("vhost-user:/nonexistent.sock", reconnect=True)
+
+
 # ===========================================================================
 # DPDK testpmd as the back-end
 # ===========================================================================
@@ -1397,27 +1566,84 @@ def test_dpdk_a_port_in_server_mode_echoes_byte_exact(sock_dir, testpmd):
     try:
         port.start()
         assert port.transport.frontend.server_mode
-        rng = np.random.default_rng(11)
-        n = 600
-        lengths = rng.integers(60, 1515, n).astype(np.uint32)
-        data = rng.integers(0, 256, (n, 1514), dtype=np.uint8)
-        out = np.zeros((64, port.rx_queue(0).max_packet_len), np.uint8)
-        lens = np.zeros(64, np.uint32)
-        got: list[bytes] = []
-        done = 0
-        deadline = time.monotonic() + 30
-        while len(got) < n and time.monotonic() < deadline:
-            if done < n and done - len(got) + 32 <= 128:   # testpmd drops what finds the rx ring full
-                done += port.tx_burst(data[done:done + 32], lengths[done:done + 32])
-            k = port.rx_burst(out, lens)
-            got.extend(bytes(out[j, :lens[j]]) for j in range(k))
-            if not k:
-                time.sleep(0.0005)
-        assert got == [bytes(data[i, :lengths[i]]) for i in range(n)]
+        data, lengths = random_frames(600, 11)
+        assert port_echo(port, data, lengths) == as_bytes(data, lengths)
     finally:
         port.close()
     assert not os.path.exists(path)
     assert tp.stop() == 0 and tp.forwarded() == (600, 600)
+
+
+def random_frames(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 1514), dtype=np.uint8), rng.integers(60, 1515, n).astype(np.uint32)
+
+
+def port_echo(port, data: np.ndarray, lengths: np.ndarray, *, timeout: float = 30) -> list[bytes]:
+    """Send the frames through an echoing back-end, at most 128 in flight (testpmd drops
+    what finds the rx ring full); returns what came back."""
+    n = len(lengths)
+    out = np.zeros((64, port.rx_queue(0).max_packet_len), np.uint8)
+    lens = np.zeros(64, np.uint32)
+    got: list[bytes] = []
+    done = 0
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        if done < n and done - len(got) + 32 <= 128:
+            done += port.tx_burst(data[done:done + 32], lengths[done:done + 32])
+        k = port.rx_burst(out, lens)
+        got.extend(bytes(out[j, :lens[j]]) for j in range(k))
+        if not k:
+            time.sleep(0.0005)
+    return got
+
+
+def as_bytes(data: np.ndarray, lengths: np.ndarray) -> list[bytes]:
+    return [bytes(data[i, :lengths[i]]) for i in range(len(lengths))]
+
+
+@needs_testpmd
+def test_dpdk_server_mode_resumes_on_a_restarted_testpmd_where_the_rings_were(sock_dir, testpmd):
+    from pmd.driver.virtio.net import Link
+
+    path = os.path.join(sock_dir, "vhost.sock")
+    tp = testpmd(path, client=True)
+    port = pmd.open_port("vhost-user:" + path, server=True, accept_timeout=60, timeout=DPDK_TIMEOUT)
+    try:
+        port.start()
+        links: list[Link] = []
+        port.on_link_change(links.append)
+        data, lengths = random_frames(300, 31)
+        assert port_echo(port, data, lengths) == as_bytes(data, lengths)
+        killed = time.monotonic()
+        tp.proc.kill()                                   # a crash: SIGKILL by PID
+        wait_for(lambda: not port.link.up, 5.0)
+        print(f"link down {(time.monotonic() - killed) * 1000:.1f} ms after SIGKILL")
+        assert time.monotonic() - killed < 1.0 and links == [Link(False)] and port.lost is None
+        # sent while no back-end is there: they wait in the tx ring
+        away, away_lengths = random_frames(20, 32)
+        assert port.tx_burst(away, away_lengths) == 20
+        tp2 = testpmd(path, client=True)                 # DPDK's client retries every second
+        t0 = time.monotonic()
+        wait_for(lambda: port.link.up, 60.0)
+        print(f"link up {time.monotonic() - t0:.2f} s after the new testpmd started")
+        # the new back-end resumes the tx ring where the old one had got to: the 20 come back
+        out = np.zeros((64, port.rx_queue(0).max_packet_len), np.uint8)
+        lens = np.zeros(64, np.uint32)
+        got: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 20 and time.monotonic() < deadline:
+            k = port.rx_burst(out, lens)
+            got.extend(bytes(out[j, :lens[j]]) for j in range(k))
+        assert got == as_bytes(away, away_lengths)
+        data, lengths = random_frames(300, 33)
+        assert port_echo(port, data, lengths) == as_bytes(data, lengths)
+        assert links == [Link(False), Link(True)] and port.transport.reconnects == 1
+        s = port.stats()
+        assert s["rx_packets"] == s["tx_packets"] == 620 and s["device_errors"] == 0
+    finally:
+        port.close()
+    assert tp2.stop() == 0 and tp2.forwarded() == (320, 320)
 
 
 @needs_testpmd

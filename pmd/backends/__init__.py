@@ -35,7 +35,9 @@ def open_port(address: str | DeviceAccess = "sim", *, legacy: bool | None = None
       (for example ``pmd sim --socket PATH``).
     - ``"vhost-user:PATH"``: a vhost-user back-end (DPDK's ``net_vhost``, OVS-DPDK)
       listening on the socket PATH; with ``server=True`` pmd listens there and waits
-      for the back-end to connect (DPDK: ``client=1``). Keyword arguments go to
+      for the back-end to connect (DPDK: ``client=1``) and, unless ``reconnect=False``,
+      resumes on a back-end that connects again after the first went away (the link
+      goes down meanwhile). Other keyword arguments go to
       :meth:`pmd.driver.vhost_user.VhostUserFrontend.connect` (``timeout=``, ``wait=``)
       or :meth:`~pmd.driver.vhost_user.VhostUserFrontend.listen` (``accept_timeout=``);
       see docs/vhost-user.md.
@@ -104,9 +106,13 @@ def _vhost_user_port(path: str, *, server: bool = False, disable: int | str, mac
     # DPDK's back-end answers late while its main thread is busy (its mbuf pool at start):
     # the session's 1 s default is too short on a loaded machine
     kwargs.setdefault("timeout", 5.0)
+    reconnect = kwargs.pop("reconnect", None)
+    if reconnect and not server:
+        raise ValueError("reconnect=True needs server=True: pmd listens, and a backend that comes back "
+                         "connects to it again")
     frontend = VhostUserFrontend.listen(path, **kwargs) if server else VhostUserFrontend.connect(path, **kwargs)
     try:
-        transport = VhostUserTransport(frontend)
+        transport = VhostUserTransport(frontend, reconnect=reconnect)
     except BaseException:
         frontend.close()
         raise

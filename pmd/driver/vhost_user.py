@@ -48,8 +48,11 @@ translator.
 **State kept for a reconnect.** Each queue's size, ring addresses, eventfds (pmd's own
 duplicates) and base (the avail index it started from, and the one ``GET_VRING_BASE``
 returned) stay in :attr:`queues`, the memory in :attr:`memory_regions` and the
-negotiated features in :attr:`features`: what a restarted back-end needs replayed
-(``SET_VRING_BASE`` with the saved base).
+negotiated features in :attr:`features`: what a restarted back-end needs replayed.
+In server mode :meth:`reconnect` takes the next back-end that connects to the kept
+listener and replays it all (``SET_VRING_BASE`` with the base each ring resumes from),
+as DPDK's virtio-user does in server mode; :meth:`forget` drops it when the rings it
+describes are gone.
 
 A watcher thread notices the back-end going away (``POLLRDHUP``, within a second)
 and calls the :meth:`on_lost` callbacks. ``close()`` (idempotent, also at interpreter
@@ -63,18 +66,20 @@ import collections
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from ..memory import DmaMemory
 from ..sockets import Identity, bind_socket, check_path, remove_socket, remove_stale
 from .session import LossWatcher, Session
 from ..abi import vhost_user as v
+from ..abi.virtio import STATUS_DRIVER_OK
 from ..abi.vhost_user import VhostUserError, vhost_user_error
 
 __all__ = [
@@ -405,6 +410,7 @@ class VhostUserFrontend:
         except BaseException:
             self._finalizer()
             raise
+        self._last_protocol = self._conn.protocol_features  # what a reconnect must offer again
 
     # --- opening ------------------------------------------------------------------------
 
@@ -476,6 +482,110 @@ class VhostUserFrontend:
         """Use a connected ``AF_UNIX`` stream socket (the front-end owns it from now on)."""
         return cls(sock, name=name, timeout=timeout, memory_timeout=memory_timeout,
                    protocol_features=protocol_features)
+
+    # --- server mode: a back-end that comes back ---------------------------------------------
+
+    def wait_for_backend(self, timeout: float) -> bool:
+        """Server mode: whether a back-end is waiting to be accepted on the kept listener,
+        after at most ``timeout`` seconds (a poll: nothing is accepted)."""
+        listener = self._res.listener
+        if self._res.released or listener is None:
+            raise vhost_user_error(f"vhost-user {self.name}: not listening (server mode only, and not closed)",
+                                   errno.EINVAL)
+        try:
+            return bool(select.select([listener], [], [], max(0.0, timeout))[0])
+        except (OSError, ValueError):      # closed under the poll
+            return False
+
+    def reconnect(self, bases: Mapping[int, int] | None = None, *, accept_timeout: float = DEFAULT_ACCEPT_TIMEOUT) -> None:
+        """Server mode, once the back-end has gone: accept the next one that connects to the
+        kept listener and tell it what the old one was told: the handshake, the features,
+        the memory table, every ring that ran (``bases[index]``: the avail index it resumes
+        from, by default the saved one), its enable state, and the device status.
+
+        Raises :class:`VhostUserError`: ``ETIMEDOUT`` when nobody connected within
+        ``accept_timeout``; ``EISCONN`` while the old back-end is still connected; and, with
+        the new session broken, when the new back-end cannot take what the old one had
+        (fewer features or queue pairs, a refused request). ``reconnect`` may be called
+        again for the next back-end."""
+        res = self._res
+        listener = res.listener
+        if res.released or listener is None:
+            raise vhost_user_error(f"vhost-user {self.name}: reconnect needs server mode (listen()) and an open "
+                                   "front-end", errno.EINVAL)
+        if self._conn.sock is not None and self._conn.alive():
+            raise vhost_user_error(f"vhost-user {self.name}: the backend is still connected", errno.EISCONN)
+        bases = dict(bases or {})
+        listener.settimeout(accept_timeout)
+        try:
+            sock, _addr = listener.accept()
+        except (TimeoutError, socket.timeout):
+            raise vhost_user_error(f"no vhost-user backend connected to {self.name} within {accept_timeout} s",
+                                   errno.ETIMEDOUT) from None
+        except OSError as exc:
+            raise vhost_user_error(f"vhost-user {self.name}: accept failed: {exc.strerror or exc}",
+                                   exc.errno or errno.EIO) from None
+        if res.watcher is not None:         # it watched the old connection, and fired
+            res.watcher.stop()
+            res.watcher = None
+        self._conn.close()
+        self._conn = res.conn = _Connection(sock, self.name, self.timeout)
+        features, status = self.features, self._status
+        protocol = self._last_protocol
+        queues = dict(res.queues)
+        try:
+            self._handshake()
+            fewer = protocol & ~self._conn.protocol_features
+            if fewer:
+                raise self._conn.fail("resume", f"the backend that connected lacks protocol features {fewer:#x} "
+                                                "the session relies on")
+            if features is not None:
+                missing = features & ~self.device_features
+                if missing:
+                    raise self._conn.fail("resume", f"the backend that connected lacks features {missing:#x} "
+                                                    "the session negotiated; restart the port on it")
+                # the new back-end runs no ring yet: they are started again below
+                for index, state in queues.items():
+                    res.queues[index] = replace(state, started=False, enabled=False)
+                self.negotiate(features)
+                if status:
+                    self.set_status(status & ~STATUS_DRIVER_OK)
+                if res.memories:
+                    self.set_memory(res.memories)
+                for index, state in sorted(queues.items()):
+                    if not state.started:
+                        continue
+                    if index >= 2 * self.max_queue_pairs:
+                        raise self._conn.fail("resume", f"the backend that connected has {self.max_queue_pairs} "
+                                                        f"queue pair(s); vring {index} ran before")
+                    self.setup_queue(index, state.size, state.desc, state.avail, state.used,
+                                     state.kick_fd if state.kick_fd >= 0 else None,
+                                     state.call_fd if state.call_fd >= 0 else None,
+                                     base=bases.get(index, state.base) & 0xFFFF)
+                    if state.enabled:
+                        self.enable_queue(index)
+            if status:
+                self.set_status(status)
+            self._last_protocol = self._conn.protocol_features
+        except BaseException as exc:
+            self._conn.break_(f"resuming on the backend that connected failed: {exc}")
+            raise
+        log.info("vhost-user %s: a backend connected again; %d ring(s) resumed", self.name,
+                 sum(q.started for q in queues.values()))
+
+    def forget(self) -> None:
+        """Drop the saved rings, memory and status (their memory is going away), so a later
+        :meth:`reconnect` replays only the handshake. Needs no back-end."""
+        res = self._res
+        with self._conn.lock:
+            for state in res.queues.values():
+                res.drop_queue_fds(state)
+            res.queues.clear()
+            res.memories = []
+            res.mapped = []
+            self._regions = []
+            self._status = 0
+            self.features = None
 
     def _u64(self, request: int, what: str) -> int:
         msg = self._conn.request(request, what=what, reply=True)
