@@ -542,7 +542,7 @@ def _needs_testpmd(cls):
 
 
 @_needs_testpmd
-class TestPortVhostUser(PortTests):
+class TestPortVhostUser(PortTests, MergeableTests):
     """The same driver tests over vhost-user, against DPDK's vhost library: one
     ``dpdk-testpmd`` in io mode between the port under test and a peer port
     (tests/vhost_user_wire.py). DPDK's back-end offers no device configuration
@@ -584,6 +584,7 @@ class TestPortVhostUser(PortTests):
     def open(self, **kw):
         kw.setdefault("timeout", 5.0)
         kw.setdefault("wait", 30)
+        kw.setdefault("mtu", 9000)      # reported by the transport (no CONFIG), told to DPDK (NET_SET_MTU)
         return pmd.open_port("vhost-user:" + self.path, **kw)
 
     def test_start_reads_mac_features_and_link(self, port):
@@ -592,6 +593,7 @@ class TestPortVhostUser(PortTests):
         assert port.started and port.link.up
         assert port.features & bits("VERSION_1", "MRG_RXBUF") == bits("VERSION_1", "MRG_RXBUF")
         assert not port.features & bits("MAC", "STATUS", "CTRL_RX")
+        assert port.features & bits("MTU") and port.mtu == 9000
         # the transport serves the control queue for MQ; DPDK answers GET_QUEUE_NUM with its limit
         assert port.features & bits("CTRL_VQ", "MQ") == bits("CTRL_VQ", "MQ") and port.max_queue_pairs == 128
         assert port.mac[0] & 0x03 == 0x02

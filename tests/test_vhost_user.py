@@ -1241,6 +1241,31 @@ def test_one_queue_pair_backends_get_no_control_queue(session):
             port.close()
 
 
+def test_an_mtu_given_to_the_transport_is_reported_and_told_to_the_backend(session):
+    # DPDK's back-end has no CONFIG, so the MTU comes from the front-end (as virtio-user's mtu=)
+    s = session(protocol_features=DPDK_PROTOCOL_FEATURES)
+    port = Port(VhostUserTransport(s.open(), mtu=9000))
+    try:
+        port.start()
+        assert port.features & V.bit(3) and port.mtu == 9000              # VIRTIO_NET_F_MTU
+        assert port.rx_queue(0).max_packet_len >= 9018
+        b = s.synced()
+        assert b.mtu == 9000 and b.names().index("SET_FEATURES") < b.names().index("NET_SET_MTU")
+    finally:
+        port.close()
+    # no NET_MTU protocol feature: reported all the same, the back-end is not told
+    s = session(protocol_features=DPDK_PROTOCOL_FEATURES & ~(1 << v.VHOST_USER_PROTOCOL_F_NET_MTU))
+    port = Port(VhostUserTransport(s.open(), mtu=1400))
+    try:
+        port.start()
+        assert port.mtu == 1400 and "NET_SET_MTU" not in s.synced().names()
+    finally:
+        port.close()
+    for bad in (67, 65536, "9000"):
+        with pytest.raises(ValueError, match="mtu must be 68 to 65535"):
+            VhostUserTransport(session().open(), mtu=bad)
+
+
 def test_the_transport_refuses_access_platform_and_vectors_never_set_up(session, memory):
     t = VhostUserTransport(session().open())
     try:
@@ -1313,6 +1338,7 @@ def test_server_mode_link_goes_down_and_a_backend_that_connects_again_resumes_th
     port, b1 = listening_port(path, protocol_features=DPDK_PROTOCOL_FEATURES)
     try:
         port.start()
+        port.transport.frontend.set_mtu(1500)   # replayed too
         # the transport reports the link (STATUS), and never tells the back-end so
         assert port.features & V.bit(16) and port.link.up
         assert not s_acked(b1) & V.bit(16)
@@ -1332,7 +1358,7 @@ def test_server_mode_link_goes_down_and_a_backend_that_connects_again_resumes_th
         assert names.index("SET_FEATURES") < names.index("SET_MEM_TABLE") < names.index("SET_VRING_CALL")
         assert names.count("SET_VRING_KICK") == 2 and names.count("SET_VRING_ENABLE") == 2
         assert names[-1] == "SET_STATUS" and b2.status == b1.status == port.transport.get_status()
-        assert s_acked(b2) == s_acked(b1)
+        assert s_acked(b2) == s_acked(b1) and b2.mtu == 1500
         # each ring resumes where the device had got to: the used index in its memory
         assert b2.bases == {0: 0, 1: 7}
         assert [k.fd_kinds for k in b2.seen if k.name == "SET_VRING_KICK"] == [["anon_inode:[eventfd]"]] * 2

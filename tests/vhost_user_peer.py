@@ -95,6 +95,7 @@ class FakeBackend:
         self.negotiated_protocol = 0
         self.status = 0
         self.acked_features: int | None = None
+        self.mtu: int | None = None  # NET_SET_MTU
         self.regions: list[v.MemoryRegion] = []
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-vhost-backend", daemon=True)
@@ -288,6 +289,11 @@ class FakeBackend:
         if r == v.VHOST_USER_GET_VRING_BASE:
             state = v.decode_vring_state(p, name)
             return v.encode_vring_state(state.index, self.bases.get(state.index, 0))
+        if r == v.VHOST_USER_NET_SET_MTU:
+            if not self.negotiated_protocol >> v.VHOST_USER_PROTOCOL_F_NET_MTU & 1:
+                raise v.message_error(f"{name} without VHOST_USER_PROTOCOL_F_NET_MTU")
+            self.mtu = v.decode_u64(p, name)
+            return None
         if r == v.VHOST_USER_GET_CONFIG:
             cfg = v.decode_config(p, name)
             return v.encode_config(cfg.offset, self.config[cfg.offset:cfg.offset + cfg.size])

@@ -26,14 +26,16 @@ from harness import make_frames  # noqa: E402
 
 from tests.sim_peer import ReceivingPeer  # noqa: E402
 
-#: how many frames the peer keeps in flight towards the port under test: its rx ring
-#: holds 256, and testpmd drops (does not queue) what finds it full
+#: how many receive buffers' worth of frames the peer keeps in flight towards the port
+#: under test: its rx ring holds 256 buffers of 2 KiB (a jumbo frame takes five), and
+#: testpmd drops (does not queue) what finds it full
 WINDOW = 96
+BUFFER = 2048
 
 
 class VhostUserWire(ReceivingPeer):
     def __init__(self, path: str, *, timeout: float = 5.0) -> None:
-        self.port = pmd.open_port("vhost-user:" + path, timeout=timeout, wait=30, name="peer")
+        self.port = pmd.open_port("vhost-user:" + path, timeout=timeout, wait=30, name="peer", mtu=9000)
         # testpmd drops what finds this port's rx ring full (no back-pressure, unlike the
         # QEMU and built-in peers): a ring of 4096 holds a whole test's traffic
         self.port.start(queue_size=4096)
@@ -62,9 +64,13 @@ class VhostUserWire(ReceivingPeer):
     def _send(self, frames: list[bytes], window: int | None) -> None:
         txq = self.port.tx_queue(0)
         width = max((len(f) for f in frames), default=0)
+        # cost[i]: receive buffers the first i frames take (12-byte header, mergeable buffers)
+        cost = [0]
+        for f in frames:
+            cost.append(cost[-1] + -(-(len(f) + 12) // BUFFER))
         i = 0
         while i < len(frames) and not self._stop.is_set():
-            if window is not None and self.tx_count - len(self.rx) >= window:
+            if window is not None and cost[i] - cost[min(len(self.rx), i)] >= window:
                 time.sleep(0.0002)      # wait for answers: never more than the window in flight
                 continue
             chunk = frames[i:i + 16]

@@ -37,7 +37,8 @@ def open_port(address: str | DeviceAccess = "sim", *, legacy: bool | None = None
       listening on the socket PATH; with ``server=True`` pmd listens there and waits
       for the back-end to connect (DPDK: ``client=1``) and, unless ``reconnect=False``,
       resumes on a back-end that connects again after the first went away (the link
-      goes down meanwhile). Other keyword arguments go to
+      goes down meanwhile); ``mtu=`` is the MTU the device reports (VIRTIO_NET_F_MTU;
+      the back-end is told with NET_SET_MTU). Other keyword arguments go to
       :meth:`pmd.driver.vhost_user.VhostUserFrontend.connect` (``timeout=``, ``wait=``)
       or :meth:`~pmd.driver.vhost_user.VhostUserFrontend.listen` (``accept_timeout=``);
       see docs/vhost-user.md.
@@ -107,12 +108,13 @@ def _vhost_user_port(path: str, *, server: bool = False, disable: int | str, mac
     # the session's 1 s default is too short on a loaded machine
     kwargs.setdefault("timeout", 5.0)
     reconnect = kwargs.pop("reconnect", None)
+    mtu = kwargs.pop("mtu", None)
     if reconnect and not server:
         raise ValueError("reconnect=True needs server=True: pmd listens, and a backend that comes back "
                          "connects to it again")
     frontend = VhostUserFrontend.listen(path, **kwargs) if server else VhostUserFrontend.connect(path, **kwargs)
     try:
-        transport = VhostUserTransport(frontend, reconnect=reconnect)
+        transport = VhostUserTransport(frontend, reconnect=reconnect, mtu=mtu)
     except BaseException:
         frontend.close()
         raise

@@ -17,6 +17,7 @@ The messages, in the order DPDK's virtio-user sends them::
     SET_PROTOCOL_FEATURES           offered & wanted (MQ, REPLY_ACK, CONFIG, STATUS)
     GET_QUEUE_NUM                   with MQ: how many queue pairs
     negotiate(wanted)  -> SET_FEATURES
+    set_mtu(mtu)       -> NET_SET_MTU (with NET_MTU: the MTU the port was opened with)
     set_memory(memory) -> SET_MEM_TABLE   the DmaMemory's memfd, one region
     setup_queue(...)   -> SET_VRING_CALL, _NUM, _BASE, _ADDR, _KICK
     enable_queue(...)  -> SET_VRING_ENABLE
@@ -100,9 +101,11 @@ DEFAULT_MEMORY_TIMEOUT = 5.0  # SET_MEM_TABLE: the back-end maps (DPDK: and popu
 DEFAULT_ACCEPT_TIMEOUT = 10.0
 _CLOSE_BUDGET = 1.0  # seconds close() may spend stopping rings while the back-end answers
 
-#: what pmd asks for when offered: the ones DPDK's virtio-user uses (MQ, REPLY_ACK, STATUS) and CONFIG
+#: what pmd asks for when offered: the ones DPDK's virtio-user uses (MQ, REPLY_ACK, STATUS), CONFIG,
+#: and NET_MTU (to tell the back-end the MTU the port was opened with)
 WANTED_PROTOCOL_FEATURES = (
     1 << v.VHOST_USER_PROTOCOL_F_MQ
+    | 1 << v.VHOST_USER_PROTOCOL_F_NET_MTU
     | 1 << v.VHOST_USER_PROTOCOL_F_REPLY_ACK
     | 1 << v.VHOST_USER_PROTOCOL_F_CONFIG
     | 1 << v.VHOST_USER_PROTOCOL_F_STATUS
@@ -404,6 +407,7 @@ class VhostUserFrontend:
         self.queue_num: int | None = None  #: GET_QUEUE_NUM as answered (with MQ)
         self.features: int | None = None  #: negotiated virtio features (None before negotiate)
         self._status = 0
+        self._mtu: int | None = None  # as sent with NET_SET_MTU, replayed by reconnect
         self._regions: list[v.MemoryRegion] = []
         try:
             self._handshake()
@@ -548,6 +552,8 @@ class VhostUserFrontend:
                 for index, state in queues.items():
                     res.queues[index] = replace(state, started=False, enabled=False)
                 self.negotiate(features)
+                if self._mtu is not None:
+                    self.set_mtu(self._mtu)
                 if status:
                     self.set_status(status & ~STATUS_DRIVER_OK)
                 if res.memories:
@@ -585,6 +591,7 @@ class VhostUserFrontend:
             res.mapped = []
             self._regions = []
             self._status = 0
+            self._mtu = None
             self.features = None
 
     def _u64(self, request: int, what: str) -> int:
@@ -755,6 +762,18 @@ class VhostUserFrontend:
             self.features = accepted
             self._res.packed = bool(accepted >> v.VIRTIO_F_RING_PACKED & 1)
             return accepted
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (with VHOST_USER_PROTOCOL_F_NET_MTU): the MTU the front-end reports to
+        its driver (Virtio 1.2 5.1.4 ``mtu``), so the back-end can size its buffers for it."""
+        if not 68 <= mtu <= 0xFFFF:
+            raise ValueError(f"an MTU is 68 to 65535 (Virtio 1.2 5.1.4.1), not {mtu}")
+        conn = self._live("set the MTU")
+        if not self.has_protocol_feature(v.VHOST_USER_PROTOCOL_F_NET_MTU):
+            raise vhost_user_error(f"vhost-user {self.name}: the backend did not offer VHOST_USER_PROTOCOL_F_NET_MTU",
+                                   errno.ENOTSUP)
+        conn.request(v.VHOST_USER_NET_SET_MTU, v.encode_u64(mtu), what=f"set the MTU to {mtu}")
+        self._mtu = mtu
 
     # --- device status ("VHOST_USER_SET_STATUS", Virtio 1.2 2.1) ------------------------
 

@@ -35,7 +35,9 @@ What vhost-user cannot carry is not offered to the driver above: the receive fil
 MAC setting of the control queue (RX mode, MAC table, VLAN: a vhost-user back-end delivers
 every frame, so acking them would be a lie); the fields of the device configuration (MAC,
 link status, MTU) when the back-end has no CONFIG (DPDK's vhost library offers it for
-vDPA devices only): the port then picks a MAC and the link is up.
+vDPA devices only): the port then picks a MAC and the link is up. An MTU can be given
+(``mtu=``, as DPDK's virtio-user takes one): the transport then offers VIRTIO_NET_F_MTU
+with it, and tells the back-end with NET_SET_MTU where it has NET_MTU.
 ``VIRTIO_F_ACCESS_PLATFORM`` would need IOTLB messages pmd does not send.
 
 **Reconnect** (server mode, as DPDK's virtio-user with ``server=1``): the transport offers
@@ -92,16 +94,20 @@ class VhostUserTransport(Transport):
     session already open (:meth:`VhostUserFrontend.connect` or
     :meth:`~VhostUserFrontend.listen`); :meth:`close` closes it when the transport owns it.
     ``reconnect`` (server mode only; its default there) resumes on a back-end that connects
-    again instead of reporting the device lost.
+    again instead of reporting the device lost; ``mtu`` is the MTU the device reports.
     """
 
     kind = "vhost-user"
     serves_control = True
 
     def __init__(self, frontend: VhostUserFrontend, *, owns_frontend: bool = True,
-                 reconnect: bool | None = None) -> None:
+                 reconnect: bool | None = None, mtu: int | None = None) -> None:
         if not isinstance(frontend, VhostUserFrontend):
             raise TypeError(f"VhostUserTransport takes a VhostUserFrontend, not a {type(frontend).__name__}")
+        if mtu is not None and not (isinstance(mtu, int) and N.MIN_MTU <= mtu <= 0xFFFF):
+            raise ValueError(f"mtu must be 68 to 65535 (Virtio 1.2 5.1.4.1), not {mtu!r}")
+        #: the MTU the device reports (VIRTIO_NET_F_MTU), as the port was opened with it
+        self.mtu = mtu
         if reconnect and not frontend.server_mode:
             raise ValueError("reconnect needs server mode (VhostUserFrontend.listen, open_port(..., server=True)): "
                              "in client mode a back-end that comes back is connected to by a new port")
@@ -143,6 +149,8 @@ class VhostUserTransport(Transport):
             offered |= SERVED
         if self.reconnect:
             offered |= V.bit(N.NET_STATUS)      # the transport reports the link
+        if self.mtu is not None:
+            offered |= V.bit(N.NET_MTU)         # and the MTU it was given
         self._offered = offered
 
     @property
@@ -209,8 +217,11 @@ class VhostUserTransport(Transport):
                 raise self._away("negotiate features")
             # what the transport serves stays here: CTRL_VQ and a STATUS it answers never reach
             # the back-end; MQ and STATUS go along where it offered them
-            self.frontend.negotiate(features & ~SERVED & ~V.bit(N.NET_STATUS)
-                                    | features & self._backend_offers & (V.bit(N.NET_MQ) | V.bit(N.NET_STATUS)))
+            own = V.bit(N.NET_MQ) | V.bit(N.NET_STATUS) | V.bit(N.NET_MTU)
+            accepted = self.frontend.negotiate(features & ~SERVED & ~own | features & self._backend_offers & own)
+            if (self.mtu is not None and accepted & V.bit(N.NET_MTU)
+                    and self.frontend.has_protocol_feature(v.VHOST_USER_PROTOCOL_F_NET_MTU)):
+                self.frontend.set_mtu(self.mtu)
 
     # ---- queues ----
     def num_queues(self) -> int:
@@ -305,6 +316,8 @@ class VhostUserTransport(Transport):
     def device_config_length(self) -> int:
         if self._has_config:
             return N.NET_CFG_LENGTH
+        if self.mtu is not None:
+            return N.NET_CFG_MTU + 2
         return _PAIRS_CONFIG_LENGTH if self.reconnect or self._max_pairs > 1 else 0
 
     def read_config(self, fields: list[tuple[int, int]]) -> list[int]:
@@ -325,6 +338,8 @@ class VhostUserTransport(Transport):
             # what the transport answers itself: max_virtqueue_pairs (it serves MQ) and, when
             # it reconnects, the link (down while no back-end is there)
             image[N.NET_CFG_MAX_QUEUE_PAIRS:N.NET_CFG_MAX_QUEUE_PAIRS + 2] = self._max_pairs.to_bytes(2, "little")
+            if self.mtu is not None:
+                image[N.NET_CFG_MTU:N.NET_CFG_MTU + 2] = self.mtu.to_bytes(2, "little")
             if self.reconnect:
                 at = slice(N.NET_CFG_STATUS, N.NET_CFG_STATUS + 2)
                 own = self._has_config and self._backend_offers & V.bit(N.NET_STATUS)
