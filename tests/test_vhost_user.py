@@ -1883,3 +1883,119 @@ def test_fuzz_frontend_against_a_hostile_backend():
     for text, n in sorted(result["errors"].items(), key=lambda kv: -kv[1])[:25]:
         print(f"  {n:6d}  {text}")
     assert counts["sound_ok"] == counts["sound"] > 5 and counts["hostile_failed"] > 5
+
+
+RECONNECT_FUZZ_CHILD = textwrap.dedent(
+    """
+    import json, os, random, re, shutil, socket, sys, tempfile, threading, time
+    sys.path.insert(0, {root!r})
+    import pmd
+    from pmd.driver.port import Port
+    from pmd.driver.vhost_user import VhostUserFrontend
+    from pmd.driver.virtio.vhost_user import VhostUserTransport
+    from tests.vhost_user_peer import DPDK_FEATURES, DPDK_PROTOCOL_FEATURES, FakeBackend
+
+    ACTIONS = ["close", "silent", "huge", "short", "half_header", "wrong_request", "bad_version",
+               "no_reply_flag", "need_reply", "unknown_flag", "bad_size", "with_fd", "nack", "garbage",
+               "split", "twice", "unsolicited"]
+    rng = random.Random({seed})
+    d = tempfile.mkdtemp(prefix="vhf")
+    path = os.path.join(d, "s.sock")
+    counts = dict(iterations=0, hostile=0, resumed=0, refused=0, sound_resumed=0, messages=0)
+
+    def connect(**kw):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(path)
+        return FakeBackend(c, **kw)
+
+    def until(cond, limit):
+        end = time.monotonic() + limit
+        while not cond():
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.002)
+        return True
+
+    first = []
+    t = threading.Thread(target=lambda: first.append(
+        (time.sleep(0.05), connect(protocol_features=DPDK_PROTOCOL_FEATURES))[1]))
+    t.start()
+    fe = VhostUserFrontend.listen(path, accept_timeout=10, timeout=0.5)
+    t.join()
+    port = Port(VhostUserTransport(fe, mtu=1500))
+    port.start()
+    tr = port.transport
+
+    def sound_cycle():
+        # a sound back-end must always be resumed on, whatever came before it
+        b = connect(protocol_features=DPDK_PROTOCOL_FEATURES)
+        if not until(lambda: tr.connected, 5):
+            raise AssertionError(f"a sound backend was not resumed on: {{b.names()}}")
+        if b.errors:
+            raise AssertionError(f"pmd sent what the strict decoders refuse: {{b.errors}}")
+        counts["sound_resumed"] += 1
+        b.close()
+        if not until(lambda: not tr.connected and not port.link.up, 5):
+            raise AssertionError("the loss of a resumed backend was not seen")
+
+    def resources():
+        return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+    first[0].close()
+    until(lambda: not tr.connected, 5)
+    sound_cycle()
+    time.sleep(0.05)
+    base = resources()
+    end = time.monotonic() + {seconds}
+    while time.monotonic() < end:
+        counts["iterations"] += 1
+        rate = rng.choice([0.03, 0.1, 0.3, 1.0])
+
+        def chooser(msg):
+            counts["messages"] += 1
+            if rng.random() >= rate:
+                return None
+            a = rng.choice(ACTIONS)
+            if a == "garbage":
+                return "payload:" + rng.randbytes(rng.choice([0, 1, 4, 8, 12, 40, 300])).hex()
+            return a
+
+        if rng.random() < 0.5:
+            kw = dict(features=DPDK_FEATURES, protocol_features=DPDK_PROTOCOL_FEATURES, queue_num=rng.choice([1, 2, 128]))
+        else:
+            kw = dict(features=rng.getrandbits(64), protocol_features=rng.getrandbits(64),
+                      queue_num=rng.choice([0, 1, 129, 2**64 - 1]))
+        b = connect(chooser=chooser, **kw)
+        counts["hostile"] += 1
+        until(lambda: tr.connected or not b._thread.is_alive(), 5)
+        if tr.connected:
+            counts["resumed"] += 1
+            b.close()
+            if not until(lambda: not tr.connected, 5):
+                raise AssertionError("the loss of a resumed hostile backend was not seen")
+        else:
+            counts["refused"] += 1
+            b.close()
+        sound_cycle()
+        time.sleep(0.01)
+        now = resources()
+        if now != base and not until(lambda: resources() == base, 1.0):
+            raise AssertionError(f"leak after iteration {{counts['iterations']}}: {{base}} -> {{resources()}}")
+    port.close()
+    shutil.rmtree(d, ignore_errors=True)
+    print(json.dumps(dict(counts=counts)))
+    """
+)
+
+
+def test_fuzz_reconnect_against_hostile_backends():
+    # a server-mode port whose back-end went away, against back-ends that connect and lie:
+    # each is resumed on or refused, and a sound one after it is always resumed on
+    script = RECONNECT_FUZZ_CHILD.format(root=str(ROOT), seed=FUZZ_SEED, seconds=FUZZ_SECONDS)
+    signal.setitimer(signal.ITIMER_REAL, FUZZ_SECONDS + 90)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=FUZZ_SECONDS + 80,
+                       cwd=ROOT)
+    assert r.returncode == 0, f"exit status {r.returncode} (negative: killed by a signal)\n{r.stdout}\n{r.stderr[-3000:]}"
+    counts = json.loads(r.stdout.strip().splitlines()[-1])["counts"]
+    print(f"vhost-user reconnect fuzz: {counts} in {FUZZ_SECONDS} s, seed {FUZZ_SEED}")
+    assert counts["refused"] > 5 and counts["sound_resumed"] == counts["iterations"] + 1

@@ -572,7 +572,11 @@ class VhostUserFrontend:
                         self.enable_queue(index)
             if status:
                 self.set_status(status)
-            self._last_protocol = self._conn.protocol_features
+            if features is None:
+                # nothing was replayed: what the next reconnect needs is what this back-end gave.
+                # Otherwise it stays what the replayed state was set up with (no ratchet up to a
+                # back-end that happened to offer more).
+                self._last_protocol = self._conn.protocol_features
         except BaseException as exc:
             self._conn.break_(f"resuming on the backend that connected failed: {exc}")
             raise
