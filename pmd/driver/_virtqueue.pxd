@@ -1,4 +1,9 @@
-# The driver side of a split virtqueue (Virtio 1.2 section 2.7).
+# The driver side of a virtqueue: split (Virtio 1.2 section 2.7) or packed (2.8).
+#
+# One class for both layouts, so the bursts (pmd.driver._rx, _tx) are the same
+# code over either: each data-path method starts with one branch on `packed`,
+# the same every call (predicted), and the packed ring's methods follow the
+# split ones. Buffer ids (the handles) and their shadow records are the same.
 #
 # The data-path methods are `cdef inline` here, not in the .pyx, so the burst
 # code in other modules compiles them in place (no call through a vtable).
@@ -17,6 +22,10 @@ from pmd.includes.vring cimport (
     vring, vring_avail_event, vring_desc, vring_load16, vring_load32, vring_need_event,
     vring_store16, vring_used_event,
 )
+from pmd.includes.vring_packed cimport (
+    VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, VRING_PACKED_EVENT_FLAG_DESC,
+    VRING_PACKED_EVENT_FLAG_DISABLE, vring_packed_desc, vring_packed_desc_event,
+)
 
 cdef enum NotifyKind:
     NOTIFY_NONE = 0      # device polls (in-process tests); only counted
@@ -33,7 +42,9 @@ cdef enum UsedResult:
 
 # Our own record of each descriptor, never read back from memory the device can
 # write: the chain walk on reclaim follows these, not the ring (as Linux's
-# desc_extra and DPDK's vq_descx do).
+# desc_extra and DPDK's vq_descx do). In a packed ring the index is a buffer id:
+# a chain of n descriptors takes n ids (linked by `next`), the first is the id
+# the device writes back, and `ndescs` is how far the driver then skips.
 cdef struct DescExtra:
     uint32_t cookie     # the caller's handle (a buffer id)
     uint32_t writable   # heads: device-writable bytes in the chain (bound for used.len)
@@ -61,6 +72,18 @@ cdef class Virtqueue:
     cdef readonly bint broken
     cdef readonly object fail_reason   # why fail() stopped the queue (str), or None
     cdef DescExtra *extra
+    # packed ring (2.8): the descriptor ring and the two event suppression areas
+    cdef readonly bint packed
+    cdef vring_packed_desc *pdesc
+    cdef vring_packed_desc_event *driver_event     # written by the driver (interrupts)
+    cdef vring_packed_desc_event *device_event     # written by the device (notifications)
+    cdef uint16_t avail_pos            # where the next descriptor goes (0..size-1)
+    cdef uint16_t avail_wrap_flags     # AVAIL/USED bits of this lap: AVAIL while the wrap counter is 1
+    cdef uint16_t used_pos             # where the next used descriptor is expected
+    cdef uint16_t used_wrap            # the driver's used wrap counter (1 on the first lap)
+    cdef uint16_t batch_pos            # the first descriptor added since the last publish...
+    cdef uint16_t batch_flags          # ...and its flags, written only by publish (2.8.21.3)
+    cdef bint batch_pending
     cdef int notify_kind
     cdef char *notify_addr
     cdef int notify_fd
@@ -94,8 +117,17 @@ cdef class Virtqueue:
         if pmd_unlikely(self.num_free == 0):
             return -1
         cdef uint16_t head = self.free_head
-        cdef vring_desc *d = &self.vr.desc[head]
         cdef DescExtra *x = &self.extra[head]
+        if self.packed:
+            self.p_put(addr, length, head, VRING_DESC_F_WRITE if device_writes else 0)
+            self.free_head = x.next
+            self.num_free -= 1
+            x.cookie = cookie
+            x.writable = length if device_writes else 0
+            x.ndescs = 1
+            self.avail_idx += 1
+            return head
+        cdef vring_desc *d = &self.vr.desc[head]
         d.addr = addr
         d.len = length
         d.flags = VRING_DESC_F_WRITE if device_writes else 0
@@ -122,6 +154,8 @@ cdef class Virtqueue:
         cdef uint16_t i = head, k
         cdef uint32_t writable = 0
         cdef vring_desc *d
+        if self.packed:
+            return self.p_add_chain(addr, length, cookie, n, n_out)
         for k in range(n):
             d = &self.vr.desc[i]
             d.addr = addr[k]
@@ -150,6 +184,13 @@ cdef class Virtqueue:
         device before the index that tells it to look (2.7.13.3.1).
         """
         pmd_virtio_wmb(self.weak_barriers)
+        if self.packed:
+            # 2.8.21.3: the batch becomes visible with its first descriptor's flags,
+            # written after every other field of the batch
+            if self.batch_pending:
+                vring_store16(&self.pdesc[self.batch_pos].flags, self.batch_flags)
+                self.batch_pending = False
+            return
         vring_store16(&self.vr.avail.idx, self.avail_idx)
 
     cdef inline bint kick_prepare(self) noexcept nogil:
@@ -165,6 +206,8 @@ cdef class Virtqueue:
             return False
         pmd_virtio_mb(self.weak_barriers)
         self.kicked_avail_idx = new
+        if self.packed:
+            return self.p_need_notify(<uint16_t>(new - old))
         if self.event_idx:
             # 2.7.10: notify only if avail_event is in [old, new).
             return vring_need_event(vring_load16(vring_avail_event(&self.vr)), new, old)
@@ -202,6 +245,8 @@ cdef class Virtqueue:
         Read barrier after loading used->idx: the entries it covers must not be
         read before it (2.7.14; DPDK virtqueue_nused).
         """
+        if self.packed:
+            return self.p_nused()
         cdef uint16_t idx = vring_load16(&self.vr.used.idx)
         pmd_virtio_rmb(self.weak_barriers)
         cdef uint16_t n = idx - self.last_used_idx
@@ -220,6 +265,8 @@ cdef class Virtqueue:
         ``check_len`` is false for transmit queues: their chains are
         device-readable only and the driver ignores len (2.7.8.1).
         """
+        if self.packed:
+            return self.p_pop_used(head, length, check_len)
         cdef uint16_t slot = self.last_used_idx & self.mask
         cdef uint32_t id = vring_load32(&self.vr.used.ring[slot].id)
         cdef uint32_t ln = vring_load32(&self.vr.used.ring[slot].len)
@@ -243,8 +290,16 @@ cdef class Virtqueue:
         False when it names no in-flight chain: then pop_used it to count it.
         """
         cdef uint16_t slot = self.last_used_idx & self.mask
-        cdef uint32_t id = vring_load32(&self.vr.used.ring[slot].id)
-        length[0] = vring_load32(&self.vr.used.ring[slot].len)
+        cdef uint32_t id
+        if self.packed:
+            if not self.p_is_used(self.used_pos):
+                return False
+            pmd_virtio_rmb(self.weak_barriers)
+            id = vring_load16(&self.pdesc[self.used_pos].id)
+            length[0] = vring_load32(&self.pdesc[self.used_pos].len)
+        else:
+            id = vring_load32(&self.vr.used.ring[slot].id)
+            length[0] = vring_load32(&self.vr.used.ring[slot].len)
         if id >= self.size or self.extra[id].ndescs == 0:
             return False
         cookie[0] = self.extra[id].cookie
@@ -281,3 +336,139 @@ cdef class Virtqueue:
         self.free_head = head
         self.num_free += n
         return n
+
+    # ---- the packed ring (2.8): what the methods above branch to ----
+
+    cdef inline void p_put(self, uint64_t addr, uint32_t length, uint16_t id, uint16_t flags) noexcept nogil:
+        """Write one descriptor at the avail position and step past it (2.8.21).
+
+        The first descriptor since the last publish keeps its old flags (the device
+        stops there: not available on this lap) until publish() writes them; later
+        ones are written whole, unseen until then.
+        """
+        cdef vring_packed_desc *d = &self.pdesc[self.avail_pos]
+        d.addr = addr
+        d.len = length
+        d.id = id
+        flags |= self.avail_wrap_flags
+        if self.batch_pending:
+            d.flags = flags
+        else:
+            self.batch_pending = True
+            self.batch_pos = self.avail_pos
+            self.batch_flags = flags
+        self.avail_pos += 1
+        if self.avail_pos == self.size:      # 2.8.1: past the end the wrap counter flips
+            self.avail_pos = 0
+            self.avail_wrap_flags ^= VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
+
+    cdef inline int p_add_chain(self, const uint64_t *addr, const uint32_t *length,
+                                const uint32_t *cookie, uint16_t n, uint16_t n_out) noexcept nogil:
+        """add_chain for the packed ring: n consecutive descriptors, each with the
+        chain's buffer id (the device reads it from the last, 2.8.6), NEXT on all
+        but the last, readable ones first."""
+        cdef uint16_t head = self.free_head
+        cdef uint16_t i = head, k
+        cdef uint32_t writable = 0
+        cdef uint16_t flags
+        for k in range(n):
+            flags = 0 if k < n_out else VRING_DESC_F_WRITE
+            if k >= n_out:
+                writable += length[k]
+            if k + 1 < n:
+                flags |= VRING_DESC_F_NEXT
+            self.p_put(addr[k], length[k], head, flags)
+            self.extra[i].cookie = cookie[k]
+            self.extra[i].ndescs = 0
+            if k + 1 < n:
+                i = self.extra[i].next
+        self.free_head = self.extra[i].next
+        self.num_free -= n
+        self.extra[head].ndescs = n
+        self.extra[head].writable = writable
+        self.avail_idx += n
+        return head
+
+    cdef inline bint p_need_notify(self, uint16_t added) noexcept nogil:
+        """The device event suppression structure (2.8.10, 2.8.21.4): ENABLE, DISABLE,
+        or with EVENT_IDX the descriptor whose making available it wants to hear of."""
+        cdef uint16_t flags = vring_load16(&self.device_event.flags)
+        cdef uint16_t off_wrap, event, new, old
+        if flags != VRING_PACKED_EVENT_FLAG_DESC or not self.event_idx:
+            return flags != VRING_PACKED_EVENT_FLAG_DISABLE
+        off_wrap = vring_load16(&self.device_event.off_wrap)
+        event = off_wrap & 0x7FFF
+        new = self.avail_pos
+        old = <uint16_t>(new - added)
+        # an offset on the lap before this one counts from one ring size lower
+        if (off_wrap >> 15) != ((self.avail_wrap_flags & VRING_PACKED_DESC_F_AVAIL) != 0):
+            event = <uint16_t>(event - self.size)
+        return vring_need_event(event, new, old)
+
+    cdef inline bint p_is_used(self, uint16_t pos) noexcept nogil:
+        """2.8.1: used when AVAIL and USED both equal the driver's used wrap counter."""
+        cdef uint16_t flags = vring_load16(&self.pdesc[pos].flags)
+        cdef uint16_t want = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if self.used_wrap else 0
+        return (flags & (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) == want
+
+    cdef inline void p_skip(self, uint16_t ndescs) noexcept nogil:
+        """Step the used position past a chain of ``ndescs`` (2.8.6), flipping the wrap counter at the end."""
+        cdef uint32_t pos = <uint32_t>self.used_pos + ndescs
+        if pos >= self.size:
+            pos -= self.size
+            self.used_wrap ^= 1
+        self.used_pos = <uint16_t>pos
+        self.last_used_idx += ndescs
+
+    cdef inline uint16_t p_nused(self) noexcept nogil:
+        """Used descriptors ready, walked from the used position over the chains'
+        lengths, at most what is in flight; one naming no in-flight buffer is counted
+        here and left for pop_used to refuse."""
+        cdef uint32_t pos = self.used_pos, seen = 0
+        cdef uint32_t in_flight = self.size - self.num_free
+        cdef uint16_t wrap = self.used_wrap, want, flags, id, n = 0
+        while seen < in_flight:
+            flags = vring_load16(&self.pdesc[pos].flags)
+            want = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if wrap else 0
+            if (flags & (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) != want:
+                break
+            pmd_virtio_rmb(self.weak_barriers)   # the flags before the id they cover (2.8.21.2)
+            n += 1
+            id = vring_load16(&self.pdesc[pos].id)
+            if pmd_unlikely(id >= self.size or self.extra[id].ndescs == 0):
+                break
+            seen += self.extra[id].ndescs
+            pos += self.extra[id].ndescs
+            if pos >= self.size:
+                pos -= self.size
+                wrap ^= 1
+        return n
+
+    cdef inline int p_pop_used(self, uint16_t *head, uint32_t *length, bint check_len) noexcept nogil:
+        """pop_used for the packed ring. Each field is read once; an id out of range or
+        not in flight leaves no way to know how far the next used descriptor is: the
+        queue is broken (counted), as Linux and DPDK stop such a ring."""
+        cdef uint16_t pos = self.used_pos
+        if pmd_unlikely(not self.p_is_used(pos)):
+            # nused() saw it used: the device took it back
+            self.n_bad_used_idx += 1
+            self.broken = True
+            return USED_BAD_ID
+        pmd_virtio_rmb(self.weak_barriers)
+        cdef uint16_t id = vring_load16(&self.pdesc[pos].id)
+        cdef uint32_t ln = vring_load32(&self.pdesc[pos].len)
+        if pmd_unlikely(id >= self.size):
+            self.n_bad_id += 1
+            self.broken = True
+            return USED_BAD_ID
+        if pmd_unlikely(self.extra[id].ndescs == 0):
+            self.n_not_in_flight += 1
+            self.broken = True
+            return USED_NOT_IN_FLIGHT
+        self.p_skip(self.extra[id].ndescs)
+        head[0] = id
+        length[0] = ln
+        if pmd_unlikely(check_len and ln > self.extra[id].writable):
+            self.n_bad_len += 1
+            return USED_BAD_LEN
+        return USED_OK

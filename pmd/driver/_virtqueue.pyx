@@ -1,4 +1,4 @@
-"""The driver side of a split virtqueue (Virtio 1.2 section 2.7).
+"""The driver side of a virtqueue, split (Virtio 1.2 section 2.7) or packed (2.8).
 
 The ring lives in DMA memory; free descriptors form a chain through our
 shadow ``next`` links (O(1) allocation); a side array maps each descriptor to
@@ -8,6 +8,13 @@ if the device asked (VRING_USED_F_NO_NOTIFY, or avail_event with
 VIRTIO_F_EVENT_IDX). Used entries are validated before anything is done with
 them: an id out of range or not in flight, or a length larger than the
 buffer, is counted and never followed.
+
+The packed ring (``packed=True``) keeps the same buffer-id bookkeeping: a
+chain of n descriptors takes n ids, the device writes back the first; a burst
+becomes visible when ``publish`` writes its first descriptor's flags; a used
+descriptor is taken when its AVAIL and USED bits both equal the driver's wrap
+counter, and one naming no buffer in flight stops the queue (nothing says how
+far the next one is). See docs/rings.md.
 
 The Python methods here are for the control path and for tests; the bursts
 (pmd.driver._rx, pmd.driver._tx) use the inline methods of _virtqueue.pxd without the GIL. Each
@@ -30,6 +37,11 @@ from pmd.includes.vring cimport (
     vring_used_event, vring_avail_event, vring_need_event, vring_desc, vring_used_elem,
 )
 from pmd.includes.virtio_net cimport virtio_net_hdr
+from pmd.includes.vring_packed cimport (
+    VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, VRING_PACKED_EVENT_FLAG_DESC,
+    VRING_PACKED_EVENT_FLAG_DISABLE, VRING_PACKED_EVENT_FLAG_ENABLE, vring_packed_desc,
+    vring_packed_desc_event, vring_packed_size,
+)
 
 from pmd.errors import DeviceError, QueueStateError
 
@@ -37,15 +49,20 @@ USED_RESULTS = {USED_OK: "ok", USED_BAD_ID: "bad id", USED_NOT_IN_FLIGHT: "not i
                 USED_BAD_LEN: "bad len"}
 
 
-def ring_size(uint32_t num, size_t align=VRING_LEGACY_ALIGN):
-    """Bytes of a contiguous split ring of ``num`` entries (Linux's vring_size)."""
+def ring_size(uint32_t num, size_t align=VRING_LEGACY_ALIGN, bint packed=False):
+    """Bytes of a contiguous ring of ``num`` entries: split (Linux's vring_size) or
+    packed (the descriptor ring and the two 4-byte event areas)."""
     _check_ring_params(num, align)
-    return vring_size(num, align)
+    return vring_packed_size(num) if packed else vring_size(num, align)
 
 
-def ring_layout(uint32_t num, size_t align=VRING_LEGACY_ALIGN):
-    """Offsets and sizes of the three areas: dict of (offset, size) per area."""
+def ring_layout(uint32_t num, size_t align=VRING_LEGACY_ALIGN, bint packed=False):
+    """Offsets and sizes of the three areas: dict of (offset, size) per area
+    (packed: "desc", "driver", "device")."""
     _check_ring_params(num, align)
+    if packed:
+        return {"desc": (0, 16 * num), "driver": (16 * num, 4), "device": (16 * num + 4, 4),
+                "total": vring_packed_size(num)}
     desc = vring_desc_bytes(num)
     avail_off = desc
     used_off = (desc + vring_avail_bytes(num) + align - 1) & ~(align - 1)
@@ -67,12 +84,13 @@ def _check_ring_params(uint32_t num, size_t align):
 
 
 cdef class Virtqueue:
-    """``Virtqueue(memory, size, queue_index=0, event_idx=False, weak_barriers=True, align=4096, interrupts=False)``
+    """``Virtqueue(memory, size, queue_index=0, event_idx=False, weak_barriers=True, align=4096, interrupts=False, packed=False)``
 
     Carves a ring of ``size`` entries out of ``memory``. ``event_idx`` is
     VIRTIO_F_EVENT_IDX as negotiated; ``weak_barriers`` is true unless
     VIRTIO_F_ORDER_PLATFORM was negotiated (real hardware); ``interrupts``
-    is the initial state of used-buffer notifications (off for polling).
+    is the initial state of used-buffer notifications (off for polling);
+    ``packed`` is VIRTIO_F_RING_PACKED (2.8).
     """
 
     def __cinit__(self):
@@ -81,10 +99,10 @@ cdef class Virtqueue:
 
     def __init__(self, DmaMemory memory not None, uint32_t size, uint16_t queue_index=0, *,
                  bint event_idx=False, bint weak_barriers=True, size_t align=VRING_LEGACY_ALIGN,
-                 bint interrupts=False):
+                 bint interrupts=False, bint packed=False):
         memory._check_open()
         _check_ring_params(size, align)
-        cdef size_t nbytes = vring_size(size, align)
+        cdef size_t nbytes = vring_packed_size(size) if packed else vring_size(size, align)
         cdef size_t off = memory.alloc(nbytes, max(align, 16))
         if not memory.range_iova_contiguous(off, nbytes):
             raise ValueError(f"the {nbytes}-byte ring would span pages with non-contiguous IOVAs "
@@ -98,7 +116,17 @@ cdef class Virtqueue:
         self.event_idx = event_idx
         self.weak_barriers = weak_barriers
         memset(memory.base + off, 0, nbytes)
-        vring_init(&self.vr, size, memory.base + off, align)
+        self.packed = packed
+        if packed:
+            # 2.8.13: ring, then the driver's and the device's event suppression areas;
+            # both wrap counters start at 1 (2.8.1), so the first lap's descriptors say AVAIL
+            self.pdesc = <vring_packed_desc *>(memory.base + off)
+            self.driver_event = <vring_packed_desc_event *>(memory.base + off + 16 * size)
+            self.device_event = <vring_packed_desc_event *>(memory.base + off + 16 * size + 4)
+            self.avail_wrap_flags = VRING_PACKED_DESC_F_AVAIL
+            self.used_wrap = 1
+        else:
+            vring_init(&self.vr, size, memory.base + off, align)
         self.extra = <DescExtra *>malloc(sizeof(DescExtra) * size)
         if self.extra == NULL:
             raise MemoryError()
@@ -126,6 +154,10 @@ cdef class Virtqueue:
         self.memory._check_open()
         if self.fail_reason is not None:
             raise DeviceError(f"virtqueue {self.queue_index}: {self.fail_reason}")
+        if self.broken and self.packed:
+            raise DeviceError(f"virtqueue {self.queue_index}: the device wrote a used descriptor that names "
+                              "no buffer in flight (or took one back), so where the next one is cannot be "
+                              "known (packed ring); the queue is stopped: reset the device")
         if self.broken:
             raise DeviceError(f"virtqueue {self.queue_index}: the device published a used index "
                               f"covering more entries than are in flight (queue size {self.size}); "
@@ -159,18 +191,44 @@ cdef class Virtqueue:
 
     @property
     def avail_iova(self):
+        """The driver area: the avail ring, or the packed ring's driver event suppression."""
         self.check_mapped()
+        if self.packed:
+            return self.memory.iova_of(self.offset + 16 * self.size)
         return self.memory.iova_of(self.offset + (<char *>self.vr.avail - <char *>self.vr.desc))
 
     @property
     def used_iova(self):
+        """The device area: the used ring, or the packed ring's device event suppression."""
         self.check_mapped()
+        if self.packed:
+            return self.memory.iova_of(self.offset + 16 * self.size + 4)
         return self.memory.iova_of(self.offset + (<char *>self.vr.used - <char *>self.vr.desc))
 
     @property
     def ring_address(self):
         """Virtual address of the descriptor table (the start of the ring)."""
-        return <uintptr_t>self.vr.desc
+        return <uintptr_t>(self.pdesc if self.packed else self.vr.desc)
+
+    @property
+    def ring_bytes(self):
+        """Bytes of the ring in memory (all three areas)."""
+        return vring_packed_size(self.size) if self.packed else vring_size(self.size, self.align)
+
+    @property
+    def avail_state(self):
+        """Packed ring: (next avail position, avail wrap counter); split: (avail idx, None).
+        What SET_VRING_BASE-style resumption needs."""
+        if self.packed:
+            return self.avail_pos, 1 if self.avail_wrap_flags & VRING_PACKED_DESC_F_AVAIL else 0
+        return self.avail_idx, None
+
+    @property
+    def used_state(self):
+        """Packed ring: (next used position, used wrap counter); split: (last used idx, None)."""
+        if self.packed:
+            return self.used_pos, self.used_wrap
+        return self.last_used_idx, None
 
     @property
     def free_descriptors(self):
@@ -233,7 +291,9 @@ cdef class Virtqueue:
         """
         if self.is_closed or self.memory.closed:
             return
-        if self.event_idx:
+        if self.packed:
+            vring_store16(&self.driver_event.flags, VRING_PACKED_EVENT_FLAG_DISABLE)   # 2.8.10
+        elif self.event_idx:
             vring_store16(vring_used_event(&self.vr), <uint16_t>(self.last_used_idx - 1))
         else:
             self.avail_flags |= VRING_AVAIL_F_NO_INTERRUPT
@@ -246,6 +306,18 @@ cdef class Virtqueue:
         wake-up is lost (the device may have written them before it saw this).
         """
         self.check_mapped()
+        if self.packed:
+            # 2.8.10: with EVENT_IDX, at the descriptor we expect next (offset and wrap counter)
+            if self.event_idx:
+                vring_store16(&self.driver_event.off_wrap,
+                              <uint16_t>(self.used_pos | (self.used_wrap << 15)))
+                pmd_virtio_wmb(self.weak_barriers)
+                vring_store16(&self.driver_event.flags, VRING_PACKED_EVENT_FLAG_DESC)
+            else:
+                vring_store16(&self.driver_event.flags, VRING_PACKED_EVENT_FLAG_ENABLE)
+            self.interrupts_enabled = True
+            pmd_virtio_mb(self.weak_barriers)
+            return self.size != self.num_free and self.p_is_used(self.used_pos)
         if self.event_idx:
             vring_store16(vring_used_event(&self.vr), self.last_used_idx)
         else:
@@ -343,5 +415,6 @@ cdef class Virtqueue:
         return self.is_closed
 
     def __repr__(self):
-        return (f"<Virtqueue {self.queue_index} size {self.size}, {self.size - self.num_free} in flight, "
+        return (f"<Virtqueue {self.queue_index} {'packed' if self.packed else 'split'} size {self.size}, "
+                f"{self.size - self.num_free} in flight, "
                 f"avail {self.avail_idx}, used {self.last_used_idx}{', broken' if self.broken else ''}>")
