@@ -549,6 +549,7 @@ class TestPortVhostUser(PortTests, MergeableTests):
     (no MAC, link status or MTU) and runs no control queue."""
 
     net = "vhost-user"
+    layout = "packed"
 
     @pytest.fixture(autouse=True)
     def _backend(self, tmp_path):
@@ -635,7 +636,8 @@ class TestPortVhostUser(PortTests, MergeableTests):
         echo = DpdkBackend(path, str(tmp_path / "mq.log"), queues=2)
         try:
             echo.wait_for_socket(path)
-            p = pmd.open_port("vhost-user:" + path, timeout=5.0, wait=30)
+            p = pmd.open_port("vhost-user:" + path, timeout=5.0, wait=30,
+                              disable="RING_PACKED" if self.layout == "split" else 0)
             try:
                 p.start(queue_pairs=2)
                 assert p.queue_pairs == 2 and p.stats()["control_commands"] == 1
@@ -673,6 +675,22 @@ class TestPortVhostUser(PortTests, MergeableTests):
         assert port.mac == mac
         r = echo_through(port, host, 500, 9, net=self.net, wait=60)
         assert r["received"] == 500 and r["n_mismatched"] == 0, r
+
+    def test_the_ring_layout_is_packed_when_offered_unless_disabled(self, port):
+        # DPDK's vhost library offers VIRTIO_F_RING_PACKED: taken unless turned off
+        assert port.ring_layout == self.layout
+        assert bool(port.features & bits("RING_PACKED")) == (self.layout == "packed")
+
+
+@_needs_testpmd
+class TestPortVhostUserSplit(TestPortVhostUser):
+    """The same, with the packed ring turned off: the split ring against DPDK's vhost."""
+
+    layout = "split"
+
+    def open(self, **kw):
+        kw.setdefault("disable", "RING_PACKED")
+        return super().open(**kw)
 
 
 # ---------------------------------------------------------------- the driver on the built-in device, in process

@@ -1299,13 +1299,13 @@ def connect_fake(path: str, **backend) -> FakeBackend:
             time.sleep(0.01)
 
 
-def listening_port(path: str, **backend) -> tuple[Port, FakeBackend]:
+def listening_port(path: str, disable: str | int = 0, **backend) -> tuple[Port, FakeBackend]:
     out: list[FakeBackend] = []
     t = threading.Thread(target=lambda: out.append(connect_fake(path, **backend)), daemon=True)
     t.start()
     fe = VhostUserFrontend.listen(path, accept_timeout=10)
     t.join()
-    return Port(VhostUserTransport(fe)), out[0]
+    return Port(VhostUserTransport(fe), disable=disable), out[0]
 
 
 def baseline() -> tuple[int, int]:
@@ -1326,18 +1326,24 @@ def wait_for(condition, timeout: float) -> float:
     return time.monotonic() - t0
 
 
+PACKED = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
+
+
 def _used_idx(port: Port, vq) -> np.ndarray:
     return port.memory.view(vq.used_iova - port.memory.iova(0) + 2, 2)
 
 
-def test_server_mode_link_goes_down_and_a_backend_that_connects_again_resumes_the_rings(sock_dir):
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_server_mode_link_goes_down_and_a_backend_that_connects_again_resumes_the_rings(sock_dir, layout):
     from pmd.driver.virtio.net import Link
 
     path = os.path.join(sock_dir, "s.sock")
     before, threads = baseline()
-    port, b1 = listening_port(path, protocol_features=DPDK_PROTOCOL_FEATURES)
+    port, b1 = listening_port(path, disable="RING_PACKED" if layout == "split" else 0,
+                              protocol_features=DPDK_PROTOCOL_FEATURES)
     try:
         port.start()
+        assert port.ring_layout == layout
         port.transport.frontend.set_mtu(1500)   # replayed too
         # the transport reports the link (STATUS), and never tells the back-end so
         assert port.features & V.bit(16) and port.link.up
@@ -1345,7 +1351,19 @@ def test_server_mode_link_goes_down_and_a_backend_that_connects_again_resumes_th
         links: list[Link] = []
         port.on_link_change(links.append)
         txvq = port.tx_queue(0).vq
-        _used_idx(port, txvq)[:] = (7, 0)     # as if the device had completed 7 tx chains
+        if layout == "split":
+            _used_idx(port, txvq)[:] = (7, 0)     # as if the device had completed 7 tx chains
+            want = {0: 0, 1: 7}
+        else:
+            # 3 frames in flight, the device wrote the used descriptors of the first 2
+            assert port.tx_burst(np.zeros((3, 60), np.uint8), np.full(3, 60, np.uint32)) == 3
+            ring = np.frombuffer(port.memory.view(txvq.offset, txvq.ring_bytes), PACKED, count=txvq.size)
+            for pos in (0, 1):
+                ring[pos]["id"], ring[pos]["flags"] = pos, 1 << 7 | 1 << 15
+            del ring                                        # a view keeps the memory (and its fd)
+            fresh, resumed = 0 | 1 << 15, 2 | 1 << 15       # position | wrap counter << 15
+            want = {0: fresh | fresh << 16, 1: resumed | resumed << 16}
+            assert b1.bases == {0: fresh | fresh << 16, 1: fresh | fresh << 16}
         b1.close()                            # the back-end hangs up
         assert wait_for(lambda: links == [Link(False)], 2.0) < 1.0
         assert not port.link.up and port.lost is None and port.transport.reconnects == 0
@@ -1359,10 +1377,11 @@ def test_server_mode_link_goes_down_and_a_backend_that_connects_again_resumes_th
         assert names.count("SET_VRING_KICK") == 2 and names.count("SET_VRING_ENABLE") == 2
         assert names[-1] == "SET_STATUS" and b2.status == b1.status == port.transport.get_status()
         assert s_acked(b2) == s_acked(b1) and b2.mtu == 1500
-        # each ring resumes where the device had got to: the used index in its memory
-        assert b2.bases == {0: 0, 1: 7}
+        # each ring resumes where the device had got to, read from its memory
+        assert b2.bases == want
         assert [k.fd_kinds for k in b2.seen if k.name == "SET_VRING_KICK"] == [["anon_inode:[eventfd]"]] * 2
-        _used_idx(port, txvq)[:] = (0, 0)
+        if layout == "split":
+            _used_idx(port, txvq)[:] = (0, 0)
     finally:
         port.close()
     b2.join()

@@ -223,6 +223,33 @@ cdef class Virtqueue:
             return self.avail_pos, 1 if self.avail_wrap_flags & VRING_PACKED_DESC_F_AVAIL else 0
         return self.avail_idx, None
 
+    def used_frontier(self):
+        """Where the device will write its next used entry, read from the ring: split,
+        the used ring's idx; packed, (position, wrap counter) just past the used
+        descriptors it wrote that the driver has not taken yet (walked like nused).
+        What a restarted device resumes from (SET_VRING_BASE)."""
+        self.check_mapped()
+        if not self.packed:
+            return vring_load16(&self.vr.used.idx), None
+        cdef uint32_t pos = self.used_pos, seen = 0
+        cdef uint32_t in_flight = self.size - self.num_free
+        cdef uint16_t wrap = self.used_wrap, id, flags, want
+        while seen < in_flight:
+            flags = vring_load16(&self.pdesc[pos].flags)
+            want = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if wrap else 0
+            if (flags & (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) != want:
+                break
+            pmd_virtio_rmb(self.weak_barriers)
+            id = vring_load16(&self.pdesc[pos].id)
+            if id >= self.size or self.extra[id].ndescs == 0:
+                break
+            seen += self.extra[id].ndescs
+            pos += self.extra[id].ndescs
+            if pos >= self.size:
+                pos -= self.size
+                wrap ^= 1
+        return pos, wrap
+
     @property
     def used_state(self):
         """Packed ring: (next used position, used wrap counter); split: (last used idx, None)."""

@@ -199,8 +199,9 @@ class Port:
             top = t.queue_max_size(ctrl_index)
             ctrl_size = top if t.queue_size_fixed() else min(64, top)
         per_pair = n_buffers if n_buffers is not None else 2 * max(sizes) + 512
-        total = sum(ring_size(s, t.ring_align) + 4096 for s in sizes)
-        total += (ring_size(ctrl_size, t.ring_align) + 4096 + ControlQueue.memory_needed()) if ctrl_size else 0
+        packed = bool(accepted & V.bit(V.RING_PACKED))
+        total = sum(ring_size(s, t.ring_align, packed) + 4096 for s in sizes)
+        total += (ring_size(ctrl_size, t.ring_align, packed) + 4096 + ControlQueue.memory_needed()) if ctrl_size else 0
         total += queue_pairs * (per_pair * buffer_size + 4096) + (1 << 16)
         if hugepages is not False:
             total += queue_pairs * (2 << 20)   # each pool starts on a page: 2 MiB with huge pages
@@ -220,9 +221,9 @@ class Port:
             pool = PacketPool(memory, per_pair, buffer_size)
             self.pools.append(pool)
             rvq = Virtqueue(memory, sizes[2 * pair], rx_queue_index(pair), event_idx=event_idx,
-                            weak_barriers=weak, align=t.ring_align, interrupts=False)
+                            weak_barriers=weak, align=t.ring_align, interrupts=False, packed=packed)
             tvq = Virtqueue(memory, sizes[2 * pair + 1], tx_queue_index(pair), event_idx=event_idx,
-                            weak_barriers=weak, align=t.ring_align, interrupts=False)
+                            weak_barriers=weak, align=t.ring_align, interrupts=False, packed=packed)
             rx_kw: dict[str, Any] = {"hdr_len": self.hdr_len, "mergeable": mergeable}
             if mergeable:
                 rx_kw["max_packet_len"] = max(max_len, pool.data_room)
@@ -237,7 +238,7 @@ class Port:
             t.setup_queue(tx_queue_index(pair), tvq, NO_VECTOR)
         if ctrl_size:
             cvq = Virtqueue(memory, ctrl_size, ctrl_index, event_idx=event_idx, weak_barriers=weak,
-                            align=t.ring_align)
+                            align=t.ring_align, packed=packed)
             t.setup_queue(ctrl_index, cvq, NO_VECTOR)
             self.ctrl = ControlQueue(cvq, memory)
             self._resources.append(self.ctrl.close)
@@ -268,8 +269,13 @@ class Port:
         # The data path never asks the device anything, so a device that goes away
         # (a vfio-user server that exits) would only show as empty rings: be told.
         self._resources.append(t.on_lost(self._device_lost))
-        log.info("%s: started, %s, features %s, MAC %s, %d queue pair(s)", self.name, t.describe(),
-                 ",".join(N.feature_names(accepted)), format_mac(self.mac), queue_pairs)
+        log.info("%s: started, %s, features %s, MAC %s, %d queue pair(s), %s rings", self.name, t.describe(),
+                 ",".join(N.feature_names(accepted)), format_mac(self.mac), queue_pairs, self.ring_layout)
+
+    @property
+    def ring_layout(self) -> str:
+        """"packed" when VIRTIO_F_RING_PACKED was negotiated (Virtio 1.2 2.8), else "split" (2.7)."""
+        return "packed" if self.features & V.bit(V.RING_PACKED) else "split"
 
     def _setup_interrupts(self, rx_queues: int) -> None:
         t = self.transport

@@ -567,7 +567,7 @@ class VhostUserFrontend:
                     self.setup_queue(index, state.size, state.desc, state.avail, state.used,
                                      state.kick_fd if state.kick_fd >= 0 else None,
                                      state.call_fd if state.call_fd >= 0 else None,
-                                     base=bases.get(index, state.base) & 0xFFFF)
+                                     base=bases.get(index, state.base))
                     if state.enabled:
                         self.enable_queue(index)
             if status:
@@ -941,9 +941,14 @@ class VhostUserFrontend:
             if old is not None and old.started:
                 raise vhost_user_error(f"vhost-user {self.name}: vring {index} is running; stop_queue() it first",
                                        errno.EBUSY)
-            self._check_ring_area(f"vring {index} descriptor table", desc, 16 * size, 16)
-            self._check_ring_area(f"vring {index} avail ring", avail, 6 + 2 * size, 2)
-            self._check_ring_area(f"vring {index} used ring", used, 6 + 8 * size, 4)
+            if self._res.packed:   # Virtio 1.2 2.8.13: the ring, then two 4-byte event areas
+                self._check_ring_area(f"vring {index} descriptor ring", desc, 16 * size, 16)
+                self._check_ring_area(f"vring {index} driver event area", avail, 4, 4)
+                self._check_ring_area(f"vring {index} device event area", used, 4, 4)
+            else:
+                self._check_ring_area(f"vring {index} descriptor table", desc, 16 * size, 16)
+                self._check_ring_area(f"vring {index} avail ring", avail, 6 + 2 * size, 2)
+                self._check_ring_area(f"vring {index} used ring", used, 6 + 8 * size, 4)
             dups: list[int] = []
             try:
                 kick = self._dup(kick_fd, dups)

@@ -30,7 +30,7 @@ log = logging.getLogger("pmd.virtio.net")
 WANTED = (V.bit(V.VERSION_1) | V.bit(V.ACCESS_PLATFORM) | V.bit(N.NET_MAC) | V.bit(N.NET_STATUS)
           | V.bit(N.NET_MRG_RXBUF) | V.bit(N.NET_CTRL_VQ) | V.bit(N.NET_CTRL_RX) | V.bit(N.NET_MQ)
           | V.bit(V.RING_EVENT_IDX) | V.bit(N.NET_MTU) | V.bit(N.NET_SPEED_DUPLEX)
-          | V.bit(N.NET_CTRL_MAC_ADDR))
+          | V.bit(N.NET_CTRL_MAC_ADDR) | V.bit(V.RING_PACKED))
 # Turning these off would make pmd misbehave, not just do less.
 MANDATORY = V.bit(V.VERSION_1) | V.bit(V.ACCESS_PLATFORM)
 

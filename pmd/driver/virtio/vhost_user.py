@@ -87,6 +87,16 @@ _RECONNECT_POLL = 0.2
 log = logging.getLogger("pmd.driver.virtio.vhost_user")
 
 
+def _ring_base(vq: Virtqueue, state: tuple[int, int | None]) -> int:
+    """SET_VRING_BASE's value for a ring to start at ``state``: split, the avail index;
+    packed, the position with its wrap counter, as both the avail and the used index
+    ("Vring descriptor indices for packed virtqueues")."""
+    pos, wrap = state
+    if not vq.packed:
+        return pos
+    return v.encode_packed_base(v.PackedBase(pos, bool(wrap), pos, bool(wrap)))
+
+
 class VhostUserTransport(Transport):
     """A virtio-net device behind a vhost-user back-end.
 
@@ -244,7 +254,8 @@ class VhostUserTransport(Transport):
             call = self._vectors[vector] if vector != NO_VECTOR else None
             kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             try:
-                self.frontend.setup_queue(index, vq.size, vq.desc_iova, vq.avail_iova, vq.used_iova, kick, call)
+                self.frontend.setup_queue(index, vq.size, vq.desc_iova, vq.avail_iova, vq.used_iova, kick, call,
+                                          base=_ring_base(vq, vq.avail_state))
                 if index // 2 < self._pairs:    # the others wait for VQ_PAIRS_SET (5.1.6.5.5)
                     self.frontend.enable_queue(index)
             except BaseException:
@@ -386,17 +397,13 @@ class VhostUserTransport(Transport):
             self._resumer.start()
 
     def _bases(self) -> dict[int, int]:
-        """Per started ring, the used index in its memory: what the device had completed
-        (Virtio 1.2 2.7.8); a restarted back-end resumes there (SET_VRING_BASE)."""
-        bases: dict[int, int] = {}
+        """Per started ring, where the device had got to, read from the ring: the used
+        index (split, Virtio 1.2 2.7.8), or the position and wrap counter past its last
+        used descriptor (packed, 2.8); a restarted back-end resumes there (SET_VRING_BASE)."""
         memory = self._memory
         if memory is None or memory.closed:
-            return bases
-        for index, vq in self._vqs.items():
-            at = vq.used_iova - memory.iova(0) + 2      # struct virtq_used { le16 flags; le16 idx; ... }
-            raw = memory.view(at, 2)
-            bases[index] = int(raw[0]) | int(raw[1]) << 8
-        return bases
+            return {}
+        return {index: _ring_base(vq, vq.used_frontier()) for index, vq in self._vqs.items() if not vq.closed}
 
     def _resume(self) -> None:
         while not self._stop.is_set():
