@@ -1,4 +1,5 @@
-/* pmd_vring.h: the split virtqueue as the device sees it (Virtio 1.2 section 2.7).
+/* pmd_vring.h: the split virtqueue as the device sees it (Virtio 1.2 section 2.7),
+ * and the packed one (2.8, in its own block at the end).
  *
  * One queue of N entries (N a power of two, at most 32768) is three areas in
  * memory the device can reach by DMA:
@@ -142,6 +143,86 @@ PMD_ALWAYS_INLINE void vring_init(struct vring *vr, uint32_t num, void *p, size_
 PMD_ALWAYS_INLINE int vring_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old)
 {
     return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old);
+}
+
+/* ---- packed ring (2.8) ---------------------------------------------------
+ *
+ * One queue of N descriptors (1 <= N <= 32768; 2.8 needs no power of two) is
+ * one ring both sides write and two small structures, one per side:
+ *
+ *   descriptor ring            16*N bytes, align 16  (2.8.13)  driver and device
+ *   +---------------------------------------------+
+ *   | addr (le64) | len (le32) | id (le16) | flags |  x N
+ *   +---------------------------------------------+
+ *   driver event suppression   4 bytes, align 4  (2.8.14)  driver writes, device reads
+ *   device event suppression   4 bytes, align 4            device writes, driver reads
+ *   +-------------------------------+---------------------+
+ *   | off_wrap: off:15, wrap:1      | flags: 2 bits       |
+ *   +-------------------------------+---------------------+
+ *
+ * A descriptor is available when its AVAIL bit equals the reader's wrap
+ * counter and its USED bit does not; used when both equal the writer's
+ * (2.8.1). Both wrap counters start at 1 and flip at the ring's end. A chain
+ * is consecutive descriptors linked by NEXT (VRING_DESC_F_NEXT, same value),
+ * its buffer id in the last one (2.8.6); the device writes one used
+ * descriptor per chain and skips the rest of the chain's slots.
+ */
+#define VIRTQ_DESC_F_AVAIL   (1u << 7)    /* 2.8.1: available when == driver wrap counter */
+#define VIRTQ_DESC_F_USED    (1u << 15)   /* 2.8.1: used when AVAIL == USED == device wrap counter */
+
+#define RING_EVENT_FLAGS_ENABLE  0x0      /* 2.8.10: notify on every change */
+#define RING_EVENT_FLAGS_DISABLE 0x1      /* never notify */
+#define RING_EVENT_FLAGS_DESC    0x2      /* only at off_wrap (needs VIRTIO_F_RING_EVENT_IDX) */
+#define RING_EVENT_FLAGS_MASK    0x3      /* the field is 2 bits; 0x3 is reserved */
+#define RING_EVENT_WRAP_SHIFT    15       /* off_wrap: offset in bits 0-14, wrap counter in bit 15 */
+
+#define VIRTIO_F_RING_PACKED     34
+
+struct pvirtq_desc {
+    uint64_t addr;   /* bus address (IOVA) of the buffer; unused in a used descriptor */
+    uint32_t len;    /* its length; in a used descriptor, bytes written (with WRITE) */
+    uint16_t id;     /* buffer id: in the last descriptor of a chain, and in a used one */
+    uint16_t flags;  /* VRING_DESC_F_NEXT/WRITE/INDIRECT, VIRTQ_DESC_F_AVAIL/USED */
+};
+
+struct pvirtq_event_suppress {
+    uint16_t off_wrap;  /* desc_event_off:15, desc_event_wrap:1 (with RING_EVENT_FLAGS_DESC) */
+    uint16_t flags;     /* desc_event_flags:2, reserved:14 */
+};
+
+PMD_LAYOUT(struct pvirtq_desc, 16);
+PMD_OFFSET(struct pvirtq_desc, len, 8);
+PMD_OFFSET(struct pvirtq_desc, id, 12);
+PMD_OFFSET(struct pvirtq_desc, flags, 14);
+PMD_LAYOUT(struct pvirtq_event_suppress, 4);
+PMD_OFFSET(struct pvirtq_event_suppress, flags, 2);
+
+PMD_ALWAYS_INLINE size_t pvirtq_desc_bytes(uint32_t num) { return 16u * (size_t)num; }
+
+/* 2.8.1: is a descriptor with these flags available to a reader whose wrap counter is wrap? */
+PMD_ALWAYS_INLINE int pvirtq_desc_is_avail(uint16_t flags, int wrap)
+{
+    return !!(flags & VIRTQ_DESC_F_AVAIL) == !!wrap && !!(flags & VIRTQ_DESC_F_USED) != !!wrap;
+}
+
+/* A ring position (offset, wrap counter) as one number in [0, 2N): the offset,
+ * plus N while the wrap counter is 0. A position runs through 0..2N-1 over
+ * two laps, so "how far from a to b" is (b - a) mod 2N, for any N. */
+PMD_ALWAYS_INLINE uint32_t pvirtq_position(uint32_t num, uint32_t off, int wrap)
+{
+    return off + (wrap ? 0u : num);
+}
+
+/* 2.8.10 with EVENT_IDX: the other side asked for a notification when the
+ * descriptor at off_wrap is made available/used. Positions moved from old to
+ * new (both from pvirtq_position, new - old <= N): did they pass it, i.e. is
+ * the event in [old, new) modulo 2N? off_wrap is untrusted: any value gives
+ * some answer and touches nothing. */
+PMD_ALWAYS_INLINE int pvirtq_need_event(uint32_t num, uint16_t off_wrap, uint32_t new_pos, uint32_t old_pos)
+{
+    uint32_t two = 2u * num;
+    uint32_t ev = pvirtq_position(num, off_wrap & 0x7fffu, off_wrap >> RING_EVENT_WRAP_SHIFT) % two;
+    return (new_pos + two - ev - 1u) % two < (new_pos + two - old_pos) % two;
 }
 
 #endif /* PMD_VRING_H */

@@ -1,4 +1,4 @@
-# Declarations of csrc/pmd_vring.h: the split virtqueue (Virtio 1.2 2.7).
+# Declarations of csrc/pmd_vring.h: the split virtqueue (Virtio 1.2 2.7) and the packed one (2.8).
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 cdef extern from "pmd_vring.h" nogil:
@@ -53,3 +53,31 @@ cdef extern from "pmd_vring.h" nogil:
     uint64_t vring_load64(const uint64_t *p)
     void vring_store16(uint16_t *p, uint16_t v)
     void vring_store32(uint32_t *p, uint32_t v)
+
+
+# ---- packed ring (2.8) ----
+cdef extern from "pmd_vring.h" nogil:
+    enum:
+        VIRTQ_DESC_F_AVAIL
+        VIRTQ_DESC_F_USED
+        RING_EVENT_FLAGS_ENABLE
+        RING_EVENT_FLAGS_DISABLE
+        RING_EVENT_FLAGS_DESC
+        RING_EVENT_FLAGS_MASK
+        RING_EVENT_WRAP_SHIFT
+        VIRTIO_F_RING_PACKED
+
+    struct pvirtq_desc:
+        uint64_t addr
+        uint32_t len
+        uint16_t id
+        uint16_t flags
+
+    struct pvirtq_event_suppress:
+        uint16_t off_wrap
+        uint16_t flags
+
+    size_t pvirtq_desc_bytes(uint32_t num)
+    bint pvirtq_desc_is_avail(uint16_t flags, int wrap)
+    uint32_t pvirtq_position(uint32_t num, uint32_t off, int wrap)
+    bint pvirtq_need_event(uint32_t num, uint16_t off_wrap, uint32_t new_pos, uint32_t old_pos)

@@ -1,4 +1,5 @@
-# The device side of a split virtqueue: what a virtio device does with the rings.
+# The device side of a virtqueue, split (2.7) or packed (2.8): what a virtio
+# device does with the rings.
 #
 # Every value here was written by the driver and is untrusted: ring indices,
 # descriptor indices, chain links, addresses and lengths are all checked before
@@ -6,7 +7,7 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-from pmd.includes.vring cimport vring
+from pmd.includes.vring cimport pvirtq_desc, pvirtq_event_suppress, vring
 from pmd.sim._dma cimport DmaWindows
 
 # One descriptor of a popped chain, translated.
@@ -27,6 +28,10 @@ cdef enum BadDesc:
     BAD_ORDER = 7         # device-readable after device-writable (2.7.4.2)
     BAD_SHORT = 8         # a packet shorter than the virtio-net header
     BAD_TOO_LONG = 9      # the chain's readable or writable bytes overflow 32 bits
+    # packed ring (2.8) only
+    BAD_ID = 10           # buffer id >= queue size
+    BAD_ID_BUSY = 11      # buffer id already in flight (popped, not yet used)
+    BAD_NOT_AVAIL = 12    # a descriptor after NEXT is not marked available (2.8.6)
 
 
 cdef class DeviceQueue:
@@ -42,6 +47,23 @@ cdef class DeviceQueue:
     cdef readonly bint event_idx
     cdef readonly bint weak_barriers
     cdef readonly bint broken
+    # packed ring (2.8): chosen once, at creation; every data-path method
+    # starts with one branch on it
+    cdef readonly bint packed
+    cdef pvirtq_desc *pdesc
+    cdef pvirtq_event_suppress *driver_event   # the driver writes: our interrupts
+    cdef pvirtq_event_suppress *device_event   # we write: the driver's notifications
+    cdef uint16_t avail_pos          # next descriptor to read, with its wrap counter
+    cdef bint avail_wrap
+    cdef uint16_t prev_avail_pos     # where the chain popped last began (unpop)
+    cdef bint prev_avail_wrap
+    cdef uint16_t used_pos           # next used descriptor to write, with its wrap counter
+    cdef bint used_wrap
+    cdef uint32_t signalled_pos      # pvirtq_position of used at the last interrupt decision
+    cdef uint16_t *id_count          # per buffer id: descriptors in its chain, 0 = not in flight
+    cdef uint16_t batch_first        # slot of the first used descriptor not yet published
+    cdef uint16_t batch_flags        # and the flags it will get
+    cdef uint32_t batch_n            # used descriptors written since the last publish
     cdef Seg *segs                   # the chain popped last
     cdef public uint16_t nsegs
     cdef public uint16_t head
@@ -61,6 +83,10 @@ cdef class DeviceQueue:
     cdef public uint64_t n_dropped
     cdef public uint64_t n_too_long  # pop_chain: more readable bytes than the caller's bound
 
+    cdef int _init_split(self, DmaWindows windows, uint32_t size, uint64_t desc_iova, uint64_t avail_iova,
+                         uint64_t used_iova) except -1
+    cdef int _init_packed(self, DmaWindows windows, uint32_t size, uint64_t desc_iova, uint64_t driver_iova,
+                          uint64_t device_iova) except -1
     cdef void _unpin(self) noexcept
     cdef int check(self) except -1
     cdef int enter(self) except -1
@@ -77,3 +103,9 @@ cdef class DeviceQueue:
     cdef void flush(self) noexcept nogil
     cdef uint32_t write_in(self, uint32_t skip, const char *src, uint32_t n) noexcept nogil
     cdef uint32_t read_out(self, uint32_t skip, char *dst, uint32_t n) noexcept nogil
+    # the packed ring's halves of the methods above
+    cdef int _pop_packed(self) noexcept nogil
+    cdef uint16_t _pending_packed(self) noexcept nogil
+    cdef void _push_packed(self, uint16_t id, uint32_t length, uint16_t skip) noexcept nogil
+    cdef void _publish_packed(self) noexcept nogil
+    cdef bint _need_interrupt_packed(self) noexcept nogil

@@ -1,8 +1,10 @@
-"""The device side of a split virtqueue (Virtio 1.2 2.7, device requirements).
+"""The device side of a virtqueue (Virtio 1.2 device requirements): split (2.7) or packed (2.8).
 
 A device reads the avail ring, walks descriptor chains, moves data, writes
 the used ring and decides whether to interrupt; it may ask the driver not to
-notify it. The built-in software device is built on this, and the tests use
+notify it. A packed queue (``packed=True``) does the same over one ring of
+descriptors both sides write (2.8): the same methods, the same meaning, so the
+device bursts and the engine do not know which layout a queue has. The built-in software device is built on this, and the tests use
 it to move packets through real ring memory in one process: it mirrors the
 driver's :mod:`pmd.driver._virtqueue`.
 
@@ -26,6 +28,9 @@ from pmd.includes.vring cimport (
     VRING_USED_F_NO_NOTIFY, vring_avail_bytes, vring_avail_event, vring_desc, vring_desc_bytes,
     vring_load16, vring_load32, vring_load64, vring_need_event, vring_store16, vring_store32,
     vring_used_bytes, vring_used_event, vring_avail, vring_used,
+    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_MASK,
+    RING_EVENT_WRAP_SHIFT, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_desc, pvirtq_desc_bytes,
+    pvirtq_desc_is_avail, pvirtq_event_suppress, pvirtq_need_event, pvirtq_position,
 )
 from pmd.sim._dma cimport DmaWindows
 
@@ -42,6 +47,9 @@ BAD_DESC_NAMES = {
     BAD_ORDER: "device-readable descriptor after a device-writable one",
     BAD_SHORT: "packet shorter than the virtio-net header",
     BAD_TOO_LONG: "chain longer than 4 GiB",
+    BAD_ID: "buffer id out of range",
+    BAD_ID_BUSY: "buffer id already in flight",
+    BAD_NOT_AVAIL: "descriptor after NEXT not marked available",
 }
 
 # pop_chain's default bound on the bytes it copies out: the largest packet a
@@ -52,38 +60,32 @@ DEFAULT_MAX_READABLE = 65536 + 64
 
 @cython.no_gc_clear   # __dealloc__ unpins `memories`
 cdef class DeviceQueue:
-    """``DeviceQueue(windows, size, desc_iova, avail_iova, used_iova, event_idx=False, weak_barriers=True)``
+    """``DeviceQueue(windows, size, desc_iova, avail_iova, used_iova, event_idx=False, weak_barriers=True, packed=False)``
 
     The device's view of a queue whose ring addresses the driver gave it.
     Every ``DmaMemory`` behind ``windows`` stays mapped until ``close()``.
+
+    ``packed=True`` (VIRTIO_F_RING_PACKED, 2.8): ``desc_iova`` is the
+    descriptor ring (16*size bytes, aligned 16), ``avail_iova`` the driver
+    event suppression structure and ``used_iova`` the device's (4 bytes each,
+    aligned 4, 2.8.10.1); ``size`` need not be a power of two.
     """
 
     def __cinit__(self):
         self.segs = NULL
+        self.id_count = NULL
         self.irq_fd = -1
         self.memories = []
 
     def __init__(self, DmaWindows windows not None, uint32_t size, uint64_t desc_iova,
                  uint64_t avail_iova, uint64_t used_iova, *, bint event_idx=False,
-                 bint weak_barriers=True):
-        if size == 0 or size > 32768 or size & (size - 1):
-            raise ValueError(f"queue size must be a power of two up to 32768, got {size}")
-        # Each area must lie in driver memory and be aligned as 2.7 requires.
-        desc = windows.translate(desc_iova, vring_desc_bytes(size))
-        avail = windows.translate(avail_iova, vring_avail_bytes(size))
-        used = windows.translate(used_iova, vring_used_bytes(size))
-        if desc == NULL or avail == NULL or used == NULL:
-            raise DeviceError("ring addresses given by the driver are outside its DMA memory: "
-                              f"desc={desc_iova:#x} avail={avail_iova:#x} used={used_iova:#x}")
-        if desc_iova % 16 or avail_iova % 2 or used_iova % 4:
-            raise DeviceError("ring addresses are misaligned (2.7: desc 16, avail 2, used 4)")
+                 bint weak_barriers=True, bint packed=False):
+        if packed:
+            self._init_packed(windows, size, desc_iova, avail_iova, used_iova)
+        else:
+            self._init_split(windows, size, desc_iova, avail_iova, used_iova)
         self.windows = windows
         self.size = size
-        self.mask = size - 1
-        self.vr.num = size
-        self.vr.desc = <vring_desc *>desc
-        self.vr.avail = <vring_avail *>avail
-        self.vr.used = <vring_used *>used
         self.event_idx = event_idx
         self.weak_barriers = weak_barriers
         self.segs = <Seg *>malloc(sizeof(Seg) * size)
@@ -97,14 +99,65 @@ cdef class DeviceQueue:
                 self.memories.append(owner)
         if self.memories:
             self.mem0 = self.memories[0]
+
+    cdef int _init_split(self, DmaWindows windows, uint32_t size, uint64_t desc_iova, uint64_t avail_iova,
+                         uint64_t used_iova) except -1:
+        if size == 0 or size > 32768 or size & (size - 1):
+            raise ValueError(f"queue size must be a power of two up to 32768, got {size}")
+        # Each area must lie in driver memory and be aligned as 2.7 requires.
+        desc = windows.translate(desc_iova, vring_desc_bytes(size))
+        avail = windows.translate(avail_iova, vring_avail_bytes(size))
+        used = windows.translate(used_iova, vring_used_bytes(size))
+        if desc == NULL or avail == NULL or used == NULL:
+            raise DeviceError("ring addresses given by the driver are outside its DMA memory: "
+                              f"desc={desc_iova:#x} avail={avail_iova:#x} used={used_iova:#x}")
+        if desc_iova % 16 or avail_iova % 2 or used_iova % 4:
+            raise DeviceError("ring addresses are misaligned (2.7: desc 16, avail 2, used 4)")
+        self.mask = size - 1
+        self.vr.num = size
+        self.vr.desc = <vring_desc *>desc
+        self.vr.avail = <vring_avail *>avail
+        self.vr.used = <vring_used *>used
         # The device starts where the ring is now (0 on a fresh queue).
         self.used_idx = vring_load16(&self.vr.used.idx)
         self.signalled_used = self.used_idx
         self.last_avail_idx = self.used_idx
         self.shadow_avail_idx = self.used_idx
+        return 0
+
+    cdef int _init_packed(self, DmaWindows windows, uint32_t size, uint64_t desc_iova, uint64_t driver_iova,
+                          uint64_t device_iova) except -1:
+        # 2.8: up to 2^15 entries, any number of them (PCI does not ask for a power of two).
+        if size == 0 or size > 32768:
+            raise ValueError(f"packed queue size must be 1 to 32768, got {size}")
+        desc = windows.translate(desc_iova, pvirtq_desc_bytes(size))
+        drv = windows.translate(driver_iova, sizeof(pvirtq_event_suppress))
+        dev = windows.translate(device_iova, sizeof(pvirtq_event_suppress))
+        if desc == NULL or drv == NULL or dev == NULL:
+            raise DeviceError("ring addresses given by the driver are outside its DMA memory: "
+                              f"desc={desc_iova:#x} driver={driver_iova:#x} device={device_iova:#x}")
+        if desc_iova % 16 or driver_iova % 4 or device_iova % 4:
+            raise DeviceError("ring addresses are misaligned (2.8.10.1: descriptors 16, event suppression 4)")
+        self.id_count = <uint16_t *>malloc(sizeof(uint16_t) * size)
+        if self.id_count == NULL:
+            raise MemoryError()
+        memset(self.id_count, 0, sizeof(uint16_t) * size)
+        self.packed = True
+        self.pdesc = <pvirtq_desc *>desc
+        self.driver_event = <pvirtq_event_suppress *>drv
+        self.device_event = <pvirtq_event_suppress *>dev
+        # 2.8.1: both wrap counters start at 1, at descriptor 0. A packed ring
+        # keeps no index in memory: the device always starts at the beginning.
+        self.avail_pos = 0
+        self.avail_wrap = True
+        self.used_pos = 0
+        self.used_wrap = True
+        self.signalled_pos = 0
+        return 0
 
     def __dealloc__(self):
         free(self.segs)
+        free(self.id_count)
         self._unpin()
 
     cdef void _unpin(self) noexcept:
@@ -156,6 +209,8 @@ cdef class DeviceQueue:
         A refused chain is counted; if its head was valid it is returned to the
         driver at once with length 0, so the driver can reclaim its buffers.
         """
+        if self.packed:
+            return self._pop_packed()
         if pmd_unlikely(self.broken):
             return 0
         cdef uint16_t avail_idx
@@ -243,17 +298,36 @@ cdef class DeviceQueue:
 
     cdef uint16_t pending(self) noexcept nogil:
         """Chains available and not yet popped (0 when the index is implausible)."""
+        if self.packed:
+            return self._pending_packed()
         cdef uint16_t n = vring_load16(&self.vr.avail.idx) - self.last_avail_idx
         return 0 if n > self.size else n
 
     cdef void unpop(self) noexcept nogil:
         """Give the chain just popped back to the avail ring (no room to use it now)."""
+        if self.packed:
+            self.avail_pos = self.prev_avail_pos
+            self.avail_wrap = self.prev_avail_wrap
+            self.id_count[self.head] = 0
+            self.n_popped -= 1
+            self.nsegs = 0
+            return
         self.last_avail_idx -= 1
         self.n_popped -= 1
         self.nsegs = 0
 
     cdef void push(self, uint16_t head, uint32_t length) noexcept nogil:
         """Write one used entry (not yet published)."""
+        cdef uint16_t n = 1
+        if self.packed:
+            # The chain's length was kept at pop: skip that many slots (2.8.6).
+            if pmd_likely(head < self.size):
+                n = self.id_count[head]
+                self.id_count[head] = 0
+                if pmd_unlikely(n == 0):
+                    n = 1           # not in flight: a bug of ours; keep the ring moving
+            self._push_packed(head, length, n)
+            return
         cdef uint16_t slot = self.used_idx & self.mask
         vring_store32(&self.vr.used.ring[slot].id, head)
         vring_store32(&self.vr.used.ring[slot].len, length)
@@ -261,6 +335,9 @@ cdef class DeviceQueue:
 
     cdef void publish(self) noexcept nogil:
         """Entries first, then the index that shows them (2.7.8.2 device requirements)."""
+        if self.packed:
+            self._publish_packed()
+            return
         pmd_virtio_wmb(self.weak_barriers)
         vring_store16(&self.vr.used.idx, self.used_idx)
 
@@ -270,6 +347,8 @@ cdef class DeviceQueue:
         Full barrier: the used idx store must be visible before we read the
         driver's suppression state (2.7.7.2).
         """
+        if self.packed:
+            return self._need_interrupt_packed()
         cdef uint16_t old = self.signalled_used
         cdef uint16_t new = self.used_idx
         if new == old:
@@ -287,7 +366,10 @@ cdef class DeviceQueue:
             write(self.irq_fd, &one, 8)
 
     cdef void flush(self) noexcept nogil:
-        if self.used_idx == vring_load16(&self.vr.used.idx):
+        if self.packed:
+            if self.batch_n == 0:
+                return
+        elif self.used_idx == vring_load16(&self.vr.used.idx):
             return
         self.publish()
         if self.need_interrupt():
@@ -345,6 +427,196 @@ cdef class DeviceQueue:
                 break
         return done
 
+    # ---- the packed ring's data path (2.8) ----
+
+    cdef int _pop_packed(self) noexcept nogil:
+        """pop() for a packed ring: the chain starting at ``avail_pos``.
+
+        Its descriptors are consecutive (wrapping at the ring's end, which
+        flips the wrap counter), linked by NEXT; the buffer id is in the last
+        one (2.8.6). Every field of every descriptor is read once. A refused
+        chain is still walked to its end, to learn its id and length: with a
+        valid id it goes back to the driver at once with length 0. A chain
+        whose end cannot be found (a loop, or NEXT into a descriptor not made
+        available) leaves nowhere to resume: the queue is broken until reset.
+        """
+        if pmd_unlikely(self.broken):
+            return 0
+        cdef uint16_t pos = self.avail_pos
+        cdef bint wrap = self.avail_wrap
+        cdef pvirtq_desc *d = &self.pdesc[pos]
+        cdef uint16_t flags = vring_load16(&d.flags)
+        if not pvirtq_desc_is_avail(flags, wrap):
+            return 0
+        # The driver writes the first descriptor's flags last, after a write
+        # barrier (2.8.6, 2.8.21.1): read the chain only after seeing them.
+        pmd_virtio_rmb(self.weak_barriers)
+        cdef uint32_t count = 0
+        cdef int why = BAD_NONE
+        cdef uint64_t addr
+        cdef uint32_t ln
+        cdef uint16_t id
+        cdef char *p
+        cdef bint seen_write = False
+        cdef uint64_t out_len = 0, in_len = 0   # up to N descriptors of 4 GiB: wider than 32 bits
+        self.nsegs = 0
+        self.out_len = 0
+        self.in_len = 0
+        while True:
+            count += 1
+            if count > 1:
+                flags = vring_load16(&d.flags)
+                if pmd_unlikely(not pvirtq_desc_is_avail(flags, wrap)):
+                    # 2.8.6: every descriptor of a list is marked available, not just the first.
+                    self.nsegs = 0
+                    self.broken = True
+                    self._bad(BAD_NOT_AVAIL)
+                    return -1
+            if pmd_likely(why == BAD_NONE):
+                addr = vring_load64(&d.addr)
+                ln = vring_load32(&d.len)
+                p = NULL
+                if pmd_unlikely(flags & VRING_DESC_F_INDIRECT):
+                    why = BAD_INDIRECT
+                elif ln != 0:
+                    p = self.windows.translate(addr, ln)
+                    if pmd_unlikely(p == NULL):
+                        why = BAD_ADDR
+                if why == BAD_NONE:
+                    if flags & VRING_DESC_F_WRITE:
+                        seen_write = True
+                        in_len += ln
+                    elif pmd_unlikely(seen_write):
+                        why = BAD_ORDER
+                    else:
+                        out_len += ln
+                    if pmd_unlikely((out_len | in_len) >> 32):
+                        why = BAD_TOO_LONG
+                if why == BAD_NONE:
+                    self.segs[self.nsegs].ptr = p
+                    self.segs[self.nsegs].len = ln
+                    self.segs[self.nsegs].write = (flags & VRING_DESC_F_WRITE) != 0
+                    self.nsegs += 1
+            if not (flags & VRING_DESC_F_NEXT):
+                break
+            if pmd_unlikely(count == self.size):
+                # 2.8.17: no list is longer than the queue (NEXT all the way round).
+                self.nsegs = 0
+                self.broken = True
+                self._bad(BAD_LOOP)
+                return -1
+            pos += 1
+            if pos == self.size:
+                pos = 0
+                wrap = not wrap
+            d = &self.pdesc[pos]
+        id = vring_load16(&d.id)
+        # The chain is taken, whatever its id: the next one starts after it.
+        self.prev_avail_pos = self.avail_pos
+        self.prev_avail_wrap = self.avail_wrap
+        pos += 1
+        if pos == self.size:
+            pos = 0
+            wrap = not wrap
+        self.avail_pos = pos
+        self.avail_wrap = wrap
+        if pmd_unlikely(id >= self.size):
+            self.nsegs = 0
+            self._bad(BAD_ID)
+            return -1
+        if pmd_unlikely(self.id_count[id] != 0):
+            # Two chains in flight under one id: a used descriptor could not
+            # say which one it returns, so this one is not returned at all.
+            self.nsegs = 0
+            self._bad(BAD_ID_BUSY)
+            return -1
+        self.id_count[id] = <uint16_t>count
+        self.head = id
+        if pmd_unlikely(why != BAD_NONE):
+            return self._refuse(id, why)
+        self.out_len = <uint32_t>out_len
+        self.in_len = <uint32_t>in_len
+        self.n_popped += 1
+        return 1
+
+    cdef uint16_t _pending_packed(self) noexcept nogil:
+        """Whole chains available from ``avail_pos`` on: descriptors marked
+        available, counted where one ends (no NEXT); at most a ring's worth."""
+        cdef uint16_t pos = self.avail_pos
+        cdef bint wrap = self.avail_wrap
+        cdef uint16_t flags, n = 0
+        cdef uint32_t k
+        for k in range(self.size):
+            flags = vring_load16(&self.pdesc[pos].flags)
+            if not pvirtq_desc_is_avail(flags, wrap):
+                break
+            if not (flags & VRING_DESC_F_NEXT):
+                n += 1
+            pos += 1
+            if pos == self.size:
+                pos = 0
+                wrap = not wrap
+        return n
+
+    cdef void _push_packed(self, uint16_t id, uint32_t length, uint16_t skip) noexcept nogil:
+        """Write a used descriptor at ``used_pos`` and skip ``skip`` slots (1 to size).
+
+        2.8.1: used is AVAIL == USED == the device's wrap counter; 2.8.3: WRITE
+        says the device wrote into the buffer, and only then does len count
+        (2.8.4). The first descriptor of a batch gets its flags at publish(),
+        after all the others (2.8.9): the driver sees the batch whole or not at all.
+        """
+        cdef pvirtq_desc *d = &self.pdesc[self.used_pos]
+        cdef uint16_t flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
+        if length:
+            flags |= VRING_DESC_F_WRITE
+        vring_store16(&d.id, id)
+        vring_store32(&d.len, length)
+        if self.batch_n == 0:
+            self.batch_first = self.used_pos
+            self.batch_flags = flags
+        else:
+            vring_store16(&d.flags, flags)
+        self.batch_n += 1
+        cdef uint32_t pos = <uint32_t>self.used_pos + skip
+        if pos >= self.size:
+            pos -= self.size
+            self.used_wrap = not self.used_wrap
+        self.used_pos = <uint16_t>pos
+
+    cdef void _publish_packed(self) noexcept nogil:
+        """Show the batch: everything written so far, a write barrier, then the
+        first descriptor's flags. The driver polls only that one (2.8.2), and
+        reads a descriptor's id and len after its flags; we change none after
+        its USED bit (2.8.15). One barrier per burst, as the split ring's one
+        index store."""
+        if self.batch_n == 0:
+            return
+        pmd_virtio_wmb(self.weak_barriers)
+        vring_store16(&self.pdesc[self.batch_first].flags, self.batch_flags)
+        self.batch_n = 0
+
+    cdef bint _need_interrupt_packed(self) noexcept nogil:
+        """need_interrupt() from the driver event suppression structure (2.8.10, 2.8.14).
+
+        Full barrier: the used flags must be visible before we read the
+        driver's suppression state, or an interrupt it asked for is lost.
+        DESC counts only with EVENT_IDX; a reserved value (3), or DESC without
+        it, is taken as ENABLE: an interrupt too many rather than one lost.
+        """
+        cdef uint32_t old = self.signalled_pos
+        cdef uint32_t new = pvirtq_position(self.size, self.used_pos, self.used_wrap)
+        if new == old:
+            return False
+        pmd_virtio_mb(self.weak_barriers)
+        self.signalled_pos = new
+        cdef uint16_t flags = vring_load16(&self.driver_event.flags) & RING_EVENT_FLAGS_MASK
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
+            return pvirtq_need_event(self.size, vring_load16(&self.driver_event.off_wrap), new, old)
+        return True
+
     # ---- control and Python access (tests, the built-in device) ----
 
     def set_interrupt_eventfd(self, int fd):
@@ -353,18 +625,30 @@ cdef class DeviceQueue:
 
     def disable_notify(self):
         """Ask the driver not to notify (we poll): NO_NOTIFY, or with EVENT_IDX
-        an avail_event the driver will not pass (the flag must stay 0, 2.7.10.1)."""
+        an avail_event the driver will not pass (the flag must stay 0, 2.7.10.1).
+        Packed: RING_EVENT_FLAGS_DISABLE in the device event suppression structure (2.8.10)."""
         self.check()
-        if self.event_idx:
+        if self.packed:
+            vring_store16(&self.device_event.flags, RING_EVENT_FLAGS_DISABLE)
+        elif self.event_idx:
             vring_store16(vring_avail_event(&self.vr), <uint16_t>(self.last_avail_idx - 1))
         else:
             self.used_flags |= VRING_USED_F_NO_NOTIFY
             vring_store16(&self.vr.used.flags, self.used_flags)
 
     def enable_notify(self):
-        """Ask for a notification when the next buffer is made available."""
+        """Ask for a notification when the next buffer is made available.
+        Packed: RING_EVENT_FLAGS_ENABLE, or with EVENT_IDX RING_EVENT_FLAGS_DESC
+        at the next descriptor we will read (off_wrap first, then the flags)."""
         self.check()
-        if self.event_idx:
+        if self.packed:
+            if self.event_idx:
+                vring_store16(&self.device_event.off_wrap,
+                              self.avail_pos | (<uint16_t>self.avail_wrap << RING_EVENT_WRAP_SHIFT))
+                vring_store16(&self.device_event.flags, RING_EVENT_FLAGS_DESC)
+            else:
+                vring_store16(&self.device_event.flags, RING_EVENT_FLAGS_ENABLE)
+        elif self.event_idx:
             vring_store16(vring_avail_event(&self.vr), self.last_avail_idx)
         else:
             self.used_flags &= ~VRING_USED_F_NO_NOTIFY
@@ -399,8 +683,11 @@ cdef class DeviceQueue:
     def complete(self, uint16_t head, data=b""):
         """Write ``data`` into the writable part of the chain popped last (``head``)
         and push a used entry for it with the data's length (not yet published).
-        With no data, any head may be completed (length 0)."""
+        With no data, any head may be completed (length 0); on a packed ring,
+        any buffer id in flight (popped and not yet completed)."""
         self.check()
+        if self.packed and (head >= self.size or self.id_count[head] == 0):
+            raise ValueError(f"complete({head}): buffer id {head} is not in flight on this packed queue")
         cdef const unsigned char[:] v = data
         if len(data):
             if self.nsegs == 0 or head != self.head:
@@ -415,17 +702,35 @@ cdef class DeviceQueue:
             self.write_in(0, <const char *>&v[0], <uint32_t>len(data))
         self.push(head, <uint32_t>len(data))
 
-    def push_raw(self, uint32_t id, uint32_t length):
-        """Write an arbitrary used entry (tests of the driver's validation)."""
+    def push_raw(self, uint32_t id, uint32_t length, *, skip=None):
+        """Write an arbitrary used entry (tests of the driver's validation).
+
+        Packed: a used descriptor with this id (at most 0xFFFF) and len at the
+        next used position, advanced by ``skip`` slots (default 1), in flight
+        or not; it is published with the others (``publish_used``)."""
         self.check()
+        cdef uint32_t n
+        if self.packed:
+            n = 1 if skip is None else skip
+            if id > 0xFFFF or not 1 <= n <= self.size:
+                raise ValueError(f"packed used descriptor: id {id} must fit 16 bits and skip {n} "
+                                 f"be 1 to {self.size}")
+            self._push_packed(<uint16_t>id, length, <uint16_t>n)
+            return
+        if skip is not None:
+            raise ValueError("skip is for packed queues: a split used entry takes one slot")
         cdef uint16_t slot = self.used_idx & self.mask
         vring_store32(&self.vr.used.ring[slot].id, id)
         vring_store32(&self.vr.used.ring[slot].len, length)
         self.used_idx += 1
 
     def set_used_idx(self, uint16_t idx):
-        """Publish an arbitrary used index (tests of the driver's validation)."""
+        """Publish an arbitrary used index (tests of the driver's validation).
+        A packed ring has no used index: QueueStateError (use push_raw)."""
         self.check()
+        if self.packed:
+            raise QueueStateError("a packed queue has no used index (2.8): write used descriptors "
+                                  "with push_raw(id, length, skip=...) and publish_used()")
         self.used_idx = idx
         self.publish()
 
@@ -440,14 +745,24 @@ cdef class DeviceQueue:
     def avail_pending(self):
         """Chains the driver has made available and we have not popped."""
         self.check()
+        if self.packed:
+            return self._pending_packed()
         return <uint16_t>(vring_load16(&self.vr.avail.idx) - self.last_avail_idx)
 
     @property
     def next_avail_idx(self):
+        """Split: the next avail ring index (free-running). Packed: the next
+        descriptor to read as ``offset | wrap_counter << 15`` (2.8.14's off_wrap)."""
+        if self.packed:
+            return self.avail_pos | (<uint16_t>self.avail_wrap << RING_EVENT_WRAP_SHIFT)
         return self.last_avail_idx
 
     @property
     def next_used_idx(self):
+        """Split: the next used ring index (free-running). Packed: where the next
+        used descriptor goes, as ``offset | wrap_counter << 15``."""
+        if self.packed:
+            return self.used_pos | (<uint16_t>self.used_wrap << RING_EVENT_WRAP_SHIFT)
         return self.used_idx
 
     @property

@@ -13,8 +13,10 @@ runs the engine:
   read-only fields and bad widths are counted, never obeyed;
 - device status (2.1, 3.1.1): ACKNOWLEDGE, DRIVER, FEATURES_OK only when the
   driver's features are acceptable, DRIVER_OK only after FEATURES_OK, 0 resets;
-- queues: size (a power of two up to the maximum), MSI-X vector (NO_VECTOR when
-  out of range), ring addresses, enable (rings checked against the DMA windows);
+- queues: size (a power of two up to the maximum; any size with RING_PACKED,
+  2.8.10.1), MSI-X vector (NO_VECTOR when out of range), ring addresses, enable
+  (rings checked against the DMA windows; split rings, or packed ones when
+  VIRTIO_F_RING_PACKED was negotiated, 2.8);
 - notifications and configuration changes (ISR bit 1, the config vector).
 """
 
@@ -248,7 +250,9 @@ class VirtioPciFunction:
 
     def _w_queue_size(self, value: int) -> None:
         q = self._selected()
-        if q is None or q.enabled or not 0 < value <= self.max_queue_size or value & (value - 1):
+        # 2.7: a split ring's size is a power of two; a packed one's need not be (2.8.10.1).
+        any_size = bool(self.features & V.bit(V.RING_PACKED))
+        if q is None or q.enabled or not 0 < value <= self.max_queue_size or (value & (value - 1) and not any_size):
             self.counters.bad_register_writes += 1
             return
         q.size = value
@@ -292,8 +296,10 @@ class VirtioPciFunction:
             self._needs_reset(f"queue {index} does not exist with the negotiated features")
             return
         try:
+            # Packed (2.8): driver and device are then the two event suppression structures.
             dq = DeviceQueue(self.dma.windows, q.size, q.desc, q.driver, q.device,
-                             event_idx=bool(self.features & V.bit(V.RING_EVENT_IDX)), weak_barriers=True)
+                             event_idx=bool(self.features & V.bit(V.RING_EVENT_IDX)), weak_barriers=True,
+                             packed=bool(self.features & V.bit(V.RING_PACKED)))
         except (DeviceError, ValueError) as e:
             self.counters.bad_ring_addresses += 1
             self._needs_reset(f"queue {index}: {e}")
