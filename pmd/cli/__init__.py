@@ -194,7 +194,7 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
         with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0, **kw) as port:
             port.start(queue_pairs=args.queues, queue_size=args.queue_size)
             print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
-                  f"{args.queues} queue pair(s), burst {args.burst}"
+                  f"{args.queues} queue pair(s), {port.ring_layout} rings, burst {args.burst}"
                   + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
             fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
                     duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
