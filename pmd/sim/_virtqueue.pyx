@@ -610,11 +610,14 @@ cdef class DeviceQueue:
             return False
         pmd_virtio_mb(self.weak_barriers)
         self.signalled_pos = new
-        cdef uint16_t flags = vring_load16(&self.driver_event.flags) & RING_EVENT_FLAGS_MASK
+        # off_wrap and flags in one 32-bit load (the structure is 4 bytes, aligned 4):
+        # a pair the driver wrote together, never a new flags with an old offset.
+        cdef uint32_t ev = vring_load32(<uint32_t *>self.driver_event)
+        cdef uint16_t flags = (ev >> 16) & RING_EVENT_FLAGS_MASK
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
         if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
-            return pvirtq_need_event(self.size, vring_load16(&self.driver_event.off_wrap), new, old)
+            return pvirtq_need_event(self.size, <uint16_t>ev, new, old)
         return True
 
     # ---- control and Python access (tests, the built-in device) ----
@@ -639,13 +642,14 @@ cdef class DeviceQueue:
     def enable_notify(self):
         """Ask for a notification when the next buffer is made available.
         Packed: RING_EVENT_FLAGS_ENABLE, or with EVENT_IDX RING_EVENT_FLAGS_DESC
-        at the next descriptor we will read (off_wrap first, then the flags)."""
+        at the next descriptor we will read (off_wrap and flags in one 32-bit
+        store: the driver never reads the new flags with the old offset)."""
         self.check()
+        cdef uint32_t off_wrap
         if self.packed:
             if self.event_idx:
-                vring_store16(&self.device_event.off_wrap,
-                              self.avail_pos | (<uint16_t>self.avail_wrap << RING_EVENT_WRAP_SHIFT))
-                vring_store16(&self.device_event.flags, RING_EVENT_FLAGS_DESC)
+                off_wrap = self.avail_pos | (<uint32_t>self.avail_wrap << RING_EVENT_WRAP_SHIFT)
+                vring_store32(<uint32_t *>self.device_event, off_wrap | (<uint32_t>RING_EVENT_FLAGS_DESC << 16))
             else:
                 vring_store16(&self.device_event.flags, RING_EVENT_FLAGS_ENABLE)
         elif self.event_idx:
