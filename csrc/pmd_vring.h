@@ -199,6 +199,10 @@ PMD_OFFSET(struct pvirtq_event_suppress, flags, 2);
 
 PMD_ALWAYS_INLINE size_t pvirtq_desc_bytes(uint32_t num) { return 16u * (size_t)num; }
 
+/* Bytes of one packed queue laid out contiguously, as pmd's driver does: the
+ * ring, then the driver's and the device's event suppression structures. */
+PMD_ALWAYS_INLINE size_t pvirtq_size(uint32_t num) { return pvirtq_desc_bytes(num) + 8u; }
+
 /* 2.8.1: is a descriptor with these flags available to a reader whose wrap counter is wrap? */
 PMD_ALWAYS_INLINE int pvirtq_desc_is_avail(uint16_t flags, int wrap)
 {

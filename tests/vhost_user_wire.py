@@ -29,7 +29,7 @@ from tests.sim_peer import ReceivingPeer  # noqa: E402
 #: how many receive buffers' worth of frames the peer keeps in flight towards the port
 #: under test: its rx ring holds 256 buffers of 2 KiB (a jumbo frame takes five), and
 #: testpmd drops (does not queue) what finds it full
-WINDOW = 96
+WINDOW = 64
 BUFFER = 2048
 
 

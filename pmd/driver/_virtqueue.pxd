@@ -18,13 +18,11 @@ from pmd.includes.barrier cimport pmd_virtio_mb, pmd_virtio_rmb, pmd_virtio_wmb
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.mmio cimport pmd_write16
 from pmd.includes.vring cimport (
-    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+    RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_MASK, VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_USED, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY, pvirtq_desc, pvirtq_event_suppress, pvirtq_need_event, pvirtq_position,
     vring, vring_avail_event, vring_desc, vring_load16, vring_load32, vring_need_event,
     vring_store16, vring_used_event,
-)
-from pmd.includes.vring_packed cimport (
-    VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, VRING_PACKED_EVENT_FLAG_DESC,
-    VRING_PACKED_EVENT_FLAG_DISABLE, vring_packed_desc, vring_packed_desc_event,
 )
 
 cdef enum NotifyKind:
@@ -74,9 +72,9 @@ cdef class Virtqueue:
     cdef DescExtra *extra
     # packed ring (2.8): the descriptor ring and the two event suppression areas
     cdef readonly bint packed
-    cdef vring_packed_desc *pdesc
-    cdef vring_packed_desc_event *driver_event     # written by the driver (interrupts)
-    cdef vring_packed_desc_event *device_event     # written by the device (notifications)
+    cdef pvirtq_desc *pdesc
+    cdef pvirtq_event_suppress *driver_event     # written by the driver (interrupts)
+    cdef pvirtq_event_suppress *device_event     # written by the device (notifications)
     cdef uint16_t avail_pos            # where the next descriptor goes (0..size-1)
     cdef uint16_t avail_wrap_flags     # AVAIL/USED bits of this lap: AVAIL while the wrap counter is 1
     cdef uint16_t used_pos             # where the next used descriptor is expected
@@ -346,7 +344,7 @@ cdef class Virtqueue:
         stops there: not available on this lap) until publish() writes them; later
         ones are written whole, unseen until then.
         """
-        cdef vring_packed_desc *d = &self.pdesc[self.avail_pos]
+        cdef pvirtq_desc *d = &self.pdesc[self.avail_pos]
         d.addr = addr
         d.len = length
         d.id = id
@@ -360,7 +358,7 @@ cdef class Virtqueue:
         self.avail_pos += 1
         if self.avail_pos == self.size:      # 2.8.1: past the end the wrap counter flips
             self.avail_pos = 0
-            self.avail_wrap_flags ^= VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
+            self.avail_wrap_flags ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
 
     cdef inline int p_add_chain(self, const uint64_t *addr, const uint32_t *length,
                                 const uint32_t *cookie, uint16_t n, uint16_t n_out) noexcept nogil:
@@ -391,25 +389,25 @@ cdef class Virtqueue:
 
     cdef inline bint p_need_notify(self, uint16_t added) noexcept nogil:
         """The device event suppression structure (2.8.10, 2.8.21.4): ENABLE, DISABLE,
-        or with EVENT_IDX the descriptor whose making available it wants to hear of."""
-        cdef uint16_t flags = vring_load16(&self.device_event.flags)
-        cdef uint16_t off_wrap, event, new, old
-        if flags != VRING_PACKED_EVENT_FLAG_DESC or not self.event_idx:
-            return flags != VRING_PACKED_EVENT_FLAG_DISABLE
-        off_wrap = vring_load16(&self.device_event.off_wrap)
-        event = off_wrap & 0x7FFF
-        new = self.avail_pos
-        old = <uint16_t>(new - added)
-        # an offset on the lap before this one counts from one ring size lower
-        if (off_wrap >> 15) != ((self.avail_wrap_flags & VRING_PACKED_DESC_F_AVAIL) != 0):
-            event = <uint16_t>(event - self.size)
-        return vring_need_event(event, new, old)
+        or with EVENT_IDX the descriptor whose making available it wants to hear of.
+        Read as one 32-bit access, so a new DESC never comes with an old offset."""
+        cdef uint32_t event = vring_load32(<uint32_t *>self.device_event)
+        cdef uint16_t off_wrap = event & 0xFFFF
+        cdef uint16_t flags = (event >> 16) & RING_EVENT_FLAGS_MASK
+        cdef uint32_t new, old
+        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
+            return flags != RING_EVENT_FLAGS_DISABLE
+        # positions over two laps (offset, plus N while the wrap counter is 0): the batch
+        # moved from old to new; did it pass the descriptor asked for?
+        new = pvirtq_position(self.size, self.avail_pos, (self.avail_wrap_flags & VIRTQ_DESC_F_AVAIL) != 0)
+        old = (new + 2 * self.size - added) % (2 * self.size)
+        return pvirtq_need_event(self.size, off_wrap, new, old)
 
     cdef inline bint p_is_used(self, uint16_t pos) noexcept nogil:
         """2.8.1: used when AVAIL and USED both equal the driver's used wrap counter."""
         cdef uint16_t flags = vring_load16(&self.pdesc[pos].flags)
-        cdef uint16_t want = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if self.used_wrap else 0
-        return (flags & (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) == want
+        cdef uint16_t want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
+        return (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) == want
 
     cdef inline void p_skip(self, uint16_t ndescs) noexcept nogil:
         """Step the used position past a chain of ``ndescs`` (2.8.6), flipping the wrap counter at the end."""
@@ -429,8 +427,8 @@ cdef class Virtqueue:
         cdef uint16_t wrap = self.used_wrap, want, flags, id, n = 0
         while seen < in_flight:
             flags = vring_load16(&self.pdesc[pos].flags)
-            want = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if wrap else 0
-            if (flags & (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) != want:
+            want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if wrap else 0
+            if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != want:
                 break
             pmd_virtio_rmb(self.weak_barriers)   # the flags before the id they cover (2.8.21.2)
             n += 1

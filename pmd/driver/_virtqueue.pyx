@@ -32,16 +32,12 @@ from libc.string cimport memset
 from pmd.memory._dma cimport DmaMemory
 from pmd.driver._mmio cimport Mmio
 from pmd.includes.vring cimport (
+    RING_EVENT_FLAGS_ENABLE, pvirtq_size, vring_store32,
     VRING_AVAIL_F_NO_INTERRUPT, VRING_LEGACY_ALIGN, VRING_MAX_SIZE, vring_avail_bytes,
     vring_desc_bytes, vring_init, vring_load16, vring_size, vring_store16, vring_used_bytes,
     vring_used_event, vring_avail_event, vring_need_event, vring_desc, vring_used_elem,
 )
 from pmd.includes.virtio_net cimport virtio_net_hdr
-from pmd.includes.vring_packed cimport (
-    VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, VRING_PACKED_EVENT_FLAG_DESC,
-    VRING_PACKED_EVENT_FLAG_DISABLE, VRING_PACKED_EVENT_FLAG_ENABLE, vring_packed_desc,
-    vring_packed_desc_event, vring_packed_size,
-)
 
 from pmd.errors import DeviceError, QueueStateError
 
@@ -53,7 +49,7 @@ def ring_size(uint32_t num, size_t align=VRING_LEGACY_ALIGN, bint packed=False):
     """Bytes of a contiguous ring of ``num`` entries: split (Linux's vring_size) or
     packed (the descriptor ring and the two 4-byte event areas)."""
     _check_ring_params(num, align)
-    return vring_packed_size(num) if packed else vring_size(num, align)
+    return pvirtq_size(num) if packed else vring_size(num, align)
 
 
 def ring_layout(uint32_t num, size_t align=VRING_LEGACY_ALIGN, bint packed=False):
@@ -62,7 +58,7 @@ def ring_layout(uint32_t num, size_t align=VRING_LEGACY_ALIGN, bint packed=False
     _check_ring_params(num, align)
     if packed:
         return {"desc": (0, 16 * num), "driver": (16 * num, 4), "device": (16 * num + 4, 4),
-                "total": vring_packed_size(num)}
+                "total": pvirtq_size(num)}
     desc = vring_desc_bytes(num)
     avail_off = desc
     used_off = (desc + vring_avail_bytes(num) + align - 1) & ~(align - 1)
@@ -102,7 +98,7 @@ cdef class Virtqueue:
                  bint interrupts=False, bint packed=False):
         memory._check_open()
         _check_ring_params(size, align)
-        cdef size_t nbytes = vring_packed_size(size) if packed else vring_size(size, align)
+        cdef size_t nbytes = pvirtq_size(size) if packed else vring_size(size, align)
         cdef size_t off = memory.alloc(nbytes, max(align, 16))
         if not memory.range_iova_contiguous(off, nbytes):
             raise ValueError(f"the {nbytes}-byte ring would span pages with non-contiguous IOVAs "
@@ -120,10 +116,10 @@ cdef class Virtqueue:
         if packed:
             # 2.8.13: ring, then the driver's and the device's event suppression areas;
             # both wrap counters start at 1 (2.8.1), so the first lap's descriptors say AVAIL
-            self.pdesc = <vring_packed_desc *>(memory.base + off)
-            self.driver_event = <vring_packed_desc_event *>(memory.base + off + 16 * size)
-            self.device_event = <vring_packed_desc_event *>(memory.base + off + 16 * size + 4)
-            self.avail_wrap_flags = VRING_PACKED_DESC_F_AVAIL
+            self.pdesc = <pvirtq_desc *>(memory.base + off)
+            self.driver_event = <pvirtq_event_suppress *>(memory.base + off + 16 * size)
+            self.device_event = <pvirtq_event_suppress *>(memory.base + off + 16 * size + 4)
+            self.avail_wrap_flags = VIRTQ_DESC_F_AVAIL
             self.used_wrap = 1
         else:
             vring_init(&self.vr, size, memory.base + off, align)
@@ -213,14 +209,14 @@ cdef class Virtqueue:
     @property
     def ring_bytes(self):
         """Bytes of the ring in memory (all three areas)."""
-        return vring_packed_size(self.size) if self.packed else vring_size(self.size, self.align)
+        return pvirtq_size(self.size) if self.packed else vring_size(self.size, self.align)
 
     @property
     def avail_state(self):
         """Packed ring: (next avail position, avail wrap counter); split: (avail idx, None).
         What SET_VRING_BASE-style resumption needs."""
         if self.packed:
-            return self.avail_pos, 1 if self.avail_wrap_flags & VRING_PACKED_DESC_F_AVAIL else 0
+            return self.avail_pos, 1 if self.avail_wrap_flags & VIRTQ_DESC_F_AVAIL else 0
         return self.avail_idx, None
 
     def used_frontier(self):
@@ -236,8 +232,8 @@ cdef class Virtqueue:
         cdef uint16_t wrap = self.used_wrap, id, flags, want
         while seen < in_flight:
             flags = vring_load16(&self.pdesc[pos].flags)
-            want = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if wrap else 0
-            if (flags & (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED)) != want:
+            want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if wrap else 0
+            if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != want:
                 break
             pmd_virtio_rmb(self.weak_barriers)
             id = vring_load16(&self.pdesc[pos].id)
@@ -319,7 +315,7 @@ cdef class Virtqueue:
         if self.is_closed or self.memory.closed:
             return
         if self.packed:
-            vring_store16(&self.driver_event.flags, VRING_PACKED_EVENT_FLAG_DISABLE)   # 2.8.10
+            vring_store16(&self.driver_event.flags, RING_EVENT_FLAGS_DISABLE)   # 2.8.10
         elif self.event_idx:
             vring_store16(vring_used_event(&self.vr), <uint16_t>(self.last_used_idx - 1))
         else:
@@ -335,13 +331,11 @@ cdef class Virtqueue:
         self.check_mapped()
         if self.packed:
             # 2.8.10: with EVENT_IDX, at the descriptor we expect next (offset and wrap counter)
-            if self.event_idx:
-                vring_store16(&self.driver_event.off_wrap,
-                              <uint16_t>(self.used_pos | (self.used_wrap << 15)))
-                pmd_virtio_wmb(self.weak_barriers)
-                vring_store16(&self.driver_event.flags, VRING_PACKED_EVENT_FLAG_DESC)
+            if self.event_idx:     # offset, wrap and DESC in one 32-bit store
+                vring_store32(<uint32_t *>self.driver_event,
+                              (self.used_pos | (<uint32_t>self.used_wrap << 15)) | (<uint32_t>RING_EVENT_FLAGS_DESC << 16))
             else:
-                vring_store16(&self.driver_event.flags, VRING_PACKED_EVENT_FLAG_ENABLE)
+                vring_store16(&self.driver_event.flags, RING_EVENT_FLAGS_ENABLE)
             self.interrupts_enabled = True
             pmd_virtio_mb(self.weak_barriers)
             return self.size != self.num_free and self.p_is_used(self.used_pos)

@@ -512,13 +512,14 @@ class Port:
         """The access layer says the device is gone (from its watcher thread): stop
         every queue so the next burst raises DeviceError, and wake rx_wait sleepers."""
         msg = f"the device is gone ({reason}); close the port and open it again"
-        self.lost = msg
         log.error("%s: %s", self.name, msg)
         queues = [q.vq for q in (*self.rxqs, *self.txqs)]
         if self.ctrl is not None and self.ctrl.vq is not None:
             queues.append(self.ctrl.vq)
         for vq in queues:
             vq.fail(msg)
+        # only now: whoever sees port.lost finds every queue stopped
+        self.lost = msg
         for ev in [*self._rx_events, *self._rx_wakes]:
             if ev is not None and not ev.closed:
                 try:

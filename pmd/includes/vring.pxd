@@ -78,6 +78,7 @@ cdef extern from "pmd_vring.h" nogil:
         uint16_t flags
 
     size_t pvirtq_desc_bytes(uint32_t num)
+    size_t pvirtq_size(uint32_t num)
     bint pvirtq_desc_is_avail(uint16_t flags, int wrap)
     uint32_t pvirtq_position(uint32_t num, uint32_t off, int wrap)
     bint pvirtq_need_event(uint32_t num, uint16_t off_wrap, uint32_t new_pos, uint32_t old_pos)
