@@ -236,11 +236,14 @@ def _pin_driver() -> None:
     os.setsid()
 
 
+PMD_ROOT = ROOT                      # the checkout whose pmd is measured (--root)
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["OPENBLAS_NUM_THREADS"] = "1"
     env["PYTHONHASHSEED"] = "0"
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(PMD_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
@@ -376,7 +379,7 @@ def run_dpdk(direction: str, seconds: float, tmp: str, bursts: int = 1) -> tuple
 
 
 def child_pmd(direction: str, seconds: float, sock: str, result: str, bursts: int) -> None:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, os.environ.get("PYTHONPATH", str(ROOT)).split(os.pathsep)[0])
     import numpy as np
 
     from pmd import fwd
@@ -520,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long", type=float, default=15.0, help="seconds of forwarding in the long run")
     ap.add_argument("--top", type=int, default=12, help="functions to list per driver and mode")
     ap.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR")
+    ap.add_argument("--root", metavar="CHECKOUT", help="measure the pmd of another checkout (built in place)")
     ap.add_argument("--child-pmd", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--sock", help=argparse.SUPPRESS)
@@ -529,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_pmd:
         child_pmd(args.child_pmd, args.seconds, args.sock, args.result, args.bursts)
         return 0
+    global PMD_ROOT
+    if args.root:
+        PMD_ROOT = Path(args.root).resolve()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     who = [w.strip() for w in args.who.split(",") if w.strip()]
     if any(m not in MODES for m in modes) or any(w not in ("pmd", "dpdk") for w in who):
@@ -546,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     dpdk.ensure_hugepages()
     print(f"instructions per packet of the driver process (valgrind --tool=callgrind), "
           f"{time.strftime('%Y-%m-%d')}, {dpdk._testpmd_version(dpdk._testpmd() or '')}; runs of "
-          f"{args.short:g} and {args.long:g} s of forwarding, difference / difference of packets")
+          f"{args.short:g} and {args.long:g} s of forwarding; pmd from {PMD_ROOT}")
     print()
     tmp = args.keep or tempfile.mkdtemp(prefix="pmd-insn-")
     os.makedirs(tmp, exist_ok=True)

@@ -159,6 +159,33 @@ cdef class RxQueue(_Queue):
         cdef char *dst
         cdef const char *src
         while got < burst and avail > 0:
+            if (out == NULL and self.vq.peek_used_head(&head, &length) and self.hdr_len <= length <= self.buf_len
+                    and self.pool.held_by(self.vq.extra[head].cookie, self.owner)
+                    and (<virtio_net_hdr *>(self.pool.buf(self.vq.extra[head].cookie)
+                                            + self.buf_off)).num_buffers == 1):
+                # The common packet, one buffer, without a copy (zero-copy or discard):
+                # the entry is read once and taken with what was checked.
+                r = self.vq.take_peeked(head, length)
+                avail -= 1
+                b = self.take1(head)
+                if pmd_unlikely(b == NO_BUF):
+                    continue
+                pkt = length - self.hdr_len
+                if pmd_unlikely(r != USED_OK or pkt < ETH_HLEN or pkt > self.mrg_max_len):
+                    if r == USED_OK and pkt < ETH_HLEN:
+                        self.runt += 1
+                    self.dropped += 1
+                    self.pool.put(b)
+                    continue
+                if ids != NULL:
+                    self.pool.state[b] = BUF_APP
+                    ids[got] = b
+                else:
+                    self.pool.put(b)
+                lengths[got] = pkt
+                self.bytes += pkt
+                got += 1
+                continue
             if (not self.vq.peek_used(&cookie, &length) or length < self.hdr_len or length > self.buf_len
                     or not self.pool.held_by(cookie, self.owner)):
                 # Not a packet's first buffer we can read a header from: never
