@@ -1,7 +1,8 @@
 """Forwarding modes in the manner of DPDK's testpmd: rxonly, txonly, io, macswap.
 
 One thread per queue pair, each running bursts on its own queues (the GIL is
-released inside every burst, so pairs run in parallel); the main thread prints
+released inside every burst, so pairs run in parallel; txonly, io and macswap run
+their loops in C, pmd.driver._fwd, many bursts per call); the main thread prints
 statistics once a second and a final summary, and stops everything on Ctrl-C,
 SIGTERM, after ``duration`` seconds, or when ``stop`` is set.
 """
