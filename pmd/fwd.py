@@ -1,7 +1,8 @@
 """Forwarding modes in the manner of DPDK's testpmd: rxonly, txonly, io, macswap.
 
 One thread per queue pair, each running bursts on its own queues (the GIL is
-released inside every burst, so pairs run in parallel); the main thread prints
+released inside every burst, so pairs run in parallel; txonly, io and macswap run
+their loops in C, pmd.driver._fwd, many bursts per call); the main thread prints
 statistics once a second and a final summary, and stops everything on Ctrl-C,
 SIGTERM, after ``duration`` seconds, or when ``stop`` is set.
 """
@@ -18,8 +19,15 @@ import numpy as np
 
 from .abi.ethernet import udp_frame
 from .abi.pcap import PcapWriter
+from .driver import _fwd
+from .driver._rx import RxQueue
+from .driver._tx import TxQueue
 
 MODES = ("rxonly", "txonly", "io", "macswap")
+# Bursts (txonly) or polls (io, macswap) per call of the C loops in pmd.driver._fwd: the
+# stop event is checked between calls, so a stop waits for at most this many (about
+# a quarter of a millisecond at 64 B), and the interpreter's cost is paid once per call.
+BURSTS_PER_CALL = 256
 
 
 class PortLike(Protocol):
@@ -80,6 +88,11 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:
     if pool.available < txq.vq.size + burst:
         raise ValueError(f"txonly with burst {burst} needs {txq.vq.size + burst} free pool buffers "
                          f"(the tx ring and one burst), the pool has {pool.available}: use a smaller burst")
+    if isinstance(txq, TxQueue):
+        # The loop in C: buffers go from the pool to the ring, no ids through Python.
+        while not stop.is_set():
+            _fwd.txonly(txq, len(frame), burst, BURSTS_PER_CALL)
+        return
     lens = np.full(burst, len(frame), np.uint32)
     ids = pool.alloc(burst)
     try:
@@ -118,6 +131,14 @@ def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: 
                 rxq.rx_discard(per_call)
             return
         pool = rxq.pool               # rx and tx of a pair share it: forwarding needs no copy
+        if pcap is None and isinstance(rxq, RxQueue) and isinstance(txq, TxQueue) and txq.pool is pool:
+            # The loop in C (pmd.driver._fwd): many polls per call, the GIL released.
+            swap = mode == "macswap"
+            while not stop.is_set():
+                _, dropped = _fwd.forward(rxq, txq, burst, swap, BURSTS_PER_CALL, tx_retry)
+                if dropped:
+                    drops[queue] += dropped
+            return
         data = pool.data
         while not stop.is_set():
             n = rxq.rx_burst_zc(ids, lens)

@@ -42,7 +42,7 @@ DRIVER_LAYERS = [
      "pmd.driver.vhost_user", "pmd.driver.session"),  # reaching a device
     ("pmd.driver.interrupts",),                                                # eventfds, the epoll thread
     ("pmd.driver._pool", "pmd.driver._virtqueue", "pmd.driver._queue",
-     "pmd.driver._rx", "pmd.driver._tx"),                                      # the data path
+     "pmd.driver._rx", "pmd.driver._tx", "pmd.driver._fwd"),                   # the data path
     ("pmd.driver.virtio",),                                                    # transports, virtio-net
     ("pmd.driver.port", "pmd.driver"),                                         # the Port
 ]

@@ -43,14 +43,7 @@ cdef class RxQueue(_Queue):
     the device writes the header then the packet. ``fill()`` gives the device
     buffers; every burst refills what it took, with one avail index store.
     """
-    cdef uint32_t buf_len           # device-writable bytes per buffer
-    cdef readonly bint mergeable    # VIRTIO_NET_F_MRG_RXBUF: a packet may span buffers
-    cdef uint32_t mrg_max_len       # largest packet accepted when mergeable
-    cdef public uint64_t no_buffer  # refills short of pool buffers
-    cdef public uint64_t truncated
-    cdef public uint64_t runt       # shorter than an Ethernet header: dropped
-    cdef public uint64_t bad_num_buffers
-    cdef public uint64_t zc_multi_dropped
+    # Attributes and C methods: pmd/driver/_rx.pxd.
 
     def __init__(self, Virtqueue vq not None, PacketPool pool not None, *, bint mergeable=False,
                  uint32_t max_packet_len=9216, **kw):
@@ -83,11 +76,6 @@ cdef class RxQueue(_Queue):
             self.vq.add1(self.pool.iova[b] + self.buf_off, self.buf_len, True, b)
             added += 1
         return added
-
-    cdef inline bint idle(self) noexcept:
-        """Nothing received and nothing to refill: a poll that finds an empty
-        ring returns without the cost of releasing and retaking the GIL."""
-        return self.vq.num_free == 0 and self.vq.nused() == 0 and not self.vq.broken
 
     def fill(self):
         """Give the device every buffer the ring and the pool allow; returns how many."""
@@ -171,6 +159,33 @@ cdef class RxQueue(_Queue):
         cdef char *dst
         cdef const char *src
         while got < burst and avail > 0:
+            if (out == NULL and self.vq.peek_used_head(&head, &length) and self.hdr_len <= length <= self.buf_len
+                    and self.pool.held_by(self.vq.extra[head].cookie, self.owner)
+                    and (<virtio_net_hdr *>(self.pool.buf(self.vq.extra[head].cookie)
+                                            + self.buf_off)).num_buffers == 1):
+                # The common packet, one buffer, without a copy (zero-copy or discard):
+                # the entry is read once and taken with what was checked.
+                r = self.vq.take_peeked(head, length)
+                avail -= 1
+                b = self.take1(head)
+                if pmd_unlikely(b == NO_BUF):
+                    continue
+                pkt = length - self.hdr_len
+                if pmd_unlikely(r != USED_OK or pkt < ETH_HLEN or pkt > self.mrg_max_len):
+                    if r == USED_OK and pkt < ETH_HLEN:
+                        self.runt += 1
+                    self.dropped += 1
+                    self.pool.put(b)
+                    continue
+                if ids != NULL:
+                    self.pool.state[b] = BUF_APP
+                    ids[got] = b
+                else:
+                    self.pool.put(b)
+                lengths[got] = pkt
+                self.bytes += pkt
+                got += 1
+                continue
             if (not self.vq.peek_used(&cookie, &length) or length < self.hdr_len or length > self.buf_len
                     or not self.pool.held_by(cookie, self.owner)):
                 # Not a packet's first buffer we can read a header from: never

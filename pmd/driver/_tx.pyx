@@ -22,7 +22,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
-from pmd.driver._queue cimport MAX_TX_SEGS, _Queue, u8_2d, u32_1d
+from pmd.driver._queue cimport MAX_TX_SEGS, _Queue, u8_2d, u32_1d, zero_hdr
 from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, Virtqueue
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 
@@ -39,11 +39,7 @@ cdef class TxQueue(_Queue):
     fits a buffer's data room; copy mode chains more buffers for longer ones.
     Completed buffers go back to the pool at the start of each burst.
     """
-    cdef public uint64_t ring_full
-    # The caller's ids and lengths, read once with the GIL held, checked, and
-    # used from here without it: an array in shared memory may change meanwhile.
-    cdef uint32_t *s_ids
-    cdef uint32_t *s_lens
+    # Attributes and C methods: pmd/driver/_tx.pxd.
 
     def __cinit__(self):
         self.s_ids = NULL
@@ -125,7 +121,7 @@ cdef class TxQueue(_Queue):
             if pmd_likely(nseg == 1):
                 b = self.pool.get(self.owner)
                 dst = self.pool.buf(b) + self.buf_off
-                memset(dst, 0, self.hdr_len)
+                zero_hdr(dst, self.hdr_len)
                 memcpy(dst + self.hdr_len, src, ln)
                 self.vq.add1(self.pool.iova[b] + self.buf_off, self.hdr_len + ln, False, b)
             else:
@@ -135,7 +131,7 @@ cdef class TxQueue(_Queue):
                     ids[k] = self.pool.get(self.owner)
                     if k == 0:
                         dst = self.pool.buf(ids[k]) + self.buf_off
-                        memset(dst, 0, self.hdr_len)
+                        zero_hdr(dst, self.hdr_len)
                         memcpy(dst + self.hdr_len, src, room)
                         addr[k] = self.pool.iova[ids[k]] + self.buf_off
                         lens[k] = self.hdr_len + room
@@ -194,17 +190,44 @@ cdef class TxQueue(_Queue):
     cdef int send_zc(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil:
         cdef Py_ssize_t i
         cdef uint32_t b
+        cdef uint64_t nbytes = 0
         self.reclaim_used()
         for i in range(burst):
             if pmd_unlikely(self.vq.num_free == 0):
                 self.ring_full += 1
+                self.packets += i
+                self.bytes += nbytes
                 return <int>i
             b = ids[i]
-            memset(self.pool.buf(b) + self.buf_off, 0, self.hdr_len)
+            zero_hdr(self.pool.buf(b) + self.buf_off, self.hdr_len)
             self.vq.add1(self.pool.iova[b] + self.buf_off, self.hdr_len + lengths[i], False, b)
-            self.bytes += lengths[i]
-            self.packets += 1
+            nbytes += lengths[i]
+        self.packets += burst
+        self.bytes += nbytes
         return <int>burst
+
+    cdef int send_pool(self, uint32_t length, Py_ssize_t burst) noexcept nogil:
+        """Transmit up to ``burst`` buffers taken straight from the pool, ``length``
+        bytes each, as they are (txonly: the frame is already in every free
+        buffer), then publish. Returns how many went: fewer when the ring is full
+        (counted in ring_full) or the pool is empty."""
+        cdef Py_ssize_t sent = 0
+        cdef uint32_t b
+        self.reclaim_used()
+        while sent < burst:
+            if pmd_unlikely(self.vq.num_free == 0):
+                self.ring_full += 1
+                break
+            b = self.pool.get(self.owner)
+            if pmd_unlikely(b == NO_BUF):
+                break
+            zero_hdr(self.pool.buf(b) + self.buf_off, self.hdr_len)
+            self.vq.add1(self.pool.iova[b] + self.buf_off, self.hdr_len + length, False, b)
+            sent += 1
+        self.packets += sent
+        self.bytes += <uint64_t>sent * length
+        self.vq.flush()
+        return <int>sent
 
     cdef object _zc_error(self, Py_ssize_t i, uint32_t b, uint32_t ln):
         cdef PacketPool pool = self.pool

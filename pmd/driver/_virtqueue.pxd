@@ -303,6 +303,27 @@ cdef class Virtqueue:
         cookie[0] = self.extra[id].cookie
         return True
 
+    cdef inline bint peek_used_head(self, uint16_t *head, uint32_t *length) noexcept nogil:
+        """Read the next used entry once without taking it (the caller saw nused() > 0):
+        True when its id names an in-flight chain, then ``head`` and ``length`` are
+        what the device wrote. take_peeked() takes it with those very values."""
+        cdef uint16_t slot = self.last_used_idx & self.mask
+        cdef uint32_t id = vring_load32(&self.vr.used.ring[slot].id)
+        length[0] = vring_load32(&self.vr.used.ring[slot].len)
+        if pmd_unlikely(id >= self.size or self.extra[id].ndescs == 0):
+            return False
+        head[0] = <uint16_t>id
+        return True
+
+    cdef inline int take_peeked(self, uint16_t head, uint32_t length, bint check_len=True) noexcept nogil:
+        """pop_used() for the entry peek_used_head() found in flight, without reading it
+        again: the device cannot change between the check and the use what is read once."""
+        self.last_used_idx += 1
+        if pmd_unlikely(check_len and length > self.extra[head].writable):
+            self.n_bad_len += 1
+            return USED_BAD_LEN
+        return USED_OK
+
     cdef inline uint32_t detach1(self, uint16_t head) noexcept nogil:
         """Return a single-descriptor chain to the free list; give its cookie.
 

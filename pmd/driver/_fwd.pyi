@@ -1,0 +1,6 @@
+from ._rx import RxQueue
+from ._tx import TxQueue
+
+def txonly(txq: TxQueue, length: int, burst: int, max_bursts: int) -> int: ...
+def forward(rxq: RxQueue, txq: TxQueue, burst: int, macswap: bool, max_polls: int,
+            tx_retry: int) -> tuple[int, int]: ...
