@@ -308,8 +308,16 @@ cdef class Virtqueue:
         True when its id names an in-flight chain, then ``head`` and ``length`` are
         what the device wrote. take_peeked() takes it with those very values."""
         cdef uint16_t slot = self.last_used_idx & self.mask
-        cdef uint32_t id = vring_load32(&self.vr.used.ring[slot].id)
-        length[0] = vring_load32(&self.vr.used.ring[slot].len)
+        cdef uint32_t id
+        if self.packed:
+            if not self.p_is_used(self.used_pos):
+                return False
+            pmd_virtio_rmb(self.weak_barriers)
+            id = vring_load16(&self.pdesc[self.used_pos].id)
+            length[0] = vring_load32(&self.pdesc[self.used_pos].len)
+        else:
+            id = vring_load32(&self.vr.used.ring[slot].id)
+            length[0] = vring_load32(&self.vr.used.ring[slot].len)
         if pmd_unlikely(id >= self.size or self.extra[id].ndescs == 0):
             return False
         head[0] = <uint16_t>id
@@ -318,7 +326,10 @@ cdef class Virtqueue:
     cdef inline int take_peeked(self, uint16_t head, uint32_t length, bint check_len=True) noexcept nogil:
         """pop_used() for the entry peek_used_head() found in flight, without reading it
         again: the device cannot change between the check and the use what is read once."""
-        self.last_used_idx += 1
+        if self.packed:
+            self.p_skip(self.extra[head].ndescs)    # its chain's descriptors (2.8.6)
+        else:
+            self.last_used_idx += 1
         if pmd_unlikely(check_len and length > self.extra[head].writable):
             self.n_bad_len += 1
             return USED_BAD_LEN
