@@ -27,7 +27,10 @@ ring (argument checks, GIL release, nothing to move).
     python bench/loopback.py            # full table: 64 and 1500 B, bursts 1..256, both modes
     python bench/loopback.py --quick    # burst 32 only, under a minute
 
-The last line is ``mpps=<64 B zero-copy burst 32> ratio_vs_python=<x> overhead_us=<y>``.
+Then pmd on split rings against pmd on packed rings (Virtio 1.2 2.8), interleaved the same way.
+
+The last line is ``mpps=<64 B zero-copy burst 32> ratio_vs_python=<x> overhead_us=<y>
+packed_vs_split=<packed Mpps / split Mpps, same configuration>``.
 """
 
 from __future__ import annotations
@@ -79,9 +82,10 @@ class Case:
 class PmdCase(Case):
     name = "pmd"
 
-    def __init__(self, mode: str, size: int, burst: int, queue_size: int = QUEUE_SIZE) -> None:
+    def __init__(self, mode: str, size: int, burst: int, queue_size: int = QUEUE_SIZE,
+                 packed: bool = False) -> None:
         self.mode, self.size, self.burst = mode, size, burst
-        self.lb = Loopback(queue_size=queue_size)
+        self.lb = Loopback(queue_size=queue_size, packed=packed)
         rx, pool = self.lb.driver_rx, self.lb.pool
         rng = np.random.default_rng(size * 1000 + burst)
         self.pattern = rng.integers(0, 256, (burst, size), dtype=np.uint8)
@@ -262,6 +266,41 @@ def measure_throughput(configs: list[tuple[str, int, int]], n_rounds: int, targe
     return results, disturbed
 
 
+def measure_layouts(configs: list[tuple[str, int, int]], n_rounds: int, target_s: float,
+                    queue_size: int, tries: int) -> tuple[dict, int]:
+    """pmd on split rings against pmd on packed rings (Virtio 1.2 2.7 and 2.8, both
+    sides of the loop), interleaved A B / B A per configuration.
+
+    Returns ``{config: (split Mpps[], packed Mpps[], packed/split[])}`` and the
+    number of samples that stayed disturbed.
+    """
+    cases = {}
+    for cfg in configs:
+        q = max(queue_size, cfg[2])
+        sc, pc = PmdCase(*cfg, queue_size=q), PmdCase(*cfg, queue_size=q, packed=True)
+        cases[cfg] = (sc, calibrate(sc, target_s), pc, calibrate(pc, target_s))
+    results: dict = {cfg: ([], [], []) for cfg in configs}
+    disturbed = 0
+    for r in range(n_rounds):
+        for cfg in configs:
+            sc, sr, pc, pr = cases[cfg]
+            if r % 2 == 0:
+                a, a_ok = sample(sc, sr, tries)
+                b, b_ok = sample(pc, pr, tries)
+            else:
+                b, b_ok = sample(pc, pr, tries)
+                a, a_ok = sample(sc, sr, tries)
+            disturbed += (not a_ok) + (not b_ok)
+            res = results[cfg]
+            res[0].append(a)
+            res[1].append(b)
+            res[2].append(b / a)
+    for sc, _, pc, _ in cases.values():
+        sc.close()
+        pc.close()
+    return results, disturbed
+
+
 def _per_call(f: Callable, args: tuple, n: int) -> tuple[float, float]:
     """(ns per call, on-CPU share) of ``n`` calls of ``f(*args)``."""
     r = range(n)
@@ -390,6 +429,19 @@ def main(argv: list[str] | None = None) -> int:
           f"(kept, least disturbed); load average now {os.getloadavg()[0]:.2f}")
     print()
 
+    lay, lay_disturbed = measure_layouts(configs, n_rounds, target_s, args.queue_size, args.tries)
+    print("pmd on split rings against pmd on packed rings (both sides; interleaved, medians):")
+    hdr = f"{'mode':<5} {'size':>5} {'burst':>5} | {'split Mpps':>10} | {'packed Mpps':>11} | {'packed/split':>12}"
+    print(hdr)
+    print("-" * len(hdr))
+    for cfg in configs:
+        mode, size, burst = cfg
+        a, b, r = lay[cfg]
+        print(f"{mode:<5} {size:>5} {burst:>5} | {statistics.median(a):>10.3f} | {statistics.median(b):>11.3f} | "
+              f"{statistics.median(r):>12.2f}")
+    print(f"{lay_disturbed} of {2 * n_rounds * len(configs)} samples still descheduled after {args.tries} tries")
+    print()
+
     over = measure_overhead(n_rounds, calls=20000, tries=args.tries)
     print("Python overhead per call (median ns per call; nothing to move):")
     for name, ns in over.items():
@@ -399,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     key = ("zc", 64, 32)
     p, _, r = res[key]
     print(f"mpps={statistics.median(p):.3f} ratio_vs_python={statistics.median(r):.2f} "
-          f"overhead_us={overhead_us:.3f}")
+          f"overhead_us={overhead_us:.3f} packed_vs_split={statistics.median(lay[key][2]):.2f}")
     return 0
 
 

@@ -8,7 +8,7 @@ from pmd.loopback import Loopback
 MAX_LEN = 1514
 
 
-def run_loopback(total, *, queue_size=256, event_idx=False, seed=0, translator=None):
+def run_loopback(total, *, queue_size=256, event_idx=False, seed=0, translator=None, packed=False):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(60, MAX_LEN + 1, total).astype(np.uint32)
     # Packet i is bytes [off[i], off[i]+lengths[i]) of a random stream: random
@@ -17,7 +17,7 @@ def run_loopback(total, *, queue_size=256, event_idx=False, seed=0, translator=N
     offsets = rng.integers(0, stream.size - MAX_LEN, total)
     cols = np.arange(MAX_LEN)
     sent = recv = 0
-    with Loopback(queue_size=queue_size, event_idx=event_idx, iova_translator=translator) as lb:
+    with Loopback(queue_size=queue_size, event_idx=event_idx, iova_translator=translator, packed=packed) as lb:
         tx, rx, pool = lb.driver_tx, lb.driver_rx, lb.pool
         out = np.zeros((256, rx.max_packet_len), np.uint8)
         got_lens = np.zeros(256, np.uint32)
@@ -48,8 +48,9 @@ def run_loopback(total, *, queue_size=256, event_idx=False, seed=0, translator=N
 
 
 @pytest.mark.slow
-def test_million_random_packets_arrive_whole_in_order():
-    stats, sent, recv = run_loopback(1_000_000)
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_million_random_packets_arrive_whole_in_order(layout):
+    stats, sent, recv = run_loopback(1_000_000, packed=layout == "packed")
     assert sent == recv == 1_000_000
     assert stats["driver_rx"]["packets"] == 1_000_000
     assert stats["driver_tx"]["packets"] == 1_000_000
@@ -60,8 +61,9 @@ def test_million_random_packets_arrive_whole_in_order():
         assert stats[side]["bad_descriptors"] == 0 and stats[side]["dropped"] == 0
 
 
-def test_loopback_with_event_idx_and_translated_iovas():
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_loopback_with_event_idx_and_translated_iovas(layout):
     stats, sent, recv = run_loopback(50_000, queue_size=64, event_idx=True, seed=7,
-                                     translator=lambda va: va + 0x3000_0000_0000)
+                                     translator=lambda va: va + 0x3000_0000_0000, packed=layout == "packed")
     assert sent == recv == 50_000
     assert stats["device_rx"]["bad_descriptors"] == 0
