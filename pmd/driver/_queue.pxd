@@ -30,6 +30,7 @@ cdef class _Queue:
     cdef int busy                  # bursts running without the GIL right now
     cdef uint8_t owner             # this queue's tag in the pool's state array
     cdef uint64_t seen_bad         # device errors already reported
+    cdef bint report_owed          # a burst that handed out packets owes its error to the next call
     cdef public uint64_t packets
     cdef public uint64_t bytes
     cdef public uint64_t dropped
@@ -39,12 +40,16 @@ cdef class _Queue:
     cdef void raise_closed(self) except *
     cdef uint64_t device_errors(self) noexcept
     cdef int report(self) except -1
+    cdef int report_after(self, int handed) except -1
     cdef uint32_t put_chain(self, uint16_t head) noexcept nogil
     cdef _release_all(self)
 
     cdef inline void check(self) except *:
         if pmd_unlikely(self.is_closed):
             self.raise_closed()
+        if pmd_unlikely(self.report_owed):
+            self.report_owed = False
+            self.report()
         self.vq.check_usable()
         self.pool.check_open()
 

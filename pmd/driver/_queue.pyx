@@ -95,6 +95,15 @@ cdef class _Queue:
         log.warning(msg)
         return 0
 
+    cdef int report_after(self, int handed) except -1:
+        """report() for a burst that gave the caller ``handed`` packets: an error it would
+        raise now is raised by the next call instead, so the caller gets the count (and,
+        zero-copy, the buffers it now owns) of the good packets received before it."""
+        if handed > 0 and (self.vq.broken or (self.strict and self.device_errors() != self.seen_bad)):
+            self.report_owed = True
+            return 0
+        return self.report()
+
     cdef uint32_t put_chain(self, uint16_t head) noexcept nogil:
         """Detach a chain and free its buffers; returns how many were freed."""
         cdef uint32_t cookies[MAX_TX_SEGS]

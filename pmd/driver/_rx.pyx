@@ -281,7 +281,7 @@ cdef class RxQueue(_Queue):
         with nogil:
             n = self.harvest(o, cols, NULL, l, rows)
         self.leave()
-        self.report()
+        self.report_after(n)
         return n
 
     def rx_burst_zc(self, ids, lengths):
@@ -304,7 +304,7 @@ cdef class RxQueue(_Queue):
         with nogil:
             n = self.harvest(NULL, 0, i, l, nids)
         self.leave()
-        self.report()
+        self.report_after(n)       # the ids are the caller's now: never raise with them unreturned
         return n
 
     def rx_discard(self, Py_ssize_t max_packets=32):
@@ -323,7 +323,7 @@ cdef class RxQueue(_Queue):
         with nogil:
             n = self.harvest(NULL, 0, NULL, lens, max_packets)   # neither rows nor ids: freed at once
         self.leave()
-        self.report()
+        self.report_after(n)
         return n
 
     def stats(self):
