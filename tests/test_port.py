@@ -433,19 +433,11 @@ class MergeableTests:
 @pytest.mark.skipif(not _vfio_env("PMD_VFIO_DEVICE"),
                     reason="PMD_VFIO_DEVICE is not set: runs in the QEMU guest (tests/vm)")
 class TestPortModernVfio(PortTests, MergeableTests):
-    """QEMU's modern device (packed=on) behind vfio-pci: the packed ring; the
-    subclass below runs everything again on the split ring."""
-
     net = "modern"
     expect_mac = "52:54:00:12:34:51"
-    layout = "packed"
 
     def open(self, **kw):
         return pmd.open_port(os.environ["PMD_VFIO_DEVICE"], **kw)
-
-    def test_the_ring_layout_is_packed_when_offered_unless_disabled(self, port):
-        assert port.ring_layout == self.layout
-        assert bool(port.features & bits("RING_PACKED")) == (self.layout == "packed")
 
     def test_pmd_fwd_command_echoes_traffic_and_prints_a_summary(self, host, tmp_path):
         import re
@@ -469,17 +461,6 @@ class TestPortModernVfio(PortTests, MergeableTests):
         assert re.search(r"rx=1000 tx=1000 mpps=[0-9.]+ gbps=[0-9.]+ drops=0 errors=0", summary), summary
         from pmd.abi.pcap import read_pcap
         assert len(list(read_pcap(tmp_path / "rx.pcap"))) == 1000
-
-
-@pytest.mark.vfio
-@pytest.mark.skipif(not _vfio_env("PMD_VFIO_DEVICE"),
-                    reason="PMD_VFIO_DEVICE is not set: runs in the QEMU guest (tests/vm)")
-class TestPortModernVfioSplit(TestPortModernVfio):
-    layout = "split"
-
-    def open(self, **kw):
-        kw.setdefault("disable", "RING_PACKED")
-        return super().open(**kw)
 
 
 @pytest.mark.vfio
