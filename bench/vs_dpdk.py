@@ -75,7 +75,7 @@ def measure_pmd(direction: str, size: int = 64, *, burst: int = BURST, seconds: 
                 warmup: float = 1.0, cpus: tuple[int, int] = CPUS,
                 ring: str = "split") -> tuple[float, list[float], float]:
     """One pmd sample against a fresh vhost back-end: (median Mpps, per-second Mpps, other CPUs).
-    ``ring``: "split" (RING_PACKED turned off) or "packed" (taken, DPDK's vhost offers it)."""
+    ``ring``: "split" (the default) or "packed" (enable="RING_PACKED"; DPDK's vhost offers it)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     exe = dpdk._testpmd()
@@ -104,7 +104,7 @@ def measure_pmd(direction: str, size: int = 64, *, burst: int = BURST, seconds: 
             time.sleep(0.05)
         os.sched_setaffinity(0, {cpus[1]})    # the port's threads and fwd's worker inherit it
         port = open_port("vhost-user:" + sock, timeout=10.0, wait=10.0,
-                         disable="RING_PACKED" if ring == "split" else 0)
+                         enable="RING_PACKED" if ring == "packed" else 0)
         port.start(queue_pairs=1, queue_size=QUEUE_SIZE)
         if port.ring_layout != ring:
             raise RuntimeError(f"pmd runs {port.ring_layout} rings, not {ring}")

@@ -75,6 +75,15 @@ def test_header_is_12_bytes_with_version_1_or_mrg_rxbuf_else_10():
     assert hdr_len_for(bits("MAC")) == 10
 
 
+def test_packed_ring_is_taken_only_when_asked_for():
+    offered = bits("VERSION_1", "RING_PACKED")
+    assert not negotiate(offered) & bits("RING_PACKED")
+    assert negotiate(offered, enable=bits("RING_PACKED")) & bits("RING_PACKED")
+    assert not negotiate(bits("VERSION_1"), enable=bits("RING_PACKED")) & bits("RING_PACKED")   # not offered
+    with pytest.raises(ValueError, match="enable= takes RING_PACKED; MRG_RXBUF are taken whenever offered"):
+        negotiate(offered, enable=bits("MRG_RXBUF"))
+
+
 def test_unknown_feature_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown virtio feature 'NOPE'"):
         N.parse_features("MAC,NOPE")
@@ -549,7 +558,7 @@ class TestPortVhostUser(PortTests, MergeableTests):
     (no MAC, link status or MTU) and runs no control queue."""
 
     net = "vhost-user"
-    layout = "packed"
+    layout = "packed"       # asked for (enable=): DPDK's vhost offers it
 
     @pytest.fixture(autouse=True)
     def _backend(self, tmp_path):
@@ -586,6 +595,8 @@ class TestPortVhostUser(PortTests, MergeableTests):
         kw.setdefault("timeout", 5.0)
         kw.setdefault("wait", 30)
         kw.setdefault("mtu", 9000)      # reported by the transport (no CONFIG), told to DPDK (NET_SET_MTU)
+        if self.layout == "packed":
+            kw.setdefault("enable", "RING_PACKED")
         return pmd.open_port("vhost-user:" + self.path, **kw)
 
     def test_start_reads_mac_features_and_link(self, port):
@@ -637,7 +648,7 @@ class TestPortVhostUser(PortTests, MergeableTests):
         try:
             echo.wait_for_socket(path)
             p = pmd.open_port("vhost-user:" + path, timeout=5.0, wait=30,
-                              disable="RING_PACKED" if self.layout == "split" else 0)
+                              enable="RING_PACKED" if self.layout == "packed" else 0)
             try:
                 p.start(queue_pairs=2)
                 assert p.queue_pairs == 2 and p.stats()["control_commands"] == 1
@@ -676,21 +687,17 @@ class TestPortVhostUser(PortTests, MergeableTests):
         r = echo_through(port, host, 500, 9, net=self.net, wait=60)
         assert r["received"] == 500 and r["n_mismatched"] == 0, r
 
-    def test_the_ring_layout_is_packed_when_offered_unless_disabled(self, port):
-        # DPDK's vhost library offers VIRTIO_F_RING_PACKED: taken unless turned off
+    def test_the_ring_layout_is_packed_when_asked_for_and_offered(self, port):
+        # DPDK's vhost library offers VIRTIO_F_RING_PACKED: taken with enable="RING_PACKED"
         assert port.ring_layout == self.layout
         assert bool(port.features & bits("RING_PACKED")) == (self.layout == "packed")
 
 
 @_needs_testpmd
 class TestPortVhostUserSplit(TestPortVhostUser):
-    """The same, with the packed ring turned off: the split ring against DPDK's vhost."""
+    """The same on the split ring (the default) against DPDK's vhost."""
 
     layout = "split"
-
-    def open(self, **kw):
-        kw.setdefault("disable", "RING_PACKED")
-        return super().open(**kw)
 
 
 # ---------------------------------------------------------------- the driver on the built-in device, in process

@@ -1299,13 +1299,13 @@ def connect_fake(path: str, **backend) -> FakeBackend:
             time.sleep(0.01)
 
 
-def listening_port(path: str, disable: str | int = 0, **backend) -> tuple[Port, FakeBackend]:
+def listening_port(path: str, enable: str | int = 0, **backend) -> tuple[Port, FakeBackend]:
     out: list[FakeBackend] = []
     t = threading.Thread(target=lambda: out.append(connect_fake(path, **backend)), daemon=True)
     t.start()
     fe = VhostUserFrontend.listen(path, accept_timeout=10)
     t.join()
-    return Port(VhostUserTransport(fe), disable=disable), out[0]
+    return Port(VhostUserTransport(fe), enable=enable), out[0]
 
 
 def baseline() -> tuple[int, int]:
@@ -1339,7 +1339,7 @@ def test_server_mode_link_goes_down_and_a_backend_that_connects_again_resumes_th
 
     path = os.path.join(sock_dir, "s.sock")
     before, threads = baseline()
-    port, b1 = listening_port(path, disable="RING_PACKED" if layout == "split" else 0,
+    port, b1 = listening_port(path, enable="RING_PACKED" if layout == "packed" else 0,
                               protocol_features=DPDK_PROTOCOL_FEATURES)
     try:
         port.start()

@@ -22,6 +22,7 @@ __all__ = ["open_port"]
 
 
 def open_port(address: str | DeviceAccess = "sim", *, legacy: bool | None = None, disable: int | str = 0,
+              enable: int | str = 0,
               mac: str | bytes | None = None, name: str | None = None, **kwargs: Any) -> Port:
     """Open a virtio-net device; the port is returned stopped (call :meth:`Port.start`).
 
@@ -47,13 +48,14 @@ def open_port(address: str | DeviceAccess = "sim", *, legacy: bool | None = None
     - a :class:`pmd.driver.access.DeviceAccess` already open (kernel VFIO, vfio-user,
       :class:`pmd.backends.local.LocalAccess`): the port owns it from here on.
 
-    ``legacy`` picks the PCI interface (:func:`pmd.driver.virtio.pci.open_transport`);
+    ``disable`` names features not to negotiate, ``enable`` the ones pmd takes only when asked
+    (``"RING_PACKED"``: the packed ring, Virtio 1.2 2.8). ``legacy`` picks the PCI interface (:func:`pmd.driver.virtio.pci.open_transport`);
     ``name`` names the port (default: the address).
     """
     if isinstance(address, DeviceAccess):
         if kwargs:
             raise TypeError(f"options {sorted(kwargs)} are for a device open_port opens itself, not for an access")
-        return _port(address, legacy=legacy, disable=disable, mac=mac, name=name)
+        return _port(address, legacy=legacy, disable=disable, enable=enable, mac=mac, name=name)
     if address == "sim" or address.startswith("sim:"):
         from ..driver.access.vfio_user import VfioUserAccess
         from ..sim.process import spawn_device
@@ -62,8 +64,8 @@ def open_port(address: str | DeviceAccess = "sim", *, legacy: bool | None = None
             kwargs.setdefault("mac", mac if isinstance(mac, str) else format_mac(mac))
         sim = spawn_device(**kwargs)
         try:
-            port = _port(VfioUserAccess.connect(sim.socket_path), legacy=legacy, disable=disable, mac=None,
-                         name=name or "sim")
+            port = _port(VfioUserAccess.connect(sim.socket_path), legacy=legacy, disable=disable, enable=enable,
+                         mac=None, name=name or "sim")
         except BaseException:
             sim.stop()
             raise
@@ -73,20 +75,22 @@ def open_port(address: str | DeviceAccess = "sim", *, legacy: bool | None = None
     if address.startswith("vhost-user:"):
         if legacy:
             raise ValueError("legacy= picks a PCI interface; a vhost-user device has none")
-        return _vhost_user_port(address[len("vhost-user:"):], disable=disable, mac=mac, name=name or address,
+        return _vhost_user_port(address[len("vhost-user:"):], disable=disable, enable=enable, mac=mac,
+                                name=name or address,
                                 **kwargs)
     if address.startswith("vfio-user:"):
         from ..driver.access.vfio_user import VfioUserAccess
 
         access = VfioUserAccess.connect(address[len("vfio-user:"):], **kwargs)
-        return _port(access, legacy=legacy, disable=disable, mac=mac, name=name or address)
+        return _port(access, legacy=legacy, disable=disable, enable=enable, mac=mac, name=name or address)
     from ..driver.access.vfio import VfioAccess
 
     vfio = VfioAccess.open(address, **kwargs)
-    return _port(vfio, legacy=legacy, disable=disable, mac=mac, name=name or str(address))
+    return _port(vfio, legacy=legacy, disable=disable, enable=enable, mac=mac, name=name or str(address))
 
 
-def _port(access: DeviceAccess, *, legacy: bool | None, disable: int | str, mac: str | bytes | None,
+def _port(access: DeviceAccess, *, legacy: bool | None, disable: int | str, enable: int | str,
+          mac: str | bytes | None,
           name: str | None) -> Port:
     """A port on the virtio transport behind ``access``; it owns the access (closed on failure too)."""
     try:
@@ -94,10 +98,11 @@ def _port(access: DeviceAccess, *, legacy: bool | None, disable: int | str, mac:
     except BaseException:
         access.close()
         raise
-    return Port(transport, disable=disable, mac=mac, name=name)
+    return Port(transport, disable=disable, enable=enable, mac=mac, name=name)
 
 
-def _vhost_user_port(path: str, *, server: bool = False, disable: int | str, mac: str | bytes | None,
+def _vhost_user_port(path: str, *, server: bool = False, disable: int | str, enable: int | str,
+                     mac: str | bytes | None,
                      name: str, **kwargs: Any) -> Port:
     from ..driver.vhost_user import VhostUserFrontend
     from ..driver.virtio.vhost_user import VhostUserTransport
@@ -118,4 +123,4 @@ def _vhost_user_port(path: str, *, server: bool = False, disable: int | str, mac
     except BaseException:
         frontend.close()
         raise
-    return Port(transport, disable=disable, mac=mac, name=name)
+    return Port(transport, disable=disable, enable=enable, mac=mac, name=name)

@@ -191,7 +191,8 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
     # (and the built-in device) is closed on the way out.
     old = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0, **kw) as port:
+        with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0,
+                       enable=args.enable or 0, **kw) as port:
             port.start(queue_pairs=args.queues, queue_size=args.queue_size)
             print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
                   f"{args.queues} queue pair(s), {port.ring_layout} rings, burst {args.burst}"
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--pcap", metavar="FILE", help="write received packets to a pcap file")
     fw.add_argument("--legacy", action="store_true", help="drive a transitional device's legacy interface")
     fw.add_argument("--disable", metavar="FEATURES", help="feature names not to negotiate, e.g. MRG_RXBUF")
+    fw.add_argument("--enable", metavar="FEATURES",
+                    help="features pmd takes only when asked: RING_PACKED (the packed ring)")
     fw.add_argument("--wire", default="generator",
                     choices=("generator", "loopback", "pcap", "pair", "tap"),
                     help="what is behind the built-in device (default: a traffic generator)")

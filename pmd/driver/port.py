@@ -37,7 +37,8 @@ from ._pool import PacketPool
 from ._rx import RxQueue
 from ._tx import TxQueue
 from ._virtqueue import Virtqueue, ring_size
-from .virtio.net import ControlQueue, Link, LinkCallback, TransportControl, link_from, negotiate, read_net_config
+from .virtio.net import (ControlQueue, Link, LinkCallback, TransportControl, check_enable, link_from, negotiate,
+                         read_net_config)
 from .virtio.transport import Transport
 
 log = logging.getLogger("pmd.port")
@@ -57,15 +58,15 @@ def _close_all() -> None:
 class Port:
     """A virtio-net device driven by pmd. Build it with :func:`pmd.open_port`.
 
-    ``Port(transport, disable=0, mac=None, name=None, owns_transport=True)``:
+    ``Port(transport, disable=0, mac=None, name=None, owns_transport=True, enable=0)``:
     ``transport`` is the device's :class:`~pmd.driver.virtio.transport.Transport`;
     ``disable`` is a feature mask or names ("MRG_RXBUF,EVENT_IDX") pmd must not
-    negotiate; ``mac`` replaces the device's address where the device allows it;
+    negotiate; ``enable`` names what pmd takes only when asked ("RING_PACKED"); ``mac`` replaces the device's address where the device allows it;
     ``owns_transport``: :meth:`close` closes the transport too.
     """
 
     def __init__(self, transport: Transport, *, disable: int | str = 0, mac: str | bytes | None = None,
-                 name: str | None = None, owns_transport: bool = True) -> None:
+                 name: str | None = None, owns_transport: bool = True, enable: int | str = 0) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(f"Port drives a virtio Transport, not a {type(transport).__name__}; for a device "
                             "access (kernel VFIO, vfio-user, LocalAccess) use pmd.open_port(access)")
@@ -73,6 +74,8 @@ class Port:
         self.name = name or transport.name
         self._owns_transport = owns_transport
         self._disable = N.parse_features(disable)
+        self._enable = N.parse_features(enable)
+        check_enable(self._enable)             # an enable= naming what is not opt-in: say so now
         self._want_mac = parse_mac(mac) if mac is not None else None
         self._lock = threading.RLock()
         # The link callbacks have a lock of their own: the interrupt thread takes it,
@@ -158,7 +161,8 @@ class Port:
         t.add_status(V.STATUS_ACKNOWLEDGE)
         t.add_status(V.STATUS_DRIVER)
         self.device_features = t.device_features()
-        accepted = negotiate(self.device_features, transport_bits=t.feature_bits, disable=self._disable)
+        accepted = negotiate(self.device_features, transport_bits=t.feature_bits, disable=self._disable,
+                             enable=self._enable)
         t.set_driver_features(accepted)
         if not t.legacy:
             t.add_status(V.STATUS_FEATURES_OK)

@@ -30,12 +30,16 @@ log = logging.getLogger("pmd.virtio.net")
 WANTED = (V.bit(V.VERSION_1) | V.bit(V.ACCESS_PLATFORM) | V.bit(N.NET_MAC) | V.bit(N.NET_STATUS)
           | V.bit(N.NET_MRG_RXBUF) | V.bit(N.NET_CTRL_VQ) | V.bit(N.NET_CTRL_RX) | V.bit(N.NET_MQ)
           | V.bit(V.RING_EVENT_IDX) | V.bit(N.NET_MTU) | V.bit(N.NET_SPEED_DUPLEX)
-          | V.bit(N.NET_CTRL_MAC_ADDR) | V.bit(V.RING_PACKED))
+          | V.bit(N.NET_CTRL_MAC_ADDR))
+# Taken only when asked for (``enable=``): the packed ring is correct against DPDK's vhost
+# and the built-in device but not yet faster than split, nor working against QEMU's
+# packed=on device (docs/rings.md).
+OPT_IN = V.bit(V.RING_PACKED)
 # Turning these off would make pmd misbehave, not just do less.
 MANDATORY = V.bit(V.VERSION_1) | V.bit(V.ACCESS_PLATFORM)
 
 
-def negotiate(offered: int, *, transport_bits: int = 64, disable: int = 0) -> int:
+def negotiate(offered: int, *, transport_bits: int = 64, disable: int = 0, enable: int = 0) -> int:
     """The driver features pmd accepts from ``offered``.
 
     - VERSION_1 is required on a transport that can carry it (a device without
@@ -43,6 +47,7 @@ def negotiate(offered: int, *, transport_bits: int = 64, disable: int = 0) -> in
     - ACCESS_PLATFORM is accepted whenever offered (6.1: a device that needs
       the IOMMU must not be driven with physical addresses);
     - the rest of WANTED is taken when offered, unless ``disable`` turns it off;
+    - what ``enable`` names of OPT_IN (RING_PACKED) too, when offered;
     - features that depend on CTRL_VQ go with it.
     """
     if disable & MANDATORY & offered:
@@ -52,11 +57,20 @@ def negotiate(offered: int, *, transport_bits: int = 64, disable: int = 0) -> in
         raise DeviceError("the device does not offer VIRTIO_F_VERSION_1 (feature bit 32): it is a "
                           "legacy-only device; pmd drives it only through the legacy interface "
                           "(open_port(..., legacy=True)) when it is transitional")
+    check_enable(enable)
     mask = (1 << transport_bits) - 1
-    accepted = offered & WANTED & ~disable & mask
+    accepted = offered & (WANTED | enable) & ~disable & mask
     if not accepted & V.bit(N.NET_CTRL_VQ):
         accepted &= ~N.NEEDS_CTRL_VQ
     return accepted
+
+
+def check_enable(enable: int) -> None:
+    """``enable=`` names only what pmd takes when asked (OPT_IN), else a clear error."""
+    extra = enable & ~OPT_IN
+    if extra:
+        raise ValueError(f"enable= takes {', '.join(N.feature_names(OPT_IN))}; "
+                         f"{', '.join(N.feature_names(extra))} are taken whenever offered (disable= turns them off)")
 
 
 @dataclass(frozen=True)
@@ -257,5 +271,17 @@ class TransportControl:
 
 LinkCallback = Callable[[Link], None]
 
-__all__ = ["WANTED", "MANDATORY", "negotiate", "Link", "NetConfig", "read_net_config", "link_from",
-           "ControlQueue", "TransportControl", "LinkCallback"]
+__all__ = [
+    "WANTED",
+    "OPT_IN",
+    "MANDATORY",
+    "negotiate",
+    "check_enable",
+    "Link",
+    "NetConfig",
+    "read_net_config",
+    "link_from",
+    "ControlQueue",
+    "TransportControl",
+    "LinkCallback",
+]
