@@ -287,20 +287,10 @@ cdef class Virtqueue:
 
         False when it names no in-flight chain: then pop_used it to count it.
         """
-        cdef uint16_t slot = self.last_used_idx & self.mask
-        cdef uint32_t id
-        if self.packed:
-            if not self.p_is_used(self.used_pos):
-                return False
-            pmd_virtio_rmb(self.weak_barriers)
-            id = vring_load16(&self.pdesc[self.used_pos].id)
-            length[0] = vring_load32(&self.pdesc[self.used_pos].len)
-        else:
-            id = vring_load32(&self.vr.used.ring[slot].id)
-            length[0] = vring_load32(&self.vr.used.ring[slot].len)
-        if id >= self.size or self.extra[id].ndescs == 0:
+        cdef uint16_t head
+        if not self.peek_used_head(&head, length):
             return False
-        cookie[0] = self.extra[id].cookie
+        cookie[0] = self.extra[head].cookie
         return True
 
     cdef inline bint peek_used_head(self, uint16_t *head, uint32_t *length) noexcept nogil:
@@ -450,29 +440,36 @@ cdef class Virtqueue:
         self.used_pos = <uint16_t>pos
         self.last_used_idx += ndescs
 
-    cdef inline uint16_t p_nused(self) noexcept nogil:
-        """Used descriptors ready, walked from the used position over the chains'
-        lengths, at most what is in flight; one naming no in-flight buffer is counted
-        here and left for pop_used to refuse."""
-        cdef uint32_t pos = self.used_pos, seen = 0
+    cdef inline uint16_t p_walk_used(self, uint32_t *pos, uint16_t *wrap) noexcept nogil:
+        """Walk the used descriptors from ``pos``/``wrap`` (the used position) over the
+        chains' lengths, at most what is in flight. Returns how many are used, one naming
+        no in-flight buffer included (left for pop_used to refuse); ``pos``/``wrap`` end
+        just past the last good chain (where the device writes next)."""
+        cdef uint32_t seen = 0
         cdef uint32_t in_flight = self.size - self.num_free
-        cdef uint16_t wrap = self.used_wrap, want, flags, id, n = 0
+        cdef uint16_t want, flags, id, n = 0
         while seen < in_flight:
-            flags = vring_load16(&self.pdesc[pos].flags)
-            want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if wrap else 0
+            flags = vring_load16(&self.pdesc[pos[0]].flags)
+            want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if wrap[0] else 0
             if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != want:
                 break
             pmd_virtio_rmb(self.weak_barriers)   # the flags before the id they cover (2.8.21.2)
             n += 1
-            id = vring_load16(&self.pdesc[pos].id)
+            id = vring_load16(&self.pdesc[pos[0]].id)
             if pmd_unlikely(id >= self.size or self.extra[id].ndescs == 0):
                 break
             seen += self.extra[id].ndescs
-            pos += self.extra[id].ndescs
-            if pos >= self.size:
-                pos -= self.size
-                wrap ^= 1
+            pos[0] += self.extra[id].ndescs
+            if pos[0] >= self.size:
+                pos[0] -= self.size
+                wrap[0] ^= 1
         return n
+
+    cdef inline uint16_t p_nused(self) noexcept nogil:
+        """Used descriptors ready (p_walk_used from the used position)."""
+        cdef uint32_t pos = self.used_pos
+        cdef uint16_t wrap = self.used_wrap
+        return self.p_walk_used(&pos, &wrap)
 
     cdef inline int p_pop_used(self, uint16_t *head, uint32_t *length, bint check_len) noexcept nogil:
         """pop_used for the packed ring. Each field is read once; an id out of range or

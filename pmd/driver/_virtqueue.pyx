@@ -227,23 +227,9 @@ cdef class Virtqueue:
         self.check_mapped()
         if not self.packed:
             return vring_load16(&self.vr.used.idx), None
-        cdef uint32_t pos = self.used_pos, seen = 0
-        cdef uint32_t in_flight = self.size - self.num_free
-        cdef uint16_t wrap = self.used_wrap, id, flags, want
-        while seen < in_flight:
-            flags = vring_load16(&self.pdesc[pos].flags)
-            want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if wrap else 0
-            if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != want:
-                break
-            pmd_virtio_rmb(self.weak_barriers)
-            id = vring_load16(&self.pdesc[pos].id)
-            if id >= self.size or self.extra[id].ndescs == 0:
-                break
-            seen += self.extra[id].ndescs
-            pos += self.extra[id].ndescs
-            if pos >= self.size:
-                pos -= self.size
-                wrap ^= 1
+        cdef uint32_t pos = self.used_pos
+        cdef uint16_t wrap = self.used_wrap
+        self.p_walk_used(&pos, &wrap)
         return pos, wrap
 
     @property
