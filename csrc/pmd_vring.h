@@ -229,4 +229,16 @@ PMD_ALWAYS_INLINE int pvirtq_need_event(uint32_t num, uint16_t off_wrap, uint32_
     return (new_pos + two - ev - 1u) % two < (new_pos + two - old_pos) % two;
 }
 
+/* Is the event at off_wrap behind used_pos, i.e. a descriptor the other side has
+ * already used? Positions up to one lap ahead of used_pos are in flight or still to
+ * come (a device may ask for a later one to batch its notifications); the lap behind
+ * it is done, so a request there can never be met by what is added next: stale.
+ * Untrusted off_wrap: any value gives some answer and touches nothing. */
+PMD_ALWAYS_INLINE int pvirtq_event_stale(uint32_t num, uint16_t off_wrap, uint32_t used_pos)
+{
+    uint32_t two = 2u * num;
+    uint32_t ev = pvirtq_position(num, off_wrap & 0x7fffu, off_wrap >> RING_EVENT_WRAP_SHIFT) % two;
+    return (ev + two - used_pos) % two > num;
+}
+
 #endif /* PMD_VRING_H */

@@ -291,10 +291,44 @@ def test_with_event_idx_the_driver_notifies_only_past_the_descriptor_asked_for(m
     vq.add([buffer(memory)], [])
     vq.add([buffer(memory)], [])
     assert vq.kick() is True                           # 3, 4: crossed 3
-    # an offset on the other lap is a lap away
+    # an offset on the other lap is the lap behind the used position: stale, so notify
     dev.device_event["off_wrap"] = 6 | (wrap ^ 1) << 15
     vq.add([buffer(memory)], [])
+    assert vq.kick() is True
+
+
+def test_an_event_offset_the_device_has_already_used_is_stale_so_the_driver_notifies(memory):
+    # QEMU's packed device (packed=on) can leave DESC at an offset it has since used
+    # (docs/rings.md): no batch would ever cross it again, so without this it stalls.
+    vq, dev = ring(memory, size=8, event_idx=True)
+    for _ in range(4):
+        vq.add([buffer(memory)], [])
+    vq.kick()
+    for _ in range(4):
+        dev.use(dev.take()[0])
+    while vq.get_used() is not None:
+        pass
+    dev.device_event["off_wrap"] = 2 | 1 << 15          # behind the used position (4)
+    dev.device_event["flags"] = DESC
+    vq.add([buffer(memory)], [])
+    assert vq.kick() is True
+
+
+def test_an_event_offset_in_flight_or_ahead_is_not_stale(memory):
+    vq, dev = ring(memory, size=8, event_idx=True)
+    for _ in range(4):
+        vq.add([buffer(memory)], [])
+    vq.kick()
+    dev.device_event["flags"] = DESC
+    dev.device_event["off_wrap"] = 1 | 1 << 15          # in flight: the device still works on it
+    vq.add([buffer(memory)], [])
     assert vq.kick() is False
+    dev.device_event["off_wrap"] = 7 | 1 << 15          # ahead: not crossed yet
+    vq.add([buffer(memory)], [])
+    assert vq.kick() is False
+    vq.add([buffer(memory)], [])
+    vq.add([buffer(memory)], [])
+    assert vq.kick() is True                            # 6, 7: crossed 7
 
 
 # ---- interrupts: the driver event suppression structure ----

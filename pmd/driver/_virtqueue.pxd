@@ -20,8 +20,8 @@ from pmd.includes.mmio cimport pmd_write16
 from pmd.includes.vring cimport (
     RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_MASK, VIRTQ_DESC_F_AVAIL,
     VIRTQ_DESC_F_USED, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    VRING_USED_F_NO_NOTIFY, pvirtq_desc, pvirtq_event_suppress, pvirtq_need_event, pvirtq_position,
-    vring, vring_avail_event, vring_desc, vring_load16, vring_load32, vring_need_event,
+    VRING_USED_F_NO_NOTIFY, pvirtq_desc, pvirtq_event_stale, pvirtq_event_suppress, pvirtq_need_event,
+    pvirtq_position, vring, vring_avail_event, vring_desc, vring_load16, vring_load32, vring_need_event,
     vring_store16, vring_used_event,
 )
 
@@ -423,7 +423,13 @@ cdef class Virtqueue:
         # moved from old to new; did it pass the descriptor asked for?
         new = pvirtq_position(self.size, self.avail_pos, (self.avail_wrap_flags & VIRTQ_DESC_F_AVAIL) != 0)
         old = (new + 2 * self.size - added) % (2 * self.size)
-        return pvirtq_need_event(self.size, off_wrap, new, old)
+        if pvirtq_need_event(self.size, off_wrap, new, old):
+            return True
+        # An offset behind the used position asks about a descriptor the device has
+        # already used: stale, so kick (an extra notification is harmless, 2.8.10).
+        # QEMU's packed device leaves one after an asynchronous tx completion (docs/rings.md).
+        return pvirtq_event_stale(self.size, off_wrap,
+                                  pvirtq_position(self.size, self.used_pos, self.used_wrap))
 
     cdef inline bint p_is_used(self, uint16_t pos) noexcept nogil:
         """2.8.1: used when AVAIL and USED both equal the driver's used wrap counter."""

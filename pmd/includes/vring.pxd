@@ -82,3 +82,4 @@ cdef extern from "pmd_vring.h" nogil:
     bint pvirtq_desc_is_avail(uint16_t flags, int wrap)
     uint32_t pvirtq_position(uint32_t num, uint32_t off, int wrap)
     bint pvirtq_need_event(uint32_t num, uint16_t off_wrap, uint32_t new_pos, uint32_t old_pos)
+    bint pvirtq_event_stale(uint32_t num, uint16_t off_wrap, uint32_t used_pos)
