@@ -245,9 +245,27 @@ class PortTests:
     legacy: bool | None = None
     expect_mac: str | None = None
     start_kw: dict = {}
+    layout: str | None = None       # "packed" or "split": asked for, on a device offering both
 
     def open(self, **kw):
         raise NotImplementedError
+
+    def layout_kw(self) -> dict:
+        """open_port() options that choose ``self.layout`` on a device offering RING_PACKED."""
+        from pmd.driver.virtio.net import layout_options
+
+        return layout_options(self.layout) if self.layout else {}
+
+    def layout_args(self) -> list:
+        """The same as ``pmd fwd`` options."""
+        return [a for k, v in self.layout_kw().items() for a in (f"--{k}", v)]
+
+    def test_the_ring_layout_is_the_one_asked_for(self, port):
+        # no layout asked for: whichever was negotiated, and the rings built for it
+        layout = self.layout or ("packed" if port.features & bits("RING_PACKED") else "split")
+        assert port.ring_layout == layout
+        assert bool(port.features & bits("RING_PACKED")) == (layout == "packed")
+        assert all(q.vq.packed == (layout == "packed") for q in port.rxqs + port.txqs)
 
     @pytest.fixture
     def port(self):
@@ -445,15 +463,18 @@ class TestPortModernVfio(PortTests, MergeableTests):
     net = "modern"
     expect_mac = "52:54:00:12:34:51"
 
+    layout = "packed"       # QEMU's device has packed=on (tests/vm/harness.py)
+
     def open(self, **kw):
-        return pmd.open_port(os.environ["PMD_VFIO_DEVICE"], **kw)
+        return pmd.open_port(os.environ["PMD_VFIO_DEVICE"], **{**self.layout_kw(), **kw})
 
     def test_pmd_fwd_command_echoes_traffic_and_prints_a_summary(self, host, tmp_path):
         import re
         import subprocess
 
         proc = subprocess.Popen([sys.executable, "-m", "pmd", "fwd", os.environ["PMD_VFIO_DEVICE"],
-                                 "--mode", "io", "--duration", "20", "--pcap", str(tmp_path / "rx.pcap")],
+                                 "--mode", "io", "--duration", "20", "--pcap", str(tmp_path / "rx.pcap"),
+                                 *self.layout_args()],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             line = proc.stdout.readline()                 # printed once the port is started
@@ -470,6 +491,15 @@ class TestPortModernVfio(PortTests, MergeableTests):
         assert re.search(r"rx=1000 tx=1000 mpps=[0-9.]+ gbps=[0-9.]+ drops=0 errors=0", summary), summary
         from pmd.abi.pcap import read_pcap
         assert len(list(read_pcap(tmp_path / "rx.pcap"))) == 1000
+
+
+@pytest.mark.vfio
+@pytest.mark.skipif(not _vfio_env("PMD_VFIO_DEVICE"),
+                    reason="PMD_VFIO_DEVICE is not set: runs in the QEMU guest (tests/vm)")
+class TestPortModernVfioSplit(TestPortModernVfio):
+    """The same on the split ring: QEMU's packed=on device offers both layouts."""
+
+    layout = "split"
 
 
 @pytest.mark.vfio
@@ -558,7 +588,7 @@ class TestPortVhostUser(PortTests, MergeableTests):
     (no MAC, link status or MTU) and runs no control queue."""
 
     net = "vhost-user"
-    layout = "packed"       # asked for (enable=): DPDK's vhost offers it
+    layout = "packed"       # DPDK's vhost offers RING_PACKED
 
     @pytest.fixture(autouse=True)
     def _backend(self, tmp_path):
@@ -595,9 +625,7 @@ class TestPortVhostUser(PortTests, MergeableTests):
         kw.setdefault("timeout", 5.0)
         kw.setdefault("wait", 30)
         kw.setdefault("mtu", 9000)      # reported by the transport (no CONFIG), told to DPDK (NET_SET_MTU)
-        if self.layout == "packed":
-            kw.setdefault("enable", "RING_PACKED")
-        return pmd.open_port("vhost-user:" + self.path, **kw)
+        return pmd.open_port("vhost-user:" + self.path, **{**self.layout_kw(), **kw})
 
     def test_start_reads_mac_features_and_link(self, port):
         # no CONFIG from DPDK's vhost library: no MAC or STATUS to read; pmd picks a
@@ -647,8 +675,7 @@ class TestPortVhostUser(PortTests, MergeableTests):
         echo = DpdkBackend(path, str(tmp_path / "mq.log"), queues=2)
         try:
             echo.wait_for_socket(path)
-            p = pmd.open_port("vhost-user:" + path, timeout=5.0, wait=30,
-                              enable="RING_PACKED" if self.layout == "packed" else 0)
+            p = pmd.open_port("vhost-user:" + path, timeout=5.0, wait=30, **self.layout_kw())
             try:
                 p.start(queue_pairs=2)
                 assert p.queue_pairs == 2 and p.stats()["control_commands"] == 1
@@ -687,15 +714,11 @@ class TestPortVhostUser(PortTests, MergeableTests):
         r = echo_through(port, host, 500, 9, net=self.net, wait=60)
         assert r["received"] == 500 and r["n_mismatched"] == 0, r
 
-    def test_the_ring_layout_is_packed_when_asked_for_and_offered(self, port):
-        # DPDK's vhost library offers VIRTIO_F_RING_PACKED: taken with enable="RING_PACKED"
-        assert port.ring_layout == self.layout
-        assert bool(port.features & bits("RING_PACKED")) == (self.layout == "packed")
 
 
 @_needs_testpmd
 class TestPortVhostUserSplit(TestPortVhostUser):
-    """The same on the split ring (the default) against DPDK's vhost."""
+    """The same on the split ring against DPDK's vhost."""
 
     layout = "split"
 

@@ -31,9 +31,9 @@ WANTED = (V.bit(V.VERSION_1) | V.bit(V.ACCESS_PLATFORM) | V.bit(N.NET_MAC) | V.b
           | V.bit(N.NET_MRG_RXBUF) | V.bit(N.NET_CTRL_VQ) | V.bit(N.NET_CTRL_RX) | V.bit(N.NET_MQ)
           | V.bit(V.RING_EVENT_IDX) | V.bit(N.NET_MTU) | V.bit(N.NET_SPEED_DUPLEX)
           | V.bit(N.NET_CTRL_MAC_ADDR))
-# Taken only when asked for (``enable=``): the packed ring is correct against DPDK's vhost
-# and the built-in device but not yet faster than split, nor working against QEMU's
-# packed=on device (docs/rings.md).
+# Taken only when asked for (``enable=``): the packed ring is correct against DPDK's vhost,
+# QEMU's packed=on device and the built-in device, but not yet faster than split
+# (docs/rings.md).
 OPT_IN = V.bit(V.RING_PACKED)
 # Turning these off would make pmd misbehave, not just do less.
 MANDATORY = V.bit(V.VERSION_1) | V.bit(V.ACCESS_PLATFORM)
@@ -71,6 +71,17 @@ def check_enable(enable: int) -> None:
     if extra:
         raise ValueError(f"enable= takes {', '.join(N.feature_names(OPT_IN))}; "
                          f"{', '.join(N.feature_names(extra))} are taken whenever offered (disable= turns them off)")
+
+
+def layout_options(ring: str) -> dict[str, str]:
+    """The ``open_port``/``Port`` options that choose ``ring`` ("packed" or "split") on a
+    device offering both, whichever of them is pmd's default (the tests and benchmarks)."""
+    packed = V.bit(V.RING_PACKED)
+    if ring == "packed":
+        return {"enable": "RING_PACKED"} if OPT_IN & packed else {}
+    if ring == "split":
+        return {"disable": "RING_PACKED"}
+    raise ValueError(f"ring layout {ring!r}: use 'split' or 'packed'")
 
 
 @dataclass(frozen=True)
@@ -277,6 +288,7 @@ __all__ = [
     "MANDATORY",
     "negotiate",
     "check_enable",
+    "layout_options",
     "Link",
     "NetConfig",
     "read_net_config",
