@@ -142,6 +142,25 @@ def test_info_of_every_fixture(name: str) -> None:
     assert r.stdout.startswith(f"{DATA / name}: {vendor}:{device}")
 
 
+def test_info_says_which_ring_layout_the_device_offers_and_pmd_takes() -> None:
+    from pmd.abi import virtio as V
+    from pmd.driver.virtio import net as N
+
+    base = V.bit(V.VERSION_1) | 1 << 5                 # VERSION_1, MAC
+    out = cli_text.format_virtio(base | V.bit(V.RING_PACKED), transport_bits=64, transport="modern")
+    assert out.startswith("Virtio (modern)\n") and "RING_PACKED" in out.splitlines()[1]
+    rings = out.splitlines()[3]
+    if N.OPT_IN & V.bit(V.RING_PACKED):
+        assert rings.startswith("  rings: split") and 'enable="RING_PACKED"' in rings
+    else:
+        assert rings.startswith("  rings: packed") and 'disable="RING_PACKED"' in rings
+    out = cli_text.format_virtio(base, transport_bits=64, transport="modern")
+    assert "  rings: split (Virtio 1.2 2.7; the device offers no VIRTIO_F_RING_PACKED)" in out
+    # a legacy transport has 32 feature bits: RING_PACKED (34) cannot be taken
+    out = cli_text.format_virtio(base | V.bit(V.RING_PACKED), transport_bits=32, transport="legacy")
+    assert "RING_PACKED" not in out.splitlines()[2]
+
+
 def test_info_on_a_fake_tree_shows_the_device_and_why_no_vfio(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", numa="0")
     r = pmd_cmd("info", "00:03.0", sysfs=sysfs.root)
@@ -366,6 +385,9 @@ class TestInGuest:
         for index in range(5):
             assert re.search(rf"^  irq {index} ", out, re.M)
         assert "notify  BAR4 + 0x3000 len 0x1000" in out
+        # QEMU's device has packed=on (tests/vm/harness.py): offered, and the layout said
+        assert re.search(r"^Virtio \(.*\)\n  device features 0x[0-9a-f]+: .*RING_PACKED", out, re.M), out
+        assert re.search(r"^  rings: (packed|split)", out, re.M), out
 
     def test_what_pmd_parsed_matches_lspci(self) -> None:
         seen = parse_lspci(lspci(VFIO_DEVICE))

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from ..driver import sysfs
 from ..errors import PmdError
-from .text import format_info, format_status, format_vfio
+from .text import format_info, format_status, format_vfio, format_virtio
 
 __all__ = ["main", "build_parser", "format_vfio"]
 
@@ -76,8 +76,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     from ..driver.access.vfio import VfioAccess
 
+    from ..driver.virtio.pci import open_transport
+
     with VfioAccess.open(str(dev.address), dev_dir=args.vfio_dir) as vdev:
         print(format_vfio(vdev))
+        # reading the offered features touches no state a driver keeps (4.1.4.3)
+        t = open_transport(vdev, owns_access=False)
+        try:
+            print(format_virtio(t.device_features(), transport_bits=t.feature_bits, transport=t.describe()), end="")
+        finally:
+            t.close()
     return 0
 
 

@@ -248,3 +248,25 @@ def format_vfio(vdev: VfioAccess) -> str:
         out.append(f"  irq {index} {irq.name:<6} count {irq.count}"
                    + (f" [{_irq_flags(irq.flags)}]" if irq.flags else ""))
     return "\n".join(out)
+
+
+def format_virtio(offered: int, *, transport_bits: int, transport: str) -> str:
+    """What the device offers, what pmd takes by default, and the ring layout that gives."""
+    from ..abi import virtio as V
+    from ..abi import virtio_net as NN
+    from ..driver.virtio import net as N
+
+    accepted = N.negotiate(offered, transport_bits=transport_bits)
+    packed = V.bit(V.RING_PACKED)
+    if accepted & packed:
+        rings = 'packed (Virtio 1.2 2.8; disable="RING_PACKED", pmd fwd --disable RING_PACKED, for split)'
+    elif offered & packed and N.OPT_IN & packed:
+        rings = 'split (2.7); packed offered: enable="RING_PACKED", pmd fwd --enable RING_PACKED'
+    else:
+        rings = "split (Virtio 1.2 2.7; the device offers no VIRTIO_F_RING_PACKED)"
+    return "\n".join([
+        f"Virtio ({transport})",
+        f"  device features {offered:#x}: {', '.join(NN.feature_names(offered)) or '(none)'}",
+        f"  pmd takes {accepted:#x}: {', '.join(NN.feature_names(accepted)) or '(none)'}",
+        f"  rings: {rings}",
+    ]) + "\n"
