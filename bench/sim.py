@@ -81,6 +81,7 @@ import numpy as np  # noqa: E402
 import dpdk  # noqa: E402
 from pmd import fwd  # noqa: E402
 from pmd.backends import open_port  # noqa: E402
+from pmd.driver.virtio.net import layout_options  # noqa: E402
 from pmd.driver.port import Port  # noqa: E402
 
 MODES = ("tx", "rx", "io")
@@ -197,14 +198,15 @@ def _device_counters(port: Port) -> tuple[float, dict[str, Any]]:
 def measure_pmd(mode: str, size: int = 64, *, burst: int = BURST, seconds: float = 5.0,
                 warmup: float = WARMUP, queue_size: int = QUEUE_SIZE,
                 cpus: tuple[int, int] | None = CPUS, interval: float = 1.0,
-                device_timerslack_ns: int | None = None) -> PmdMeasurement:
+                device_timerslack_ns: int | None = None, ring: str = "split") -> PmdMeasurement:
     """One pmd sample: a device process with the mode's wire, pmd's fwd on the port, pinned.
 
     ``mode``: "tx", "rx" or "io" (see the module docstring). After ``warmup``
     seconds of traffic, ``seconds`` are counted in intervals of ``interval``
     seconds; the result is the median interval. The device process, its
     sockets and the forwarding thread are gone when this returns or raises,
-    and the calling thread's CPU affinity is what it was.
+    and the calling thread's CPU affinity is what it was. ``ring``: "split" or
+    "packed" (the built-in device offers both).
 
     ``device_timerslack_ns`` (a diagnostic, needs root or CAP_SYS_NICE): set the
     timer slack of the device process's threads. Its engine calls
@@ -219,7 +221,7 @@ def measure_pmd(mode: str, size: int = 64, *, burst: int = BURST, seconds: float
     cpus = pick_cpus(cpus)
     n_intervals = max(1, round(seconds / interval)) if seconds >= interval else 1
     step = seconds / n_intervals
-    kwargs: dict[str, Any] = {"wire": _WIRES[mode], "queue_size": max(queue_size, 1024)}
+    kwargs: dict[str, Any] = {"wire": _WIRES[mode], "queue_size": max(queue_size, 1024), **layout_options(ring)}
     if mode == "rx":
         kwargs.update(rate=0, size=size)
     saved = os.sched_getaffinity(0)
@@ -241,6 +243,8 @@ def measure_pmd(mode: str, size: int = 64, *, burst: int = BURST, seconds: float
                 set_timerslack(port.sim.pid, device_timerslack_ns)
             if not port.started:
                 port.start(queue_pairs=1, queue_size=queue_size)
+        if port.ring_layout != ring:
+            raise RuntimeError(f"pmd runs {port.ring_layout} rings, not {ring}")
         device_pid, socket_path = port.sim.pid, port.sim.socket_path
         if mode == "io":
             # One burst to circulate: loopback wire -> rx -> fwd io sends it back -> ...
@@ -365,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--io-all-sizes", action="store_true", help="io at every size, not only at 64 B")
     ap.add_argument("--burst", type=int, default=BURST)
     ap.add_argument("--queue-size", type=int, default=QUEUE_SIZE)
+    ap.add_argument("--ring", choices=("split", "packed"), default="split",
+                    help="ring layout of both drivers (DPDK: packed_vq=1); default split")
     ap.add_argument("--device-timerslack-ns", type=int, default=None, metavar="NS",
                     help="diagnostic: set the device threads' timer slack (Linux default 50000; "
                          "the engine sets its own to 1 ns; 50000 shows what its idle time.sleep(0) cost before)")
@@ -407,7 +413,7 @@ def _run(args: argparse.Namespace, configs: list[tuple[str, int]], seconds: floa
     print(f"pmd driver <-> pmd's built-in virtio-net device in another process (vfio-user), "
           f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
           f"Python {platform.python_version()}, numpy {np.__version__}")
-    print(f"burst {args.burst}, queue size {args.queue_size}, one queue pair; device on CPU "
+    print(f"{args.ring} ring, burst {args.burst}, queue size {args.queue_size}, one queue pair; device on CPU "
           f"{cpus[0] if cpus else '-'}, driver on CPU {cpus[1] if cpus else '-'}"
           + ("" if cpus else " (one CPU: not pinned)")
           + f"; {warmup:g} s warm-up, median of {max(1, round(seconds))} one-second intervals per sample")
@@ -445,7 +451,7 @@ def _run(args: argparse.Namespace, configs: list[tuple[str, int]], seconds: floa
             try:
                 p = measure_pmd(mode, size, burst=args.burst, seconds=seconds, warmup=warmup,
                                 queue_size=args.queue_size, cpus=cpus,
-                                device_timerslack_ns=args.device_timerslack_ns)
+                                device_timerslack_ns=args.device_timerslack_ns, ring=args.ring)
             except (RuntimeError, OSError) as e:
                 failed += 1
                 print(f"{run:>3} {mode:<4} {size:>5} {'pmd':<4} | failed: {e}", flush=True)
@@ -464,7 +470,7 @@ def _run(args: argparse.Namespace, configs: list[tuple[str, int]], seconds: floa
             rt = _rt_or_nan()
             rts.append(rt)
             try:
-                d = dpdk.measure_detailed(mode, size, args.burst, seconds)
+                d = dpdk.measure_detailed(mode, size, args.burst, seconds, packed_vq=args.ring == "packed")
             except RuntimeError as e:
                 failed += 1
                 print(f"{run:>3} {mode:<4} {size:>5} {'dpdk':<4} | failed: {e}", flush=True)

@@ -39,6 +39,14 @@ def test_packets_move_and_nothing_is_left(mode: str) -> None:
     assert_nothing_left(m, before, affinity)
 
 
+@pytest.mark.parametrize("mode", sim.MODES)
+def test_packets_move_on_packed_rings(mode: str) -> None:
+    m = sim.measure_pmd(mode, 64, seconds=1.0, warmup=0.3, ring="packed")
+    assert m.mpps > 0 and m.packets > 0 and m.errors == 0, m
+    if mode == "io":
+        assert m.drops == 0
+
+
 def test_a_failure_cleans_up_too(monkeypatch: pytest.MonkeyPatch) -> None:
     # The forwarding loop dies: measure_pmd raises, and still stops the device process.
     before, affinity = sim.child_pids(), os.sched_getaffinity(0)
@@ -56,11 +64,13 @@ def test_a_failure_cleans_up_too(monkeypatch: pytest.MonkeyPatch) -> None:
     assert os.sched_getaffinity(0) == affinity
 
 
-def test_command_line_summary(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_command_line_summary(capsys: pytest.CaptureFixture[str], ring: str) -> None:
     before = sim.child_pids()
-    rc = sim.main(["--quick", "--no-dpdk", "--modes", "rx", "--seconds", "0.5", "--warmup", "0.2"])
+    rc = sim.main(["--quick", "--no-dpdk", "--modes", "rx", "--seconds", "0.5", "--warmup", "0.2", "--ring", ring])
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert f"\n{ring} ring, burst 32" in out, out
     last = out.strip().splitlines()[-1]
     assert last.startswith("sim_mpps rx64=") and " rt_ns=" in last, last
     assert float(last.split()[1].split("=")[1]) > 0

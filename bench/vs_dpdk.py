@@ -63,6 +63,7 @@ import numpy as np  # noqa: E402
 import dpdk  # noqa: E402
 from pmd import fwd  # noqa: E402
 from pmd.backends import open_port  # noqa: E402
+from pmd.driver.virtio.net import layout_options  # noqa: E402
 
 DIRECTIONS = ("tx", "rx", "io")
 BURST = 32
@@ -103,8 +104,7 @@ def measure_pmd(direction: str, size: int = 64, *, burst: int = BURST, seconds: 
                 raise backend.error("no vhost-user socket")
             time.sleep(0.05)
         os.sched_setaffinity(0, {cpus[1]})    # the port's threads and fwd's worker inherit it
-        port = open_port("vhost-user:" + sock, timeout=10.0, wait=10.0,
-                         enable="RING_PACKED" if ring == "packed" else 0)
+        port = open_port("vhost-user:" + sock, timeout=10.0, wait=10.0, **layout_options(ring))
         port.start(queue_pairs=1, queue_size=QUEUE_SIZE)
         if port.ring_layout != ring:
             raise RuntimeError(f"pmd runs {port.ring_layout} rings, not {ring}")
