@@ -166,6 +166,15 @@ def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: 
         stop.set()
 
 
+def _queue_line(q: int, now: dict[str, Any], before: dict[str, Any], dt: float) -> str:
+    """One queue pair's rates over the last period (``pmd fwd`` with several queues)."""
+    def rate(side: str, key: str) -> float:
+        return (now[f"{side}_queues"][q][key] - before[f"{side}_queues"][q][key]) / dt
+
+    return (f"q{q}  rx {rate('rx', 'packets') / 1e6:8.3f} Mpps {rate('rx', 'bytes') * 8 / 1e9:7.3f} Gbit/s  "
+            f"tx {rate('tx', 'packets') / 1e6:8.3f} Mpps {rate('tx', 'bytes') * 8 / 1e9:7.3f} Gbit/s")
+
+
 def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, size: int = 64,
         duration: float | None = None, pcap: str | None = None, report: Callable[[str], None] = print,
         stop: threading.Event | None = None, interval: float = 1.0, tx_retry: int = 10000) -> Summary:
@@ -214,6 +223,9 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
                        f"tx {tx / 1e6:8.3f} Mpps {txb / 1e9:7.3f} Gbit/s  "
                        f"drops {s['rx_dropped'] - base['rx_dropped'] + sum(drops)}  "
                        f"errors {s['device_errors'] - base['device_errors']}")
+                if queues > 1:
+                    for q in range(queues):
+                        report("          " + _queue_line(q, s, prev, dt))
             prev, last = s, now
             if duration and now - start >= duration:
                 break

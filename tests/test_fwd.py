@@ -201,3 +201,20 @@ def _ppid(proc_dir) -> int | None:
         return None
     fields = stat.rsplit(")", 1)[1].split()
     return None if fields[0] in ("Z", "X") else int(fields[1])
+
+
+def test_with_several_queues_each_period_has_a_line_per_queue():
+    import re
+
+    import pmd
+
+    with pmd.open_port("sim", wire="generator", rate=0, queue_pairs=2) as p:
+        p.start(queue_pairs=2)
+        lines: list[str] = []
+        s = fwd.run(p, "rxonly", queues=2, duration=0.7, interval=0.3, report=lines.append)
+    assert s.rx_packets > 0
+    per_queue = [line for line in lines if re.match(r"^\s+q[01]  rx +[0-9.]+ Mpps", line)]
+    assert len(per_queue) >= 2 and {line.split()[0] for line in per_queue} == {"q0", "q1"}, lines
+    # the port line comes first in each period, then q0, q1
+    i = next(k for k, line in enumerate(lines) if "s  rx" in line)
+    assert lines[i + 1].split()[0] == "q0" and lines[i + 2].split()[0] == "q1", lines

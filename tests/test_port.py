@@ -725,6 +725,54 @@ class TestPortVhostUserSplit(TestPortVhostUser):
 
 # ---------------------------------------------------------------- the driver on the built-in device, in process
 
+def test_xstats_names_every_counter_as_dpdk_does_and_reset_counts_from_zero():
+    """Extended statistics: DPDK's basic names, per-queue names, every bad-behaviour counter."""
+    import re
+
+    with pmd.open_port("sim", wire="loopback", queue_pairs=2) as p:
+        p.start(queue_pairs=2)
+        x = p.xstats()
+        basic = ["rx_good_packets", "tx_good_packets", "rx_good_bytes", "tx_good_bytes", "rx_errors",
+                 "tx_errors", "rx_mbuf_allocation_errors"]
+        assert list(x)[:len(basic)] == basic
+        for q in (0, 1):
+            for side in ("rx", "tx"):
+                for k in ("packets", "bytes", "errors", "dropped", "bad_used_id", "used_not_in_flight",
+                          "bad_used_len", "bad_used_idx", "notifications"):
+                    assert f"{side}_q{q}_{k}" in x, (side, q, k)
+            for k in ("runt", "bad_num_buffers", "no_buffer", "truncated", "zc_multi_dropped"):
+                assert f"rx_q{q}_{k}" in x
+            assert f"tx_q{q}_ring_full" in x
+        assert all(re.fullmatch(r"[a-z0-9_]+", k) and isinstance(v, int) for k, v in x.items())
+        # nothing moved yet: no packets, bytes or errors (the rx refill has notified)
+        assert all(v == 0 for k, v in x.items() if "notif" not in k and k != "control_commands"), x
+        # traffic on queue 1 shows on queue 1 and in the port totals
+        frames = np.zeros((10, 64), np.uint8)
+        assert p.tx_queue(1).tx_burst(frames, np.full(10, 64, np.uint32)) == 10
+        out = np.zeros((32, p.rx_queue(1).max_packet_len), np.uint8)
+        lens = np.zeros(32, np.uint32)
+        got, deadline = 0, time.monotonic() + 10
+        while got < 10 and time.monotonic() < deadline:
+            got += p.rx_queue(1).rx_burst(out, lens)
+        x = p.xstats()
+        assert x["rx_q1_packets"] == x["tx_q1_packets"] == x["rx_good_packets"] == 10
+        assert x["rx_q1_bytes"] == x["rx_good_bytes"] == 640 and x["rx_q0_packets"] == 0
+        p.reset_stats()
+        x = p.xstats()
+        assert x["rx_good_packets"] == x["rx_q1_packets"] == x["tx_q1_bytes"] == 0
+        assert p.stats()["rx_packets"] == 0 and p.stats()["rx_queues"][1]["packets"] == 0
+        assert p.rx_queue(1).stats()["packets"] == 10            # the queues keep counting underneath
+        assert p.tx_queue(1).tx_burst(frames[:3], np.full(3, 64, np.uint32)) == 3
+        got, deadline = 0, time.monotonic() + 10
+        while got < 3 and time.monotonic() < deadline:
+            got += p.rx_queue(1).rx_burst(out, lens)
+        assert p.xstats()["rx_good_packets"] == 3
+        p.stop()
+        p.start(queue_pairs=1)                                   # new queues count from 0
+        x = p.xstats()
+        assert x["rx_good_packets"] == 0 and "rx_q1_packets" not in x
+
+
 def local_port(model=None, **start):
     """A Port on a built-in device model in this process (pmd.sim.local.LocalAccess)."""
     from pmd.sim.model import VirtioNetModel

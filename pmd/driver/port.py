@@ -83,6 +83,7 @@ class Port:
         self._callbacks_lock = threading.Lock()
         self._started = False
         self._closed = False
+        self._stats_base: tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]] | None = None
         self._link_callbacks: list[LinkCallback] = []
         self._resources: list[Callable[[], object]] = []   # undo actions of start(), run in reverse
         self._on_close: list[Callable[[], object]] = []    # after the transport is closed (after_close)
@@ -221,6 +222,7 @@ class Port:
         event_idx = bool(accepted & V.bit(V.RING_EVENT_IDX))
         mergeable = bool(accepted & V.bit(N.NET_MRG_RXBUF))
         max_len = max_packet_len or ((self.mtu or 1500) + 18 if mergeable else 0)
+        self._stats_base = None               # new queues count from 0
         for pair in range(queue_pairs):
             pool = PacketPool(memory, per_pair, buffer_size)
             self.pools.append(pool)
@@ -590,8 +592,12 @@ class Port:
     def stats(self) -> dict[str, Any]:
         """Per-queue and port totals: packets, bytes, drops (runts among them), bad used
         entries, chains the queues did not build, notifications, interrupts, control commands."""
-        rx = [q.stats() for q in self.rxqs]
-        tx = [q.stats() for q in self.txqs]
+        rx, tx, port = self._raw_stats()
+        if self._stats_base is not None and len(self._stats_base[0]) == len(rx):
+            brx, btx, bport = self._stats_base
+            rx = [_since(q, b) for q, b in zip(rx, brx)]
+            tx = [_since(q, b) for q, b in zip(tx, btx)]
+            port = _since(port, bport)
 
         def total(qs: list[dict[str, Any]], key: str) -> int:
             return sum(int(q.get(key, 0)) for q in qs)
@@ -605,16 +611,78 @@ class Port:
             "tx_bytes": total(tx, "bytes"), "tx_ring_full": total(tx, "ring_full"),
             "tx_foreign_chains": total(tx, "foreign_chains"),
             "device_errors": bad, "notifications": total(rx, "notifications") + total(tx, "notifications"),
-            "config_interrupts": self.config_interrupts, "rx_interrupts": self.rx_interrupts,
-            "control_commands": self.ctrl.commands if self.ctrl else 0,
-            "control_timeouts": self.ctrl.timeouts if self.ctrl else 0,
-            "control_late_completions": self.ctrl.late_completions if self.ctrl else 0,
-            "rx_queues": rx, "tx_queues": tx,
+            **port, "rx_queues": rx, "tx_queues": tx,
         }
+
+    def _raw_stats(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+        port = {"config_interrupts": self.config_interrupts, "rx_interrupts": self.rx_interrupts,
+                "control_commands": self.ctrl.commands if self.ctrl else 0,
+                "control_timeouts": self.ctrl.timeouts if self.ctrl else 0,
+                "control_late_completions": self.ctrl.late_completions if self.ctrl else 0}
+        return [q.stats() for q in self.rxqs], [q.stats() for q in self.txqs], port
+
+    def reset_stats(self) -> None:
+        """Count from now on (DPDK's ``rte_eth_stats_reset`` and ``xstats_reset``): what
+        :meth:`stats` and :meth:`xstats` report afterwards starts at 0. The queues keep
+        counting underneath (a burst in another thread loses nothing); ``start()``
+        begins at 0 too, with new queues."""
+        self._stats_base = self._raw_stats()
+
+    def xstats(self) -> dict[str, int]:
+        """Every counter under a stable name, as DPDK's extended statistics have them.
+
+        First DPDK's basic names (``rx_good_packets``, ``tx_good_packets``,
+        ``rx_good_bytes``, ``tx_good_bytes``, ``rx_errors``, ``tx_errors``,
+        ``rx_mbuf_allocation_errors``), then per queue ``rx_q<i>_packets``,
+        ``rx_q<i>_bytes``, ``rx_q<i>_errors`` and the same for tx, then every other
+        counter of every queue as ``rx_q<i>_<counter>`` / ``tx_q<i>_<counter>`` (each
+        kind of bad device behaviour: ``bad_used_id``, ``used_not_in_flight``,
+        ``bad_used_len``, ``bad_used_idx``, ``bad_num_buffers``, ``runt``, ...), then
+        the port's own (interrupts, control commands). Errors are what the device did
+        wrong or sent malformed; a drop the caller asked for (a full tx ring, a
+        truncation) is not one. Since :meth:`reset_stats` or ``start()``."""
+        s = self.stats()
+        rxs, txs = s["rx_queues"], s["tx_queues"]
+        out = {"rx_good_packets": s["rx_packets"], "tx_good_packets": s["tx_packets"],
+               "rx_good_bytes": s["rx_bytes"], "tx_good_bytes": s["tx_bytes"],
+               "rx_errors": sum(_errors(q, RX_ERRORS) for q in rxs),
+               "tx_errors": sum(_errors(q, TX_ERRORS) for q in txs),
+               "rx_mbuf_allocation_errors": sum(int(q.get("no_buffer", 0)) for q in rxs)}
+        for side, qs, errs in (("rx", rxs, RX_ERRORS), ("tx", txs, TX_ERRORS)):
+            for i, q in enumerate(qs):
+                out[f"{side}_q{i}_packets"] = int(q["packets"])
+                out[f"{side}_q{i}_bytes"] = int(q["bytes"])
+                out[f"{side}_q{i}_errors"] = _errors(q, errs)
+        for side, qs in (("rx", rxs), ("tx", txs)):
+            for i, q in enumerate(qs):
+                for k, v in q.items():
+                    if k not in ("packets", "bytes") and isinstance(v, int) and not isinstance(v, bool):
+                        out[f"{side}_q{i}_{k}"] = v
+        for k in ("config_interrupts", "rx_interrupts", "control_commands", "control_timeouts",
+                  "control_late_completions"):
+            out[k] = int(s[k])
+        return out
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("started" if self._started else "stopped")
         return f"<Port {self.name} {self.transport.kind if hasattr(self, 'transport') else ''} {state}>"
+
+
+# What counts in rx_errors / tx_errors (xstats): the device's bad used entries, and
+# frames it sent malformed (a runt, a num_buffers that does not add up).
+_USED_ERRORS = ("bad_used_id", "used_not_in_flight", "bad_used_len", "bad_used_idx", "notify_errors")
+RX_ERRORS = _USED_ERRORS + ("runt", "bad_num_buffers")
+TX_ERRORS = _USED_ERRORS
+
+
+def _errors(q: dict[str, Any], keys: tuple[str, ...]) -> int:
+    return sum(int(q.get(k, 0)) for k in keys)
+
+
+def _since(now: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Counters of ``now`` less ``base`` (values that are not counters as they are)."""
+    return {k: v - base.get(k, 0) if isinstance(v, int) and not isinstance(v, bool) else v
+            for k, v in now.items()}
 
 
 __all__ = ["Port", "Link"]
