@@ -169,7 +169,7 @@ def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: 
 def _queue_line(q: int, now: dict[str, Any], before: dict[str, Any], dt: float) -> str:
     """One queue pair's rates over the last period (``pmd fwd`` with several queues)."""
     def rate(side: str, key: str) -> float:
-        return (now[f"{side}_queues"][q][key] - before[f"{side}_queues"][q][key]) / dt
+        return float(now[f"{side}_queues"][q][key] - before[f"{side}_queues"][q][key]) / dt
 
     return (f"q{q}  rx {rate('rx', 'packets') / 1e6:8.3f} Mpps {rate('rx', 'bytes') * 8 / 1e9:7.3f} Gbit/s  "
             f"tx {rate('tx', 'packets') / 1e6:8.3f} Mpps {rate('tx', 'bytes') * 8 / 1e9:7.3f} Gbit/s")
