@@ -28,14 +28,16 @@ class Loopback:
     """Driver rx/tx queues wired to a device-side loopback.
 
     ``Loopback(queue_size=256, n_buffers=None, buffer_size=2048, event_idx=False,
-    iova_translator=None, hdr_len=12, strict=False, packed=False)``
+    iova_translator=None, hdr_len=12, strict=False, packed=False, in_order=False)``
 
     ``driver_rx`` and ``driver_tx`` are the driver's queues; ``device_rx`` and
     ``device_tx`` the device's view of the same rings; ``step()`` runs the
     device once. ``n_buffers`` defaults to enough for both rings plus a burst
     backlog. ``iova_translator`` (``vaddr -> iova`` per page) makes the device
     see addresses different from the driver's virtual ones, as with a real
-    IOMMU. ``packed`` lays both rings out packed (Virtio 1.2 2.8), on both sides.
+    IOMMU. ``packed`` lays both rings out packed (Virtio 1.2 2.8), on both sides;
+    ``in_order`` runs both sides with VIRTIO_F_IN_ORDER (2.7.9, 2.8.9): the device
+    returns each transmit burst with one used entry.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class Loopback:
         mergeable: bool = False,
         max_packet_len: int = 9216,
         packed: bool = False,
+        in_order: bool = False,
     ) -> None:
         self._closed = False
         if n_buffers is None:
@@ -62,18 +65,21 @@ class Loopback:
             if iova_translator is not None:
                 self.memory.set_iova_translator(iova_translator)
             self.pool = PacketPool(self.memory, n_buffers, buffer_size)
-            rx_vq = Virtqueue(self.memory, queue_size, 0, event_idx=event_idx, packed=packed)
-            tx_vq = Virtqueue(self.memory, queue_size, 1, event_idx=event_idx, packed=packed)
+            rx_vq = Virtqueue(self.memory, queue_size, 0, event_idx=event_idx, packed=packed, in_order=in_order)
+            tx_vq = Virtqueue(self.memory, queue_size, 1, event_idx=event_idx, packed=packed, in_order=in_order)
             self.driver_rx = RxQueue(rx_vq, self.pool, hdr_len=hdr_len, strict=strict,
                                      mergeable=mergeable, max_packet_len=max_packet_len)
             self.driver_tx = TxQueue(tx_vq, self.pool, hdr_len=hdr_len, strict=strict)
             self.windows = DmaWindows()
             self.windows.add_memory(self.memory)
             self.device_rx = DeviceQueue(self.windows, queue_size, rx_vq.desc_iova,
-                                         rx_vq.avail_iova, rx_vq.used_iova, event_idx=event_idx, packed=packed)
+                                         rx_vq.avail_iova, rx_vq.used_iova, event_idx=event_idx, packed=packed,
+                                         in_order=in_order)
             self.device_tx = DeviceQueue(self.windows, queue_size, tx_vq.desc_iova,
-                                         tx_vq.avail_iova, tx_vq.used_iova, event_idx=event_idx, packed=packed)
+                                         tx_vq.avail_iova, tx_vq.used_iova, event_idx=event_idx, packed=packed,
+                                         in_order=in_order)
             self.packed = packed
+            self.in_order = in_order
             self.device_rx.disable_notify()
             self.device_tx.disable_notify()
             self.hdr_len = hdr_len

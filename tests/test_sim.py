@@ -212,7 +212,8 @@ def test_reset_values(model, regs):
 
 def test_device_features_are_64_bits_through_the_select_register(regs):
     regs.w(virtio_pci.DEVICE_FEATURE_SELECT, 4, 1)
-    assert regs.r(virtio_pci.DEVICE_FEATURE, 4) == OFFERED >> 32 == bits("VERSION_1", "ACCESS_PLATFORM", "RING_PACKED") >> 32
+    assert regs.r(virtio_pci.DEVICE_FEATURE, 4) == OFFERED >> 32 == bits("VERSION_1", "ACCESS_PLATFORM", "RING_PACKED",
+                                                                             "IN_ORDER") >> 32
     regs.w(virtio_pci.DEVICE_FEATURE_SELECT, 4, 2)
     assert regs.r(virtio_pci.DEVICE_FEATURE, 4) == 0
 
@@ -227,12 +228,12 @@ def test_status_sequence_in_the_spec_order_is_accepted(model, regs):
 
 @pytest.mark.parametrize("features, why", [
     (BASIC | bits("GUEST_TSO4"), "not offered"),
-    (BASIC | bits("IN_ORDER"), "not offered"),
+    (BASIC | bits("NOTIFICATION_DATA"), "not offered"),
     (bits("ACCESS_PLATFORM", "MAC"), "VERSION_1"),
     (bits("VERSION_1", "MAC"), "ACCESS_PLATFORM"),
     (BASIC | bits("CTRL_RX"), "without CTRL_VQ"),
     (BASIC | bits("MQ"), "without CTRL_VQ"),
-], ids=["unoffered", "in-order", "no-version-1", "no-access-platform", "ctrl-rx-alone", "mq-alone"])
+], ids=["unoffered", "notification-data", "no-version-1", "no-access-platform", "ctrl-rx-alone", "mq-alone"])
 def test_features_ok_is_refused_for_bad_features(model, regs, features, why):
     status = regs.negotiate(features)
     assert not status & V.STATUS_FEATURES_OK

@@ -82,6 +82,15 @@ cdef class Virtqueue:
     cdef uint16_t batch_pos            # the first descriptor added since the last publish...
     cdef uint16_t batch_flags          # ...and its flags, written only by publish (2.8.21.3)
     cdef bint batch_pending
+    # VIRTIO_F_IN_ORDER (2.7.9, 2.8.9): buffers come back in the order they were made
+    # available, ids are allocated in ring order (the free descriptors are always the
+    # range after the last one added: no free list), and one used entry may end a batch.
+    cdef readonly bint in_order
+    cdef uint16_t io_next              # head (split) / buffer id (packed) of the oldest buffer not taken
+    cdef uint16_t io_left              # buffers of the open batch not taken yet...
+    cdef uint32_t io_left_descs        # ...their descriptors (packed: already past used_pos)
+    cdef uint32_t io_last_len          # the used len of the batch's last buffer
+    cdef uint32_t io_taken             # descriptors taken (popped) and not yet detached
     cdef int notify_kind
     cdef char *notify_addr
     cdef int notify_fd
@@ -244,6 +253,8 @@ cdef class Virtqueue:
         read before it (2.7.14; DPDK virtqueue_nused).
         """
         if self.packed:
+            if self.in_order:
+                return self.io_p_nused()
             return self.p_nused()
         cdef uint16_t idx = vring_load16(&self.vr.used.idx)
         pmd_virtio_rmb(self.weak_barriers)
@@ -263,6 +274,8 @@ cdef class Virtqueue:
         ``check_len`` is false for transmit queues: their chains are
         device-readable only and the driver ignores len (2.7.8.1).
         """
+        if self.in_order:
+            return self.io_pop_used(head, length, check_len)
         if self.packed:
             return self.p_pop_used(head, length, check_len)
         cdef uint16_t slot = self.last_used_idx & self.mask
@@ -299,6 +312,8 @@ cdef class Virtqueue:
         what the device wrote. take_peeked() takes it with those very values."""
         cdef uint16_t slot = self.last_used_idx & self.mask
         cdef uint32_t id
+        if self.in_order:
+            return self.io_peek(head, length)
         if self.packed:
             if not self.p_is_used(self.used_pos):
                 return False
@@ -316,6 +331,8 @@ cdef class Virtqueue:
     cdef inline int take_peeked(self, uint16_t head, uint32_t length, bint check_len=True) noexcept nogil:
         """pop_used() for the entry peek_used_head() found in flight, without reading it
         again: the device cannot change between the check and the use what is read once."""
+        if self.in_order:
+            return self.io_take(&head, &length, check_len)
         if self.packed:
             self.p_skip(self.extra[head].ndescs)    # its chain's descriptors (2.8.6)
         else:
@@ -332,6 +349,11 @@ cdef class Virtqueue:
         """
         cdef DescExtra *x = &self.extra[head]
         x.ndescs = 0
+        if self.in_order:
+            # the free range grows behind the in-flight one: no list to push onto
+            self.num_free += 1
+            self.io_taken -= 1
+            return x.cookie
         x.next = self.free_head
         self.free_head = head
         self.num_free += 1
@@ -352,6 +374,10 @@ cdef class Virtqueue:
             if k + 1 < n:
                 i = self.extra[i].next
         self.extra[head].ndescs = 0
+        if self.in_order:
+            self.num_free += n
+            self.io_taken -= n
+            return n
         self.extra[i].next = self.free_head
         self.free_head = head
         self.num_free += n
@@ -505,3 +531,170 @@ cdef class Virtqueue:
             self.n_bad_len += 1
             return USED_BAD_LEN
         return USED_OK
+
+    # ---- VIRTIO_F_IN_ORDER (2.7.9 split, 2.8.9 packed): what the methods above branch to ----
+    #
+    # The device uses buffers in the order they were made available and may write one
+    # used entry for a batch: the id of the batch's last buffer, at the place of its
+    # first (split: the used ring slot, advancing used->idx by the batch's size; packed:
+    # the used position, then skipping the batch's descriptors). The skipped buffers
+    # were used completely (their whole device-writable length). Ids are given out in
+    # ring order (the shadow links are the fixed cycle 0 -> 1 -> ... -> N-1 -> 0, and the
+    # descriptors' `next` fields with them, as 2.7.5 asks), so in a packed ring a
+    # buffer's id is its position and the next batch starts where the last one ended.
+
+    cdef inline uint16_t io_wrap(self, uint32_t i) noexcept nogil:
+        """A head or position plus at most the queue size, back into the ring."""
+        return <uint16_t>(i - self.size if i >= self.size else i)
+
+    cdef inline int io_fail(self, int result, uint64_t *counter) noexcept nogil:
+        """A used entry that names no buffer in the window of the ones not yet taken:
+        nothing says where the next entry is, so the queue stops (counted)."""
+        counter[0] += 1
+        self.broken = True
+        return result
+
+    cdef inline int io_open(self) noexcept nogil:
+        """Read the used entry at the driver's position and open the batch it ends.
+
+        Valid only if its id is the head of a buffer in flight and not yet taken: the
+        walk over our own chain lengths from the oldest such buffer must reach it
+        (never more buffers than in flight, never past a descriptor not in flight).
+        Split: used->idx must cover the whole batch (2.7.9: it advances by the batch's
+        size). Packed: the used position skips the batch's descriptors at once.
+        """
+        cdef uint32_t id, ln
+        cdef uint16_t pos = self.used_pos
+        if self.packed:
+            if pmd_unlikely(not self.p_is_used(pos)):
+                return self.io_fail(USED_BAD_ID, &self.n_bad_used_idx)   # nused saw it used: taken back
+            pmd_virtio_rmb(self.weak_barriers)    # the flags before the id they cover (2.8.21.2)
+            id = vring_load16(&self.pdesc[pos].id)
+            ln = vring_load32(&self.pdesc[pos].len)
+        else:
+            id = vring_load32(&self.vr.used.ring[self.last_used_idx & self.mask].id)
+            ln = vring_load32(&self.vr.used.ring[self.last_used_idx & self.mask].len)
+        if pmd_unlikely(id >= self.size):
+            return self.io_fail(USED_BAD_ID, &self.n_bad_id)
+        cdef uint32_t limit = self.size - self.num_free - self.io_taken   # descriptors not taken
+        cdef uint32_t descs = 0
+        cdef uint16_t h = self.io_next, n, k = 0
+        while True:
+            n = self.extra[h].ndescs
+            if pmd_unlikely(n == 0 or descs + n > limit or k == self.size):
+                return self.io_fail(USED_NOT_IN_FLIGHT, &self.n_not_in_flight)
+            descs += n
+            k += 1
+            if h == id:
+                break
+            h = self.io_wrap(<uint32_t>h + n)
+        if self.packed:
+            self.p_skip(<uint16_t>descs)
+        elif pmd_unlikely(k > <uint16_t>(vring_load16(&self.vr.used.idx) - self.last_used_idx)):
+            return self.io_fail(USED_BAD_ID, &self.n_bad_used_idx)
+        self.io_left = k
+        self.io_left_descs = descs
+        self.io_last_len = ln
+        return USED_OK
+
+    cdef inline int io_take(self, uint16_t *head, uint32_t *length, bint check_len) noexcept nogil:
+        """Take the oldest buffer of the open batch: the last one has the length the
+        device wrote, the others their whole writable length (2.7.9)."""
+        cdef uint16_t h = self.io_next
+        cdef uint16_t n = self.extra[h].ndescs
+        cdef uint32_t ln
+        self.io_left -= 1
+        self.io_left_descs -= n
+        ln = self.io_last_len if self.io_left == 0 else self.extra[h].writable
+        self.io_next = self.io_wrap(<uint32_t>h + n)
+        self.io_taken += n
+        if not self.packed:
+            self.last_used_idx += 1
+        head[0] = h
+        length[0] = ln
+        if pmd_unlikely(check_len and ln > self.extra[h].writable):
+            self.n_bad_len += 1
+            return USED_BAD_LEN
+        return USED_OK
+
+    cdef inline int io_pop_used(self, uint16_t *head, uint32_t *length, bint check_len) noexcept nogil:
+        """pop_used in order: one buffer of the open batch, opening the next one first."""
+        cdef int r
+        if pmd_unlikely(self.broken):
+            return USED_BAD_ID            # counted when it broke
+        if self.io_left == 0:
+            r = self.io_open()
+            if r != USED_OK:
+                return r
+        return self.io_take(head, length, check_len)
+
+    cdef inline bint io_peek(self, uint16_t *head, uint32_t *length) noexcept nogil:
+        """peek_used_head in order: the buffer io_take would give, with its length."""
+        if pmd_unlikely(self.broken):
+            return False
+        if self.io_left == 0 and self.io_open() != USED_OK:
+            return False
+        head[0] = self.io_next
+        length[0] = self.io_last_len if self.io_left == 1 else self.extra[self.io_next].writable
+        return True
+
+    cdef inline void io_retire(self, uint16_t nbufs, uint32_t ndescs, uint16_t end) noexcept nogil:
+        """The rest of the open batch (``nbufs`` buffers, ``ndescs`` descriptors, the next
+        head ``end``) goes back to the free range at once, its cookies read by the
+        caller: the transmit reclaim's one step."""
+        self.io_left = 0
+        self.io_left_descs = 0
+        self.io_next = end
+        if not self.packed:
+            self.last_used_idx += nbufs
+        self.num_free += ndescs
+
+    cdef inline uint16_t io_p_walk(self, uint32_t *pos, uint16_t *wrap) noexcept nogil:
+        """Used buffers from ``pos``/``wrap`` on (packed, in order): each used descriptor
+        there ends a batch at the buffer its id names, and the next batch starts just
+        past that buffer's chain. Counts at most what is in flight and not yet taken;
+        a descriptor that names no such buffer counts as one (left for io_open to refuse)
+        and stops the walk; ``pos``/``wrap`` end just past the last good batch."""
+        cdef uint32_t limit = self.size - self.num_free - self.io_taken - self.io_left_descs
+        cdef uint32_t seen = 0, p
+        cdef uint16_t want, flags, id, n, nb = 0, k, w
+        while seen < limit:
+            flags = vring_load16(&self.pdesc[pos[0]].flags)
+            want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if wrap[0] else 0
+            if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != want:
+                break
+            pmd_virtio_rmb(self.weak_barriers)
+            id = vring_load16(&self.pdesc[pos[0]].id)
+            if pmd_unlikely(id >= self.size):
+                return nb + 1
+            p = pos[0]
+            w = wrap[0]
+            k = 0
+            while True:
+                n = self.extra[p].ndescs
+                if pmd_unlikely(n == 0 or seen + n > limit):
+                    return nb + 1
+                seen += n
+                k += 1
+                if p == id:
+                    p += n
+                    break
+                p += n
+                if p >= self.size:
+                    p -= self.size
+                    w ^= 1
+            if p >= self.size:
+                p -= self.size
+                w ^= 1
+            nb += k
+            pos[0] = p
+            wrap[0] = w
+        return nb
+
+    cdef inline uint16_t io_p_nused(self) noexcept nogil:
+        """nused for an in-order packed ring: the open batch's rest, then the walk."""
+        if pmd_unlikely(self.broken):
+            return 0
+        cdef uint32_t pos = self.used_pos
+        cdef uint16_t wrap = self.used_wrap
+        return self.io_left + self.io_p_walk(&pos, &wrap)

@@ -20,6 +20,7 @@ class Virtqueue:
     interrupts_enabled: bool
     broken: bool
     packed: bool
+    in_order: bool
     fail_reason: str | None
     n_notify: int
     n_notify_suppressed: int
@@ -30,7 +31,7 @@ class Virtqueue:
     n_notify_errors: int
     def __init__(self, memory: DmaMemory, size: int, queue_index: int = 0, *, event_idx: bool = False,
                  weak_barriers: bool = True, align: int = 4096, interrupts: bool = False,
-                 packed: bool = False) -> None: ...
+                 packed: bool = False, in_order: bool = False) -> None: ...
     def fail(self, reason: str) -> None: ...
     @property
     def desc_iova(self) -> int: ...

@@ -80,13 +80,14 @@ def _check_ring_params(uint32_t num, size_t align):
 
 
 cdef class Virtqueue:
-    """``Virtqueue(memory, size, queue_index=0, event_idx=False, weak_barriers=True, align=4096, interrupts=False, packed=False)``
+    """``Virtqueue(memory, size, queue_index=0, event_idx=False, weak_barriers=True, align=4096, interrupts=False, packed=False, in_order=False)``
 
     Carves a ring of ``size`` entries out of ``memory``. ``event_idx`` is
     VIRTIO_F_EVENT_IDX as negotiated; ``weak_barriers`` is true unless
     VIRTIO_F_ORDER_PLATFORM was negotiated (real hardware); ``interrupts``
     is the initial state of used-buffer notifications (off for polling);
-    ``packed`` is VIRTIO_F_RING_PACKED (2.8).
+    ``packed`` is VIRTIO_F_RING_PACKED (2.8); ``in_order`` is VIRTIO_F_IN_ORDER
+    (2.7.9, 2.8.9): ids in ring order, and one used entry may retire a batch.
     """
 
     def __cinit__(self):
@@ -95,7 +96,7 @@ cdef class Virtqueue:
 
     def __init__(self, DmaMemory memory not None, uint32_t size, uint16_t queue_index=0, *,
                  bint event_idx=False, bint weak_barriers=True, size_t align=VRING_LEGACY_ALIGN,
-                 bint interrupts=False, bint packed=False):
+                 bint interrupts=False, bint packed=False, bint in_order=False):
         memory._check_open()
         _check_ring_params(size, align)
         cdef size_t nbytes = pvirtq_size(size) if packed else vring_size(size, align)
@@ -134,6 +135,11 @@ cdef class Virtqueue:
             self.extra[i].writable = 0
         self.free_head = 0
         self.num_free = size
+        self.in_order = in_order
+        if in_order:
+            # 2.7.5: in order, descriptor x is followed by x + 1 and the last by 0;
+            # allocation then walks the ring and release never touches the links
+            self.extra[size - 1].next = 0
         self.notify_kind = NOTIFY_NONE
         self.notify_data = queue_index
         if interrupts:
@@ -150,6 +156,11 @@ cdef class Virtqueue:
         self.memory._check_open()
         if self.fail_reason is not None:
             raise DeviceError(f"virtqueue {self.queue_index}: {self.fail_reason}")
+        if self.broken and self.in_order:
+            raise DeviceError(f"virtqueue {self.queue_index}: the device (VIRTIO_F_IN_ORDER) wrote a used entry "
+                              "that names no buffer in flight after the last one it returned, or a batch its "
+                              "used index does not cover (or took a used descriptor back), so where the next "
+                              "one is cannot be known; the queue is stopped: reset the device")
         if self.broken and self.packed:
             raise DeviceError(f"virtqueue {self.queue_index}: the device wrote a used descriptor that names "
                               "no buffer in flight (or took one back), so where the next one is cannot be "
@@ -229,7 +240,10 @@ cdef class Virtqueue:
             return vring_load16(&self.vr.used.idx), None
         cdef uint32_t pos = self.used_pos
         cdef uint16_t wrap = self.used_wrap
-        self.p_walk_used(&pos, &wrap)
+        if self.in_order:
+            self.io_p_walk(&pos, &wrap)
+        else:
+            self.p_walk_used(&pos, &wrap)
         return pos, wrap
 
     @property
@@ -324,7 +338,7 @@ cdef class Virtqueue:
                 vring_store16(&self.driver_event.flags, RING_EVENT_FLAGS_ENABLE)
             self.interrupts_enabled = True
             pmd_virtio_mb(self.weak_barriers)
-            return self.size != self.num_free and self.p_is_used(self.used_pos)
+            return self.size != self.num_free and (self.p_is_used(self.used_pos) or (self.in_order and self.io_left != 0))
         if self.event_idx:
             vring_store16(vring_used_event(&self.vr), self.last_used_idx)
         else:
@@ -422,6 +436,7 @@ cdef class Virtqueue:
         return self.is_closed
 
     def __repr__(self):
-        return (f"<Virtqueue {self.queue_index} {'packed' if self.packed else 'split'} size {self.size}, "
+        return (f"<Virtqueue {self.queue_index} {'packed' if self.packed else 'split'}"
+                f"{' in-order' if self.in_order else ''} size {self.size}, "
                 f"{self.size - self.num_free} in flight, "
                 f"avail {self.avail_idx}, used {self.last_used_idx}{', broken' if self.broken else ''}>")

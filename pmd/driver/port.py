@@ -220,6 +220,7 @@ class Port:
 
         weak = not accepted & V.bit(V.ORDER_PLATFORM)
         event_idx = bool(accepted & V.bit(V.RING_EVENT_IDX))
+        in_order = bool(accepted & V.bit(V.IN_ORDER))
         mergeable = bool(accepted & V.bit(N.NET_MRG_RXBUF))
         max_len = max_packet_len or ((self.mtu or 1500) + 18 if mergeable else 0)
         self._stats_base = None               # new queues count from 0
@@ -227,9 +228,11 @@ class Port:
             pool = PacketPool(memory, per_pair, buffer_size)
             self.pools.append(pool)
             rvq = Virtqueue(memory, sizes[2 * pair], rx_queue_index(pair), event_idx=event_idx,
-                            weak_barriers=weak, align=t.ring_align, interrupts=False, packed=packed)
+                            weak_barriers=weak, align=t.ring_align, interrupts=False, packed=packed,
+                            in_order=in_order)
             tvq = Virtqueue(memory, sizes[2 * pair + 1], tx_queue_index(pair), event_idx=event_idx,
-                            weak_barriers=weak, align=t.ring_align, interrupts=False, packed=packed)
+                            weak_barriers=weak, align=t.ring_align, interrupts=False, packed=packed,
+                            in_order=in_order)
             rx_kw: dict[str, Any] = {"hdr_len": self.hdr_len, "mergeable": mergeable}
             if mergeable:
                 rx_kw["max_packet_len"] = max(max_len, pool.data_room)
@@ -244,7 +247,7 @@ class Port:
             t.setup_queue(tx_queue_index(pair), tvq, NO_VECTOR)
         if ctrl_size:
             cvq = Virtqueue(memory, ctrl_size, ctrl_index, event_idx=event_idx, weak_barriers=weak,
-                            align=t.ring_align, packed=packed)
+                            align=t.ring_align, packed=packed, in_order=in_order)
             t.setup_queue(ctrl_index, cvq, NO_VECTOR)
             self.ctrl = ControlQueue(cvq, memory)
             self._resources.append(self.ctrl.close)

@@ -64,6 +64,14 @@ cdef class DeviceQueue:
     cdef uint16_t batch_first        # slot of the first used descriptor not yet published
     cdef uint16_t batch_flags        # and the flags it will get
     cdef uint32_t batch_n            # used descriptors written since the last publish
+    # VIRTIO_F_IN_ORDER (2.7.9, 2.8.9): buffers used completely are not written one by
+    # one; the batch gets one used entry, with the id of its last buffer, at its first's place
+    cdef readonly bint in_order
+    cdef uint16_t io_n               # buffers held back in the open batch
+    cdef uint16_t io_id              # its last buffer, and that one's length
+    cdef uint32_t io_len
+    cdef uint32_t io_skip            # packed: the batch's descriptors
+    cdef public uint64_t n_used_entries   # used entries (split) / descriptors (packed) written
     cdef Seg *segs                   # the chain popped last
     cdef public uint16_t nsegs
     cdef public uint16_t head
@@ -97,6 +105,8 @@ cdef class DeviceQueue:
     cdef void _bad(self, int why) noexcept nogil
     cdef void unpop(self) noexcept nogil
     cdef void push(self, uint16_t head, uint32_t length) noexcept nogil
+    cdef void _push_in_order(self, uint16_t head, uint32_t length, bint whole) noexcept nogil
+    cdef void _io_close(self) noexcept nogil
     cdef void publish(self) noexcept nogil
     cdef bint need_interrupt(self) noexcept nogil
     cdef void interrupt(self) noexcept nogil

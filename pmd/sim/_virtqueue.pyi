@@ -14,6 +14,8 @@ class DeviceQueue:
     event_idx: bool
     weak_barriers: bool
     packed: bool
+    in_order: bool
+    n_used_entries: int
     broken: bool
     nsegs: int
     head: int
@@ -26,7 +28,8 @@ class DeviceQueue:
     n_dropped: int
     n_too_long: int
     def __init__(self, windows: DmaWindows, size: int, desc_iova: int, avail_iova: int, used_iova: int,
-                 *, event_idx: bool = False, weak_barriers: bool = True, packed: bool = False) -> None: ...
+                 *, event_idx: bool = False, weak_barriers: bool = True, packed: bool = False,
+                 in_order: bool = False) -> None: ...
     def set_interrupt_eventfd(self, fd: int) -> None: ...
     def disable_notify(self) -> None: ...
     def enable_notify(self) -> None: ...

@@ -60,7 +60,7 @@ DEFAULT_MAX_READABLE = 65536 + 64
 
 @cython.no_gc_clear   # __dealloc__ unpins `memories`
 cdef class DeviceQueue:
-    """``DeviceQueue(windows, size, desc_iova, avail_iova, used_iova, event_idx=False, weak_barriers=True, packed=False)``
+    """``DeviceQueue(windows, size, desc_iova, avail_iova, used_iova, event_idx=False, weak_barriers=True, packed=False, in_order=False)``
 
     The device's view of a queue whose ring addresses the driver gave it.
     Every ``DmaMemory`` behind ``windows`` stays mapped until ``close()``.
@@ -69,6 +69,10 @@ cdef class DeviceQueue:
     descriptor ring (16*size bytes, aligned 16), ``avail_iova`` the driver
     event suppression structure and ``used_iova`` the device's (4 bytes each,
     aligned 4, 2.8.10.1); ``size`` need not be a power of two.
+
+    ``in_order=True`` (VIRTIO_F_IN_ORDER negotiated, 2.7.9, 2.8.9): buffers are used in
+    the order they were made available (this device always does), and a run of them
+    used completely (every transmit buffer) is returned with one used entry.
     """
 
     def __cinit__(self):
@@ -79,7 +83,7 @@ cdef class DeviceQueue:
 
     def __init__(self, DmaWindows windows not None, uint32_t size, uint64_t desc_iova,
                  uint64_t avail_iova, uint64_t used_iova, *, bint event_idx=False,
-                 bint weak_barriers=True, bint packed=False):
+                 bint weak_barriers=True, bint packed=False, bint in_order=False):
         if packed:
             self._init_packed(windows, size, desc_iova, avail_iova, used_iova)
         else:
@@ -88,6 +92,7 @@ cdef class DeviceQueue:
         self.size = size
         self.event_idx = event_idx
         self.weak_barriers = weak_barriers
+        self.in_order = in_order
         self.segs = <Seg *>malloc(sizeof(Seg) * size)
         if self.segs == NULL:
             raise MemoryError()
@@ -289,7 +294,10 @@ cdef class DeviceQueue:
         self.nsegs = 0
         self.out_len = 0
         self.in_len = 0
-        self.push(head, 0)
+        if self.in_order:
+            self._push_in_order(head, 0, False)   # nothing was written: never "used completely"
+        else:
+            self.push(head, 0)
         return -1
 
     cdef void _bad(self, int why) noexcept nogil:
@@ -319,6 +327,10 @@ cdef class DeviceQueue:
     cdef void push(self, uint16_t head, uint32_t length) noexcept nogil:
         """Write one used entry (not yet published)."""
         cdef uint16_t n = 1
+        if self.in_order:
+            # the chain just popped, used whole (a transmit chain: nothing to write)
+            self._push_in_order(head, length, head == self.head and length == self.in_len)
+            return
         if self.packed:
             # The chain's length was kept at pop: skip that many slots (2.8.6).
             if pmd_likely(head < self.size):
@@ -332,9 +344,12 @@ cdef class DeviceQueue:
         vring_store32(&self.vr.used.ring[slot].id, head)
         vring_store32(&self.vr.used.ring[slot].len, length)
         self.used_idx += 1
+        self.n_used_entries += 1
 
     cdef void publish(self) noexcept nogil:
         """Entries first, then the index that shows them (2.7.8.2 device requirements)."""
+        if self.io_n:
+            self._io_close()
         if self.packed:
             self._publish_packed()
             return
@@ -366,6 +381,8 @@ cdef class DeviceQueue:
             write(self.irq_fd, &one, 8)
 
     cdef void flush(self) noexcept nogil:
+        if self.io_n:
+            self._io_close()
         if self.packed:
             if self.batch_n == 0:
                 return
@@ -578,11 +595,46 @@ cdef class DeviceQueue:
         else:
             vring_store16(&d.flags, flags)
         self.batch_n += 1
+        self.n_used_entries += 1
         cdef uint32_t pos = <uint32_t>self.used_pos + skip
         if pos >= self.size:
             pos -= self.size
             self.used_wrap = not self.used_wrap
         self.used_pos = <uint16_t>pos
+
+    cdef void _push_in_order(self, uint16_t head, uint32_t length, bint whole) noexcept nogil:
+        """push() with VIRTIO_F_IN_ORDER: the buffer joins the open batch; a buffer not
+        used whole (``whole``: every writable byte written, or none to write) closes it,
+        since only the batch's last buffer has its length said (2.7.9: the skipped ones
+        were used completely)."""
+        cdef uint16_t n = 1
+        if self.packed and pmd_likely(head < self.size):
+            n = self.id_count[head]
+            self.id_count[head] = 0
+            if pmd_unlikely(n == 0):
+                n = 1           # not in flight: a bug of ours; keep the ring moving
+        self.io_n += 1
+        self.io_id = head
+        self.io_len = length
+        self.io_skip += n
+        if not whole or self.io_skip >= self.size:
+            self._io_close()
+
+    cdef void _io_close(self) noexcept nogil:
+        """Write the open batch's one used entry: at its first buffer's place, the id and
+        length of its last; the used index (split) or position (packed) moves past all
+        of it (2.7.9, 2.8.9)."""
+        cdef uint16_t slot
+        if self.packed:
+            self._push_packed(self.io_id, self.io_len, <uint16_t>self.io_skip)
+        else:
+            slot = self.used_idx & self.mask
+            vring_store32(&self.vr.used.ring[slot].id, self.io_id)
+            vring_store32(&self.vr.used.ring[slot].len, self.io_len)
+            self.used_idx += self.io_n
+            self.n_used_entries += 1
+        self.io_n = 0
+        self.io_skip = 0
 
     cdef void _publish_packed(self) noexcept nogil:
         """Show the batch: everything written so far, a write barrier, then the
@@ -777,4 +829,4 @@ cdef class DeviceQueue:
         return {"popped": self.n_popped, "bad_descriptors": self.n_bad_desc,
                 "interrupts": self.n_interrupts, "interrupts_suppressed": self.n_interrupts_suppressed,
                 "dropped": self.n_dropped, "too_long": self.n_too_long, "last_error": self.last_error,
-                "broken": self.broken}
+                "broken": self.broken, "used_entries": self.n_used_entries}
