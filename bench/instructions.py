@@ -12,6 +12,7 @@ the instructions go.
     python bench/instructions.py --kind pmd-copy --size 1500
     python bench/instructions.py --kind python-zc     # the pure-Python reference
     python bench/instructions.py --kind empty-rx-zc   # one rx_burst_zc on an empty ring ("per packet" = per call)
+    python bench/instructions.py --in-order on        # both sides with VIRTIO_F_IN_ORDER (--ring packed too)
 
 If ``perf stat -e instructions:u`` works on the machine it is used as well
 (native, not simulated), as a cross-check.
@@ -33,14 +34,14 @@ KINDS = ("pmd-zc", "pmd-copy", "python-zc", "python-copy", "empty-rx-zc", "empty
 WARMUP = 100
 
 
-def child(kind: str, size: int, burst: int, rounds: int) -> None:
+def child(kind: str, size: int, burst: int, rounds: int, packed: bool = False, in_order: bool = False) -> None:
     """The workload: WARMUP rounds, then ``rounds`` more (what is counted)."""
     sys.path.insert(0, str(HERE.parent))
     sys.path.insert(0, str(HERE))
     if kind.startswith("python"):
         _child_python(kind, size, burst, WARMUP + rounds)
     else:
-        _child_pmd(kind, size, burst, WARMUP + rounds)
+        _child_pmd(kind, size, burst, WARMUP + rounds, packed, in_order)
 
 
 def _child_python(kind: str, size: int, burst: int, rounds: int) -> None:
@@ -64,12 +65,12 @@ def _child_python(kind: str, size: int, burst: int, rounds: int) -> None:
     assert rx.packets == tx.packets == rounds * burst
 
 
-def _child_pmd(kind: str, size: int, burst: int, rounds: int) -> None:
+def _child_pmd(kind: str, size: int, burst: int, rounds: int, packed: bool, in_order: bool) -> None:
     import numpy as np
 
     from pmd.loopback import Loopback
 
-    lb = Loopback(queue_size=256)
+    lb = Loopback(queue_size=256, packed=packed, in_order=in_order)
     tx, rx, pool, step = lb.driver_tx, lb.driver_rx, lb.pool, lb.step
     expected = rounds * burst
     u32 = np.uint32
@@ -104,9 +105,12 @@ def _child_pmd(kind: str, size: int, burst: int, rounds: int) -> None:
     lb.close()
 
 
+_LAYOUT: list[str] = []    # --ring / --in-order as given, for the children
+
+
 def _child_cmd(kind: str, size: int, burst: int, rounds: int) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--child", kind,
-            "--size", str(size), "--burst", str(burst), "--rounds", str(rounds)]
+            "--size", str(size), "--burst", str(burst), "--rounds", str(rounds)] + _LAYOUT
 
 
 def _env() -> dict[str, str]:
@@ -189,17 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None,
                     help="counted rounds (default 5000 for pmd, 300 for the Python reference)")
     ap.add_argument("--top", type=int, default=12, help="functions to list")
+    ap.add_argument("--ring", choices=("split", "packed"), default="split", help="ring layout of the pmd kinds")
+    ap.add_argument("--in-order", choices=("on", "off"), default="off",
+                    help="VIRTIO_F_IN_ORDER on both sides of the pmd kinds (docs/rings.md)")
     ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.size, args.burst, args.rounds or 0)
+        child(args.child, args.size, args.burst, args.rounds or 0, args.ring == "packed", args.in_order == "on")
         return 0
+    _LAYOUT[:] = ["--ring", args.ring, "--in-order", args.in_order]
     kind = args.kind
     rounds = args.rounds or (300 if kind.startswith("python") else 5000)
     empty = kind.startswith("empty")
     units = rounds if empty else rounds * args.burst
     unit = "call" if empty else "packet"
     what = f"{kind}, {args.size} B, burst {args.burst}" if not empty else f"{kind} (burst array {args.burst})"
+    if not kind.startswith("python"):
+        what += f", {args.ring}, in-order {args.in_order}"
 
     p0 = perf_instructions(kind, args.size, args.burst, 0)
     if p0 is not None:

@@ -88,27 +88,40 @@ cdef class TxQueue(_Queue):
         buffer up to the one it names (checked by io_open against our own records), and
         the whole batch goes back in one step: its buffers to the pool, its descriptors
         to the free range with one count, no free list and no per-buffer pop."""
-        cdef uint16_t n = self.vq.nused(), k, j, h, nd, m
+        cdef uint16_t n = self.vq.nused(), k, h, last, nd, m
         cdef uint32_t freed = 0, descs, b, mine
+        cdef bint end
         while n > 0:
             if self.vq.io_left == 0 and self.vq.io_open() != USED_OK:
                 break                 # counted; the queue is stopped
-            k = self.vq.io_left
             h = self.vq.io_next
+            last = self.vq.io_last
             descs = 0
-            for j in range(k):
+            k = 0
+            end = False
+            while not end:
+                end = h == last
                 nd = self.vq.extra[h].ndescs
                 self.vq.extra[h].ndescs = 0
-                mine = 0
-                for m in range(nd):
-                    b = self.vq.extra[self.vq.io_wrap(<uint32_t>h + m)].cookie
+                if pmd_likely(nd == 1):
+                    b = self.vq.extra[h].cookie
                     if pmd_likely(self.pool.held_by(b, self.owner)):
                         self.pool.put(b)
-                        mine += 1
-                if pmd_unlikely(mine != nd):
-                    self.foreign_chains += 1      # not all this queue's buffers: never freed
-                freed += mine
+                        freed += 1
+                    else:
+                        self.foreign_chains += 1
+                else:
+                    mine = 0
+                    for m in range(nd):
+                        b = self.vq.extra[self.vq.io_wrap(<uint32_t>h + m)].cookie
+                        if pmd_likely(self.pool.held_by(b, self.owner)):
+                            self.pool.put(b)
+                            mine += 1
+                    if pmd_unlikely(mine != nd):
+                        self.foreign_chains += 1      # not all this queue's buffers: never freed
+                    freed += mine
                 descs += nd
+                k += 1
                 h = self.vq.io_wrap(<uint32_t>h + nd)
             self.vq.io_retire(k, descs, h)
             n = n - k if n > k else 0

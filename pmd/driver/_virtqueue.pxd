@@ -87,9 +87,9 @@ cdef class Virtqueue:
     # range after the last one added: no free list), and one used entry may end a batch.
     cdef readonly bint in_order
     cdef uint16_t io_next              # head (split) / buffer id (packed) of the oldest buffer not taken
-    cdef uint16_t io_left              # buffers of the open batch not taken yet...
-    cdef uint32_t io_left_descs        # ...their descriptors (packed: already past used_pos)
-    cdef uint32_t io_last_len          # the used len of the batch's last buffer
+    cdef uint16_t io_last              # the open batch's last buffer (the id its used entry named)...
+    cdef uint32_t io_left              # ...the batch's descriptors not taken yet (0: no batch open)...
+    cdef uint32_t io_last_len          # ...and the used len of its last buffer
     cdef uint32_t io_taken             # descriptors taken (popped) and not yet detached
     cdef int notify_kind
     cdef char *notify_addr
@@ -107,6 +107,7 @@ cdef class Virtqueue:
     cdef public uint64_t n_bad_len
     cdef public uint64_t n_bad_used_idx
     cdef public uint64_t n_notify_errors
+    cdef public uint64_t n_io_batches   # in order: used entries that retired more than one buffer
 
     cdef void check_usable(self) except *
     cdef void check_raw(self) except *
@@ -540,60 +541,81 @@ cdef class Virtqueue:
     # the used position, then skipping the batch's descriptors). The skipped buffers
     # were used completely (their whole device-writable length). Ids are given out in
     # ring order (the shadow links are the fixed cycle 0 -> 1 -> ... -> N-1 -> 0, and the
-    # descriptors' `next` fields with them, as 2.7.5 asks), so in a packed ring a
-    # buffer's id is its position and the next batch starts where the last one ended.
+    # descriptors' `next` fields with them, as 2.7.5 asks), so the descriptors in flight
+    # and not yet taken are one run of the ring from io_next, a buffer's head is in it
+    # exactly when its `ndescs` is not 0, and in a packed ring a buffer's id is its
+    # position: the next batch starts where the last one ended.
 
     cdef inline uint16_t io_wrap(self, uint32_t i) noexcept nogil:
-        """A head or position plus at most the queue size, back into the ring."""
+        """A head or position plus less than twice the queue size, back into the ring."""
         return <uint16_t>(i - self.size if i >= self.size else i)
 
+    cdef inline uint32_t io_window(self) noexcept nogil:
+        """Descriptors in flight and not taken: the run of the ring from io_next."""
+        return self.size - self.num_free - self.io_taken
+
     cdef inline int io_fail(self, int result, uint64_t *counter) noexcept nogil:
-        """A used entry that names no buffer in the window of the ones not yet taken:
-        nothing says where the next entry is, so the queue stops (counted)."""
+        """A used entry that names no buffer in the run not yet taken: nothing says
+        where the next entry is, so the queue stops (counted)."""
         counter[0] += 1
         self.broken = True
         return result
 
-    cdef inline int io_open(self) noexcept nogil:
-        """Read the used entry at the driver's position and open the batch it ends.
+    cdef inline uint16_t io_count(self, uint16_t h, uint16_t last) noexcept nogil:
+        """Buffers from head ``h`` to head ``last`` (both in the run not taken), walking
+        our own chain lengths."""
+        cdef uint16_t k = 1
+        while h != last:
+            h = self.io_wrap(<uint32_t>h + self.extra[h].ndescs)
+            k += 1
+        return k
 
-        Valid only if its id is the head of a buffer in flight and not yet taken: the
-        walk over our own chain lengths from the oldest such buffer must reach it
-        (never more buffers than in flight, never past a descriptor not in flight).
-        Split: used->idx must cover the whole batch (2.7.9: it advances by the batch's
-        size). Packed: the used position skips the batch's descriptors at once.
-        """
-        cdef uint32_t id, ln
-        cdef uint16_t pos = self.used_pos
+    cdef inline int io_open(self) noexcept nogil:
+        """Read the used entry at the driver's position and open the batch it ends
+        (io_open_id)."""
+        cdef uint32_t id
         if self.packed:
-            if pmd_unlikely(not self.p_is_used(pos)):
+            if pmd_unlikely(not self.p_is_used(self.used_pos)):
                 return self.io_fail(USED_BAD_ID, &self.n_bad_used_idx)   # nused saw it used: taken back
             pmd_virtio_rmb(self.weak_barriers)    # the flags before the id they cover (2.8.21.2)
-            id = vring_load16(&self.pdesc[pos].id)
-            ln = vring_load32(&self.pdesc[pos].len)
+            id = vring_load16(&self.pdesc[self.used_pos].id)
         else:
             id = vring_load32(&self.vr.used.ring[self.last_used_idx & self.mask].id)
+        return self.io_open_id(id)
+
+    cdef inline int io_open_id(self, uint32_t id) noexcept nogil:
+        """Open the batch the used entry at the driver's position ends: ``id`` was read
+        from it (once), its len is read here.
+
+        Valid only if the id is the head of a buffer in the run not yet taken, all of
+        its chain inside the run (2.7.9: the batch is every buffer from the oldest not
+        taken to that one). Split: used->idx must cover the batch (it advances by the
+        batch's size); it does when it covers the batch's descriptors, else the buffers
+        are counted. Packed: the used position skips the batch's descriptors at once.
+        """
+        cdef uint32_t ln, d, descs, avail
+        cdef uint16_t n
+        if self.packed:
+            ln = vring_load32(&self.pdesc[self.used_pos].len)
+        else:
             ln = vring_load32(&self.vr.used.ring[self.last_used_idx & self.mask].len)
         if pmd_unlikely(id >= self.size):
             return self.io_fail(USED_BAD_ID, &self.n_bad_id)
-        cdef uint32_t limit = self.size - self.num_free - self.io_taken   # descriptors not taken
-        cdef uint32_t descs = 0
-        cdef uint16_t h = self.io_next, n, k = 0
-        while True:
-            n = self.extra[h].ndescs
-            if pmd_unlikely(n == 0 or descs + n > limit or k == self.size):
-                return self.io_fail(USED_NOT_IN_FLIGHT, &self.n_not_in_flight)
-            descs += n
-            k += 1
-            if h == id:
-                break
-            h = self.io_wrap(<uint32_t>h + n)
+        d = self.io_wrap(id + self.size - self.io_next)     # descriptors before it in the run
+        n = self.extra[id].ndescs
+        descs = d + n
+        if pmd_unlikely(n == 0 or descs > self.io_window()):
+            return self.io_fail(USED_NOT_IN_FLIGHT, &self.n_not_in_flight)
         if self.packed:
             self.p_skip(<uint16_t>descs)
-        elif pmd_unlikely(k > <uint16_t>(vring_load16(&self.vr.used.idx) - self.last_used_idx)):
-            return self.io_fail(USED_BAD_ID, &self.n_bad_used_idx)
-        self.io_left = k
-        self.io_left_descs = descs
+        else:
+            avail = <uint16_t>(vring_load16(&self.vr.used.idx) - self.last_used_idx)
+            if pmd_unlikely(d + 1 > avail and self.io_count(self.io_next, <uint16_t>id) > avail):
+                return self.io_fail(USED_BAD_ID, &self.n_bad_used_idx)
+        if d:
+            self.n_io_batches += 1
+        self.io_last = <uint16_t>id
+        self.io_left = descs
         self.io_last_len = ln
         return USED_OK
 
@@ -602,10 +624,8 @@ cdef class Virtqueue:
         device wrote, the others their whole writable length (2.7.9)."""
         cdef uint16_t h = self.io_next
         cdef uint16_t n = self.extra[h].ndescs
-        cdef uint32_t ln
-        self.io_left -= 1
-        self.io_left_descs -= n
-        ln = self.io_last_len if self.io_left == 0 else self.extra[h].writable
+        cdef uint32_t ln = self.io_last_len if h == self.io_last else self.extra[h].writable
+        self.io_left -= n
         self.io_next = self.io_wrap(<uint32_t>h + n)
         self.io_taken += n
         if not self.packed:
@@ -618,12 +638,39 @@ cdef class Virtqueue:
         return USED_OK
 
     cdef inline int io_pop_used(self, uint16_t *head, uint32_t *length, bint check_len) noexcept nogil:
-        """pop_used in order: one buffer of the open batch, opening the next one first."""
+        """pop_used in order: one buffer of the open batch, or of the batch the next used
+        entry ends. The common entry (the device wrote one for each buffer, as for
+        received packets) names the oldest buffer not taken: taken at once."""
+        cdef uint32_t id, ln
+        cdef uint16_t h = self.io_next, n
         cdef int r
         if pmd_unlikely(self.broken):
             return USED_BAD_ID            # counted when it broke
         if self.io_left == 0:
-            r = self.io_open()
+            if self.packed:
+                if pmd_unlikely(not self.p_is_used(self.used_pos)):
+                    return self.io_open()   # counts it
+                pmd_virtio_rmb(self.weak_barriers)
+                id = vring_load16(&self.pdesc[self.used_pos].id)
+            else:
+                id = vring_load32(&self.vr.used.ring[self.last_used_idx & self.mask].id)
+            n = self.extra[h].ndescs
+            if pmd_likely(id == h and n != 0 and n <= self.io_window()):
+                if self.packed:
+                    ln = vring_load32(&self.pdesc[self.used_pos].len)
+                    self.p_skip(n)
+                else:
+                    ln = vring_load32(&self.vr.used.ring[self.last_used_idx & self.mask].len)
+                    self.last_used_idx += 1
+                self.io_next = self.io_wrap(<uint32_t>h + n)
+                self.io_taken += n
+                head[0] = h
+                length[0] = ln
+                if pmd_unlikely(check_len and ln > self.extra[h].writable):
+                    self.n_bad_len += 1
+                    return USED_BAD_LEN
+                return USED_OK
+            r = self.io_open_id(id)
             if r != USED_OK:
                 return r
         return self.io_take(head, length, check_len)
@@ -635,29 +682,29 @@ cdef class Virtqueue:
         if self.io_left == 0 and self.io_open() != USED_OK:
             return False
         head[0] = self.io_next
-        length[0] = self.io_last_len if self.io_left == 1 else self.extra[self.io_next].writable
+        length[0] = self.io_last_len if self.io_next == self.io_last else self.extra[self.io_next].writable
         return True
 
     cdef inline void io_retire(self, uint16_t nbufs, uint32_t ndescs, uint16_t end) noexcept nogil:
-        """The rest of the open batch (``nbufs`` buffers, ``ndescs`` descriptors, the next
-        head ``end``) goes back to the free range at once, its cookies read by the
-        caller: the transmit reclaim's one step."""
+        """The open batch (``nbufs`` buffers, ``ndescs`` descriptors, the next head
+        ``end``) goes back to the free range at once, its cookies read by the caller:
+        the transmit reclaim's one step."""
         self.io_left = 0
-        self.io_left_descs = 0
         self.io_next = end
         if not self.packed:
             self.last_used_idx += nbufs
         self.num_free += ndescs
 
     cdef inline uint16_t io_p_walk(self, uint32_t *pos, uint16_t *wrap) noexcept nogil:
-        """Used buffers from ``pos``/``wrap`` on (packed, in order): each used descriptor
-        there ends a batch at the buffer its id names, and the next batch starts just
-        past that buffer's chain. Counts at most what is in flight and not yet taken;
-        a descriptor that names no such buffer counts as one (left for io_open to refuse)
-        and stops the walk; ``pos``/``wrap`` end just past the last good batch."""
-        cdef uint32_t limit = self.size - self.num_free - self.io_taken - self.io_left_descs
-        cdef uint32_t seen = 0, p
-        cdef uint16_t want, flags, id, n, nb = 0, k, w
+        """Used buffers from ``pos``/``wrap`` on (packed, in order, past any open batch):
+        each used descriptor there ends a batch at the buffer its id names, and the next
+        batch starts just past that buffer's chain. Counts at most what is in flight and
+        not yet taken; a descriptor that names no such buffer counts as one (left for
+        io_open to refuse) and stops the walk; ``pos``/``wrap`` end just past the last
+        good batch."""
+        cdef uint32_t limit = self.io_window() - self.io_left
+        cdef uint32_t seen = 0, p, d
+        cdef uint16_t want, flags, id, n, nb = 0
         while seen < limit:
             flags = vring_load16(&self.pdesc[pos[0]].flags)
             want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if wrap[0] else 0
@@ -667,28 +714,17 @@ cdef class Virtqueue:
             id = vring_load16(&self.pdesc[pos[0]].id)
             if pmd_unlikely(id >= self.size):
                 return nb + 1
-            p = pos[0]
-            w = wrap[0]
-            k = 0
-            while True:
-                n = self.extra[p].ndescs
-                if pmd_unlikely(n == 0 or seen + n > limit):
-                    return nb + 1
-                seen += n
-                k += 1
-                if p == id:
-                    p += n
-                    break
-                p += n
-                if p >= self.size:
-                    p -= self.size
-                    w ^= 1
+            d = self.io_wrap(<uint32_t>id + self.size - pos[0])    # the batch starts at pos
+            n = self.extra[id].ndescs
+            if pmd_unlikely(n == 0 or seen + d + n > limit):
+                return nb + 1
+            nb += self.io_count(<uint16_t>pos[0], id) if d else 1
+            seen += d + n
+            p = pos[0] + d + n
             if p >= self.size:
                 p -= self.size
-                w ^= 1
-            nb += k
+                wrap[0] ^= 1
             pos[0] = p
-            wrap[0] = w
         return nb
 
     cdef inline uint16_t io_p_nused(self) noexcept nogil:
@@ -697,4 +733,5 @@ cdef class Virtqueue:
             return 0
         cdef uint32_t pos = self.used_pos
         cdef uint16_t wrap = self.used_wrap
-        return self.io_left + self.io_p_walk(&pos, &wrap)
+        cdef uint16_t n = self.io_count(self.io_next, self.io_last) if self.io_left else 0
+        return n + self.io_p_walk(&pos, &wrap)

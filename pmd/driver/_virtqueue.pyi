@@ -29,6 +29,7 @@ class Virtqueue:
     n_bad_len: int
     n_bad_used_idx: int
     n_notify_errors: int
+    n_io_batches: int
     def __init__(self, memory: DmaMemory, size: int, queue_index: int = 0, *, event_idx: bool = False,
                  weak_barriers: bool = True, align: int = 4096, interrupts: bool = False,
                  packed: bool = False, in_order: bool = False) -> None: ...

@@ -415,6 +415,7 @@ cdef class Virtqueue:
             "used_not_in_flight": self.n_not_in_flight,
             "bad_used_len": self.n_bad_len,
             "bad_used_idx": self.n_bad_used_idx,
+            "in_order_batches": self.n_io_batches,
         }
 
     def fail(self, reason):

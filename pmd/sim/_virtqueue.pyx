@@ -327,10 +327,23 @@ cdef class DeviceQueue:
     cdef void push(self, uint16_t head, uint32_t length) noexcept nogil:
         """Write one used entry (not yet published)."""
         cdef uint16_t n = 1
+        cdef bint whole
         if self.in_order:
-            # the chain just popped, used whole (a transmit chain: nothing to write)
-            self._push_in_order(head, length, head == self.head and length == self.in_len)
-            return
+            # the chain just popped, used whole (a transmit chain: nothing to write), joins
+            # the open batch; one not used whole with no batch open is a batch of its own
+            # and written as it is, below
+            whole = head == self.head and length == self.in_len
+            if whole or self.io_n:
+                if self.packed:
+                    self._push_in_order(head, length, whole)
+                    return
+                # split, inline: the batch's one entry is written when it closes
+                self.io_n += 1
+                self.io_id = head
+                self.io_len = length
+                if not whole or self.io_n == self.size:
+                    self._io_close()
+                return
         if self.packed:
             # The chain's length was kept at pop: skip that many slots (2.8.6).
             if pmd_likely(head < self.size):
