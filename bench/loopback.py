@@ -27,10 +27,13 @@ ring (argument checks, GIL release, nothing to move).
     python bench/loopback.py            # full table: 64 and 1500 B, bursts 1..256, both modes
     python bench/loopback.py --quick    # burst 32 only, under a minute
 
-Then pmd on split rings against pmd on packed rings (Virtio 1.2 2.8), interleaved the same way.
+Then pmd on split rings against pmd on packed rings (Virtio 1.2 2.8), and pmd with
+VIRTIO_F_IN_ORDER off against on (2.7.9, 2.8.9; both sides, each layout), interleaved
+the same way.
 
 The last line is ``mpps=<64 B zero-copy burst 32> ratio_vs_python=<x> overhead_us=<y>
-packed_vs_split=<packed Mpps / split Mpps, same configuration>``.
+packed_vs_split=<packed Mpps / split Mpps, same configuration>
+in_order_vs_off=<in-order Mpps / not, split> in_order_vs_off_packed=<the same, packed>``.
 """
 
 from __future__ import annotations
@@ -83,9 +86,9 @@ class PmdCase(Case):
     name = "pmd"
 
     def __init__(self, mode: str, size: int, burst: int, queue_size: int = QUEUE_SIZE,
-                 packed: bool = False) -> None:
+                 packed: bool = False, in_order: bool = False) -> None:
         self.mode, self.size, self.burst = mode, size, burst
-        self.lb = Loopback(queue_size=queue_size, packed=packed)
+        self.lb = Loopback(queue_size=queue_size, packed=packed, in_order=in_order)
         rx, pool = self.lb.driver_rx, self.lb.pool
         rng = np.random.default_rng(size * 1000 + burst)
         self.pattern = rng.integers(0, 256, (burst, size), dtype=np.uint8)
@@ -267,17 +270,21 @@ def measure_throughput(configs: list[tuple[str, int, int]], n_rounds: int, targe
 
 
 def measure_layouts(configs: list[tuple[str, int, int]], n_rounds: int, target_s: float,
-                    queue_size: int, tries: int) -> tuple[dict, int]:
+                    queue_size: int, tries: int, a_kw: dict | None = None,
+                    b_kw: dict | None = None) -> tuple[dict, int]:
     """pmd on split rings against pmd on packed rings (Virtio 1.2 2.7 and 2.8, both
-    sides of the loop), interleaved A B / B A per configuration.
+    sides of the loop), interleaved A B / B A per configuration; or any two
+    ``Loopback`` settings ``a_kw`` and ``b_kw`` (in-order off and on, say).
 
-    Returns ``{config: (split Mpps[], packed Mpps[], packed/split[])}`` and the
+    Returns ``{config: (A Mpps[], B Mpps[], B/A[])}`` and the
     number of samples that stayed disturbed.
     """
+    a_kw = {} if a_kw is None else a_kw
+    b_kw = {"packed": True} if b_kw is None else b_kw
     cases = {}
     for cfg in configs:
         q = max(queue_size, cfg[2])
-        sc, pc = PmdCase(*cfg, queue_size=q), PmdCase(*cfg, queue_size=q, packed=True)
+        sc, pc = PmdCase(*cfg, queue_size=q, **a_kw), PmdCase(*cfg, queue_size=q, **b_kw)
         cases[cfg] = (sc, calibrate(sc, target_s), pc, calibrate(pc, target_s))
     results: dict = {cfg: ([], [], []) for cfg in configs}
     disturbed = 0
@@ -442,6 +449,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{lay_disturbed} of {2 * n_rounds * len(configs)} samples still descheduled after {args.tries} tries")
     print()
 
+    in_order = {}
+    for layout in ("split", "packed"):
+        packed = layout == "packed"
+        io, io_disturbed = measure_layouts(configs, n_rounds, target_s, args.queue_size, args.tries,
+                                           {"packed": packed}, {"packed": packed, "in_order": True})
+        in_order[layout] = io
+        print(f"pmd with VIRTIO_F_IN_ORDER off against on, {layout} rings (both sides; interleaved, medians):")
+        hdr = f"{'mode':<5} {'size':>5} {'burst':>5} | {'off Mpps':>8} | {'on Mpps':>8} | {'on/off':>6}"
+        print(hdr)
+        print("-" * len(hdr))
+        for cfg in configs:
+            mode, size, burst = cfg
+            a, b, r = io[cfg]
+            print(f"{mode:<5} {size:>5} {burst:>5} | {statistics.median(a):>8.3f} | {statistics.median(b):>8.3f} | "
+                  f"{statistics.median(r):>6.2f}")
+        print(f"{io_disturbed} of {2 * n_rounds * len(configs)} samples still descheduled after {args.tries} tries")
+        print()
+
     over = measure_overhead(n_rounds, calls=20000, tries=args.tries)
     print("Python overhead per call (median ns per call; nothing to move):")
     for name, ns in over.items():
@@ -451,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     key = ("zc", 64, 32)
     p, _, r = res[key]
     print(f"mpps={statistics.median(p):.3f} ratio_vs_python={statistics.median(r):.2f} "
-          f"overhead_us={overhead_us:.3f} packed_vs_split={statistics.median(lay[key][2]):.2f}")
+          f"overhead_us={overhead_us:.3f} packed_vs_split={statistics.median(lay[key][2]):.2f} "
+          f"in_order_vs_off={statistics.median(in_order['split'][key][2]):.2f} "
+          f"in_order_vs_off_packed={statistics.median(in_order['packed'][key][2]):.2f}")
     return 0
 
 

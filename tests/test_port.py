@@ -80,8 +80,18 @@ def test_packed_ring_is_taken_only_when_asked_for():
     assert not negotiate(offered) & bits("RING_PACKED")
     assert negotiate(offered, enable=bits("RING_PACKED")) & bits("RING_PACKED")
     assert not negotiate(bits("VERSION_1"), enable=bits("RING_PACKED")) & bits("RING_PACKED")   # not offered
-    with pytest.raises(ValueError, match="enable= takes RING_PACKED; MRG_RXBUF are taken whenever offered"):
+    with pytest.raises(ValueError, match="enable= takes RING_PACKED, IN_ORDER; MRG_RXBUF are taken whenever offered"):
         negotiate(offered, enable=bits("MRG_RXBUF"))
+
+
+def test_in_order_is_taken_only_when_asked_for():
+    # correct on both layouts, but not faster on the loopback (docs/rings.md): opt-in
+    offered = bits("VERSION_1", "RING_PACKED", "IN_ORDER")
+    assert not negotiate(offered) & bits("IN_ORDER")
+    assert negotiate(offered, enable=bits("IN_ORDER")) & bits("IN_ORDER")
+    assert negotiate(offered, enable=bits("IN_ORDER", "RING_PACKED")) & bits("IN_ORDER", "RING_PACKED") == \
+        bits("IN_ORDER", "RING_PACKED")
+    assert not negotiate(bits("VERSION_1"), enable=bits("IN_ORDER")) & bits("IN_ORDER")   # not offered
 
 
 def test_unknown_feature_name_is_a_clear_error():
@@ -625,7 +635,10 @@ class TestPortVhostUser(PortTests, MergeableTests):
         kw.setdefault("timeout", 5.0)
         kw.setdefault("wait", 30)
         kw.setdefault("mtu", 9000)      # reported by the transport (no CONFIG), told to DPDK (NET_SET_MTU)
-        return pmd.open_port("vhost-user:" + self.path, **{**self.layout_kw(), **kw})
+        kw = {**self.layout_kw(), **kw}
+        if getattr(self, "in_order", False):
+            kw["enable"] = ",".join(x for x in (kw.get("enable"), "IN_ORDER") if x)
+        return pmd.open_port("vhost-user:" + self.path, **kw)
 
     def test_start_reads_mac_features_and_link(self, port):
         # no CONFIG from DPDK's vhost library: no MAC or STATUS to read; pmd picks a
@@ -721,6 +734,19 @@ class TestPortVhostUserSplit(TestPortVhostUser):
     """The same on the split ring against DPDK's vhost."""
 
     layout = "split"
+
+
+@_needs_testpmd
+class TestPortVhostUserInOrder(TestPortVhostUser):
+    """The same on the split ring with VIRTIO_F_IN_ORDER (enable="IN_ORDER"), which
+    DPDK's vhost offers: its used entries then come in order, one per buffer."""
+
+    layout = "split"
+    in_order = True
+
+    def test_in_order_is_negotiated_with_dpdk_and_every_queue_runs_in_order(self, port):
+        assert port.features & bits("IN_ORDER")
+        assert all(q.vq.in_order for q in port.rxqs + port.txqs)
 
 
 # ---------------------------------------------------------------- the driver on the built-in device, in process
