@@ -82,10 +82,13 @@ class DriverEpisode:
         self.q = int(rng.choice([8, 16, 64, 256]))
         self.mergeable = bool(rng.random() < 0.4)
         self.packed = bool(rng.random() < 0.5)
+        # VIRTIO_F_IN_ORDER on both sides in half the packed episodes: the same rules for a
+        # bad used descriptor (it stops the queue), transmit bursts batched by the device
+        self.in_order = self.packed and bool(rng.random() < 0.5)
         self.layout = "packed" if self.packed else "split"
         self.maxlen = 9000 if self.mergeable else 1984
         self.lb = Loopback(queue_size=self.q, mergeable=self.mergeable, event_idx=bool(rng.random() < 0.5),
-                           max_packet_len=self.maxlen, packed=self.packed)
+                           max_packet_len=self.maxlen, packed=self.packed, in_order=self.in_order)
         self.rx, self.tx = self.lb.driver_rx, self.lb.driver_tx
         self.drx, self.dtx, self.pool = self.lb.device_rx, self.lb.device_tx, self.lb.pool
         self.sent: deque[bytes] = deque()      # sent by the driver, not yet taken by the device
@@ -480,6 +483,7 @@ class DriverEpisode:
             if self.broken and self.packed:
                 self.check_packed_break()
                 self.totals["packed_broken_queues"] += 1
+                self.totals["in_order_broken_queues"] += self.in_order
                 return
             if self.broken:
                 q = self.rx if self.broken == "rx" else self.tx
@@ -510,6 +514,8 @@ class DriverEpisode:
             for k, v in q.stats().items():
                 if k in RX_KEYS and v:
                     self.totals[f"{self.layout}_{side}_{k}"] += v
+                    if self.in_order:
+                        self.totals[f"in_order_{side}_{k}"] += v
 
     def close(self) -> None:
         self.tally()
@@ -536,6 +542,7 @@ def fuzz_driver(seed: int, seconds: float) -> dict[str, int]:
         ep.close()
         totals["episodes"] += 1
         totals[f"{ep.layout}_episodes"] += 1
+        totals["in_order_episodes"] += ep.in_order
     gc.collect()
     assert open_fds() == fds, "file descriptors leaked"
     return dict(totals)
@@ -556,8 +563,11 @@ class RingModel:
     """What pmd._device.DeviceQueue must do with a ring, in plain Python: the
     same reads in the same order, so every decision can be compared."""
 
-    def __init__(self, ring, size: int, window: tuple[int, int], iova0: int, mirror: np.ndarray) -> None:
+    def __init__(self, ring, size: int, window: tuple[int, int], iova0: int, mirror: np.ndarray,
+                 in_order: bool = False) -> None:
         self.r = ring
+        self.in_order = in_order           # VIRTIO_F_IN_ORDER: buffers used whole share one entry
+        self.batch: list[int] | None = None  # [buffers, last id, its length] not yet written
         self.size = size
         self.win_iova, self.win_size = window
         self.iova0 = iova0                 # iova of byte 0 of the memory
@@ -582,8 +592,25 @@ class RingModel:
         return iova >= self.win_iova and off <= self.win_size and length <= self.win_size - off
 
     def push(self, head: int, length: int) -> None:
+        whole = self.chain is not None and head == self.chain[0] and length == self.chain[3]
+        if self.in_order and (whole or self.batch):
+            # 2.7.9: a run of buffers used whole is one entry, the last one's id at the
+            # first one's slot; a buffer not used whole ends the run
+            n = self.batch[0] + 1 if self.batch else 1
+            self.batch = [n, head, length]
+            if not whole or n == self.size:
+                self.close_batch()
+            return
         self.used_entries[self.used_idx & (self.size - 1)] = (head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def close_batch(self) -> None:
+        """The device's flush: the open run's one used entry."""
+        if self.batch:
+            n, head, length = self.batch
+            self.used_entries[self.used_idx & (self.size - 1)] = (head, length)
+            self.used_idx = (self.used_idx + n) & 0xFFFF
+        self.batch = None
 
     def refuse(self, head: int | None, why: str) -> int:
         self.bad[why] += 1
@@ -751,9 +778,11 @@ class DeviceEpisode:
         self.windows.add(iova0, self.win_end, self.mem.address, self.mem)
         self.rings = [ring_view(vq) for vq in self.vqs]
         event_idx = bool(rng.random() < 0.5)
+        self.in_order = bool(rng.random() < 0.4)     # VIRTIO_F_IN_ORDER on the device (2.7.9)
         self.dqs = [DeviceQueue(self.windows, self.size, vq.desc_iova, vq.avail_iova, vq.used_iova,
-                                event_idx=event_idx) for vq in self.vqs]
-        self.models = [RingModel(r, self.size, (iova0, self.win_end), iova0, self.mirror) for r in self.rings]
+                                event_idx=event_idx, in_order=self.in_order) for vq in self.vqs]
+        self.models = [RingModel(r, self.size, (iova0, self.win_end), iova0, self.mirror, self.in_order)
+                       for r in self.rings]
         self.avail_idx = [0, 0]
 
     # ---- the driver writes chains ----
@@ -978,6 +1007,8 @@ class DeviceEpisode:
                 m.snapshot()
             for _ in range(int(rng.integers(1, 4))):
                 ops[int(rng.integers(0, len(ops)))](int(rng.integers(0, 2)))
+                for m in self.models:
+                    m.close_batch()          # every device operation ends with its flush
             self.check()
             self.totals["rounds"] += 1
             if all(m.broken for m in self.models):
@@ -987,6 +1018,10 @@ class DeviceEpisode:
                 self.totals[why] += n
             self.totals["chains_popped"] += m.popped
             self.totals["broken_queues"] += m.broken
+        if self.in_order:
+            self.totals["in_order_episodes"] += 1
+            self.totals["in_order_used_entries"] += sum(dq.stats()["used_entries"] for dq in self.dqs)
+            self.totals["in_order_chains_popped"] += sum(m.popped for m in self.models)
 
     def close(self) -> None:
         for dq in self.dqs:
@@ -1441,6 +1476,10 @@ def test_fuzz_driver_used_rings_written_by_a_hostile_device():
         assert totals.get(k, 0) > 0, (k, totals)
     assert totals.get("packed_rx_bad_used_id", 0) + totals.get("packed_tx_bad_used_id", 0) > 0, totals
     assert totals.get("packed_rx_used_not_in_flight", 0) + totals.get("packed_tx_used_not_in_flight", 0) > 0
+    # and half the packed episodes ran with VIRTIO_F_IN_ORDER on both sides: its bad used
+    # descriptors stopped the queue and were counted too
+    assert totals.get("in_order_episodes", 0) * 8 >= totals["episodes"], totals
+    assert totals.get("in_order_broken_queues", 0) > 0 and totals.get("in_order_rx_bad_used_len", 0) > 0, totals
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "split-strict"])
@@ -1477,6 +1516,8 @@ def test_a_burst_that_meets_a_bad_used_entry_returns_what_came_before_and_the_ne
 def test_fuzz_device_avail_rings_and_descriptors_written_by_a_hostile_driver():
     totals = run_fuzzer("device", SEED + 1, SECONDS)
     assert totals["rounds"] > 0 and totals["chains_popped"] > 0
+    # the in-order device (one used entry per run of buffers used whole) ran too
+    assert totals.get("in_order_episodes", 0) > 0 and totals["in_order_chains_popped"] > 0, totals
     refused = {k for k in totals if k in REFUSALS}
     assert len(refused) >= 6, refused
 

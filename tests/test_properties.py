@@ -169,3 +169,120 @@ TestPackedRing = PackedRingMachine.TestCase
 TestPackedRing.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
 TestPackedEventIdxRing = PackedEventIdxRingMachine.TestCase
 TestPackedEventIdxRing.settings = settings(max_examples=100, stateful_step_count=60, deadline=None)
+
+
+class InOrderRingMachine(RuleBasedStateMachine):
+    """VIRTIO_F_IN_ORDER (2.7.9, 2.8.9): the device uses chains in the order they were
+    made available and returns any run of them with one used entry (the last one's id
+    at the first one's place; split: used->idx moves by the run's size, packed: the
+    used position by its descriptors), or each with its own. Every buffer comes back
+    once, in order, the skipped ones with their whole writable length."""
+
+    packed = False
+
+    def __init__(self):
+        super().__init__()
+        self.memory = pmd.DmaMemory(1 << 20, lock=False)
+        self.size = 8
+        self.vq = pmd.Virtqueue(self.memory, self.size, packed=self.packed, in_order=True)
+        w = DmaWindows()
+        w.add_memory(self.memory)
+        self.dq = DeviceQueue(w, self.size, self.vq.desc_iova, self.vq.avail_iova, self.vq.used_iova,
+                              packed=self.packed, in_order=True)
+        self.buf = self.memory.iova(self.memory.alloc(4096))
+        self.cookie = 0
+        self.added = []          # (cookie, n, writable) made available, not popped, in order
+        self.popped = []         # (head, cookie, n, writable) the device holds, in order
+        self.completed = []      # (cookie, n, length) published, not yet harvested, in order
+        self.ndesc = {}          # cookie -> descriptors of its chain, until harvested
+
+    def teardown(self):
+        self.memory.close()
+
+    @rule(n_out=st.integers(0, 3), n_in=st.integers(0, 3))
+    def add(self, n_out, n_in):
+        n = n_out + n_in
+        if n == 0 or n > self.vq.free_descriptors:
+            return
+        outs = [(self.buf + 64 * k, 16) for k in range(n_out)]
+        ins = [(self.buf + 1024 + 64 * k, 32) for k in range(n_in)]
+        self.vq.add(outs, ins, self.cookie)
+        self.added.append((self.cookie, n, 32 * n_in))
+        self.ndesc[self.cookie] = n
+        self.cookie += 1
+
+    @rule()
+    def kick(self):
+        self.vq.kick()
+
+    @rule()
+    def device_pop(self):
+        chain = self.dq.pop_chain()
+        if chain is None:
+            return
+        head, _, capacity = chain
+        cookie, n, writable = self.added.pop(0)     # in ring order
+        assert capacity == writable
+        self.popped.append((head, cookie, n, writable))
+
+    @rule(k=st.integers(1, 8), frac=st.floats(0, 1))
+    @precondition(lambda self: self.popped and not self.packed)
+    def device_writes_one_entry_for_a_run(self, k, frac):
+        # any run, by hand (split: the entry, then used->idx moved by the run's size)
+        run, self.popped = self.popped[:k], self.popped[k:]
+        head, cookie, n, writable = run[-1]
+        length = int(writable * frac)
+        self.dq.push_raw(head, length)
+        self.dq.set_used_idx((self.dq.next_used_idx + len(run) - 1) & 0xFFFF)
+        self.completed += [(c, nd, w) for _, c, nd, w in run[:-1]] + [(cookie, n, length)]
+
+    @rule(k=st.integers(1, 8), frac=st.floats(0, 1))
+    @precondition(lambda self: not self.popped)
+    def device_fills_a_run(self, k, frac):
+        # the device's own runs: chains filled whole are held back, the first one not
+        # filled whole (or the publish) writes the run's one entry
+        for i in range(k):
+            chain = self.dq.pop_chain()
+            if chain is None:
+                break
+            head, _, writable = chain
+            cookie, n, w = self.added.pop(0)
+            length = writable if i + 1 < k else int(writable * frac)
+            self.dq.complete(head, bytes(length))
+            self.completed.append((cookie, n, length))
+        self.dq.publish_used()
+
+    @rule()
+    @precondition(lambda self: self.popped)
+    def device_completes_the_oldest_itself(self):
+        head, cookie, n, writable = self.popped.pop(0)
+        self.dq.complete(head)          # nothing written: its own entry, or a run (nothing to write)
+        self.dq.publish_used()
+        self.completed.append((cookie, n, 0))
+
+    @rule()
+    def driver_harvest(self):
+        while (r := self.vq.get_used()) is not None:
+            cookies, length = r
+            cookie, n, want = self.completed.pop(0)
+            assert cookies == [cookie] * n and length == want
+            del self.ndesc[cookie]
+        assert not self.completed
+
+    @invariant()
+    def descriptors_are_conserved(self):
+        s = self.vq.stats()
+        assert s["bad_used_id"] == s["used_not_in_flight"] == s["bad_used_len"] == s["bad_used_idx"] == 0
+        assert not self.vq.broken and self.dq.stats()["bad_descriptors"] == 0
+        assert self.vq.in_flight == sum(self.ndesc.values())
+        assert self.vq.free_descriptors == self.size - self.vq.in_flight
+
+
+class PackedInOrderRingMachine(InOrderRingMachine):
+    packed = True
+
+
+TestInOrderRing = InOrderRingMachine.TestCase
+TestInOrderRing.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+TestPackedInOrderRing = PackedInOrderRingMachine.TestCase
+TestPackedInOrderRing.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)

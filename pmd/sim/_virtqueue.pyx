@@ -776,9 +776,12 @@ cdef class DeviceQueue:
 
         Packed: a used descriptor with this id (at most 0xFFFF) and len at the
         next used position, advanced by ``skip`` slots (default 1), in flight
-        or not; it is published with the others (``publish_used``)."""
+        or not; it is published with the others (``publish_used``). In order, a run of
+        buffers pushed before it gets its used entry first."""
         self.check()
         cdef uint32_t n
+        if self.io_n:
+            self._io_close()
         if self.packed:
             n = 1 if skip is None else skip
             if id > 0xFFFF or not 1 <= n <= self.size:
