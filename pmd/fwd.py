@@ -9,11 +9,12 @@ SIGTERM, after ``duration`` seconds, or when ``stop`` is set.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -108,8 +109,10 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:
 
 def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: threading.Event,
             pcap: PcapWriter | None, pcap_lock: threading.Lock, errors: list[BaseException],
-            drops: list[int], tx_retry: int) -> None:
+            drops: list[int], tx_retry: int, cpu: int | None = None) -> None:
     try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})      # this thread only (Linux: 0 is the caller)
         rxq, txq = port.rx_queue(queue), port.tx_queue(queue)
         ids = np.zeros(burst, np.uint32)
         lens = np.zeros(burst, np.uint32)
@@ -166,6 +169,26 @@ def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: 
         stop.set()
 
 
+def check_cpus(cpus: Sequence[int]) -> None:
+    """CPUs for forwarding threads: at least one, each one this process may run on."""
+    allowed = os.sched_getaffinity(0)
+    bad = [c for c in cpus if c not in allowed]
+    if not cpus or bad:
+        raise ValueError(f"CPUs {', '.join(map(str, bad)) or '(none given)'}: forwarding threads run on CPUs "
+                         f"this process may use: {', '.join(map(str, sorted(allowed)))}")
+
+
+def default_placement(builtin_device: bool, queues: int) -> tuple[int | None, list[int] | None]:
+    """Where ``pmd fwd`` runs things when not told: with the built-in device and at least
+    two CPUs, the device on the last CPU this process may use and the forwarding threads
+    on the others (round robin), as bench/sim.py measures; otherwise nothing is pinned
+    (a device in another process, or vhost-user's back-end, has its own placement)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if not builtin_device or len(allowed) < 2:
+        return None, None
+    return allowed[-1], allowed[:-1]
+
+
 def _queue_line(q: int, now: dict[str, Any], before: dict[str, Any], dt: float) -> str:
     """One queue pair's rates over the last period (``pmd fwd`` with several queues)."""
     def rate(side: str, key: str) -> float:
@@ -177,17 +200,22 @@ def _queue_line(q: int, now: dict[str, Any], before: dict[str, Any], dt: float) 
 
 def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, size: int = 64,
         duration: float | None = None, pcap: str | None = None, report: Callable[[str], None] = print,
-        stop: threading.Event | None = None, interval: float = 1.0, tx_retry: int = 10000) -> Summary:
+        stop: threading.Event | None = None, interval: float = 1.0, tx_retry: int = 10000,
+        cpus: Sequence[int] | None = None) -> Summary:
     """Forward on ``queues`` queue pairs until Ctrl-C, ``duration`` or ``stop``; return the summary.
 
     In io and macswap modes, a packet the tx ring cannot take is retried up to
     ``tx_retry`` times (each try reclaims what the device finished) before it
     is dropped and counted; 0 drops at once, as testpmd does without retry.
+    ``cpus``: the forwarding thread of queue pair q runs on ``cpus[q % len(cpus)]``
+    (testpmd's ``--lcores``); None leaves them where the scheduler puts them.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if burst < 1:
         raise ValueError("burst must be at least 1")
+    if cpus is not None:
+        check_cpus(cpus)
     stop = stop or threading.Event()
     writer = PcapWriter(pcap) if pcap else None
     lock = threading.Lock()
@@ -195,7 +223,7 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
     drops = [0] * queues
     threads = [threading.Thread(target=_worker, name=f"pmd-fwd-{q}", daemon=True,
                                 args=(port, q, mode, burst, size, stop, writer, lock, errors, drops,
-                                      tx_retry))
+                                      tx_retry, cpus[q % len(cpus)] if cpus else None))
                for q in range(queues)]
     # Ctrl-C and SIGTERM (kill, systemd, container runtimes) end the run alike:
     # workers stop, the summary is reported, the caller closes the port.

@@ -218,3 +218,99 @@ def test_with_several_queues_each_period_has_a_line_per_queue():
     # the port line comes first in each period, then q0, q1
     i = next(k for k, line in enumerate(lines) if "s  rx" in line)
     assert lines[i + 1].split()[0] == "q0" and lines[i + 2].split()[0] == "q1", lines
+
+
+# ---- placement (testpmd's --lcores): forwarding threads and the built-in device on CPUs
+
+CPUS = sorted(__import__("os").sched_getaffinity(0))
+
+
+def _thread_cpus(pid: int) -> dict[str, set[int]]:
+    """name -> CPUs of every thread of process ``pid``."""
+    import os
+    from pathlib import Path
+
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[f"{(task / 'comm').read_text().strip()}/{task.name}"] = os.sched_getaffinity(int(task.name))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+def test_forwarding_threads_run_on_the_cpus_given(port):
+    import os
+
+    cpu = CPUS[-1]
+    seen: dict[str, set[int]] = {}
+    stop = threading.Event()
+
+    def look() -> None:
+        for t in threading.enumerate():
+            if t.name.startswith("pmd-fwd-") and t.native_id:
+                seen[t.name] = os.sched_getaffinity(t.native_id)
+        stop.set()
+
+    threading.Timer(0.3, look).start()
+    fwd.run(port, "rxonly", stop=stop, report=lambda _: None, cpus=[cpu])
+    assert seen == {"pmd-fwd-0": {cpu}}
+    assert os.sched_getaffinity(0) == set(CPUS)          # the caller's thread is not moved
+
+
+def test_cpus_this_process_may_not_use_are_refused(port):
+    with pytest.raises(ValueError, match="forwarding threads run on CPUs this process may use"):
+        fwd.run(port, "rxonly", duration=0.1, report=lambda _: None, cpus=[max(CPUS) + 1000])
+    with pytest.raises(ValueError, match="none given"):
+        fwd.run(port, "rxonly", duration=0.1, report=lambda _: None, cpus=[])
+
+
+def test_the_built_in_device_runs_on_the_cpu_given():
+    import pmd
+
+    cpu = CPUS[-1]
+    with pmd.open_port("sim", cpu=cpu) as p:
+        p.start()
+        threads = _thread_cpus(p.sim.pid)
+        assert len(threads) >= 2 and all(c == {cpu} for c in threads.values()), threads
+    with pytest.raises(ValueError, match="give a CPU number"):
+        pmd.open_port("sim", cpu=-1)
+
+
+def test_default_placement_puts_the_device_apart_from_the_forwarding_threads():
+    device, cpus = fwd.default_placement(True, 2)
+    if len(CPUS) < 2:
+        assert (device, cpus) == (None, None)
+    else:
+        assert device == CPUS[-1] and cpus == CPUS[:-1] and device not in cpus
+    assert fwd.default_placement(False, 2) == (None, None)      # another device: its own placement
+
+
+@pytest.mark.parametrize("extra, want", [
+    ([], "device on CPU {last}; forwarding q0 on CPU {first}"),
+    (["--no-pin"], "device not pinned; forwarding threads not pinned (--cpus, --device-cpu to pin)"),
+    (["--cpus", "{last}", "--device-cpu", "{first}"], "device on CPU {first}; forwarding q0 on CPU {last}"),
+])
+def test_pmd_fwd_prints_where_it_runs_things(extra, want):
+    import subprocess
+    import sys
+
+    from pmd.sim.process import _child_env
+
+    if len(CPUS) < 2 and not extra:
+        want = "device not pinned; forwarding threads not pinned (--cpus, --device-cpu to pin)"
+    fmt = {"first": CPUS[0], "last": CPUS[-1]}
+    argv = [a.format(**fmt) for a in extra]
+    r = subprocess.run([sys.executable, "-m", "pmd", "fwd", "--mode", "rxonly", "--duration", "0.5", *argv],
+                       capture_output=True, text=True, timeout=120, env=_child_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"  placement: {want.format(**fmt)}\n" in r.stdout, r.stdout
+
+
+def test_pmd_fwd_refuses_a_cpu_list_it_cannot_read():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pmd", "fwd", "--cpus", "zero"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "--cpus 'zero': give CPU numbers" in r.stderr, r.stderr

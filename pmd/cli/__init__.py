@@ -178,7 +178,18 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
 
     device = args.device or "sim"
     kw: dict[str, Any] = {}
-    if device == "sim" or device.startswith("sim:"):
+    builtin = device == "sim" or device.startswith("sim:")
+    device_cpu, cpus = (None, None) if args.no_pin else fwd.default_placement(builtin, args.queues)
+    if args.cpus is not None:
+        cpus = _cpu_list(args.cpus)
+        fwd.check_cpus(cpus)
+    if args.device_cpu is not None:
+        if not builtin:
+            raise SystemExit("pmd fwd: --device-cpu places the built-in device (no DEVICE, or 'sim'); "
+                             "pin another device's process yourself")
+        device_cpu = args.device_cpu
+    if builtin:
+        kw["cpu"] = device_cpu
         kw["wire"] = args.wire
         kw["queue_pairs"] = args.queues
         if args.wire == "generator":
@@ -205,12 +216,36 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
             print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
                   f"{args.queues} queue pair(s), {port.ring_layout} rings, burst {args.burst}"
                   + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
+            print("  placement: " + _placement_text(builtin, device_cpu, cpus, args.queues), flush=True)
             fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
                     duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
-                    report=lambda line: print(line, flush=True))
+                    report=lambda line: print(line, flush=True), cpus=cpus)
     finally:
         signal.signal(signal.SIGTERM, old)
     return 0
+
+
+def _cpu_list(text: str) -> list[int]:
+    """'0,2-3' -> [0, 2, 3] (as taskset and testpmd's --lcores write them)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise SystemExit(f"pmd fwd: --cpus {text!r}: give CPU numbers, e.g. 0 or 0,1 or 0-3") from None
+    return out
+
+
+def _placement_text(builtin: bool, device_cpu: int | None, cpus: list[int] | None, queues: int) -> str:
+    parts = []
+    if builtin:
+        parts.append(f"device on CPU {device_cpu}" if device_cpu is not None else "device not pinned")
+    if cpus:
+        parts.append("forwarding " + ", ".join(f"q{q} on CPU {cpus[q % len(cpus)]}" for q in range(queues)))
+    else:
+        parts.append("forwarding threads not pinned")
+    return "; ".join(parts) + ("" if cpus or device_cpu is not None else " (--cpus, --device-cpu to pin)")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -262,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(default: the built-in device)")
     fw.add_argument("--mode", choices=("rxonly", "txonly", "io", "macswap"), default="io")
     fw.add_argument("--queues", type=int, default=1, help="queue pairs, one thread each")
+    fw.add_argument("--cpus", metavar="LIST",
+                    help="CPUs of the forwarding threads, e.g. 0 or 0,1 (queue pair q on the q-th, round "
+                         "robin); default with the built-in device: every CPU but the device's")
+    fw.add_argument("--device-cpu", type=int, metavar="N",
+                    help="CPU of the built-in device's process (default: the last CPU this process may use)")
+    fw.add_argument("--no-pin", action="store_true", help="pin nothing: leave placement to the scheduler")
     fw.add_argument("--burst", type=int, default=32, help="packets per burst")
     fw.add_argument("--size", type=int, default=64, help="packet size for txonly and the generator")
     fw.add_argument("--queue-size", type=int, default=256, help="ring entries (0: the device's maximum)")

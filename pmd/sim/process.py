@@ -92,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--owned-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--cpu", type=int, default=None, metavar="N",
+                        help="run the device's threads on CPU N only (placement, as testpmd's --lcores)")
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -284,6 +286,9 @@ def _serve(args: argparse.Namespace, stop: threading.Event, parent: _Parent) -> 
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="pmd-sim[%(process)d] %(levelname)s %(name)s: %(message)s")
     mode = int(str(args.mode), 8)
+    cpu = getattr(args, "cpu", None)
+    if cpu is not None:
+        pin_to_cpu(cpu)          # before any thread: the engine and server threads inherit it
     models: list[VirtioNetModel] = []
     servers: list[VfioUserServer] = []
     control: _Control | None = None
@@ -350,7 +355,26 @@ _OPTION_FLAGS = {
     "pcap_in": "--pcap-in", "pcap_out": "--pcap-out", "loop": "--loop", "rate": "--rate", "size": "--size",
     "flows": "--flows", "count": "--count", "tap": "--tap", "peer_socket": "--peer-socket", "mode": "--mode",
     "log_level": "--log-level", "dgram_local": "--dgram-local", "dgram_remote": "--dgram-remote",
+    "cpu": "--cpu",
 }
+
+
+def pin_to_cpu(cpu: int) -> None:
+    """Run every thread of this process on ``cpu`` only, the ones there already (numpy's
+    BLAS makes some at import) and, through the calling thread, those made from now on;
+    a CPU this process may not use is a clear error."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except (OSError, OverflowError, ValueError) as e:
+        raise ValueError(f"cannot run on CPU {cpu} ({e}): choose one of the CPUs this machine lets "
+                         f"this process use ({usable_cpus_text()})") from None
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):   # a thread that just ended
+            os.sched_setaffinity(int(tid), {cpu})
+
+
+def usable_cpus_text() -> str:
+    return ", ".join(map(str, sorted(os.sched_getaffinity(0))))
 
 
 def _option_args(options: dict[str, Any]) -> list[str]:
@@ -505,10 +529,13 @@ def spawn_device(tmpdir: str | os.PathLike[str] | None = None, *, socket_path: s
     (``wire``, ``mac``, ``queue_pairs``, ``queue_size``, ``mtu``, ``msix_vectors``,
     ``features_off``, ``link_up``, ``pcap_in``, ``pcap_out``, ``loop``, ``rate``,
     ``size``, ``flows``, ``count``, ``tap``, ``tap_netns``, ``peer_socket``, ``mode``,
-    ``log_level``). Raises :class:`SimError` with the process's log when it
+    ``log_level``, ``cpu``: the CPU its threads run on). Raises :class:`SimError` with the process's log when it
     does not come up within ``timeout`` seconds (and kills it).
     """
     option_argv = _option_args(options)           # a bad option fails before anything exists
+    cpu = options.get("cpu")
+    if cpu is not None and (not isinstance(cpu, int) or isinstance(cpu, bool) or not 0 <= cpu < (os.cpu_count() or 1)):
+        raise ValueError(f"cpu={cpu!r}: give a CPU number from 0 to {(os.cpu_count() or 1) - 1}")
     own_dir = None
     if tmpdir is None:
         own_dir = tempfile.mkdtemp(prefix="pmd-sim-")
