@@ -96,6 +96,16 @@ PMD_ALWAYS_INLINE uint64_t vring_load64(const uint64_t *p) { return *(const vola
 PMD_ALWAYS_INLINE void vring_store16(uint16_t *p, uint16_t v) { *(volatile uint16_t *)p = v; }
 PMD_ALWAYS_INLINE void vring_store32(uint32_t *p, uint32_t v) { *(volatile uint32_t *)p = v; }
 
+/* One entry of an indirect table (2.7.5.3, 2.8.7) copied out once. A table may
+ * lie "anywhere in memory": no alignment is promised, so it is copied as bytes,
+ * and the compiler barrier keeps the compiler from reading the table again in
+ * place of the copy (the driver may be changing it). */
+PMD_ALWAYS_INLINE void vring_copy_desc(void *dst, const void *table, uint32_t i)
+{
+    __builtin_memcpy(dst, (const char *)table + 16u * (size_t)i, 16);
+    __asm__ __volatile__("" : : : "memory");
+}
+
 /* Pointers to the three areas of one queue. */
 struct vring {
     uint32_t num;

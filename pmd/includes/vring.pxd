@@ -53,6 +53,7 @@ cdef extern from "pmd_vring.h" nogil:
     uint64_t vring_load64(const uint64_t *p)
     void vring_store16(uint16_t *p, uint16_t v)
     void vring_store32(uint32_t *p, uint32_t v)
+    void vring_copy_desc(void *dst, const void *table, uint32_t i)
 
 
 # ---- packed ring (2.8) ----

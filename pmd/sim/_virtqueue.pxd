@@ -32,6 +32,14 @@ cdef enum BadDesc:
     BAD_ID = 10           # buffer id >= queue size
     BAD_ID_BUSY = 11      # buffer id already in flight (popped, not yet used)
     BAD_NOT_AVAIL = 12    # a descriptor after NEXT is not marked available (2.8.6)
+    # indirect tables (VIRTIO_F_INDIRECT_DESC negotiated; 2.7.5.3, 2.8.7)
+    BAD_INDIRECT_LEN = 13     # table length 0 or not a multiple of 16
+    BAD_INDIRECT_TOO_BIG = 14 # more entries (with the descriptors before it) than the queue size
+    BAD_INDIRECT_ADDR = 15    # table outside every DMA window
+    BAD_INDIRECT_NEXT = 16    # INDIRECT with NEXT (split), or in a list linked by NEXT (packed)
+    BAD_NESTED_INDIRECT = 17  # INDIRECT on an entry of a table (split; 2.7.5.3.1)
+    BAD_INDIRECT_IDX = 18     # a next inside a table >= its entries (split)
+    BAD_INDIRECT_LOOP = 19    # a chain inside a table longer than the table (split)
 
 
 cdef class DeviceQueue:
@@ -47,6 +55,7 @@ cdef class DeviceQueue:
     cdef readonly bint event_idx
     cdef readonly bint weak_barriers
     cdef readonly bint broken
+    cdef readonly bint indirect      # VIRTIO_F_INDIRECT_DESC negotiated: tables are followed
     # packed ring (2.8): chosen once, at creation; every data-path method
     # starts with one branch on it
     cdef readonly bint packed
@@ -102,6 +111,10 @@ cdef class DeviceQueue:
     cdef int pop(self) noexcept nogil
     cdef uint16_t pending(self) noexcept nogil
     cdef int _refuse(self, uint16_t head, int why) noexcept nogil
+    cdef int _add_seg(self, uint64_t addr, uint32_t ln, bint write, bint *seen_write,
+                      uint64_t *out_len, uint64_t *in_len) noexcept nogil
+    cdef int _walk_table(self, uint64_t addr, uint32_t ln, uint16_t flags, bint *seen_write,
+                         uint64_t *out_len, uint64_t *in_len) noexcept nogil
     cdef void _bad(self, int why) noexcept nogil
     cdef void unpop(self) noexcept nogil
     cdef void push(self, uint16_t head, uint32_t length) noexcept nogil

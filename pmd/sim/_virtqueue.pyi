@@ -16,6 +16,7 @@ class DeviceQueue:
     packed: bool
     in_order: bool
     n_used_entries: int
+    indirect: bool
     broken: bool
     nsegs: int
     head: int
@@ -29,7 +30,7 @@ class DeviceQueue:
     n_too_long: int
     def __init__(self, windows: DmaWindows, size: int, desc_iova: int, avail_iova: int, used_iova: int,
                  *, event_idx: bool = False, weak_barriers: bool = True, packed: bool = False,
-                 in_order: bool = False) -> None: ...
+                 in_order: bool = False, indirect: bool = False) -> None: ...
     def set_interrupt_eventfd(self, fd: int) -> None: ...
     def disable_notify(self) -> None: ...
     def enable_notify(self) -> None: ...

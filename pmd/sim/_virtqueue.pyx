@@ -30,7 +30,7 @@ from pmd.includes.vring cimport (
     vring_used_bytes, vring_used_event, vring_avail, vring_used,
     RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_MASK,
     RING_EVENT_WRAP_SHIFT, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_desc, pvirtq_desc_bytes,
-    pvirtq_desc_is_avail, pvirtq_event_suppress, pvirtq_need_event, pvirtq_position,
+    pvirtq_desc_is_avail, pvirtq_event_suppress, pvirtq_need_event, pvirtq_position, vring_copy_desc,
 )
 from pmd.sim._dma cimport DmaWindows
 
@@ -50,6 +50,13 @@ BAD_DESC_NAMES = {
     BAD_ID: "buffer id out of range",
     BAD_ID_BUSY: "buffer id already in flight",
     BAD_NOT_AVAIL: "descriptor after NEXT not marked available",
+    BAD_INDIRECT_LEN: "indirect table length 0 or not a multiple of 16",
+    BAD_INDIRECT_TOO_BIG: "indirect table longer than the queue size",
+    BAD_INDIRECT_ADDR: "indirect table outside the driver's DMA memory",
+    BAD_INDIRECT_NEXT: "indirect descriptor chained by NEXT",
+    BAD_NESTED_INDIRECT: "indirect descriptor inside an indirect table",
+    BAD_INDIRECT_IDX: "next index outside the indirect table",
+    BAD_INDIRECT_LOOP: "descriptor chain in an indirect table loops",
 }
 
 # pop_chain's default bound on the bytes it copies out: the largest packet a
@@ -60,7 +67,7 @@ DEFAULT_MAX_READABLE = 65536 + 64
 
 @cython.no_gc_clear   # __dealloc__ unpins `memories`
 cdef class DeviceQueue:
-    """``DeviceQueue(windows, size, desc_iova, avail_iova, used_iova, event_idx=False, weak_barriers=True, packed=False, in_order=False)``
+    """``DeviceQueue(windows, size, desc_iova, avail_iova, used_iova, event_idx=False, weak_barriers=True, packed=False, in_order=False, indirect=False)``
 
     The device's view of a queue whose ring addresses the driver gave it.
     Every ``DmaMemory`` behind ``windows`` stays mapped until ``close()``.
@@ -73,6 +80,10 @@ cdef class DeviceQueue:
     ``in_order=True`` (VIRTIO_F_IN_ORDER negotiated, 2.7.9, 2.8.9): buffers are used in
     the order they were made available (this device always does), and a run of them
     used completely (every transmit buffer) is returned with one used entry.
+
+    ``indirect=True`` (VIRTIO_F_INDIRECT_DESC negotiated): a descriptor with
+    INDIRECT is followed into its table (2.7.5.3, 2.8.7), every entry checked
+    as a ring descriptor is; without it INDIRECT is refused.
     """
 
     def __cinit__(self):
@@ -83,7 +94,9 @@ cdef class DeviceQueue:
 
     def __init__(self, DmaWindows windows not None, uint32_t size, uint64_t desc_iova,
                  uint64_t avail_iova, uint64_t used_iova, *, bint event_idx=False,
-                 bint weak_barriers=True, bint packed=False, bint in_order=False):
+                 bint weak_barriers=True, bint packed=False, bint in_order=False,
+                 bint indirect=False):
+        self.indirect = indirect
         if packed:
             self._init_packed(windows, size, desc_iova, avail_iova, used_iova)
         else:
@@ -243,6 +256,7 @@ cdef class DeviceQueue:
         cdef uint32_t ln
         cdef uint16_t flags
         cdef char *p
+        cdef int why
         cdef bint seen_write = False
         cdef vring_desc *d
         cdef uint64_t out_len = 0, in_len = 0   # up to N descriptors of 4 GiB: wider than 32 bits
@@ -259,7 +273,11 @@ cdef class DeviceQueue:
             ln = vring_load32(&d.len)
             flags = vring_load16(&d.flags)
             if pmd_unlikely(flags & VRING_DESC_F_INDIRECT):
-                return self._refuse(head, BAD_INDIRECT)
+                # 2.7.5.3.2: direct descriptors, then one INDIRECT that ends the chain
+                why = self._walk_table(addr, ln, flags, &seen_write, &out_len, &in_len)
+                if pmd_unlikely(why != BAD_NONE):
+                    return self._refuse(head, why)
+                break
             if ln == 0:
                 p = NULL
             else:
@@ -299,6 +317,86 @@ cdef class DeviceQueue:
         else:
             self.push(head, 0)
         return -1
+
+    cdef int _add_seg(self, uint64_t addr, uint32_t ln, bint write, bint *seen_write,
+                      uint64_t *out_len, uint64_t *in_len) noexcept nogil:
+        """One buffer of an indirect table, checked as a ring descriptor is (inside
+        a DMA window, readable before writable, 2.7.4.2 and 2.8.18, the chain within
+        4 GiB) and appended to ``segs``: BAD_NONE, or why not."""
+        cdef char *p = NULL
+        if ln != 0:
+            p = self.windows.translate(addr, ln)
+            if pmd_unlikely(p == NULL):
+                return BAD_ADDR
+        if write:
+            seen_write[0] = True
+            in_len[0] += ln
+        elif pmd_unlikely(seen_write[0]):
+            return BAD_ORDER
+        else:
+            out_len[0] += ln
+        if pmd_unlikely((out_len[0] | in_len[0]) >> 32):
+            return BAD_TOO_LONG
+        self.segs[self.nsegs].ptr = p
+        self.segs[self.nsegs].len = ln
+        self.segs[self.nsegs].write = write
+        self.nsegs += 1
+        return BAD_NONE
+
+    cdef int _walk_table(self, uint64_t addr, uint32_t ln, uint16_t flags, bint *seen_write,
+                         uint64_t *out_len, uint64_t *in_len) noexcept nogil:
+        """Follow an INDIRECT descriptor (``addr``, ``ln``, ``flags`` as read) into its
+        table and append the table's buffers to ``segs``: BAD_NONE, or why not.
+
+        The table is ``ln / 16`` descriptors (2.7.5.3): ``ln`` a nonzero multiple of
+        16, no more entries than the queue has (with the chain's descriptors before
+        it, 2.7.5.3.1), all of it inside one DMA window, each entry copied out once.
+        The WRITE flag of the descriptor itself is ignored (2.7.5.3.2, 2.8.7).
+        Split: entry 0 first, then by ``next``, each index inside the table and the
+        walk no longer than the table (a loop); INDIRECT inside it is refused
+        (2.7.5.3.1). Packed: the entries one after another; only their WRITE flag
+        counts, the other flags and the id are reserved and ignored (2.8.7).
+        """
+        cdef uint32_t n, k, i = 0, count = 0
+        cdef const char *table
+        cdef vring_desc e
+        cdef pvirtq_desc pe
+        cdef int why
+        if pmd_unlikely(not self.indirect):
+            return BAD_INDIRECT
+        if pmd_unlikely(flags & VRING_DESC_F_NEXT):
+            return BAD_INDIRECT_NEXT
+        if pmd_unlikely(ln == 0 or ln & 15):
+            return BAD_INDIRECT_LEN
+        n = ln >> 4
+        if pmd_unlikely(n > self.size - self.nsegs):
+            return BAD_INDIRECT_TOO_BIG
+        table = self.windows.translate(addr, ln)
+        if pmd_unlikely(table == NULL):
+            return BAD_INDIRECT_ADDR
+        if self.packed:
+            for k in range(n):
+                vring_copy_desc(&pe, table, k)
+                why = self._add_seg(pe.addr, pe.len, (pe.flags & VRING_DESC_F_WRITE) != 0,
+                                    seen_write, out_len, in_len)
+                if pmd_unlikely(why != BAD_NONE):
+                    return why
+            return BAD_NONE
+        while True:
+            count += 1
+            if pmd_unlikely(count > n):
+                return BAD_INDIRECT_LOOP
+            vring_copy_desc(&e, table, i)
+            if pmd_unlikely(e.flags & VRING_DESC_F_INDIRECT):
+                return BAD_NESTED_INDIRECT
+            why = self._add_seg(e.addr, e.len, (e.flags & VRING_DESC_F_WRITE) != 0, seen_write, out_len, in_len)
+            if pmd_unlikely(why != BAD_NONE):
+                return why
+            if not (e.flags & VRING_DESC_F_NEXT):
+                return BAD_NONE
+            i = e.next
+            if pmd_unlikely(i >= n):
+                return BAD_INDIRECT_IDX
 
     cdef void _bad(self, int why) noexcept nogil:
         self.n_bad_desc += 1
@@ -507,12 +605,17 @@ cdef class DeviceQueue:
                 ln = vring_load32(&d.len)
                 p = NULL
                 if pmd_unlikely(flags & VRING_DESC_F_INDIRECT):
-                    why = BAD_INDIRECT
+                    if not self.indirect:
+                        why = BAD_INDIRECT
+                    elif count > 1:
+                        why = BAD_INDIRECT_NEXT     # 2.8.19: never in a list linked by NEXT
+                    else:
+                        why = self._walk_table(addr, ln, flags, &seen_write, &out_len, &in_len)
                 elif ln != 0:
                     p = self.windows.translate(addr, ln)
                     if pmd_unlikely(p == NULL):
                         why = BAD_ADDR
-                if why == BAD_NONE:
+                if why == BAD_NONE and not (flags & VRING_DESC_F_INDIRECT):
                     if flags & VRING_DESC_F_WRITE:
                         seen_write = True
                         in_len += ln
@@ -522,7 +625,7 @@ cdef class DeviceQueue:
                         out_len += ln
                     if pmd_unlikely((out_len | in_len) >> 32):
                         why = BAD_TOO_LONG
-                if why == BAD_NONE:
+                if why == BAD_NONE and not (flags & VRING_DESC_F_INDIRECT):
                     self.segs[self.nsegs].ptr = p
                     self.segs[self.nsegs].len = ln
                     self.segs[self.nsegs].write = (flags & VRING_DESC_F_WRITE) != 0

@@ -37,7 +37,8 @@ log = logging.getLogger("pmd.sim")
 
 # ---- what the device offers (each can be turned off) ----
 OFFERED_NAMES = ("VERSION_1", "ACCESS_PLATFORM", "MAC", "STATUS", "MRG_RXBUF", "CTRL_VQ", "CTRL_RX",
-                 "MQ", "EVENT_IDX", "MTU", "CTRL_MAC_ADDR", "RING_PACKED", "IN_ORDER")
+                 "MQ", "EVENT_IDX", "MTU", "CTRL_MAC_ADDR", "RING_PACKED", "IN_ORDER",
+                 "INDIRECT_DESC")
 OFFERED = N.parse_features(",".join(OFFERED_NAMES))
 MAC_TABLE_MAX = 64          # entries per table (QEMU's MAC_TABLE_ENTRIES)
 DEFAULT_MAC = bytes.fromhex("02504d440001")     # locally administered, "PMD"

@@ -300,7 +300,8 @@ class VirtioPciFunction:
             dq = DeviceQueue(self.dma.windows, q.size, q.desc, q.driver, q.device,
                              event_idx=bool(self.features & V.bit(V.RING_EVENT_IDX)), weak_barriers=True,
                              packed=bool(self.features & V.bit(V.RING_PACKED)),
-                             in_order=bool(self.features & V.bit(V.IN_ORDER)))
+                             in_order=bool(self.features & V.bit(V.IN_ORDER)),
+                             indirect=bool(self.features & V.bit(V.RING_INDIRECT_DESC)))
         except (DeviceError, ValueError) as e:
             self.counters.bad_ring_addresses += 1
             self._needs_reset(f"queue {index}: {e}")
