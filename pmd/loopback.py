@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 from .driver._pool import PacketPool
 from .driver._rx import RxQueue
-from .driver._tx import TxQueue
-from .driver._virtqueue import Virtqueue, ring_size
+from .driver._tx import MAX_TX_CHAIN, TxQueue
+from .driver._virtqueue import Virtqueue, indirect_table_bytes, ring_size
 from .memory import DmaMemory
 from .sim._dma import DmaWindows
 from .sim._tx import tx_to_rx
@@ -28,7 +28,8 @@ class Loopback:
     """Driver rx/tx queues wired to a device-side loopback.
 
     ``Loopback(queue_size=256, n_buffers=None, buffer_size=2048, event_idx=False,
-    iova_translator=None, hdr_len=12, strict=False, packed=False, in_order=False)``
+    iova_translator=None, hdr_len=12, strict=False, packed=False, in_order=False,
+    indirect=False)``
 
     ``driver_rx`` and ``driver_tx`` are the driver's queues; ``device_rx`` and
     ``device_tx`` the device's view of the same rings; ``step()`` runs the
@@ -38,6 +39,9 @@ class Loopback:
     IOMMU. ``packed`` lays both rings out packed (Virtio 1.2 2.8), on both sides;
     ``in_order`` runs both sides with VIRTIO_F_IN_ORDER (2.7.9, 2.8.9): the device
     returns each transmit burst with one used entry.
+    ``indirect`` is VIRTIO_F_INDIRECT_DESC on both sides: the driver puts a
+    multi-buffer transmit chain in an indirect table (2.7.5.3, 2.8.7), the
+    device follows it.
     """
 
     def __init__(
@@ -54,19 +58,22 @@ class Loopback:
         max_packet_len: int = 9216,
         packed: bool = False,
         in_order: bool = False,
+        indirect: bool = False,
     ) -> None:
         self._closed = False
         if n_buffers is None:
             n_buffers = 4 * queue_size + 512
         ring = ring_size(queue_size, packed=packed)
-        size = 2 * (ring + 4096) + n_buffers * buffer_size + (1 << 16)
+        ind_max = min(MAX_TX_CHAIN, queue_size) if indirect and queue_size >= 2 else 0
+        size = 2 * (ring + 4096) + n_buffers * buffer_size + (1 << 16) + indirect_table_bytes(queue_size, ind_max)
         self.memory = DmaMemory(size, lock=False, name="pmd-loopback")
         try:
             if iova_translator is not None:
                 self.memory.set_iova_translator(iova_translator)
             self.pool = PacketPool(self.memory, n_buffers, buffer_size)
             rx_vq = Virtqueue(self.memory, queue_size, 0, event_idx=event_idx, packed=packed, in_order=in_order)
-            tx_vq = Virtqueue(self.memory, queue_size, 1, event_idx=event_idx, packed=packed, in_order=in_order)
+            tx_vq = Virtqueue(self.memory, queue_size, 1, event_idx=event_idx, packed=packed, in_order=in_order,
+                              indirect_max=ind_max)
             self.driver_rx = RxQueue(rx_vq, self.pool, hdr_len=hdr_len, strict=strict,
                                      mergeable=mergeable, max_packet_len=max_packet_len)
             self.driver_tx = TxQueue(tx_vq, self.pool, hdr_len=hdr_len, strict=strict)
@@ -77,9 +84,10 @@ class Loopback:
                                          in_order=in_order)
             self.device_tx = DeviceQueue(self.windows, queue_size, tx_vq.desc_iova,
                                          tx_vq.avail_iova, tx_vq.used_iova, event_idx=event_idx, packed=packed,
-                                         in_order=in_order)
+                                         in_order=in_order, indirect=indirect)
             self.packed = packed
             self.in_order = in_order
+            self.indirect = indirect
             self.device_rx.disable_notify()
             self.device_tx.disable_notify()
             self.hdr_len = hdr_len

@@ -63,6 +63,8 @@ FEATURE_NAMES = {
     **_DEVICE_INDEPENDENT_NAMES,
 }
 FEATURES_BY_NAME = {v: k for k, v in FEATURE_NAMES.items()}
+# the names of pmd.abi.virtio's constants, which keep the legacy VIRTIO_RING_F_ prefix
+_ALIASES = {"RING_INDIRECT_DESC": "INDIRECT_DESC", "RING_EVENT_IDX": "EVENT_IDX"}
 
 #: 5.1.3.1: the features that need the control queue (a device offers them only with
 #: CTRL_VQ, a driver accepts them only with it)
@@ -85,6 +87,7 @@ def parse_features(spec: str | int | None) -> int:
     for word in (w.strip().upper() for w in spec.split(",")):
         if not word:
             continue
+        word = _ALIASES.get(word, word)
         if word not in FEATURES_BY_NAME:
             raise ValueError(f"unknown virtio feature {word!r}; known: {', '.join(sorted(FEATURES_BY_NAME))}")
         mask |= bit(FEATURES_BY_NAME[word])

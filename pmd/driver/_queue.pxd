@@ -70,7 +70,8 @@ cdef class _Queue:
         NO_BUF (counted) when the chain is not one this queue built: a buffer
         is freed only by the queue that holds it."""
         cdef uint32_t b = self.vq.extra[head].cookie
-        if pmd_unlikely(not self.pool.held_by(b, self.owner) or self.vq.extra[head].ndescs != 1):
+        if pmd_unlikely(not self.pool.held_by(b, self.owner) or self.vq.extra[head].ndescs != 1
+                        or self.vq.extra[head].nind != 0):
             self.vq.detach(head, NULL, 0)       # all its descriptors, and no buffer
             self.foreign_chains += 1
             return NO_BUF

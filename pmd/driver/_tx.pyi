@@ -6,6 +6,8 @@ from ._pool import PacketPool
 from ._queue import _Queue
 from ._virtqueue import Virtqueue
 
+MAX_TX_CHAIN: int
+
 @disjoint_base
 class TxQueue(_Queue):
     ring_full: int

@@ -30,6 +30,10 @@ from pmd.errors import PoolError
 
 cnp.import_array()
 
+#: the longest chain tx_burst builds for one packet (header + data buffers): what a
+#: transmit queue's indirect tables must hold (Virtqueue(indirect_max=...))
+MAX_TX_CHAIN = MAX_TX_SEGS
+
 
 @cython.no_gc_clear   # __dealloc__ (the base's) unpins the memory of `vq` and `pool`
 cdef class TxQueue(_Queue):
@@ -74,7 +78,7 @@ cdef class TxQueue(_Queue):
             r = self.vq.pop_used(&head, &length, False)
             if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
                 continue
-            if pmd_likely(self.vq.extra[head].ndescs == 1):
+            if pmd_likely(self.vq.extra[head].ndescs == 1 and self.vq.extra[head].nind == 0):
                 b = self.take1(head)
                 if pmd_likely(b != NO_BUF):
                     self.pool.put(b)
@@ -90,6 +94,7 @@ cdef class TxQueue(_Queue):
         to the free range with one count, no free list and no per-buffer pop."""
         cdef uint16_t n = self.vq.nused(), k, h, last, nd, m
         cdef uint32_t freed = 0, descs, b, mine
+        cdef uint32_t *ck
         cdef bint end
         while n > 0:
             if self.vq.io_left == 0 and self.vq.io_open() != USED_OK:
@@ -103,7 +108,19 @@ cdef class TxQueue(_Queue):
                 end = h == last
                 nd = self.vq.extra[h].ndescs
                 self.vq.extra[h].ndescs = 0
-                if pmd_likely(nd == 1):
+                if pmd_unlikely(self.vq.extra[h].nind != 0):
+                    # one descriptor, its buffers in the head's indirect table (2.7.5.3)
+                    mine = 0
+                    ck = self.vq.indirect_cookies(h)
+                    for m in range(self.vq.extra[h].nind):
+                        if pmd_likely(self.pool.held_by(ck[m], self.owner)):
+                            self.pool.put(ck[m])
+                            mine += 1
+                    if pmd_unlikely(mine != self.vq.extra[h].nind):
+                        self.foreign_chains += 1
+                    self.vq.extra[h].nind = 0
+                    freed += mine
+                elif pmd_likely(nd == 1):
                     b = self.vq.extra[h].cookie
                     if pmd_likely(self.pool.held_by(b, self.owner)):
                         self.pool.put(b)
@@ -161,7 +178,8 @@ cdef class TxQueue(_Queue):
                 nseg = 1
             else:
                 nseg = 1 + (ln - room + self.pool.buffer_size - 1) // self.pool.buffer_size
-            if pmd_unlikely(nseg > self.vq.num_free or nseg > self.pool.n_free):
+            # an indirect chain takes one descriptor (2.7.5.3): the ring holds more packets
+            if pmd_unlikely(self.vq.descs_for(<uint16_t>nseg) > self.vq.num_free or nseg > self.pool.n_free):
                 self.ring_full += 1
                 break
             if pmd_likely(nseg == 1):

@@ -22,7 +22,7 @@ from pmd.includes.vring cimport (
     VIRTQ_DESC_F_USED, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY, pvirtq_desc, pvirtq_event_stale, pvirtq_event_suppress, pvirtq_need_event,
     pvirtq_position, vring, vring_avail_event, vring_desc, vring_load16, vring_load32, vring_need_event,
-    vring_store16, vring_used_event,
+    vring_store16, vring_used_event, VRING_DESC_F_INDIRECT,
 )
 
 cdef enum NotifyKind:
@@ -43,11 +43,14 @@ cdef enum UsedResult:
 # desc_extra and DPDK's vq_descx do). In a packed ring the index is a buffer id:
 # a chain of n descriptors takes n ids (linked by `next`), the first is the id
 # the device writes back, and `ndescs` is how far the driver then skips.
+# A chain put in an indirect table (VIRTIO_F_INDIRECT_DESC) takes one descriptor
+# (ndescs 1) and keeps its buffers' cookies in the head's row of `ind_cookies`.
 cdef struct DescExtra:
     uint32_t cookie     # the caller's handle (a buffer id)
     uint32_t writable   # heads: device-writable bytes in the chain (bound for used.len)
     uint16_t next       # next in chain, or in the free list
     uint16_t ndescs     # heads: descriptors in the chain; 0 = not an in-flight head
+    uint16_t nind       # heads: buffers in the head's indirect table; 0 = a direct chain
 
 
 cdef class Virtqueue:
@@ -91,6 +94,13 @@ cdef class Virtqueue:
     cdef uint32_t io_left              # ...the batch's descriptors not taken yet (0: no batch open)...
     cdef uint32_t io_last_len          # ...and the used len of its last buffer
     cdef uint32_t io_taken             # descriptors taken (popped) and not yet detached
+    # indirect tables (2.7.5.3, 2.8.7): one per descriptor id, in `memory`, made at setup
+    cdef readonly uint16_t indirect_max   # longest chain put in a table; 0 = never
+    cdef readonly size_t indirect_offset  # of the tables in `memory`
+    cdef uint32_t ind_stride              # bytes from one id's table to the next (a power of two)
+    cdef char *ind_base                   # id 0's table
+    cdef uint64_t *ind_iova               # IOVA of each id's table
+    cdef uint32_t *ind_cookies            # indirect_max cookies per id
     cdef int notify_kind
     cdef char *notify_addr
     cdef int notify_fd
@@ -113,6 +123,7 @@ cdef class Virtqueue:
     cdef void check_raw(self) except *
     cdef void disown_cookies(self) noexcept
     cdef void check_mapped(self) except *
+    cdef int _setup_indirect(self, uint32_t indirect_max) except -1
 
     # ---- adding buffers (2.7.13) ----
 
@@ -155,7 +166,11 @@ cdef class Virtqueue:
         The first ``n_out`` descriptors are device-readable, the rest
         device-writable: 2.7.4.2 requires readable ones before writable ones.
         Returns the head, or -1 when fewer than ``n`` descriptors are free.
+        With indirect tables, a chain of 2 to ``indirect_max`` takes one
+        descriptor (``add_indirect``); ``descs_for(n)`` says how many are needed.
         """
+        if self.indirect_max and n >= 2 and n <= self.indirect_max:
+            return self.add_indirect(addr, length, cookie, n, n_out)
         if pmd_unlikely(n == 0 or n > self.num_free or n_out > n):
             return -1
         cdef uint16_t head = self.free_head
@@ -181,6 +196,76 @@ cdef class Virtqueue:
         self.num_free -= n
         self.extra[head].ndescs = n
         self.extra[head].writable = writable
+        self.vr.avail.ring[self.avail_idx & self.mask] = head
+        self.avail_idx += 1
+        return head
+
+    cdef inline uint32_t *indirect_cookies(self, uint16_t head) noexcept nogil:
+        """The cookies of the chain in ``head``'s indirect table (``extra[head].nind`` of them)."""
+        return self.ind_cookies + <size_t>head * self.indirect_max
+
+    cdef inline uint16_t descs_for(self, uint16_t n) noexcept nogil:
+        """Ring descriptors a chain of ``n`` buffers takes: one when it goes in an
+        indirect table, else ``n`` (a single buffer stays direct: a table costs the
+        device one more read)."""
+        if self.indirect_max and n >= 2 and n <= self.indirect_max:
+            return 1
+        return n
+
+    cdef inline int add_indirect(self, const uint64_t *addr, const uint32_t *length,
+                                 const uint32_t *cookie, uint16_t n, uint16_t n_out) noexcept nogil:
+        """add_chain through the head's own indirect table (2.7.5.3, 2.8.7): the
+        ``n`` buffers go in the table, and one descriptor with INDIRECT (never with
+        NEXT, 2.7.5.3.1; alone in its list, 2.8.19) points at it, ``len`` = 16 * n.
+        The table is written first; the write barrier of publish() orders it, with
+        the descriptor, before the avail index or the first flags the device looks
+        at (2.7.13.3.1, 2.8.21.3). An id's table is rewritten only once the device
+        has returned the id. Returns the head, or -1 when no descriptor is free."""
+        if pmd_unlikely(self.num_free == 0 or n_out > n):
+            return -1
+        cdef uint16_t head = self.free_head, k
+        cdef DescExtra *x = &self.extra[head]
+        cdef char *table = self.ind_base + <size_t>head * self.ind_stride
+        cdef uint32_t *ck = self.ind_cookies + <size_t>head * self.indirect_max
+        cdef uint32_t writable = 0
+        cdef vring_desc *t
+        cdef pvirtq_desc *pt
+        cdef vring_desc *d
+        if self.packed:
+            # 2.8.7: entries follow one another; WRITE is the only flag they carry
+            # (2.8.19) and their id is reserved
+            pt = <pvirtq_desc *>table
+            for k in range(n):
+                pt[k].addr = addr[k]
+                pt[k].len = length[k]
+                pt[k].id = 0
+                pt[k].flags = VRING_DESC_F_WRITE if k >= n_out else 0
+        else:
+            # 2.7.5.3: entry 0 first, the rest chained by next inside the table
+            t = <vring_desc *>table
+            for k in range(n):
+                t[k].addr = addr[k]
+                t[k].len = length[k]
+                t[k].flags = (VRING_DESC_F_WRITE if k >= n_out else 0) | (VRING_DESC_F_NEXT if k + 1 < n else 0)
+                t[k].next = k + 1 if k + 1 < n else 0
+        for k in range(n):
+            ck[k] = cookie[k]
+            if k >= n_out:
+                writable += length[k]
+        self.free_head = x.next
+        self.num_free -= 1
+        x.cookie = cookie[0]
+        x.writable = writable
+        x.ndescs = 1
+        x.nind = n
+        if self.packed:
+            self.p_put(self.ind_iova[head], 16 * <uint32_t>n, head, VRING_DESC_F_INDIRECT)
+            self.avail_idx += 1
+            return head
+        d = &self.vr.desc[head]
+        d.addr = self.ind_iova[head]
+        d.len = 16 * <uint32_t>n
+        d.flags = VRING_DESC_F_INDIRECT
         self.vr.avail.ring[self.avail_idx & self.mask] = head
         self.avail_idx += 1
         return head
@@ -365,10 +450,26 @@ cdef class Virtqueue:
 
         Writes the cookies of the first ``room`` descriptors to ``cookies``.
         Returns the number of descriptors (more than ``room``: some cookies
-        were not written).
+        were not written). An indirect chain gives its table's cookies and
+        frees its one descriptor; the count is of its buffers.
         """
         cdef uint16_t n = self.extra[head].ndescs
         cdef uint16_t i = head, k
+        cdef uint32_t *ck
+        if self.extra[head].nind:
+            n = self.extra[head].nind
+            ck = self.ind_cookies + <size_t>head * self.indirect_max
+            for k in range(n if n < room else room):
+                cookies[k] = ck[k]
+            self.extra[head].nind = 0
+            self.extra[head].ndescs = 0
+            self.num_free += 1
+            if self.in_order:
+                self.io_taken -= 1          # in order: the free range grows, no list
+                return n
+            self.extra[head].next = self.free_head
+            self.free_head = head
+            return n
         for k in range(n):
             if k < room:
                 cookies[k] = self.extra[i].cookie

@@ -66,6 +66,27 @@ def ring_layout(uint32_t num, size_t align=VRING_LEGACY_ALIGN, bint packed=False
             "used": (used_off, vring_used_bytes(num)), "total": vring_size(num, align)}
 
 
+def indirect_table_bytes(uint32_t num, uint32_t indirect_max):
+    """Bytes of DMA memory the indirect tables of a ``num``-entry queue take (with
+    their alignment): one table of ``indirect_max`` descriptors per descriptor id."""
+    if indirect_max == 0:
+        return 0
+    cdef size_t stride = _indirect_stride(indirect_max)
+    return num * stride + stride
+
+
+cdef size_t _indirect_stride(uint32_t indirect_max):
+    # A power of two at least 16 * indirect_max and at most 4096: tables aligned to it
+    # never straddle a page, so each has one contiguous IOVA range (physical addresses).
+    cdef size_t stride = 16
+    while stride < 16 * <size_t>indirect_max:
+        stride <<= 1
+    return stride
+
+
+MAX_INDIRECT = 256      # 16 * 256 = 4096 bytes: a table within one page
+
+
 def need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old):
     """vring_need_event (2.7.10): should moving an index from old to new signal event_idx?"""
     return vring_need_event(event_idx, new_idx, old)
@@ -87,18 +108,28 @@ cdef class Virtqueue:
     VIRTIO_F_ORDER_PLATFORM was negotiated (real hardware); ``interrupts``
     is the initial state of used-buffer notifications (off for polling);
     ``packed`` is VIRTIO_F_RING_PACKED (2.8); ``in_order`` is VIRTIO_F_IN_ORDER
-    (2.7.9, 2.8.9): ids in ring order, and one used entry may retire a batch.
+    (2.7.9, 2.8.9): ids in ring order, and one used entry may retire a batch. ``indirect_max`` (2 to 256, at
+    most ``size``; 0 = off) is for VIRTIO_F_INDIRECT_DESC: each descriptor id
+    gets a table of that many descriptors in ``memory``, and a chain of 2 to
+    ``indirect_max`` buffers then takes one descriptor (2.7.5.3, 2.8.7).
     """
 
     def __cinit__(self):
         self.extra = NULL
+        self.ind_iova = NULL
+        self.ind_cookies = NULL
         self.notify_fd = -1
 
     def __init__(self, DmaMemory memory not None, uint32_t size, uint16_t queue_index=0, *,
                  bint event_idx=False, bint weak_barriers=True, size_t align=VRING_LEGACY_ALIGN,
-                 bint interrupts=False, bint packed=False, bint in_order=False):
+                 bint interrupts=False, bint packed=False, bint in_order=False,
+                 uint32_t indirect_max=0):
         memory._check_open()
         _check_ring_params(size, align)
+        if indirect_max and not 2 <= indirect_max <= min(size, MAX_INDIRECT):
+            raise ValueError(f"indirect_max {indirect_max}: an indirect table holds 2 to {min(size, MAX_INDIRECT)} "
+                             f"descriptors on a queue of {size} (no chain longer than the queue, 2.7.5.3.1; "
+                             f"a table within one 4 KiB page); pass 0 for no indirect tables")
         cdef size_t nbytes = pvirtq_size(size) if packed else vring_size(size, align)
         cdef size_t off = memory.alloc(nbytes, max(align, 16))
         if not memory.range_iova_contiguous(off, nbytes):
@@ -131,8 +162,11 @@ cdef class Virtqueue:
         for i in range(size):
             self.extra[i].next = <uint16_t>(i + 1)
             self.extra[i].ndescs = 0
+            self.extra[i].nind = 0
             self.extra[i].cookie = 0
             self.extra[i].writable = 0
+        if indirect_max:
+            self._setup_indirect(indirect_max)
         self.free_head = 0
         self.num_free = size
         self.in_order = in_order
@@ -147,8 +181,30 @@ cdef class Virtqueue:
         else:
             self.disable_interrupts()
 
+    cdef int _setup_indirect(self, uint32_t indirect_max) except -1:
+        # All tables now, in the queue's DMA memory (mapped for the device and the
+        # IOMMU like the ring): nothing is allocated per packet.
+        cdef size_t stride = _indirect_stride(indirect_max)
+        cdef size_t off = self.memory.alloc(self.size * stride, stride)
+        cdef uint32_t i
+        self.ind_iova = <uint64_t *>malloc(sizeof(uint64_t) * self.size)
+        self.ind_cookies = <uint32_t *>malloc(sizeof(uint32_t) * self.size * indirect_max)
+        if self.ind_iova == NULL or self.ind_cookies == NULL:
+            raise MemoryError()
+        memset(self.memory.base + off, 0, self.size * stride)
+        memset(self.ind_cookies, 0, sizeof(uint32_t) * self.size * indirect_max)
+        for i in range(self.size):
+            self.ind_iova[i] = self.memory.iova_of(off + i * stride)
+        self.ind_base = self.memory.base + off
+        self.ind_stride = <uint32_t>stride
+        self.indirect_offset = off
+        self.indirect_max = <uint16_t>indirect_max
+        return 0
+
     def __dealloc__(self):
         free(self.extra)
+        free(self.ind_iova)
+        free(self.ind_cookies)
 
     cdef void check_usable(self) except *:
         if self.is_closed:
@@ -184,6 +240,8 @@ cdef class Virtqueue:
         cdef uint32_t i
         for i in range(self.size):
             self.extra[i].cookie = 0xffffffff
+        for i in range(self.size * self.indirect_max):
+            self.ind_cookies[i] = 0xffffffff
 
     cdef void check_mapped(self) except *:
         if self.is_closed:
@@ -252,6 +310,20 @@ cdef class Virtqueue:
         if self.packed:
             return self.used_pos, self.used_wrap
         return self.last_used_idx, None
+
+    def indirect_table_iova(self, uint16_t head):
+        """IOVA of the indirect table of descriptor id ``head`` (tests, diagnostics)."""
+        self.check_mapped()
+        if not self.indirect_max:
+            raise QueueStateError(f"virtqueue {self.queue_index} has no indirect tables (indirect_max=0)")
+        if head >= self.size:
+            raise ValueError(f"descriptor id {head} is outside the queue (size {self.size})")
+        return self.ind_iova[head]
+
+    @property
+    def indirect(self):
+        """True when chains of 2 to ``indirect_max`` buffers go in indirect tables."""
+        return self.indirect_max != 0
 
     @property
     def free_descriptors(self):
@@ -358,8 +430,12 @@ cdef class Virtqueue:
         cdef Py_ssize_t n = len(out_bufs) + len(in_bufs)
         if n == 0:
             raise ValueError("a chain needs at least one buffer")
-        if n > self.num_free:
-            raise QueueStateError(f"virtqueue {self.queue_index} is full: {n} descriptors needed, "
+        if n > self.size:
+            raise ValueError(f"a chain of {n} buffers is longer than the queue ({self.size}): "
+                             "Virtio 1.2 2.7.5.3.1 and 2.8.18 forbid it")
+        cdef uint16_t need = self.descs_for(<uint16_t>n)
+        if need > self.num_free:
+            raise QueueStateError(f"virtqueue {self.queue_index} is full: {need} descriptors needed, "
                                   f"{self.num_free} free; reclaim used buffers first")
         a = np.empty(n, dtype=np.uint64)
         l = np.empty(n, dtype=np.uint32)

@@ -35,8 +35,8 @@ from ..abi.virtio_net import ctrl_queue_index, hdr_len_for, rx_queue_index, tx_q
 from . import interrupts
 from ._pool import PacketPool
 from ._rx import RxQueue
-from ._tx import TxQueue
-from ._virtqueue import Virtqueue, ring_size
+from ._tx import MAX_TX_CHAIN, TxQueue
+from ._virtqueue import Virtqueue, indirect_table_bytes, ring_size
 from .virtio.net import (ControlQueue, Link, LinkCallback, TransportControl, check_enable, link_from, negotiate,
                          read_net_config)
 from .virtio.transport import Transport
@@ -205,7 +205,11 @@ class Port:
             ctrl_size = top if t.queue_size_fixed() else min(64, top)
         per_pair = n_buffers if n_buffers is not None else 2 * max(sizes) + 512
         packed = bool(accepted & V.bit(V.RING_PACKED))
+        # 2.7.5.3, 2.8.7: a transmit chain (header + buffers) goes in an indirect table of its own
+        indirect = [min(MAX_TX_CHAIN, s) if accepted & V.bit(V.RING_INDIRECT_DESC) and s >= 2 else 0
+                    for s in sizes[1::2]]
         total = sum(ring_size(s, t.ring_align, packed) + 4096 for s in sizes)
+        total += sum(indirect_table_bytes(s, k) for s, k in zip(sizes[1::2], indirect))
         total += (ring_size(ctrl_size, t.ring_align, packed) + 4096 + ControlQueue.memory_needed()) if ctrl_size else 0
         total += queue_pairs * (per_pair * buffer_size + 4096) + (1 << 16)
         if hugepages is not False:
@@ -232,7 +236,7 @@ class Port:
                             in_order=in_order)
             tvq = Virtqueue(memory, sizes[2 * pair + 1], tx_queue_index(pair), event_idx=event_idx,
                             weak_barriers=weak, align=t.ring_align, interrupts=False, packed=packed,
-                            in_order=in_order)
+                            in_order=in_order, indirect_max=indirect[pair])
             rx_kw: dict[str, Any] = {"hdr_len": self.hdr_len, "mergeable": mergeable}
             if mergeable:
                 rx_kw["max_packet_len"] = max(max_len, pool.data_room)

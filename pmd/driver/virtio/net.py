@@ -30,7 +30,7 @@ log = logging.getLogger("pmd.virtio.net")
 WANTED = (V.bit(V.VERSION_1) | V.bit(V.ACCESS_PLATFORM) | V.bit(N.NET_MAC) | V.bit(N.NET_STATUS)
           | V.bit(N.NET_MRG_RXBUF) | V.bit(N.NET_CTRL_VQ) | V.bit(N.NET_CTRL_RX) | V.bit(N.NET_MQ)
           | V.bit(V.RING_EVENT_IDX) | V.bit(N.NET_MTU) | V.bit(N.NET_SPEED_DUPLEX)
-          | V.bit(N.NET_CTRL_MAC_ADDR))
+          | V.bit(N.NET_CTRL_MAC_ADDR) | V.bit(V.RING_INDIRECT_DESC))
 # Taken only when asked for (``enable=``): the packed ring is correct against DPDK's vhost,
 # QEMU's packed=on device and the built-in device, but not yet faster than split;
 # IN_ORDER is correct on both layouts but measured a few per cent slower than without
