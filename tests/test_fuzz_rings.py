@@ -10,11 +10,16 @@ driver   the device corrupts the used rings of pmd's driver queues (ids out of
          in flight or chain members (the queue must stop: counted once, then
          DeviceError), lengths 0 or too long, flags of the wrong lap or taken
          back after being marked used (never followed), random device event
-         suppression;
+         suppression; in half the episodes INDIRECT_DESC is on (multi-buffer
+         transmit chains in indirect tables) and the device scribbles over tables
+         it has read, which the driver must never read back;
 device   the driver corrupts avail rings and descriptors (avail index jumps,
          heads and next links out of range, loops, addresses outside the DMA
          window or wrapping, indirect, readable after writable, chains past
-         4 GiB) against DeviceQueue and the device bursts;
+         4 GiB) against DeviceQueue and the device bursts; in half the episodes
+         INDIRECT_DESC is negotiated and chains end in indirect tables (2.7.5.3),
+         good and bad: length, size, address, NEXT, loops, nested tables, links
+         past the table, bad buffers, order, unaligned tables;
 device_packed  the same on packed rings (2.8): buffer ids out of range or
          still held by the device, addresses outside the window, readable
          after writable, indirect, a descriptor after NEXT not marked
@@ -87,8 +92,11 @@ class DriverEpisode:
         self.in_order = self.packed and bool(rng.random() < 0.5)
         self.layout = "packed" if self.packed else "split"
         self.maxlen = 9000 if self.mergeable else 1984
+        # INDIRECT_DESC in half the episodes: multi-buffer transmit chains in tables (2.7.5.3, 2.8.7)
+        self.indirect = bool(rng.random() < 0.5)
         self.lb = Loopback(queue_size=self.q, mergeable=self.mergeable, event_idx=bool(rng.random() < 0.5),
-                           max_packet_len=self.maxlen, packed=self.packed, in_order=self.in_order)
+                           max_packet_len=self.maxlen, packed=self.packed, in_order=self.in_order,
+                           indirect=self.indirect)
         self.rx, self.tx = self.lb.driver_rx, self.lb.driver_tx
         self.drx, self.dtx, self.pool = self.lb.device_rx, self.lb.device_tx, self.lb.pool
         self.sent: deque[bytes] = deque()      # sent by the driver, not yet taken by the device
@@ -110,6 +118,12 @@ class DriverEpisode:
                 self.pdesc[vq.queue_index] = mem[d:d + 16 * self.q].view(PDESC)
                 e = vq.used_iova - base           # 2.8.10: the device event suppression area
                 self.device_event[vq.queue_index] = mem[e:e + 4].view("<u4")
+        if self.indirect:
+            # the transmit queue's indirect tables: device-reachable memory the device may scribble on
+            vq = self.tx.vq
+            off = vq.indirect_offset
+            stride = vq.indirect_table_iova(1) - vq.indirect_table_iova(0) if self.q > 1 else 16 * vq.indirect_max
+            self.tables = np.frombuffer(self.lb.memory, np.uint8)[off:off + self.q * stride]
 
     # ---- what the driver does ----
     def send(self) -> None:
@@ -242,6 +256,7 @@ class DriverEpisode:
                 return
             head, _, _ = dq.pop_chain()    # the device takes the packet and never sends it
             self.sent.popleft()
+            self.scribble()
             if kind == "dup":
                 dq.complete(head)
                 dq.push_raw(head, 0)
@@ -299,6 +314,15 @@ class DriverEpisode:
         bad = [f for f in (0, P_AVAIL, P_USED, P_AVAIL | P_USED) if f != used]
         d["flags"][slot] = (old & ~(P_AVAIL | P_USED) & 0xFFFF) | int(self.rng.choice(bad))
         return old
+
+    def scribble(self) -> None:
+        """A hostile device writes garbage over indirect tables it has read (those of
+        chains it holds and of free ids): the driver never reads them back, so nothing
+        it does may change (2.7.5.3: the tables are driver memory the device reaches)."""
+        if not self.indirect or self.rng.random() < 0.5 or self.dtx.avail_pending:
+            return
+        self.tables[:] = self.rng.integers(0, 256, len(self.tables), dtype=np.uint8)
+        self.totals["tx_scribbled_tables"] += 1
 
     def broken_by(self, which: str, key: str) -> None:
         self.broken, self.break_key = which, key
@@ -383,6 +407,7 @@ class DriverEpisode:
             return
         head, _, n = self.take(dq, vq)   # the device takes the packet and never sends it
         self.sent.popleft()
+        self.scribble()
         if kind == "bad_id":
             dq.push_raw(int(rng.integers(q, 1 << 16)), 0, skip=n)
             self.broken_by("tx", "bad_used_id")
@@ -405,7 +430,7 @@ class DriverEpisode:
             old = self.hide(vq, slot)
             self.tx.reclaim()
             assert vq.in_flight >= n, "the driver reclaimed a descriptor the device took back"
-            assert self.pool.available + self.rx.vq.in_flight + vq.in_flight == self.pool.n_buffers
+            assert self.pool.available + self.rx.vq.in_flight + vq.buffers_in_flight == self.pool.n_buffers
             self.pdesc[vq.queue_index]["flags"][slot] = old
         dq.publish_used()
         self.totals[f"packed_tx_{kind}"] += 1
@@ -441,7 +466,7 @@ class DriverEpisode:
         for k in ("bad_used_id", "used_not_in_flight"):
             assert s[k] == want[k], (k, s[k], want[k])
         assert s["bad_used_idx"] == 0
-        assert self.pool.available + self.rx.vq.in_flight + self.tx.vq.in_flight == self.pool.n_buffers
+        assert self.pool.available + self.rx.vq.in_flight + self.tx.vq.buffers_in_flight == self.pool.n_buffers
 
     # ---- checks ----
     def check_counters(self) -> None:
@@ -452,7 +477,7 @@ class DriverEpisode:
             assert ts[k] == self.want_tx[k], (k, ts[k], self.want_tx[k])
         assert self.drx.stats()["bad_descriptors"] == 0 and self.dtx.stats()["bad_descriptors"] == 0
         # every buffer is in exactly one place: free, in the rx ring, in the tx ring
-        assert self.pool.available + self.rx.vq.in_flight + self.tx.vq.in_flight == self.pool.n_buffers
+        assert self.pool.available + self.rx.vq.in_flight + self.tx.vq.buffers_in_flight == self.pool.n_buffers
 
     def run(self) -> None:
         from pmd.errors import DeviceError
@@ -499,6 +524,8 @@ class DriverEpisode:
             self.tx.reclaim()
             self.harvest()
             self.check_counters()
+            if not self.sent:
+                self.scribble()             # every table is free or already read
         # drain what is left, byte-exact
         for _ in range(64):
             self.step()
@@ -524,6 +551,7 @@ class DriverEpisode:
         memory = self.lb.memory
         del self.lb, self.rx, self.tx, self.drx, self.dtx
         self.pdesc = self.device_event = {}       # numpy views of the memory
+        self.tables = None
         gc.collect()                              # and tracebacks (pytest.raises) holding them
         assert memory.pins == 0 and memory.fd == -1, "the memory stayed mapped"
 
@@ -543,6 +571,7 @@ def fuzz_driver(seed: int, seconds: float) -> dict[str, int]:
         totals["episodes"] += 1
         totals[f"{ep.layout}_episodes"] += 1
         totals["in_order_episodes"] += ep.in_order
+        totals[f"{ep.layout}_indirect_episodes"] += ep.indirect
     gc.collect()
     assert open_fds() == fds, "file descriptors leaked"
     return dict(totals)
@@ -557,6 +586,12 @@ REFUSALS = ("avail idx moved by more than the queue size", "head index out of ra
             "next index out of range", "descriptor chain loops", "buffer outside the driver's DMA memory",
             "indirect descriptor (not negotiated)", "device-readable descriptor after a device-writable one",
             "packet shorter than the virtio-net header", "chain longer than 4 GiB")
+# with INDIRECT_DESC negotiated (2.7.5.3): the table's own refusals, in the order the device checks
+IND_REFUSALS = ("indirect descriptor chained by NEXT", "indirect table length 0 or not a multiple of 16",
+                "indirect table longer than the queue size", "indirect table outside the driver's DMA memory",
+                "descriptor chain in an indirect table loops", "indirect descriptor inside an indirect table",
+                "next index outside the indirect table")
+SPLIT_DESC = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 
 
 class RingModel:
@@ -564,10 +599,12 @@ class RingModel:
     same reads in the same order, so every decision can be compared."""
 
     def __init__(self, ring, size: int, window: tuple[int, int], iova0: int, mirror: np.ndarray,
-                 in_order: bool = False) -> None:
+                 in_order: bool = False, indirect: bool = False) -> None:
         self.r = ring
         self.in_order = in_order           # VIRTIO_F_IN_ORDER: buffers used whole share one entry
         self.batch: list[int] | None = None  # [buffers, last id, its length] not yet written
+        self.indirect = indirect
+        self.indirect_popped = 0
         self.size = size
         self.win_iova, self.win_size = window
         self.iova0 = iova0                 # iova of byte 0 of the memory
@@ -637,35 +674,79 @@ class RingModel:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.size:
             return self.refuse(None, REFUSALS[1])
-        i, count, segs, out_len, in_len, seen_write = head, 0, [], 0, 0, False
-        desc = self.desc
+        i, count, desc = head, 0, self.desc
+        st = {"segs": [], "out": 0, "in": 0, "seen_write": False}
+        used_table = False
         while True:
             count += 1
             if count > self.size:
                 return self.refuse(head, REFUSALS[3])
             addr, ln, flags, nxt = desc[i]
             if flags & F_INDIRECT:
-                return self.refuse(head, REFUSALS[5])
-            if ln and not self.inside(addr, ln):
-                return self.refuse(head, REFUSALS[4])
-            if flags & F_WRITE:
-                seen_write = True
-                in_len += ln
-            elif seen_write:
-                return self.refuse(head, REFUSALS[6])
-            else:
-                out_len += ln
-            if (out_len | in_len) >> 32:
-                return self.refuse(head, REFUSALS[8])
-            segs.append((addr, ln, bool(flags & F_WRITE)))
+                if not self.indirect:
+                    return self.refuse(head, REFUSALS[5])
+                why = self.walk_table(addr, ln, flags, st)
+                if why:
+                    return self.refuse(head, why)
+                used_table = True
+                break
+            why = self.add_seg(addr, ln, flags, st)
+            if why:
+                return self.refuse(head, why)
             if not flags & F_NEXT:
                 break
             i = nxt
             if i >= self.size:
                 return self.refuse(head, REFUSALS[2])
         self.popped += 1
-        self.chain = (head, segs, out_len, in_len)
+        self.indirect_popped += used_table
+        self.chain = (head, st["segs"], st["out"], st["in"])
         return 1
+
+    def add_seg(self, addr: int, ln: int, flags: int, st: dict) -> str | None:
+        if ln and not self.inside(addr, ln):
+            return REFUSALS[4]
+        if flags & F_WRITE:
+            st["seen_write"] = True
+            st["in"] += ln
+        elif st["seen_write"]:
+            return REFUSALS[6]
+        else:
+            st["out"] += ln
+        if (st["out"] | st["in"]) >> 32:
+            return REFUSALS[8]
+        st["segs"].append((addr, ln, bool(flags & F_WRITE)))
+        return None
+
+    def walk_table(self, addr: int, ln: int, flags: int, st: dict) -> str | None:
+        """2.7.5.3: the table of an INDIRECT descriptor, read from memory as it is now."""
+        if flags & F_NEXT:
+            return IND_REFUSALS[0]
+        if ln == 0 or ln % 16:
+            return IND_REFUSALS[1]
+        n = ln // 16
+        if n > self.size - len(st["segs"]):
+            return IND_REFUSALS[2]
+        if not self.inside(addr, ln):
+            return IND_REFUSALS[3]
+        off = addr - self.iova0
+        table = self.mirror[off:off + ln].copy().view(SPLIT_DESC)
+        i = count = 0
+        while True:
+            count += 1
+            if count > n:
+                return IND_REFUSALS[4]
+            e = table[i]
+            if int(e["flags"]) & F_INDIRECT:
+                return IND_REFUSALS[5]
+            why = self.add_seg(int(e["addr"]), int(e["len"]), int(e["flags"]), st)
+            if why:
+                return why
+            if not int(e["flags"]) & F_NEXT:
+                return None
+            i = int(e["next"])
+            if i >= n:
+                return IND_REFUSALS[6]
 
     def unpop(self) -> None:
         self.last_avail = (self.last_avail - 1) & 0xFFFF
@@ -765,6 +846,12 @@ class DeviceEpisode:
         self.size = int(rng.choice([4, 8, 16, 64, 256])) if rng.random() > 0.03 else 8192
         self.mem = pmd.DmaMemory(2 << 20, lock=False, name="pmd-fuzz")
         self.vqs = [pmd.Virtqueue(self.mem, self.size, i) for i in range(2)]   # ring placement only
+        # INDIRECT_DESC negotiated in half the episodes; the tables live in an area of their
+        # own inside the window, which no buffer overlaps (the device never writes them)
+        self.indirect = bool(rng.random() < 0.5)
+        self.tbl_slots, self.tbl_slot = 64, 16 * 16
+        self.tbl_off = self.mem.alloc(2 * self.tbl_slots * self.tbl_slot, 4096)
+        self.tbl_next = [0, 0]
         self.buf_off = self.mem.alloc(1 << 20, 4096)
         self.buf_len = 1 << 20
         self.win_end = self.buf_off + self.buf_len          # the window: rings and buffers
@@ -780,8 +867,10 @@ class DeviceEpisode:
         event_idx = bool(rng.random() < 0.5)
         self.in_order = bool(rng.random() < 0.4)     # VIRTIO_F_IN_ORDER on the device (2.7.9)
         self.dqs = [DeviceQueue(self.windows, self.size, vq.desc_iova, vq.avail_iova, vq.used_iova,
-                                event_idx=event_idx, in_order=self.in_order) for vq in self.vqs]
-        self.models = [RingModel(r, self.size, (iova0, self.win_end), iova0, self.mirror, self.in_order)
+                                event_idx=event_idx, in_order=self.in_order, indirect=self.indirect)
+                    for vq in self.vqs]
+        self.models = [RingModel(r, self.size, (iova0, self.win_end), iova0, self.mirror, self.in_order,
+                                 self.indirect)
                        for r in self.rings]
         self.avail_idx = [0, 0]
 
@@ -806,6 +895,56 @@ class DeviceEpisode:
             return (1 << 64) - int(rng.integers(1, 4096)), 4096 + int(rng.integers(0, 4096))
         return int(rng.integers(0, base)) if base else base + self.win_end + 1, max(ln, 1)
 
+    def write_table(self, q: int, before_writable: bool) -> tuple[int, int, int]:
+        """An indirect table (2.7.5.3), mostly well formed, in ring q's table area:
+        returns the INDIRECT descriptor's (addr, len, flags). ``before_writable``: the
+        chain already has device-writable descriptors (its table must be all writable)."""
+        rng, size = self.rng, self.size
+        k = int(rng.integers(1, 9))
+        n_read = 0 if before_writable else int(rng.integers(0, k + 1))
+        ents = []
+        for j in range(k):
+            addr, ln = self.good_buffer(q)
+            flags = (F_NEXT if j < k - 1 else 0) | (F_WRITE if j >= n_read else 0)
+            ents.append([addr, ln, flags, j + 1 if j < k - 1 else int(rng.integers(0, 1 << 16))])
+        flags = F_INDIRECT | (F_WRITE if rng.random() < 0.3 else 0)   # WRITE on it is ignored (2.7.5.3.2)
+        length = 16 * k
+        what = int(rng.integers(0, 12)) if rng.random() < 0.4 else -1
+        j = int(rng.integers(0, k))
+        if what == 0:
+            flags |= F_NEXT                                         # INDIRECT with NEXT
+        elif what == 1:
+            length = int(rng.choice([0, 16 * k - int(rng.integers(1, 16)), 16 * k + 8]))
+        elif what == 2:
+            k2 = size + 1 - int(rng.integers(0, min(size, 4)))      # more than the queue
+            length = 16 * k2
+        elif what == 3:
+            addr, length = self.bad_address(length)
+            length = max(16, length - length % 16)
+            return addr, length, flags
+        elif what == 4 and k > 1:
+            ents[-1][2] |= F_NEXT                                   # a loop inside the table
+            ents[-1][3] = int(rng.integers(0, k))
+        elif what == 5:
+            ents[j][2] |= F_INDIRECT                                # a table inside the table
+        elif what == 6:
+            ents[-1][2] |= F_NEXT                                   # next past the table
+            ents[-1][3] = int(rng.integers(k, 1 << 16))
+        elif what == 7:
+            ents[j][0], ents[j][1] = self.bad_address(ents[j][1])
+        elif what == 8 and n_read < k - 1:
+            ents[-1][2] &= ~F_WRITE                                 # readable after writable
+        slot = self.tbl_next[q]
+        self.tbl_next[q] = (slot + 1) % self.tbl_slots
+        off = self.tbl_off + (q * self.tbl_slots + slot) * self.tbl_slot
+        if rng.random() < 0.2:
+            off += int(rng.integers(1, 16))                         # anywhere in memory: unaligned
+        arr = np.array([tuple(e) for e in ents], dtype=SPLIT_DESC).view(np.uint8)
+        self.raw[off:off + len(arr)] = arr
+        self.mirror[off:off + len(arr)] = arr
+        self.totals["indirect_tables_written"] += 1
+        return self.mem.iova(0) + off, length, flags
+
     def write_chain(self, q: int, slot: int) -> None:
         rng, size = self.rng, self.size
         r = self.rings[q]
@@ -823,6 +962,8 @@ class DeviceEpisode:
         n_read = int(rng.integers(0, n + 1))
         bad = rng.random() < 0.35
         what = int(rng.integers(0, 7)) if bad else -1
+        if what == 6 or (not bad and rng.random() < (0.3 if self.indirect else 0.03)):
+            what = 6                  # an indirect table: well formed or not, see write_table
         for j, di in enumerate(idxs):
             addr, ln = self.good_buffer(q)
             flags = (F_NEXT if j < n - 1 else 0) | (F_WRITE if j >= n_read else 0)
@@ -837,6 +978,8 @@ class DeviceEpisode:
                 flags |= F_INDIRECT
             elif what == 4 and j == n - 1 and n_read < n:         # readable after writable
                 flags &= ~F_WRITE
+            elif what == 6 and j == n - 1:                        # the chain ends in an indirect table
+                addr, ln, flags = self.write_table(q, n_read < j)
             r["desc"][di] = (addr, ln, flags, nxt)
         head = idxs[0]
         if what == 5:
@@ -1017,6 +1160,7 @@ class DeviceEpisode:
             for why, n in m.bad.items():
                 self.totals[why] += n
             self.totals["chains_popped"] += m.popped
+            self.totals["indirect_chains_popped"] += m.indirect_popped
             self.totals["broken_queues"] += m.broken
         if self.in_order:
             self.totals["in_order_episodes"] += 1
@@ -1480,6 +1624,9 @@ def test_fuzz_driver_used_rings_written_by_a_hostile_device():
     # descriptors stopped the queue and were counted too
     assert totals.get("in_order_episodes", 0) * 8 >= totals["episodes"], totals
     assert totals.get("in_order_broken_queues", 0) > 0 and totals.get("in_order_rx_bad_used_len", 0) > 0, totals
+    # indirect transmit tables on both layouts, and a device scribbling on them
+    assert totals.get("split_indirect_episodes", 0) > 0 and totals.get("packed_indirect_episodes", 0) > 0, totals
+    assert totals.get("tx_scribbled_tables", 0) > 0, totals
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "split-strict"])
@@ -1520,6 +1667,9 @@ def test_fuzz_device_avail_rings_and_descriptors_written_by_a_hostile_driver():
     assert totals.get("in_order_episodes", 0) > 0 and totals["in_order_chains_popped"] > 0, totals
     refused = {k for k in totals if k in REFUSALS}
     assert len(refused) >= 6, refused
+    # indirect tables were followed, and refused for each reason of their own
+    assert totals.get("indirect_chains_popped", 0) > 0, totals
+    assert {k for k in totals if k in IND_REFUSALS} == set(IND_REFUSALS), totals
 
 
 def test_fuzz_device_packed_descriptors_written_by_a_hostile_driver():

@@ -344,6 +344,17 @@ cdef class Virtqueue:
     def in_flight(self):
         return self.size - self.num_free
 
+    @property
+    def buffers_in_flight(self):
+        """Buffers (cookies) the device holds: ``in_flight`` counts descriptors, and a
+        chain in an indirect table holds several buffers behind one (a scan: not for
+        the data path)."""
+        cdef uint32_t i, n = 0
+        for i in range(self.size):
+            if self.extra[i].ndescs:
+                n += self.extra[i].nind if self.extra[i].nind else self.extra[i].ndescs
+        return n
+
     # ---- notification configuration ----
     def set_notify_mmio(self, Mmio window not None, size_t offset, notify_data=None):
         """Notify by a 16-bit store at ``offset`` in ``window`` (modern PCI notify area)."""
