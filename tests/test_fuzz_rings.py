@@ -1,6 +1,6 @@
 """Ring fuzzers: a peer that writes garbage into shared ring memory.
 
-Two targets, each a seeded loop that runs for a fixed time in a child
+Four targets, each a seeded loop that runs for a fixed time in a child
 interpreter (so a signal is seen, not suffered):
 
 driver   the device corrupts the used rings of pmd's driver queues (ids out of
@@ -26,6 +26,11 @@ device_packed  the same on packed rings (2.8): buffer ids out of range or
          available, NEXT all the way round, random driver event areas; checked
          against what the driver gave (ids, writable bytes, tx bytes), not a
          model of the device.
+device_packed_indirect
+         the driver writes packed lists (2.8) and indirect tables (2.8.7, 2.8.19) one
+         at a time: bad lengths, sizes and addresses of tables, INDIRECT with or after
+         NEXT, bad buffers and order inside tables, reserved flags and ids in table
+         entries (ignored), INDIRECT without the feature, buffer ids out of range.
 
 Each keeps an exact model of what the other side must conclude and asserts,
 after every step: every bad value is counted in the right counter or refused
@@ -42,6 +47,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import time
 from collections import Counter, deque
 
@@ -1592,6 +1598,238 @@ def fuzz_device_packed(seed: int, seconds: float) -> dict[str, int]:
 
 
 # =============================================================================
+# device side, packed ring: the driver writes lists and indirect tables, one at a time
+# =============================================================================
+
+P_IDESC = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
+
+
+class PackedIndirectEpisode:
+    """One packed ring (2.8) fed list after list by a driver that is mostly good: direct
+    lists and indirect tables (2.8.7, 2.8.19), with bad lengths, sizes, addresses,
+    INDIRECT with NEXT or after NEXT, bad buffers and order in tables, reserved flags and
+    ids in table entries (ignored by the device), and INDIRECT without the feature. Each
+    list is popped at once and compared with what the spec says: the bytes and capacity,
+    or the refusal and its used descriptor of length 0; the device writes nowhere else."""
+
+    def __init__(self, rng: np.random.Generator, totals: Counter) -> None:
+        import pmd
+        from pmd.sim._dma import DmaWindows
+        from pmd.sim._virtqueue import DeviceQueue
+
+        self.rng, self.totals = rng, totals
+        self.size = int(rng.integers(1, 65))
+        self.indirect = bool(rng.random() < 0.7)
+        self.mem = pmd.DmaMemory(2 << 20, lock=False, name="pmd-fuzz-packed")
+        self.raw = np.frombuffer(self.mem, np.uint8)
+        off = self.mem.alloc(16 * self.size, 16)
+        self.desc = self.raw[off:off + 16 * self.size].view(P_IDESC)
+        ev = self.mem.alloc(8, 4)
+        self.tbl_off = self.mem.alloc(64 << 10, 4096)          # tables: the device never writes here
+        self.buf_off = self.mem.alloc(1 << 20, 4096)
+        self.win_end = self.buf_off + (1 << 20)
+        self.mem.alloc(64 << 10, 4096)                          # a canary past the window
+        self.raw[self.win_end:] = 0xA5
+        self.raw[self.buf_off:self.win_end] = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+        self.iova0 = self.mem.iova(0)
+        self.windows = DmaWindows()
+        self.windows.add(self.iova0, self.win_end, self.mem.address, self.mem)
+        self.dq = DeviceQueue(self.windows, self.size, self.iova0 + off, self.iova0 + ev, self.iova0 + ev + 4,
+                              packed=True, indirect=self.indirect)
+        self.pos, self.wrap = 0, 1            # the driver's avail position and wrap counter
+        self.used_pos, self.used_wrap = 0, 1
+
+    def inside(self, iova: int, ln: int) -> bool:
+        o = iova - self.iova0
+        return iova >= self.iova0 and o <= self.win_end and ln <= self.win_end - o
+
+    def buffers(self, k: int) -> list[tuple[int, int]]:
+        """k buffers that do not overlap one another, inside the buffer area."""
+        lens = [int(x) for x in self.rng.integers(0, 4096, k)]
+        start = int(self.rng.integers(self.buf_off, self.win_end - sum(lens) - 16 * k))
+        out = []
+        for ln in lens:
+            out.append((self.iova0 + start, ln))
+            start += ln + int(self.rng.integers(0, 16))
+        return out
+
+    def bad_address(self) -> int:
+        return [self.iova0 + self.win_end + int(self.rng.integers(0, 4096)),    # past the window
+                (1 << 64) - 16, self.iova0 + self.win_end - 8][int(self.rng.integers(0, 3))]   # wrapping, straddling
+
+    def model(self, descs, table) -> tuple[str | None, list[tuple[int, int, bool]]]:
+        """What the device must conclude (2.8.6, 2.8.7, 2.8.18, 2.8.19), in its order."""
+        segs, seen_write, out_len, in_len = [], False, 0, 0
+
+        def add(addr, ln, write):
+            nonlocal seen_write, out_len, in_len
+            if ln and not self.inside(addr, ln):
+                return "buffer outside the driver's DMA memory"
+            if write:
+                seen_write, in_len = True, in_len + ln
+            elif seen_write:
+                return "device-readable descriptor after a device-writable one"
+            else:
+                out_len += ln
+            segs.append((addr, ln, write))
+            return None
+
+        for k, (addr, ln, flags) in enumerate(descs):
+            if flags & F_INDIRECT:
+                if not self.indirect:
+                    return "indirect descriptor (not negotiated)", []
+                if k > 0 or k + 1 < len(descs):   # post() links all but the last with NEXT
+                    return "indirect descriptor chained by NEXT", []
+                if ln == 0 or ln % 16:
+                    return "indirect table length 0 or not a multiple of 16", []
+                if ln // 16 > self.size:
+                    return "indirect table longer than the queue size", []
+                if not self.inside(addr, ln):
+                    return "indirect table outside the driver's DMA memory", []
+                o = addr - self.iova0           # the table as it is in memory now
+                for e in self.raw[o:o + ln].copy().view(P_IDESC):
+                    why = add(int(e["addr"]), int(e["len"]), bool(int(e["flags"]) & F_WRITE))
+                    if why:
+                        return why, []
+            else:
+                why = add(addr, ln, bool(flags & F_WRITE))
+                if why:
+                    return why, []
+        return None, segs
+
+    def write_list(self) -> tuple[list, np.ndarray | None, int]:
+        rng, size = self.rng, self.size
+        bid = int(rng.integers(0, size)) if rng.random() > 0.03 else int(rng.integers(size, 1 << 16))
+        if rng.random() < 0.4:                                 # a direct list
+            n = int(rng.integers(1, min(size, 4) + 1))
+            n_read = int(rng.integers(0, n + 1))
+            descs = [(a, ln, F_WRITE if j >= n_read else 0) for j, (a, ln) in enumerate(self.buffers(n))]
+            if rng.random() < 0.1:                             # INDIRECT after NEXT (2.8.19)
+                descs[-1] = (descs[-1][0], 16, F_INDIRECT)
+            return descs, None, bid
+        k = int(rng.integers(1, min(size, 8) + 1))
+        n_read = int(rng.integers(0, k + 1))
+        ents = np.zeros(k, P_IDESC)
+        for j, (a, ln) in enumerate(self.buffers(k)):
+            reserved = int(rng.integers(0, 1 << 16)) & ~F_WRITE if rng.random() < 0.3 else 0
+            ents[j] = (a, ln, int(rng.integers(0, 1 << 16)), reserved | (F_WRITE if j >= n_read else 0))
+        length, flags = 16 * k, F_INDIRECT | (F_WRITE if rng.random() < 0.3 else 0)
+        what = int(rng.integers(0, 8)) if rng.random() < 0.4 else -1
+        j = int(rng.integers(0, k))
+        t_off = self.tbl_off + int(rng.integers(0, (60 << 10) - 16 * k))   # any alignment
+        addr = self.iova0 + t_off
+        if what == 0:
+            length = int(rng.choice([0, 16 * k - int(rng.integers(1, 16)), 16 * k + 4]))
+        elif what == 1:
+            length = 16 * (size + 1 + int(rng.integers(0, 4)))
+        elif what == 2:
+            addr = self.bad_address()
+        elif what == 3:
+            ents[j]["addr"] = np.uint64(self.bad_address())
+            ents[j]["len"] = max(int(ents[j]["len"]), 1)
+        elif what == 4 and n_read < k and j < n_read:         # readable after writable
+            ents[-1]["flags"] = int(ents[-1]["flags"]) & ~F_WRITE
+        self.raw[t_off:t_off + 16 * k] = ents.view(np.uint8)
+        descs = [(addr, length, flags)]
+        if what == 5 and size > 1:                             # INDIRECT with NEXT: a list of two
+            a, ln = self.buffers(1)[0]
+            descs.append((a, ln, 0))
+        return descs, ents, bid
+
+    def post(self, descs, bid) -> None:
+        """Make the list available (2.8.21): NEXT on all but the last, the id in the
+        last (2.8.6), the first descriptor's flags written last."""
+        first, first_flags = self.pos, 0
+        for k, (addr, ln, flags) in enumerate(descs):
+            f = flags | (F_NEXT if k + 1 < len(descs) else 0) | (P_AVAIL if self.wrap else P_USED)
+            self.desc[self.pos] = (np.uint64(addr), ln, bid if k + 1 == len(descs) else 0xBEEF, 0)
+            if k == 0:
+                first_flags = f
+            else:
+                self.desc[self.pos]["flags"] = f
+            self.pos += 1
+            if self.pos == self.size:
+                self.pos, self.wrap = 0, self.wrap ^ 1
+        self.desc[first]["flags"] = first_flags
+
+    def used(self, n: int) -> tuple[int, int]:
+        d = self.desc[self.used_pos]
+        want = (P_AVAIL | P_USED) if self.used_wrap else 0
+        assert int(d["flags"]) & (P_AVAIL | P_USED) == want, "no used descriptor where the device must write"
+        self.used_pos += n
+        if self.used_pos >= self.size:
+            self.used_pos, self.used_wrap = self.used_pos - self.size, self.used_wrap ^ 1
+        return int(d["id"]), int(d["len"])
+
+    def step(self) -> None:
+        from pmd.errors import DeviceError
+
+        descs, table, bid = self.write_list()
+        if len(descs) > self.size:
+            return
+        why, segs = self.model(descs, table)
+        if bid >= self.size:            # checked first: without an id nothing can be returned
+            why = "buffer id out of range"
+        self.post(descs, bid)
+        before = self.dq.n_bad_desc
+        if why is not None:
+            with pytest.raises(DeviceError, match=re.escape(why)):
+                self.dq.pop_chain()
+            assert self.dq.n_bad_desc == before + 1 and self.dq.last_error == why
+            self.dq.publish_used()
+            if why != "buffer id out of range":     # returned at once with length 0
+                assert self.used(len(descs)) == (bid, 0)
+            # else no id to return: nothing is written, the device's used position stays
+            self.totals[why] += 1
+            return
+        readable = b"".join(self.raw[a - self.iova0:a - self.iova0 + ln].tobytes() for a, ln, w in segs if not w)
+        cap = sum(ln for _, ln, w in segs if w)
+        got = self.dq.pop_chain(1 << 20)
+        assert got == (bid, readable, cap), (got[0], len(got[1] or b""), got[2], bid, len(readable), cap)
+        data = self.rng.integers(0, 256, int(self.rng.integers(0, cap + 1)), dtype=np.uint8).tobytes()
+        self.dq.complete(bid, data)
+        self.dq.publish_used()
+        assert self.used(len(descs)) == (bid, len(data))
+        done = 0
+        for a, ln, w in segs:
+            if w and done < len(data):
+                take = min(ln, len(data) - done)
+                o = a - self.iova0
+                assert self.raw[o:o + take].tobytes() == data[done:done + take]
+                done += take
+        self.totals["packed_indirect_popped" if table is not None else "packed_direct_popped"] += 1
+
+    def run(self) -> None:
+        for _ in range(int(self.rng.integers(20, 200))):
+            self.step()
+            assert not self.dq.broken
+        assert (self.raw[self.win_end:] == 0xA5).all(), "the device wrote outside the DMA window"
+
+    def close(self) -> None:
+        self.dq.close()
+        self.windows.clear()
+        del self.raw, self.desc
+        gc.collect()
+        self.mem.close()
+        assert self.mem.pins == 0 and self.mem.fd == -1, "the memory stayed mapped"
+
+
+def fuzz_device_packed_indirect(seed: int, seconds: float) -> dict[str, int]:
+    rng = np.random.default_rng(seed)
+    totals: Counter = Counter()
+    fds = open_fds()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ep = PackedIndirectEpisode(rng, totals)
+        ep.run()
+        ep.close()
+        totals["episodes"] += 1
+    gc.collect()
+    assert open_fds() == fds, "file descriptors leaked"
+    return dict(totals)
+
+
+# =============================================================================
 
 def run_fuzzer(name: str, seed: int, seconds: float) -> dict[str, int]:
     out = check_isolated(f"""
@@ -1681,3 +1919,13 @@ def test_fuzz_device_packed_descriptors_written_by_a_hostile_driver():
     refused = {k[2:] for k in totals if k[2:] in {why for why, _breaks in P_BAD.values()}}
     assert len(refused) >= 5, refused
     assert totals["p_broken_queues"] > 0, totals
+
+
+def test_fuzz_packed_device_lists_and_indirect_tables_written_by_a_hostile_driver():
+    totals = run_fuzzer("device_packed_indirect", SEED + 3, SECONDS / 2)
+    assert totals.get("packed_indirect_popped", 0) > 0 and totals.get("packed_direct_popped", 0) > 0, totals
+    for why in ("indirect descriptor (not negotiated)", "indirect descriptor chained by NEXT",
+                "indirect table length 0 or not a multiple of 16", "indirect table longer than the queue size",
+                "indirect table outside the driver's DMA memory", "buffer outside the driver's DMA memory",
+                "device-readable descriptor after a device-writable one", "buffer id out of range"):
+        assert totals.get(why, 0) > 0, (why, totals)
