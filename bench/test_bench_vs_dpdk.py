@@ -23,14 +23,16 @@ if os.environ.get("PMD_REQUIRE_DPDK", "") in ("", "0"):
     pytestmark = pytest.mark.skipif(not _ok, reason=f"DPDK cannot run here: {_why}")
 
 
-@pytest.mark.parametrize("ring", ["split", "packed"])
+@pytest.mark.parametrize("ring, in_order", [("split", False), ("packed", False), ("split", True)],
+                         ids=["split", "packed", "split-in-order"])
 @pytest.mark.parametrize("direction", vs_dpdk.DIRECTIONS)
-def test_packets_move_and_nothing_is_left(direction: str, ring: str) -> None:
+def test_packets_move_and_nothing_is_left(direction: str, ring: str, in_order: bool) -> None:
     if not _ok:
         pytest.fail(f"PMD_REQUIRE_DPDK=1, but DPDK cannot run here: {_why}")
     affinity = os.sched_getaffinity(0)
     before = set(glob.glob("/tmp/pmd-vs-*"))
-    mpps, rates, _other = vs_dpdk.measure_pmd(direction, 64, seconds=1.0, warmup=0.3, ring=ring)
+    mpps, rates, _other = vs_dpdk.measure_pmd(direction, 64, seconds=1.0, warmup=0.3, ring=ring,
+                                              in_order=in_order)
     assert mpps > 0 and len(rates) == 1
     assert os.sched_getaffinity(0) == affinity
     assert set(glob.glob("/tmp/pmd-vs-*")) == before, "the back-end's socket directory was left"

@@ -28,6 +28,9 @@ ratio pmd/DPDK is the median over the pairs of back-to-back samples.
     python bench/vs_dpdk.py            # 64 and 1500 B, tx rx io, 3 runs, 5 s samples
     python bench/vs_dpdk.py --quick    # 64 B, 2 runs, 2 s samples: under three minutes
     python bench/vs_dpdk.py --quick --ring packed   # both drivers on packed rings (DPDK: packed_vq=1)
+    python bench/vs_dpdk.py --quick --in-order on   # pmd with VIRTIO_F_IN_ORDER (enable="IN_ORDER")
+
+DPDK's virtio-user runs with in_order=1 either way: the comparison.
 
 The last line is ``ratio_64_tx=<x> ratio_64_rx=<y> ratio_64_io=<z>`` (and the
 1500 B ones when measured). Needs ``dpdk-testpmd`` (Debian's dpdk-dev) and, as
@@ -63,6 +66,7 @@ import numpy as np  # noqa: E402
 import dpdk  # noqa: E402
 from pmd import fwd  # noqa: E402
 from pmd.backends import open_port  # noqa: E402
+from pmd.abi import virtio as V  # noqa: E402
 from pmd.driver.virtio.net import layout_options  # noqa: E402
 
 DIRECTIONS = ("tx", "rx", "io")
@@ -74,9 +78,10 @@ _FWD = {"tx": "txonly", "rx": "rxonly", "io": "macswap"}
 
 def measure_pmd(direction: str, size: int = 64, *, burst: int = BURST, seconds: float = 5.0,
                 warmup: float = 1.0, cpus: tuple[int, int] = CPUS,
-                ring: str = "split") -> tuple[float, list[float], float]:
+                ring: str = "split", in_order: bool = False) -> tuple[float, list[float], float]:
     """One pmd sample against a fresh vhost back-end: (median Mpps, per-second Mpps, other CPUs).
-    ``ring``: "split" (the default) or "packed" (enable="RING_PACKED"; DPDK's vhost offers it)."""
+    ``ring``: "split" (the default) or "packed" (enable="RING_PACKED"; DPDK's vhost offers it);
+    ``in_order``: VIRTIO_F_IN_ORDER too (enable="IN_ORDER"; DPDK's vhost offers it)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     exe = dpdk._testpmd()
@@ -104,10 +109,15 @@ def measure_pmd(direction: str, size: int = 64, *, burst: int = BURST, seconds: 
                 raise backend.error("no vhost-user socket")
             time.sleep(0.05)
         os.sched_setaffinity(0, {cpus[1]})    # the port's threads and fwd's worker inherit it
-        port = open_port("vhost-user:" + sock, timeout=10.0, wait=10.0, **layout_options(ring))
+        opts = layout_options(ring)
+        if in_order:
+            opts["enable"] = ",".join(x for x in (opts.get("enable"), "IN_ORDER") if x)
+        port = open_port("vhost-user:" + sock, timeout=10.0, wait=10.0, **opts)
         port.start(queue_pairs=1, queue_size=QUEUE_SIZE)
         if port.ring_layout != ring:
             raise RuntimeError(f"pmd runs {port.ring_layout} rings, not {ring}")
+        if bool(port.features & (1 << V.IN_ORDER)) != in_order:
+            raise RuntimeError(f"pmd runs with VIRTIO_F_IN_ORDER {'off' if in_order else 'on'}, not as asked")
         if direction == "io":                 # the one burst that circulates (testpmd's --tx-first)
             frame = np.frombuffer(fwd.udp_frame(size, port.mac), np.uint8)
             if port.tx_queue(0).tx_burst(np.tile(frame, (burst, 1)), np.full(burst, size, np.uint32)) != burst:
@@ -195,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=BURST)
     ap.add_argument("--ring", choices=("split", "packed"), default="split",
                     help="ring layout of both drivers (DPDK: packed_vq=1); default split")
+    ap.add_argument("--in-order", choices=("on", "off"), default="off",
+                    help="pmd with VIRTIO_F_IN_ORDER (DPDK's virtio-user has in_order=1 either way); default off")
     args = ap.parse_args(argv)
     runs = args.runs or (2 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
@@ -211,17 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     configs = [(d, s) for s in sizes for d in directions]
     old = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        return _run(configs, runs, seconds, warmup, args.burst, args.ring)
+        return _run(configs, runs, seconds, warmup, args.burst, args.ring, args.in_order == "on")
     finally:
         signal.signal(signal.SIGTERM, old)
 
 
 def _run(configs: list[tuple[str, int]], runs: int, seconds: float, warmup: float, burst: int,
-         ring: str = "split") -> int:
+         ring: str = "split", in_order: bool = False) -> int:
     print(f"pmd vs DPDK's virtio-user on one vhost-user back-end (dpdk-testpmd net_vhost), "
           f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
           f"Python {platform.python_version()}, numpy {np.__version__}, {dpdk._testpmd_version(dpdk._testpmd() or '')}")
-    print(f"{ring} ring, burst {burst}, queue size {QUEUE_SIZE}, one queue pair; back-end on CPU {CPUS[0]}, driver on CPU "
+    print(f"{ring} ring, pmd in-order {'on' if in_order else 'off'} (DPDK in_order=1), burst {burst}, queue size {QUEUE_SIZE}, one queue pair; back-end on CPU {CPUS[0]}, driver on CPU "
           f"{CPUS[1]}; median of {max(1, round(seconds))} one-second intervals per sample; pmd and DPDK "
           "alternate; rt = core-to-core round trip before the sample (fast < "
           f"{dpdk.FAST_ROUND_TRIP_NS:.0f} ns); other = CPUs others used (busy from {dpdk.IDLE_LOAD})")
@@ -241,7 +253,7 @@ def _run(configs: list[tuple[str, int]], runs: int, seconds: float, warmup: floa
             rts.append(rt)
             try:
                 p, prates, pother = measure_pmd(direction, size, burst=burst, seconds=seconds, warmup=warmup,
-                                                ring=ring)
+                                                ring=ring, in_order=in_order)
             except (RuntimeError, OSError) as e:
                 failed += 1
                 print(f"{run:>3} {direction:<3} {size:>5} {'pmd':<4} | failed: {e}", flush=True)
