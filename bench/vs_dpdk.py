@@ -76,6 +76,10 @@ CPUS = dpdk.CPUS            # (back-end's forwarding CPU, driver's CPU)
 _FWD = {"tx": "txonly", "rx": "rxonly", "io": "macswap"}
 
 
+#: the rx and tx queue statistics of pmd's last sample (in-order batches, bad entries, ...)
+LAST_QUEUE_STATS: list[dict] = []
+
+
 def measure_pmd(direction: str, size: int = 64, *, burst: int = BURST, seconds: float = 5.0,
                 warmup: float = 1.0, cpus: tuple[int, int] = CPUS,
                 ring: str = "split", in_order: bool = False) -> tuple[float, list[float], float]:
@@ -159,6 +163,7 @@ def measure_pmd(direction: str, size: int = 64, *, burst: int = BURST, seconds: 
         t1, (busy1, _) = time.monotonic(), dpdk._cpu_times()
         ours1 = backend.cpu_ticks() + _self_ticks()
         other = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / os.sysconf("SC_CLK_TCK") / max(t1 - t0, 1e-3))
+        LAST_QUEUE_STATS[:] = [port.rx_queue(0).stats(), port.tx_queue(0).stats()]
         return statistics.median(rates), rates, other
     except queue.Empty:
         assert backend is not None

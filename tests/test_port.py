@@ -769,6 +769,20 @@ class TestPortVhostUserInOrder(TestPortVhostUser):
         assert all(q.vq.in_order for q in port.rxqs + port.txqs)
 
 
+@_needs_testpmd
+class TestPortVhostUserPackedInOrder(TestPortVhostUserInOrder):
+    """The same on the packed ring with IN_ORDER: DPDK's vhost then returns what it
+    dequeued from the transmit ring as batches, one used descriptor each (2.8.9)."""
+
+    layout = "packed"
+
+    def test_dpdk_returns_transmit_batches_with_one_used_descriptor(self, port, host):
+        r = echo_through(port, host, 2000, 9, net=self.net, wait=60)
+        assert r["received"] == 2000 and r["n_mismatched"] == 0, r
+        tx = port.tx_queue(0).stats()
+        assert tx["in_order_batches"] > 0 and tx["used_not_in_flight"] == tx["bad_used_id"] == 0, tx
+
+
 # ---------------------------------------------------------------- the driver on the built-in device, in process
 
 def test_xstats_names_every_counter_as_dpdk_does_and_reset_counts_from_zero():
