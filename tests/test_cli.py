@@ -161,6 +161,23 @@ def test_info_says_which_ring_layout_the_device_offers_and_pmd_takes() -> None:
     assert "RING_PACKED" not in out.splitlines()[2]
 
 
+def test_info_says_whether_the_device_offers_in_order_and_how_to_take_it() -> None:
+    from pmd.abi import virtio as V
+    from pmd.driver.virtio import net as N
+
+    base = V.bit(V.VERSION_1) | 1 << 5
+    line = cli_text.format_virtio(base | V.bit(V.IN_ORDER), transport_bits=64, transport="modern").splitlines()[4]
+    if N.OPT_IN & V.bit(V.IN_ORDER):
+        assert line == '  used buffers: not in order; IN_ORDER offered: enable="IN_ORDER", pmd fwd --enable IN_ORDER'
+    else:
+        assert line.startswith("  used buffers: in order") and 'disable="IN_ORDER"' in line
+    line = cli_text.format_virtio(base, transport_bits=64, transport="modern").splitlines()[4]
+    assert line == "  used buffers: not in order (the device offers no VIRTIO_F_IN_ORDER)"
+    # 32 feature bits (legacy): bit 35 cannot be taken, so it is not on offer either
+    line = cli_text.format_virtio(base | V.bit(V.IN_ORDER), transport_bits=32, transport="legacy").splitlines()[4]
+    assert line == "  used buffers: not in order (the device offers no VIRTIO_F_IN_ORDER)"
+
+
 def test_info_on_a_fake_tree_shows_the_device_and_why_no_vfio(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", numa="0")
     r = pmd_cmd("info", "00:03.0", sysfs=sysfs.root)

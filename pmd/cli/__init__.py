@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--legacy", action="store_true", help="drive a transitional device's legacy interface")
     fw.add_argument("--disable", metavar="FEATURES", help="feature names not to negotiate, e.g. MRG_RXBUF")
     fw.add_argument("--enable", metavar="FEATURES",
-                    help="features pmd takes only when asked: RING_PACKED (the packed ring)")
+                    help="features pmd takes only when asked: RING_PACKED (the packed ring), "
+                         "IN_ORDER (buffers used in order)")
     fw.add_argument("--wire", default="generator",
                     choices=("generator", "loopback", "pcap", "pair", "tap"),
                     help="what is behind the built-in device (default: a traffic generator)")

@@ -264,9 +264,17 @@ def format_virtio(offered: int, *, transport_bits: int, transport: str) -> str:
         rings = 'split (2.7); packed offered: enable="RING_PACKED", pmd fwd --enable RING_PACKED'
     else:
         rings = "split (Virtio 1.2 2.7; the device offers no VIRTIO_F_RING_PACKED)"
+    in_order = V.bit(V.IN_ORDER)
+    if accepted & in_order:
+        order = 'in order (VIRTIO_F_IN_ORDER, 2.7.9 / 2.8.9; disable="IN_ORDER", pmd fwd --disable IN_ORDER)'
+    elif offered & in_order & ((1 << transport_bits) - 1):
+        order = 'not in order; IN_ORDER offered: enable="IN_ORDER", pmd fwd --enable IN_ORDER'
+    else:
+        order = "not in order (the device offers no VIRTIO_F_IN_ORDER)"
     return "\n".join([
         f"Virtio ({transport})",
         f"  device features {offered:#x}: {', '.join(NN.feature_names(offered)) or '(none)'}",
         f"  pmd takes {accepted:#x}: {', '.join(NN.feature_names(accepted)) or '(none)'}",
         f"  rings: {rings}",
+        f"  used buffers: {order}",
     ]) + "\n"
