@@ -34,6 +34,10 @@ BUFFER = 2048
 
 
 class VhostUserWire(ReceivingPeer):
+    """One thread owns the peer's queue pair, receiving and sending: the pair's rx and
+    tx share one packet pool, which takes no locks (docs/port.md, "one queue pair, one
+    thread"). Sends are jobs the thread takes between receive bursts."""
+
     def __init__(self, path: str, *, timeout: float = 5.0) -> None:
         self.port = pmd.open_port("vhost-user:" + path, timeout=timeout, wait=30, name="peer", mtu=9000)
         # testpmd drops what finds this port's rx ring full (no back-pressure, unlike the
@@ -42,49 +46,36 @@ class VhostUserWire(ReceivingPeer):
         self.rx: collections.deque[bytes] = collections.deque()
         self.sent: list[bytes] = []
         self.tx_count = 0
-        self._lock = threading.Lock()           # the peer's tx queue: the sender thread and host_send
+        self._jobs: collections.deque[tuple[list[bytes], int | None, threading.Event]] = collections.deque()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True, name="vhost-user-wire rx")
+        self._thread = threading.Thread(target=self._run, daemon=True, name="vhost-user-wire")
         self._thread.start()
 
-    def _receive(self) -> None:
-        rxq = self.port.rx_queue(0)
+    def _run(self) -> None:
+        rxq, txq = self.port.rx_queue(0), self.port.tx_queue(0)
         out = np.zeros((64, rxq.max_packet_len), np.uint8)
         lens = np.zeros(64, np.uint32)
+        job: _Send | None = None
         while not self._stop.is_set():
             try:
                 n = rxq.rx_burst(out, lens)
+                for j in range(n):
+                    self.rx.append(bytes(out[j, :lens[j]]))
+                if job is None and self._jobs:
+                    job = _Send(*self._jobs.popleft())
+                moved = job.step(txq, self) if job is not None else 0
             except pmd.QueueStateError:
                 return
-            for j in range(n):
-                self.rx.append(bytes(out[j, :lens[j]]))
-            if not n:
+            if job is not None and job.finished:
+                job.done.set()
+                job = None
+            if not n and not moved:
                 time.sleep(0.0002)
 
-    def _send(self, frames: list[bytes], window: int | None) -> None:
-        txq = self.port.tx_queue(0)
-        width = max((len(f) for f in frames), default=0)
-        # cost[i]: receive buffers the first i frames take (12-byte header, mergeable buffers)
-        cost = [0]
-        for f in frames:
-            cost.append(cost[-1] + -(-(len(f) + 12) // BUFFER))
-        i = 0
-        while i < len(frames) and not self._stop.is_set():
-            if window is not None and cost[i] - cost[min(len(self.rx), i)] >= window:
-                time.sleep(0.0002)      # wait for answers: never more than the window in flight
-                continue
-            chunk = frames[i:i + 16]
-            data = np.zeros((len(chunk), width), np.uint8)
-            lens = np.array([len(f) for f in chunk], np.uint32)
-            for j, f in enumerate(chunk):
-                data[j, :len(f)] = np.frombuffer(f, np.uint8)
-            with self._lock:
-                k = txq.tx_burst(data, lens)
-            i += k
-            self.tx_count += k
-            if not k:
-                time.sleep(0.0002)
-
+    def _send(self, frames: list[bytes], window: int | None) -> threading.Event:
+        done = threading.Event()
+        self._jobs.append((frames, window, done))
+        return done
     # -- the guest.py interface
     def host_clear(self, net: str = "vhost-user") -> int:
         n = len(self.rx)
@@ -94,7 +85,7 @@ class VhostUserWire(ReceivingPeer):
 
     def host_send(self, frames: Iterable[bytes], net: str = "vhost-user", **_: Any) -> int:
         frames = [bytes(f) for f in frames]
-        self._send(frames, None)
+        self._send(frames, None).wait(120)
         return len(frames)
 
     def host_traffic(self, count: int, *, seed: int = 0, min_len: int = 60, max_len: int = 1514,
@@ -102,10 +93,44 @@ class VhostUserWire(ReceivingPeer):
                      net: str = "vhost-user") -> int:
         self.sent = make_frames(count, seed, min_len, max_len, dst, src)
         self.host_clear()
-        threading.Thread(target=self._send, args=(self.sent, WINDOW), daemon=True).start()
+        self._send(self.sent, WINDOW)
         return len(self.sent)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
         self.port.close()
+
+
+class _Send:
+    """Frames the peer's thread sends, 16 per burst, never more than ``window`` receive
+    buffers' worth ahead of what has come back."""
+
+    def __init__(self, frames: list[bytes], window: int | None, done: threading.Event) -> None:
+        self.frames, self.window, self.done = frames, window, done
+        self.width = max((len(f) for f in frames), default=0)
+        # cost[i]: receive buffers the first i frames take (12-byte header, mergeable buffers)
+        self.cost = [0]
+        for f in frames:
+            self.cost.append(self.cost[-1] + -(-(len(f) + 12) // BUFFER))
+        self.i = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.i >= len(self.frames)
+
+    def step(self, txq: Any, wire: VhostUserWire) -> int:
+        i = self.i
+        if self.finished:
+            return 0
+        if self.window is not None and self.cost[i] - self.cost[min(len(wire.rx), i)] >= self.window:
+            return 0                    # wait for answers: never more than the window in flight
+        chunk = self.frames[i:i + 16]
+        data = np.zeros((len(chunk), self.width), np.uint8)
+        lens = np.array([len(f) for f in chunk], np.uint32)
+        for j, f in enumerate(chunk):
+            data[j, :len(f)] = np.frombuffer(f, np.uint8)
+        k = txq.tx_burst(data, lens)
+        self.i += k
+        wire.tx_count += k
+        return k
