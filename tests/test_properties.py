@@ -21,15 +21,15 @@ from pmd.sim._virtqueue import DeviceQueue
 
 
 class RingMachine(RuleBasedStateMachine):
+    size = 8
+    event_idx = False
+    packed = False
+    indirect = False
+
     def __init__(self):
         super().__init__()
         self.memory = pmd.DmaMemory(1 << 20, lock=False)
-        self.size = 8
-        self.event_idx = False
         self.setup_queue()
-
-    packed = False
-    indirect = False
 
     def setup_queue(self):
         self.vq = pmd.Virtqueue(self.memory, self.size, event_idx=self.event_idx, packed=self.packed,
@@ -137,12 +137,8 @@ class RingMachine(RuleBasedStateMachine):
 
 
 class EventIdxRingMachine(RingMachine):
-    def __init__(self):
-        RuleBasedStateMachine.__init__(self)
-        self.memory = pmd.DmaMemory(1 << 20, lock=False)
-        self.size = 4
-        self.event_idx = True
-        self.setup_queue()
+    size = 4
+    event_idx = True
 
 
 class PackedRingMachine(RingMachine):
@@ -150,21 +146,10 @@ class PackedRingMachine(RingMachine):
 
     packed = True
 
-    def __init__(self):
-        RuleBasedStateMachine.__init__(self)
-        self.memory = pmd.DmaMemory(1 << 20, lock=False)
-        self.size = 8
-        self.event_idx = False
-        self.setup_queue()
-
 
 class PackedEventIdxRingMachine(PackedRingMachine):
-    def __init__(self):
-        RuleBasedStateMachine.__init__(self)
-        self.memory = pmd.DmaMemory(1 << 20, lock=False)
-        self.size = 4
-        self.event_idx = True
-        self.setup_queue()
+    size = 4
+    event_idx = True
 
 
 class IndirectSplitRingMachine(RingMachine):
