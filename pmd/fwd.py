@@ -178,7 +178,7 @@ def check_cpus(cpus: Sequence[int]) -> None:
                          f"this process may use: {', '.join(map(str, sorted(allowed)))}")
 
 
-def default_placement(builtin_device: bool, queues: int) -> tuple[int | None, list[int] | None]:
+def default_placement(builtin_device: bool) -> tuple[int | None, list[int] | None]:
     """Where ``pmd fwd`` runs things when not told: with the built-in device and at least
     two CPUs, the device on the last CPU this process may use and the forwarding threads
     on the others (round robin), as bench/sim.py measures; otherwise nothing is pinned

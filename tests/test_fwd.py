@@ -278,12 +278,12 @@ def test_the_built_in_device_runs_on_the_cpu_given():
 
 
 def test_default_placement_puts_the_device_apart_from_the_forwarding_threads():
-    device, cpus = fwd.default_placement(True, 2)
+    device, cpus = fwd.default_placement(True)
     if len(CPUS) < 2:
         assert (device, cpus) == (None, None)
     else:
         assert device == CPUS[-1] and cpus == CPUS[:-1] and device not in cpus
-    assert fwd.default_placement(False, 2) == (None, None)      # another device: its own placement
+    assert fwd.default_placement(False) == (None, None)      # another device: its own placement
 
 
 @pytest.mark.parametrize("extra, want", [

@@ -179,7 +179,7 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
     device = args.device or "sim"
     kw: dict[str, Any] = {}
     builtin = device == "sim" or device.startswith("sim:")
-    device_cpu, cpus = (None, None) if args.no_pin else fwd.default_placement(builtin, args.queues)
+    device_cpu, cpus = (None, None) if args.no_pin else fwd.default_placement(builtin)
     if args.cpus is not None:
         cpus = _cpu_list(args.cpus)
         fwd.check_cpus(cpus)
