@@ -1,3 +1,4 @@
+from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from pmd.memory._dma cimport DmaMemory
@@ -27,6 +28,43 @@ cdef class PacketPool:
     cdef readonly size_t offset     # of buffer 0 in the memory region
     cdef bint closed
     cdef uint32_t next_owner        # the next queue's tag
+    # Turns: the free stack and the states are plain memory with no atomics, so
+    # only one thread may use them at a time. A burst (or a pool method) takes a
+    # turn with the GIL held; another thread's burst on the same pool (the other
+    # queue of a pair, in a thread of its own) waits for it. Turns are served in
+    # the order they were asked for (tickets), so a thread bursting in a loop
+    # cannot starve another (a port closing a queue, the pair's other queue).
+    cdef int users                  # turns held now, all by one thread (nested: a forwarding loop)
+    cdef unsigned long user_thread  # that thread (PyThread_get_thread_ident)
+    cdef uint32_t next_ticket       # the ticket the next turn asked for gets
+    cdef uint32_t now_serving       # the ticket whose turn it is
+
+    cdef inline int take_turn(self) except -1:
+        """With the GIL: use the free stack from this thread until ``end_turn``.
+        Waits (GIL released) while another thread holds a turn or asked first;
+        nested turns of one thread just count. Returns 1 when it waited, so the
+        caller checks again what may have changed meanwhile (a queue closed, a
+        port stopped)."""
+        cdef unsigned long me = PyThread_get_thread_ident()
+        if self.users != 0 and self.user_thread == me:
+            self.users += 1
+            return 0
+        cdef uint32_t ticket = self.next_ticket
+        self.next_ticket += 1
+        cdef int waited = 0
+        if ticket != self.now_serving:
+            self.wait_turn(ticket)
+            waited = 1
+        self.users = 1
+        self.user_thread = me
+        return waited
+
+    cdef inline void end_turn(self) noexcept:
+        self.users -= 1
+        if self.users == 0:
+            self.now_serving += 1       # the next ticket's turn
+
+    cdef int wait_turn(self, uint32_t ticket) except -1
 
     cdef inline uint32_t get(self, uint8_t new_state) noexcept nogil:
         """Take a free buffer (O(1)); NO_BUF when the pool is empty."""
@@ -54,3 +92,5 @@ cdef class PacketPool:
     cdef int new_owner(self) except -1
     cdef void check_open(self) except *
     cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto) noexcept
+    cdef int _free_checked(self, long long[::1] v, Py_ssize_t n) except -1
+    cdef int _swap_checked(self, const uint32_t[::1] ids, Py_ssize_t n) except -1

@@ -17,8 +17,12 @@ Ownership is tracked per buffer (free / application / queue), so a buffer
 given back twice, or an id the application does not own, is refused with a
 clear error instead of corrupting the free stack.
 
-A pool is used by one thread at a time (like the queues that draw from it):
-give each thread its own pool.
+A pool's free stack is used by one thread at a time, with no atomics: each
+burst and each pool method takes a turn (``take_turn``, with the GIL), and a
+burst of another thread on the same pool waits for it. So the receive and the
+transmit queue of one pair may run in threads of their own and stay correct,
+taking turns; for bursts in parallel, give each thread its own queue pair (and
+so its own pool).
 """
 
 import numpy as np
@@ -26,6 +30,11 @@ import numpy as np
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, calloc
 from libc.string cimport memcpy
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+from posix.unistd cimport usleep
 
 from pmd.memory._dma cimport DmaMemory
 from pmd.errors import PoolError, QueueStateError
@@ -111,6 +120,21 @@ cdef class PacketPool:
         self.next_owner += 1
         return self.next_owner - 1
 
+    cdef int wait_turn(self, uint32_t ticket) except -1:
+        # Another thread holds the turn (or asked first): bursts are microseconds,
+        # so yield first, then sleep (a loop that holds both queues of a pair for a
+        # long run, pmd.fwd, would otherwise keep this thread spinning on a core).
+        # No signal check: a ticket must be served, and the wait ends with a burst.
+        cdef int tries = 0
+        while self.now_serving != ticket:
+            with nogil:
+                if tries < 200:
+                    sched_yield()
+                else:
+                    usleep(50)
+            tries += 1
+        return 0
+
     cdef void check_open(self) except *:
         if self.closed:
             raise QueueStateError("PacketPool is closed")
@@ -160,16 +184,22 @@ cdef class PacketPool:
         """
         self.check_open()
         cdef uint32_t count = 1 if n is None else n
-        if count > self.n_free:
-            raise PoolError(f"pool exhausted: {count} buffers asked, {self.n_free} of "
-                            f"{self.n_buffers} free; free buffers or create a larger pool")
-        if n is None:
-            return self.get(BUF_APP)
-        out = np.empty(count, dtype=np.uint32)
-        cdef uint32_t[::1] ids = out
+        out = np.empty(count, dtype=np.uint32) if n is not None else None
+        cdef uint32_t[::1] ids
         cdef uint32_t i
-        for i in range(count):
-            ids[i] = self.get(BUF_APP)
+        self.take_turn()
+        try:
+            self.check_open()             # again: waiting for the turn let other threads run
+            if count > self.n_free:
+                raise PoolError(f"pool exhausted: {count} buffers asked, {self.n_free} of "
+                                f"{self.n_buffers} free; free buffers or create a larger pool")
+            if n is None:
+                return self.get(BUF_APP)
+            ids = out
+            for i in range(count):
+                ids[i] = self.get(BUF_APP)
+        finally:
+            self.end_turn()
         return out
 
     def alloc_into(self, uint32_t[::1] out):
@@ -179,11 +209,16 @@ cdef class PacketPool:
         """
         self.check_open()
         cdef Py_ssize_t i, count = out.shape[0]
-        if count > self.n_free:
-            raise PoolError(f"pool exhausted: {count} buffers asked, {self.n_free} of "
-                            f"{self.n_buffers} free; free buffers or create a larger pool")
-        for i in range(count):
-            out[i] = self.get(BUF_APP)
+        self.take_turn()
+        try:
+            self.check_open()
+            if count > self.n_free:
+                raise PoolError(f"pool exhausted: {count} buffers asked, {self.n_free} of "
+                                f"{self.n_buffers} free; free buffers or create a larger pool")
+            for i in range(count):
+                out[i] = self.get(BUF_APP)
+        finally:
+            self.end_turn()
 
     def free(self, ids):
         """Give buffers back: one id, or an array/sequence of ids.
@@ -198,7 +233,16 @@ cdef class PacketPool:
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise TypeError(f"buffer ids must be integers in a 1-D array, got {arr.dtype} with shape {arr.shape}")
         cdef long long[::1] v = arr.astype(np.int64)
-        cdef Py_ssize_t i, n = v.shape[0]
+        cdef Py_ssize_t n = v.shape[0]
+        self.take_turn()
+        try:
+            self.check_open()
+            self._free_checked(v, n)
+        finally:
+            self.end_turn()
+
+    cdef int _free_checked(self, long long[::1] v, Py_ssize_t n) except -1:
+        cdef Py_ssize_t i
         cdef long long b
         # Validate and mark in one pass, undo on error: catches duplicates too.
         for i in range(n):
@@ -221,6 +265,7 @@ cdef class PacketPool:
             self.state[b] = BUF_FREE
         for i in range(n):
             self.put(<uint32_t>v[i])
+        return 0
 
     def swap_macs(self, const uint32_t[::1] ids, Py_ssize_t n=-1):
         """Swap the destination and source MAC addresses of the first ``n`` packets
@@ -235,6 +280,14 @@ cdef class PacketPool:
         self.check_open()
         if n < 0 or n > ids.shape[0]:
             n = ids.shape[0]
+        self.take_turn()
+        try:
+            self.check_open()
+            self._swap_checked(ids, n)
+        finally:
+            self.end_turn()
+
+    cdef int _swap_checked(self, const uint32_t[::1] ids, Py_ssize_t n) except -1:
         cdef Py_ssize_t i
         cdef uint32_t b
         cdef char *p
@@ -249,6 +302,7 @@ cdef class PacketPool:
             memcpy(t, p, 6)
             memcpy(p, p + 6, 6)
             memcpy(p + 6, t, 6)
+        return 0
 
     cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto) noexcept:
         cdef Py_ssize_t i

@@ -55,15 +55,25 @@ cdef class _Queue:
 
     cdef inline int enter(self) except -1:
         """The last step before ``with nogil:``, after every check: from here
-        until ``leave`` the queue is busy and ``fence`` waits. Nothing between
-        the closed check and the mark lets another thread run (GIL held)."""
+        until ``leave`` the queue is busy and ``fence`` waits, and this thread
+        has the pool's turn (a burst of the pair's other queue in another thread
+        waits for it). Nothing between the closed check and the mark lets
+        another thread run (GIL held), except a wait for the turn, after which
+        everything is checked again."""
         if pmd_unlikely(self.is_closed):
             self.check()
+        if pmd_unlikely(self.pool.take_turn()):
+            try:
+                self.check()            # closed, stopped or unmapped while we waited?
+            except BaseException:
+                self.pool.end_turn()
+                raise
         self.busy += 1
         return 0
 
     cdef inline void leave(self) noexcept:
         self.busy -= 1
+        self.pool.end_turn()
 
     cdef inline uint32_t take1(self, uint16_t head) noexcept nogil:
         """Detach a one-buffer chain the device completed; its buffer id, or

@@ -147,11 +147,16 @@ cdef class _Queue:
         self._unpin()
 
     cdef _release_all(self):
-        # Every descriptor still in flight holds pool buffers: give them back.
+        # Every descriptor still in flight holds pool buffers: give them back, in
+        # a turn of the pool (the pair's other queue may still be in a burst).
         cdef uint32_t i
-        for i in range(self.vq.size):
-            if self.vq.extra[i].ndescs:
-                self.put_chain(<uint16_t>i)
+        self.pool.take_turn()
+        try:
+            for i in range(self.vq.size):
+                if self.vq.extra[i].ndescs:
+                    self.put_chain(<uint16_t>i)
+        finally:
+            self.pool.end_turn()
 
     @property
     def closed(self):

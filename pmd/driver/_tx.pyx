@@ -334,6 +334,10 @@ cdef class TxQueue(_Queue):
         cdef uint8_t owner = self.owner
         cdef uint32_t *s_ids = self.s_ids
         cdef uint32_t *s_lens = self.s_lens
+        cdef int n
+        # The pool's turn first: the states are the pool's, shared with the pair's
+        # receive queue, which may be in a burst in another thread.
+        self.enter()
         # Read each id and length once into the queue's own arrays, check the
         # copy and claim the id; undo on error. Claiming as we go catches an id
         # listed twice (it would be sent twice and freed twice).
@@ -343,15 +347,11 @@ cdef class TxQueue(_Queue):
             if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln == 0 or ln > room):
                 err = self._zc_error(i, b, ln)
                 self._unclaim(0, i)
+                self.leave()
                 raise err
             state[b] = owner
             s_ids[i] = b
             s_lens[i] = ln
-        cdef int n
-        if pmd_unlikely(self.is_closed):
-            self._unclaim(0, nids)
-            self.check()
-        self.busy += 1      # as enter(): checked, and nothing since let another thread in
         with nogil:
             n = self.send_zc(self.s_ids, self.s_lens, nids)
             self.vq.flush()
