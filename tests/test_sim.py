@@ -1016,6 +1016,57 @@ def test_device_rx_generate_stamps_sequence_numbers_and_stops_without_buffers(me
             device_rx_generate(lb.device_rx, frame, 1, 60, 0)
 
 
+def test_generator_turns_check_what_comes_back_and_fill_the_rx_ring():
+    # The one-flow generator's turns in C: what the driver sends back is counted as
+    # the wire's transmit() counts it (ours, bad, reordered against the highest
+    # sequence seen), and new frames go into the rx ring up to the limit.
+    from pmd.errors import QueueStateError
+    from pmd.loopback import Loopback
+    from pmd.sim._turns import generator_turns
+    from pmd.sim.wires import GEN_PAYLOAD
+
+    with Loopback(queue_size=64) as lb:
+        template = np.frombuffer(generator_frame(64, b"\x02" * 6, b"\x04" * 6, flow=0), np.uint8)
+
+        def frame(seq, *, size=64, magic=b"PMDG", flow=0):
+            f = np.zeros(size, np.uint8)
+            f[:min(size, 64)] = template[:min(size, 64)]
+            f[GEN_PAYLOAD:GEN_PAYLOAD + 4] = np.frombuffer(magic, np.uint8)
+            f[GEN_PAYLOAD + 4:GEN_PAYLOAD + 8] = np.frombuffer(flow.to_bytes(4, "little"), np.uint8)
+            f[GEN_PAYLOAD + 8:GEN_PAYLOAD + 16] = np.frombuffer(seq.to_bytes(8, "little"), np.uint8)
+            return f
+
+        back = [frame(s) for s in (0, 1, 2, 3, 4, 2)]          # the last one comes back late
+        back += [frame(5, magic=b"XXXX"), frame(6, size=65), frame(7, flow=1)]   # not ours
+        data = np.zeros((len(back), 65), np.uint8)
+        for i, f in enumerate(back):
+            data[i, :len(f)] = f
+        assert lb.driver_tx.tx_burst(data, np.array([len(f) for f in back], np.uint32)) == len(back)
+        scratch = template.copy()
+        generated, taken, ours, bad, reordered, max_seen, rounds = generator_turns(
+            lb.device_tx, lb.device_rx, scratch, GEN_PAYLOAD, 10, -1, 256, 20)
+        assert (generated, taken, ours, bad, reordered, max_seen) == (20, 9, 6, 3, 1, 4)
+        assert rounds >= 1
+        assert lb.driver_tx.reclaim() == len(back)                # every chain was returned used
+        out = np.zeros((64, 2048), np.uint8)
+        lens = np.zeros(64, np.uint32)
+        k = lb.driver_rx.rx_burst(out, lens)
+        assert k == 20 and set(lens[:k]) == {64}
+        seqs = [int.from_bytes(out[i, GEN_PAYLOAD + 8:GEN_PAYLOAD + 16].tobytes(), "little") for i in range(k)]
+        assert seqs == list(range(10, 30))
+        assert all(out[i, :GEN_PAYLOAD + 8].tobytes() == template[:GEN_PAYLOAD + 8].tobytes() for i in range(k))
+        # no limit: until the driver has no rx buffer left (it refilled 64 after the burst)
+        generated, taken, *_rest = generator_turns(lb.device_tx, lb.device_rx, scratch, GEN_PAYLOAD, 30, 4, 256, -1)
+        assert (generated, taken) == (64, 0)
+        with pytest.raises(ValueError, match="outside"):
+            generator_turns(lb.device_tx, lb.device_rx, scratch, 60, 0, -1, 32, -1)
+        with pytest.raises(ValueError, match="budget"):
+            generator_turns(lb.device_tx, lb.device_rx, scratch, GEN_PAYLOAD, 0, -1, 0, -1)
+        lb.close()
+        with pytest.raises(QueueStateError):
+            generator_turns(lb.device_tx, lb.device_rx, scratch, GEN_PAYLOAD, 0, -1, 32, -1)
+
+
 def test_generator_frame_layout():
     f = generator_frame(64, b"\x02" * 6, b"\x04" * 6, flow=3)
     assert len(f) == 64 and f[12:14] == b"\x08\x00" and f[23] == 17

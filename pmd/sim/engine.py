@@ -265,12 +265,23 @@ class Engine:
         idle = 0
         sleep = self.sleep_min
         sync = getattr(wire, "sync", None)
+        turns = wire.turns
+        one_pair = len(txs) == 1 and txs[0][0] == 0 and 0 in rxqs
         while not stop.is_set():
             moved = 0
             active = self.active_pairs
             link = self.link_up
+            native = False
+            if one_pair and link and active == 1 and not self._pending:
+                # the wire's own turns in C (the one-flow generator): no Python per turn
+                done = turns(txs[0][1], rxqs[0], budget, hdr_len, mergeable, self.filter.accepts)
+                if done is not None:
+                    native = True
+                    self.tx_packets += done[0]
+                    self.rx_packets += done[1]
+                    moved = done[0] + done[1]
             fast = ring_to_ring and link and self.filter.accept_all
-            for index, tx in txs:
+            for index, tx in (() if native else txs):
                 if fast:
                     rx = rxqs.get(index % active)
                     if rx is not None and index % active not in self._pending:
@@ -280,7 +291,7 @@ class Engine:
                         moved += n
                         continue
                 moved += self._transmit(index, tx, link, hdr_len)
-            if link:
+            if link and not native:
                 for j in range(active):
                     rx = rxqs.get(j)
                     if rx is not None:

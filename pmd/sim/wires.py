@@ -40,6 +40,7 @@ import numpy.typing as npt
 from ..abi.ethernet import udp_frame
 from ..abi.pcap import PcapWriter, read_pcap
 from ._rx import device_rx_generate
+from ._turns import generator_turns
 from ._virtqueue import DeviceQueue
 
 Rows = npt.NDArray[np.uint8]
@@ -130,6 +131,14 @@ class Wire:
         """A fast path: write up to ``budget`` packets straight into the driver's rx
         ring ``rx`` (no batch) and return how many, or None for "use receive()".
         ``accepts(dst_mac)`` is the device's receive filter. None by default."""
+        return None
+
+    def turns(self, tx: DeviceQueue, rx: DeviceQueue, budget: int, hdr_len: int, mergeable: bool,
+              accepts: Callable[[bytes], bool]) -> tuple[int, int] | None:
+        """The fastest path: run whole turns of queue pair 0 (what the driver sent,
+        then its rx ring filled) in C until the rings are idle or about a millisecond
+        has passed, and return ``(tx packets, rx packets)``; None for "use the
+        per-turn path" (the default: only the one-flow generator has one)."""
         return None
 
     def delivered(self, pair: int, count: int) -> None:
@@ -535,6 +544,35 @@ class GeneratorWire(Wire):
             self._next_seq[0] += k
             self.generated += k
         return k
+
+    def turns(self, tx: DeviceQueue, rx: DeviceQueue, budget: int, hdr_len: int, mergeable: bool,
+              accepts: Callable[[bytes], bool]) -> tuple[int, int] | None:
+        """One flow at full rate: :func:`generator_turns` sends the frames and checks
+        what comes back in C, with the same counters as deliver_direct and transmit."""
+        if self.flows != 1 or self.rate:
+            return None
+        templates = self._template_rows()
+        scratch = self._scratch
+        if scratch is None or self._scratch_of is not templates:
+            if not accepts(templates[0, :6].tobytes()):
+                return None                            # the batch path filters and counts it
+            scratch = self._scratch = templates[0].copy()
+            self._scratch_of = templates
+        limit = self.count - self.generated if self.count else -1
+        if self.started is None:
+            self.started = time.monotonic()
+        width = self.device.max_frame if self.device is not None else 9216
+        generated, taken, ours, bad, reordered, max_seen, _rounds = generator_turns(
+            tx, rx, scratch, GEN_PAYLOAD, int(self._next_seq[0]), int(self._max_seen[0]), budget,
+            max(limit, 0) if self.count else -1, hdr_len, mergeable, width)
+        self._next_seq[0] += generated
+        self.generated += generated
+        self.sent += generated
+        self.received += ours
+        self.bad += bad
+        self.reordered += reordered
+        self._max_seen[0] = max_seen
+        return taken, generated
 
     def _layout(self, key: tuple[int, int], flows: npt.NDArray[np.int64], n: int) -> "_GenLayout":
         templates = self._template_rows()
