@@ -17,6 +17,7 @@ cdef class RxQueue(_Queue):
     cdef public uint64_t zc_multi_dropped
 
     cdef uint32_t refill(self) noexcept nogil
+    cdef uint32_t refill_split(self) noexcept nogil
 
     cdef inline bint idle(self) noexcept:
         """Nothing received and nothing to refill: a poll that finds an empty

@@ -24,7 +24,8 @@ from libc.string cimport memcpy
 
 from pmd.driver._pool cimport BUF_APP, NO_BUF, PacketPool
 from pmd.driver._queue cimport DEFAULT_HDR_LEN, _Queue, u8_2d, u32_1d
-from pmd.driver._virtqueue cimport USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, Virtqueue
+from pmd.driver._virtqueue cimport USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, Virtqueue
+from pmd.includes.vring cimport VRING_DESC_F_WRITE, vring_desc
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.virtio_net cimport virtio_net_hdr
 
@@ -67,6 +68,8 @@ cdef class RxQueue(_Queue):
         return self.buf_len - self.hdr_len
 
     cdef uint32_t refill(self) noexcept nogil:
+        if not self.vq.packed:
+            return self.refill_split()
         cdef uint32_t added = 0, b
         while self.vq.num_free:
             b = self.pool.get(self.owner)
@@ -76,6 +79,47 @@ cdef class RxQueue(_Queue):
             self.vq.add1(self.pool.iova[b] + self.buf_off, self.buf_len, True, b)
             added += 1
         return added
+
+    cdef uint32_t refill_split(self) noexcept nogil:
+        """refill() on a split ring as one batch: as many buffers as both the ring and
+        the pool have, taken off the free stack, written as descriptors and avail
+        entries (2.7.13.1-2) with every field the loop needs in locals (stores to the
+        ring cannot alias them), then the ring's and the pool's state once."""
+        cdef uint32_t want = self.vq.num_free, n = self.vq.num_free, i, b
+        if n == 0:
+            return 0
+        if n > self.pool.n_free:
+            n = self.pool.n_free
+            self.no_buffer += 1               # the pool ran dry before the ring was full
+        cdef uint32_t top = self.pool.n_free
+        cdef uint32_t *stack = self.pool.free_stack
+        cdef uint8_t *state = self.pool.state
+        cdef const uint64_t *iova = self.pool.iova
+        cdef uint8_t owner = self.owner
+        cdef uint64_t off = self.buf_off
+        cdef uint32_t blen = self.buf_len
+        cdef DescExtra *extra = self.vq.extra
+        cdef vring_desc *desc = self.vq.vr.desc
+        cdef uint16_t *ring = self.vq.vr.avail.ring
+        cdef uint16_t head = self.vq.free_head, avail = self.vq.avail_idx, mask = self.vq.mask
+        for i in range(n):
+            top -= 1
+            b = stack[top]
+            state[b] = owner
+            desc[head].addr = iova[b] + off
+            desc[head].len = blen
+            desc[head].flags = VRING_DESC_F_WRITE
+            extra[head].cookie = b
+            extra[head].writable = blen
+            extra[head].ndescs = 1
+            ring[avail & mask] = head
+            avail += 1
+            head = extra[head].next
+        self.pool.n_free = top
+        self.vq.free_head = head
+        self.vq.num_free = want - n
+        self.vq.avail_idx = avail
+        return n
 
     def fill(self):
         """Give the device every buffer the ring and the pool allow; returns how many."""
