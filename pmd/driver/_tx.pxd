@@ -15,6 +15,7 @@ cdef class TxQueue(_Queue):
 
     cdef uint32_t reclaim_used(self) noexcept nogil
     cdef uint32_t reclaim_in_order(self) noexcept nogil
+    cdef uint32_t reclaim_split(self) noexcept nogil
     cdef int send_copy(self, const char *pkts, Py_ssize_t cols, const uint32_t *lengths,
                        Py_ssize_t burst) noexcept nogil
     cdef int send_zc(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil

@@ -23,7 +23,8 @@ from libc.string cimport memcpy, memset
 
 from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
 from pmd.driver._queue cimport MAX_TX_SEGS, _Queue, u8_2d, u32_1d, zero_hdr
-from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, USED_OK, Virtqueue
+from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, Virtqueue
+from pmd.includes.vring cimport vring_load32, vring_used_elem
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 
 from pmd.errors import PoolError
@@ -69,6 +70,8 @@ cdef class TxQueue(_Queue):
     cdef uint32_t reclaim_used(self) noexcept nogil:
         if self.vq.in_order:
             return self.reclaim_in_order()
+        if not self.vq.packed:
+            return self.reclaim_split()
         cdef uint16_t n = self.vq.nused(), k
         cdef uint16_t head = 0
         cdef uint32_t length = 0, b
@@ -85,6 +88,63 @@ cdef class TxQueue(_Queue):
                     freed += 1
             else:
                 freed += self.put_chain(head)
+        return freed
+
+    cdef uint32_t reclaim_split(self) noexcept nogil:
+        """reclaim_used() on a split ring: every used entry is checked as pop_used and
+        take1 check it (an id in range, of a chain in flight, whose buffer this queue
+        holds), with the ring's and the pool's fields in locals and written back once;
+        a chain of several descriptors (or an indirect one) takes the general path.
+        The device's len is not read: a transmit chain is device-readable (2.7.8.1)."""
+        cdef uint16_t n = self.vq.nused(), k
+        if n == 0:
+            return 0
+        cdef vring_used_elem *used = self.vq.vr.used.ring
+        cdef uint16_t last = self.vq.last_used_idx, mask = self.vq.mask, free_head = self.vq.free_head
+        cdef uint32_t size = self.vq.size, num_free = self.vq.num_free, id, b, freed = 0
+        cdef DescExtra *extra = self.vq.extra
+        cdef DescExtra *x
+        cdef uint32_t *stack = self.pool.free_stack
+        cdef uint8_t *state = self.pool.state
+        cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
+        cdef uint8_t owner = self.owner
+        for k in range(n):
+            id = vring_load32(&used[last & mask].id)
+            last += 1
+            if pmd_unlikely(id >= size):
+                self.vq.n_bad_id += 1
+                continue
+            x = &extra[id]
+            if pmd_unlikely(x.ndescs == 0):
+                self.vq.n_not_in_flight += 1
+                continue
+            if pmd_likely(x.ndescs == 1 and x.nind == 0):
+                b = x.cookie
+                x.ndescs = 0
+                x.next = free_head
+                free_head = <uint16_t>id
+                num_free += 1
+                if pmd_likely(b < n_buffers and state[b] == owner):
+                    state[b] = BUF_FREE
+                    stack[top] = b
+                    top += 1
+                    freed += 1
+                else:
+                    self.foreign_chains += 1      # not this queue's buffer: never freed
+                continue
+            # a longer chain: the general path, on the state written back
+            self.vq.last_used_idx = last
+            self.vq.free_head = free_head
+            self.vq.num_free = num_free
+            self.pool.n_free = top
+            freed += self.put_chain(<uint16_t>id)
+            free_head = self.vq.free_head
+            num_free = self.vq.num_free
+            top = self.pool.n_free
+        self.vq.last_used_idx = last
+        self.vq.free_head = free_head
+        self.vq.num_free = num_free
+        self.pool.n_free = top
         return freed
 
     cdef uint32_t reclaim_in_order(self) noexcept nogil:
