@@ -26,5 +26,7 @@ cdef class RxQueue(_Queue):
 
     cdef int harvest(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                      Py_ssize_t burst) noexcept nogil
+    cdef int harvest_split(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                           Py_ssize_t burst) noexcept nogil
     cdef int harvest_mrg(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                          Py_ssize_t burst) noexcept nogil

@@ -22,10 +22,10 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from pmd.driver._pool cimport BUF_APP, NO_BUF, PacketPool
+from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
 from pmd.driver._queue cimport DEFAULT_HDR_LEN, _Queue, u8_2d, u32_1d
 from pmd.driver._virtqueue cimport USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, Virtqueue
-from pmd.includes.vring cimport VRING_DESC_F_WRITE, vring_desc
+from pmd.includes.vring cimport VRING_DESC_F_WRITE, vring_desc, vring_load32, vring_used_elem
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.virtio_net cimport virtio_net_hdr
 
@@ -139,6 +139,8 @@ cdef class RxQueue(_Queue):
         with neither free them at once (rx_discard)."""
         if self.mergeable:
             return self.harvest_mrg(out, cols, ids, lengths, burst)
+        if not self.vq.packed and not self.vq.in_order:
+            return self.harvest_split(out, cols, ids, lengths, burst)
         cdef uint16_t avail = self.vq.nused()
         cdef uint16_t head = 0
         cdef uint32_t length = 0, b, pkt
@@ -182,6 +184,98 @@ cdef class RxQueue(_Queue):
             lengths[got] = pkt
             self.bytes += pkt
             got += 1
+        self.packets += got
+        self.refill()
+        self.vq.flush()
+        return got
+
+    cdef int harvest_split(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                           Py_ssize_t burst) noexcept nogil:
+        """harvest() on a split ring without mergeable buffers, in one pass: each used
+        entry checked as pop_used and take1 check it (an id in range, of a chain in
+        flight, a length within the buffer, a buffer this queue holds), then as
+        harvest() treats it, with the ring's and the pool's fields in locals."""
+        cdef uint16_t avail = self.vq.nused(), k
+        if avail > burst:
+            avail = <uint16_t>burst
+        cdef vring_used_elem *used = self.vq.vr.used.ring
+        cdef uint16_t last = self.vq.last_used_idx, mask = self.vq.mask, free_head = self.vq.free_head
+        cdef uint32_t size = self.vq.size, num_free = self.vq.num_free, id, ln, b, pkt
+        cdef DescExtra *extra = self.vq.extra
+        cdef DescExtra *x
+        cdef uint32_t *stack = self.pool.free_stack
+        cdef uint8_t *state = self.pool.state
+        cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
+        cdef uint8_t owner = self.owner
+        cdef uint32_t hdr_len = self.hdr_len
+        cdef char *data = self.pool.base + self.pool.headroom
+        cdef size_t stride = self.pool.buffer_size
+        cdef bint bad_len
+        cdef int got = 0
+        cdef uint64_t nbytes = 0
+        for k in range(avail):
+            id = vring_load32(&used[last & mask].id)
+            ln = vring_load32(&used[last & mask].len)
+            last += 1
+            if pmd_unlikely(id >= size):
+                self.vq.n_bad_id += 1
+                continue
+            x = &extra[id]
+            if pmd_unlikely(x.ndescs == 0):
+                self.vq.n_not_in_flight += 1
+                continue
+            bad_len = ln > x.writable
+            if pmd_unlikely(bad_len):
+                self.vq.n_bad_len += 1
+            b = x.cookie
+            if pmd_unlikely(b >= n_buffers or state[b] != owner or x.ndescs != 1 or x.nind != 0):
+                # not a chain this queue built: its descriptors back, no buffer freed
+                self.vq.free_head = free_head
+                self.vq.num_free = num_free
+                self.vq.detach(<uint16_t>id, NULL, 0)
+                free_head = self.vq.free_head
+                num_free = self.vq.num_free
+                self.foreign_chains += 1
+                continue
+            x.ndescs = 0
+            x.next = free_head
+            free_head = <uint16_t>id
+            num_free += 1
+            if pmd_unlikely(bad_len or ln < hdr_len or ln - hdr_len < ETH_HLEN):
+                if not bad_len and ln < hdr_len:
+                    self.vq.n_bad_len += 1      # shorter than the header: not a packet
+                elif not bad_len:
+                    self.runt += 1              # no Ethernet header: dropped, as Linux and DPDK do
+                self.dropped += 1
+                state[b] = BUF_FREE
+                stack[top] = b
+                top += 1
+                continue
+            pkt = ln - hdr_len
+            if out != NULL:
+                if pmd_unlikely(pkt > cols):
+                    memcpy(out + got * cols, data + b * stride, cols)
+                    self.truncated += 1
+                else:
+                    memcpy(out + got * cols, data + b * stride, pkt)
+                state[b] = BUF_FREE
+                stack[top] = b
+                top += 1
+            elif ids != NULL:
+                state[b] = BUF_APP
+                ids[got] = b
+            else:
+                state[b] = BUF_FREE
+                stack[top] = b
+                top += 1
+            lengths[got] = pkt
+            nbytes += pkt
+            got += 1
+        self.vq.last_used_idx = last
+        self.vq.free_head = free_head
+        self.vq.num_free = num_free
+        self.pool.n_free = top
+        self.bytes += nbytes
         self.packets += got
         self.refill()
         self.vq.flush()
