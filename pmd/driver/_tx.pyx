@@ -24,7 +24,7 @@ from libc.string cimport memcpy, memset
 from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
 from pmd.driver._queue cimport MAX_TX_SEGS, _Queue, u8_2d, u32_1d, zero_hdr
 from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, Virtqueue
-from pmd.includes.vring cimport vring_load32, vring_used_elem
+from pmd.includes.vring cimport vring_desc, vring_load32, vring_used_elem
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 
 from pmd.errors import PoolError
@@ -316,6 +316,8 @@ cdef class TxQueue(_Queue):
         cdef uint32_t b
         cdef uint64_t nbytes = 0
         self.reclaim_used()
+        if not self.vq.packed:
+            return self.send_zc_split(ids, lengths, burst)
         for i in range(burst):
             if pmd_unlikely(self.vq.num_free == 0):
                 self.ring_full += 1
@@ -329,6 +331,44 @@ cdef class TxQueue(_Queue):
         self.packets += burst
         self.bytes += nbytes
         return <int>burst
+
+    cdef int send_zc_split(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil:
+        """send_zc's loop on a split ring (ids and lengths already checked and claimed):
+        one descriptor and one avail entry per buffer (2.7.13.1-2), the ring's fields
+        in locals and written back once; what the ring has no room for is left."""
+        cdef Py_ssize_t i, n = burst
+        if n > self.vq.num_free:
+            n = self.vq.num_free
+            self.ring_full += 1
+        cdef uint32_t b, ln, hdr_len = self.hdr_len
+        cdef uint64_t nbytes = 0, off = self.buf_off
+        cdef const uint64_t *iova = self.pool.iova
+        cdef char *hdrs = self.pool.base + self.buf_off
+        cdef size_t stride = self.pool.buffer_size
+        cdef DescExtra *extra = self.vq.extra
+        cdef vring_desc *desc = self.vq.vr.desc
+        cdef uint16_t *ring = self.vq.vr.avail.ring
+        cdef uint16_t head = self.vq.free_head, avail = self.vq.avail_idx, mask = self.vq.mask
+        for i in range(n):
+            b = ids[i]
+            ln = lengths[i]
+            zero_hdr(hdrs + b * stride, hdr_len)
+            desc[head].addr = iova[b] + off
+            desc[head].len = hdr_len + ln
+            desc[head].flags = 0
+            extra[head].cookie = b
+            extra[head].writable = 0
+            extra[head].ndescs = 1
+            ring[avail & mask] = head
+            avail += 1
+            head = extra[head].next
+            nbytes += ln
+        self.vq.free_head = head
+        self.vq.num_free -= <uint32_t>n
+        self.vq.avail_idx = avail
+        self.packets += <uint64_t>n
+        self.bytes += nbytes
+        return <int>n
 
     cdef int send_pool(self, uint32_t length, Py_ssize_t burst) noexcept nogil:
         """Transmit up to ``burst`` buffers taken straight from the pool, ``length``
