@@ -1,10 +1,11 @@
 """pytest-benchmark: one loopback round, tx burst + device step + rx burst, burst 32.
 
-    python -m pytest bench -q                     # each round once, as a check (benchmarks disabled)
-    python -m pytest bench --benchmark-enable     # timed
+    python -m pytest bench -q                     # each round once, as a check (timing off)
+    python -m pytest bench --benchmark-only       # timed
 
 One benchmark round moves 32 packets, so packets per second = 32 x the
-"OPS" column (``extra_info["packets_per_round"]``). Every benchmark checks
+"OPS" column (``extra_info["packets_per_round"]``; bench/conftest.py reports it
+as ``extra_info["pps"]`` and a ``pps`` line at the end). Every benchmark checks
 afterwards that the packets arrived, intact: correctness, not timing.
 ``bench/loopback.py`` gives the full table and the ratio to pure Python.
 """
