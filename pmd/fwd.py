@@ -58,15 +58,26 @@ class Summary:
     def mpps(self) -> float:
         return self.packets / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
-    def line(self) -> str:
+    @property
+    def gbps(self) -> float:
         bytes_ = self.tx_bytes if self.mode == "txonly" else self.rx_bytes
-        gbps = bytes_ * 8 / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return bytes_ * 8 / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
         return (f"summary: mode={self.mode} seconds={self.seconds:.2f} rx={self.rx_packets} "
-                f"tx={self.tx_packets} mpps={self.mpps:.3f} gbps={gbps:.3f} drops={self.drops} "
+                f"tx={self.tx_packets} mpps={self.mpps:.3f} gbps={self.gbps:.3f} drops={self.drops} "
                 f"errors={self.errors}")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as plain data (``pmd fwd --json``): the counts, and the rates of :meth:`line`."""
+        return {"mode": self.mode, "seconds": round(self.seconds, 6), "rx_packets": self.rx_packets,
+                "tx_packets": self.tx_packets, "rx_bytes": self.rx_bytes, "tx_bytes": self.tx_bytes,
+                "packets": self.packets, "mpps": round(self.mpps, 6), "gbps": round(self.gbps, 6),
+                "drops": self.drops, "errors": self.errors}
 
-def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:
+
+def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event,
+            pcap: PcapWriter | None = None, pcap_lock: threading.Lock | None = None) -> None:
     """testpmd's txonly: the same frame, burst after burst, without copying it each time.
 
     Every buffer on the pool's free stack gets the frame once; then buffers go
@@ -74,7 +85,8 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:
     read them, still holding it, so per packet only the virtio-net header is
     written (DPDK's txonly copies the headers into each mbuf). Buffers posted
     to the rx ring are not touched: txonly never receives, so they never
-    come back to the free stack to be sent.
+    come back to the free stack to be sent. With ``pcap``, what is sent is written there too
+    (the loop in Python then, a burst at a time).
     """
     pool = txq.pool
     txq.reclaim()                 # buffers an earlier run left in the tx ring, if the device is done
@@ -89,16 +101,20 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event) -> None:
     if pool.available < txq.vq.size + burst:
         raise ValueError(f"txonly with burst {burst} needs {txq.vq.size + burst} free pool buffers "
                          f"(the tx ring and one burst), the pool has {pool.available}: use a smaller burst")
-    if isinstance(txq, TxQueue):
+    if isinstance(txq, TxQueue) and pcap is None:
         # The loop in C: buffers go from the pool to the ring, no ids through Python.
         while not stop.is_set():
             _fwd.txonly(txq, len(frame), burst, BURSTS_PER_CALL)
         return
     lens = np.full(burst, len(frame), np.uint32)
+    rows = np.tile(np.frombuffer(frame, np.uint8), (burst, 1)) if pcap is not None else None
     ids = pool.alloc(burst)
     try:
         while not stop.is_set():
             sent = txq.tx_burst_zc(ids, lens)
+            if sent and pcap is not None and rows is not None:
+                with pcap_lock or threading.Lock():
+                    pcap.write_burst(rows, lens, sent)
             if sent == burst:
                 pool.alloc_into(ids)  # the same array again: no allocation per burst
             elif sent:
@@ -117,7 +133,7 @@ def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: 
         ids = np.zeros(burst, np.uint32)
         lens = np.zeros(burst, np.uint32)
         if mode == "txonly":
-            _txonly(txq, udp_frame(size, port.mac), burst, stop)
+            _txonly(txq, udp_frame(size, port.mac), burst, stop, pcap, pcap_lock)
             return
         if mode == "rxonly" and pcap is not None:
             out = np.zeros((burst, rxq.max_packet_len), np.uint8)
@@ -198,10 +214,48 @@ def _queue_line(q: int, now: dict[str, Any], before: dict[str, Any], dt: float) 
             f"tx {rate('tx', 'packets') / 1e6:8.3f} Mpps {rate('tx', 'bytes') * 8 / 1e9:7.3f} Gbit/s")
 
 
+def _period(q_count: int, now: float, start: float, dt: float, s: dict[str, Any], prev: dict[str, Any],
+            base: dict[str, Any], drops: int) -> dict[str, Any]:
+    """One period's statistics as plain data: rates over the period, counts since the start."""
+    def rate(key: str, scale: float = 1.0) -> float:
+        return round(float(s[key] - prev[key]) * scale / dt, 3)
+
+    out: dict[str, Any] = {
+        "seconds": round(now - start, 3),
+        "rx_pps": rate("rx_packets"), "tx_pps": rate("tx_packets"),
+        "rx_bps": rate("rx_bytes", 8), "tx_bps": rate("tx_bytes", 8),
+        "rx_packets": s["rx_packets"] - base["rx_packets"], "tx_packets": s["tx_packets"] - base["tx_packets"],
+        "drops": s["rx_dropped"] - base["rx_dropped"] + drops,
+        "errors": s["device_errors"] - base["device_errors"],
+    }
+    if q_count > 1:
+        out["queues"] = [{side + "_" + unit: round((s[f"{side}_queues"][q][key] - prev[f"{side}_queues"][q][key])
+                                                   * (8 if key == "bytes" else 1) / dt, 3)
+                          for side in ("rx", "tx") for key, unit in (("packets", "pps"), ("bytes", "bps"))}
+                         for q in range(q_count)]
+    return out
+
+
+def _period_line(p: dict[str, Any]) -> str:
+    return (f"  {p['seconds']:6.1f}s  rx {p['rx_pps'] / 1e6:8.3f} Mpps {p['rx_bps'] / 1e9:7.3f} Gbit/s  "
+            f"tx {p['tx_pps'] / 1e6:8.3f} Mpps {p['tx_bps'] / 1e9:7.3f} Gbit/s  "
+            f"drops {p['drops']}  errors {p['errors']}")
+
+
+def send_first(port: PortLike, queues: int, burst: int, size: int) -> int:
+    """testpmd's ``--tx-first``: one burst of ``size``-byte UDP frames on each queue pair
+    before forwarding starts, so that a wire that only returns what it is sent (the
+    built-in device's loopback) has packets to forward. Returns how many were queued."""
+    frame = np.frombuffer(udp_frame(size, port.mac), np.uint8)
+    rows, lens = np.tile(frame, (burst, 1)), np.full(burst, size, np.uint32)
+    return sum(int(port.tx_queue(q).tx_burst(rows, lens)) for q in range(queues))
+
+
 def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, size: int = 64,
         duration: float | None = None, pcap: str | None = None, report: Callable[[str], None] = print,
-        stop: threading.Event | None = None, interval: float = 1.0, tx_retry: int = 10000,
-        cpus: Sequence[int] | None = None) -> Summary:
+        stop: threading.Event | None = None, interval: float | None = 1.0, tx_retry: int = 10000,
+        cpus: Sequence[int] | None = None, on_period: Callable[[dict[str, Any]], None] | None = None,
+        tx_first: bool = False) -> Summary:
     """Forward on ``queues`` queue pairs until Ctrl-C, ``duration`` or ``stop``; return the summary.
 
     In io and macswap modes, a packet the tx ring cannot take is retried up to
@@ -209,11 +263,19 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
     is dropped and counted; 0 drops at once, as testpmd does without retry.
     ``cpus``: the forwarding thread of queue pair q runs on ``cpus[q % len(cpus)]``
     (testpmd's ``--lcores``); None leaves them where the scheduler puts them.
+    Every ``interval`` seconds (None: never) the period's statistics go to ``report``
+    as a line and to ``on_period`` as a dict (``seconds``, ``rx_pps``, ``tx_pps``,
+    ``rx_bps``, ``tx_bps``, ``rx_packets``, ``tx_packets``, ``drops``, ``errors``, and
+    ``queues`` with several); the summary goes to ``report`` at the end.
+    ``pcap``: a file for what is received (rxonly, io, macswap) or sent (txonly).
+    ``tx_first``: send one burst on each queue pair first (:func:`send_first`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if burst < 1:
         raise ValueError("burst must be at least 1")
+    if interval is not None and interval <= 0:
+        raise ValueError("interval must be positive (None: no periodic statistics)")
     if cpus is not None:
         check_cpus(cpus)
     stop = stop or threading.Event()
@@ -234,27 +296,28 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
     base = port.stats()
     start = last = time.monotonic()
     prev = base
+    # Without periodic statistics the main thread still wakes now and then (a signal
+    # sets stop; the wait is in slices so that nothing depends on it interrupting a wait).
+    wake = interval if interval is not None else 1.0
     try:
+        if tx_first:
+            send_first(port, queues, burst, size)
         for t in threads:
             t.start()
         while not stop.is_set():
-            stop.wait(min(interval, max(0.0, start + duration - time.monotonic())) if duration else interval)
+            stop.wait(min(wake, max(0.0, start + duration - time.monotonic())) if duration else wake)
             now = time.monotonic()
-            s = port.stats()
-            dt = now - last
-            if dt > 0:
-                rx = (s["rx_packets"] - prev["rx_packets"]) / dt
-                tx = (s["tx_packets"] - prev["tx_packets"]) / dt
-                rxb = (s["rx_bytes"] - prev["rx_bytes"]) * 8 / dt
-                txb = (s["tx_bytes"] - prev["tx_bytes"]) * 8 / dt
-                report(f"  {now - start:6.1f}s  rx {rx / 1e6:8.3f} Mpps {rxb / 1e9:7.3f} Gbit/s  "
-                       f"tx {tx / 1e6:8.3f} Mpps {txb / 1e9:7.3f} Gbit/s  "
-                       f"drops {s['rx_dropped'] - base['rx_dropped'] + sum(drops)}  "
-                       f"errors {s['device_errors'] - base['device_errors']}")
+            if interval is not None and now > last:
+                s = port.stats()
+                p = _period(queues, now, start, now - last, s, prev, base, sum(drops))
+                report(_period_line(p))
                 if queues > 1:
                     for q in range(queues):
-                        report("          " + _queue_line(q, s, prev, dt))
-            prev, last = s, now
+                        report("          " + _queue_line(q, s, prev, now - last))
+                if on_period is not None:
+                    on_period(p)
+                prev = s
+            last = now
             if duration and now - start >= duration:
                 break
     finally:

@@ -108,6 +108,41 @@ def test_rxonly_writes_what_it_receives_to_pcap(port, tmp_path):
     assert all(r[1] == data[i, :lengths[i]].tobytes() and r[2] == lengths[i] for i, r in enumerate(recs))
 
 
+def test_txonly_writes_what_it_sends_to_pcap(port, tmp_path):
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    s = fwd.run(port, "txonly", size=100, stop=stop, pcap=str(tmp_path / "tx.pcap"), report=lambda _: None)
+    recs = list(read_pcap(tmp_path / "tx.pcap"))
+    assert s.tx_packets > 0 and len(recs) == s.tx_packets
+    assert all(r[1] == fwd.udp_frame(100, port.mac) for r in recs)
+
+
+def test_tx_first_sends_one_burst_before_forwarding(port):
+    # Nothing is in flight: io alone moves nothing; with tx_first one burst circulates.
+    assert fwd.run(port, "io", duration=0.2, report=lambda _: None).rx_packets == 0
+    s = fwd.run(port, "io", duration=0.3, burst=16, tx_first=True, report=lambda _: None)
+    assert s.rx_packets > 100 and s.errors == 0
+
+
+def test_each_period_goes_to_on_period_as_data(port):
+    periods: list[dict] = []
+    lines: list[str] = []
+    s = fwd.run(port, "txonly", duration=0.5, interval=0.2, report=lines.append, on_period=periods.append)
+    assert 1 <= len(periods) <= 3 and len(lines) == len(periods) + 1  # 0.2, 0.4, 0.5 s; the summary
+    assert [p["seconds"] for p in periods] == sorted(p["seconds"] for p in periods)
+    assert set(periods[0]) == {"seconds", "rx_pps", "tx_pps", "rx_bps", "tx_bps", "rx_packets",
+                               "tx_packets", "drops", "errors"}
+    assert periods[0]["tx_pps"] > 0 and periods[-1]["tx_packets"] == s.tx_packets
+    assert s.as_dict()["tx_packets"] == s.tx_packets and s.as_dict()["mpps"] == round(s.mpps, 6)
+
+
+def test_without_an_interval_only_the_summary_is_reported(port):
+    lines: list[str] = []
+    periods: list[dict] = []
+    s = fwd.run(port, "txonly", duration=0.3, interval=None, report=lines.append, on_period=periods.append)
+    assert lines == [s.line()] and periods == [] and s.tx_packets > 0
+
+
 def test_bad_mode_is_refused(port):
     with pytest.raises(ValueError, match="rxonly, txonly, io, macswap"):
         fwd.run(port, "bounce")
