@@ -518,7 +518,7 @@ def _fill(command: str) -> list[str]:
 
 def test_the_messages_recommend_commands_at_all() -> None:
     commands = {c.split()[1] for _, c in _recommended_commands()}
-    assert {"bind", "status", "sim", "loopback"} <= commands, commands
+    assert {"bind", "status", "sim", "fwd"} <= commands, commands
 
 
 @pytest.mark.parametrize("where,command", _recommended_commands())
@@ -562,3 +562,180 @@ def test_pmd_sim_as_the_vfio_user_error_recommends_serves_a_driver(tmp_path: Pat
             proc.kill()
             proc.wait()
     assert not Path(path).exists() and not Path(path + ".ctl").exists()
+
+
+# ---------------------------------------------------------------------------- --version
+
+def test_version_is_the_package_version() -> None:
+    import tomllib
+
+    import pmd
+
+    r = pmd_cmd("--version")
+    assert r.returncode == 0, r.stderr
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert r.stdout == f"pmd {declared}\n" and pmd.__version__ == declared
+
+
+# ---------------------------------------------------------------------------- status and info --json
+
+def test_status_json_is_the_device_list_as_data(sysfs: FakeSysfs, vfio_dir: Path) -> None:
+    import json
+
+    sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1003})
+    sysfs.add("0000:00:07.0", driver="vfio-pci", group=12)
+    (vfio_dir / "12").touch()
+    r = pmd_cmd("status", "--json", "--vfio-dir", str(vfio_dir), sysfs=sysfs.root)
+    assert r.returncode == 0 and r.stderr == ""
+    data = json.loads(r.stdout)
+    assert data["usable"] == ["0000:00:07.0"] and data["why_none_usable"] == []
+    first, second = data["devices"]
+    assert first == {"address": "0000:00:07.0", "name": "virtio-net (modern)", "vendor_id": 0x1AF4,
+                     "device_id": 0x1041, "driver": "vfio-pci", "iommu_group": 12, "interfaces": [],
+                     "active_interfaces": [], "usable": True, "reason": f"{vfio_dir}/12"}
+    assert second["active_interfaces"] == ["eth0"] and not second["usable"]
+    assert "pmd bind 0000:00:03.0" in second["reason"]
+
+
+def test_status_without_a_usable_device_points_at_the_built_in_device(sysfs: FakeSysfs, tmp_path: Path) -> None:
+    import json
+
+    sysfs.add("0000:00:03.0", interfaces={"eth0": 0x1003}, group=None)
+    r = pmd_cmd("status", "--vfio-dir", str(tmp_path / "no-vfio"), sysfs=sysfs.root)
+    assert r.returncode == 0
+    hint = r.stdout.splitlines()[-1]
+    assert "built-in virtio-net device" in hint and "`pmd fwd` with no DEVICE" in hint
+    assert 'open_port("sim")' in hint and "loopback" not in hint
+    r = pmd_cmd("status", "--json", "--vfio-dir", str(tmp_path / "no-vfio"), sysfs=sysfs.root)
+    data = json.loads(r.stdout)
+    assert data["usable"] == [] and any("this kernel offers no VFIO" in w for w in data["why_none_usable"])
+    assert "`pmd fwd` with no DEVICE" in data["without_a_device"]
+
+
+def test_info_json_of_a_config_file_is_what_the_text_shows() -> None:
+    import json
+
+    path = DATA / "0000_00_03_0_1af4_1041.bin"
+    r = pmd_cmd("info", "--config", str(path), "--json")
+    assert r.returncode == 0 and r.stderr == ""
+    data = json.loads(r.stdout)
+    cs = parse_config(path.read_bytes())
+    assert (data["vendor_id"], data["device_id"], data["name"]) == (0x1AF4, 0x1041, "virtio-net (modern)")
+    assert [c["pos"] for c in data["capabilities"]] == [c.pos for c in cs.capabilities]
+    assert data["msix"]["table_size"] == 3 and data["msix"]["enabled"]
+    assert data["virtio_structures"]["notify"] == {"bar": 0, "offset": 0x6000, "length": 0x1000, "pos": 0x70,
+                                                   "notify_off_multiplier": 4}
+    assert data["bars"][0]["index"] == 0 and data["bars"][0]["address"] == cs.bar(0).address
+
+
+def test_info_json_of_a_device_not_bound_to_vfio(sysfs: FakeSysfs) -> None:
+    import json
+
+    sysfs.add("0000:00:03.0", numa="0")
+    r = pmd_cmd("info", "00:03.0", "--json", sysfs=sysfs.root)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["title"] == "0000:00:03.0" and data["sysfs"] == {"driver": "virtio-pci", "iommu_group": 7,
+                                                                 "numa_node": 0}
+    assert data["vfio"] is None and "pmd bind 0000:00:03.0" in data["vfio_not_shown"]
+    assert data["bars"][0]["size"] == 0x80000
+
+
+# ---------------------------------------------------------------------------- fwd: --json, wires, --tx-first
+
+def fwd_json(*args: str) -> tuple[list[dict[str, Any]], subprocess.CompletedProcess[str]]:
+    """``pmd fwd --json ARGS``: every line of stdout parsed (the test fails on one that is not JSON)."""
+    import json
+
+    r = pmd_cmd("fwd", "--json", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()], r
+
+
+def test_fwd_json_prints_only_the_summary_as_json() -> None:
+    (summary,), r = fwd_json("--mode", "rxonly", "--duration", "0.5")
+    assert summary["type"] == "summary" and summary["mode"] == "rxonly" and summary["device"] == "sim"
+    assert summary["rx_packets"] > 0 and summary["mpps"] > 0 and summary["errors"] == 0
+    assert r.stderr.startswith("pmd fwd: sim")                        # the banner, for a person
+
+
+def test_fwd_json_with_stats_period_prints_one_object_per_period() -> None:
+    lines, _ = fwd_json("--mode", "txonly", "--duration", "1", "--stats-period", "0.25")
+    *periods, summary = lines
+    assert 2 <= len(periods) <= 4 and all(p["type"] == "stats" for p in periods), lines
+    assert all(p["tx_pps"] > 0 for p in periods) and 0 < periods[-1]["tx_packets"] <= summary["tx_packets"]
+    assert summary["type"] == "summary"
+
+
+def test_fwd_stats_period_sets_the_text_statistics_too() -> None:
+    r = pmd_cmd("fwd", "--mode", "txonly", "--duration", "0.6", "--stats-period", "0")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines()] == ["pmd", "placement:", "summary:"], r.stdout
+    r = pmd_cmd("fwd", "--mode", "txonly", "--duration", "0.6", "--stats-period", "0.2")
+    assert len(re.findall(r"^ +[0-9.]+s  rx ", r.stdout, re.M)) >= 2, r.stdout
+
+
+def test_fwd_loopback_wire_with_tx_first_moves_packets() -> None:
+    (summary,), r = fwd_json("--wire", "loopback", "--mode", "io", "--tx-first", "--duration", "0.5")
+    assert summary["rx_packets"] > 1000 and summary["tx_packets"] > 1000 and summary["wire"] == "loopback"
+    assert "tx first" in r.stderr
+
+
+@pytest.mark.parametrize("args,missing", [
+    (("--wire", "loopback", "--mode", "io"), "--tx-first"),
+    (("--wire", "loopback", "--mode", "macswap"), "--tx-first"),
+    (("--wire", "loopback", "--mode", "rxonly"), "--tx-first"),
+    (("--wire", "pcap",), "--pcap-in FILE"),
+    (("--wire", "pcap", "--pcap-out", "/tmp/pmd-never-written.pcap"), "--pcap-in FILE"),
+    (("--wire", "tap",), "--tap NAME"),
+    (("--wire", "loopback", "--tx-first", "--flows", "4"), "--flows (generator)"),
+    (("--wire", "pcap", "--pcap-in", "/nonexistent.pcap"), "--pcap-in /nonexistent.pcap: no such file"),
+    (("0000:00:03.0", "--pcap-in", "x.pcap"), "apply to the built-in device only"),
+])
+def test_fwd_a_wire_without_what_it_needs_is_a_usage_error(args: tuple[str, ...], missing: str) -> None:
+    r = pmd_cmd("fwd", *args, "--duration", "0.5")
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith("pmd fwd: --") and missing in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def _pcap_file(path: Path, count: int) -> list[bytes]:
+    from pmd.abi.ethernet import udp_frame
+    from pmd.abi.pcap import PcapWriter
+
+    frames = [udp_frame(60 + i, bytes.fromhex("02504d440001")) for i in range(count)]
+    with PcapWriter(path) as w:
+        for f in frames:
+            w.write(f)
+    return frames
+
+
+def test_fwd_pcap_wire_plays_pcap_in_and_writes_pcap_out(tmp_path: Path) -> None:
+    from pmd.abi.pcap import read_pcap
+
+    frames = _pcap_file(tmp_path / "in.pcap", 50)
+    (summary,), _ = fwd_json("--wire", "pcap", "--pcap-in", str(tmp_path / "in.pcap"), "--pcap-out",
+                             str(tmp_path / "out.pcap"), "--mode", "io", "--duration", "1")
+    assert summary["rx_packets"] == summary["tx_packets"] == 50
+    assert [r[1] for r in read_pcap(tmp_path / "out.pcap")] == frames      # forwarded back, in order
+
+
+def test_fwd_generator_takes_rate_and_flows() -> None:
+    from pmd.cli import _wire_options, build_parser
+
+    args = build_parser().parse_args(["fwd", "--flows", "8", "--rate", "2000", "--size", "128"])
+    assert _wire_options(args) == {"wire": "generator", "rate": 2000.0, "size": 128, "flows": 8}
+    args = build_parser().parse_args(["fwd", "--wire", "tap", "--tap", "pmdtest0"])
+    assert _wire_options(args) == {"wire": "tap", "tap": "pmdtest0"}
+    (summary,), _ = fwd_json("--mode", "rxonly", "--rate", "2000", "--flows", "8", "--duration", "1")
+    assert 0 < summary["rx_packets"] <= 4000, summary                    # paced, not flat out
+
+
+def test_fwd_txonly_writes_what_it_sends_to_pcap(tmp_path: Path) -> None:
+    from pmd.abi.pcap import read_pcap
+    from pmd.abi.ethernet import udp_frame
+
+    (summary,), _ = fwd_json("--mode", "txonly", "--size", "80", "--pcap", str(tmp_path / "tx.pcap"),
+                             "--duration", "0.5")
+    recs = list(read_pcap(tmp_path / "tx.pcap"))
+    assert summary["tx_packets"] > 0 and len(recs) == summary["tx_packets"]
+    assert {r[1] for r in recs} == {udp_frame(80, recs[0][1][6:12])}

@@ -132,7 +132,7 @@ def test_each_period_goes_to_on_period_as_data(port):
     assert [p["seconds"] for p in periods] == sorted(p["seconds"] for p in periods)
     assert set(periods[0]) == {"seconds", "rx_pps", "tx_pps", "rx_bps", "tx_bps", "rx_packets",
                                "tx_packets", "drops", "errors"}
-    assert periods[0]["tx_pps"] > 0 and periods[-1]["tx_packets"] == s.tx_packets
+    assert periods[0]["tx_pps"] > 0 and 0 < periods[-1]["tx_packets"] <= s.tx_packets
     assert s.as_dict()["tx_packets"] == s.tx_packets and s.as_dict()["mpps"] == round(s.mpps, 6)
 
 

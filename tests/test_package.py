@@ -124,3 +124,11 @@ def test_installed_wheel_opens_a_port_on_the_built_in_device(venv: Path, tmp_pat
             "    print('sent', n)\n")
     out = _run([str(venv / "bin" / "python"), "-c", code], cwd=tmp_path, env=_clean_env(), timeout=120)
     assert "sent 4" in out, out
+
+
+def test_installed_wheel_says_its_version(venv: Path, tmp_path: Path) -> None:
+    # pmd --version (pmd.__version__) and the installed distribution's metadata agree.
+    out = _run([str(venv / "bin" / "pmd"), "--version"], cwd=tmp_path, env=_clean_env(), timeout=60)
+    meta = _run([str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('pmd'))"],
+                cwd=tmp_path, env=_clean_env(), timeout=60)
+    assert out == f"pmd {meta.strip()}\n", (out, meta)

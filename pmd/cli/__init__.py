@@ -16,6 +16,7 @@ line with the remedy, exit status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -24,20 +25,36 @@ from typing import Any, Sequence
 
 from ..driver import sysfs
 from ..errors import PmdError
+from .data import info_data, status_data, vfio_data, virtio_data
 from .text import format_info, format_status, format_vfio, format_virtio
 
-__all__ = ["main", "build_parser", "format_vfio"]
+__all__ = ["main", "build_parser", "format_vfio", "version", "UsageError"]
+
+
+def version() -> str:
+    """This pmd's version: ``pmd.__version__``, the one pyproject.toml gives its distribution
+    (tests/test_package.py checks that an installed wheel's metadata agrees)."""
+    from .. import __version__
+
+    return __version__
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     rows = sysfs.status_rows(vfio_dir=args.vfio_dir)
+    why = None if any(r.usable for r in rows) else _why_none_usable(rows, Path(args.vfio_dir))
+    if args.json:
+        print(json.dumps({**status_data(rows, why), "without_a_device": _WITHOUT_A_DEVICE}))
+        return 0
     print(format_status(rows))
-    if not any(r.usable for r in rows):
-        print("No device is usable by pmd now: " + "; ".join(_why_none_usable(rows, Path(args.vfio_dir))) + ".")
+    if why is not None:
+        print("No device is usable by pmd now: " + "; ".join(why) + ".")
         print("A virtio-net device must be bound to vfio-pci (pmd bind DEVICE) and its "
-              f"{args.vfio_dir}/<group> must exist. Without one, pmd runs on the in-process "
-              "loopback (pmd loopback).")
+              f"{args.vfio_dir}/<group> must exist. Without one, pmd runs on its built-in "
+              f"virtio-net device, in a process of its own over vfio-user: {_WITHOUT_A_DEVICE}.")
     return 0
+
+
+_WITHOUT_A_DEVICE = '`pmd fwd` with no DEVICE, or open_port("sim") in Python'
 
 
 def _why_none_usable(rows: Sequence[sysfs.StatusRow], vfio_dir: Path) -> list[str]:
@@ -63,29 +80,52 @@ def _why_none_usable(rows: Sequence[sysfs.StatusRow], vfio_dir: Path) -> list[st
 def _cmd_info(args: argparse.Namespace) -> int:
     if args.config:
         data = Path(args.config).read_bytes()
-        print(format_info(data, title=args.config), end="")
+        if args.json:
+            print(json.dumps(info_data(data, title=args.config)))
+        else:
+            print(format_info(data, title=args.config), end="")
         return 0
     if not args.device:
         raise PmdError("give a DEVICE (e.g. 0000:00:03.0) or --config FILE")
     dev = sysfs.read_device(args.device)
-    print(format_info(dev.read_config(), bar_sizes=dev.bar_sizes(), title=str(dev.address)), end="")
-    print(f"Sysfs: driver {dev.driver or '(none)'}, IOMMU group "
-          f"{dev.iommu_group if dev.iommu_group is not None else '(none)'}, NUMA node {dev.numa_node}")
+    config, bar_sizes = dev.read_config(), dev.bar_sizes()
+    where = {"driver": dev.driver, "iommu_group": dev.iommu_group, "numa_node": dev.numa_node}
+    vfio: dict[str, Any] | None = None
+    virtio: dict[str, Any] | None = None
+    if not args.json:
+        print(format_info(config, bar_sizes=bar_sizes, title=str(dev.address)), end="")
+        print(f"Sysfs: driver {dev.driver or '(none)'}, IOMMU group "
+              f"{dev.iommu_group if dev.iommu_group is not None else '(none)'}, NUMA node {dev.numa_node}")
     if dev.driver != sysfs.VFIO_PCI:
-        print(f"VFIO: not shown, the device is not bound to vfio-pci (pmd bind {dev.address})")
+        if args.json:
+            print(json.dumps({**info_data(config, bar_sizes=bar_sizes, title=str(dev.address)), "sysfs": where,
+                              "vfio": None, "virtio": None,
+                              "vfio_not_shown": f"the device is not bound to vfio-pci (pmd bind {dev.address})"}))
+        else:
+            print(f"VFIO: not shown, the device is not bound to vfio-pci (pmd bind {dev.address})")
         return 0
     from ..driver.access.vfio import VfioAccess
 
     from ..driver.virtio.pci import open_transport
 
     with VfioAccess.open(str(dev.address), dev_dir=args.vfio_dir) as vdev:
-        print(format_vfio(vdev))
+        if args.json:
+            vfio = vfio_data(vdev)
+        else:
+            print(format_vfio(vdev))
         # reading the offered features touches no state a driver keeps (4.1.4.3)
         t = open_transport(vdev, owns_access=False)
         try:
-            print(format_virtio(t.device_features(), transport_bits=t.feature_bits, transport=t.describe()), end="")
+            if args.json:
+                virtio = virtio_data(t.device_features(), transport_bits=t.feature_bits, transport=t.describe())
+            else:
+                print(format_virtio(t.device_features(), transport_bits=t.feature_bits, transport=t.describe()),
+                      end="")
         finally:
             t.close()
+    if args.json:
+        print(json.dumps({**info_data(config, bar_sizes=bar_sizes, title=str(dev.address)), "sysfs": where,
+                          "vfio": vfio, "virtio": virtio}))
     return 0
 
 
@@ -109,9 +149,9 @@ def _cmd_loopback(args: argparse.Namespace) -> int:
     burst = args.burst
     size = args.size
     if not 60 <= size <= 1514:
-        raise SystemExit("pmd loopback: --size must be 60 to 1514 bytes")
+        raise UsageError("--size must be 60 to 1514 bytes")
     if not 1 <= burst <= args.queue_size:
-        raise SystemExit(f"pmd loopback: --burst must be 1 to the queue size ({args.queue_size})")
+        raise UsageError(f"--burst must be 1 to the queue size ({args.queue_size})")
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -172,6 +212,61 @@ def _cmd_loopback(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """Options that cannot work together, or an option a choice needs: one line, exit status 2
+    (as argparse's own usage errors)."""
+
+
+# What the built-in device's wires need from the command line, and which options they take.
+_WIRE_OPTIONS = {"generator": ("rate", "flows"), "pcap": ("pcap_in", "pcap_out", "rate"), "tap": ("tap",),
+                 "loopback": (), "pair": ()}
+_OPTION_NAMES = {"rate": "--rate", "flows": "--flows", "pcap_in": "--pcap-in", "pcap_out": "--pcap-out",
+                 "tap": "--tap"}
+
+
+def _wire_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The built-in device's wire and its options from ``pmd fwd``'s, or a :class:`UsageError`
+    naming what is missing: a wire that cannot move a packet without an option says so."""
+    wire = args.wire
+    given = {k for k in _OPTION_NAMES if getattr(args, k) is not None}
+    stray = sorted(given - set(_WIRE_OPTIONS[wire]))
+    if stray:
+        takes = ", ".join(f"{_OPTION_NAMES[k]} ({w})" for k in stray
+                          for w in [next(w for w, o in _WIRE_OPTIONS.items() if k in o)])
+        raise UsageError(f"{takes} {'applies' if len(stray) == 1 else 'apply'} to another wire; "
+                         f"--wire {wire} takes {', '.join(_OPTION_NAMES[k] for k in _WIRE_OPTIONS[wire]) or 'none'}")
+    receives = args.mode != "txonly"
+    if wire == "pcap" and args.pcap_in is None and args.pcap_out is None:
+        raise UsageError("--wire pcap needs --pcap-in FILE (the frames pmd receives) or --pcap-out FILE "
+                         "(where what pmd sends is written)")
+    if wire == "pcap" and receives and args.pcap_in is None:
+        raise UsageError(f"--wire pcap with --mode {args.mode} receives nothing without --pcap-in FILE "
+                         "(the frames pmd receives)")
+    if wire == "tap" and args.tap is None:
+        raise UsageError("--wire tap needs --tap NAME (the TAP interface to create or attach to; needs "
+                         "CAP_NET_ADMIN)")
+    if wire == "loopback" and args.mode == "rxonly":
+        raise UsageError("--wire loopback returns what pmd sends, and --mode rxonly sends nothing: "
+                         "use --mode io --tx-first, or another --wire")
+    if wire == "loopback" and args.mode in ("io", "macswap") and not args.tx_first:
+        raise UsageError(f"--wire loopback with --mode {args.mode} has nothing to forward until pmd sends: "
+                         "add --tx-first (one burst first, as testpmd's)")
+    if args.pcap_in is not None and not Path(args.pcap_in).is_file():
+        raise UsageError(f"--pcap-in {args.pcap_in}: no such file")
+    kw: dict[str, Any] = {"wire": wire}
+    if wire in ("generator", "pcap"):
+        kw["rate"] = args.rate or 0.0
+    if wire == "generator":
+        kw["size"] = args.size
+        kw["flows"] = args.flows or 1
+    if wire == "pcap":
+        kw["pcap_in"] = str(Path(args.pcap_in).resolve()) if args.pcap_in else None
+        kw["pcap_out"] = str(Path(args.pcap_out).resolve()) if args.pcap_out else None
+    if wire == "tap":
+        kw["tap"] = args.tap
+    return kw
+
+
 def _cmd_fwd(args: argparse.Namespace) -> int:
     from .. import fwd
     from ..backends import open_port
@@ -179,24 +274,24 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
     device = args.device or "sim"
     kw: dict[str, Any] = {}
     builtin = device == "sim" or device.startswith("sim:")
+    if args.stats_period is not None and args.stats_period < 0:
+        raise UsageError("--stats-period must be 0 (no periodic statistics) or more seconds")
     device_cpu, cpus = (None, None) if args.no_pin else fwd.default_placement(builtin)
     if args.cpus is not None:
         cpus = _cpu_list(args.cpus)
         fwd.check_cpus(cpus)
     if args.device_cpu is not None:
         if not builtin:
-            raise SystemExit("pmd fwd: --device-cpu places the built-in device (no DEVICE, or 'sim'); "
+            raise UsageError("--device-cpu places the built-in device (no DEVICE, or 'sim'); "
                              "pin another device's process yourself")
         device_cpu = args.device_cpu
     if builtin:
         kw["cpu"] = device_cpu
-        kw["wire"] = args.wire
         kw["queue_pairs"] = args.queues
-        if args.wire == "generator":
-            kw["rate"] = args.rate
-            kw["size"] = args.size
-    elif args.wire != "generator":
-        raise SystemExit("pmd fwd: --wire applies to the built-in device only (no DEVICE, or 'sim')")
+        kw.update(_wire_options(args))
+    elif args.wire != "generator" or any(getattr(args, k) is not None for k in _OPTION_NAMES):
+        raise UsageError("--wire and its options (--pcap-in, --pcap-out, --tap, --flows, --rate) apply to "
+                         "the built-in device only (no DEVICE, or 'sim')")
     if device.startswith("vhost-user:"):
         kw["server"] = args.server
         kw["timeout"] = args.timeout
@@ -205,7 +300,16 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
         else:
             kw["wait"] = args.accept_timeout
     elif args.server:
-        raise SystemExit("pmd fwd: --server applies to vhost-user:PATH only (pmd listens, the backend connects)")
+        raise UsageError("--server applies to vhost-user:PATH only (pmd listens, the backend connects)")
+    # --json: stdout carries JSON only, one object a line; what a person reads goes to stderr.
+    def say(line: str) -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    period = args.stats_period if args.stats_period is not None else (0.0 if args.json else 1.0)
+
+    def on_period(p: dict[str, Any]) -> None:
+        print(json.dumps({"type": "stats", **p}), flush=True)
+
     # Until fwd.run takes SIGTERM over, it interrupts like Ctrl-C, so the port
     # (and the built-in device) is closed on the way out.
     old = signal.signal(signal.SIGTERM, _interrupt)
@@ -213,13 +317,19 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
         with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0,
                        enable=args.enable or 0, **kw) as port:
             port.start(queue_pairs=args.queues, queue_size=args.queue_size)
-            print(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
-                  f"{args.queues} queue pair(s), {port.ring_layout} rings, burst {args.burst}"
-                  + (f", wire {args.wire}" if device == "sim" else ""), flush=True)
-            print("  placement: " + _placement_text(builtin, device_cpu, cpus, args.queues), flush=True)
-            fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
-                    duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
-                    report=lambda line: print(line, flush=True), cpus=cpus)
+            say(f"pmd fwd: {device} ({port.transport.describe()}), mode {args.mode}, "
+                f"{args.queues} queue pair(s), {port.ring_layout} rings, burst {args.burst}"
+                + (f", wire {args.wire}" if builtin else "") + (", tx first" if args.tx_first else ""))
+            say("  placement: " + _placement_text(builtin, device_cpu, cpus, args.queues))
+            summary = fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
+                              duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
+                              report=(lambda line: None) if args.json else say, cpus=cpus,
+                              interval=period or None, on_period=on_period if args.json else None,
+                              tx_first=args.tx_first)
+            if args.json:
+                print(json.dumps({"type": "summary", "device": device, "wire": args.wire if builtin else None,
+                                  "queues": args.queues, "burst": args.burst, "size": args.size,
+                                  **summary.as_dict()}), flush=True)
     finally:
         signal.signal(signal.SIGTERM, old)
     return 0
@@ -233,7 +343,7 @@ def _cpu_list(text: str) -> list[int]:
             lo, _, hi = part.strip().partition("-")
             out += list(range(int(lo), int(hi or lo) + 1))
     except ValueError:
-        raise SystemExit(f"pmd fwd: --cpus {text!r}: give CPU numbers, e.g. 0 or 0,1 or 0-3") from None
+        raise UsageError(f"--cpus {text!r}: give CPU numbers, e.g. 0 or 0,1 or 0-3") from None
     return out
 
 
@@ -260,6 +370,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pmd", description="A user-space virtio-net poll-mode driver.")
+    p.add_argument("--version", action="version", version=f"pmd {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_vfio_dir(parser: argparse.ArgumentParser) -> None:
@@ -268,12 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="list network and virtio devices and whether pmd can use them")
     add_vfio_dir(status)
+    status.add_argument("--json", action="store_true", help="one JSON object on stdout: devices, usable, "
+                                                             "why_none_usable")
     status.set_defaults(func=_cmd_status)
 
     info = sub.add_parser("info", help="show a device: config space, capabilities, VFIO regions, IRQs")
     info.add_argument("device", nargs="?", help="PCI address, e.g. 0000:00:03.0")
     info.add_argument("--config", metavar="FILE", help="read a saved config space instead of a device")
     add_vfio_dir(info)
+    info.add_argument("--json", action="store_true",
+                      help="one JSON object on stdout: header, bars, capabilities, virtio_structures, msix; "
+                           "for a device also sysfs, vfio, virtio")
     info.set_defaults(func=_cmd_info)
 
     for name, func, text in (("bind", _cmd_bind, "give a device to vfio-pci"),
@@ -307,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--size", type=int, default=64, help="packet size for txonly and the generator")
     fw.add_argument("--queue-size", type=int, default=256, help="ring entries (0: the device's maximum)")
     fw.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
-    fw.add_argument("--pcap", metavar="FILE", help="write received packets to a pcap file")
+    fw.add_argument("--pcap", metavar="FILE",
+                    help="write the packets received (rxonly, io, macswap) or sent (txonly) to a pcap file")
     fw.add_argument("--legacy", action="store_true", help="drive a transitional device's legacy interface")
     fw.add_argument("--disable", metavar="FEATURES", help="feature names not to negotiate, e.g. MRG_RXBUF")
     fw.add_argument("--enable", metavar="FEATURES",
@@ -315,8 +432,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "IN_ORDER (buffers used in order)")
     fw.add_argument("--wire", default="generator",
                     choices=("generator", "loopback", "pcap", "pair", "tap"),
-                    help="what is behind the built-in device (default: a traffic generator)")
-    fw.add_argument("--rate", type=float, default=0.0, help="generator packets per second (0: max)")
+                    help="what is behind the built-in device (default: a traffic generator); loopback "
+                         "returns what pmd sends (io: with --tx-first), pcap plays --pcap-in and writes "
+                         "--pcap-out, tap is a Linux TAP interface (--tap NAME)")
+    fw.add_argument("--rate", type=float, default=None,
+                    help="generator, pcap: packets per second the wire offers (default 0: as fast as taken)")
+    fw.add_argument("--flows", type=int, default=None, metavar="N", help="generator: UDP flows (default 1)")
+    fw.add_argument("--pcap-in", metavar="FILE", help="pcap wire: the frames pmd receives")
+    fw.add_argument("--pcap-out", metavar="FILE", help="pcap wire: where the frames pmd sends are written")
+    fw.add_argument("--tap", metavar="NAME", help="tap wire: the TAP interface (made if missing; CAP_NET_ADMIN)")
+    fw.add_argument("--tx-first", action="store_true",
+                    help="send one burst on each queue pair before forwarding (testpmd's --tx-first): "
+                         "what gets --wire loopback --mode io moving")
+    fw.add_argument("--stats-period", type=float, default=None, metavar="S",
+                    help="statistics every S seconds (default 1; with --json, none unless given); 0: only "
+                         "the summary")
+    fw.add_argument("--json", action="store_true",
+                    help="JSON on stdout, one object a line: with --stats-period, {\"type\": \"stats\", ...} "
+                         "each period; {\"type\": \"summary\", ...} at the end; the banner goes to stderr")
     fw.add_argument("--tx-retry", type=int, default=10000,
                     help="io/macswap: tries for a full tx ring before dropping (0: drop at once)")
     fw.add_argument("--server", action="store_true",
@@ -342,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except UsageError as e:
+        print(f"pmd {args.command}: {e}", file=sys.stderr)
+        return 2
     except PmdError as e:
         print(f"pmd {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
