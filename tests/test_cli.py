@@ -464,6 +464,18 @@ def test_readme_main_job_runs_on_the_built_in_device_and_prints_a_summary():
     assert m and float(m.group(1)) > 0, r.stdout
 
 
+def test_readme_api_example_receives_packets_from_the_built_in_device():
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"## The API in short\n+```python\n(.*?)\n```", text, re.S)
+    assert m, "no python block under 'The API in short' in README.md"
+    code = m.group(1)
+    assert 'pmd.open_port("sim"' in code                        # runs as written, no hardware
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    counts = [int(n) for n in re.findall(r"^received (\d+) packets", r.stdout, re.M)]
+    assert len(counts) == 2 and all(n > 0 for n in counts), r.stdout
+
+
 def test_ci_runs_the_readme_test_command():
     command = _readme_command("Set up and pass the tests")
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
