@@ -8,9 +8,12 @@
     pmd loopback               the data path in one process with live statistics
     pmd fwd [DEVICE]           forward packets (rxonly, txonly, io, macswap) with live statistics
     pmd sim --socket PATH      the built-in virtio-net device, served over vfio-user for another process
+    pmd --version              this pmd's version
 
-Each subcommand is a thin layer over the library; errors are printed as one
-line with the remedy, exit status 1.
+status, info and fwd take --json: JSON only on stdout (fwd: one object per --stats-period,
+then the summary, one a line). Each subcommand is a thin layer over the library; errors are
+printed as one line with the remedy, exit status 1; options that cannot work (a wire without
+what it needs) exit 2, as argparse's own usage errors.
 """
 
 from __future__ import annotations
