@@ -178,6 +178,19 @@ def test_info_says_whether_the_device_offers_in_order_and_how_to_take_it() -> No
     assert line == "  used buffers: not in order (the device offers no VIRTIO_F_IN_ORDER)"
 
 
+def test_info_json_says_what_the_device_offers_and_pmd_takes() -> None:
+    from pmd.abi import virtio as V
+    from pmd.cli.data import virtio_data
+    from pmd.driver.virtio import net as N
+
+    offered = V.bit(V.VERSION_1) | 1 << 5 | V.bit(V.RING_PACKED)
+    data = virtio_data(offered, transport_bits=64, transport="modern")
+    assert data["device_features"] == offered and "RING_PACKED" in data["device_feature_names"]
+    assert data["accepted_features"] == N.negotiate(offered, transport_bits=64)
+    assert data["ring_layout"] == ("packed" if data["accepted_features"] & V.bit(V.RING_PACKED) else "split")
+    assert virtio_data(offered, transport_bits=32, transport="legacy")["ring_layout"] == "split"
+
+
 def test_info_on_a_fake_tree_shows_the_device_and_why_no_vfio(sysfs: FakeSysfs) -> None:
     sysfs.add("0000:00:03.0", numa="0")
     r = pmd_cmd("info", "00:03.0", sysfs=sysfs.root)
@@ -405,6 +418,19 @@ class TestInGuest:
         # QEMU's device has packed=on (tests/vm/harness.py): offered, and the layout said
         assert re.search(r"^Virtio \(.*\)\n  device features 0x[0-9a-f]+: .*RING_PACKED", out, re.M), out
         assert re.search(r"^  rings: (packed|split)", out, re.M), out
+
+    def test_info_json_has_vfio_regions_irqs_and_features(self) -> None:
+        import json
+
+        r = pmd_cmd("info", VFIO_DEVICE, "--json", timeout=300)
+        assert r.returncode == 0, r.stderr
+        data = json.loads(r.stdout)
+        group = pci_sysfs.read_device(VFIO_DEVICE).iommu_group
+        assert data["vfio"]["group"] == group and data["vfio"]["iova_mode"] == "va"
+        assert {x["index"]: x["size"] for x in data["vfio"]["regions"]}[7] == 0x100
+        assert {x["name"]: x["count"] for x in data["vfio"]["irqs"]}["MSI-X"] == 4
+        assert "RING_PACKED" in data["virtio"]["device_feature_names"]
+        assert data["virtio"]["ring_layout"] in ("split", "packed")
 
     def test_what_pmd_parsed_matches_lspci(self) -> None:
         seen = parse_lspci(lspci(VFIO_DEVICE))
