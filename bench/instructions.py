@@ -15,7 +15,8 @@ the instructions go.
     python bench/instructions.py --in-order on        # both sides with VIRTIO_F_IN_ORDER (--ring packed too)
 
 If ``perf stat -e instructions:u`` works on the machine it is used as well
-(native, not simulated), as a cross-check.
+(native, not simulated), as a cross-check. The last line is
+``insn_driver=<x> insn_device=<y> insn_python=<z> insn_total=<t>`` (per packet or call).
 """
 
 from __future__ import annotations
@@ -242,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         merged[fn] = merged.get(fn, 0.0) + v
     for fn, v in sorted(merged.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"  {v:8.1f}  {fn}")
+    # one line for scripts and notes (issue 14's three figures, and the whole)
+    python = groups.get("Python interpreter (incl. GIL release/take)", 0.0)
+    print(f"insn_driver={groups.get(_DRIVER_SIDE, 0.0):.0f} insn_device={groups.get(_DEVICE_SIDE, 0.0):.0f} "
+          f"insn_python={python:.0f} insn_total={per:.0f}")
     return 0
 
 
