@@ -3,7 +3,8 @@ the package (ast for .py, the import lines of .pyx/.pxd) and fails on an edge
 the design forbids.
 
 - **shared** (the vocabulary at the bottom: ``pmd.abi``, ``pmd.includes``,
-  ``pmd.memory``, ``pmd.sockets``, ``pmd.errors``) imports only shared modules, and the
+  ``pmd.memory``, ``pmd.sockets``, ``pmd.errors``, and ``pmd.parse``, the header parser
+  either side may use) imports only shared modules, and the
   vocabulary (``pmd.abi``) only itself, ``pmd.errors`` and ``pmd.includes``;
 - **driver** (``pmd.driver``) imports shared and driver modules, never the
   built-in device;
@@ -31,7 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "pmd"
 
-SHARED = ("pmd.errors", "pmd.abi", "pmd.includes", "pmd.memory", "pmd.sockets")
+SHARED = ("pmd.errors", "pmd.abi", "pmd.includes", "pmd.memory", "pmd.sockets", "pmd.parse")
 DRIVER = ("pmd.driver",)
 DEVICE = ("pmd.sim",)
 TOP = ("pmd", "pmd.__main__", "pmd._compat", "pmd.backends", "pmd.loopback", "pmd.fwd", "pmd.cli")
