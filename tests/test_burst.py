@@ -245,6 +245,57 @@ def test_zc_argument_errors(lb):
         lb.driver_rx.rx_burst_zc(np.zeros(4, np.uint32), np.zeros(2, np.uint32))
 
 
+# ---- receive timestamps (docs/analytics.md) ----
+
+def test_rx_timestamps_one_clock_reading_per_burst_for_the_packets_received(lb):
+    import time
+    data, lengths = random_packets(5)
+    lb.driver_tx.tx_burst(data, lengths)
+    lb.step()
+    out = np.zeros((8, lb.driver_rx.max_packet_len), np.uint8)
+    lens = np.zeros(8, np.uint32)
+    ts = np.full(8, 7, np.uint64)
+    before = time.time_ns()
+    assert lb.driver_rx.rx_burst(out, lens, timestamps=ts) == 5
+    after = time.time_ns()
+    assert before <= ts[0] <= after and (ts[:5] == ts[0]).all()
+    assert (ts[5:] == 7).all()              # rows with no packet are left alone
+    assert lb.driver_rx.rx_burst(out, lens, timestamps=ts) == 0 and (ts[5:] == 7).all()
+
+
+def test_rx_zc_timestamps_and_a_later_burst_gets_a_later_time(lb):
+    ids, lens = np.zeros(4, np.uint32), np.zeros(4, np.uint32)
+    stamps = []
+    for _ in range(2):
+        data, lengths = random_packets(3)
+        lb.driver_tx.tx_burst(data, lengths)
+        lb.step()
+        ts = np.zeros(4, np.uint64)
+        assert lb.driver_rx.rx_burst_zc(ids, lens, timestamps=ts) == 3
+        lb.pool.free(ids[:3])
+        assert (ts[:3] == ts[0]).all() and ts[3] == 0
+        stamps.append(int(ts[0]))
+    assert stamps[0] <= stamps[1]
+
+
+@pytest.mark.parametrize("ts, exc, match", [
+    (np.zeros(4, np.uint32), TypeError, "dtype uint64"),
+    (np.zeros(3, np.uint64), ValueError, "timestamps has 3 entries"),
+    (np.zeros((4, 1), np.uint64), ValueError, "1-D"),
+    (np.zeros(8, np.uint64)[::2], ValueError, "contiguous"),
+    ([0, 0, 0, 0], TypeError, "numpy array"),
+])
+def test_rx_timestamps_argument_errors(lb, ts, exc, match):
+    with pytest.raises(exc, match=match):
+        lb.driver_rx.rx_burst(np.zeros((4, 2048), np.uint8), np.zeros(4, np.uint32), timestamps=ts)
+    with pytest.raises(exc, match=match):
+        lb.driver_rx.rx_burst_zc(np.zeros(4, np.uint32), np.zeros(4, np.uint32), timestamps=ts)
+    ro = np.zeros(4, np.uint64)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        lb.driver_rx.rx_burst_zc(np.zeros(4, np.uint32), np.zeros(4, np.uint32), timestamps=ro)
+
+
 def test_closed_queue_raises(lb):
     lb.driver_rx.close()
     with pytest.raises(QueueStateError, match="closed"):

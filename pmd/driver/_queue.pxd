@@ -135,3 +135,20 @@ cdef inline uint32_t *u32_1d(object a, str name, bint writable, Py_ssize_t *n) e
         raise ValueError(f"{name} is read-only; pass a writable array")
     n[0] = cnp.PyArray_DIM(arr, 0)
     return <uint32_t *>cnp.PyArray_DATA(arr)
+
+
+cdef inline uint64_t *u64_1d(object a, str name, bint writable, Py_ssize_t *n) except NULL:
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy array of dtype uint64, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != cnp.NPY_UINT64:
+        raise TypeError(f"{name} must have dtype uint64, got {arr.dtype}; "
+                        f"allocate it with np.zeros(burst, dtype=np.uint64)")
+    if cnp.PyArray_NDIM(arr) != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {(<object>a).shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
+        raise ValueError(f"{name} must be contiguous and aligned; pass np.ascontiguousarray({name})")
+    if writable and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} is read-only; pass a writable array")
+    n[0] = cnp.PyArray_DIM(arr, 0)
+    return <uint64_t *>cnp.PyArray_DATA(arr)

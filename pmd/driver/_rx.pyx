@@ -21,9 +21,10 @@ cimport cython
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
-from pmd.driver._queue cimport DEFAULT_HDR_LEN, _Queue, u8_2d, u32_1d
+from pmd.driver._queue cimport DEFAULT_HDR_LEN, _Queue, u8_2d, u32_1d, u64_1d
 from pmd.driver._virtqueue cimport USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, Virtqueue
 from pmd.includes.vring cimport VRING_DESC_F_WRITE, vring_desc, vring_load32, vring_used_elem
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
@@ -34,6 +35,28 @@ cnp.import_array()
 cdef enum:
     ETH_HLEN = 14              # destination, source, EtherType: the shortest frame there is
     DISCARD_MAX = 256          # rx_discard: ids on the stack per call
+
+
+cdef inline void stamp(uint64_t *timestamps, int n) noexcept nogil:
+    """One CLOCK_REALTIME reading (a vDSO call, no system call) for the ``n``
+    packets of a burst, in nanoseconds since the epoch (docs/analytics.md:
+    they were all in the used ring before the burst began)."""
+    cdef timespec t
+    cdef uint64_t ns
+    cdef int k
+    clock_gettime(CLOCK_REALTIME, &t)
+    ns = <uint64_t>t.tv_sec * 1000000000 + <uint64_t>t.tv_nsec
+    for k in range(n):
+        timestamps[k] = ns
+
+
+cdef uint64_t *timestamps_of(object timestamps, Py_ssize_t burst) except NULL:
+    cdef Py_ssize_t nts
+    cdef uint64_t *t = u64_1d(timestamps, "timestamps", True, &nts)
+    if nts < burst:
+        raise ValueError(f"timestamps has {nts} entries but the burst can bring {burst}; "
+                         "give timestamps at least one entry per packet")
+    return t
 
 
 @cython.no_gc_clear   # __dealloc__ (the base's) unpins the memory of `vq` and `pool`
@@ -395,12 +418,14 @@ cdef class RxQueue(_Queue):
         self.vq.flush()
         return got
 
-    def rx_burst(self, out, lengths, *, bint truncate=False):
+    def rx_burst(self, out, lengths, *, bint truncate=False, timestamps=None):
         """Receive up to ``len(out)`` packets into the rows of ``out`` (uint8, 2-D,
         C-contiguous); ``lengths[i]`` (uint32) gets packet i's length. Returns the
         count. Rows must hold ``max_packet_len`` bytes unless ``truncate=True``
         (then longer packets are cut to the row and ``lengths`` keeps their
-        real length, like pcap's snaplen).
+        real length, like pcap's snaplen). ``timestamps`` (uint64, an entry per
+        row): ``timestamps[i]`` gets the burst's CLOCK_REALTIME in nanoseconds,
+        read once after the packets were taken.
         """
         self.check()
         cdef Py_ssize_t rows, cols, nlen
@@ -412,22 +437,27 @@ cdef class RxQueue(_Queue):
         if cols < self.max_packet_len and not truncate:
             raise ValueError(f"out rows hold {cols} bytes but packets can be up to {self.max_packet_len}; "
                              f"use out with at least {self.max_packet_len} columns, or truncate=True")
+        cdef uint64_t *t = NULL
+        if timestamps is not None:
+            t = timestamps_of(timestamps, rows)
         if self.idle():
             return 0
         cdef int n
         self.enter()
         with nogil:
             n = self.harvest(o, cols, NULL, l, rows)
+            if t != NULL and n > 0:
+                stamp(t, n)
         self.leave()
         self.report_after(n)
         return n
 
-    def rx_burst_zc(self, ids, lengths):
+    def rx_burst_zc(self, ids, lengths, *, timestamps=None):
         """Receive up to ``len(ids)`` packets without copying: ``ids[i]`` (uint32) is
         a pool buffer whose data is ``pool.data[ids[i], :lengths[i]]``. The
         application owns those buffers until it gives them back with
         ``pool.free(ids[:n])`` or transmits them with ``TxQueue.tx_burst_zc``.
-        Returns the count.
+        Returns the count. ``timestamps`` as for ``rx_burst``, an entry per id.
         """
         self.check()
         cdef Py_ssize_t nids, nlen
@@ -435,12 +465,17 @@ cdef class RxQueue(_Queue):
         cdef uint32_t *l = u32_1d(lengths, "lengths", True, &nlen)
         if nlen < nids:
             raise ValueError(f"lengths has {nlen} entries but ids has {nids}; give one length per id")
+        cdef uint64_t *t = NULL
+        if timestamps is not None:
+            t = timestamps_of(timestamps, nids)
         if self.idle():
             return 0
         cdef int n
         self.enter()
         with nogil:
             n = self.harvest(NULL, 0, i, l, nids)
+            if t != NULL and n > 0:
+                stamp(t, n)
         self.leave()
         self.report_after(n)       # the ids are the caller's now: never raise with them unreturned
         return n

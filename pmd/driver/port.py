@@ -444,11 +444,12 @@ class Port:
         return self.pools[queue]
 
     def rx_burst(self, out: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32], queue: int = 0, *,
-                 truncate: bool = False) -> int:
-        return self.rx_queue(queue).rx_burst(out, lengths, truncate=truncate)
+                 truncate: bool = False, timestamps: npt.NDArray[np.uint64] | None = None) -> int:
+        return self.rx_queue(queue).rx_burst(out, lengths, truncate=truncate, timestamps=timestamps)
 
-    def rx_burst_zc(self, ids: npt.NDArray[np.uint32], lengths: npt.NDArray[np.uint32], queue: int = 0) -> int:
-        return self.rx_queue(queue).rx_burst_zc(ids, lengths)
+    def rx_burst_zc(self, ids: npt.NDArray[np.uint32], lengths: npt.NDArray[np.uint32], queue: int = 0, *,
+                    timestamps: npt.NDArray[np.uint64] | None = None) -> int:
+        return self.rx_queue(queue).rx_burst_zc(ids, lengths, timestamps=timestamps)
 
     def tx_burst(self, packets: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32], queue: int = 0) -> int:
         return self.tx_queue(queue).tx_burst(packets, lengths)
