@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from .abi.ethernet import udp_frame
-from .abi.pcap import PcapWriter
+from .abi.pcap import PcapngWriter, PcapWriter, open_writer
 from .driver import _fwd
 from .driver._rx import RxQueue
 from .driver._tx import TxQueue
@@ -77,7 +77,7 @@ class Summary:
 
 
 def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event,
-            pcap: PcapWriter | None = None, pcap_lock: threading.Lock | None = None) -> None:
+            pcap: PcapWriter | PcapngWriter | None = None, pcap_lock: threading.Lock | None = None) -> None:
     """testpmd's txonly: the same frame, burst after burst, without copying it each time.
 
     Every buffer on the pool's free stack gets the frame once; then buffers go
@@ -124,7 +124,7 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event,
 
 
 def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: threading.Event,
-            pcap: PcapWriter | None, pcap_lock: threading.Lock, errors: list[BaseException],
+            pcap: PcapWriter | PcapngWriter | None, pcap_lock: threading.Lock, errors: list[BaseException],
             drops: list[int], tx_retry: int, cpu: int | None = None) -> None:
     try:
         if cpu is not None:
@@ -279,7 +279,7 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
     if cpus is not None:
         check_cpus(cpus)
     stop = stop or threading.Event()
-    writer = PcapWriter(pcap) if pcap else None
+    writer = open_writer(pcap) if pcap else None     # .pcapng: pcapng, else classic pcap
     lock = threading.Lock()
     errors: list[BaseException] = []
     drops = [0] * queues

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from pmd import fwd
 from pmd.loopback import Loopback
-from pmd.abi.pcap import PcapWriter, read_pcap
+from pmd.abi.pcap import PcapWriter, read_packets, read_pcap
 
 
 class ThreadedLoopback:
@@ -95,15 +96,21 @@ def test_macswap_swaps(port, tmp_path):
     assert recs[1][1][:12] == bytes.fromhex("02000000000a02000000000b")
 
 
-def test_rxonly_writes_what_it_receives_to_pcap(port, tmp_path):
+@pytest.mark.parametrize("name", ["rx.pcap", "rx.pcapng"])
+def test_rxonly_writes_what_it_receives_to_pcap(port, tmp_path, name):
+    # .pcapng: pcapng with nanosecond timestamps (read_packets reads both formats)
     rng = np.random.default_rng(9)
     lengths = rng.integers(60, 1515, 50).astype(np.uint32)
     data = rng.integers(0, 256, (50, 1514), dtype=np.uint8)
     assert port.tx_queue().tx_burst(data, lengths) == 50
     stop = threading.Event()
     threading.Timer(0.5, stop.set).start()
-    fwd.run(port, "rxonly", stop=stop, pcap=str(tmp_path / "rx.pcap"), report=lambda _: None)
-    recs = list(read_pcap(tmp_path / "rx.pcap"))
+    t0 = time.time_ns()
+    fwd.run(port, "rxonly", stop=stop, pcap=str(tmp_path / name), report=lambda _: None)
+    assert (tmp_path / name).read_bytes()[:4] == (b"\x0a\x0d\x0d\x0a" if name.endswith("ng") else
+                                                  struct.pack("=I", 0xA1B2C3D4))
+    recs = list(read_packets(tmp_path / name))
+    assert all(t0 - 1000 <= r[0] <= time.time_ns() for r in recs)
     assert [len(r[1]) for r in recs] == lengths.tolist()
     assert all(r[1] == data[i, :lengths[i]].tobytes() and r[2] == lengths[i] for i, r in enumerate(recs))
 

@@ -1,10 +1,19 @@
-"""Classic pcap files (the libpcap format tcpdump, tshark, scapy and dpkt read).
+"""Packet capture files: classic pcap (the libpcap format tcpdump, tshark, scapy
+and dpkt read) and pcapng (what tshark and dumpcap write by default).
 
-Layout: a 24-byte global header (magic 0xa1b2c3d4, version 2.4, snaplen,
-link type 1 = Ethernet), then per packet a 16-byte record header
-(seconds, microseconds, captured length, original length) and the bytes.
-Written in native byte order, as libpcap does; read in either. Used by
-``pmd fwd --pcap FILE`` and by the built-in device's pcap wire.
+Classic pcap: a 24-byte global header (magic 0xa1b2c3d4 for microseconds,
+0xa1b23c4d for nanoseconds, version 2.4, snaplen, link type 1 = Ethernet),
+then per packet a 16-byte record header (seconds, fraction, captured length,
+original length) and the bytes. Written in native byte order, as libpcap does;
+read in either. Used by ``pmd fwd --pcap FILE`` and the built-in device's pcap wire.
+
+pcapng (draft-ietf-opsawg-pcapng): blocks of ``type, total length, body,
+total length``, each padded to 32 bits. :class:`PcapngWriter` writes a Section
+Header Block, one Interface Description Block (Ethernet, ``if_tsresol`` 9:
+nanoseconds) and an Enhanced Packet Block per packet. :func:`read_packets`
+reads both formats (pcapng: any byte order, several interfaces, each with its
+own time resolution; blocks it does not need are skipped) and gives integer
+nanoseconds.
 """
 
 from __future__ import annotations
@@ -19,17 +28,28 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 MAGIC = 0xA1B2C3D4
+MAGIC_NS = 0xA1B23C4D
 LINKTYPE_ETHERNET = 1
+PCAPNG_SHB = 0x0A0D0D0A       # Section Header Block (also the file's first four bytes)
+PCAPNG_IDB = 0x00000001       # Interface Description Block
+PCAPNG_SPB = 0x00000003       # Simple Packet Block
+PCAPNG_EPB = 0x00000006       # Enhanced Packet Block
+PCAPNG_BYTE_ORDER = 0x1A2B3C4D
+_OPT_IF_TSRESOL = 9
 _GLOBAL = struct.Struct("=IHHiIII")
 _RECORD = struct.Struct("=IIII")
+
+
+def _check_snaplen(snaplen: int) -> None:
+    if not 1 <= snaplen <= 0x40000:
+        raise ValueError("snaplen must be 1 to 262144 bytes")
 
 
 class PcapWriter:
     """``PcapWriter(path, snaplen=65535)``; ``write(frame)`` or ``write_burst(rows, lengths)``."""
 
     def __init__(self, path: str | Path, snaplen: int = 65535) -> None:
-        if not 1 <= snaplen <= 0x40000:
-            raise ValueError("snaplen must be 1 to 262144 bytes")
+        _check_snaplen(snaplen)
         self.path = Path(path)
         self.snaplen = snaplen
         self.packets = 0
@@ -74,33 +94,206 @@ class PcapWriter:
         self.close()
 
 
-def read_pcap(path: str | Path) -> Iterator[tuple[float, bytes, int]]:
-    """Yield ``(timestamp, captured bytes, original length)`` for each record.
-    Clear errors for a file that is not pcap or is cut short."""
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+class PcapngWriter:
+    """``PcapngWriter(path, snaplen=65535)``: a pcapng file with one Ethernet interface
+    whose timestamps are nanoseconds (``if_tsresol`` 9); ``write(frame, ts_ns=None)``
+    or ``write_burst(rows, lengths, n, ts_ns=None)`` (one timestamp for the burst)."""
+
+    def __init__(self, path: str | Path, snaplen: int = 65535) -> None:
+        _check_snaplen(snaplen)
+        self.path = Path(path)
+        self.snaplen = snaplen
+        self.packets = 0
+        self._f: BinaryIO = open(self.path, "wb")
+        # SHB: byte-order magic, version 1.0, section length unknown (-1), no options
+        shb = struct.pack("=IHHq", PCAPNG_BYTE_ORDER, 1, 0, -1)
+        self._block(PCAPNG_SHB, shb)
+        # IDB: link type, reserved, snaplen; if_tsresol = 9 (10^-9 s), then opt_endofopt
+        opts = struct.pack("=HHB3x", _OPT_IF_TSRESOL, 1, 9) + struct.pack("=HH", 0, 0)
+        self._block(PCAPNG_IDB, struct.pack("=HHI", LINKTYPE_ETHERNET, 0, snaplen) + opts)
+
+    def _block(self, kind: int, body: bytes) -> None:
+        total = 12 + len(body)
+        self._f.write(struct.pack("=II", kind, total) + body + struct.pack("=I", total))
+
+    def _epb(self, ts_ns: int, data: bytes, orig: int) -> bytes:
+        cap = len(data)
+        total = 32 + _pad4(cap)
+        return (struct.pack("=IIIIIII", PCAPNG_EPB, total, 0, (ts_ns >> 32) & 0xFFFFFFFF, ts_ns & 0xFFFFFFFF,
+                            cap, orig) + data + bytes(_pad4(cap) - cap) + struct.pack("=I", total))
+
+    def write(self, frame: bytes | memoryview | npt.NDArray[np.uint8], ts_ns: int | None = None,
+              orig_len: int | None = None) -> None:
+        data = bytes(frame)
+        t = time.time_ns() if ts_ns is None else ts_ns
+        cap = data[: self.snaplen]
+        self._f.write(self._epb(t, cap, len(data) if orig_len is None else orig_len))
+        self.packets += 1
+
+    def write_burst(self, rows: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32], n: int,
+                    ts_ns: int | None = None) -> None:
+        """Packets ``rows[i, :lengths[i]]`` for ``i < n``, one timestamp for the burst
+        (``ts_ns``, or now); rows narrower than a packet keep its original length."""
+        t = time.time_ns() if ts_ns is None else ts_ns
+        width = rows.shape[1]
+        out = bytearray()
+        for i in range(n):
+            orig = int(lengths[i])
+            cap = min(orig, width, self.snaplen)
+            out += self._epb(t, rows[i, :cap].tobytes(), orig)
+        self._f.write(out)
+        self.packets += n
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> "PcapngWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_writer(path: str | Path, snaplen: int = 65535) -> PcapWriter | PcapngWriter:
+    """A writer by the file's name: ``.pcapng`` for pcapng, anything else classic pcap."""
+    return PcapngWriter(path, snaplen) if str(path).endswith(".pcapng") else PcapWriter(path, snaplen)
+
+
+def read_packets(path: str | Path) -> Iterator[tuple[int, bytes, int]]:
+    """Yield ``(timestamp in integer nanoseconds, captured bytes, original length)`` for
+    each packet of a classic pcap (microsecond or nanosecond) or pcapng file. Only
+    Ethernet is accepted. Clear errors for anything else and for a file cut short."""
     with open(path, "rb") as f:
-        head = f.read(24)
-        if len(head) < 24:
-            raise ValueError(f"{path}: too short for a pcap header")
-        magic = struct.unpack("<I", head[:4])[0]
-        if magic in (MAGIC, 0xA1B23C4D):
-            order = "<"
-        elif magic in (0xD4C3B2A1, 0x4D3CB2A1):
-            order = ">"
+        head = f.read(4)
+        if len(head) < 4:
+            raise ValueError(f"{path}: too short for a pcap or pcapng header")
+        if struct.unpack("<I", head)[0] == PCAPNG_SHB:
+            yield from _read_pcapng(path, f, head)
         else:
-            raise ValueError(f"{path}: not a pcap file (magic {magic:#010x}); pcapng is not supported")
-        nano = magic in (0xA1B23C4D, 0x4D3CB2A1)
-        rec = struct.Struct(order + "IIII")
-        linktype = struct.unpack(order + "I", head[20:24])[0]
-        if linktype != LINKTYPE_ETHERNET:
-            raise ValueError(f"{path}: link type {linktype}, only Ethernet (1) is supported")
-        while True:
-            h = f.read(16)
-            if not h:
+            yield from _read_classic(path, f, head)
+
+
+def _read_classic(path: str | Path, f: BinaryIO, first: bytes) -> Iterator[tuple[int, bytes, int]]:
+    head = first + f.read(20)
+    if len(head) < 24:
+        raise ValueError(f"{path}: too short for a pcap header")
+    magic = struct.unpack("<I", head[:4])[0]
+    if magic in (MAGIC, MAGIC_NS):
+        order = "<"
+    elif magic in (0xD4C3B2A1, 0x4D3CB2A1):
+        order = ">"
+    else:
+        raise ValueError(f"{path}: not a pcap or pcapng file (magic {magic:#010x})")
+    scale = 1 if magic in (MAGIC_NS, 0x4D3CB2A1) else 1000
+    rec = struct.Struct(order + "IIII")
+    linktype = struct.unpack(order + "I", head[20:24])[0]
+    if linktype != LINKTYPE_ETHERNET:
+        raise ValueError(f"{path}: link type {linktype}, only Ethernet (1) is supported")
+    while True:
+        h = f.read(16)
+        if not h:
+            return
+        if len(h) < 16:
+            raise ValueError(f"{path}: truncated record header")
+        sec, frac, cap, orig = rec.unpack(h)
+        data = f.read(cap)
+        if len(data) < cap:
+            raise ValueError(f"{path}: truncated packet ({len(data)} of {cap} bytes)")
+        yield sec * 1_000_000_000 + frac * scale, data, orig
+
+
+def _tsresol(order: str, opts: bytes) -> tuple[int, int]:
+    """(units per second numerator, denominator) of an IDB's if_tsresol (default 10^-6)."""
+    i = 0
+    while i + 4 <= len(opts):
+        code, ln = struct.unpack(order + "HH", opts[i:i + 4])
+        if code == 0:
+            break
+        if code == _OPT_IF_TSRESOL and ln >= 1:
+            v = opts[i + 4]
+            return (2 ** (v & 0x7F), 1) if v & 0x80 else (10 ** v, 1)
+        i += 4 + _pad4(ln)
+    return 10 ** 6, 1
+
+
+def _read_pcapng(path: str | Path, f: BinaryIO, first: bytes) -> Iterator[tuple[int, bytes, int]]:
+    order = "<"
+    ifaces: list[tuple[int, int]] = []      # per interface: (link type, units per second)
+    kind_raw = first
+    while True:
+        if kind_raw is None:
+            kind_raw = f.read(4)
+            if not kind_raw:
                 return
-            if len(h) < 16:
-                raise ValueError(f"{path}: truncated record header")
-            sec, frac, cap, orig = rec.unpack(h)
-            data = f.read(cap)
-            if len(data) < cap:
-                raise ValueError(f"{path}: truncated packet ({len(data)} of {cap} bytes)")
-            yield sec + frac / (1e9 if nano else 1e6), data, orig
+        if len(kind_raw) < 4:
+            raise ValueError(f"{path}: truncated block header")
+        rest = f.read(4)
+        if len(rest) < 4:
+            raise ValueError(f"{path}: truncated block header")
+        if struct.unpack("<I", kind_raw)[0] == PCAPNG_SHB:
+            # the byte-order magic, the first field of the body, says how to read the rest
+            bom = f.read(4)
+            if len(bom) < 4:
+                raise ValueError(f"{path}: truncated section header")
+            if struct.unpack("<I", bom)[0] == PCAPNG_BYTE_ORDER:
+                order = "<"
+            elif struct.unpack(">I", bom)[0] == PCAPNG_BYTE_ORDER:
+                order = ">"
+            else:
+                raise ValueError(f"{path}: bad pcapng byte-order magic {bom.hex()}")
+            total = struct.unpack(order + "I", rest)[0]
+            if total < 28 or total % 4:
+                raise ValueError(f"{path}: bad section header length {total}")
+            body = bom + f.read(total - 16)
+            if len(body) < total - 12 or len(f.read(4)) < 4:
+                raise ValueError(f"{path}: truncated section header")
+            ifaces = []                       # interfaces are numbered per section
+            kind_raw = None
+            continue
+        kind = struct.unpack(order + "I", kind_raw)[0]
+        total = struct.unpack(order + "I", rest)[0]
+        if total < 12 or total % 4:
+            raise ValueError(f"{path}: bad block length {total} (block type {kind:#x})")
+        body = f.read(total - 12)
+        trailer = f.read(4)
+        if len(body) < total - 12 or len(trailer) < 4:
+            raise ValueError(f"{path}: truncated block (type {kind:#x})")
+        kind_raw = None
+        if kind == PCAPNG_IDB:
+            if len(body) < 8:
+                raise ValueError(f"{path}: interface description too short")
+            linktype = struct.unpack(order + "H", body[:2])[0]
+            num, _den = _tsresol(order, body[8:])
+            ifaces.append((linktype, num))
+        elif kind == PCAPNG_EPB:
+            if len(body) < 20:
+                raise ValueError(f"{path}: enhanced packet block too short")
+            iface, hi, lo, cap, orig = struct.unpack(order + "IIIII", body[:20])
+            if iface >= len(ifaces):
+                raise ValueError(f"{path}: packet on interface {iface}, which is not described")
+            linktype, per_sec = ifaces[iface]
+            if linktype != LINKTYPE_ETHERNET:
+                raise ValueError(f"{path}: link type {linktype}, only Ethernet (1) is supported")
+            if 20 + cap > len(body):
+                raise ValueError(f"{path}: packet of {cap} bytes in a block of {len(body) - 20}")
+            units = hi << 32 | lo
+            yield units * 1_000_000_000 // per_sec, body[20:20 + cap], orig
+        elif kind == PCAPNG_SPB:
+            if len(body) < 4 or not ifaces:
+                raise ValueError(f"{path}: simple packet block without an interface")
+            orig = struct.unpack(order + "I", body[:4])[0]
+            cap = min(orig, len(body) - 4)
+            yield 0, body[4:4 + cap], orig     # a simple packet has no timestamp
+        # any other block (statistics, name resolution, custom) is skipped
+
+
+def read_pcap(path: str | Path) -> Iterator[tuple[float, bytes, int]]:
+    """Yield ``(timestamp in seconds, captured bytes, original length)`` for each packet
+    of a classic pcap or pcapng file (:func:`read_packets` gives integer nanoseconds)."""
+    for ts, data, orig in read_packets(path):
+        yield ts / 1e9, data, orig

@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--queue-size", type=int, default=256, help="ring entries (0: the device's maximum)")
     fw.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
     fw.add_argument("--pcap", metavar="FILE",
-                    help="write the packets received (rxonly, io, macswap) or sent (txonly) to a pcap file")
+                    help="write the packets received (rxonly, io, macswap) or sent (txonly) to a capture "
+                         "file: pcapng with nanosecond timestamps if FILE ends in .pcapng, else classic pcap")
     fw.add_argument("--legacy", action="store_true", help="drive a transitional device's legacy interface")
     fw.add_argument("--disable", metavar="FEATURES", help="feature names not to negotiate, e.g. MRG_RXBUF")
     fw.add_argument("--enable", metavar="FEATURES",
