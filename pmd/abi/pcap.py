@@ -224,7 +224,7 @@ def _tsresol(order: str, opts: bytes) -> tuple[int, int]:
 def _read_pcapng(path: str | Path, f: BinaryIO, first: bytes) -> Iterator[tuple[int, bytes, int]]:
     order = "<"
     ifaces: list[tuple[int, int]] = []      # per interface: (link type, units per second)
-    kind_raw = first
+    kind_raw: bytes | None = first
     while True:
         if kind_raw is None:
             kind_raw = f.read(4)
