@@ -516,6 +516,17 @@ class GeneratorWire(Wire):
         self.generated += n
         return Batch(lay.rows[:n], lay.lengths[:n], n)
 
+    def _direct_scratch(self, accepts: Callable[[bytes], bool]) -> Rows | None:
+        """The one flow's frame to stamp sequence numbers into (the fast paths' scratch),
+        or None when the receive filter would drop it."""
+        templates = self._template_rows()
+        if self._scratch is None or self._scratch_of is not templates:
+            if not accepts(templates[0, :6].tobytes()):
+                return None
+            self._scratch = templates[0].copy()
+            self._scratch_of = templates
+        return self._scratch
+
     def deliver_direct(self, pair: int, n_pairs: int, rx: DeviceQueue, budget: int, hdr_len: int,
                        mergeable: bool, accepts: Callable[[bytes], bool]) -> int | None:
         """One flow at full rate: frames go from one scratch frame straight into the
@@ -525,13 +536,9 @@ class GeneratorWire(Wire):
             return None
         if pair != 0:
             return 0                                   # the one flow is on pair 0
-        templates = self._template_rows()
-        scratch = self._scratch
-        if scratch is None or self._scratch_of is not templates:
-            if not accepts(templates[0, :6].tobytes()):
-                return None                            # the batch path filters and counts it
-            scratch = self._scratch = templates[0].copy()
-            self._scratch_of = templates
+        scratch = self._direct_scratch(accepts)
+        if scratch is None:
+            return None                                # the batch path filters and counts it
         if self.count:
             budget = min(budget, self.count - self.generated)
             if budget <= 0:
@@ -551,20 +558,15 @@ class GeneratorWire(Wire):
         what comes back in C, with the same counters as deliver_direct and transmit."""
         if self.flows != 1 or self.rate:
             return None
-        templates = self._template_rows()
-        scratch = self._scratch
-        if scratch is None or self._scratch_of is not templates:
-            if not accepts(templates[0, :6].tobytes()):
-                return None                            # the batch path filters and counts it
-            scratch = self._scratch = templates[0].copy()
-            self._scratch_of = templates
-        limit = self.count - self.generated if self.count else -1
+        scratch = self._direct_scratch(accepts)
+        if scratch is None:
+            return None                                # the batch path filters and counts it
+        limit = max(self.count - self.generated, 0) if self.count else -1
         if self.started is None:
             self.started = time.monotonic()
-        width = self.device.max_frame if self.device is not None else 9216
         generated, taken, ours, bad, reordered, max_seen, _rounds = generator_turns(
             tx, rx, scratch, GEN_PAYLOAD, int(self._next_seq[0]), int(self._max_seen[0]), budget,
-            max(limit, 0) if self.count else -1, hdr_len, mergeable, width)
+            limit, hdr_len, mergeable, self.width)
         self._next_seq[0] += generated
         self.generated += generated
         self.sent += generated
