@@ -18,15 +18,18 @@ cdef class RxQueue(_Queue):
 
     cdef uint32_t refill(self) noexcept nogil
     cdef uint32_t refill_split(self) noexcept nogil
+    cdef uint32_t refill_packed(self) noexcept nogil
 
     cdef inline bint idle(self) noexcept:
         """Nothing received and nothing to refill: a poll that finds an empty
         ring returns without the cost of releasing and retaking the GIL."""
-        return self.vq.num_free == 0 and self.vq.nused() == 0 and not self.vq.broken
+        return self.vq.num_free == 0 and not self.vq.any_used() and not self.vq.broken
 
     cdef int harvest(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                      Py_ssize_t burst) noexcept nogil
     cdef int harvest_split(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                            Py_ssize_t burst) noexcept nogil
+    cdef int harvest_packed(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                            Py_ssize_t burst) noexcept nogil
     cdef int harvest_mrg(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                          Py_ssize_t burst) noexcept nogil

@@ -25,8 +25,12 @@ from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
 from pmd.driver._queue cimport DEFAULT_HDR_LEN, _Queue, u8_2d, u32_1d, u64_1d
-from pmd.driver._virtqueue cimport USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, Virtqueue
-from pmd.includes.vring cimport VRING_DESC_F_WRITE, vring_desc, vring_load32, vring_used_elem
+from pmd.driver._virtqueue cimport (
+    USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, UsedCursor, Virtqueue,
+)
+from pmd.includes.vring cimport (
+    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, VRING_DESC_F_WRITE, pvirtq_desc, vring_desc, vring_load32, vring_used_elem,
+)
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.virtio_net cimport virtio_net_hdr
 
@@ -93,15 +97,7 @@ cdef class RxQueue(_Queue):
     cdef uint32_t refill(self) noexcept nogil:
         if not self.vq.packed:
             return self.refill_split()
-        cdef uint32_t added = 0, b
-        while self.vq.num_free:
-            b = self.pool.get(self.owner)
-            if pmd_unlikely(b == NO_BUF):
-                self.no_buffer += 1
-                break
-            self.vq.add1(self.pool.iova[b] + self.buf_off, self.buf_len, True, b)
-            added += 1
-        return added
+        return self.refill_packed()
 
     cdef uint32_t refill_split(self) noexcept nogil:
         """refill() on a split ring as one batch: as many buffers as both the ring and
@@ -144,6 +140,62 @@ cdef class RxQueue(_Queue):
         self.vq.avail_idx = avail
         return n
 
+    cdef uint32_t refill_packed(self) noexcept nogil:
+        """refill() on a packed ring as one batch, as refill_split: each buffer one
+        descriptor at the avail position with the id of a free chain slot (2.8.6,
+        2.8.21.1). The batch's first descriptor keeps its old flags until publish()
+        writes them (2.8.21.3); the others are written whole, unseen until then."""
+        cdef uint32_t want = self.vq.num_free, n = self.vq.num_free, i, b
+        if n == 0:
+            return 0
+        if n > self.pool.n_free:
+            n = self.pool.n_free
+            self.no_buffer += 1               # the pool ran dry before the ring was full
+            if n == 0:
+                return 0
+        cdef uint32_t top = self.pool.n_free
+        cdef uint32_t *stack = self.pool.free_stack
+        cdef uint8_t *state = self.pool.state
+        cdef const uint64_t *iova = self.pool.iova
+        cdef uint8_t owner = self.owner
+        cdef uint64_t off = self.buf_off
+        cdef uint32_t blen = self.buf_len
+        cdef DescExtra *extra = self.vq.extra
+        cdef pvirtq_desc *pdesc = self.vq.pdesc
+        cdef uint32_t pos = self.vq.avail_pos, size = self.vq.size
+        cdef uint16_t head = self.vq.free_head, wrap_flags = self.vq.avail_wrap_flags, flags
+        cdef bint pending = self.vq.batch_pending
+        for i in range(n):
+            top -= 1
+            b = stack[top]
+            state[b] = owner
+            pdesc[pos].addr = iova[b] + off
+            pdesc[pos].len = blen
+            pdesc[pos].id = head
+            flags = VRING_DESC_F_WRITE | wrap_flags
+            if pending:
+                pdesc[pos].flags = flags
+            else:
+                pending = True
+                self.vq.batch_pos = <uint16_t>pos
+                self.vq.batch_flags = flags
+            extra[head].cookie = b
+            extra[head].writable = blen
+            extra[head].ndescs = 1
+            head = extra[head].next
+            pos += 1
+            if pos == size:                   # 2.8.1: past the end the wrap counter flips
+                pos = 0
+                wrap_flags ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+        self.pool.n_free = top
+        self.vq.free_head = head
+        self.vq.num_free = want - n
+        self.vq.avail_idx += <uint16_t>n
+        self.vq.avail_pos = <uint16_t>pos
+        self.vq.avail_wrap_flags = wrap_flags
+        self.vq.batch_pending = pending
+        return n
+
     def fill(self):
         """Give the device every buffer the ring and the pool allow; returns how many."""
         self.check()
@@ -162,7 +214,9 @@ cdef class RxQueue(_Queue):
         with neither free them at once (rx_discard)."""
         if self.mergeable:
             return self.harvest_mrg(out, cols, ids, lengths, burst)
-        if not self.vq.packed and not self.vq.in_order:
+        if not self.vq.in_order:
+            if self.vq.packed:
+                return self.harvest_packed(out, cols, ids, lengths, burst)
             return self.harvest_split(out, cols, ids, lengths, burst)
         cdef uint16_t avail = self.vq.nused()
         cdef uint16_t head = 0
@@ -295,6 +349,89 @@ cdef class RxQueue(_Queue):
             nbytes += pkt
             got += 1
         self.vq.last_used_idx = last
+        self.vq.free_head = free_head
+        self.vq.num_free = num_free
+        self.pool.n_free = top
+        self.bytes += nbytes
+        self.packets += got
+        self.refill()
+        self.vq.flush()
+        return got
+
+    cdef int harvest_packed(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                            Py_ssize_t burst) noexcept nogil:
+        """harvest() on a packed ring without mergeable buffers, in one pass as
+        harvest_split: each used descriptor read and checked once by p_take (its
+        flags on this lap, an id of a chain in flight), then as harvest_split
+        treats it (a length within the buffer, a buffer this queue holds)."""
+        cdef UsedCursor c
+        self.vq.p_cursor(&c)
+        cdef uint16_t free_head = self.vq.free_head, id = 0
+        cdef uint32_t num_free = self.vq.num_free, ln = 0, b, pkt
+        cdef DescExtra *extra = self.vq.extra
+        cdef DescExtra *x
+        cdef uint32_t *stack = self.pool.free_stack
+        cdef uint8_t *state = self.pool.state
+        cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
+        cdef uint8_t owner = self.owner
+        cdef uint32_t hdr_len = self.hdr_len
+        cdef char *data = self.pool.base + self.pool.headroom
+        cdef size_t stride = self.pool.buffer_size
+        cdef bint bad_len
+        cdef int got = 0
+        cdef Py_ssize_t seen = 0
+        cdef uint64_t nbytes = 0
+        while seen < burst and self.vq.p_take(&c, &id, &ln) == 1:
+            seen += 1
+            x = &extra[id]
+            bad_len = ln > x.writable
+            if pmd_unlikely(bad_len):
+                self.vq.n_bad_len += 1
+            b = x.cookie
+            if pmd_unlikely(b >= n_buffers or state[b] != owner or x.ndescs != 1 or x.nind != 0):
+                # not a chain this queue built: its ids back, no buffer freed
+                self.vq.free_head = free_head
+                self.vq.num_free = num_free
+                self.vq.detach(id, NULL, 0)
+                free_head = self.vq.free_head
+                num_free = self.vq.num_free
+                self.foreign_chains += 1
+                continue
+            x.ndescs = 0
+            x.next = free_head
+            free_head = id
+            num_free += 1
+            if pmd_unlikely(bad_len or ln < hdr_len or ln - hdr_len < ETH_HLEN):
+                if not bad_len and ln < hdr_len:
+                    self.vq.n_bad_len += 1      # shorter than the header: not a packet
+                elif not bad_len:
+                    self.runt += 1              # no Ethernet header: dropped, as Linux and DPDK do
+                self.dropped += 1
+                state[b] = BUF_FREE
+                stack[top] = b
+                top += 1
+                continue
+            pkt = ln - hdr_len
+            if out != NULL:
+                if pmd_unlikely(pkt > cols):
+                    memcpy(out + got * cols, data + b * stride, cols)
+                    self.truncated += 1
+                else:
+                    memcpy(out + got * cols, data + b * stride, pkt)
+                state[b] = BUF_FREE
+                stack[top] = b
+                top += 1
+            elif ids != NULL:
+                state[b] = BUF_APP
+                ids[got] = b
+            else:
+                state[b] = BUF_FREE
+                stack[top] = b
+                top += 1
+            lengths[got] = pkt
+            nbytes += pkt
+            got += 1
+        self.vq.p_cursor_end(&c)
         self.vq.free_head = free_head
         self.vq.num_free = num_free
         self.pool.n_free = top

@@ -16,10 +16,12 @@ cdef class TxQueue(_Queue):
     cdef uint32_t reclaim_used(self) noexcept nogil
     cdef uint32_t reclaim_in_order(self) noexcept nogil
     cdef uint32_t reclaim_split(self) noexcept nogil
+    cdef uint32_t reclaim_packed(self) noexcept nogil
     cdef int send_copy(self, const char *pkts, Py_ssize_t cols, const uint32_t *lengths,
                        Py_ssize_t burst) noexcept nogil
     cdef int send_zc(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil
     cdef int send_zc_split(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil
+    cdef int send_zc_packed(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil
     cdef int send_pool(self, uint32_t length, Py_ssize_t burst) noexcept nogil
     cdef object _zc_error(self, Py_ssize_t i, uint32_t b, uint32_t ln)
     cdef void _unclaim(self, Py_ssize_t start, Py_ssize_t end) noexcept

@@ -23,8 +23,10 @@ from libc.string cimport memcpy, memset
 
 from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
 from pmd.driver._queue cimport MAX_TX_SEGS, _Queue, u8_2d, u32_1d, zero_hdr
-from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, Virtqueue
-from pmd.includes.vring cimport vring_desc, vring_load32, vring_used_elem
+from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, UsedCursor, Virtqueue
+from pmd.includes.vring cimport (
+    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_desc, vring_desc, vring_load32, vring_used_elem,
+)
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 
 from pmd.errors import PoolError
@@ -72,22 +74,55 @@ cdef class TxQueue(_Queue):
             return self.reclaim_in_order()
         if not self.vq.packed:
             return self.reclaim_split()
-        cdef uint16_t n = self.vq.nused(), k
-        cdef uint16_t head = 0
-        cdef uint32_t length = 0, b
-        cdef int r
-        cdef uint32_t freed = 0
-        for k in range(n):
-            r = self.vq.pop_used(&head, &length, False)
-            if pmd_unlikely(r == USED_BAD_ID or r == USED_NOT_IN_FLIGHT):
-                continue
-            if pmd_likely(self.vq.extra[head].ndescs == 1 and self.vq.extra[head].nind == 0):
-                b = self.take1(head)
-                if pmd_likely(b != NO_BUF):
-                    self.pool.put(b)
+        return self.reclaim_packed()
+
+    cdef uint32_t reclaim_packed(self) noexcept nogil:
+        """reclaim_used() on a packed ring, in one pass as reclaim_split: each used
+        descriptor read and checked once by p_take (its flags on this lap, an id of a
+        chain in flight), a one-buffer chain this queue holds freed with the ring's and
+        the pool's fields in locals; a longer chain (or an indirect one) takes the
+        general path. The device's len is not read: a transmit chain is device-readable
+        (2.8.4 leaves it unset without WRITE)."""
+        cdef UsedCursor c
+        self.vq.p_cursor(&c)
+        if c.in_flight == 0:
+            return 0
+        cdef uint16_t free_head = self.vq.free_head, id = 0
+        cdef uint32_t num_free = self.vq.num_free, ln = 0, b, freed = 0
+        cdef DescExtra *extra = self.vq.extra
+        cdef DescExtra *x
+        cdef uint32_t *stack = self.pool.free_stack
+        cdef uint8_t *state = self.pool.state
+        cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
+        cdef uint8_t owner = self.owner
+        while self.vq.p_take(&c, &id, &ln) == 1:
+            x = &extra[id]
+            if pmd_likely(x.ndescs == 1 and x.nind == 0):
+                b = x.cookie
+                x.ndescs = 0
+                x.next = free_head
+                free_head = id
+                num_free += 1
+                if pmd_likely(b < n_buffers and state[b] == owner):
+                    state[b] = BUF_FREE
+                    stack[top] = b
+                    top += 1
                     freed += 1
-            else:
-                freed += self.put_chain(head)
+                else:
+                    self.foreign_chains += 1      # not this queue's buffer: never freed
+                continue
+            # a longer chain: the general path, on the state written back
+            self.vq.free_head = free_head
+            self.vq.num_free = num_free
+            self.pool.n_free = top
+            freed += self.put_chain(id)
+            free_head = self.vq.free_head
+            num_free = self.vq.num_free
+            top = self.pool.n_free
+        self.vq.p_cursor_end(&c)
+        self.vq.free_head = free_head
+        self.vq.num_free = num_free
+        self.pool.n_free = top
         return freed
 
     cdef uint32_t reclaim_split(self) noexcept nogil:
@@ -318,19 +353,7 @@ cdef class TxQueue(_Queue):
         self.reclaim_used()
         if not self.vq.packed:
             return self.send_zc_split(ids, lengths, burst)
-        for i in range(burst):
-            if pmd_unlikely(self.vq.num_free == 0):
-                self.ring_full += 1
-                self.packets += i
-                self.bytes += nbytes
-                return <int>i
-            b = ids[i]
-            zero_hdr(self.pool.buf(b) + self.buf_off, self.hdr_len)
-            self.vq.add1(self.pool.iova[b] + self.buf_off, self.hdr_len + lengths[i], False, b)
-            nbytes += lengths[i]
-        self.packets += burst
-        self.bytes += nbytes
-        return <int>burst
+        return self.send_zc_packed(ids, lengths, burst)
 
     cdef int send_zc_split(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil:
         """send_zc's loop on a split ring (ids and lengths already checked and claimed):
@@ -366,6 +389,56 @@ cdef class TxQueue(_Queue):
         self.vq.free_head = head
         self.vq.num_free -= <uint32_t>n
         self.vq.avail_idx = avail
+        self.packets += <uint64_t>n
+        self.bytes += nbytes
+        return <int>n
+
+    cdef int send_zc_packed(self, const uint32_t *ids, const uint32_t *lengths, Py_ssize_t burst) noexcept nogil:
+        """send_zc's loop on a packed ring, as send_zc_split: one descriptor per buffer at
+        the avail position with the id of a free chain slot (2.8.6, 2.8.21.1), the batch's
+        first descriptor's flags left to publish() (2.8.21.3), the ring's fields in locals."""
+        cdef Py_ssize_t i, n = burst
+        if n > self.vq.num_free:
+            n = self.vq.num_free
+            self.ring_full += 1
+        cdef uint32_t b, ln, hdr_len = self.hdr_len
+        cdef uint64_t nbytes = 0, off = self.buf_off
+        cdef const uint64_t *iova = self.pool.iova
+        cdef char *hdrs = self.pool.base + self.buf_off
+        cdef size_t stride = self.pool.buffer_size
+        cdef DescExtra *extra = self.vq.extra
+        cdef pvirtq_desc *pdesc = self.vq.pdesc
+        cdef uint32_t pos = self.vq.avail_pos, size = self.vq.size
+        cdef uint16_t head = self.vq.free_head, wrap_flags = self.vq.avail_wrap_flags
+        cdef bint pending = self.vq.batch_pending
+        for i in range(n):
+            b = ids[i]
+            ln = lengths[i]
+            zero_hdr(hdrs + b * stride, hdr_len)
+            pdesc[pos].addr = iova[b] + off
+            pdesc[pos].len = hdr_len + ln
+            pdesc[pos].id = head
+            if pending:
+                pdesc[pos].flags = wrap_flags
+            else:
+                pending = True
+                self.vq.batch_pos = <uint16_t>pos
+                self.vq.batch_flags = wrap_flags
+            extra[head].cookie = b
+            extra[head].writable = 0
+            extra[head].ndescs = 1
+            head = extra[head].next
+            pos += 1
+            if pos == size:                   # 2.8.1: past the end the wrap counter flips
+                pos = 0
+                wrap_flags ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+            nbytes += ln
+        self.vq.free_head = head
+        self.vq.num_free -= <uint32_t>n
+        self.vq.avail_idx += <uint16_t>n
+        self.vq.avail_pos = <uint16_t>pos
+        self.vq.avail_wrap_flags = wrap_flags
+        self.vq.batch_pending = pending
         self.packets += <uint64_t>n
         self.bytes += nbytes
         return <int>n

@@ -53,6 +53,15 @@ cdef struct DescExtra:
     uint16_t nind       # heads: buffers in the head's indirect table; 0 = a direct chain
 
 
+# A burst's walk over a packed ring's used descriptors (2.8.1), in locals: where the
+# next one is, its lap, and how many descriptors are still in flight (a bound no
+# device can make the walk pass). p_cursor starts it, p_take steps, p_cursor_end saves it.
+cdef struct UsedCursor:
+    uint32_t pos
+    uint16_t want       # the AVAIL|USED bits of a used descriptor on this lap
+    uint32_t in_flight
+
+
 cdef class Virtqueue:
     cdef vring vr
     cdef readonly DmaMemory memory
@@ -633,6 +642,55 @@ cdef class Virtqueue:
             self.n_bad_len += 1
             return USED_BAD_LEN
         return USED_OK
+
+    cdef inline void p_cursor(self, UsedCursor *c) noexcept nogil:
+        c.pos = self.used_pos
+        c.want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
+        c.in_flight = self.size - self.num_free
+
+    cdef inline int p_take(self, UsedCursor *c, uint16_t *id, uint32_t *length) noexcept nogil:
+        """The used descriptor at the cursor, checked as p_pop_used checks it, the cursor
+        stepped past its chain: 1 with the chain's ``id`` and the device's ``length``
+        (unchecked), 0 when none is used yet, -1 when it names no chain in flight
+        (counted; the queue is broken: where the next one is cannot be known)."""
+        if c.in_flight == 0:
+            return 0
+        cdef uint16_t flags = vring_load16(&self.pdesc[c.pos].flags)
+        if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != c.want:
+            return 0
+        pmd_virtio_rmb(self.weak_barriers)       # the flags before the id and len they cover (2.8.21.2)
+        cdef uint16_t i = vring_load16(&self.pdesc[c.pos].id)
+        length[0] = vring_load32(&self.pdesc[c.pos].len)
+        if pmd_unlikely(i >= self.size):
+            self.n_bad_id += 1
+            self.broken = True
+            return -1
+        cdef uint16_t nd = self.extra[i].ndescs
+        if pmd_unlikely(nd == 0):
+            self.n_not_in_flight += 1
+            self.broken = True
+            return -1
+        c.pos += nd                   # 2.8.6: the next used descriptor is past the chain
+        if c.pos >= self.size:
+            c.pos -= self.size
+            c.want ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+        c.in_flight -= nd             # the in-flight chains' ndescs sum to in_flight
+        id[0] = i
+        return 1
+
+    cdef inline void p_cursor_end(self, UsedCursor *c) noexcept nogil:
+        self.last_used_idx += <uint16_t>(self.size - self.num_free - c.in_flight)
+        self.used_pos = <uint16_t>c.pos
+        self.used_wrap = c.want != 0
+
+    cdef inline bint any_used(self) noexcept nogil:
+        """Has the device returned anything? One load, no walk, no check: for a poll that
+        finds nothing (RxQueue.idle); what it sees is read and checked by the burst."""
+        if self.in_order:
+            return self.nused() != 0          # a batch may be open with nothing new in the ring
+        if self.packed:
+            return self.num_free != self.size and self.p_is_used(self.used_pos)
+        return vring_load16(&self.vr.used.idx) != self.last_used_idx
 
     # ---- VIRTIO_F_IN_ORDER (2.7.9 split, 2.8.9 packed): what the methods above branch to ----
     #

@@ -611,6 +611,40 @@ cdef class DeviceQueue:
         cdef char *p
         cdef bint seen_write = False
         cdef uint64_t out_len = 0, in_len = 0   # up to N descriptors of 4 GiB: wider than 32 bits
+        if pmd_likely((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) == 0):
+            # A list of one descriptor (a small frame, 2.8.6): the checks of the walk
+            # below (id in range and not in flight, buffer inside a window), without
+            # its loop; a bad one takes the walk, which refuses it the usual way.
+            addr = vring_load64(&d.addr)
+            ln = vring_load32(&d.len)
+            id = vring_load16(&d.id)
+            p = NULL
+            if ln != 0:
+                p = self.windows.translate(addr, ln)
+            if pmd_likely(id < self.size and self.id_count[id] == 0 and (p != NULL or ln == 0)):
+                self.prev_avail_pos = pos
+                self.prev_avail_wrap = wrap
+                pos += 1
+                if pos == self.size:
+                    pos = 0
+                    wrap = not wrap
+                self.avail_pos = pos
+                self.avail_wrap = wrap
+                self.id_count[id] = 1
+                self.head = id
+                self.segs[0].ptr = p
+                self.segs[0].len = ln
+                if flags & VRING_DESC_F_WRITE:
+                    self.segs[0].write = 1
+                    self.out_len = 0
+                    self.in_len = ln
+                else:
+                    self.segs[0].write = 0
+                    self.out_len = ln
+                    self.in_len = 0
+                self.nsegs = 1
+                self.n_popped += 1
+                return 1
         self.nsegs = 0
         self.out_len = 0
         self.in_len = 0
