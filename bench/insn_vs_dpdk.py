@@ -33,6 +33,7 @@ for the ones that matter, what they are (worked out from the call graph; see
 
     python bench/insn_vs_dpdk.py                   # tx and io, pmd and DPDK: about 8 minutes
     python bench/insn_vs_dpdk.py --modes tx --who pmd --short 4 --long 12
+    python bench/insn_vs_dpdk.py --ring packed     # both on packed rings
 
 The last line is ``insn_pmd_tx=<x> insn_dpdk_tx=<y> insn_pmd_io=<x> insn_dpdk_io=<y>``.
 Needs valgrind, ``dpdk-testpmd`` and (for the back-end) huge pages or root. Every
@@ -65,6 +66,7 @@ import dpdk  # noqa: E402
 MODES = ("tx", "io")
 BURST = 32
 QUEUE_SIZE = 256
+RING = "split"                        # --ring: both drivers' layout (DPDK: packed_vq=1)
 SIZE = 64
 CPUS = dpdk.CPUS                     # (back-end's forwarding CPU, driver's CPU)
 _FWD = {"tx": "txonly", "io": "macswap"}
@@ -283,7 +285,7 @@ def run_pmd(direction: str, seconds: float, tmp: str, bursts: int = 1) -> tuple[
     try:
         cmd = _valgrind(out) + [sys.executable, str(Path(__file__).resolve()), "--child-pmd", direction,
                                 "--seconds", str(seconds), "--sock", sock, "--result", result,
-                                "--bursts", str(bursts)]
+                                "--bursts", str(bursts), "--ring", RING]
         with open(log, "w") as lf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
                                     env=_env(), preexec_fn=_pin_driver)
@@ -314,7 +316,7 @@ def run_dpdk(direction: str, seconds: float, tmp: str, bursts: int = 1) -> tuple
     out = os.path.join(tmp, f"cg.dpdk.{direction}.{seconds:g}.{bursts}.{secrets.token_hex(2)}")
     log = out + ".log"
     exe = dpdk._testpmd() or "dpdk-testpmd"
-    _, front = dpdk._commands(exe, direction, SIZE, BURST, sock, prefix, True, True, False, CPUS)
+    _, front = dpdk._commands(exe, direction, SIZE, BURST, sock, prefix, True, True, RING == "packed", CPUS)
     # Both lcores on the driver's CPU (valgrind runs one thread at a time anyway);
     # no huge pages: valgrind cannot follow DPDK's huge-page mappings.
     i = front.index("--lcores")
@@ -394,8 +396,9 @@ def child_pmd(direction: str, seconds: float, sock: str, result: str, bursts: in
 
     from pmd import fwd
     from pmd.backends import open_port
+    from pmd.driver.virtio.net import layout_options
 
-    port = open_port("vhost-user:" + sock, timeout=60.0, wait=60.0)
+    port = open_port("vhost-user:" + sock, timeout=60.0, wait=60.0, **layout_options(RING))
     try:
         port.start(queue_pairs=1, queue_size=QUEUE_SIZE)
         if direction == "io":
@@ -534,12 +537,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=12, help="functions to list per driver and mode")
     ap.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR")
     ap.add_argument("--root", metavar="CHECKOUT", help="measure the pmd of another checkout (built in place)")
+    ap.add_argument("--ring", choices=("split", "packed"), default="split",
+                    help="ring layout of both drivers (DPDK: packed_vq=1); default split")
     ap.add_argument("--child-pmd", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--sock", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--bursts", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global RING
+    RING = args.ring
     if args.child_pmd:
         child_pmd(args.child_pmd, args.seconds, args.sock, args.result, args.bursts)
         return 0
@@ -563,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     dpdk.ensure_hugepages()
     print(f"instructions per packet of the driver process (valgrind --tool=callgrind), "
           f"{time.strftime('%Y-%m-%d')}, {dpdk._testpmd_version(dpdk._testpmd() or '')}; runs of "
-          f"{args.short:g} and {args.long:g} s of forwarding; pmd from {PMD_ROOT}")
+          f"{args.short:g} and {args.long:g} s of forwarding; {RING} ring; pmd from {PMD_ROOT}")
     print()
     tmp = args.keep or tempfile.mkdtemp(prefix="pmd-insn-")
     os.makedirs(tmp, exist_ok=True)

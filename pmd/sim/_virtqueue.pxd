@@ -7,7 +7,11 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
-from pmd.includes.vring cimport pvirtq_desc, pvirtq_event_suppress, vring
+from pmd.includes.compiler cimport pmd_likely
+from pmd.includes.vring cimport (
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, pvirtq_desc, pvirtq_event_suppress, vring,
+    vring_desc, vring_load16, vring_load32, vring_load64, vring_store32,
+)
 from pmd.sim._dma cimport DmaWindows
 
 # One descriptor of a popped chain, translated.
@@ -108,7 +112,7 @@ cdef class DeviceQueue:
     cdef int check(self) except -1
     cdef int enter(self) except -1
     cdef void leave(self) noexcept
-    cdef int pop(self) noexcept nogil
+    cdef int _pop_general(self) noexcept nogil
     cdef uint16_t pending(self) noexcept nogil
     cdef int _refuse(self, uint16_t head, int why) noexcept nogil
     cdef int _add_seg(self, uint64_t addr, uint32_t ln, bint write, bint *seen_write,
@@ -117,7 +121,7 @@ cdef class DeviceQueue:
                          uint64_t *out_len, uint64_t *in_len) noexcept nogil
     cdef void _bad(self, int why) noexcept nogil
     cdef void unpop(self) noexcept nogil
-    cdef void push(self, uint16_t head, uint32_t length) noexcept nogil
+    cdef void _push_general(self, uint16_t head, uint32_t length) noexcept nogil
     cdef void _push_in_order(self, uint16_t head, uint32_t length, bint whole) noexcept nogil
     cdef void _io_close(self) noexcept nogil
     cdef void publish(self) noexcept nogil
@@ -132,3 +136,59 @@ cdef class DeviceQueue:
     cdef void _push_packed(self, uint16_t id, uint32_t length, uint16_t skip) noexcept nogil
     cdef void _publish_packed(self) noexcept nogil
     cdef bint _need_interrupt_packed(self) noexcept nogil
+
+    # pop() and push() are `cdef inline` here, not in the .pyx, so the burst loops of
+    # _rx.pxd, _tx.pyx and _turns.pyx take the usual chain, one descriptor on a split
+    # ring (2.7.5), with no call through the vtable; anything else, and the first pop
+    # of a burst (which reads avail->idx), is the general path of _virtqueue.pyx.
+
+    cdef inline int pop(self) noexcept nogil:
+        """Take the next available chain into ``segs``: 1 done, 0 none, -1 refused.
+
+        A refused chain is counted; if its head was valid it is returned to the
+        driver at once with length 0, so the driver can reclaim its buffers.
+        """
+        cdef uint16_t head, flags
+        cdef uint32_t ln
+        cdef char *p = NULL
+        cdef vring_desc *d
+        if pmd_likely(not self.packed and self.shadow_avail_idx != self.last_avail_idx and not self.broken):
+            # an entry under the avail idx already read (and read after it, 2.7.13.3)
+            head = vring_load16(&self.vr.avail.ring[self.last_avail_idx & self.mask])
+            if pmd_likely(head < self.size):
+                d = &self.vr.desc[head]
+                flags = vring_load16(&d.flags)
+                if pmd_likely((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) == 0):
+                    ln = vring_load32(&d.len)
+                    if ln != 0:
+                        p = self.windows.translate(vring_load64(&d.addr), ln)
+                    if pmd_likely(p != NULL or ln == 0):
+                        self.last_avail_idx += 1
+                        self.head = head
+                        self.segs[0].ptr = p
+                        self.segs[0].len = ln
+                        if flags & VRING_DESC_F_WRITE:
+                            self.segs[0].write = 1
+                            self.out_len = 0
+                            self.in_len = ln
+                        else:
+                            self.segs[0].write = 0
+                            self.out_len = ln
+                            self.in_len = 0
+                        self.nsegs = 1
+                        self.n_popped += 1
+                        return 1
+        # nothing taken: the general path reads the entry again and refuses it the usual way
+        return self._pop_general()
+
+    cdef inline void push(self, uint16_t head, uint32_t length) noexcept nogil:
+        """Write one used entry (not yet published)."""
+        cdef uint16_t slot
+        if pmd_likely(not self.packed and not self.in_order):
+            slot = self.used_idx & self.mask
+            vring_store32(&self.vr.used.ring[slot].id, head)
+            vring_store32(&self.vr.used.ring[slot].len, length)
+            self.used_idx += 1
+            self.n_used_entries += 1
+            return
+        self._push_general(head, length)

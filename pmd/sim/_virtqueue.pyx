@@ -221,12 +221,8 @@ cdef class DeviceQueue:
 
     # ---- the data path (nogil) ----
 
-    cdef int pop(self) noexcept nogil:
-        """Take the next available chain into ``segs``: 1 done, 0 none, -1 refused.
-
-        A refused chain is counted; if its head was valid it is returned to the
-        driver at once with length 0, so the driver can reclaim its buffers.
-        """
+    cdef int _pop_general(self) noexcept nogil:
+        """pop() (_virtqueue.pxd) for every chain its inline path does not take."""
         if self.packed:
             return self._pop_packed()
         if pmd_unlikely(self.broken):
@@ -446,8 +442,8 @@ cdef class DeviceQueue:
         self.n_popped -= 1
         self.nsegs = 0
 
-    cdef void push(self, uint16_t head, uint32_t length) noexcept nogil:
-        """Write one used entry (not yet published)."""
+    cdef void _push_general(self, uint16_t head, uint32_t length) noexcept nogil:
+        """push() (_virtqueue.pxd) on a packed ring or with VIRTIO_F_IN_ORDER."""
         cdef uint16_t n = 1
         cdef bint whole
         if self.in_order:
