@@ -31,5 +31,6 @@ cdef class RxQueue(_Queue):
                            Py_ssize_t burst) noexcept nogil
     cdef int harvest_packed(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                             Py_ssize_t burst) noexcept nogil
+    cdef int mrg_singles(self, uint32_t *ids, uint32_t *lengths, Py_ssize_t burst) noexcept nogil
     cdef int harvest_mrg(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                          Py_ssize_t burst) noexcept nogil

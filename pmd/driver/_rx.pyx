@@ -29,8 +29,10 @@ from pmd.driver._virtqueue cimport (
     USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, UsedCursor, Virtqueue,
 )
 from pmd.includes.vring cimport (
-    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, VRING_DESC_F_WRITE, pvirtq_desc, vring_desc, vring_load32, vring_used_elem,
+    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, VRING_DESC_F_WRITE, pvirtq_desc, vring_desc, vring_load16, vring_load32,
+    vring_used_elem,
 )
+from pmd.includes.barrier cimport pmd_virtio_rmb
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.virtio_net cimport virtio_net_hdr
 
@@ -449,10 +451,20 @@ cdef class RxQueue(_Queue):
         num_buffers is device-written: 0, more than the ring, or a packet longer
         than max_packet_len is counted and dropped.
         """
+        cdef int got = 0
+        if out == NULL and not self.vq.in_order:
+            # zero-copy or discard: the packets of one buffer first, in one pass
+            got = self.mrg_singles(ids, lengths, burst)
+            if got < 0:                   # nothing else is used: no general pass
+                got = -got - 1
+                self.packets += got
+                self.refill()
+                self.vq.flush()
+                return got
         cdef uint16_t avail = self.vq.nused()
         cdef uint16_t head = 0, nb, k
         cdef uint32_t length = 0, b, cookie = 0, pkt, take, handed
-        cdef int r, got = 0
+        cdef int r
         cdef bint ok
         cdef char *dst
         cdef const char *src
@@ -554,6 +566,124 @@ cdef class RxQueue(_Queue):
         self.refill()
         self.vq.flush()
         return got
+
+    cdef int mrg_singles(self, uint32_t *ids, uint32_t *lengths, Py_ssize_t burst) noexcept nogil:
+        """harvest_mrg's one pass (zero-copy or discard, not in order): the used buffers
+        at the front that are whole packets (num_buffers 1, 5.1.6.4.2), each checked as
+        the general loop checks it (an id in flight of a one-descriptor chain, a buffer
+        this queue holds, a length within it and past the header, a packet of ETH_HLEN
+        to max_packet_len bytes), with the ring's and the pool's fields in locals. It
+        stops before the first one that is anything else, which the general loop reads
+        again. Returns the packets taken, or -1 - that count when none is left to look at
+        (burst reached, or nothing more used)."""
+        cdef uint16_t free_head = self.vq.free_head, id, nb
+        cdef uint32_t num_free = self.vq.num_free, ln, b, pkt
+        cdef DescExtra *extra = self.vq.extra
+        cdef DescExtra *x
+        cdef uint32_t *stack = self.pool.free_stack
+        cdef uint8_t *state = self.pool.state
+        cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
+        cdef uint8_t owner = self.owner
+        cdef uint32_t hdr_len = self.hdr_len, max_len = self.mrg_max_len, size = self.vq.size
+        cdef char *hdrs = self.pool.base + self.buf_off
+        cdef size_t stride = self.pool.buffer_size
+        cdef uint64_t nbytes = 0
+        cdef int got = 0
+        cdef bint done = False
+        cdef UsedCursor c
+        cdef uint16_t flags, last, n, k
+        cdef vring_used_elem *used
+        cdef pvirtq_desc *pdesc
+        if self.vq.packed:
+            self.vq.p_cursor(&c)
+            pdesc = self.vq.pdesc
+            while True:
+                if got >= burst or c.in_flight == 0:
+                    done = True
+                    break
+                flags = vring_load16(&pdesc[c.pos].flags)
+                if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != c.want:
+                    done = True           # nothing more used (2.8.1)
+                    break
+                pmd_virtio_rmb(self.vq.weak_barriers)   # the flags before the id and len (2.8.21.2)
+                id = vring_load16(&pdesc[c.pos].id)
+                ln = vring_load32(&pdesc[c.pos].len)
+                if pmd_unlikely(id >= size):
+                    break
+                x = &extra[id]
+                b = x.cookie
+                if pmd_unlikely(x.ndescs != 1 or x.nind != 0 or b >= n_buffers or state[b] != owner
+                                or ln < hdr_len or ln > x.writable):
+                    break
+                nb = (<virtio_net_hdr *>(hdrs + b * stride)).num_buffers
+                pkt = ln - hdr_len
+                if nb != 1 or pkt < ETH_HLEN or pkt > max_len:
+                    break
+                c.pos += 1
+                if c.pos == size:
+                    c.pos = 0
+                    c.want ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+                c.in_flight -= 1
+                x.ndescs = 0
+                x.next = free_head
+                free_head = id
+                num_free += 1
+                if ids != NULL:
+                    state[b] = BUF_APP
+                    ids[got] = b
+                else:
+                    state[b] = BUF_FREE
+                    stack[top] = b
+                    top += 1
+                lengths[got] = pkt
+                nbytes += pkt
+                got += 1
+            self.vq.p_cursor_end(&c)
+        else:
+            n = self.vq.nused()           # idx read once, checked against what is in flight
+            used = self.vq.vr.used.ring
+            last = self.vq.last_used_idx
+            k = 0
+            while True:
+                if got >= burst or k == n:
+                    done = True
+                    break
+                ln = vring_load32(&used[last & self.vq.mask].id)
+                if pmd_unlikely(ln >= size):
+                    break
+                id = <uint16_t>ln
+                ln = vring_load32(&used[last & self.vq.mask].len)
+                x = &extra[id]
+                b = x.cookie
+                if pmd_unlikely(x.ndescs != 1 or x.nind != 0 or b >= n_buffers or state[b] != owner
+                                or ln < hdr_len or ln > x.writable):
+                    break
+                nb = (<virtio_net_hdr *>(hdrs + b * stride)).num_buffers
+                pkt = ln - hdr_len
+                if nb != 1 or pkt < ETH_HLEN or pkt > max_len:
+                    break
+                last += 1
+                k += 1
+                x.ndescs = 0
+                x.next = free_head
+                free_head = id
+                num_free += 1
+                if ids != NULL:
+                    state[b] = BUF_APP
+                    ids[got] = b
+                else:
+                    state[b] = BUF_FREE
+                    stack[top] = b
+                    top += 1
+                lengths[got] = pkt
+                nbytes += pkt
+                got += 1
+            self.vq.last_used_idx = last
+        self.vq.free_head = free_head
+        self.vq.num_free = num_free
+        self.pool.n_free = top
+        self.bytes += nbytes
+        return -1 - got if done else got
 
     def rx_burst(self, out, lengths, *, bint truncate=False, timestamps=None):
         """Receive up to ``len(out)`` packets into the rows of ``out`` (uint8, 2-D,
