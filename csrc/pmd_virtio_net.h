@@ -29,6 +29,28 @@ struct virtio_net_hdr {
 PMD_LAYOUT(struct virtio_net_hdr, 12);
 PMD_OFFSET(struct virtio_net_hdr, num_buffers, 10);
 
+/* With VIRTIO_NET_F_HASH_REPORT the header grows by the hash the device computed
+ * (5.1.6: struct virtio_net_hdr_v1_hash), in both directions; the driver zeroes
+ * the extra fields on transmit. */
+struct virtio_net_hdr_v1_hash {
+    uint8_t  flags;
+    uint8_t  gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+    uint16_t num_buffers;
+    uint32_t hash_value;   /* the RSS hash (5.1.6.4.3) */
+    uint16_t hash_report;  /* VIRTIO_NET_HASH_REPORT_*: which fields it was computed over */
+    uint16_t padding;
+};
+
+PMD_LAYOUT(struct virtio_net_hdr_v1_hash, 20);
+PMD_OFFSET(struct virtio_net_hdr_v1_hash, num_buffers, 10);
+PMD_OFFSET(struct virtio_net_hdr_v1_hash, hash_value, 12);
+PMD_OFFSET(struct virtio_net_hdr_v1_hash, hash_report, 16);
+
+#define VIRTIO_NET_HDR_LEN_HASH   20u  /* HASH_REPORT */
 #define VIRTIO_NET_HDR_LEN        12u  /* VERSION_1 */
 #define VIRTIO_NET_HDR_LEN_LEGACY 10u  /* legacy without MRG_RXBUF */
 

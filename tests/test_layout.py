@@ -120,6 +120,16 @@ def test_net_header_table_is_the_c_structure():
     assert NET_HDR_LEN_LEGACY == dict((f.name, f.offset) for f in NET_HDR)["num_buffers"]
 
 
+def test_hash_header_table_is_the_c_structure():
+    # 5.1.6 with HASH_REPORT: le32 hash_value, le16 hash_report, le16 padding after num_buffers
+    from pmd.abi._layout import net_hdr_hash_layout
+    from pmd.abi.virtio_net import NET_HDR_HASH, NET_HDR_HASH_REPORT, NET_HDR_HASH_VALUE, NET_HDR_LEN_HASH
+
+    assert {f.name: (f.offset, f.width) for f in NET_HDR_HASH} == net_hdr_hash_layout()
+    assert NET_HDR_LEN_HASH == struct_sizes()["virtio_net_hdr_v1_hash"] == NET_HDR_HASH[-1].offset + 2
+    assert (NET_HDR_HASH_VALUE, NET_HDR_HASH_REPORT) == (12, 16)
+
+
 def test_numbers_python_and_c_both_define_are_the_same():
     from pmd.abi import pci, virtio, virtio_net
     from pmd.abi._layout import constants
@@ -130,7 +140,8 @@ def test_numbers_python_and_c_both_define_are_the_same():
     python.update({name: getattr(pci, name) for name in ("VIRTIO_PCI_CAP_COMMON_CFG", "VIRTIO_PCI_CAP_NOTIFY_CFG",
                                                           "VIRTIO_PCI_CAP_ISR_CFG", "VIRTIO_PCI_CAP_DEVICE_CFG",
                                                           "VIRTIO_PCI_CAP_PCI_CFG")})
-    python.update(NET_HDR_LEN=virtio_net.NET_HDR_LEN, NET_HDR_LEN_LEGACY=virtio_net.NET_HDR_LEN_LEGACY)
+    python.update(NET_HDR_LEN=virtio_net.NET_HDR_LEN, NET_HDR_LEN_LEGACY=virtio_net.NET_HDR_LEN_LEGACY,
+                  NET_HDR_LEN_HASH=virtio_net.NET_HDR_LEN_HASH)
     assert python == constants()
 
 

@@ -7,7 +7,8 @@ Python and the C structures the Cython core uses cannot drift apart. The headers
 also ``static_assert`` their own sizes and the offsets that matter most.
 """
 
-from pmd.includes.virtio_net cimport VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_LEN_LEGACY, virtio_net_hdr
+from pmd.includes.virtio_net cimport (VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_LEN_HASH, VIRTIO_NET_HDR_LEN_LEGACY,
+                                      virtio_net_hdr, virtio_net_hdr_v1_hash)
 from pmd.includes.virtio_pci cimport (
     VIRTIO_MSI_NO_VECTOR, VIRTIO_PCI_CAP_COMMON_CFG, VIRTIO_PCI_CAP_DEVICE_CFG, VIRTIO_PCI_CAP_ISR_CFG,
     VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_PCI_CFG, VIRTIO_STATUS_ACKNOWLEDGE, VIRTIO_STATUS_DEVICE_NEEDS_RESET,
@@ -21,6 +22,7 @@ def struct_sizes():
     """sizeof of the C layouts, as compiled."""
     return {"vring_desc": sizeof(vring_desc), "vring_used_elem": sizeof(vring_used_elem),
             "vring_avail": 4, "vring_used": 4, "virtio_net_hdr": sizeof(virtio_net_hdr),
+            "virtio_net_hdr_v1_hash": sizeof(virtio_net_hdr_v1_hash),
             "virtio_pci_cap": sizeof(virtio_pci_cap),
             "virtio_pci_common_cfg": sizeof(virtio_pci_common_cfg)}
 
@@ -64,6 +66,17 @@ def net_hdr_layout():
     }
 
 
+def net_hdr_hash_layout():
+    """``struct virtio_net_hdr_v1_hash``'s fields after ``num_buffers``: name -> (offset, width)."""
+    cdef virtio_net_hdr_v1_hash h
+    cdef char *base = <char *>&h
+    return {
+        "hash_value": (<char *>&h.hash_value - base, sizeof(h.hash_value)),
+        "hash_report": (<char *>&h.hash_report - base, sizeof(h.hash_report)),
+        "padding": (<char *>&h.padding - base, sizeof(h.padding)),
+    }
+
+
 def constants():
     """The numbers csrc/ defines that the Python vocabulary defines too."""
     return {
@@ -75,4 +88,5 @@ def constants():
         "VIRTIO_PCI_CAP_ISR_CFG": VIRTIO_PCI_CAP_ISR_CFG, "VIRTIO_PCI_CAP_DEVICE_CFG": VIRTIO_PCI_CAP_DEVICE_CFG,
         "VIRTIO_PCI_CAP_PCI_CFG": VIRTIO_PCI_CAP_PCI_CFG,
         "NET_HDR_LEN": VIRTIO_NET_HDR_LEN, "NET_HDR_LEN_LEGACY": VIRTIO_NET_HDR_LEN_LEGACY,
+        "NET_HDR_LEN_HASH": VIRTIO_NET_HDR_LEN_HASH,
     }

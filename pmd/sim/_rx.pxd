@@ -10,28 +10,36 @@ from libc.stdint cimport uint16_t, uint32_t
 from libc.string cimport memcpy, memmove, memset
 
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
-from pmd.includes.virtio_net cimport virtio_net_hdr
+from pmd.includes.virtio_net cimport virtio_net_hdr, virtio_net_hdr_v1_hash
 from pmd.sim._virtqueue cimport DeviceQueue
 
 
 cdef inline int check_hdr_len(uint32_t hdr_len) except -1:
-    if hdr_len > sizeof(virtio_net_hdr):
-        raise ValueError(f"hdr_len must be at most {sizeof(virtio_net_hdr)} (the virtio-net header, 5.1.6)")
+    if hdr_len > sizeof(virtio_net_hdr_v1_hash):
+        raise ValueError(f"hdr_len must be at most {sizeof(virtio_net_hdr_v1_hash)} (the virtio-net header "
+                         "with the hash fields, 5.1.6)")
     return 0
 
 
 cdef inline int deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr_len,
-                        bint mergeable) noexcept nogil:
+                        bint mergeable, bint with_hash, uint32_t hash_value, uint16_t hash_report) noexcept nogil:
     """Write one packet into the driver's rx ring: 1 delivered, 0 dropped (too
-    large for the driver's buffers), -1 no rx buffer available (nothing taken)."""
+    large for the driver's buffers), -1 no rx buffer available (nothing taken).
+    ``with_hash`` (the 20-byte header of HASH_REPORT): its hash fields get
+    ``hash_value`` and ``hash_report`` (5.1.6.4.4); otherwise they are zero
+    (HASH_REPORT_NONE). Callers pass a constant, so the paths without a hash
+    compile without the branch."""
     cdef int r = rx.pop()
     while r < 0:
         r = rx.pop()
     if r == 0:
         return -1
-    cdef virtio_net_hdr hdr
-    memset(&hdr, 0, sizeof(hdr))
+    cdef virtio_net_hdr_v1_hash hdr
+    memset(&hdr, 0, sizeof(hdr))      # the same stores as for 12 bytes: one 16-byte, one 4-byte
     hdr.num_buffers = 1
+    if with_hash:
+        hdr.hash_value = hash_value
+        hdr.hash_report = hash_report
     if rx.in_len >= hdr_len + pkt:
         if pmd_likely(rx.nsegs == 1):
             # The common case: one buffer; header then data, no segment walk.
@@ -70,10 +78,11 @@ cdef inline int deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t 
 
 
 cdef inline bint deliver_or_drop(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr_len,
-                                 bint mergeable) noexcept nogil:
+                                 bint mergeable, bint with_hash, uint32_t hash_value,
+                                 uint16_t hash_report) noexcept nogil:
     """deliver() for a packet from outside the rings: one too large for the
     driver's buffers is dropped and counted on ``rx``. False: no rx buffer (nothing taken)."""
-    cdef int r = deliver(rx, src, pkt, hdr_len, mergeable)
+    cdef int r = deliver(rx, src, pkt, hdr_len, mergeable, with_hash, hash_value, hash_report)
     if r == 0:
         rx.n_dropped += 1
     return r >= 0

@@ -9,7 +9,7 @@ decision per burst (``DeviceQueue.flush``). It mirrors the driver's
 :mod:`pmd.driver._rx`.
 """
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pmd.sim._rx cimport check_hdr_len, deliver_or_drop
 from pmd.sim._virtqueue cimport DeviceQueue
@@ -38,7 +38,7 @@ def device_rx_generate(DeviceQueue rx not None, unsigned char[::1] frame not Non
             seq = first_seq + <uint64_t>i
             for k in range(8):
                 p[seq_offset + k] = <unsigned char>(seq >> (8 * k))
-            if not deliver_or_drop(rx, <const char *>p, length, hdr_len, mergeable):
+            if not deliver_or_drop(rx, <const char *>p, length, hdr_len, mergeable, False, 0, 0):
                 break
             i += 1
         rx.flush()
@@ -72,9 +72,47 @@ def device_rx_burst(DeviceQueue rx not None, const unsigned char[:, ::1] packets
             ln = lengths[i]
             if ln > cols:
                 ln = <uint32_t>cols
-            if not deliver_or_drop(rx, <const char *>&packets[i, 0], ln, hdr_len, mergeable):
+            if not deliver_or_drop(rx, <const char *>&packets[i, 0], ln, hdr_len, mergeable, False, 0, 0):
                 break
             i += 1
         rx.flush()
     rx.leave()
     return i
+
+
+def device_rx_steered(DeviceQueue rx not None, const unsigned char[:, ::1] packets not None,
+                      const unsigned int[::1] lengths not None, const uint16_t[::1] queues not None,
+                      const uint32_t[::1] hashes not None, const uint16_t[::1] reports not None,
+                      uint8_t[::1] done not None, Py_ssize_t start, Py_ssize_t n, uint16_t queue,
+                      uint32_t hdr_len=12, bint mergeable=False):
+    """Deliver the packets ``start`` to ``n`` of a classified batch whose ``queues[i]`` is
+    ``queue`` and that are not ``done`` yet, in order, each with its hash and report in
+    the header (when ``hdr_len`` has room for them); mark each consumed one done. Stops
+    at the first with no rx buffer (that queue's packets keep their order; other
+    queues' are not held up). Returns how many were consumed (delivered or dropped as
+    too large)."""
+    if start < 0 or n > packets.shape[0] or n > lengths.shape[0] or n > queues.shape[0] \
+            or n > hashes.shape[0] or n > reports.shape[0] or n > done.shape[0]:
+        raise ValueError("n is larger than the arrays given")
+    check_hdr_len(hdr_len)
+    cdef Py_ssize_t cols = packets.shape[1], i = start
+    cdef uint32_t ln
+    cdef Py_ssize_t k = 0
+    rx.enter()
+    with nogil:
+        while i < n:
+            if done[i] or queues[i] != queue:
+                i += 1
+                continue
+            ln = lengths[i]
+            if ln > cols:
+                ln = <uint32_t>cols          # read once, kept within its row
+            if not deliver_or_drop(rx, <const char *>&packets[i, 0], ln, hdr_len, mergeable,
+                                   hdr_len >= 20, hashes[i], reports[i]):
+                break
+            done[i] = 1
+            k += 1
+            i += 1
+        rx.flush()
+    rx.leave()
+    return k

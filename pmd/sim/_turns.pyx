@@ -115,7 +115,7 @@ def generator_turns(DeviceQueue tx not None, DeviceQueue rx not None, unsigned c
             while k < budget and (limit < 0 or generated < limit):
                 for r in range(8):
                     p[payload + 8 + r] = <unsigned char>(seq >> (8 * r))
-                if not deliver_or_drop(rx, <const char *>p, size, hdr_len, mergeable):
+                if not deliver_or_drop(rx, <const char *>p, size, hdr_len, mergeable, False, 0, 0):
                     break
                 seq += 1
                 generated += 1

@@ -50,7 +50,7 @@ cdef int tx_to_rx_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
             tx.n_dropped += 1
             tx.push(tx.head, 0)
             continue
-        r = deliver(rx, src, pkt, hdr_len, mergeable)
+        r = deliver(rx, src, pkt, hdr_len, mergeable, False, 0, 0)
         if r < 0:
             tx.unpop()
             break

@@ -11,6 +11,12 @@ engine thread loops over the enabled queue pairs:
   queue's state) drops what is not for it, and ``device_rx_burst`` writes the
   rest into the rx ring. Packets the driver has no buffers for yet wait
   (back-pressure: the wire is not asked for more meanwhile);
+- **RSS or hash report configured** (RSS_CONFIG, HASH_CONFIG: ``Engine.rss``):
+  what the wire gives is classified (``RssState.classify_burst``: queue, hash
+  and report per packet) and each rx queue takes its packets in order
+  (``device_rx_steered``, the hash in the 20-byte header); a full queue holds
+  up only its own packets. The ring-to-ring and generator fast paths are not
+  used then: they write into one pair's ring without looking at the packets;
 - the **control queue** is served in Python (one command at a time, 5.1.6.5).
 
 All ring work happens inside the Cython functions, with the GIL released and
@@ -38,7 +44,8 @@ from typing import Any, Callable
 import numpy as np
 import numpy.typing as npt
 
-from ._rx import device_rx_burst
+from ._rss import RssState
+from ._rx import device_rx_burst, device_rx_steered
 from ._tx import device_tx_burst, tx_to_rx
 from ._virtqueue import DeviceQueue
 from ..errors import DeviceError
@@ -124,6 +131,25 @@ class RxFilter:
         return None if ok.all() else ok
 
 
+class SteeredBatch:
+    """A batch from the wire, classified: each packet's rx queue, hash and report, which
+    are delivered, and how many are left per queue."""
+
+    __slots__ = ("batch", "queues", "hashes", "reports", "done", "left")
+
+    def __init__(self, batch: Batch, rss: RssState, source: int) -> None:
+        n = batch.n
+        self.batch = batch
+        self.queues = np.zeros(n, np.uint16)
+        self.hashes = np.zeros(n, np.uint32)
+        self.reports = np.zeros(n, np.uint16)
+        self.done = np.zeros(n, np.uint8)
+        rss.classify_burst(batch.rows, batch.lengths, batch.start, n, source, self.queues, self.hashes,
+                           self.reports)
+        counts = np.bincount(self.queues[batch.start:n])
+        self.left = {int(q): int(c) for q, c in enumerate(counts) if c}
+
+
 @dataclass
 class QueuePairPlan:
     index: int
@@ -183,12 +209,17 @@ class Engine:
         self._wake = threading.Event()
         self._spare: deque[tuple[Rows, Lengths]] = deque()
         self._pending: dict[int, Batch] = {}
+        self._steered: dict[int, SteeredBatch] = {}
+        #: RSS and hash report as the control queue set them (5.1.6.5.7); off after reset
+        self.rss = RssState()
         self.error: BaseException | None = None
         # statistics (the engine thread writes, anyone reads)
         self.tx_packets = 0          # taken from the driver's tx rings
         self.rx_packets = 0          # written into the driver's rx rings
         self.rx_filtered = 0         # dropped by the receive filter
         self.tx_link_down = 0        # sent while the link was down: dropped
+        self.rx_steered = 0          # delivered by the RSS table (or with a hash report)
+        self.rx_no_queue = 0         # steered to a receive queue the driver did not enable: dropped
         self.ctrl_commands = 0
         self.ctrl_errors = 0
         self.rounds = 0
@@ -229,6 +260,9 @@ class Engine:
         for batch in self._pending.values():
             batch.done()
         self._pending.clear()
+        for sb in self._steered.values():
+            sb.batch.done()
+        self._steered.clear()
 
     # ---- the thread ----
     def _main(self) -> None:
@@ -272,7 +306,9 @@ class Engine:
             active = self.active_pairs
             link = self.link_up
             native = False
-            if one_pair and link and active == 1 and not self._pending:
+            # hashing on (or steered batches still waiting): every packet is looked at
+            steer = self.rss.active or bool(self._steered)
+            if one_pair and link and active == 1 and not self._pending and not steer:
                 # the wire's own turns in C (the one-flow generator): no Python per turn
                 done = turns(txs[0][1], rxqs[0], budget, hdr_len, mergeable, self.filter.accepts)
                 if done is not None:
@@ -280,7 +316,7 @@ class Engine:
                     self.tx_packets += done[0]
                     self.rx_packets += done[1]
                     moved = done[0] + done[1]
-            fast = ring_to_ring and link and self.filter.accept_all
+            fast = ring_to_ring and link and self.filter.accept_all and not steer
             for index, tx in (() if native else txs):
                 if fast:
                     rx = rxqs.get(index % active)
@@ -291,7 +327,9 @@ class Engine:
                         moved += n
                         continue
                 moved += self._transmit(index, tx, link, hdr_len)
-            if link and not native:
+            if link and steer:
+                moved += self._receive_steered(rxqs, active, hdr_len, mergeable)
+            elif link and not native:
                 for j in range(active):
                     rx = rxqs.get(j)
                     if rx is not None:
@@ -371,6 +409,53 @@ class Engine:
             batch.done()
         return k
 
+    def _receive_steered(self, rxqs: dict[int, DeviceQueue], active: int, hdr_len: int, mergeable: bool) -> int:
+        """The wire's packets for each pair, each to the rx queue RSS picks (5.1.6.5.7.2),
+        its hash in the header when HASH_REPORT gave it room (5.1.6.4.4)."""
+        moved = 0
+        for j in range(active):
+            sb = self._steered.get(j)
+            if sb is None:
+                batch = self._pending.pop(j, None)      # taken before hashing was configured
+                if batch is None:
+                    got = self.wire.receive(j, active, self.budget)
+                    if got is None:
+                        continue
+                    batch = self._filtered(got)
+                    if batch is None:
+                        moved += 1
+                        continue
+                sb = SteeredBatch(batch, self.rss, j)
+                self._steered[j] = sb
+            b = sb.batch
+            delivered = 0
+            for q in list(sb.left):
+                rx = rxqs.get(q)
+                if rx is None:
+                    # 5.1.6.5.7.1: the driver must name only enabled queues; it did not
+                    k = int(np.count_nonzero((sb.queues[b.start:b.n] == q) & (sb.done[b.start:b.n] == 0)))
+                    sb.done[b.start:b.n][sb.queues[b.start:b.n] == q] = 1
+                    self.rx_no_queue += k
+                    del sb.left[q]
+                    moved += k
+                    continue
+                k = device_rx_steered(rx, b.rows, b.lengths, sb.queues, sb.hashes, sb.reports, sb.done, b.start,
+                                      b.n, q, hdr_len, mergeable)
+                if k:
+                    delivered += k
+                    sb.left[q] -= k
+                    if not sb.left[q]:
+                        del sb.left[q]
+            if delivered:
+                self.rx_packets += delivered
+                self.rx_steered += delivered
+                self.wire.delivered(j, delivered)
+                moved += delivered
+            if not sb.left:
+                del self._steered[j]
+                b.done()
+        return moved
+
     def _filtered(self, batch: Batch) -> Batch | None:
         s = batch.start
         ok = self.filter.mask(batch.rows[s:], batch.n - s)
@@ -423,9 +508,14 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return {"running": self.running, "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,
                 "rx_filtered": self.rx_filtered, "tx_link_down": self.tx_link_down,
+                "rx_steered": self.rx_steered, "rx_no_queue": self.rx_no_queue,
+                "rss": {"active": self.rss.active, "redirect": self.rss.redirect,
+                        "hash_types": self.rss.hash_types, "table_length": len(self.rss.table),
+                        "unclassified_queue": self.rss.unclassified_queue, "key_length": self.rss.key_len},
                 "ctrl_commands": self.ctrl_commands, "ctrl_errors": self.ctrl_errors,
                 "rounds": self.rounds, "sleeps": self.sleeps, "active_pairs": self.active_pairs,
-                "waiting": sum(b.remaining for b in list(self._pending.values())),
+                "waiting": sum(b.remaining for b in list(self._pending.values()))
+                + sum(sum(sb.left.values()) for sb in list(self._steered.values())),
                 "error": repr(self.error) if self.error else None}
 
 

@@ -66,7 +66,7 @@ from . import pci_config as C
 from ._virtqueue import DeviceQueue
 from .dma import DmaMap
 from .engine import Engine, Plan, QueuePairPlan, RxFilter
-from .net import DEFAULT_MAC, OFFERED, OFFERED_NAMES, VirtioNetFunction
+from .net import DEFAULT_MAC, MULTIQUEUE_ONLY, OFFERED, OFFERED_NAMES, VirtioNetFunction
 from .server import RegionSpec
 from .virtio_pci import Counters, QueueRegs, VirtioPciFunction
 from .wires import LoopbackWire, Wire
@@ -113,6 +113,8 @@ class SimOptions:
     def offered(self) -> int:
         off = int(self.features_off)
         offered = OFFERED & ~off
+        if self.queue_pairs == 1:
+            offered &= ~MULTIQUEUE_ONLY
         if not offered & V.bit(N.NET_CTRL_VQ):
             offered &= ~N.NEEDS_CTRL_VQ
         return offered
@@ -195,6 +197,7 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
         f.unicast.clear()
         f.multicast.clear()
         self.engine.active_pairs = 1
+        self.engine.rss.reset()
 
     def _retire_queues(self) -> None:
         for dq in self.device_queues.values():
@@ -246,7 +249,7 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
                 p.rx = dq
             else:
                 p.tx = dq
-        plan = Plan(sorted(pairs.values(), key=lambda p: p.index), ctrl, hdr_len=N.NET_HDR_LEN,
+        plan = Plan(sorted(pairs.values(), key=lambda p: p.index), ctrl, hdr_len=N.hdr_len_for(self.features),
                     mergeable=bool(self.features & V.bit(N.NET_MRG_RXBUF)))
         self.engine.start(plan)
 
