@@ -95,6 +95,8 @@ cdef inline void zero_hdr(char *hdr, uint32_t hdr_len) noexcept nogil:
         memset(hdr, 0, DEFAULT_HDR_LEN)
     else:
         memset(hdr, 0, 10)
+        if hdr_len > DEFAULT_HDR_LEN:
+            memset(hdr + 10, 0, 10)     # HASH_REPORT's 20 bytes: the hash fields zero too (5.1.6)
 
 
 # ---- argument checks (GIL held): clear errors before any C work ----

@@ -34,8 +34,9 @@ cdef class _Queue:
 
     def __init__(self, Virtqueue vq not None, PacketPool pool not None, *, uint32_t hdr_len=DEFAULT_HDR_LEN,
                  bint strict=False):
-        if hdr_len not in (10, 12):
-            raise ValueError(f"hdr_len must be 12 (VERSION_1) or 10 (legacy without MRG_RXBUF), got {hdr_len}")
+        if hdr_len not in (10, 12, 20):
+            raise ValueError(f"hdr_len must be 12 (VERSION_1), 20 (HASH_REPORT) or 10 (legacy without MRG_RXBUF), "
+                             f"got {hdr_len}")
         if hdr_len > pool.headroom:
             raise ValueError(f"pool headroom {pool.headroom} cannot hold the {hdr_len}-byte header")
         if vq.owned:

@@ -1,7 +1,8 @@
 # The driver's receive queue (pmd/driver/_rx.pyx), declared for the modules that
 # drive it without Python calls (pmd/driver/_fwd.pyx: the forwarding loops).
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 from pmd.driver._queue cimport _Queue
 
@@ -15,6 +16,26 @@ cdef class RxQueue(_Queue):
     cdef public uint64_t runt       # shorter than an Ethernet header: dropped
     cdef public uint64_t bad_num_buffers
     cdef public uint64_t zc_multi_dropped
+    # During one burst that asked for them (hashes=, hash_types=): where the hash and
+    # the report of packet k go (the 20-byte header's hash_value, hash_report, 5.1.6);
+    # NULL otherwise. hash_types may be uint16 (t16) or uint8 (t8).
+    cdef uint32_t *hash_out
+    cdef uint16_t *htype16_out
+    cdef uint8_t *htype8_out
+    cdef bint want_hash
+
+    cdef inline void take_hash(self, const char *hdr, int k) noexcept nogil:
+        """Packet k's hash fields from its header (device-written values, handed over as they are)."""
+        cdef uint32_t h
+        cdef uint16_t t
+        memcpy(&h, hdr + 12, 4)
+        memcpy(&t, hdr + 16, 2)
+        if self.hash_out != NULL:
+            self.hash_out[k] = h
+        if self.htype16_out != NULL:
+            self.htype16_out[k] = t
+        elif self.htype8_out != NULL:
+            self.htype8_out[k] = <uint8_t>t if t <= 0xFF else 0xFF
 
     cdef uint32_t refill(self) noexcept nogil
     cdef uint32_t refill_split(self) noexcept nogil

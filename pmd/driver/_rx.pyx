@@ -40,6 +40,7 @@ cnp.import_array()
 
 cdef enum:
     ETH_HLEN = 14              # destination, source, EtherType: the shortest frame there is
+    HASH_HDR_LEN = 20          # the header with hash_value and hash_report (HASH_REPORT, 5.1.6)
     DISCARD_MAX = 256          # rx_discard: ids on the stack per call
 
 
@@ -54,6 +55,67 @@ cdef inline void stamp(uint64_t *timestamps, int n) noexcept nogil:
     ns = <uint64_t>t.tv_sec * 1000000000 + <uint64_t>t.tv_nsec
     for k in range(n):
         timestamps[k] = ns
+
+
+cdef struct HashOut:
+    uint32_t *hashes
+    uint16_t *types16
+    uint8_t *types8
+
+
+cdef int hashes_of(RxQueue q, object hashes, object hash_types, Py_ssize_t burst, HashOut *out) except -1:
+    """Check hashes= (uint32) and hash_types= (uint16 or uint8), an entry per packet;
+    their data pointers into ``out``."""
+    cdef Py_ssize_t n
+    cdef cnp.ndarray arr
+    if q.hdr_len != HASH_HDR_LEN:
+        raise ValueError(f"hashes= and hash_types= need the hash report (VIRTIO_NET_F_HASH_REPORT, a "
+                         f"{HASH_HDR_LEN}-byte header); this queue's header is {q.hdr_len} bytes: start the port "
+                         "with queue_pairs=2 or more on a device that offers HASH_REPORT (see port.rss)")
+    out.hashes = NULL
+    out.types16 = NULL
+    out.types8 = NULL
+    if hashes is not None:
+        out.hashes = u32_1d(hashes, "hashes", True, &n)
+        if n < burst:
+            raise ValueError(f"hashes has {n} entries but the burst can bring {burst}; "
+                             "give hashes at least one entry per packet")
+    if hash_types is not None:
+        if not cnp.PyArray_Check(hash_types) or cnp.PyArray_TYPE(<cnp.ndarray>hash_types) not in (
+                cnp.NPY_UINT16, cnp.NPY_UINT8):
+            dtype = getattr(hash_types, "dtype", type(hash_types).__name__)
+            raise TypeError(f"hash_types must be a numpy array of dtype uint16 (or uint8), got {dtype}; "
+                            "allocate it with np.zeros(burst, dtype=np.uint16)")
+        arr = <cnp.ndarray>hash_types
+        if cnp.PyArray_NDIM(arr) != 1:
+            raise ValueError(f"hash_types must be 1-D, got shape {hash_types.shape}")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
+            raise ValueError("hash_types must be contiguous and aligned; pass np.ascontiguousarray(hash_types)")
+        if not cnp.PyArray_ISWRITEABLE(arr):
+            raise ValueError("hash_types is read-only; pass a writable array")
+        if cnp.PyArray_DIM(arr, 0) < burst:
+            raise ValueError(f"hash_types has {cnp.PyArray_DIM(arr, 0)} entries but the burst can bring {burst}; "
+                             "give hash_types at least one entry per packet")
+        if cnp.PyArray_TYPE(arr) == cnp.NPY_UINT16:
+            out.types16 = <uint16_t *>cnp.PyArray_DATA(arr)
+        else:
+            out.types8 = <uint8_t *>cnp.PyArray_DATA(arr)
+    return 0
+
+
+cdef inline void hashes_to(RxQueue q, HashOut *h) noexcept nogil:
+    """Point the queue at the arrays for one burst (after enter(): nothing raises from here)."""
+    q.hash_out = h.hashes
+    q.htype16_out = h.types16
+    q.htype8_out = h.types8
+    q.want_hash = True
+
+
+cdef inline void hashes_done(RxQueue q) noexcept nogil:
+    q.hash_out = NULL
+    q.htype16_out = NULL
+    q.htype8_out = NULL
+    q.want_hash = False
 
 
 cdef uint64_t *timestamps_of(object timestamps, Py_ssize_t burst) except NULL:
@@ -81,8 +143,9 @@ cdef class RxQueue(_Queue):
         ``max_packet_len`` bytes arrive spread over several buffers, with the count
         in the first header's num_buffers. Needs the 12-byte header."""
         hdr_len = kw.get("hdr_len", DEFAULT_HDR_LEN)
-        if mergeable and hdr_len != 12:
-            raise ValueError("mergeable rx buffers need the 12-byte header (num_buffers)")
+        if mergeable and hdr_len not in (12, 20):
+            raise ValueError("mergeable rx buffers need the 12-byte header, or the 20-byte one of "
+                             "HASH_REPORT (num_buffers)")
         super().__init__(vq, pool, **kw)
         self.buf_len = pool.buffer_size - self.buf_off
         self.mergeable = mergeable
@@ -216,7 +279,9 @@ cdef class RxQueue(_Queue):
         with neither free them at once (rx_discard)."""
         if self.mergeable:
             return self.harvest_mrg(out, cols, ids, lengths, burst)
-        if not self.vq.in_order:
+        if not self.vq.in_order and not self.want_hash:
+            # (hashes asked for in copy mode: the general loop below reads them; the
+            # one-pass harvests stay as they were)
             if self.vq.packed:
                 return self.harvest_packed(out, cols, ids, lengths, burst)
             return self.harvest_split(out, cols, ids, lengths, burst)
@@ -254,6 +319,8 @@ cdef class RxQueue(_Queue):
                     self.truncated += 1
                 else:
                     memcpy(out + got * cols, self.pool.buf(b) + self.pool.headroom, pkt)
+                if pmd_unlikely(self.want_hash):
+                    self.take_hash(self.pool.buf(b) + self.buf_off, got)   # before the buffer goes back
                 self.pool.put(b)
             elif ids != NULL:
                 self.pool.state[b] = BUF_APP
@@ -535,6 +602,8 @@ cdef class RxQueue(_Queue):
                 if k == 0:
                     length -= self.hdr_len
                     src = self.pool.buf(b) + self.pool.headroom
+                    if pmd_unlikely(self.want_hash and out != NULL):
+                        self.take_hash(self.pool.buf(b) + self.buf_off, got)
                 else:
                     src = self.pool.buf(b) + self.buf_off   # continuation: no header
                 if ok and out != NULL and pkt < cols:
@@ -685,14 +754,17 @@ cdef class RxQueue(_Queue):
         self.bytes += nbytes
         return -1 - got if done else got
 
-    def rx_burst(self, out, lengths, *, bint truncate=False, timestamps=None):
+    def rx_burst(self, out, lengths, *, bint truncate=False, timestamps=None, hashes=None, hash_types=None):
         """Receive up to ``len(out)`` packets into the rows of ``out`` (uint8, 2-D,
         C-contiguous); ``lengths[i]`` (uint32) gets packet i's length. Returns the
         count. Rows must hold ``max_packet_len`` bytes unless ``truncate=True``
         (then longer packets are cut to the row and ``lengths`` keeps their
         real length, like pcap's snaplen). ``timestamps`` (uint64, an entry per
         row): ``timestamps[i]`` gets the burst's CLOCK_REALTIME in nanoseconds,
-        read once after the packets were taken.
+        read once after the packets were taken. ``hashes`` (uint32) and ``hash_types``
+        (uint16 or uint8), an entry per row, get each packet's RSS hash and its
+        hash_report (``pmd.abi.virtio_net.HASH_REPORT_*``, 0: not hashed) as the
+        device wrote them; they need HASH_REPORT (``port.rss``).
         """
         self.check()
         cdef Py_ssize_t rows, cols, nlen
@@ -707,24 +779,33 @@ cdef class RxQueue(_Queue):
         cdef uint64_t *t = NULL
         if timestamps is not None:
             t = timestamps_of(timestamps, rows)
+        cdef HashOut h
+        cdef bint hashing = hashes is not None or hash_types is not None
+        if hashing:
+            hashes_of(self, hashes, hash_types, rows, &h)
         if self.idle():
             return 0
         cdef int n
         self.enter()
         with nogil:
+            if hashing:
+                hashes_to(self, &h)
             n = self.harvest(o, cols, NULL, l, rows)
+            if hashing:
+                hashes_done(self)
             if t != NULL and n > 0:
                 stamp(t, n)
         self.leave()
         self.report_after(n)
         return n
 
-    def rx_burst_zc(self, ids, lengths, *, timestamps=None):
+    def rx_burst_zc(self, ids, lengths, *, timestamps=None, hashes=None, hash_types=None):
         """Receive up to ``len(ids)`` packets without copying: ``ids[i]`` (uint32) is
         a pool buffer whose data is ``pool.data[ids[i], :lengths[i]]``. The
         application owns those buffers until it gives them back with
         ``pool.free(ids[:n])`` or transmits them with ``TxQueue.tx_burst_zc``.
-        Returns the count. ``timestamps`` as for ``rx_burst``, an entry per id.
+        Returns the count. ``timestamps``, ``hashes`` and ``hash_types`` as for
+        ``rx_burst``, an entry per id.
         """
         self.check()
         cdef Py_ssize_t nids, nlen
@@ -735,12 +816,23 @@ cdef class RxQueue(_Queue):
         cdef uint64_t *t = NULL
         if timestamps is not None:
             t = timestamps_of(timestamps, nids)
+        cdef HashOut h
+        cdef bint hashing = hashes is not None or hash_types is not None
+        if hashing:
+            hashes_of(self, hashes, hash_types, nids, &h)
         if self.idle():
             return 0
-        cdef int n
+        cdef int n, k
         self.enter()
         with nogil:
             n = self.harvest(NULL, 0, i, l, nids)
+            if hashing and n > 0:
+                # The buffers are the caller's now, headers included: read after the harvest,
+                # so the zero-copy harvest itself costs nothing when no hash is asked for.
+                hashes_to(self, &h)
+                for k in range(n):
+                    self.take_hash(self.pool.buf(i[k]) + self.buf_off, k)
+                hashes_done(self)
             if t != NULL and n > 0:
                 stamp(t, n)
         self.leave()

@@ -45,6 +45,11 @@ log = logging.getLogger("pmd.port")
 
 _open_ports: "weakref.WeakSet[Port]" = weakref.WeakSet()
 
+#: The RSS key a port starts with (Microsoft's RSS verification key, which DPDK and
+#: Linux test with too): fixed, so a flow lands on the same queue run after run.
+DEFAULT_RSS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c"
+                                "6a42b73bbeac01fa")
+
 
 @atexit.register
 def _close_all() -> None:
@@ -114,6 +119,8 @@ class Port:
         self._link_reported = Link(True)    # as the link callbacks last heard of it
         self._promisc: bool | None = None
         self._allmulti: bool | None = None
+        self._cfg: Any = None                  # the device configuration read at start (NetConfig)
+        self._rss: dict[str, Any] | None = None   # what set_rss last configured
         #: why the device went away under a started port (see :meth:`_device_lost`), else None
         self.lost: str | None = None
         try:
@@ -163,7 +170,7 @@ class Port:
         t.add_status(V.STATUS_DRIVER)
         self.device_features = t.device_features()
         accepted = negotiate(self.device_features, transport_bits=t.feature_bits, disable=self._disable,
-                             enable=self._enable)
+                             enable=self._enable, queue_pairs=queue_pairs)
         t.set_driver_features(accepted)
         if not t.legacy:
             t.add_status(V.STATUS_FEATURES_OK)
@@ -178,6 +185,7 @@ class Port:
         # configuration from offset 20 to 24 once MSI-X is on.
         self._setup_interrupts(queue_pairs if rx_interrupts else 0)
         cfg = read_net_config(t, accepted)
+        self._cfg = cfg
         self.max_queue_pairs = cfg.max_queue_pairs
         if queue_pairs > cfg.max_queue_pairs:
             raise ValueError(f"{queue_pairs} queue pairs asked; the device has at most "
@@ -268,6 +276,10 @@ class Port:
             rxq.fill()
         if queue_pairs > 1:
             self.ctrl_command(N.CTRL_MQ, N.CTRL_MQ_VQ_PAIRS_SET, queue_pairs.to_bytes(2, "little"))
+        self._rss = None
+        if accepted & (V.bit(N.NET_RSS) | V.bit(N.NET_HASH_REPORT)):
+            # 5.1.6.5.7: the last multiqueue command decides, so RSS_CONFIG after VQ_PAIRS_SET
+            self._configure_rss(None, None, None)
         if self._want_mac is not None and cfg.mac is not None and self._want_mac != cfg.mac:
             self.ctrl_command(N.CTRL_MAC, N.CTRL_MAC_ADDR_SET, self._want_mac, need=N.NET_CTRL_MAC_ADDR)
             self.mac = self._want_mac
@@ -444,12 +456,17 @@ class Port:
         return self.pools[queue]
 
     def rx_burst(self, out: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32], queue: int = 0, *,
-                 truncate: bool = False, timestamps: npt.NDArray[np.uint64] | None = None) -> int:
-        return self.rx_queue(queue).rx_burst(out, lengths, truncate=truncate, timestamps=timestamps)
+                 truncate: bool = False, timestamps: npt.NDArray[np.uint64] | None = None,
+                 hashes: npt.NDArray[np.uint32] | None = None,
+                 hash_types: npt.NDArray[np.uint16] | npt.NDArray[np.uint8] | None = None) -> int:
+        return self.rx_queue(queue).rx_burst(out, lengths, truncate=truncate, timestamps=timestamps,
+                                             hashes=hashes, hash_types=hash_types)
 
     def rx_burst_zc(self, ids: npt.NDArray[np.uint32], lengths: npt.NDArray[np.uint32], queue: int = 0, *,
-                    timestamps: npt.NDArray[np.uint64] | None = None) -> int:
-        return self.rx_queue(queue).rx_burst_zc(ids, lengths, timestamps=timestamps)
+                    timestamps: npt.NDArray[np.uint64] | None = None, hashes: npt.NDArray[np.uint32] | None = None,
+                    hash_types: npt.NDArray[np.uint16] | npt.NDArray[np.uint8] | None = None) -> int:
+        return self.rx_queue(queue).rx_burst_zc(ids, lengths, timestamps=timestamps, hashes=hashes,
+                                                hash_types=hash_types)
 
     def tx_burst(self, packets: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32], queue: int = 0) -> int:
         return self.tx_queue(queue).tx_burst(packets, lengths)
@@ -595,6 +612,100 @@ class Port:
         data = (len(uni).to_bytes(4, "little") + b"".join(uni)
                 + len(multi).to_bytes(4, "little") + b"".join(multi))
         self.ctrl_command(N.CTRL_MAC, N.CTRL_MAC_TABLE_SET, data, need=N.NET_CTRL_RX)
+
+    # ------------------------------------------------------------------ RSS (5.1.6.5.7)
+    def set_rss(self, key: bytes | None = None, table: Sequence[int] | None = None,
+                hash_types: int | str | None = None) -> None:
+        """Set receive-side scaling (VIRTIO_NET_CTRL_MQ_RSS_CONFIG, Virtio 1.2 5.1.6.5.7.1):
+        the Toeplitz ``key`` (bytes, 1 to ``rss_max_key_size``), the indirection ``table``
+        (rx queue numbers below ``queue_pairs``, a power-of-two count up to
+        ``rss_max_indirection_table_length``: a packet goes to ``table[hash % len]``) and
+        the ``hash_types`` hashed (a mask or names, "IPv4,TCPv4,UDPv4"; packets of no
+        enabled type go to queue 0). None keeps what is set; the port starts with
+        :data:`DEFAULT_RSS_KEY`, the queues in turn over the longest table, every type
+        the device supports. With HASH_REPORT but no RSS, ``key`` and ``hash_types`` are
+        sent with HASH_CONFIG (the hash is reported, packets are not steered)."""
+        self._check_started()
+        with self._lock:
+            self._configure_rss(key, table, hash_types)
+
+    def _configure_rss(self, key: bytes | None, table: Sequence[int] | None, hash_types: int | str | None) -> None:
+        cfg = self._cfg
+        rss_on = bool(self.features & V.bit(N.NET_RSS))
+        if not self.features & (V.bit(N.NET_RSS) | V.bit(N.NET_HASH_REPORT)):
+            raise PmdError("VIRTIO_NET_F_RSS and HASH_REPORT were not negotiated: pmd takes them for several "
+                           "queue pairs on a device that offers them (start(queue_pairs=2) or more, and not "
+                           "disable='RSS'); see port.features")
+        old = self._rss or {}
+        if key is None:
+            key = old.get("key", DEFAULT_RSS_KEY[:cfg.rss_max_key_size])
+        if not isinstance(key, (bytes, bytearray, memoryview)):
+            raise TypeError(f"key must be bytes, got {type(key).__name__}")
+        key = bytes(key)
+        if not 1 <= len(key) <= cfg.rss_max_key_size:
+            raise ValueError(f"the key has {len(key)} bytes; the device takes 1 to {cfg.rss_max_key_size} "
+                             f"(rss_max_key_size); the usual RSS key is 40 bytes")
+        if hash_types is None:
+            types = old.get("hash_types", cfg.supported_hash_types)
+        else:
+            types = N.parse_hash_types(hash_types)
+        if types & ~cfg.supported_hash_types:
+            raise ValueError(f"hash types {', '.join(N.hash_type_names(types & ~cfg.supported_hash_types))} are not "
+                             f"supported by the device (supported_hash_types: "
+                             f"{', '.join(N.hash_type_names(cfg.supported_hash_types)) or 'none'})")
+        if not rss_on:
+            if table is not None:
+                raise PmdError("an indirection table needs VIRTIO_NET_F_RSS, which was not negotiated (the device "
+                               "offers only HASH_REPORT): set key and hash_types alone")
+            self.ctrl_command(N.CTRL_MQ, N.CTRL_MQ_HASH_CONFIG, N.hash_config(types, key),
+                              need=N.NET_HASH_REPORT)
+            self._rss = {"key": key, "hash_types": types, "table": [], "steering": False}
+            return
+        if table is None:
+            entries = old.get("table")
+            if entries is None:
+                longest = 1 << (cfg.rss_max_table_length.bit_length() - 1)    # a power of two
+                length = min(longest, N.RSS_MIN_TABLE_LENGTH)
+                entries = [i % self.queue_pairs for i in range(length)]
+        else:
+            try:
+                entries = [int(q) for q in table]
+            except (TypeError, ValueError):
+                raise TypeError("table must be a sequence of rx queue numbers (ints)") from None
+        n = len(entries)
+        if n == 0 or n & (n - 1) or n > cfg.rss_max_table_length:
+            raise ValueError(f"the table has {n} entries; it needs a power of two from 1 to "
+                             f"{cfg.rss_max_table_length} (rss_max_indirection_table_length, 5.1.6.5.7.1)")
+        bad = [q for q in entries if not 0 <= q < self.queue_pairs]
+        if bad:
+            raise ValueError(f"table entry {bad[0]} is not an rx queue of this port (0 to {self.queue_pairs - 1}); "
+                             "start with more queue_pairs or name only those")
+        data = N.rss_config(types, entries, 0, self.queue_pairs, key)
+        self.ctrl_command(N.CTRL_MQ, N.CTRL_MQ_RSS_CONFIG, data, need=N.NET_RSS)
+        self._rss = {"key": key, "hash_types": types, "table": entries, "steering": True}
+
+    @property
+    def rss(self) -> dict[str, Any] | None:
+        """What RSS and the hash report are set to, None when neither was negotiated:
+        ``steering`` (the table chooses the queue), ``hash_report`` (the header carries
+        the hash: ``rx_burst(..., hashes=)``), ``key``, ``hash_types`` (names),
+        ``table`` and ``entries``."""
+        if self._rss is None or not self._started:
+            return None
+        r = self._rss
+        return {"steering": r["steering"], "hash_report": bool(self.features & V.bit(N.NET_HASH_REPORT)),
+                "key": r["key"], "hash_types": N.hash_type_names(r["hash_types"]), "table": list(r["table"]),
+                "entries": len(r["table"])}
+
+    def info(self) -> dict[str, Any]:
+        """What the port runs with: name, MAC, negotiated features (names), header length,
+        queue pairs, ring layout, MTU, link, and RSS (:attr:`rss`, None when off)."""
+        self._check_open()
+        return {"name": self.name, "started": self._started, "mac": format_mac(self.mac) if self.mac else None,
+                "features": N.feature_names(self.features), "hdr_len": self.hdr_len,
+                "queue_pairs": self.queue_pairs, "max_queue_pairs": self.max_queue_pairs,
+                "ring": self.ring_layout, "mtu": self.mtu, "link": self._link if self._started else None,
+                "rss": self.rss}
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:

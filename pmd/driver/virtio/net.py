@@ -30,7 +30,11 @@ log = logging.getLogger("pmd.virtio.net")
 WANTED = (V.bit(V.VERSION_1) | V.bit(V.ACCESS_PLATFORM) | V.bit(N.NET_MAC) | V.bit(N.NET_STATUS)
           | V.bit(N.NET_MRG_RXBUF) | V.bit(N.NET_CTRL_VQ) | V.bit(N.NET_CTRL_RX) | V.bit(N.NET_MQ)
           | V.bit(V.RING_EVENT_IDX) | V.bit(N.NET_MTU) | V.bit(N.NET_SPEED_DUPLEX)
-          | V.bit(N.NET_CTRL_MAC_ADDR) | V.bit(V.RING_INDIRECT_DESC))
+          | V.bit(N.NET_CTRL_MAC_ADDR) | V.bit(V.RING_INDIRECT_DESC) | V.bit(N.NET_RSS) | V.bit(N.NET_HASH_REPORT))
+# Taken only for several queue pairs (and RSS only with MQ, whose VQ_PAIRS_SET pmd sends
+# first): with one queue there is nothing to steer, and the hash report's 20-byte
+# header costs every packet.
+MULTIQUEUE_ONLY = V.bit(N.NET_RSS) | V.bit(N.NET_HASH_REPORT)
 # Taken only when asked for (``enable=``): the packed ring is correct against DPDK's vhost,
 # QEMU's packed=on device and the built-in device, but not yet faster than split;
 # IN_ORDER is correct on both layouts but measured a few per cent slower than without
@@ -40,7 +44,8 @@ OPT_IN = V.bit(V.RING_PACKED) | V.bit(V.IN_ORDER)
 MANDATORY = V.bit(V.VERSION_1) | V.bit(V.ACCESS_PLATFORM)
 
 
-def negotiate(offered: int, *, transport_bits: int = 64, disable: int = 0, enable: int = 0) -> int:
+def negotiate(offered: int, *, transport_bits: int = 64, disable: int = 0, enable: int = 0,
+              queue_pairs: int = 1) -> int:
     """The driver features pmd accepts from ``offered``.
 
     - VERSION_1 is required on a transport that can carry it (a device without
@@ -49,6 +54,7 @@ def negotiate(offered: int, *, transport_bits: int = 64, disable: int = 0, enabl
       the IOMMU must not be driven with physical addresses);
     - the rest of WANTED is taken when offered, unless ``disable`` turns it off;
     - what ``enable`` names of OPT_IN (RING_PACKED, IN_ORDER) too, when offered;
+    - RSS and HASH_REPORT only for ``queue_pairs`` > 1, RSS only with MQ;
     - features that depend on CTRL_VQ go with it.
     """
     if disable & MANDATORY & offered:
@@ -63,6 +69,10 @@ def negotiate(offered: int, *, transport_bits: int = 64, disable: int = 0, enabl
     accepted = offered & (WANTED | enable) & ~disable & mask
     if not accepted & V.bit(N.NET_CTRL_VQ):
         accepted &= ~N.NEEDS_CTRL_VQ
+    if queue_pairs < 2:
+        accepted &= ~MULTIQUEUE_ONLY
+    if not accepted & V.bit(N.NET_MQ):
+        accepted &= ~V.bit(N.NET_RSS)
     return accepted
 
 
@@ -103,6 +113,9 @@ class NetConfig:
     mtu: int | None
     speed: int | None
     duplex: int | None
+    rss_max_key_size: int = 0               # RSS or HASH_REPORT
+    rss_max_table_length: int = 0           # RSS
+    supported_hash_types: int = 0           # RSS or HASH_REPORT
 
 
 def read_net_config(transport: Transport, features: int) -> NetConfig:
@@ -111,21 +124,28 @@ def read_net_config(transport: Transport, features: int) -> NetConfig:
     fields: list[tuple[int, int]] = []
     has = {name: bool(features & V.bit(bitno)) for name, bitno in
            (("mac", N.NET_MAC), ("status", N.NET_STATUS), ("mq", N.NET_MQ), ("mtu", N.NET_MTU),
-            ("speed", N.NET_SPEED_DUPLEX))}
+            ("speed", N.NET_SPEED_DUPLEX), ("rss", N.NET_RSS), ("hash", N.NET_HASH_REPORT))}
     if has["mac"]:
         fields += [(N.NET_CFG_MAC + i, 1) for i in range(ETH_ALEN)]
     if has["status"]:
         fields.append((N.NET_CFG_STATUS, 2))
-    if has["mq"]:
+    if has["mq"] or has["rss"]:
         fields.append((N.NET_CFG_MAX_QUEUE_PAIRS, 2))
     if has["mtu"]:
         fields.append((N.NET_CFG_MTU, 2))
     if has["speed"]:
         fields += [(N.NET_CFG_SPEED, 4), (N.NET_CFG_DUPLEX, 1)]
+    hashing = has["rss"] or has["hash"]
+    if hashing:
+        fields.append((N.NET_CFG_RSS_MAX_KEY_SIZE, 1))
+    if has["rss"]:
+        fields.append((N.NET_CFG_RSS_MAX_TABLE_LENGTH, 2))
+    if hashing:
+        fields.append((N.NET_CFG_SUPPORTED_HASH_TYPES, 4))
     values = iter(transport.read_config(fields)) if fields else iter(())
     mac = bytes(next(values) for _ in range(ETH_ALEN)) if has["mac"] else None
     status = next(values) if has["status"] else None
-    pairs = next(values) if has["mq"] else 1
+    pairs = next(values) if has["mq"] or has["rss"] else 1
     if not 1 <= pairs <= N.MAX_QUEUE_PAIRS:
         raise DeviceError(f"device reports max_virtqueue_pairs = {pairs}; the spec allows 1 to 0x8000 "
                           "(5.1.4.1)")
@@ -135,7 +155,17 @@ def read_net_config(transport: Transport, features: int) -> NetConfig:
     speed = duplex = None
     if has["speed"]:
         speed, duplex = next(values), next(values)
-    return NetConfig(mac, status, pairs, mtu, speed, duplex)
+    key_size = next(values) if hashing else 0
+    table_length = next(values) if has["rss"] else 0
+    hash_types = next(values) if hashing else 0
+    # 5.1.4.1: at least 40 and 128; a device that says less is not trusted with RSS at all
+    if hashing and key_size < N.RSS_MIN_KEY_SIZE:
+        raise DeviceError(f"device reports rss_max_key_size = {key_size}, below the 40 the spec requires "
+                          "(5.1.4.1); start it with disable='RSS,HASH_REPORT'")
+    if has["rss"] and table_length < N.RSS_MIN_TABLE_LENGTH:
+        raise DeviceError(f"device reports rss_max_indirection_table_length = {table_length}, below the 128 "
+                          "the spec requires (5.1.4.1); start it with disable='RSS'")
+    return NetConfig(mac, status, pairs, mtu, speed, duplex, key_size, table_length, hash_types)
 
 
 def link_from(cfg: NetConfig) -> Link:
@@ -285,6 +315,7 @@ LinkCallback = Callable[[Link], None]
 
 __all__ = [
     "WANTED",
+    "MULTIQUEUE_ONLY",
     "OPT_IN",
     "MANDATORY",
     "negotiate",
