@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from ..driver import sysfs
 from ..errors import PmdError
 from .data import info_data, status_data, vfio_data, virtio_data
-from .text import format_info, format_status, format_vfio, format_virtio
+from .text import format_info, format_status, format_vfio, format_virtio, port_rss_text
 
 __all__ = ["main", "build_parser", "format_vfio", "version", "UsageError"]
 
@@ -324,6 +324,8 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
                 f"{args.queues} queue pair(s), {port.ring_layout} rings, burst {args.burst}"
                 + (f", wire {args.wire}" if builtin else "") + (", tx first" if args.tx_first else ""))
             say("  placement: " + _placement_text(builtin, device_cpu, cpus, args.queues))
+            if args.queues > 1:
+                say("  rss: " + port_rss_text(port.rss))
             summary = fwd.run(port, args.mode, queues=args.queues, burst=args.burst, size=args.size,
                               duration=args.duration or None, pcap=args.pcap, tx_retry=args.tx_retry,
                               report=(lambda line: None) if args.json else say, cpus=cpus,

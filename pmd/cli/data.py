@@ -127,4 +127,6 @@ def virtio_data(offered: int, *, transport_bits: int, transport: str) -> dict[st
     return {"transport": transport, "device_features": offered, "device_feature_names": NN.feature_names(offered),
             "accepted_features": accepted, "accepted_feature_names": NN.feature_names(accepted),
             "ring_layout": "packed" if accepted & V.bit(V.RING_PACKED) else "split",
-            "in_order": bool(accepted & V.bit(V.IN_ORDER))}
+            "in_order": bool(accepted & V.bit(V.IN_ORDER)),
+            "rss_offered": bool(offered & V.bit(NN.NET_RSS)),
+            "hash_report_offered": bool(offered & V.bit(NN.NET_HASH_REPORT))}

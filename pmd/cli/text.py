@@ -277,4 +277,28 @@ def format_virtio(offered: int, *, transport_bits: int, transport: str) -> str:
         f"  pmd takes {accepted:#x}: {', '.join(NN.feature_names(accepted)) or '(none)'}",
         f"  rings: {rings}",
         f"  used buffers: {order}",
+        f"  rss: {rss_text(offered)}",
     ]) + "\n"
+
+
+def rss_text(offered: int) -> str:
+    """What pmd does with the device's RSS and hash report (docs/rss.md)."""
+    from ..abi import virtio as V
+    from ..abi import virtio_net as NN
+
+    rss, report = bool(offered & V.bit(NN.NET_RSS)), bool(offered & V.bit(NN.NET_HASH_REPORT))
+    if not rss and not report:
+        return "not offered (several queues use the device's automatic steering)"
+    what = " and ".join(n for n, on in (("RSS", rss), ("HASH_REPORT", report)) if on)
+    return f"{what} offered: taken with 2 queue pairs or more (disable=\"RSS,HASH_REPORT\" turns them off)"
+
+
+def port_rss_text(rss: dict[str, object] | None) -> str:
+    """One line on a started port's RSS (``Port.rss``)."""
+    if rss is None:
+        return "off"
+    types = ",".join(rss["hash_types"]) if isinstance(rss["hash_types"], list) else rss["hash_types"]
+    if rss["steering"]:
+        return f"on, {rss['entries']} table entries, hash types {types}, hash report " + \
+            ("on" if rss["hash_report"] else "off")
+    return f"hash report only (HASH_CONFIG), hash types {types}"
