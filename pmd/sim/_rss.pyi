@@ -2,11 +2,12 @@ from typing import Iterable
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 
 TABLE_MAX: int
 KEY_MAX: int
 
+@disjoint_base
 class RssState:
     active: bool
     redirect: bool
