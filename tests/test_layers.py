@@ -4,7 +4,7 @@ the design forbids.
 
 - **shared** (the vocabulary at the bottom: ``pmd.abi``, ``pmd.includes``,
   ``pmd.memory``, ``pmd.sockets``, ``pmd.errors``, and ``pmd.parse``, the header parser
-  either side may use) imports only shared modules, and the
+  either side may use, with ``pmd.arrow``, its columns as Arrow record batches) imports only shared modules, and the
   vocabulary (``pmd.abi``) only itself, ``pmd.errors`` and ``pmd.includes``;
 - **driver** (``pmd.driver``) imports shared and driver modules, never the
   built-in device;
@@ -32,7 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "pmd"
 
-SHARED = ("pmd.errors", "pmd.abi", "pmd.includes", "pmd.memory", "pmd.sockets", "pmd.parse")
+SHARED = ("pmd.errors", "pmd.abi", "pmd.includes", "pmd.memory", "pmd.sockets", "pmd.parse", "pmd.arrow")
 DRIVER = ("pmd.driver",)
 DEVICE = ("pmd.sim",)
 TOP = ("pmd", "pmd.__main__", "pmd._compat", "pmd.backends", "pmd.loopback", "pmd.fwd", "pmd.cli")
