@@ -10,7 +10,7 @@ the design forbids.
   built-in device;
 - **device** (``pmd.sim``) imports shared and device modules, never the driver;
 - only the **top** (``pmd`` itself, ``pmd.backends``, ``pmd.loopback``,
-  ``pmd.fwd``, ``pmd.cli``) stands above both.
+  ``pmd.fwd``, ``pmd.capture``, ``pmd.cli``) stands above both.
 
 Inside the driver the layers of DESIGN.md hold too (device access, interrupts
 and the data path below the virtio transports, the transports below the Port),
@@ -35,7 +35,7 @@ PKG = ROOT / "pmd"
 SHARED = ("pmd.errors", "pmd.abi", "pmd.includes", "pmd.memory", "pmd.sockets", "pmd.parse", "pmd.arrow")
 DRIVER = ("pmd.driver",)
 DEVICE = ("pmd.sim",)
-TOP = ("pmd", "pmd.__main__", "pmd._compat", "pmd.backends", "pmd.loopback", "pmd.fwd", "pmd.cli")
+TOP = ("pmd", "pmd.__main__", "pmd._compat", "pmd.backends", "pmd.loopback", "pmd.fwd", "pmd.capture", "pmd.cli")
 
 # Driver layers, bottom up: a module may import its own layer and the ones below.
 DRIVER_LAYERS = [

@@ -89,10 +89,13 @@ class _Writer:
     def _room(self, n: int, width: int) -> None:
         """Make room in the buffer for n records of rows ``width`` wide."""
         need = _records.record_bound(n, width, self.snaplen)
-        if self._pos + need > len(self._buf):
+        if 2 * need > len(self._buf):
+            # The bound counts whole rows; with a buffer of at least twice it every write
+            # to the file is half a buffer or more (small writes cost more than the copy).
             self._flush()
-            if need > len(self._buf):
-                self._buf = np.empty(need, np.uint8)
+            self._buf = np.empty(2 * need, np.uint8)
+        elif self._pos + need > len(self._buf):
+            self._flush()
 
     def flush(self) -> None:
         """Write what the bursts left in the buffer (``close`` does too)."""
