@@ -2,8 +2,8 @@
 
 One port on the built-in device's generator (64-byte UDP frames, as fast as they are
 taken; the device pinned to one CPU, this thread to the other, as ``pmd fwd`` places
-them). Each round measures, one after the other (A B C ..., A B C ..., on a shared and
-noisy VM), for ``--seconds`` each:
+them). Each round measures, one after the other (on a shared and noisy VM), for
+``--seconds`` each:
 
   rx        testpmd's rxonly: ``rx_discard`` bursts, nothing copied (``pmd fwd --mode rxonly``)
   parse     copy-mode ``rx_burst`` with timestamps, then ``HeaderParser.parse_into`` on each burst
@@ -12,11 +12,12 @@ noisy VM), for ``--seconds`` each:
   pcapng    the same, pcapng
   parquet   the same, Parquet (needs pyarrow; skipped without it)
 
-A mode's ratio is its rate over the rx rate of the same round; the table gives the
-medians over the rounds. Each capture file is checked: its size is what the packets
+The rx-only samples are taken between every two others (rx, parse, rx, arrow, rx,
+pcap, ...): a mode's ratio is its rate over the mean of the rx samples right before
+and right after it; the table gives the medians over the rounds. Each capture file is checked: its size is what the packets
 captured take (pcap, pcapng), or its row count is (Parquet); then it is removed.
 
-    python bench/capture.py            # about 40 s
+    python bench/capture.py            # about a minute
     python bench/capture.py --quick    # a few seconds
 
 The last line is ``rx_mpps=<x> capture_pcap_mpps=<y> capture_pcap_ratio=<y/x> ...`` for
@@ -118,47 +119,64 @@ def check_file(path: Path, ext: str, packets: int) -> None:
         raise AssertionError(f"{path}: {size} bytes, {packets} packets take {want}")
 
 
+def sample(port: Any, name: str, fn: Callable[[Any, float], tuple[int, float]], seconds: float) -> float:
+    n, dt = fn(port, seconds)
+    if n == 0:
+        raise AssertionError(f"{name}: no packet in {dt:.2f} s")
+    return n / dt / 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="two short rounds")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--seconds", type=float, default=0.8, help="per mode per round")
+    ap.add_argument("--queue-size", type=int, default=capture.QUEUE_SIZE,
+                    help=f"ring entries (default {capture.QUEUE_SIZE}, as pmd capture's)")
     args = ap.parse_args(argv)
     rounds, seconds = (2, 0.3) if args.quick else (args.rounds, args.seconds)
     where = Path(tempfile.mkdtemp(prefix="pmd-bench-capture-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    modes: dict[str, Callable[[Any, float], tuple[int, float]]] = {
-        "rx": rx_only, "parse": rx_parse, "pcap": capture_to(".pcap", where), "pcapng": capture_to(".pcapng", where)}
+    modes: dict[str, Callable[[Any, float], tuple[int, float]]] = {"rx": rx_only, "parse": rx_parse}
     if HAVE_ARROW:
         modes["arrow"] = arrow_batches
+    modes["pcap"] = capture_to(".pcap", where)
+    modes["pcapng"] = capture_to(".pcapng", where)
+    if HAVE_ARROW:
         modes["parquet"] = capture_to(".parquet", where)
     device_cpu, cpus = fwd.default_placement(True)
     rates: dict[str, list[float]] = {m: [] for m in modes}
     ratios: dict[str, list[float]] = {m: [] for m in modes}
     try:
         with pmd.open_port("sim", wire="generator", rate=0.0, size=64, flows=1, cpu=device_cpu) as port:
-            port.start()
+            port.start(queue_size=args.queue_size)
             if cpus:
                 capture.pin_this_thread(cpus[0])
             rx_only(port, 0.2)                       # warm up: the device's first packets
             for _ in range(rounds):
-                this: dict[str, float] = {}
+                # rx, A, rx, B, rx, ...: each mode against the mean of the rx samples on
+                # either side of it, so that a change of the machine's load between two
+                # samples moves both sides of a ratio alike.
+                rx_before = sample(port, "rx", rx_only, seconds)
+                rates["rx"].append(rx_before)
                 for name, fn in modes.items():
-                    n, dt = fn(port, seconds)
-                    if n == 0:
-                        raise AssertionError(f"{name}: no packet in {dt:.2f} s")
-                    this[name] = n / dt / 1e6
-                for name, mpps in this.items():
+                    if name == "rx":
+                        continue
+                    mpps = sample(port, name, fn, seconds)
+                    rx_after = sample(port, "rx", rx_only, seconds)
                     rates[name].append(mpps)
-                    ratios[name].append(mpps / this["rx"])
+                    rates["rx"].append(rx_after)
+                    ratios[name].append(mpps / ((rx_before + rx_after) / 2))
+                    rx_before = rx_after
             dropped = port.stats()["rx_dropped"]
     finally:
         shutil.rmtree(where, ignore_errors=True)
     print(f"64 B frames from the built-in device's generator, burst {BURST}, files in tmpfs; "
-          f"medians of {rounds} interleaved rounds of {seconds} s per mode (load {os.getloadavg()[0]:.1f}); "
+          f"medians of {rounds} rounds of {seconds} s per sample, rx between every two (load {os.getloadavg()[0]:.1f}); "
           f"rx drops {dropped}")
     print(f"{'mode':>8} {'Mpps':>8} {'/ rx':>6}")
     for name in modes:
-        print(f"{name:>8} {statistics.median(rates[name]):8.3f} {statistics.median(ratios[name]):6.2f}")
+        ratio = statistics.median(ratios[name]) if ratios[name] else 1.0
+        print(f"{name:>8} {statistics.median(rates[name]):8.3f} {ratio:6.2f}")
     summary = {"rx_mpps": statistics.median(rates["rx"])}
     for name in modes:
         if name == "rx":

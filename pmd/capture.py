@@ -40,6 +40,9 @@ ROW_GROUP = 65536                    # packets per Parquet row group
 # between chunks, so a slow trickle still reaches the file (and a stop is seen) within
 # about this many polls (a dry poll is well under a microsecond).
 POLLS = 256
+# Ring entries pmd capture asks for by default, as pmd fwd (bench/capture.py --queue-size
+# measures others: the device fills the ring while a chunk is written).
+QUEUE_SIZE = 256
 ZC_CHUNK = 256                       # packets per chunk in zero-copy mode (pool buffers held)
 
 

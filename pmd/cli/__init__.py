@@ -569,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--queue", type=int, default=0, help="the rx queue to capture (default 0)")
     cp.add_argument("--queues", type=int, default=1, help="queue pairs to start (default 1)")
     cp.add_argument("--burst", type=int, default=64, help="packets per receive burst (default 64)")
-    cp.add_argument("--queue-size", type=int, default=256, help="ring entries (0: the device's maximum)")
+    cp.add_argument("--queue-size", type=int, default=256, help="ring entries (default 256; 0: the device's maximum)")
     cp.add_argument("--device-cpu", type=int, metavar="N",
                     help="CPU of the built-in device's process (default: the last CPU this process may use)")
     cp.add_argument("--no-pin", action="store_true", help="pin nothing: leave placement to the scheduler")
