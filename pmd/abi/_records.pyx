@@ -126,14 +126,16 @@ cdef int packets_of(Packets *p, object data, object lengths, object n, object id
     return 0
 
 
-cdef uint8_t *room(object out, Py_ssize_t pos, Py_ssize_t need) except NULL:
+cdef uint8_t *room(object out, Py_ssize_t pos, Py_ssize_t need) except? NULL:
+    """``out``'s data, or NULL (no exception) when ``need`` bytes at ``pos`` do not fit."""
     if not cnp.PyArray_Check(out) or cnp.PyArray_TYPE(<cnp.ndarray>out) != cnp.NPY_UINT8 \
             or cnp.PyArray_NDIM(<cnp.ndarray>out) != 1 or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out) \
             or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
         raise TypeError("out must be a writable, contiguous 1-D uint8 array")
-    if pos < 0 or pos + need > cnp.PyArray_DIM(<cnp.ndarray>out, 0):
-        raise ValueError(f"out has {cnp.PyArray_DIM(<cnp.ndarray>out, 0)} bytes; writing {need} at {pos} "
-                         f"needs {pos + need}: pass a larger out (record_bound gives the most a burst takes)")
+    if pos < 0 or pos > cnp.PyArray_DIM(<cnp.ndarray>out, 0):
+        raise ValueError(f"pos must be 0 to {cnp.PyArray_DIM(<cnp.ndarray>out, 0)} (the bytes of out), got {pos}")
+    if pos + need > cnp.PyArray_DIM(<cnp.ndarray>out, 0):
+        return NULL
     return <uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>out)
 
 
@@ -155,13 +157,17 @@ cdef Py_ssize_t size_of(const Packets *p, Py_ssize_t overhead, bint pad) noexcep
 def pcap_records(out, Py_ssize_t pos, data, lengths, n=None, *, ids=None, ts_ns=None,
                  Py_ssize_t snaplen=65535, bint nanosecond=False):
     """Classic pcap records (native byte order, as the file header) for the packets, into
-    ``out[pos:]``; returns the position after them. ``ts_ns``: nanoseconds since the
+    ``out[pos:]``; returns the position after them, or ``-need`` (nothing written) when
+    the ``need`` bytes they take do not fit after ``pos``. ``ts_ns``: nanoseconds since the
     epoch, one int for the burst or an array with one per packet; written as seconds
     and microseconds, or nanoseconds with ``nanosecond`` (the file's magic says which)."""
     cdef Packets p
     packets_of(&p, data, lengths, n, ids, ts_ns, snaplen)
     cdef Py_ssize_t need = size_of(&p, PCAP_RECORD_LEN, False)
-    cdef uint8_t *o = room(out, pos, need) + pos
+    cdef uint8_t *o = room(out, pos, need)
+    if o == NULL:
+        return -need             # nothing written: make room for ``need`` bytes and call again
+    o += pos
     cdef Py_ssize_t i
     cdef uint32_t c, hdr[4]
     cdef uint64_t t
@@ -183,11 +189,14 @@ def pcapng_blocks(out, Py_ssize_t pos, data, lengths, n=None, *, ids=None, ts_ns
                   Py_ssize_t snaplen=65535, uint32_t interface=0):
     """pcapng Enhanced Packet Blocks (native byte order, as the section header; the
     interface's ``if_tsresol`` must be 9: nanoseconds) into ``out[pos:]``; returns the
-    position after them."""
+    position after them, or ``-need`` as :func:`pcap_records`."""
     cdef Packets p
     packets_of(&p, data, lengths, n, ids, ts_ns, snaplen)
     cdef Py_ssize_t need = size_of(&p, EPB_OVERHEAD_LEN, True)
-    cdef uint8_t *o = room(out, pos, need) + pos
+    cdef uint8_t *o = room(out, pos, need)
+    if o == NULL:
+        return -need             # nothing written: make room for ``need`` bytes and call again
+    o += pos
     cdef Py_ssize_t i
     cdef uint32_t c, padded, total, hdr[7]
     cdef uint64_t t
