@@ -167,7 +167,7 @@ def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: 
             got = ids[:n]
             if pcap is not None:
                 with pcap_lock:
-                    pcap.write_burst(data[got], lens, n)
+                    pcap.write_burst(data, lens, n, ids=got)   # by id: no fancy-index copy
             if mode == "macswap":
                 pool.swap_macs(got)
             sent = txq.tx_burst_zc(got, lens[:n])

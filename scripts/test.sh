@@ -10,10 +10,13 @@ PYTHON=${PYTHON:-python3}
 
 bash scripts/setup.sh
 bash tests/vm/setup.sh
-# tcpdump reads pmd's pcap files back in the tests (an independent reader);
+# tcpdump and tshark read pmd's pcap and pcapng files back in the tests (independent
+# readers; tshark's question about capturing as non-root takes its default, no, under
+# DEBIAN_FRONTEND=noninteractive);
 # dpdk-testpmd (Debian's dpdk-dev) is the vhost-user backend of the interop tests.
 missing=""
 command -v tcpdump >/dev/null 2>&1 || missing="$missing tcpdump"
+command -v tshark >/dev/null 2>&1 || missing="$missing tshark"
 command -v dpdk-testpmd >/dev/null 2>&1 || missing="$missing dpdk-dev"
 if [ -n "$missing" ]; then
     apt-get update -qq

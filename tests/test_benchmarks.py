@@ -38,3 +38,18 @@ def test_a_plain_run_of_the_benchmarks_is_untimed() -> None:
     r = run_bench("-k", "test_pmd_zero_copy_round")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 passed" in r.stdout and "Mean" not in r.stdout and "pps " not in r.stdout, r.stdout
+
+
+def test_the_capture_benchmark_quick_run_reports_every_ratio_to_rx_only() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "capture.py"), "--quick"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = dict(kv.split("=") for kv in r.stdout.splitlines()[-1].split())
+    keys = ["rx_mpps", "parse_ratio", "capture_pcap_ratio", "capture_pcapng_ratio"]
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is not None:
+        keys += ["arrow_ratio", "capture_parquet_ratio"]
+    for key in keys:
+        assert key in values and float(values[key]) > 0, (key, r.stdout)
+    assert "rx drops 0" in r.stdout, r.stdout

@@ -4,13 +4,13 @@ the design forbids.
 
 - **shared** (the vocabulary at the bottom: ``pmd.abi``, ``pmd.includes``,
   ``pmd.memory``, ``pmd.sockets``, ``pmd.errors``, and ``pmd.parse``, the header parser
-  either side may use) imports only shared modules, and the
+  either side may use, with ``pmd.arrow``, its columns as Arrow record batches) imports only shared modules, and the
   vocabulary (``pmd.abi``) only itself, ``pmd.errors`` and ``pmd.includes``;
 - **driver** (``pmd.driver``) imports shared and driver modules, never the
   built-in device;
 - **device** (``pmd.sim``) imports shared and device modules, never the driver;
 - only the **top** (``pmd`` itself, ``pmd.backends``, ``pmd.loopback``,
-  ``pmd.fwd``, ``pmd.cli``) stands above both.
+  ``pmd.fwd``, ``pmd.capture``, ``pmd.cli``) stands above both.
 
 Inside the driver the layers of DESIGN.md hold too (device access, interrupts
 and the data path below the virtio transports, the transports below the Port),
@@ -32,10 +32,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "pmd"
 
-SHARED = ("pmd.errors", "pmd.abi", "pmd.includes", "pmd.memory", "pmd.sockets", "pmd.parse")
+SHARED = ("pmd.errors", "pmd.abi", "pmd.includes", "pmd.memory", "pmd.sockets", "pmd.parse", "pmd.arrow")
 DRIVER = ("pmd.driver",)
 DEVICE = ("pmd.sim",)
-TOP = ("pmd", "pmd.__main__", "pmd._compat", "pmd.backends", "pmd.loopback", "pmd.fwd", "pmd.cli")
+TOP = ("pmd", "pmd.__main__", "pmd._compat", "pmd.backends", "pmd.loopback", "pmd.fwd", "pmd.capture", "pmd.cli")
 
 # Driver layers, bottom up: a module may import its own layer and the ones below.
 DRIVER_LAYERS = [

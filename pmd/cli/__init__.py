@@ -7,10 +7,11 @@
     pmd unbind DEVICE          give it back to its kernel driver
     pmd loopback               the data path in one process with live statistics
     pmd fwd [DEVICE]           forward packets (rxonly, txonly, io, macswap) with live statistics
+    pmd capture [DEVICE] -w FILE   write what a port receives to FILE.pcap, .pcapng or .parquet (as tcpdump -w)
     pmd sim --socket PATH      the built-in virtio-net device, served over vfio-user for another process
     pmd --version              this pmd's version
 
-status, info and fwd take --json: JSON only on stdout (fwd: one object per --stats-period,
+status, info, fwd and capture take --json: JSON only on stdout (fwd, capture: one object per --stats-period,
 then the summary, one a line). Each subcommand is a thin layer over the library; errors are
 printed as one line with the remedy, exit status 1; options that cannot work (a wire without
 what it needs) exit 2, as argparse's own usage errors.
@@ -288,22 +289,7 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
             raise UsageError("--device-cpu places the built-in device (no DEVICE, or 'sim'); "
                              "pin another device's process yourself")
         device_cpu = args.device_cpu
-    if builtin:
-        kw["cpu"] = device_cpu
-        kw["queue_pairs"] = args.queues
-        kw.update(_wire_options(args))
-    elif args.wire != "generator" or any(getattr(args, k) is not None for k in _OPTION_NAMES):
-        raise UsageError("--wire and its options (--pcap-in, --pcap-out, --tap, --flows, --rate) apply to "
-                         "the built-in device only (no DEVICE, or 'sim')")
-    if device.startswith("vhost-user:"):
-        kw["server"] = args.server
-        kw["timeout"] = args.timeout
-        if args.server:
-            kw["accept_timeout"] = args.accept_timeout
-        else:
-            kw["wait"] = args.accept_timeout
-    elif args.server:
-        raise UsageError("--server applies to vhost-user:PATH only (pmd listens, the backend connects)")
+    kw.update(_port_options(args, device, builtin, device_cpu))
     # --json: stdout carries JSON only, one object a line; what a person reads goes to stderr.
     def say(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -335,6 +321,104 @@ def _cmd_fwd(args: argparse.Namespace) -> int:
                 print(json.dumps({"type": "summary", "device": device, "wire": args.wire if builtin else None,
                                   "queues": args.queues, "burst": args.burst, "size": args.size,
                                   **summary.as_dict()}), flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return 0
+
+
+def _port_options(args: argparse.Namespace, device: str, builtin: bool, device_cpu: int | None) -> dict[str, Any]:
+    """``open_port``'s keyword arguments from the device options ``pmd fwd`` and ``pmd capture`` share."""
+    kw: dict[str, Any] = {}
+    if builtin:
+        kw["cpu"] = device_cpu
+        kw["queue_pairs"] = args.queues
+        kw.update(_wire_options(args))
+    elif args.wire != "generator" or any(getattr(args, k) is not None for k in _OPTION_NAMES):
+        raise UsageError("--wire and its options (--pcap-in, --pcap-out, --tap, --flows, --rate) apply to "
+                         "the built-in device only (no DEVICE, or 'sim')")
+    if device.startswith("vhost-user:"):
+        kw["server"] = args.server
+        kw["timeout"] = args.timeout
+        if args.server:
+            kw["accept_timeout"] = args.accept_timeout
+        else:
+            kw["wait"] = args.accept_timeout
+    elif args.server:
+        raise UsageError("--server applies to vhost-user:PATH only (pmd listens, the backend connects)")
+    return kw
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from .. import capture, fwd
+    from ..backends import open_port
+
+    device = args.device or "sim"
+    builtin = device == "sim" or device.startswith("sim:")
+    if args.write is None:
+        raise UsageError("-w FILE is needed: where the packets go (FILE.pcap, FILE.pcapng or FILE.parquet)")
+    try:
+        capture.format_of(args.write)
+    except ValueError as e:
+        raise UsageError(f"-w {e}") from None
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"-c {args.count}: give a positive number of packets (or no -c: until Ctrl-C)")
+    if args.snaplen < 0 or args.snaplen > capture.MAX_SNAPLEN:
+        raise UsageError(f"-s {args.snaplen}: give 1 to {capture.MAX_SNAPLEN} bytes (0: {capture.MAX_SNAPLEN}, "
+                         "as tcpdump)")
+    for flag, value in (("-C", args.file_size), ("-G", args.file_seconds), ("--duration", args.duration)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} {value}: give a positive number (or leave it out: no limit)")
+    if args.stats_period is not None and args.stats_period < 0:
+        raise UsageError("--stats-period must be 0 (no periodic statistics) or more seconds")
+    fmt = capture.format_of(args.write)
+    if not 1 <= args.burst <= capture.CHUNK[fmt]:
+        raise UsageError(f"--burst must be 1 to {capture.CHUNK[fmt]}")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # type: ignore[import-untyped, import-not-found, unused-ignore]  # noqa: F401
+        except ImportError:
+            raise UsageError("-w FILE.parquet needs pyarrow: pip install 'pmd[arrow]' (or write .pcap or "
+                             ".pcapng)") from None
+    device_cpu, cpus = (None, None) if args.no_pin else fwd.default_placement(builtin)
+    if args.device_cpu is not None:
+        if not builtin:
+            raise UsageError("--device-cpu places the built-in device (no DEVICE, or 'sim'); "
+                             "pin another device's process yourself")
+        device_cpu = args.device_cpu
+    kw = _port_options(args, device, builtin, device_cpu)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    period = args.stats_period if args.stats_period is not None else (0.0 if args.json else 1.0)
+
+    def on_period(p: dict[str, Any]) -> None:
+        print(json.dumps({"type": "stats", **p}), flush=True)
+
+    snaplen = args.snaplen or capture.MAX_SNAPLEN
+    # Until capture.run takes SIGINT and SIGTERM over, they interrupt, and the port
+    # (and the built-in device) is closed on the way out.
+    old = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with open_port(device, legacy=True if args.legacy else None, disable=args.disable or 0,
+                       enable=args.enable or 0, **kw) as port:
+            port.start(queue_pairs=args.queues, queue_size=args.queue_size)
+            say(f"pmd capture: {device} ({port.transport.describe()}) queue {args.queue}, burst {args.burst}, "
+                f"snaplen {snaplen}, writing {fmt} to {args.write}"
+                + (f", wire {args.wire}" if builtin else "")
+                + (f", a new file every {args.file_size:g} MB" if args.file_size else "")
+                + (f", a new file every {args.file_seconds:g} s" if args.file_seconds else ""))
+            if cpus:
+                capture.pin_this_thread(cpus[0])
+            summary = capture.run(port, args.write, queue=args.queue, count=args.count, snaplen=snaplen,
+                                  burst=args.burst, duration=args.duration,
+                                  file_size=round(args.file_size * 1_000_000) if args.file_size else None,
+                                  file_seconds=args.file_seconds, interval=period or None,
+                                  report=(lambda line: None) if args.json else say,
+                                  on_period=on_period if args.json else None)
+            if args.json:
+                print(json.dumps({"type": "summary", "device": device, "wire": args.wire if builtin else None,
+                                  "format": fmt, "snaplen": snaplen, **summary.as_dict()}), flush=True)
     finally:
         signal.signal(signal.SIGTERM, old)
     return 0
@@ -465,6 +549,59 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                     help="vhost-user: how long each request may wait for the backend's answer (default 5)")
     fw.set_defaults(func=_cmd_fwd)
+
+    cp = sub.add_parser("capture", help="capture packets to a file (pcap, pcapng, Parquet), as tcpdump -w",
+                        description="Receive on one queue and write every packet to FILE, whose extension says "
+                                    "the format: .pcap (classic, nanosecond timestamps), .pcapng, .parquet "
+                                    "(the columns of pmd.arrow.schema; needs pyarrow). With -C or -G the files "
+                                    "rotate: FILE, then FILE with 1, 2, ... before the extension "
+                                    "(docs/capture.md).")
+    cp.add_argument("device", nargs="?", help="PCI address, 'sim', 'vfio-user:PATH' or 'vhost-user:PATH' "
+                                              "(default: the built-in device, its traffic generator)")
+    cp.add_argument("-w", dest="write", metavar="FILE", help="where the packets go: FILE.pcap, FILE.pcapng or "
+                                                              "FILE.parquet")
+    cp.add_argument("-c", dest="count", type=int, metavar="COUNT", help="stop after COUNT packets")
+    cp.add_argument("-s", dest="snaplen", type=int, default=0, metavar="SNAPLEN",
+                    help="bytes kept of each packet (default 0: 262144, the whole packet)")
+    cp.add_argument("-C", dest="file_size", type=float, metavar="SIZE",
+                    help="a new file once this one has passed SIZE million bytes (tcpdump's -C)")
+    cp.add_argument("-G", dest="file_seconds", type=float, metavar="SECONDS",
+                    help="a new file every SECONDS seconds (tcpdump's -G)")
+    cp.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    cp.add_argument("--queue", type=int, default=0, help="the rx queue to capture (default 0)")
+    cp.add_argument("--queues", type=int, default=1, help="queue pairs to start (default 1)")
+    cp.add_argument("--burst", type=int, default=64, help="packets per receive burst (default 64)")
+    cp.add_argument("--queue-size", type=int, default=256, help="ring entries (default 256; 0: the device's maximum)")
+    cp.add_argument("--device-cpu", type=int, metavar="N",
+                    help="CPU of the built-in device's process (default: the last CPU this process may use)")
+    cp.add_argument("--no-pin", action="store_true", help="pin nothing: leave placement to the scheduler")
+    cp.add_argument("--legacy", action="store_true", help="drive a transitional device's legacy interface")
+    cp.add_argument("--disable", metavar="FEATURES", help="feature names not to negotiate, e.g. MRG_RXBUF")
+    cp.add_argument("--enable", metavar="FEATURES", help="features pmd takes only when asked (RING_PACKED, "
+                                                          "IN_ORDER)")
+    cp.add_argument("--wire", default="generator", choices=("generator", "pcap", "tap"),
+                    help="what is behind the built-in device (default: a traffic generator); pcap plays "
+                         "--pcap-in, tap is a Linux TAP interface (--tap NAME)")
+    cp.add_argument("--size", type=int, default=64, help="generator: packet size (default 64)")
+    cp.add_argument("--rate", type=float, default=None,
+                    help="generator, pcap: packets per second the wire offers (default 0: as fast as taken)")
+    cp.add_argument("--flows", type=int, default=None, metavar="N", help="generator: UDP flows (default 1)")
+    cp.add_argument("--pcap-in", metavar="FILE", help="pcap wire: the frames pmd receives")
+    cp.add_argument("--tap", metavar="NAME", help="tap wire: the TAP interface (made if missing; CAP_NET_ADMIN)")
+    cp.add_argument("--stats-period", type=float, default=None, metavar="S",
+                    help="statistics every S seconds (default 1; with --json, none unless given); 0: only "
+                         "the summary")
+    cp.add_argument("--json", action="store_true",
+                    help="JSON on stdout, one object a line: {\"type\": \"stats\", ...} each period (with "
+                         "--stats-period), {\"type\": \"summary\", ...} at the end; the banner goes to stderr")
+    cp.add_argument("--server", action="store_true",
+                    help="vhost-user: listen on PATH and wait for the backend to connect (DPDK: client=1)")
+    cp.add_argument("--accept-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="vhost-user: how long to wait for the backend (default 30)")
+    cp.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="vhost-user: how long each request may wait for the backend's answer (default 5)")
+    # what the wire checks of pmd fwd read: capture only receives
+    cp.set_defaults(func=_cmd_capture, mode="rxonly", tx_first=False, pcap_out=None)
 
     from ..sim.process import add_arguments as add_sim_arguments
 
