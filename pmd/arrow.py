@@ -28,8 +28,8 @@ from .parse import COLUMNS, HeaderParser
 
 try:
     import pyarrow as pa  # type: ignore[import-untyped, import-not-found, unused-ignore]
-except ImportError as e:  # pragma: no cover - the test extra installs it
-    raise ImportError("pmd.arrow needs pyarrow: pip install 'pmd[arrow]' (or pip install pyarrow)") from e
+except ImportError as _missing:  # pragma: no cover - the test extra installs it
+    raise ImportError("pmd.arrow needs pyarrow: pip install 'pmd[arrow]' (or pip install pyarrow)") from _missing
 
 __all__ = ["schema", "burst_to_record_batch", "record_batches", "record_batch_reader", "DEFAULT_BATCH"]
 
