@@ -142,6 +142,23 @@ cdef class DeviceQueue:
     # ring (2.7.5), with no call through the vtable; anything else, and the first pop
     # of a burst (which reads avail->idx), is the general path of _virtqueue.pyx.
 
+    cdef inline int _popped_one(self, char *p, uint32_t ln, uint16_t flags) noexcept nogil:
+        """A chain of one descriptor (``p``, ``ln``, ``flags`` as read and checked) into
+        ``segs``: what every pop path ends with for it. Returns 1 (popped)."""
+        self.segs[0].ptr = p
+        self.segs[0].len = ln
+        if flags & VRING_DESC_F_WRITE:
+            self.segs[0].write = 1
+            self.out_len = 0
+            self.in_len = ln
+        else:
+            self.segs[0].write = 0
+            self.out_len = ln
+            self.in_len = 0
+        self.nsegs = 1
+        self.n_popped += 1
+        return 1
+
     cdef inline int pop(self) noexcept nogil:
         """Take the next available chain into ``segs``: 1 done, 0 none, -1 refused.
 
@@ -165,19 +182,7 @@ cdef class DeviceQueue:
                     if pmd_likely(p != NULL or ln == 0):
                         self.last_avail_idx += 1
                         self.head = head
-                        self.segs[0].ptr = p
-                        self.segs[0].len = ln
-                        if flags & VRING_DESC_F_WRITE:
-                            self.segs[0].write = 1
-                            self.out_len = 0
-                            self.in_len = ln
-                        else:
-                            self.segs[0].write = 0
-                            self.out_len = ln
-                            self.in_len = 0
-                        self.nsegs = 1
-                        self.n_popped += 1
-                        return 1
+                        return self._popped_one(p, ln, flags)
         # nothing taken: the general path reads the entry again and refuses it the usual way
         return self._pop_general()
 

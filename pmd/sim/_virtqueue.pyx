@@ -268,19 +268,7 @@ cdef class DeviceQueue:
                 p = self.windows.translate(addr, ln)
                 if pmd_unlikely(p == NULL):
                     return self._refuse(head, BAD_ADDR)
-            self.segs[0].ptr = p
-            self.segs[0].len = ln
-            if flags & VRING_DESC_F_WRITE:
-                self.segs[0].write = 1
-                self.out_len = 0
-                self.in_len = ln
-            else:
-                self.segs[0].write = 0
-                self.out_len = ln
-                self.in_len = 0
-            self.nsegs = 1
-            self.n_popped += 1
-            return 1
+            return self._popped_one(p, ln, flags)
         self.nsegs = 0
         self.out_len = 0
         self.in_len = 0
@@ -628,19 +616,7 @@ cdef class DeviceQueue:
                 self.avail_wrap = wrap
                 self.id_count[id] = 1
                 self.head = id
-                self.segs[0].ptr = p
-                self.segs[0].len = ln
-                if flags & VRING_DESC_F_WRITE:
-                    self.segs[0].write = 1
-                    self.out_len = 0
-                    self.in_len = ln
-                else:
-                    self.segs[0].write = 0
-                    self.out_len = ln
-                    self.in_len = 0
-                self.nsegs = 1
-                self.n_popped += 1
-                return 1
+                return self._popped_one(p, ln, flags)
         self.nsegs = 0
         self.out_len = 0
         self.in_len = 0
