@@ -60,6 +60,7 @@ cdef struct UsedCursor:
     uint32_t pos
     uint16_t want       # the AVAIL|USED bits of a used descriptor on this lap
     uint32_t in_flight
+    uint32_t start      # in_flight at p_cursor: what p_cursor_end counts as taken
 
 
 cdef class Virtqueue:
@@ -647,6 +648,7 @@ cdef class Virtqueue:
         c.pos = self.used_pos
         c.want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
         c.in_flight = self.size - self.num_free
+        c.start = c.in_flight
 
     cdef inline int p_take(self, UsedCursor *c, uint16_t *id, uint32_t *length) noexcept nogil:
         """The used descriptor at the cursor, checked as p_pop_used checks it, the cursor
@@ -679,7 +681,8 @@ cdef class Virtqueue:
         return 1
 
     cdef inline void p_cursor_end(self, UsedCursor *c) noexcept nogil:
-        self.last_used_idx += <uint16_t>(self.size - self.num_free - c.in_flight)
+        # from the cursor, not num_free: a foreign chain's detach writes num_free mid-walk
+        self.last_used_idx += <uint16_t>(c.start - c.in_flight)
         self.used_pos = <uint16_t>c.pos
         self.used_wrap = c.want != 0
 
