@@ -1,7 +1,7 @@
 """Forwarding modes in the manner of DPDK's testpmd: rxonly, txonly, io, macswap.
 
-One thread per queue pair, each running bursts on its own queues (the GIL is
-released inside every burst, so pairs run in parallel; txonly, io and macswap run
+One thread per queue pair, or per CPU given, polling its queue pairs in turn (the GIL
+is released inside every burst, so threads run in parallel; txonly, io and macswap run
 their loops in C, pmd.driver._fwd, many bursts per call); the main thread prints
 statistics once a second and a final summary, and stops everything on Ctrl-C,
 SIGTERM, after ``duration`` seconds, or when ``stop`` is set.
@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Generator, Protocol, Sequence
 
 import numpy as np
 
@@ -77,8 +77,10 @@ class Summary:
 
 
 def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event,
-            pcap: PcapWriter | PcapngWriter | None = None, pcap_lock: threading.Lock | None = None) -> None:
-    """testpmd's txonly: the same frame, burst after burst, without copying it each time.
+            pcap: PcapWriter | PcapngWriter | None = None,
+            pcap_lock: threading.Lock | None = None) -> Generator[None, None, None]:
+    """testpmd's txonly, as turns (see :func:`_turns`): the same frame, burst after burst,
+    without copying it each time.
 
     Every buffer on the pool's free stack gets the frame once; then buffers go
     out by id (``tx_burst_zc``) and come back to the pool when the device has
@@ -103,14 +105,14 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event,
                          f"(the tx ring and one burst), the pool has {pool.available}: use a smaller burst")
     if isinstance(txq, TxQueue) and pcap is None:
         # The loop in C: buffers go from the pool to the ring, no ids through Python.
-        while not stop.is_set():
+        while True:
             _fwd.txonly(txq, len(frame), burst, BURSTS_PER_CALL)
-        return
+            yield
     lens = np.full(burst, len(frame), np.uint32)
     rows = np.tile(np.frombuffer(frame, np.uint8), (burst, 1)) if pcap is not None else None
     ids = pool.alloc(burst)
     try:
-        while not stop.is_set():
+        while True:
             sent = txq.tx_burst_zc(ids, lens)
             if sent and pcap is not None and rows is not None:
                 with pcap_lock or threading.Lock():
@@ -119,70 +121,102 @@ def _txonly(txq: Any, frame: bytes, burst: int, stop: threading.Event,
                 pool.alloc_into(ids)  # the same array again: no allocation per burst
             elif sent:
                 ids = np.concatenate((ids[sent:], pool.alloc(sent)))
+            yield
     finally:
         pool.free(ids)
 
 
-def _worker(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: threading.Event,
+def _turns(port: PortLike, queue: int, mode: str, burst: int, size: int, stop: threading.Event,
+           pcap: PcapWriter | PcapngWriter | None, pcap_lock: threading.Lock, drops: list[int],
+           tx_retry: int) -> Generator[None, None, None]:
+    """Queue pair ``queue``'s forwarding as a generator: each ``next`` is one turn (a C loop
+    of many bursts, or one burst in Python). A worker runs the turns of its queue pairs
+    in turn, as a testpmd lcore runs its streams; closing the generator gives back what
+    it holds."""
+    rxq, txq = port.rx_queue(queue), port.tx_queue(queue)
+    ids = np.zeros(burst, np.uint32)
+    lens = np.zeros(burst, np.uint32)
+    if mode == "txonly":
+        yield from _txonly(txq, udp_frame(size, port.mac), burst, stop, pcap, pcap_lock)
+        return
+    if mode == "rxonly" and pcap is not None:
+        out = np.zeros((burst, rxq.max_packet_len), np.uint8)
+        while True:
+            n = rxq.rx_burst(out, lens)
+            if n:
+                with pcap_lock:
+                    pcap.write_burst(out, lens, n)
+            yield
+    if mode == "rxonly":
+        # testpmd's rxonly: receive, count, free; in one call, no ids through Python.
+        per_call = min(burst, 256)
+        while True:
+            rxq.rx_discard(per_call)
+            yield
+    pool = rxq.pool               # rx and tx of a pair share it: forwarding needs no copy
+    if pcap is None and isinstance(rxq, RxQueue) and isinstance(txq, TxQueue) and txq.pool is pool:
+        # The loop in C (pmd.driver._fwd): many polls per call, the GIL released.
+        swap = mode == "macswap"
+        while True:
+            _, dropped = _fwd.forward(rxq, txq, burst, swap, BURSTS_PER_CALL, tx_retry)
+            if dropped:
+                drops[queue] += dropped
+            yield
+    data = pool.data
+    while True:
+        n = rxq.rx_burst_zc(ids, lens)
+        if not n:
+            txq.reclaim()
+            yield
+            continue
+        got = ids[:n]
+        if pcap is not None:
+            with pcap_lock:
+                pcap.write_burst(data, lens, n, ids=got)   # by id: no fancy-index copy
+        if mode == "macswap":
+            pool.swap_macs(got)
+        sent = txq.tx_burst_zc(got, lens[:n])
+        tries = 0
+        while sent < n and tries < tx_retry and not stop.is_set():
+            # tx ring full: the device is behind. Retry (each burst reclaims
+            # what it finished) before dropping, like testpmd's tx retry.
+            sent += txq.tx_burst_zc(got[sent:], lens[sent:n])
+            tries += 1
+        if sent < n:
+            pool.free(got[sent:])
+            drops[queue] += n - sent
+        yield
+
+
+def _worker(port: PortLike, queues: Sequence[int], mode: str, burst: int, size: int, stop: threading.Event,
             pcap: PcapWriter | PcapngWriter | None, pcap_lock: threading.Lock, errors: list[BaseException],
             drops: list[int], tx_retry: int, cpu: int | None = None) -> None:
+    """One forwarding thread: the turns of ``queues`` round robin until ``stop``."""
+    turns: list[Generator[None, None, None]] = []
     try:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})      # this thread only (Linux: 0 is the caller)
-        rxq, txq = port.rx_queue(queue), port.tx_queue(queue)
-        ids = np.zeros(burst, np.uint32)
-        lens = np.zeros(burst, np.uint32)
-        if mode == "txonly":
-            _txonly(txq, udp_frame(size, port.mac), burst, stop, pcap, pcap_lock)
-            return
-        if mode == "rxonly" and pcap is not None:
-            out = np.zeros((burst, rxq.max_packet_len), np.uint8)
-            while not stop.is_set():
-                n = rxq.rx_burst(out, lens)
-                if n:
-                    with pcap_lock:
-                        pcap.write_burst(out, lens, n)
-            return
-        if mode == "rxonly":
-            # testpmd's rxonly: receive, count, free; in one call, no ids through Python.
-            per_call = min(burst, 256)
-            while not stop.is_set():
-                rxq.rx_discard(per_call)
-            return
-        pool = rxq.pool               # rx and tx of a pair share it: forwarding needs no copy
-        if pcap is None and isinstance(rxq, RxQueue) and isinstance(txq, TxQueue) and txq.pool is pool:
-            # The loop in C (pmd.driver._fwd): many polls per call, the GIL released.
-            swap = mode == "macswap"
-            while not stop.is_set():
-                _, dropped = _fwd.forward(rxq, txq, burst, swap, BURSTS_PER_CALL, tx_retry)
-                if dropped:
-                    drops[queue] += dropped
-            return
-        data = pool.data
+        turns = [_turns(port, q, mode, burst, size, stop, pcap, pcap_lock, drops, tx_retry) for q in queues]
         while not stop.is_set():
-            n = rxq.rx_burst_zc(ids, lens)
-            if not n:
-                txq.reclaim()
-                continue
-            got = ids[:n]
-            if pcap is not None:
-                with pcap_lock:
-                    pcap.write_burst(data, lens, n, ids=got)   # by id: no fancy-index copy
-            if mode == "macswap":
-                pool.swap_macs(got)
-            sent = txq.tx_burst_zc(got, lens[:n])
-            tries = 0
-            while sent < n and tries < tx_retry and not stop.is_set():
-                # tx ring full: the device is behind. Retry (each burst reclaims
-                # what it finished) before dropping, like testpmd's tx retry.
-                sent += txq.tx_burst_zc(got[sent:], lens[sent:n])
-                tries += 1
-            if sent < n:
-                pool.free(got[sent:])
-                drops[queue] += n - sent
+            for t in turns:
+                next(t)
     except BaseException as e:  # reported by run()
         errors.append(e)
         stop.set()
+    finally:
+        for t in turns:
+            t.close()
+
+
+def assign_queues(queues: int, cpus: Sequence[int] | None) -> list[tuple[list[int], int | None]]:
+    """Forwarding threads as (queue pairs, CPU): with ``cpus``, one thread per CPU (at most
+    one per queue pair), thread i on ``cpus[i]`` polling pairs i, i + n, ... in turn, as
+    testpmd spreads its streams over ``--lcores``: two busy threads never share a CPU.
+    Without, one unpinned thread per queue pair."""
+    if not cpus:
+        return [([q], None) for q in range(queues)]
+    n = min(queues, len(cpus))
+    return [(list(range(i, queues, n)), cpus[i]) for i in range(n)]
 
 
 def check_cpus(cpus: Sequence[int]) -> None:
@@ -261,8 +295,9 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
     In io and macswap modes, a packet the tx ring cannot take is retried up to
     ``tx_retry`` times (each try reclaims what the device finished) before it
     is dropped and counted; 0 drops at once, as testpmd does without retry.
-    ``cpus``: the forwarding thread of queue pair q runs on ``cpus[q % len(cpus)]``
-    (testpmd's ``--lcores``); None leaves them where the scheduler puts them.
+    ``cpus``: one forwarding thread per CPU (testpmd's ``--lcores``), each polling its
+    share of the queue pairs in turn (:func:`assign_queues`); None: a thread per queue
+    pair, where the scheduler puts it.
     Every ``interval`` seconds (None: never) the period's statistics go to ``report``
     as a line and to ``on_period`` as a dict (``seconds``, ``rx_pps``, ``tx_pps``,
     ``rx_bps``, ``tx_bps``, ``rx_packets``, ``tx_packets``, ``drops``, ``errors``, and
@@ -283,10 +318,10 @@ def run(port: PortLike, mode: str = "io", *, queues: int = 1, burst: int = 32, s
     lock = threading.Lock()
     errors: list[BaseException] = []
     drops = [0] * queues
-    threads = [threading.Thread(target=_worker, name=f"pmd-fwd-{q}", daemon=True,
-                                args=(port, q, mode, burst, size, stop, writer, lock, errors, drops,
-                                      tx_retry, cpus[q % len(cpus)] if cpus else None))
-               for q in range(queues)]
+    threads = [threading.Thread(target=_worker, name=f"pmd-fwd-{i}", daemon=True,
+                                args=(port, qs, mode, burst, size, stop, writer, lock, errors, drops,
+                                      tx_retry, cpu))
+               for i, (qs, cpu) in enumerate(assign_queues(queues, cpus))]
     # Ctrl-C and SIGTERM (kill, systemd, container runtimes) end the run alike:
     # workers stop, the summary is reported, the caller closes the port.
     old: dict[signal.Signals, Any] = {}

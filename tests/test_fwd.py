@@ -218,7 +218,9 @@ def test_pmd_fwd_on_sigterm_prints_the_summary_stops_the_device_and_exits_0():
         children += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
                      and _ppid(p) == proc.pid]
         assert children, "no device process"
-        assert proc.stdout.readline().strip()              # a statistics line: forwarding
+        # a statistics line: forwarding (fwd.run has SIGTERM; the banner's lines come before it)
+        while "Mpps" not in (line := proc.stdout.readline()):
+            assert line, "pmd fwd ended before its first statistics line"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:

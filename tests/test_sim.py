@@ -1022,10 +1022,19 @@ def test_device_rx_generate_stamps_sequence_numbers_and_stops_without_buffers(me
             device_rx_generate(lb.device_rx, frame, 1, 60, 0)
 
 
+def _one_pair_turns(lb, frames, next_seq, max_seen, budget, limit, **kw):
+    """generator_turns over a loopback's one pair, every flow to its rx queue."""
+    from pmd.sim._turns import generator_turns
+    from pmd.sim.wires import GEN_PAYLOAD
+    flows = np.arange(len(frames), dtype=np.uint32)
+    return generator_turns([lb.device_tx], [lb.device_rx], frames, GEN_PAYLOAD, next_seq, max_seen, flows,
+                           np.array([0, len(frames)], np.uint32), np.zeros(1, np.uint32), budget, limit, **kw)
+
+
 def test_generator_turns_check_what_comes_back_and_fill_the_rx_ring():
-    # The one-flow generator's turns in C: what the driver sends back is counted as
-    # the wire's transmit() counts it (ours, bad, reordered against the highest
-    # sequence seen), and new frames go into the rx ring up to the limit.
+    # The generator's turns in C: what the driver sends back is counted as the wire's
+    # transmit() counts it (ours, bad, reordered against the highest sequence seen on
+    # its flow), and new frames go into the rx ring up to the limit.
     from pmd.errors import QueueStateError
     from pmd.loopback import Loopback
     from pmd.sim._turns import generator_turns
@@ -1048,10 +1057,11 @@ def test_generator_turns_check_what_comes_back_and_fill_the_rx_ring():
         for i, f in enumerate(back):
             data[i, :len(f)] = f
         assert lb.driver_tx.tx_burst(data, np.array([len(f) for f in back], np.uint32)) == len(back)
-        scratch = template.copy()
-        generated, taken, ours, bad, reordered, max_seen, rounds = generator_turns(
-            lb.device_tx, lb.device_rx, scratch, GEN_PAYLOAD, 10, -1, 256, 20)
-        assert (generated, taken, ours, bad, reordered, max_seen) == (20, 9, 6, 3, 1, 4)
+        scratch = template.copy().reshape(1, -1)
+        next_seq, max_seen = np.array([10], np.int64), np.array([-1], np.int64)
+        generated, taken, ours, bad, reordered, rounds = _one_pair_turns(lb, scratch, next_seq, max_seen, 256, 20)
+        assert (generated, taken, ours, bad, reordered) == (20, 9, 6, 3, 1)
+        assert (int(next_seq[0]), int(max_seen[0])) == (30, 4)
         assert rounds >= 1
         assert lb.driver_tx.reclaim() == len(back)                # every chain was returned used
         out = np.zeros((64, 2048), np.uint8)
@@ -1062,15 +1072,119 @@ def test_generator_turns_check_what_comes_back_and_fill_the_rx_ring():
         assert seqs == list(range(10, 30))
         assert all(out[i, :GEN_PAYLOAD + 8].tobytes() == template[:GEN_PAYLOAD + 8].tobytes() for i in range(k))
         # no limit: until the driver has no rx buffer left (it refilled 64 after the burst)
-        generated, taken, *_rest = generator_turns(lb.device_tx, lb.device_rx, scratch, GEN_PAYLOAD, 30, 4, 256, -1)
-        assert (generated, taken) == (64, 0)
+        generated, taken, *_rest = _one_pair_turns(lb, scratch, next_seq, max_seen, 256, -1)
+        assert (generated, taken) == (64, 0) and int(next_seq[0]) == 94
         with pytest.raises(ValueError, match="outside"):
-            generator_turns(lb.device_tx, lb.device_rx, scratch, 60, 0, -1, 32, -1)
+            generator_turns([lb.device_tx], [lb.device_rx], scratch, 60, next_seq, max_seen, np.zeros(1, np.uint32),
+                            np.array([0, 1], np.uint32), np.zeros(1, np.uint32), 32, -1)
         with pytest.raises(ValueError, match="budget"):
-            generator_turns(lb.device_tx, lb.device_rx, scratch, GEN_PAYLOAD, 0, -1, 0, -1)
+            _one_pair_turns(lb, scratch, next_seq, max_seen, 0, -1)
         lb.close()
         with pytest.raises(QueueStateError):
-            generator_turns(lb.device_tx, lb.device_rx, scratch, GEN_PAYLOAD, 0, -1, 32, -1)
+            _one_pair_turns(lb, scratch, next_seq, max_seen, 32, -1)
+
+
+def test_generator_turns_refuse_tables_that_point_outside():
+    # Every index the caller gives is checked before the loop runs without the GIL.
+    from pmd.loopback import Loopback
+    from pmd.sim._turns import generator_turns
+    from pmd.sim.wires import GEN_PAYLOAD
+
+    with Loopback(queue_size=16) as lb:
+        frames = np.tile(np.frombuffer(generator_frame(64, b"\x02" * 6, b"\x04" * 6, flow=0), np.uint8), (2, 1))
+        seq, seen = np.zeros(2, np.int64), np.full(2, -1, np.int64)
+
+        def call(flows=(0, 1), start=(0, 2), cursor=(0,), seq=seq, seen=seen, txs=None, **kw):
+            return generator_turns([lb.device_tx] if txs is None else txs, [lb.device_rx], frames, GEN_PAYLOAD,
+                                   seq, seen, np.array(flows, np.uint32), np.array(start, np.uint32),
+                                   np.array(cursor, np.uint32), 32, 0, **kw)
+
+        assert call()[0] == 0                                   # limit 0: nothing generated
+        with pytest.raises(ValueError, match="names flow 2"):
+            call(flows=(0, 2))
+        with pytest.raises(ValueError, match="queue_start"):
+            call(start=(0, 1))
+        with pytest.raises(ValueError, match="queue_start"):
+            call(start=(0, 1, 2))
+        with pytest.raises(ValueError, match="cursor"):
+            call(cursor=(2,))
+        with pytest.raises(ValueError, match="one entry per flow"):
+            call(seq=np.zeros(1, np.int64))
+        with pytest.raises(ValueError, match="one entry per flow"):
+            call(hashes=np.zeros(2, np.uint32))
+        with pytest.raises(TypeError, match="DeviceQueue"):
+            call(txs=[object()])
+
+
+def test_generator_turns_send_each_flow_to_its_queue_round_robin():
+    # Two pairs, three flows: flows 0 and 2 to pair 0, flow 1 to pair 1, round robin
+    # within a queue, each flow with its own sequence numbers; what comes back on
+    # either tx ring is checked against its own flow.
+    from pmd.loopback import Loopback
+    from pmd.sim._turns import generator_turns
+    from pmd.sim.wires import GEN_PAYLOAD
+
+    with Loopback(queue_size=16) as a, Loopback(queue_size=16) as b:
+        frames = np.stack([np.frombuffer(generator_frame(64, b"\x02" * 6, b"\x04" * 6, flow=f), np.uint8)
+                           for f in range(3)])
+        seq, seen = np.array([0, 100, 200], np.int64), np.full(3, -1, np.int64)
+        flows, start, cursor = np.array([0, 2, 1], np.uint32), np.array([0, 2, 3], np.uint32), np.zeros(2, np.uint32)
+        out = generator_turns([a.device_tx, b.device_tx], [a.device_rx, b.device_rx], frames, GEN_PAYLOAD, seq, seen,
+                              flows, start, cursor, 5, -1)
+        assert out[0] == 32                                      # both rings' 16 buffers
+        assert seq.tolist() == [8, 116, 208] and cursor.tolist() == [0, 0]
+
+        def received(lb):
+            rows, lens = np.zeros((16, 2048), np.uint8), np.zeros(16, np.uint32)
+            k = lb.driver_rx.rx_burst(rows, lens)
+            fl = [int.from_bytes(rows[i, GEN_PAYLOAD + 4:GEN_PAYLOAD + 8].tobytes(), "little") for i in range(k)]
+            sq = [int.from_bytes(rows[i, GEN_PAYLOAD + 8:GEN_PAYLOAD + 16].tobytes(), "little") for i in range(k)]
+            return rows[:k], lens[:k], list(zip(fl, sq))
+
+        rows_a, lens_a, got_a = received(a)
+        rows_b, lens_b, got_b = received(b)
+        assert got_a == [x for s in range(8) for x in ((0, s), (2, 200 + s))]
+        assert got_b == [(1, 100 + s) for s in range(16)]
+        # back on the other pair's tx ring, late ones and all: counted per flow
+        assert b.driver_tx.tx_burst(rows_a[[0, 1, 2, 3, 0]], lens_a[:5]) == 5   # flow 0 seq 0 again: late
+        assert a.driver_tx.tx_burst(rows_b[:4], lens_b[:4]) == 4
+        generated, taken, ours, bad, reordered, _ = generator_turns(
+            [a.device_tx, b.device_tx], [a.device_rx, b.device_rx], frames, GEN_PAYLOAD, seq, seen, flows, start,
+            cursor, 32, 0)
+        assert (generated, taken, ours, bad, reordered) == (0, 9, 9, 0, 1)
+        assert seen.tolist() == [1, 103, 201]
+
+
+def test_sim_port_generates_on_every_pair_in_c():
+    # The built-in device with two pairs and four flows, RSS off: every pair gets its
+    # flows (f mod 2) from the engine's turns in C, in order per flow.
+    from pmd.backends import open_port
+    from pmd.sim.wires import GEN_PAYLOAD
+
+    with open_port("sim", wire="generator", flows=4, queue_pairs=2, disable="RSS,HASH_REPORT") as port:
+        port.start(queue_pairs=2)
+        seen: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
+        rows, lens = np.zeros((32, 2048), np.uint8), np.zeros(32, np.uint32)
+        # Until the driver sets two pairs (VQ_PAIRS_SET) every flow goes to pair 0:
+        # what the rings took then is read and left out.
+        warm = time.monotonic() + 0.5
+        while time.monotonic() < warm:
+            for q in (0, 1):
+                port.rx_queue(q).rx_burst(rows, lens)
+        deadline = time.monotonic() + 10
+        while min(len(v) for v in seen.values()) < 200 and time.monotonic() < deadline:
+            for q in (0, 1):
+                k = port.rx_queue(q).rx_burst(rows, lens)
+                for i in range(k):
+                    f = int.from_bytes(rows[i, GEN_PAYLOAD + 4:GEN_PAYLOAD + 8].tobytes(), "little")
+                    sq = int.from_bytes(rows[i, GEN_PAYLOAD + 8:GEN_PAYLOAD + 16].tobytes(), "little")
+                    seen[q].append((f, sq))
+        for q in (0, 1):
+            assert len(seen[q]) >= 200
+            assert {f for f, _ in seen[q]} == {q, q + 2}
+            for f in (q, q + 2):
+                s = [sq for ff, sq in seen[q] if ff == f]
+                assert s == list(range(s[0], s[0] + len(s)))    # no gap, no reorder within a flow
 
 
 def test_generator_frame_layout():

@@ -437,11 +437,14 @@ def _cpu_list(text: str) -> list[int]:
 
 
 def _placement_text(builtin: bool, device_cpu: int | None, cpus: list[int] | None, queues: int) -> str:
+    from .. import fwd
     parts = []
     if builtin:
         parts.append(f"device on CPU {device_cpu}" if device_cpu is not None else "device not pinned")
     if cpus:
-        parts.append("forwarding " + ", ".join(f"q{q} on CPU {cpus[q % len(cpus)]}" for q in range(queues)))
+        # One thread per CPU, polling its queue pairs in turn ("q0+q1 on CPU 0").
+        parts.append("forwarding " + ", ".join("+".join(f"q{q}" for q in qs) + f" on CPU {cpu}"
+                                               for qs, cpu in fwd.assign_queues(queues, cpus)))
     else:
         parts.append("forwarding threads not pinned")
     return "; ".join(parts) + ("" if cpus or device_cpu is not None else " (--cpus, --device-cpu to pin)")
@@ -501,10 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("device", nargs="?", help="PCI address, 'sim', 'vfio-user:PATH' or 'vhost-user:PATH' "
                                               "(default: the built-in device)")
     fw.add_argument("--mode", choices=("rxonly", "txonly", "io", "macswap"), default="io")
-    fw.add_argument("--queues", type=int, default=1, help="queue pairs, one thread each")
+    fw.add_argument("--queues", type=int, default=1,
+                    help="queue pairs (a thread each, or with pinning a thread per CPU polling its share)")
     fw.add_argument("--cpus", metavar="LIST",
-                    help="CPUs of the forwarding threads, e.g. 0 or 0,1 (queue pair q on the q-th, round "
-                         "robin); default with the built-in device: every CPU but the device's")
+                    help="CPUs of the forwarding threads, e.g. 0 or 0,1: one thread per CPU, polling queue "
+                         "pairs i, i+n, ... in turn (testpmd's --lcores); default with the built-in device: "
+                         "every CPU but the device's")
     fw.add_argument("--device-cpu", type=int, metavar="N",
                     help="CPU of the built-in device's process (default: the last CPU this process may use)")
     fw.add_argument("--no-pin", action="store_true", help="pin nothing: leave placement to the scheduler")

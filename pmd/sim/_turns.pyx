@@ -2,18 +2,21 @@
 
 The engine (:mod:`pmd.sim.engine`) runs one Python round per turn: take what the
 driver transmitted, hand it to the wire, fill the driver's rx ring from the
-wire. For the generator wire at full rate with one flow (what ``pmd fwd`` runs
-on the built-in device) a turn needs no Python at all: the packets the driver
-sends back are checked for the generator's magic, flow and sequence (as
-:meth:`GeneratorWire.transmit` does with numpy) straight in its tx buffers, and
-new frames are written into its rx buffers (as ``device_rx_generate``).
+wire. For the generator wire at full rate (what ``pmd fwd`` runs on the built-in
+device), on any number of queue pairs and flows, a turn needs no Python at all:
+the packets the driver sends back are checked for the generator's magic, flow
+and sequence (as :meth:`GeneratorWire.transmit` does with numpy) straight in its
+tx buffers, and new frames are written into its rx buffers (as
+``device_rx_generate``), each flow's into the rx queue the caller chose for it
+(``f mod pairs``, or the one RSS steers its headers to, 5.1.6.5.7.2, with its hash
+when the header has room, 5.1.6.4.4).
 :func:`generator_turns` runs such turns until the rings have been idle for
 ``idle_rounds`` turns, ``max_ns`` have passed, or a queue is closed, and
 returns to Python, which keeps the control queue, the link, stop and the sleep
 policy between calls.
 """
 
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
@@ -35,102 +38,185 @@ cdef inline uint64_t _le(const unsigned char *p, int n) noexcept nogil:
     return v
 
 
-def generator_turns(DeviceQueue tx not None, DeviceQueue rx not None, unsigned char[::1] frame not None,
-                    Py_ssize_t payload, uint64_t first_seq, int64_t max_seen, int budget,
-                    int64_t limit, uint32_t hdr_len=12, bint mergeable=False, uint32_t row_width=2048,
-                    int idle_rounds=64, uint64_t max_ns=1000000):
-    """Turns of the one-flow generator over ``tx`` (what the driver sends) and ``rx``.
+cdef inline int _take_back(DeviceQueue tx, int budget, uint32_t hdr_len, uint32_t row_width, uint32_t size,
+                           Py_ssize_t payload, uint64_t magic, uint32_t n_flows, int64_t *max_seen,
+                           int64_t *counts) noexcept nogil:
+    """What the driver sent on ``tx``: checked where it lies, then returned used (length
+    0). ``counts``: ours, bad, reordered. Returns the packets taken."""
+    cdef int i = 0, r
+    cdef uint32_t pkt, f
+    cdef uint64_t s
+    cdef unsigned char head[16]
+    while i < budget:
+        r = tx.pop()
+        if r == 0:
+            break
+        if r < 0:
+            continue                 # a bad chain: refused and counted by the queue
+        if pmd_unlikely(tx.out_len < hdr_len):
+            tx._bad(BAD_SHORT)
+            tx.push(tx.head, 0)
+            continue
+        pkt = tx.out_len - hdr_len
+        if pmd_unlikely(pkt > row_width):
+            tx.n_dropped += 1
+            tx.push(tx.head, 0)
+            continue
+        if (pkt == size and tx.read_out(hdr_len + <uint32_t>payload, <char *>head, 16) == 16
+                and _le(head, 4) == magic and _le(head + 4, 4) < n_flows):
+            f = <uint32_t>_le(head + 4, 4)
+            s = _le(head + 8, 8)
+            counts[0] += 1
+            if max_seen[f] >= 0 and s < <uint64_t>max_seen[f]:
+                counts[2] += 1
+            elif <int64_t>s > max_seen[f]:
+                max_seen[f] = <int64_t>s
+        else:
+            counts[1] += 1
+        tx.push(tx.head, 0)
+        i += 1
+    tx.flush()
+    return i
 
-    ``frame`` is the flow's template (the caller's scratch: its sequence number at
-    ``payload + 8`` is rewritten), ``first_seq`` the next sequence number,
-    ``max_seen`` the highest one seen back so far (-1: none), ``budget`` the packets
-    per queue per turn, ``limit`` how many frames may still be generated (-1: no end).
-    A transmitted packet longer than ``row_width`` is dropped and counted by the
-    queue, as the wire path drops it.
 
-    Returns ``(generated, taken, ours, bad, reordered, max_seen, rounds)``:
-    frames consumed by the rx ring (delivered, or dropped as too large), packets
-    taken from the tx ring, those that were the generator's, those that were not,
-    those whose sequence number was below one already seen, and the turns run.
+cdef inline int _generate(DeviceQueue rx, int budget, int64_t room, unsigned char *frames, uint32_t size,
+                          Py_ssize_t payload, const uint32_t *flows, uint32_t n, uint32_t *cursor,
+                          int64_t *next_seq, uint32_t hdr_len, bint mergeable, bint with_hash,
+                          const uint32_t *hashes, const uint16_t *reports) noexcept nogil:
+    """Up to ``budget`` (and ``room``, -1: no end) new frames into ``rx``, from its ``n``
+    flows round robin from ``cursor``, each with its flow's next sequence number."""
+    cdef int k = 0, r
+    cdef uint32_t f
+    cdef unsigned char *p
+    if n == 0:
+        return 0
+    while k < budget and (room < 0 or k < room):
+        f = flows[cursor[0]]
+        p = frames + <Py_ssize_t>f * size
+        for r in range(8):
+            p[payload + 8 + r] = <unsigned char>(<uint64_t>next_seq[f] >> (8 * r))
+        if not deliver_or_drop(rx, <const char *>p, size, hdr_len, mergeable, with_hash,
+                               hashes[f] if with_hash else 0, reports[f] if with_hash else 0):
+            break
+        next_seq[f] += 1
+        cursor[0] = cursor[0] + 1 if cursor[0] + 1 < n else 0
+        k += 1
+    rx.flush()
+    return k
+
+
+def generator_turns(list txs not None, list rxs not None, unsigned char[:, ::1] frames not None,
+                    Py_ssize_t payload, int64_t[::1] next_seq not None, int64_t[::1] max_seen not None,
+                    const uint32_t[::1] queue_flows not None, const uint32_t[::1] queue_start not None,
+                    uint32_t[::1] cursor not None, int budget, int64_t limit, uint32_t hdr_len=12,
+                    bint mergeable=False, uint32_t row_width=2048, const uint32_t[::1] hashes=None,
+                    const uint16_t[::1] reports=None, int idle_rounds=64, uint64_t max_ns=1000000):
+    """Turns of the generator over the queue pairs' ``txs`` (what the driver sends) and ``rxs``.
+
+    ``frames[f]`` is flow f's template (the caller's scratch: its sequence number at
+    ``payload + 8`` is rewritten); ``next_seq[f]`` its next sequence number and
+    ``max_seen[f]`` the highest seen back (-1: none), both updated in place. Rx queue
+    ``j`` (``rxs[j]``) gets the flows ``queue_flows[queue_start[j]:queue_start[j + 1]]``
+    round robin from ``cursor[j]`` (kept). ``hashes`` and ``reports``: each flow's
+    hash and report for the header (5.1.6.4.4), or None. ``budget`` is the packets per
+    queue per turn, ``limit`` how many frames may still be generated (-1: no end). A
+    transmitted packet longer than ``row_width`` is dropped and counted by the queue,
+    as the wire path drops it.
+
+    Returns ``(generated, taken, ours, bad, reordered, rounds)``: frames consumed by the
+    rx rings (delivered, or dropped as too large), packets taken from the tx rings,
+    those that were the generator's, those that were not, those whose sequence number
+    was below one already seen on their flow, and the turns run. They run until the
+    rings have been idle for ``idle_rounds`` turns, ``max_ns`` have passed, or a queue
+    is closed or broken.
     """
     check_hdr_len(hdr_len)
+    cdef Py_ssize_t n_tx = len(txs), n_rx = len(rxs), n_flows = frames.shape[0], j
+    cdef uint32_t size = <uint32_t>frames.shape[1]
     if budget < 1:
         raise ValueError("budget must be at least 1")
-    if payload < 0 or payload + 16 > frame.shape[0]:
-        raise ValueError(f"payload {payload} + 16 is outside the {frame.shape[0]}-byte frame")
-    cdef unsigned char *p = &frame[0]
-    cdef uint32_t size = <uint32_t>frame.shape[0]
-    cdef uint64_t magic = _le(p + payload, 4)
-    cdef uint64_t seq = first_seq, s, t0
-    cdef int64_t generated = 0, taken = 0, ours = 0, bad = 0, reordered = 0, rounds = 0
-    cdef int idle = 0, i, k, r, moved
-    cdef uint32_t pkt
-    cdef unsigned char head[16]
-    tx.enter()
+    if n_flows < 1 or payload < 0 or payload + 16 > size:
+        raise ValueError(f"payload {payload} + 16 is outside the {size}-byte frames (or no flows)")
+    if next_seq.shape[0] != n_flows or max_seen.shape[0] != n_flows:
+        raise ValueError("next_seq and max_seen need one entry per flow")
+    if queue_start.shape[0] != n_rx + 1 or cursor.shape[0] != n_rx or queue_start[0] != 0 \
+            or queue_start[n_rx] != queue_flows.shape[0]:
+        raise ValueError("queue_start needs len(rxs) + 1 entries from 0 to len(queue_flows), cursor len(rxs)")
+    for j in range(n_rx):
+        if queue_start[j + 1] < queue_start[j]:
+            raise ValueError("queue_start must not decrease")
+        if queue_start[j + 1] > queue_start[j] and cursor[j] >= queue_start[j + 1] - queue_start[j]:
+            raise ValueError(f"cursor[{j}] is past its queue's flows")
+    for j in range(queue_flows.shape[0]):
+        if queue_flows[j] >= n_flows:
+            raise ValueError(f"queue_flows names flow {queue_flows[j]}, there are {n_flows}")
+    cdef bint with_hash = hashes is not None
+    if with_hash and (reports is None or hashes.shape[0] != n_flows or reports.shape[0] != n_flows):
+        raise ValueError("hashes and reports need one entry per flow")
+    cdef list queues = list(txs) + list(rxs)
+    for q in queues:
+        if not isinstance(q, DeviceQueue):
+            raise TypeError(f"txs and rxs hold DeviceQueue objects, not {type(q).__name__}")
+    cdef unsigned char *base = &frames[0, 0]
+    cdef uint64_t magic = _le(base + payload, 4), t0
+    cdef int64_t generated = 0, taken = 0, rounds = 0, k
+    cdef int64_t counts[3]
+    cdef int idle = 0
+    cdef int64_t moved
+    cdef DeviceQueue q_tx, q_rx
+    cdef Py_ssize_t entered = 0
+    cdef bint stop = False
+    counts[0] = counts[1] = counts[2] = 0
     try:
-        rx.enter()
-    except BaseException:
-        tx.leave()
-        raise
-    with nogil:
-        t0 = _now_ns()
-        while True:
-            if pmd_unlikely(tx.is_closed or rx.is_closed or tx.broken or rx.broken):
-                break                        # the next Python call's checks say why
-            moved = 0
-            # What the driver sent: checked where it lies, then returned used (length 0).
-            i = 0
-            while i < budget:
-                r = tx.pop()
-                if r == 0:
-                    break
-                if r < 0:
-                    continue                 # a bad chain: refused and counted by the queue
-                if pmd_unlikely(tx.out_len < hdr_len):
-                    tx._bad(BAD_SHORT)
-                    tx.push(tx.head, 0)
-                    continue
-                pkt = tx.out_len - hdr_len
-                if pmd_unlikely(pkt > row_width):
-                    tx.n_dropped += 1
-                    tx.push(tx.head, 0)
-                    continue
-                if (pkt == size and tx.read_out(hdr_len + <uint32_t>payload, <char *>head, 16) == 16
-                        and _le(head, 4) == magic and _le(head + 4, 4) == 0):
-                    s = _le(head + 8, 8)
-                    ours += 1
-                    if max_seen >= 0 and s < <uint64_t>max_seen:
-                        reordered += 1
-                    elif <int64_t>s > max_seen:
-                        max_seen = <int64_t>s
+        for q in queues:
+            (<DeviceQueue>q).enter()
+            entered += 1
+        if n_tx:
+            q_tx = <DeviceQueue>queues[0]
+        if n_rx:
+            q_rx = <DeviceQueue>queues[n_tx]
+        with nogil:
+            t0 = _now_ns()
+            while not stop:
+                moved = 0
+                for j in range(n_tx):
+                    if n_tx > 1:
+                        with gil:       # several: fetched from the private list each turn
+                            q_tx = <DeviceQueue>queues[j]
+                    if pmd_unlikely(q_tx.is_closed or q_tx.broken):
+                        stop = True                    # the next Python call's checks say why
+                        break
+                    k = _take_back(q_tx, budget, hdr_len, row_width, size, payload, magic,
+                                   <uint32_t>n_flows, &max_seen[0], counts)
+                    taken += k
+                    moved += k
+                for j in range(n_rx):
+                    if stop:
+                        break
+                    if n_rx > 1:
+                        with gil:
+                            q_rx = <DeviceQueue>queues[n_tx + j]
+                    if pmd_unlikely(q_rx.is_closed or q_rx.broken):
+                        stop = True
+                        break
+                    if queue_start[j + 1] == queue_start[j]:
+                        continue
+                    k = _generate(q_rx, budget, limit - generated if limit >= 0 else -1, base, size,
+                                  payload, &queue_flows[queue_start[j]], queue_start[j + 1] - queue_start[j],
+                                  &cursor[j], &next_seq[0], hdr_len, mergeable, with_hash,
+                                  &hashes[0] if with_hash else NULL, &reports[0] if with_hash else NULL)
+                    generated += k
+                    moved += k
+                rounds += 1
+                if moved:
+                    idle = 0
                 else:
-                    bad += 1
-                tx.push(tx.head, 0)
-                i += 1
-            tx.flush()
-            taken += i
-            moved += i
-            # New frames into the driver's rx buffers, until it has none free.
-            k = 0
-            while k < budget and (limit < 0 or generated < limit):
-                for r in range(8):
-                    p[payload + 8 + r] = <unsigned char>(seq >> (8 * r))
-                if not deliver_or_drop(rx, <const char *>p, size, hdr_len, mergeable, False, 0, 0):
+                    idle += 1
+                    if idle >= idle_rounds:
+                        break
+                if (rounds & 63) == 0 and _now_ns() - t0 >= max_ns:
                     break
-                seq += 1
-                generated += 1
-                k += 1
-            rx.flush()
-            moved += k
-            rounds += 1
-            if moved:
-                idle = 0
-            else:
-                idle += 1
-                if idle >= idle_rounds:
-                    break
-            if (rounds & 63) == 0 and _now_ns() - t0 >= max_ns:
-                break
-    rx.leave()
-    tx.leave()
-    return generated, taken, ours, bad, reordered, max_seen, rounds
+    finally:
+        for j in range(entered):
+            (<DeviceQueue>queues[j]).leave()
+    return generated, taken, counts[0], counts[1], counts[2], rounds

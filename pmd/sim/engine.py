@@ -300,7 +300,8 @@ class Engine:
         sleep = self.sleep_min
         sync = getattr(wire, "sync", None)
         turns = wire.turns
-        one_pair = len(txs) == 1 and txs[0][0] == 0 and 0 in rxqs
+        tx_list = [tx for _index, tx in txs]
+        native_turns = type(wire).turns is not Wire.turns      # only the generator has them
         while not stop.is_set():
             moved = 0
             active = self.active_pairs
@@ -308,13 +309,17 @@ class Engine:
             native = False
             # hashing on (or steered batches still waiting): every packet is looked at
             steer = self.rss.active or bool(self._steered)
-            if one_pair and link and active == 1 and not self._pending and not steer:
-                # the wire's own turns in C (the one-flow generator): no Python per turn
-                done = turns(txs[0][1], rxqs[0], budget, hdr_len, mergeable, self.filter.accepts)
+            rx_list = [rxqs[j] for j in range(active) if j in rxqs] if native_turns else []
+            if rx_list and link and not self._pending and not self._steered and len(rx_list) == active:
+                # the wire's own turns in C (the generator at full rate, every pair,
+                # steered as RSS says): no Python per turn
+                done = turns(tx_list, rx_list, budget, hdr_len, mergeable, self.filter.accepts, self.rss)
                 if done is not None:
                     native = True
                     self.tx_packets += done[0]
                     self.rx_packets += done[1]
+                    if self.rss.active:
+                        self.rx_steered += done[1]
                     moved = done[0] + done[1]
             fast = ring_to_ring and link and self.filter.accept_all and not steer
             for index, tx in (() if native else txs):
@@ -327,7 +332,7 @@ class Engine:
                         moved += n
                         continue
                 moved += self._transmit(index, tx, link, hdr_len)
-            if link and steer:
+            if link and steer and not native:
                 moved += self._receive_steered(rxqs, active, hdr_len, mergeable)
             elif link and not native:
                 for j in range(active):

@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from ..abi.ethernet import udp_frame
 from ..abi.pcap import PcapWriter, read_pcap
+from ._rss import RssState
 from ._rx import device_rx_generate
 from ._turns import generator_turns
 from ._virtqueue import DeviceQueue
@@ -133,12 +134,13 @@ class Wire:
         ``accepts(dst_mac)`` is the device's receive filter. None by default."""
         return None
 
-    def turns(self, tx: DeviceQueue, rx: DeviceQueue, budget: int, hdr_len: int, mergeable: bool,
-              accepts: Callable[[bytes], bool]) -> tuple[int, int] | None:
-        """The fastest path: run whole turns of queue pair 0 (what the driver sent,
-        then its rx ring filled) in C until the rings are idle or about a millisecond
-        has passed, and return ``(tx packets, rx packets)``; None for "use the
-        per-turn path" (the default: only the one-flow generator has one)."""
+    def turns(self, txs: list[DeviceQueue], rxs: list[DeviceQueue], budget: int, hdr_len: int, mergeable: bool,
+              accepts: Callable[[bytes], bool], rss: RssState | None = None) -> tuple[int, int] | None:
+        """The fastest path: run whole turns of every queue pair (what the driver sent
+        on ``txs``, then the active pairs' ``rxs`` filled, steered by ``rss`` when it is
+        active) in C until the rings are idle or about a millisecond has passed, and
+        return ``(tx packets, rx packets)``; None for "use the per-turn path" (the
+        default: only the generator at full rate has one)."""
         return None
 
     def delivered(self, pair: int, count: int) -> None:
@@ -430,6 +432,18 @@ class _GenLayout(NamedTuple):
     lengths: Lengths
 
 
+class _Steering(NamedTuple):
+    key: tuple[Any, ...]               # (rx pairs, header length, RSS on, its configuration)
+    templates: Rows                    # the per-flow frames it was made for
+    ok: bool                           # every flow's rx pair is one of those given
+    frames: Rows                       # a copy: generator_turns stamps sequence numbers in it
+    queue_flows: npt.NDArray[np.uint32]    # the flows, grouped by rx pair
+    queue_start: npt.NDArray[np.uint32]    # pair j's are queue_flows[start[j]:start[j + 1]]
+    cursor: npt.NDArray[np.uint32]     # per pair: its next flow (round robin)
+    hashes: npt.NDArray[np.uint32] | None  # per flow, for the header (HASH_REPORT), or None
+    reports: npt.NDArray[np.uint16] | None
+
+
 class GeneratorWire(Wire):
     """``GeneratorWire(rate=0, size=64, flows=1, count=0)``: synthetic UDP flows to the driver.
 
@@ -468,6 +482,7 @@ class GeneratorWire(Wire):
         # batch only stamps sequence numbers (the engine asks a pair for more only
         # once its last batch is delivered, so the rows can be reused)
         self._layouts: dict[tuple[int, int], _GenLayout] = {}
+        self._steer: _Steering | None = None           # turns(): flows to rx pairs
         self._scratch: Rows | None = None              # deliver_direct's frame
         self._scratch_of: Rows | None = None           # the templates it was copied from
         self.generated = 0
@@ -552,29 +567,61 @@ class GeneratorWire(Wire):
             self.generated += k
         return k
 
-    def turns(self, tx: DeviceQueue, rx: DeviceQueue, budget: int, hdr_len: int, mergeable: bool,
-              accepts: Callable[[bytes], bool]) -> tuple[int, int] | None:
-        """One flow at full rate: :func:`generator_turns` sends the frames and checks
-        what comes back in C, with the same counters as deliver_direct and transmit."""
-        if self.flows != 1 or self.rate:
+    def turns(self, txs: list[DeviceQueue], rxs: list[DeviceQueue], budget: int, hdr_len: int, mergeable: bool,
+              accepts: Callable[[bytes], bool], rss: RssState | None = None) -> tuple[int, int] | None:
+        """At full rate, any number of flows and pairs: :func:`generator_turns` sends the
+        frames and checks what comes back in C, with the same counters as receive and
+        transmit. Flow f goes to rx pair ``f mod len(rxs)``, or where ``rss`` steers its
+        headers (each flow's headers are fixed, so its queue and hash are computed
+        once per configuration); None when a flow would go to a pair not given."""
+        if self.rate or not rxs:
             return None
-        scratch = self._direct_scratch(accepts)
-        if scratch is None:
+        templates = self._template_rows()
+        if not accepts(templates[0, :6].tobytes()):
             return None                                # the batch path filters and counts it
+        plan = self._steering(templates, len(rxs), hdr_len, rss)
+        if plan is None:
+            return None
         limit = max(self.count - self.generated, 0) if self.count else -1
         if self.started is None:
             self.started = time.monotonic()
-        generated, taken, ours, bad, reordered, max_seen, _rounds = generator_turns(
-            tx, rx, scratch, GEN_PAYLOAD, int(self._next_seq[0]), int(self._max_seen[0]), budget,
-            limit, hdr_len, mergeable, self.width)
-        self._next_seq[0] += generated
+        generated, taken, ours, bad, reordered, _rounds = generator_turns(
+            txs, rxs, plan.frames, GEN_PAYLOAD, self._next_seq, self._max_seen, plan.queue_flows,
+            plan.queue_start, plan.cursor, budget, limit, hdr_len, mergeable, self.width, plan.hashes,
+            plan.reports)
         self.generated += generated
         self.sent += generated
         self.received += ours
         self.bad += bad
         self.reordered += reordered
-        self._max_seen[0] = max_seen
         return taken, generated
+
+    def _steering(self, templates: Rows, n_rx: int, hdr_len: int, rss: RssState | None) -> "_Steering | None":
+        """Which rx pair each flow goes to, with its hash and report: kept until the
+        templates, the pairs or the RSS configuration change."""
+        active = rss is not None and rss.active
+        key = (n_rx, hdr_len, active) + ((rss.hash_types, rss.key, tuple(rss.table), rss.unclassified_queue)
+                                         if rss is not None and active else ())
+        st = self._steer
+        if st is not None and st.key == key and st.templates is templates:
+            return st if st.ok else None
+        queue = np.arange(self.flows, dtype=np.int64) % n_rx
+        hashes = reports = None
+        if rss is not None and active:
+            hashes = np.zeros(self.flows, np.uint32)
+            reports = np.zeros(self.flows, np.uint16)
+            for f in range(self.flows):
+                q, hashes[f], reports[f] = rss.hash(templates[f].tobytes(), int(queue[f]))
+                queue[f] = q
+            if hdr_len < 20:                           # no room for the hash (5.1.6.4.4)
+                hashes = reports = None
+        ok = bool(np.all(queue < n_rx))
+        order = np.argsort(queue, kind="stable")
+        start = np.searchsorted(queue[order], np.arange(n_rx + 1)).astype(np.uint32)
+        st = _Steering(key, templates, ok, templates.copy(), order.astype(np.uint32), start,
+                       np.zeros(n_rx, np.uint32), hashes, reports)
+        self._steer = st
+        return st if ok else None
 
     def _layout(self, key: tuple[int, int], flows: npt.NDArray[np.int64], n: int) -> "_GenLayout":
         templates = self._template_rows()
