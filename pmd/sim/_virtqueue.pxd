@@ -7,10 +7,12 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
+from pmd.includes.barrier cimport pmd_virtio_rmb
 from pmd.includes.compiler cimport pmd_likely
 from pmd.includes.vring cimport (
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, pvirtq_desc, pvirtq_event_suppress, vring,
-    vring_desc, vring_load16, vring_load32, vring_load64, vring_store32,
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, pvirtq_desc, pvirtq_desc_is_avail,
+    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_event_suppress, vring, vring_desc, vring_load16, vring_load32,
+    vring_load64, vring_store16, vring_store32,
 )
 from pmd.sim._dma cimport DmaWindows
 
@@ -133,14 +135,15 @@ cdef class DeviceQueue:
     # the packed ring's halves of the methods above
     cdef int _pop_packed(self) noexcept nogil
     cdef uint16_t _pending_packed(self) noexcept nogil
-    cdef void _push_packed(self, uint16_t id, uint32_t length, uint16_t skip) noexcept nogil
     cdef void _publish_packed(self) noexcept nogil
     cdef bint _need_interrupt_packed(self) noexcept nogil
 
     # pop() and push() are `cdef inline` here, not in the .pyx, so the burst loops of
     # _rx.pxd, _tx.pyx and _turns.pyx take the usual chain, one descriptor on a split
-    # ring (2.7.5), with no call through the vtable; anything else, and the first pop
-    # of a burst (which reads avail->idx), is the general path of _virtqueue.pyx.
+    # ring (2.7.5) or a packed one (2.8.6), with no call through the vtable (a packed
+    # pop through it cost about 50 instructions of frame set-up alone); anything else,
+    # and the first split pop of a burst (which reads avail->idx), is the general path
+    # of _virtqueue.pyx.
 
     cdef inline int _popped_one(self, char *p, uint32_t ln, uint16_t flags) noexcept nogil:
         """A chain of one descriptor (``p``, ``ln``, ``flags`` as read and checked) into
@@ -165,11 +168,40 @@ cdef class DeviceQueue:
         A refused chain is counted; if its head was valid it is returned to the
         driver at once with length 0, so the driver can reclaim its buffers.
         """
-        cdef uint16_t head, flags
+        cdef uint16_t head, flags, pos
         cdef uint32_t ln
         cdef char *p = NULL
         cdef vring_desc *d
-        if pmd_likely(not self.packed and self.shadow_avail_idx != self.last_avail_idx and not self.broken):
+        cdef pvirtq_desc *pd
+        if self.packed:
+            if pmd_likely(not self.broken):
+                pos = self.avail_pos
+                pd = &self.pdesc[pos]
+                flags = vring_load16(&pd.flags)
+                if not pvirtq_desc_is_avail(flags, self.avail_wrap):
+                    return 0
+                # flags first, after the driver's write barrier (2.8.21.1): then the rest
+                pmd_virtio_rmb(self.weak_barriers)
+                if pmd_likely((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) == 0):
+                    # a list of one descriptor: the id in range and not in flight, the
+                    # buffer inside a window; anything else takes the walk, which refuses it
+                    ln = vring_load32(&pd.len)
+                    head = vring_load16(&pd.id)
+                    if ln != 0:
+                        p = self.windows.translate(vring_load64(&pd.addr), ln)
+                    if pmd_likely(head < self.size and self.id_count[head] == 0 and (p != NULL or ln == 0)):
+                        self.prev_avail_pos = pos
+                        self.prev_avail_wrap = self.avail_wrap
+                        pos += 1
+                        if pos == self.size:
+                            pos = 0
+                            self.avail_wrap = not self.avail_wrap
+                        self.avail_pos = pos
+                        self.id_count[head] = 1
+                        self.head = head
+                        return self._popped_one(p, ln, flags)
+            return self._pop_packed()
+        if pmd_likely(self.shadow_avail_idx != self.last_avail_idx and not self.broken):
             # an entry under the avail idx already read (and read after it, 2.7.13.3)
             head = vring_load16(&self.vr.avail.ring[self.last_avail_idx & self.mask])
             if pmd_likely(head < self.size):
@@ -188,12 +220,47 @@ cdef class DeviceQueue:
 
     cdef inline void push(self, uint16_t head, uint32_t length) noexcept nogil:
         """Write one used entry (not yet published)."""
-        cdef uint16_t slot
-        if pmd_likely(not self.packed and not self.in_order):
-            slot = self.used_idx & self.mask
-            vring_store32(&self.vr.used.ring[slot].id, head)
-            vring_store32(&self.vr.used.ring[slot].len, length)
-            self.used_idx += 1
-            self.n_used_entries += 1
-            return
+        cdef uint16_t slot, n
+        if pmd_likely(not self.in_order):
+            if not self.packed:
+                slot = self.used_idx & self.mask
+                vring_store32(&self.vr.used.ring[slot].id, head)
+                vring_store32(&self.vr.used.ring[slot].len, length)
+                self.used_idx += 1
+                self.n_used_entries += 1
+                return
+            # the chain's length was kept at pop: skip that many slots (2.8.6)
+            if pmd_likely(head < self.size and self.id_count[head] != 0):
+                n = self.id_count[head]
+                self.id_count[head] = 0
+                self._push_packed(head, length, n)
+                return
         self._push_general(head, length)
+
+    cdef inline void _push_packed(self, uint16_t id, uint32_t length, uint16_t skip) noexcept nogil:
+        """Write a used descriptor at ``used_pos`` and skip ``skip`` slots (1 to size).
+
+        2.8.1: used is AVAIL == USED == the device's wrap counter; 2.8.3: WRITE
+        says the device wrote into the buffer, and only then does len count
+        (2.8.4). The first descriptor of a batch gets its flags at publish(),
+        after all the others (2.8.9): the driver sees the batch whole or not at all.
+        """
+        cdef pvirtq_desc *d = &self.pdesc[self.used_pos]
+        cdef uint16_t flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
+        if length:
+            flags |= VRING_DESC_F_WRITE
+        vring_store16(&d.id, id)
+        vring_store32(&d.len, length)
+        if self.batch_n == 0:
+            self.batch_first = self.used_pos
+            self.batch_flags = flags
+        else:
+            vring_store16(&d.flags, flags)
+        self.batch_n += 1
+        self.n_used_entries += 1
+        cdef uint32_t pos = <uint32_t>self.used_pos + skip
+        if pos >= self.size:
+            pos -= self.size
+            self.used_wrap = not self.used_wrap
+        self.used_pos = <uint16_t>pos
+

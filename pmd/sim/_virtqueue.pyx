@@ -566,7 +566,8 @@ cdef class DeviceQueue:
     # ---- the packed ring's data path (2.8) ----
 
     cdef int _pop_packed(self) noexcept nogil:
-        """pop() for a packed ring: the chain starting at ``avail_pos``.
+        """pop() for a packed ring: the chain starting at ``avail_pos`` (a list of one
+        descriptor that passes every check is taken by the inline pop() first).
 
         Its descriptors are consecutive (wrapping at the ring's end, which
         flips the wrap counter), linked by NEXT; the buffer id is in the last
@@ -595,28 +596,6 @@ cdef class DeviceQueue:
         cdef char *p
         cdef bint seen_write = False
         cdef uint64_t out_len = 0, in_len = 0   # up to N descriptors of 4 GiB: wider than 32 bits
-        if pmd_likely((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) == 0):
-            # A list of one descriptor (a small frame, 2.8.6): the checks of the walk
-            # below (id in range and not in flight, buffer inside a window), without
-            # its loop; a bad one takes the walk, which refuses it the usual way.
-            addr = vring_load64(&d.addr)
-            ln = vring_load32(&d.len)
-            id = vring_load16(&d.id)
-            p = NULL
-            if ln != 0:
-                p = self.windows.translate(addr, ln)
-            if pmd_likely(id < self.size and self.id_count[id] == 0 and (p != NULL or ln == 0)):
-                self.prev_avail_pos = pos
-                self.prev_avail_wrap = wrap
-                pos += 1
-                if pos == self.size:
-                    pos = 0
-                    wrap = not wrap
-                self.avail_pos = pos
-                self.avail_wrap = wrap
-                self.id_count[id] = 1
-                self.head = id
-                return self._popped_one(p, ln, flags)
         self.nsegs = 0
         self.out_len = 0
         self.in_len = 0
@@ -720,33 +699,6 @@ cdef class DeviceQueue:
                 pos = 0
                 wrap = not wrap
         return n
-
-    cdef void _push_packed(self, uint16_t id, uint32_t length, uint16_t skip) noexcept nogil:
-        """Write a used descriptor at ``used_pos`` and skip ``skip`` slots (1 to size).
-
-        2.8.1: used is AVAIL == USED == the device's wrap counter; 2.8.3: WRITE
-        says the device wrote into the buffer, and only then does len count
-        (2.8.4). The first descriptor of a batch gets its flags at publish(),
-        after all the others (2.8.9): the driver sees the batch whole or not at all.
-        """
-        cdef pvirtq_desc *d = &self.pdesc[self.used_pos]
-        cdef uint16_t flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
-        if length:
-            flags |= VRING_DESC_F_WRITE
-        vring_store16(&d.id, id)
-        vring_store32(&d.len, length)
-        if self.batch_n == 0:
-            self.batch_first = self.used_pos
-            self.batch_flags = flags
-        else:
-            vring_store16(&d.flags, flags)
-        self.batch_n += 1
-        self.n_used_entries += 1
-        cdef uint32_t pos = <uint32_t>self.used_pos + skip
-        if pos >= self.size:
-            pos -= self.size
-            self.used_wrap = not self.used_wrap
-        self.used_pos = <uint16_t>pos
 
     cdef void _push_in_order(self, uint16_t head, uint32_t length, bint whole) noexcept nogil:
         """push() with VIRTIO_F_IN_ORDER: the buffer joins the open batch; a buffer not
