@@ -150,12 +150,14 @@ def shell_env(bindir: Path) -> dict[str, str]:
 
 
 def run_page(blocks: list[Block], cwd: Path, *, name: str, timeout: float = 120,
-             namespace: dict[str, Any] | None = None) -> dict[str, Any]:
+             namespace: dict[str, Any] | None = None,
+             printed_by: list[tuple[Block, str]] | None = None) -> dict[str, Any]:
     """Run every ``sh`` and ``python`` block not tagged ``skip-test``, in order, in
     ``cwd``: shell blocks with bash (``-e``: any failing command fails the block),
     Python blocks in one shared namespace (as one would type them into one
     interpreter), each with ``timeout``. Checks each exit and each printed output
-    against the ``text`` block after it. Returns the namespace."""
+    against the ``text`` block after it. Returns the namespace; ``printed_by`` gets
+    (block, what it printed) for every block run."""
     ns: dict[str, Any] = {"__name__": "__tutorial__"} if namespace is None else namespace
     env = shell_env(cwd / ".bin")
     for block in blocks:
@@ -168,6 +170,8 @@ def run_page(blocks: list[Block], cwd: Path, *, name: str, timeout: float = 120,
             if r.returncode != 0:
                 raise AssertionError(f"{where} exited {r.returncode}:\n{block.code}\n{r.stdout}{r.stderr}")
             check_output(block, r.stdout, where)
+            if printed_by is not None:
+                printed_by.append((block, r.stdout))
         else:
             printed = io.StringIO()
             code = compile(block.code, where, "exec")
@@ -181,4 +185,6 @@ def run_page(blocks: list[Block], cwd: Path, *, name: str, timeout: float = 120,
             finally:
                 os.chdir(old)
             check_output(block, printed.getvalue(), where)
+            if printed_by is not None:
+                printed_by.append((block, printed.getvalue()))
     return ns

@@ -53,8 +53,9 @@ def test_the_shell_blocks_run_pmd_as_python_dash_m() -> None:
 @needs_analytics
 def test_the_tutorial_runs_as_written(tmp_path: Path) -> None:
     ns: dict[str, Any] = {}
+    printed: list[tuple[Block, str]] = []
     try:
-        run_page(_blocks(), tmp_path, name="docs/tutorial.md", namespace=ns)
+        run_page(_blocks(), tmp_path, name="docs/tutorial.md", namespace=ns, printed_by=printed)
     finally:
         port = ns.get("port")
         if port is not None:
@@ -69,6 +70,9 @@ def test_the_tutorial_runs_as_written(tmp_path: Path) -> None:
     assert sum(p for _, p, _ in ns["flows"]) == 10_000 and len(ns["flows"]) == 4
     assert len(ns["packets"]) == 1000 and (tmp_path / "x.pcap").stat().st_size > 1000 * 16
     assert ns["port"].closed
+    shell = {b.code.split()[3]: out for b, out in printed if b.lang == "sh"}     # python -m pmd WORD
+    assert float(re.search(r"^summary: mode=io .*\bmpps=([\d.]+)", shell["fwd"], re.M)[1]) > 0
+    assert re.search(r"^summary: captured=1000 ", shell["capture"], re.M), shell["capture"]
 
 
 # ---------------------------------------------------------------------------- the runner can fail
