@@ -102,7 +102,10 @@ def test_every_committed_result_file_is_one_the_script_plots(plots: ModuleType, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = sorted(p for p in (ROOT / "bench" / "results").iterdir() if p.is_file())
+    results = ROOT / "bench" / "results"
+    if not results.is_dir():
+        pytest.skip("no bench/results/ here (an installed copy of the tests)")
+    files = sorted(p for p in results.iterdir() if p.is_file())
     assert files
     for path in files:
         out = plots.plot_file(path, tmp_path, plt)
