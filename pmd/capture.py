@@ -180,10 +180,12 @@ class Rotation:
             self._next()
 
     def flush(self) -> None:
+        """Write what the current file's buffer holds."""
         if self._sink is not None:
             self._sink.flush()
 
     def close(self) -> None:
+        """Close the current file (complete: every record written)."""
         if self._sink is not None:
             sink, self._sink = self._sink, None
             sink.close()
@@ -192,6 +194,9 @@ class Rotation:
 
 @dataclass
 class CaptureSummary:
+    """What :func:`run` did: seconds, packets captured (written) and received, packets the
+    port dropped, bytes written and the files, in the order they were written."""
+
     seconds: float
     captured: int            # packets written to the files
     received: int            # packets the port's queue received meanwhile
@@ -201,13 +206,16 @@ class CaptureSummary:
 
     @property
     def mpps(self) -> float:
+        """Packets captured per second, in millions."""
         return self.captured / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        """The summary line ``pmd capture`` prints (``summary: captured=... files=N``)."""
         return (f"summary: captured={self.captured} received={self.received} dropped={self.dropped} "
                 f"seconds={self.seconds:.2f} mpps={self.mpps:.3f} bytes={self.bytes} files={len(self.files)}")
 
     def as_dict(self) -> dict[str, Any]:
+        """The summary as ``pmd capture --json`` prints it."""
         return {"seconds": round(self.seconds, 6), "captured": self.captured, "received": self.received,
                 "dropped": self.dropped, "mpps": round(self.mpps, 6), "bytes": self.bytes, "files": self.files}
 

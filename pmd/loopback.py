@@ -103,6 +103,7 @@ class Loopback:
         return tx_to_rx(self.device_tx, self.device_rx, budget, self.hdr_len, self.mergeable)
 
     def stats(self) -> dict[str, Any]:
+        """The counters of the four queues, by name: ``driver_rx``, ``driver_tx``, ``device_rx``, ``device_tx``."""
         return {
             "driver_rx": self.driver_rx.stats(),
             "driver_tx": self.driver_tx.stats(),
@@ -129,6 +130,7 @@ class Loopback:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` ran."""
         return self._closed
 
     def __enter__(self) -> "Loopback":

@@ -28,6 +28,7 @@ from pmd.cli import text as cli_text
 from pmd.driver import sysfs as pci_sysfs
 from pmd.abi.pci import parse_config
 
+from .docblocks import block_after
 from .test_pci import VIRTIO_NET, FakeSysfs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -472,10 +473,7 @@ class TestInGuest:
 # ---------------------------------------------------------------------------- the README's commands
 
 def _readme_command(heading: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    m = re.search(re.escape(heading) + r".*?```sh\n(.*?)\n```", text, re.S)
-    assert m, f"no command block after {heading!r} in README.md"
-    return m.group(1).strip()
+    return block_after((ROOT / "README.md").read_text(), heading, "sh").code.strip()
 
 
 def test_readme_main_job_runs_on_the_built_in_device_and_prints_a_summary():
@@ -491,10 +489,7 @@ def test_readme_main_job_runs_on_the_built_in_device_and_prints_a_summary():
 
 
 def test_readme_api_example_receives_packets_from_the_built_in_device():
-    text = (ROOT / "README.md").read_text()
-    m = re.search(r"## The API in short\n+```python\n(.*?)\n```", text, re.S)
-    assert m, "no python block under 'The API in short' in README.md"
-    code = m.group(1)
+    code = block_after((ROOT / "README.md").read_text(), "## The API in short", "python").code
     assert 'pmd.open_port("sim"' in code                        # runs as written, no hardware
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -110,9 +110,11 @@ class _Writer:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` ran."""
         return self._f.closed
 
     def close(self) -> None:
+        """Write what the buffer holds and close the file; idempotent."""
         if self._f.closed:
             return
         try:
@@ -144,6 +146,8 @@ class PcapWriter(_Writer):
 
     def write(self, frame: bytes | memoryview | npt.NDArray[np.uint8], ts: float | None = None,
               orig_len: int | None = None) -> None:
+        """One packet record: ``frame``'s bytes (at most the snaplen), ``ts`` in seconds
+        (default now), ``orig_len`` its length on the wire (default ``len(frame)``)."""
         data = bytes(frame)
         t = time.time() if ts is None else ts
         sec = int(t)
@@ -204,6 +208,8 @@ class PcapngWriter(_Writer):
 
     def write(self, frame: bytes | memoryview | npt.NDArray[np.uint8], ts_ns: int | None = None,
               orig_len: int | None = None) -> None:
+        """One Enhanced Packet Block: ``frame``'s bytes (at most the snaplen), ``ts_ns`` in
+        nanoseconds (default now), ``orig_len`` its length on the wire (default ``len(frame)``)."""
         data = bytes(frame)
         t = time.time_ns() if ts_ns is None else ts_ns
         cap = data[: self.snaplen]

@@ -85,50 +85,64 @@ cdef class Mmio:
 
     @property
     def address(self):
+        """Virtual address of the window's first byte."""
         if self.base == NULL:
             raise QueueStateError("Mmio window is closed")
         return <uintptr_t>self.base
 
     @property
     def closed(self):
+        """True once :meth:`close` ran."""
         return self.base == NULL
 
     # Ordered accessors: load + io_rmb / io_wmb + store (rte_read16 / rte_write16).
     def read8(self, size_t offset):
+        """The 8-bit register at ``offset``, then a read barrier (``rte_read8``)."""
         return pmd_read8(self.at(offset, 1))
 
     def read16(self, size_t offset):
+        """The 16-bit register at ``offset``, then a read barrier (``rte_read16``)."""
         return pmd_read16(self.at(offset, 2))
 
     def read32(self, size_t offset):
+        """The 32-bit register at ``offset``, then a read barrier (``rte_read32``)."""
         return pmd_read32(self.at(offset, 4))
 
     def read64(self, size_t offset):
+        """The 64-bit register at ``offset``, then a read barrier (``rte_read64``)."""
         return pmd_read64(self.at(offset, 8))
 
     def write8(self, size_t offset, uint8_t value):
+        """A write barrier, then ``value`` into the 8-bit register at ``offset`` (``rte_write8``)."""
         pmd_write8(value, self.at(offset, 1))
 
     def write16(self, size_t offset, uint16_t value):
+        """A write barrier, then ``value`` into the 16-bit register at ``offset`` (``rte_write16``)."""
         pmd_write16(value, self.at(offset, 2))
 
     def write32(self, size_t offset, uint32_t value):
+        """A write barrier, then ``value`` into the 32-bit register at ``offset`` (``rte_write32``)."""
         pmd_write32(value, self.at(offset, 4))
 
     def write64(self, size_t offset, uint64_t value):
+        """A write barrier, then ``value`` into the 64-bit register at ``offset`` (``rte_write64``)."""
         pmd_write64(value, self.at(offset, 8))
 
     # Relaxed loads, for polling a register in a loop that has its own barrier.
     def read8_relaxed(self, size_t offset):
+        """The 8-bit register at ``offset``, no barrier (a polling loop with its own)."""
         return pmd_read8_relaxed(self.at(offset, 1))
 
     def read16_relaxed(self, size_t offset):
+        """The 16-bit register at ``offset``, no barrier (a polling loop with its own)."""
         return pmd_read16_relaxed(self.at(offset, 2))
 
     def read32_relaxed(self, size_t offset):
+        """The 32-bit register at ``offset``, no barrier (a polling loop with its own)."""
         return pmd_read32_relaxed(self.at(offset, 4))
 
     def read64_relaxed(self, size_t offset):
+        """The 64-bit register at ``offset``, no barrier (a polling loop with its own)."""
         return pmd_read64_relaxed(self.at(offset, 8))
 
     def close(self):

@@ -161,6 +161,7 @@ cdef class _Queue:
 
     @property
     def closed(self):
+        """True once :meth:`close` ran."""
         return self.is_closed
 
     def __enter__(self):

@@ -859,6 +859,8 @@ cdef class RxQueue(_Queue):
         return n
 
     def stats(self):
+        """The queue's counters (packets, bytes, drops, ...) and the receive side's own:
+        ``no_buffer``, ``truncated``, ``runt``, ``bad_num_buffers``, ``zc_multi_dropped``."""
         s = super().stats()
         s["no_buffer"] = self.no_buffer
         s["truncated"] = self.truncated

@@ -548,6 +548,8 @@ cdef class TxQueue(_Queue):
         return n
 
     def stats(self):
+        """The queue's counters (packets, bytes, drops, ...) and ``ring_full``: times a burst
+        found the ring or the pool full and sent fewer packets than it was given."""
         s = super().stats()
         s["ring_full"] = self.ring_full
         return s

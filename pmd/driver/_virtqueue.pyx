@@ -251,6 +251,7 @@ cdef class Virtqueue:
     # ---- where the device finds the ring (given to queue_desc/driver/device) ----
     @property
     def desc_iova(self):
+        """The descriptor area's IOVA, as the device sees it (``queue_desc``)."""
         self.check_mapped()
         return self.memory.iova_of(self.offset)
 
@@ -342,6 +343,7 @@ cdef class Virtqueue:
 
     @property
     def in_flight(self):
+        """Descriptors given to the device and not yet returned."""
         return self.size - self.num_free
 
     @property
@@ -521,6 +523,7 @@ cdef class Virtqueue:
 
     @property
     def closed(self):
+        """True once :meth:`close` ran."""
         return self.is_closed
 
     def __repr__(self):

@@ -431,20 +431,24 @@ class Port:
 
     @property
     def started(self) -> bool:
+        """True between :meth:`start` and :meth:`stop` (or :meth:`close`)."""
         return self._started
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` ran: the device is reset and every resource released."""
         return self._closed
 
     # ------------------------------------------------------------------ data path
     def rx_queue(self, queue: int = 0) -> RxQueue:
+        """Receive queue ``queue`` (0 to ``queue_pairs - 1``) of the started port."""
         self._check_started()
         if not 0 <= queue < len(self.rxqs):
             raise ValueError(f"rx queue {queue} does not exist (the port has {len(self.rxqs)})")
         return self.rxqs[queue]
 
     def tx_queue(self, queue: int = 0) -> TxQueue:
+        """Transmit queue ``queue`` (0 to ``queue_pairs - 1``) of the started port."""
         self._check_started()
         if not 0 <= queue < len(self.txqs):
             raise ValueError(f"tx queue {queue} does not exist (the port has {len(self.txqs)})")
@@ -459,19 +463,27 @@ class Port:
                  truncate: bool = False, timestamps: npt.NDArray[np.uint64] | None = None,
                  hashes: npt.NDArray[np.uint32] | None = None,
                  hash_types: npt.NDArray[np.uint16] | npt.NDArray[np.uint8] | None = None) -> int:
+        """:meth:`RxQueue.rx_burst` on rx queue ``queue``: copy the packets that arrived into
+        rows of ``out``, lengths into ``lengths``; returns how many."""
         return self.rx_queue(queue).rx_burst(out, lengths, truncate=truncate, timestamps=timestamps,
                                              hashes=hashes, hash_types=hash_types)
 
     def rx_burst_zc(self, ids: npt.NDArray[np.uint32], lengths: npt.NDArray[np.uint32], queue: int = 0, *,
                     timestamps: npt.NDArray[np.uint64] | None = None, hashes: npt.NDArray[np.uint32] | None = None,
                     hash_types: npt.NDArray[np.uint16] | npt.NDArray[np.uint8] | None = None) -> int:
+        """:meth:`RxQueue.rx_burst_zc` on rx queue ``queue``: buffer ids of the packets that
+        arrived (data in ``port.pool(queue).data[ids[i]]``) and their lengths; returns how many."""
         return self.rx_queue(queue).rx_burst_zc(ids, lengths, timestamps=timestamps, hashes=hashes,
                                                 hash_types=hash_types)
 
     def tx_burst(self, packets: npt.NDArray[np.uint8], lengths: npt.NDArray[np.uint32], queue: int = 0) -> int:
+        """:meth:`TxQueue.tx_burst` on tx queue ``queue``: send ``packets[i, :lengths[i]]``
+        (copied into pool buffers); returns how many the ring took."""
         return self.tx_queue(queue).tx_burst(packets, lengths)
 
     def tx_burst_zc(self, ids: npt.NDArray[np.uint32], lengths: npt.NDArray[np.uint32], queue: int = 0) -> int:
+        """:meth:`TxQueue.tx_burst_zc` on tx queue ``queue``: send pool buffers by id without a
+        copy; returns how many the ring took (the rest stay the caller's)."""
         return self.tx_queue(queue).tx_burst_zc(ids, lengths)
 
     def rx_wait(self, queue: int = 0, timeout: float | None = None) -> bool:
@@ -573,6 +585,9 @@ class Port:
 
     # ------------------------------------------------------------------ control queue
     def ctrl_command(self, cls: int, cmd: int, data: bytes = b"", *, need: int = N.NET_CTRL_VQ) -> None:
+        """Send one control-queue command (class ``cls``, command ``cmd``, ``data``; Virtio 1.2
+        5.1.6.5) and wait for the device's ack; :class:`PmdError` when the device did not
+        negotiate feature bit ``need`` or refused the command."""
         self._check_open()
         if self.ctrl is None or not self.features & V.bit(need):
             raise PmdError(f"the device did not negotiate VIRTIO_NET_F_{N.FEATURE_NAMES.get(need, need)}: "
@@ -595,6 +610,7 @@ class Port:
 
     @property
     def allmulticast(self) -> bool | None:
+        """Receive every multicast frame (CTRL_RX). None until set: the device's default."""
         return self._allmulti
 
     @allmulticast.setter

@@ -186,6 +186,7 @@ cdef class DmaMemory:
 
     @property
     def closed(self):
+        """True once :meth:`close` ran (or while it runs)."""
         return self.base == NULL or self.closing
 
     @property

@@ -217,6 +217,7 @@ cdef class DeviceQueue:
 
     @property
     def closed(self):
+        """True once :meth:`close` ran."""
         return self.is_closed
 
     # ---- the data path (nogil) ----
@@ -924,9 +925,12 @@ cdef class DeviceQueue:
 
     @property
     def last_error(self):
+        """The kind of the last bad descriptor chain seen (a name; ``"none"`` before any)."""
         return BAD_DESC_NAMES[self.last_bad]
 
     def stats(self):
+        """The device side's counters: chains popped, bad descriptors, interrupts sent and
+        suppressed, packets dropped or too long, used entries, the last error, broken."""
         return {"popped": self.n_popped, "bad_descriptors": self.n_bad_desc,
                 "interrupts": self.n_interrupts, "interrupts_suppressed": self.n_interrupts_suppressed,
                 "dropped": self.n_dropped, "too_long": self.n_too_long, "last_error": self.last_error,
