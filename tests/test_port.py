@@ -892,6 +892,8 @@ class OnlyTheInterface(Transport):
     def write_config(self, o, w, v): self._inner.write_config(o, w, v)
     def device_config_length(self): return self._inner.device_config_length()
     def interrupt_vectors(self): return self._inner.interrupt_vectors()
+    def interrupt_mode(self): return self._inner.interrupt_mode()
+    def unmask_interrupt(self): self._inner.unmask_interrupt()
     def set_interrupts(self, fds): self._inner.set_interrupts(fds)
     def disable_interrupts(self): self._inner.disable_interrupts()
     def map_memory(self, memory, *, iommu): return self._inner.map_memory(memory, iommu=iommu)
@@ -900,15 +902,16 @@ class OnlyTheInterface(Transport):
     def close(self): self._inner.close()
 
 
-def test_a_port_needs_nothing_of_its_transport_beyond_the_interface():
+@pytest.mark.parametrize("msix_vectors", [None, 0], ids=["msix", "intx"])
+def test_a_port_needs_nothing_of_its_transport_beyond_the_interface(msix_vectors):
     # The virtio transport interface assumes no PCI (a vhost-user transport has no
     # DeviceAccess): a port on a transport that is only the interface starts,
-    # moves packets, takes interrupts and closes.
+    # moves packets, takes interrupts and closes; with MSI-X, and with INTx.
     from pmd.backends.local import LocalAccess
     from pmd.driver.virtio.pci import open_transport
     from pmd.sim.model import VirtioNetModel
 
-    with VirtioNetModel() as m:
+    with VirtioNetModel(msix_vectors=msix_vectors) as m:
         port = pmd.Port(OnlyTheInterface(open_transport(LocalAccess(m))))
         try:
             port.start(rx_interrupts=True)

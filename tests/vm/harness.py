@@ -13,7 +13,9 @@ QEMU guest under TCG (see ``docs/qemu.md`` and ``shared/QEMU-VFIO.md``):
   IOMMU and is bound to ``vfio-pci`` before the command runs
   (``PMD_VFIO_DEVICE``); optionally a transitional device with the legacy
   interface at ``0000:00:04.0`` (``PMD_VFIO_LEGACY_DEVICE``) and a NIC driven by
-  the guest kernel at ``0000:00:05.0`` (``PMD_VM_KNIC``, for checking the wire);
+  the guest kernel at ``0000:00:05.0`` (``PMD_VM_KNIC``, for checking the wire),
+  and a modern device without MSI-X (``vectors=0``: it interrupts on INTx) at
+  ``0000:00:06.0`` (``PMD_VFIO_INTX_DEVICE``);
 * a host-side agent in this process answers requests that the guest sends over
   a virtio-serial port (``tests/vm/guest.py``): ``set_link`` and any QMP
   command, and frames sent or received on the devices' ``-netdev dgram`` wires.
@@ -74,6 +76,7 @@ MODULES = (
 MODERN_BDF = "0000:00:03.0"      # virtio-net-pci, modern only, iommu_platform=on
 LEGACY_BDF = "0000:00:04.0"      # transitional virtio-net-pci (legacy I/O BAR0)
 KNIC_BDF = "0000:00:05.0"        # virtio-net-pci driven by the guest kernel
+INTX_BDF = "0000:00:06.0"        # virtio-net-pci without MSI-X (vectors=0): INTx only
 HOSTROOT_ADDR, RESULTS_ADDR, SERIAL_ADDR = "08.0", "09.0", "0a.0"
 
 #: The guest's networks: name -> (QEMU device id, netdev id, host socket, guest socket, MAC)
@@ -81,6 +84,7 @@ NETS = {
     "modern": ("pmd0", "n0", "host.sock", "guest.sock", "52:54:00:12:34:51"),
     "legacy": ("pmd1", "n1", "host-legacy.sock", "guest-legacy.sock", "52:54:00:12:34:52"),
     "knic": ("knic0", "nk", "host-knic.sock", "guest-knic.sock", "52:54:00:12:34:53"),
+    "intx": ("pmd2", "n2", "host-intx.sock", "guest-intx.sock", "52:54:00:12:34:54"),
 }
 
 PORT_NAME = "pmd.host"           # /dev/virtio-ports/pmd.host in the guest
@@ -621,6 +625,8 @@ def _guest_env(env: Optional[dict], nets: dict) -> dict:
         out["PMD_VFIO_LEGACY_DEVICE"] = LEGACY_BDF
     if "knic" in nets:
         out["PMD_VM_KNIC"] = KNIC_BDF
+    if "intx" in nets:
+        out["PMD_VFIO_INTX_DEVICE"] = INTX_BDF
     if env:
         out.update({k: str(v) for k, v in env.items()})
     return out
@@ -647,7 +653,7 @@ def _qemu_argv(kernel: Path, initrd: Path, run: Path, nets: dict, memory: int,
         "-device", f"virtio-serial-pci,id=vser0,addr={SERIAL_ADDR}",
         "-device", f"virtserialport,bus=vser0.0,chardev=pmdhost,name={PORT_NAME}",
     ]
-    addrs = {"modern": MODERN_BDF, "legacy": LEGACY_BDF, "knic": KNIC_BDF}
+    addrs = {"modern": MODERN_BDF, "legacy": LEGACY_BDF, "knic": KNIC_BDF, "intx": INTX_BDF}
     for name, (dev, netdev, host, guest, mac) in nets.items():
         argv += ["-netdev", f"dgram,id={netdev},local.type=unix,local.path={run / guest},"
                             f"remote.type=unix,remote.path={run / host}"]
@@ -662,6 +668,10 @@ def _qemu_argv(kernel: Path, initrd: Path, run: Path, nets: dict, memory: int,
             # iommu_platform=on with a legacy interface, so this device's DMA bypasses
             # the vIOMMU: its addresses are guest-physical (see docs/qemu.md).
             opts += ",disable-legacy=off,disable-modern=off"
+        elif name == "intx":
+            # No MSI-X capability (vectors=0) and no MSI (QEMU's virtio has none): the
+            # device interrupts on its INTx pin, the cause in ISR (4.1.4.5).
+            opts += ",disable-legacy=on,iommu_platform=on,vectors=0"
         argv += ["-device", opts]
     return argv
 
@@ -698,7 +708,8 @@ def _kept_dirs(cwd: str, env: dict) -> list:
 
 def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: bool = False,
                  env: Optional[dict] = None, cwd: Optional[Union[str, Path]] = None,
-                 kernel_nic: bool = False, stream: Optional[Union[TextIO, Callable]] = None,
+                 kernel_nic: bool = False, intx: bool = False,
+                 stream: Optional[Union[TextIO, Callable]] = None,
                  memory: int = 1024, smp: int = 2, hugepages: int = 0, aw_bits: int = 39,
                  keep: Optional[bool] = None) -> GuestResult:
     """Boot a guest, run ``command`` in it, return its exit status and output.
@@ -708,7 +719,8 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
     to vfio-pci), ``env`` added, and a leading ``python``/``python3`` replaced by
     this interpreter (``sys.executable``).  ``legacy`` adds the transitional device
     (``PMD_VFIO_LEGACY_DEVICE``), ``kernel_nic`` a NIC driven by the guest kernel
-    (``PMD_VM_KNIC``, its interface name in ``PMD_VM_KNIC_IFNAME``).  ``stream``
+    (``PMD_VM_KNIC``, its interface name in ``PMD_VM_KNIC_IFNAME``), ``intx`` a device
+    without MSI-X bound to vfio-pci (``PMD_VFIO_INTX_DEVICE``).  ``stream``
     receives the output as it arrives (a file or a callable taking a str).
 
     ``timeout`` is a hard limit for everything (boot included): QEMU is then killed
@@ -735,12 +747,14 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
         nets["legacy"] = NETS["legacy"]
     if kernel_nic:
         nets["knic"] = NETS["knic"]
+    if intx:
+        nets["intx"] = NETS["intx"]
 
     run = Path(tempfile.mkdtemp(prefix="pmd-vm-"))
     share = run / "share"
     share.mkdir()
     genv = _guest_env(env, nets)
-    bind = [MODERN_BDF] + ([LEGACY_BDF] if legacy else [])
+    bind = [MODERN_BDF] + ([LEGACY_BDF] if legacy else []) + ([INTX_BDF] if intx else [])
     (share / "guest.conf").write_text(
         f"PMD_BIND={shlex.quote(' '.join(bind))}\n"
         f"PMD_KNIC={shlex.quote(KNIC_BDF if kernel_nic else '')}\n"
@@ -867,6 +881,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--timeout", type=float, default=600, help="hard limit in seconds (default 600)")
     p.add_argument("--legacy", action="store_true", help="add a transitional device at 0000:00:04.0")
     p.add_argument("--kernel-nic", action="store_true", help="add a kernel-driven NIC at 0000:00:05.0")
+    p.add_argument("--intx", action="store_true", help="add a device without MSI-X (INTx) at 0000:00:06.0")
     p.add_argument("--hugepages", type=int, default=0, help="2 MiB hugepages to reserve in the guest")
     p.add_argument("--aw-bits", type=int, default=39, choices=(39, 48),
                    help="address width of the emulated IOMMU (48 lets IOVA = user virtual address)")
@@ -896,7 +911,7 @@ def main(argv: Optional[list] = None) -> int:
             print(f"harness: cannot run the guest: {why}", file=sys.stderr)
             return 2
         env = dict(kv.split("=", 1) for kv in a.env)
-        r = run_in_guest(a.command, timeout=a.timeout, legacy=a.legacy, kernel_nic=a.kernel_nic,
+        r = run_in_guest(a.command, timeout=a.timeout, legacy=a.legacy, kernel_nic=a.kernel_nic, intx=a.intx,
                          env=env, cwd=a.cwd, stream=sys.stdout, hugepages=a.hugepages,
                          aw_bits=a.aw_bits,
                          keep=a.keep or None)
