@@ -293,3 +293,10 @@ def test_pmd_info_says_which_interrupt_mode_the_device_gives():
     assert "interrupts: INTx" in text and "ISR" in text
     assert "interrupts:" not in format_virtio(1 << 32, transport_bits=64, transport="modern")
     assert virtio_data(1 << 32, transport_bits=64, transport="modern", interrupts="msi")["interrupts"] == "msi"
+
+
+def test_the_transport_interface_names_the_isr_bits_as_the_pci_spec_does():
+    from pmd.abi import virtio_pci
+    from pmd.driver.virtio import transport as T
+
+    assert (T.ISR_QUEUE, T.ISR_CONFIG) == (virtio_pci.ISR_QUEUE, virtio_pci.ISR_CONFIG) == (1, 2)

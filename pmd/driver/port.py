@@ -31,7 +31,6 @@ from ..memory import DmaMemory
 from ..abi import virtio as V, virtio_net as N
 from ..abi.ethernet import format_mac, parse_mac, random_mac
 from ..abi.virtio import NO_VECTOR
-from ..abi.virtio_pci import ISR_CONFIG, ISR_QUEUE
 from ..abi.virtio_net import ctrl_queue_index, hdr_len_for, rx_queue_index, tx_queue_index
 from . import interrupts
 from ._pool import PacketPool
@@ -40,7 +39,7 @@ from ._tx import MAX_TX_CHAIN, TxQueue
 from ._virtqueue import Virtqueue, indirect_table_bytes, ring_size
 from .virtio.net import (ControlQueue, Link, LinkCallback, TransportControl, check_enable, link_from, negotiate,
                          read_net_config)
-from .virtio.transport import Transport
+from .virtio.transport import ISR_CONFIG, ISR_QUEUE, Transport
 
 log = logging.getLogger("pmd.port")
 

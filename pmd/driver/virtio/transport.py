@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
 GENERATION_RETRIES = 64
 
+# What read_isr() returns, whatever the transport: PCI's ISR status (4.1.4.5) and
+# MMIO's InterruptStatus (4.2.2) have the same two bits.
+ISR_QUEUE = 1 << 0      # a used buffer notification
+ISR_CONFIG = 1 << 1     # a configuration change
+
 
 class Transport(abc.ABC):
     """One virtio device, as a driver sees it through its transport.
@@ -217,4 +222,4 @@ def check_queue_size(index: int, size: int, maximum: int) -> None:
         raise ValueError(f"queue size must be a power of two, got {size}")
 
 
-__all__ = ["Transport", "GENERATION_RETRIES", "check_queue_size"]
+__all__ = ["Transport", "GENERATION_RETRIES", "ISR_CONFIG", "ISR_QUEUE", "check_queue_size"]
