@@ -300,3 +300,22 @@ def test_the_transport_interface_names_the_isr_bits_as_the_pci_spec_does():
     from pmd.driver.virtio import transport as T
 
     assert (T.ISR_QUEUE, T.ISR_CONFIG) == (virtio_pci.ISR_QUEUE, virtio_pci.ISR_CONFIG) == (1, 2)
+
+
+def test_closing_the_intx_device_and_its_port_leaves_no_fd_and_no_thread():
+    from pmd.sim.model import VirtioNetModel
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    port, m = local_port(VirtioNetModel(msix_vectors=0), rx_interrupts=True)   # warm up imports, the interrupt thread
+    port.close()
+    m.close()
+    before, threads = fds(), {t.name for t in threading.enumerate()}
+    for _ in range(3):
+        port, m = local_port(VirtioNetModel(msix_vectors=0), rx_interrupts=True)
+        assert any(t.name.endswith("-intx") for t in threading.enumerate())
+        port.close()
+        m.close()
+    assert fds() == before
+    assert {t.name for t in threading.enumerate()} <= threads

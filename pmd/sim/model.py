@@ -172,10 +172,6 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
         self._intx_thread: threading.Thread | None = None
         self._queue_irq = -1            # what the device queues signal; the INTx thread turns it into ISR bit 0
         self._intx_stop = -1
-        if self.intx:
-            self._queue_irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._intx_stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._intx_thread = threading.Thread(target=self._intx_loop, name=f"{name}-intx", daemon=True)
         self._msix_table = bytearray(16 * self.msix_vectors)
         for v in range(self.msix_vectors):
             self._msix_table[16 * v + 12] = 1          # vector control: masked until programmed
@@ -190,8 +186,24 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
         self.engine.link_up = o.link_up
         self.wire.bind(self)
         self._reset_state()
-        if self._intx_thread is not None:
-            self._intx_thread.start()
+        if self.intx:
+            self._start_intx(name)
+
+    def _start_intx(self, name: str) -> None:
+        """The INTx thread and its two eventfds; nothing is left behind if one fails."""
+        try:
+            self._queue_irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._intx_stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            thread = threading.Thread(target=self._intx_loop, name=f"{name}-intx", daemon=True)
+            thread.start()
+        except BaseException:
+            for fd in (self._queue_irq, self._intx_stop):
+                if fd >= 0:
+                    os.close(fd)
+            self._queue_irq = self._intx_stop = -1
+            self.close()
+            raise
+        self._intx_thread = thread
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
