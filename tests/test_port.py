@@ -550,6 +550,36 @@ class TestPortLegacyVfio(PortTests):
         assert port.hdr_len == (12 if port.features & bits("MRG_RXBUF") else 10)
 
 
+@pytest.mark.noiommu
+@pytest.mark.skipif(not _vfio_env("PMD_VFIO_NOIOMMU_DEVICE"),
+                    reason="PMD_VFIO_NOIOMMU_DEVICE is not set: runs in the QEMU guest in no-IOMMU mode "
+                           "(tests/vm/harness.py --noiommu)")
+class TestPortNoIommuVfio(PortTests):
+    """The driver test class in no-IOMMU mode: QEMU's modern virtio-net-pci (no
+    ACCESS_PLATFORM) in a guest without vIOMMU, bound to vfio-pci with a vfio.ko
+    rebuilt with CONFIG_VFIO_NOIOMMU: ``/dev/vfio/noiommu-N``, the VFIO_NOIOMMU_IOMMU
+    container, and rings and buffers given to the device by physical address
+    (/proc/self/pagemap), on huge pages so that a ring is physically contiguous."""
+
+    net = "noiommu"
+    expect_mac = "52:54:00:12:34:55"
+    start_kw = {"hugepages": True}
+
+    def open(self, **kw):
+        return pmd.open_port(os.environ["PMD_VFIO_NOIOMMU_DEVICE"], **kw)
+
+    def test_the_group_is_noiommu_and_the_device_is_given_physical_addresses(self, port):
+        from pmd.abi.vfio import VFIO_NOIOMMU_IOMMU
+        from pmd.driver.access.pagemap import virt_to_phys
+
+        access = port.transport.access
+        assert access.noiommu and access.iommu_type == VFIO_NOIOMMU_IOMMU and access.iova_mode == "pa"
+        assert os.path.basename(str(access.group_path)).startswith("noiommu-")
+        assert not port.features & bits("ACCESS_PLATFORM")
+        vq = port.rx_queue(0).vq
+        assert vq.desc_iova == virt_to_phys(vq.ring_address) != vq.ring_address   # the ring starts with desc
+
+
 class TestPortSim(PortTests, MergeableTests):
     """The same driver tests over vfio-user, against pmd's built-in device in a
     process of its own, its dgram wire played by tests/sim_peer.py."""
@@ -892,6 +922,8 @@ class OnlyTheInterface(Transport):
     def write_config(self, o, w, v): self._inner.write_config(o, w, v)
     def device_config_length(self): return self._inner.device_config_length()
     def interrupt_vectors(self): return self._inner.interrupt_vectors()
+    def interrupt_mode(self): return self._inner.interrupt_mode()
+    def unmask_interrupt(self): self._inner.unmask_interrupt()
     def set_interrupts(self, fds): self._inner.set_interrupts(fds)
     def disable_interrupts(self): self._inner.disable_interrupts()
     def map_memory(self, memory, *, iommu): return self._inner.map_memory(memory, iommu=iommu)
@@ -900,15 +932,16 @@ class OnlyTheInterface(Transport):
     def close(self): self._inner.close()
 
 
-def test_a_port_needs_nothing_of_its_transport_beyond_the_interface():
+@pytest.mark.parametrize("msix_vectors", [None, 0], ids=["msix", "intx"])
+def test_a_port_needs_nothing_of_its_transport_beyond_the_interface(msix_vectors):
     # The virtio transport interface assumes no PCI (a vhost-user transport has no
     # DeviceAccess): a port on a transport that is only the interface starts,
-    # moves packets, takes interrupts and closes.
+    # moves packets, takes interrupts and closes; with MSI-X, and with INTx.
     from pmd.backends.local import LocalAccess
     from pmd.driver.virtio.pci import open_transport
     from pmd.sim.model import VirtioNetModel
 
-    with VirtioNetModel() as m:
+    with VirtioNetModel(msix_vectors=msix_vectors) as m:
         port = pmd.Port(OnlyTheInterface(open_transport(LocalAccess(m))))
         try:
             port.start(rx_interrupts=True)

@@ -88,10 +88,17 @@ def test_config_space_resembles_the_real_device():
     assert ours.msix.table_size == real.msix.table_size == 3
 
 
-@pytest.mark.parametrize("vectors", [0, 257])
+@pytest.mark.parametrize("vectors", [-1, 257])
 def test_msix_vector_count_is_bounded(vectors):
     with pytest.raises(ValueError, match="MSI-X vectors"):
         C.PciConfig(vectors)
+
+
+def test_no_msix_vectors_is_no_msix_capability_and_an_intx_pin():
+    cs = parse_config(C.PciConfig(0).snapshot())
+    assert cs.msix is None and cs.interrupt_pin == 1
+    assert [c.name for c in cs.capabilities][-1] != "MSI-X"
+    assert parse_config(C.PciConfig(4).snapshot()).interrupt_pin == 0
 
 
 def test_bar_sizing_reads_back_the_size_mask():

@@ -54,6 +54,7 @@ __all__ = [
     "PCI_ROM_ADDRESS",
     "PCI_CAPABILITY_LIST",
     "PCI_INTERRUPT_LINE",
+    "PCI_INTERRUPT_PIN",
     "PCI_STD_HEADER_SIZE",
     "PCI_CFG_SPACE_SIZE",
     "PCI_CFG_SPACE_EXP_SIZE",
@@ -236,6 +237,7 @@ PCI_SUBSYSTEM_VENDOR_ID = 0x2C
 PCI_ROM_ADDRESS = 0x30
 PCI_CAPABILITY_LIST = 0x34
 PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D       # 1..4: INTA#..INTD#, 0: none
 PCI_STD_HEADER_SIZE = 0x40
 PCI_CFG_SPACE_SIZE = 0x100
 PCI_CFG_SPACE_EXP_SIZE = 0x1000
@@ -738,7 +740,7 @@ def parse_config(data: bytes | bytearray | memoryview) -> ConfigSpace:
         cache_line_size=_u8(data, 0x0C), header_type=header_type,
         subsystem_vendor_id=subsystem[0], subsystem_id=subsystem[1],
         interrupt_line=_u8(data, PCI_INTERRUPT_LINE),
-        interrupt_pin=_u8(data, PCI_INTERRUPT_LINE + 1),
+        interrupt_pin=_u8(data, PCI_INTERRUPT_PIN),
         bars=bars, bar_count=bar_count, capabilities=caps,
         capabilities_read=not header_only, extended_capabilities=ext)
 

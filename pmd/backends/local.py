@@ -120,6 +120,10 @@ class LocalAccess(DeviceAccess):
 
     def unmask_irq(self, index: int, start: int = 0, count: int = 1) -> None:
         self._check()
+        self.requests += 1
+        unmask = getattr(self.model, "unmask_irq", None)
+        if unmask is not None:          # a model that masks (INTx); the others have nothing to unmask
+            unmask(index, start, count)
 
     def reset(self) -> None:
         self._check()

@@ -121,9 +121,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         t = open_transport(vdev, owns_access=False)
         try:
             if args.json:
-                virtio = virtio_data(t.device_features(), transport_bits=t.feature_bits, transport=t.describe())
+                virtio = virtio_data(t.device_features(), transport_bits=t.feature_bits, transport=t.describe(),
+                                     interrupts=t.interrupt_mode())
             else:
-                print(format_virtio(t.device_features(), transport_bits=t.feature_bits, transport=t.describe()),
+                print(format_virtio(t.device_features(), transport_bits=t.feature_bits, transport=t.describe(),
+                                    interrupts=t.interrupt_mode()),
                       end="")
         finally:
             t.close()

@@ -117,7 +117,8 @@ def vfio_data(vdev: VfioAccess) -> dict[str, Any]:
     return out
 
 
-def virtio_data(offered: int, *, transport_bits: int, transport: str) -> dict[str, Any]:
+def virtio_data(offered: int, *, transport_bits: int, transport: str,
+                interrupts: str | None = None) -> dict[str, Any]:
     """What the device offers and what pmd takes by default (the facts of ``format_virtio``)."""
     from ..abi import virtio as V
     from ..abi import virtio_net as NN
@@ -129,4 +130,5 @@ def virtio_data(offered: int, *, transport_bits: int, transport: str) -> dict[st
             "ring_layout": "packed" if accepted & V.bit(V.RING_PACKED) else "split",
             "in_order": bool(accepted & V.bit(V.IN_ORDER)),
             "rss_offered": bool(offered & V.bit(NN.NET_RSS)),
-            "hash_report_offered": bool(offered & V.bit(NN.NET_HASH_REPORT))}
+            "hash_report_offered": bool(offered & V.bit(NN.NET_HASH_REPORT)),
+            "interrupts": interrupts}

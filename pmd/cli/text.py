@@ -250,7 +250,18 @@ def format_vfio(vdev: VfioAccess) -> str:
     return "\n".join(out)
 
 
-def format_virtio(offered: int, *, transport_bits: int, transport: str) -> str:
+#: ``pmd info``: what each interrupt mode of a port means (Transport.interrupt_mode)
+INTERRUPT_MODES = {
+    "msix": "MSI-X (a vector for configuration changes, one per rx queue, shared when too few)",
+    "msi": "MSI (no MSI-X: one interrupt for every source, the cause read from ISR, 4.1.4.5)",
+    "intx": "INTx (no MSI-X or MSI: the level-triggered line, the cause read from ISR, 4.1.4.5, "
+            "then unmasked)",
+    "callfd": "call eventfds (vhost-user: one per ring)",
+    "none": "none (no interrupt with eventfds: link changes only by reading port.link, no rx_wait)",
+}
+
+
+def format_virtio(offered: int, *, transport_bits: int, transport: str, interrupts: str | None = None) -> str:
     """What the device offers, what pmd takes by default, and the ring layout that gives."""
     from ..abi import virtio as V
     from ..abi import virtio_net as NN
@@ -278,7 +289,7 @@ def format_virtio(offered: int, *, transport_bits: int, transport: str) -> str:
         f"  rings: {rings}",
         f"  used buffers: {order}",
         f"  rss: {rss_text(offered)}",
-    ]) + "\n"
+    ] + ([f"  interrupts: {INTERRUPT_MODES.get(interrupts, interrupts)}"] if interrupts else [])) + "\n"
 
 
 def rss_text(offered: int) -> str:

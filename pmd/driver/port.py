@@ -39,7 +39,7 @@ from ._tx import MAX_TX_CHAIN, TxQueue
 from ._virtqueue import Virtqueue, indirect_table_bytes, ring_size
 from .virtio.net import (ControlQueue, Link, LinkCallback, TransportControl, check_enable, link_from, negotiate,
                          read_net_config)
-from .virtio.transport import Transport
+from .virtio.transport import ISR_CONFIG, ISR_QUEUE, Transport
 
 log = logging.getLogger("pmd.port")
 
@@ -113,8 +113,15 @@ class Port:
         self._rx_vectors: list[int] = []
         self._rx_wakes: list[interrupts.EventFd | None] = []
         self._config_event: interrupts.EventFd | None = None
+        # MSI or INTx (no MSI-X): the one eventfd every source signals, the cause in ISR
+        self._line_event: interrupts.EventFd | None = None
+        #: how the device interrupts this port: "msix", "msi", "intx", "callfd" (vhost-user),
+        #: "none"; None until started
+        self.interrupt_mode: str | None = None
         self.config_interrupts = 0
         self.rx_interrupts = 0
+        #: MSI/INTx interrupts whose ISR status named no cause (another device on a shared line)
+        self.spurious_interrupts = 0
         self._link = Link(True)             # as last read (port.link or an interrupt)
         self._link_reported = Link(True)    # as the link callbacks last heard of it
         self._promisc: bool | None = None
@@ -140,7 +147,8 @@ class Port:
         ``queue_size`` is the ring size (a legacy device imposes its own; pass
         0 to take the device's maximum); ``n_buffers`` per queue pair defaults
         to twice the ring size plus 512. ``rx_interrupts`` gives each rx queue
-        an MSI-X vector for :meth:`rx_wait`.
+        an interrupt for :meth:`rx_wait`: an MSI-X vector, or without MSI-X
+        the device's one MSI or INTx interrupt, shared by every source.
         """
         with self._lock:
             self._check_open()
@@ -291,6 +299,9 @@ class Port:
         if self._config_event is not None:
             reg = interrupts.get_interrupt_thread().register(self._config_event, self._on_config_interrupt)
             self._resources.append(lambda: interrupts.get_interrupt_thread().unregister(reg))
+        elif self._line_event is not None:
+            line = interrupts.get_interrupt_thread().register(self._line_event, self._on_line_interrupt)
+            self._resources.append(lambda: interrupts.get_interrupt_thread().unregister(line))
         # The data path never asks the device anything, so a device that goes away
         # (a vfio-user server that exits) would only show as empty rings: be told.
         self._resources.append(t.on_lost(self._device_lost))
@@ -304,11 +315,17 @@ class Port:
 
     def _setup_interrupts(self, rx_queues: int) -> None:
         t = self.transport
+        mode = t.interrupt_mode()
+        self.interrupt_mode = mode
+        if mode in ("msi", "intx"):
+            self._setup_line_interrupt(rx_queues, mode)
+            return
         count = t.interrupt_vectors()
         if count == 0:
             if rx_queues:
-                raise DeviceError("rx interrupts need MSI-X, which this device does not have")
-            log.info("%s: no MSI-X: link changes are seen only by reading port.link", self.name)
+                raise DeviceError("rx interrupts need an interrupt, and this device signals none "
+                                  "(no MSI-X, MSI or INTx): start without rx_interrupts=True and poll")
+            log.info("%s: no interrupts: link changes are seen only by reading port.link", self.name)
             return
         if rx_queues and count < 2:
             raise DeviceError("the device has a single MSI-X vector: no room for rx interrupts "
@@ -339,6 +356,28 @@ class Port:
             self._rx_wakes.append(wake)
         t.set_interrupts(fds)
         self._resources.append(t.disable_interrupts)
+
+    def _setup_line_interrupt(self, rx_queues: int, mode: str) -> None:
+        """No MSI-X: one interrupt (MSI, or the INTx line) for configuration changes and
+        every queue. The interrupt thread reads the ISR status (4.1.4.5) to learn which,
+        and passes a queue interrupt on to each rx queue's own eventfd, on which
+        rx_wait sleeps as it does on an MSI-X vector. No vector register is written:
+        queues and configuration keep VIRTIO_MSI_NO_VECTOR."""
+        t = self.transport
+        self._resources.append(self._forget_rx_interrupts)
+        line = interrupts.EventFd()
+        self._resources.append(line.close)
+        for _ in range(rx_queues):
+            ev = interrupts.EventFd()
+            self._resources.append(ev.close)
+            self._rx_events.append(ev)
+            self._rx_vectors.append(NO_VECTOR)
+            self._rx_wakes.append(None)
+        t.set_interrupts([line.fileno()])
+        self._resources.append(t.disable_interrupts)
+        self._line_event = line
+        log.info("%s: no MSI-X: %s, one interrupt for link changes%s, cause read from ISR",
+                 self.name, mode.upper(), f" and {rx_queues} rx queue(s)" if rx_queues else "")
 
     def _forget_rx_interrupts(self) -> None:
         self._rx_vectors.clear()
@@ -376,6 +415,7 @@ class Port:
         self.pools.clear()
         self._rx_events.clear()
         self._config_event = None
+        self._line_event = None
         self.ctrl = None
         self.memory = None
         self.queue_pairs = 0
@@ -516,7 +556,7 @@ class Port:
                     return True
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 counts = interrupts.wait_any(fds, left)
-                if counts[0]:
+                if counts[0] and self._line_event is None:   # (MSI/INTx: counted from ISR)
                     self.rx_interrupts += 1
                     for peer in peers:      # the interrupt may have been for a sharer
                         peer.signal()
@@ -569,6 +609,31 @@ class Port:
                     ev.signal()
                 except (OSError, ValueError):
                     pass    # closed by a stop() running now
+
+    def _on_line_interrupt(self, fd: int, count: int, arg: object) -> None:
+        """MSI or INTx fired (on the interrupt thread). Read ISR, which clears it and,
+        for INTx, deasserts the line (4.1.4.5); unmask the line; then serve the causes.
+        ISR is the device's word: bits other than 0 and 1 are ignored, and no cause at
+        all is an interrupt of another device on a shared line, counted and dropped."""
+        t = self.transport
+        isr = t.read_isr()
+        t.unmask_interrupt()            # after the read: the line is deasserted by now
+        causes = isr & (ISR_QUEUE | ISR_CONFIG)
+        if not causes:
+            self.spurious_interrupts += 1
+            return
+        if causes & ISR_QUEUE:
+            events = list(self._rx_events)
+            if events:
+                self.rx_interrupts += 1
+            for ev in events:           # which queue is not said: each re-checks its ring
+                if ev is not None and not ev.closed:
+                    try:
+                        ev.signal()
+                    except (OSError, ValueError):
+                        pass            # closed by a stop() running now
+        if causes & ISR_CONFIG:
+            self._on_config_interrupt(fd, count, arg)
 
     def _on_config_interrupt(self, fd: int, count: int, arg: object) -> None:
         self.config_interrupts += 1
@@ -715,13 +780,14 @@ class Port:
 
     def info(self) -> dict[str, Any]:
         """What the port runs with: name, MAC, negotiated features (names), header length,
-        queue pairs, ring layout, MTU, link, and RSS (:attr:`rss`, None when off)."""
+        queue pairs, ring layout, MTU, link, RSS (:attr:`rss`, None when off) and the interrupt
+        mode (:attr:`interrupt_mode`: "msix", "msi", "intx", "callfd" or "none")."""
         self._check_open()
         return {"name": self.name, "started": self._started, "mac": format_mac(self.mac) if self.mac else None,
                 "features": N.feature_names(self.features), "hdr_len": self.hdr_len,
                 "queue_pairs": self.queue_pairs, "max_queue_pairs": self.max_queue_pairs,
                 "ring": self.ring_layout, "mtu": self.mtu, "link": self._link if self._started else None,
-                "rss": self.rss}
+                "rss": self.rss, "interrupts": self.interrupt_mode or self.transport.interrupt_mode()}
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
@@ -751,6 +817,7 @@ class Port:
 
     def _raw_stats(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
         port = {"config_interrupts": self.config_interrupts, "rx_interrupts": self.rx_interrupts,
+                "spurious_interrupts": self.spurious_interrupts,
                 "control_commands": self.ctrl.commands if self.ctrl else 0,
                 "control_timeouts": self.ctrl.timeouts if self.ctrl else 0,
                 "control_late_completions": self.ctrl.late_completions if self.ctrl else 0}
@@ -793,7 +860,7 @@ class Port:
                 for k, v in q.items():
                     if k not in ("packets", "bytes") and isinstance(v, int) and not isinstance(v, bool):
                         out[f"{side}_q{i}_{k}"] = v
-        for k in ("config_interrupts", "rx_interrupts", "control_commands", "control_timeouts",
+        for k in ("config_interrupts", "rx_interrupts", "spurious_interrupts", "control_commands", "control_timeouts",
                   "control_late_completions"):
             out[k] = int(s[k])
         return out

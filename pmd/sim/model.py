@@ -49,8 +49,11 @@ from ..memory.seals import create_sealed_memfd
 from ..abi import virtio as V, virtio_net as N
 from ..abi.ethernet import parse_mac
 from ..abi.vfio import (
+    IRQ_INFO_AUTOMASKED,
     IRQ_INFO_EVENTFD,
+    IRQ_INFO_MASKABLE,
     IRQ_INFO_NORESIZE,
+    PCI_INTX_IRQ_INDEX,
     PCI_CONFIG_REGION_INDEX,
     PCI_MSIX_IRQ_INDEX,
     PCI_NUM_IRQS,
@@ -62,6 +65,7 @@ from ..abi.vfio import (
     VFIO_DEVICE_FLAGS_RESET,
 )
 from ..abi.virtio import NO_VECTOR
+from ..abi.virtio_pci import ISR_QUEUE
 from . import pci_config as C
 from ._virtqueue import DeviceQueue
 from .dma import DmaMap
@@ -78,7 +82,8 @@ log = logging.getLogger("pmd.sim")
 class SimOptions:
     """What the device is: ``mac``, ``queue_pairs`` (max_virtqueue_pairs), ``queue_size``
     (the largest ring a queue accepts), ``mtu``, ``msix_vectors`` (default: config +
-    one per queue), ``features_off`` (names or a mask), ``link_up`` at power-on."""
+    one per queue; 0: no MSI-X capability, the device interrupts on INTx as QEMU's
+    ``vectors=0`` does), ``features_off`` (names or a mask), ``link_up`` at power-on."""
 
     mac: bytes = DEFAULT_MAC
     queue_pairs: int = 1
@@ -158,6 +163,15 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
         self._bar_fd = create_sealed_memfd(f"{name}-bar0", C.BAR0_SIZE)
         self._bar = mmap.mmap(self._bar_fd, C.BAR0_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._irq_fds: list[int] = [-1] * self.msix_vectors
+        # Without MSI-X: INTx, level-triggered and masked when it fires, as VFIO does it
+        # (vfio_intx_handler): the line is up while ISR is not 0 (4.1.4.5).
+        self.intx = self.msix_vectors == 0
+        self.intx_interrupts = 0
+        self._intx_fd = -1              # the driver's eventfd (SET_IRQS on the INTx index)
+        self._intx_masked = False
+        self._intx_thread: threading.Thread | None = None
+        self._queue_irq = -1            # what the device queues signal; the INTx thread turns it into ISR bit 0
+        self._intx_stop = -1
         self._msix_table = bytearray(16 * self.msix_vectors)
         for v in range(self.msix_vectors):
             self._msix_table[16 * v + 12] = 1          # vector control: masked until programmed
@@ -172,6 +186,24 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
         self.engine.link_up = o.link_up
         self.wire.bind(self)
         self._reset_state()
+        if self.intx:
+            self._start_intx(name)
+
+    def _start_intx(self, name: str) -> None:
+        """The INTx thread and its two eventfds; nothing is left behind if one fails."""
+        try:
+            self._queue_irq = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._intx_stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            thread = threading.Thread(target=self._intx_loop, name=f"{name}-intx", daemon=True)
+            thread.start()
+        except BaseException:
+            for fd in (self._queue_irq, self._intx_stop):
+                if fd >= 0:
+                    os.close(fd)
+            self._queue_irq = self._intx_stop = -1
+            self.close()
+            raise
+        self._intx_thread = thread
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
@@ -304,15 +336,73 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
             raise ValueError(f"region {index} is not implemented (size 0)")
 
     def irq_info(self, index: int) -> tuple[int, int]:
-        if index == PCI_MSIX_IRQ_INDEX:
+        if index == PCI_MSIX_IRQ_INDEX and self.msix_vectors:
             return self.msix_vectors, IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE
-        return 0, 0                 # no INTx pin (like the real device), no MSI
+        if index == PCI_INTX_IRQ_INDEX and self.intx:
+            return 1, IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED
+        return 0, 0                 # no INTx pin when there is MSI-X (like the real device), no MSI
+
+    # ---- INTx (no MSI-X) ----
+    def _raise_intx_locked(self) -> None:
+        """The line is up while ISR is not 0; fire (and mask, as VFIO does) unless masked.
+        Caller holds _cfg_lock."""
+        if self.isr and not self._intx_masked and self._intx_fd >= 0:
+            self._intx_masked = True
+            self.intx_interrupts += 1
+            try:
+                os.eventfd_write(self._intx_fd, 1)
+            except OSError as e:
+                log.warning("%s: INTx on fd %d failed: %s", self.name, self._intx_fd, e)
+
+    def unmask_irq(self, index: int, start: int = 0, count: int = 1) -> None:
+        """VFIO_IRQ_SET_ACTION_UNMASK: INTx fires again at once if ISR is still not 0."""
+        if index != PCI_INTX_IRQ_INDEX or not self.intx or start != 0 or count != 1:
+            raise OSError(errno.EINVAL, f"IRQ index {index} {start}..{start + count - 1} cannot be unmasked "
+                                        "(only INTx 0, on a device without MSI-X)")
+        with self._cfg_lock:
+            self._intx_masked = False
+            self._raise_intx_locked()
+
+    def _intx_loop(self) -> None:
+        """A device queue interrupted (its eventfd is _queue_irq): set ISR bit 0, raise INTx."""
+        import select
+        poller = select.poll()
+        poller.register(self._queue_irq, select.POLLIN)
+        poller.register(self._intx_stop, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._intx_stop in ready:
+                return
+            try:
+                os.eventfd_read(self._queue_irq)
+            except BlockingIOError:
+                continue
+            with self._cfg_lock:
+                if self.status & V.STATUS_DRIVER_OK:
+                    self.isr |= ISR_QUEUE
+                    self._raise_intx_locked()
+
+    def _set_intx(self, fds: list[int] | None) -> None:
+        if fds is not None and len(fds) != 1:
+            raise OSError(errno.EINVAL, "INTx is one interrupt: give one eventfd")
+        with self._cfg_lock:
+            old, self._intx_fd = self._intx_fd, (fds[0] if fds else -1)
+            self._intx_masked = False
+        if old >= 0 and old != self._intx_fd:
+            with contextlib.suppress(OSError):
+                os.close(old)
 
     def set_irqs(self, index: int, start: int, fds: list[int] | None) -> None:
         with self._lock:
-            if index != PCI_MSIX_IRQ_INDEX:
+            if index == PCI_INTX_IRQ_INDEX and self.intx:
+                if fds is not None and start != 0:
+                    raise OSError(errno.EINVAL, "INTx has one interrupt, 0")
+                self._set_intx(fds)
+                return
+            if index != PCI_MSIX_IRQ_INDEX or not self.msix_vectors:
                 if fds:
-                    raise OSError(errno.EINVAL, f"IRQ index {index} has no interrupts (only MSI-X, index 2)")
+                    raise OSError(errno.EINVAL, f"IRQ index {index} has no interrupts "
+                                                f"(only {'INTx, index 0' if self.intx else 'MSI-X, index 2'})")
                 return
             if fds is not None and (start < 0 or start + len(fds) > self.msix_vectors):
                 raise OSError(errno.EINVAL, f"vectors {start}..{start + len(fds) - 1} outside the device's "
@@ -374,6 +464,7 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
                     with contextlib.suppress(OSError):
                         os.close(fd)
             self._irq_fds = [-1] * self.msix_vectors
+            self._set_intx(None)
             self.pci.reset()
             self._bar[C.NOTIFY_OFFSET:C.NOTIFY_OFFSET + C.NOTIFY_LENGTH] = bytes(C.NOTIFY_LENGTH)
 
@@ -409,6 +500,7 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
                 "refused_features": c.refused_features, "refused_driver_ok": c.refused_driver_ok,
                 "bad_ring_addresses": c.bad_ring_addresses, "bad_notifications": c.bad_notifications,
                 "notifications": c.notifications, "config_interrupts": c.config_interrupts,
+                "intx_interrupts": self.intx_interrupts,
                 "resets": c.resets, "dma_mappings": len(self.dma), "ignored_config_writes": self.pci.ignored_writes,
                 "needs_reset_reason": self.needs_reset_reason, "features_refusal": self.features_refusal,
             }
@@ -420,6 +512,12 @@ class VirtioNetModel(VirtioPciFunction, VirtioNetFunction):
                 return
             self.client_gone()
             self._closed = True
+            if self._intx_thread is not None:
+                os.eventfd_write(self._intx_stop, 1)
+                self._intx_thread.join(5)
+                os.close(self._intx_stop)
+                os.close(self._queue_irq)
+                self._intx_thread = None
             self.wire.close()
             self._bar.close()
             os.close(self._bar_fd)

@@ -42,6 +42,7 @@ from ..abi.pci import (
     PCI_COMMAND_MEMORY,
     PCI_COMMAND_PARITY,
     PCI_COMMAND_SERR,
+    PCI_INTERRUPT_PIN,
     PCI_MSIX_FLAGS_ENABLE,
     PCI_ROM_ADDRESS,
     PCI_STATUS,
@@ -132,8 +133,9 @@ class PciConfig:
     """
 
     def __init__(self, msix_vectors: int = 4) -> None:
-        if not 1 <= msix_vectors <= MSIX_MAX_VECTORS:
-            raise ValueError(f"MSI-X vectors must be 1 to {MSIX_MAX_VECTORS} (the table at BAR0+"
+        # 0: no MSI-X capability at all (QEMU's vectors=0); the device interrupts on INTA#.
+        if not 0 <= msix_vectors <= MSIX_MAX_VECTORS:
+            raise ValueError(f"MSI-X vectors must be 0 (none: INTx) to {MSIX_MAX_VECTORS} (the table at BAR0+"
                              f"{MSIX_TABLE_OFFSET:#x} must end before the PBA at {MSIX_PBA_OFFSET:#x})")
         self.msix_vectors = msix_vectors
         self.ignored_writes = 0
@@ -159,11 +161,15 @@ class PciConfig:
             (CAP_NOTIFY, _virtio_cap(VIRTIO_PCI_CAP_NOTIFY_CFG, CAP_PCI_CFG, NOTIFY_OFFSET, NOTIFY_LENGTH,
                                      cap_len=20, extra=struct.pack("<I", NOTIFY_OFF_MULTIPLIER))),
             # 4.1.4.9: bar/offset/length are written by the driver to pick what pci_cfg_data reaches.
-            (CAP_PCI_CFG, _virtio_cap(VIRTIO_PCI_CAP_PCI_CFG, CAP_MSIX, 0, 0, cap_len=20, extra=bytes(4))),
-            # 6.8.2: control = table size - 1; table and PBA offsets with BIR 0 in the low 3 bits.
-            (CAP_MSIX, struct.pack("<BBHII", PCI_CAP_ID_MSIX, 0, self.msix_vectors - 1,
-                                   MSIX_TABLE_OFFSET | 0, MSIX_PBA_OFFSET | 0)),
+            (CAP_PCI_CFG, _virtio_cap(VIRTIO_PCI_CAP_PCI_CFG, CAP_MSIX if self.msix_vectors else 0, 0, 0,
+                                      cap_len=20, extra=bytes(4))),
         ]
+        if self.msix_vectors:
+            # 6.8.2: control = table size - 1; table and PBA offsets with BIR 0 in the low 3 bits.
+            caps.append((CAP_MSIX, struct.pack("<BBHII", PCI_CAP_ID_MSIX, 0, self.msix_vectors - 1,
+                                               MSIX_TABLE_OFFSET | 0, MSIX_PBA_OFFSET | 0)))
+        else:
+            d[PCI_INTERRUPT_PIN] = 1            # INTA#: the only interrupt left
         for pos, body in caps:
             d[pos:pos + len(body)] = body
         m = self._wmask
@@ -185,6 +191,8 @@ class PciConfig:
 
     def set_msix_enabled(self, on: bool) -> None:
         """The MSI-X enable bit shows whether the driver gave the device its vectors (SET_IRQS)."""
+        if not self.msix_vectors:
+            return
         control = (self.msix_vectors - 1) | (PCI_MSIX_FLAGS_ENABLE if on else 0)
         struct.pack_into("<H", self._data, MSIX_CONTROL, control)
 

@@ -84,11 +84,13 @@ from ..memory.seals import require_sealed
 from ..abi import vfio_user as p
 from ..abi.vfio import (
     IRQ_INFO_EVENTFD,
+    IRQ_INFO_MASKABLE,
     REGION_INFO_FLAG_MMAP,
     REGION_INFO_FLAG_READ,
     REGION_INFO_FLAG_WRITE,
     VFIO_DEVICE_FLAGS_RESET,
     VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_ACTION_UNMASK,
     VFIO_IRQ_SET_DATA_EVENTFD,
     VFIO_IRQ_SET_DATA_NONE,
     SparseArea,
@@ -703,6 +705,14 @@ class VfioUserServer:
                 raise _request_error("disabling an IRQ index takes start 0, count 0 and no file descriptors")
             self.model.set_irqs(req.index, 0, None)
             session.irqs.discard(req.index)
+            return
+        if req.action == VFIO_IRQ_SET_ACTION_UNMASK and req.data_type == VFIO_IRQ_SET_DATA_NONE:
+            unmask = getattr(self.model, "unmask_irq", None)
+            if unmask is None or not irq_flags & IRQ_INFO_MASKABLE:
+                raise _request_error(f"IRQ index {req.index} is not maskable: nothing to unmask", errno.ENOTSUP)
+            if msg.fds:
+                raise _request_error("an unmask request carries no file descriptors")
+            unmask(req.index, req.start, req.count)
             return
         if req.action != VFIO_IRQ_SET_ACTION_TRIGGER or req.data_type != VFIO_IRQ_SET_DATA_EVENTFD:
             raise _request_error(

@@ -105,6 +105,9 @@ class VirtioPciFunction:
     engine: Engine
     _cfg_lock: threading.Lock
     _irq_fds: list[int]
+    intx: bool
+    _queue_irq: int
+    _raise_intx_locked: Callable[[], None]
     _msix_table: bytearray
     _bar: mmap.mmap
     # and its hooks (the model's, and virtio-net's: pmd.sim.net)
@@ -124,6 +127,10 @@ class VirtioPciFunction:
             if not self.status & V.STATUS_DRIVER_OK:
                 return
             self.isr |= ISR_CONFIG
+            if self.intx:                    # no MSI-X: the line, the cause in ISR
+                self.counters.config_interrupts += 1
+                self._raise_intx_locked()
+                return
             vector = self.config_msix_vector
             fd = self._irq_fds[vector] if vector < len(self._irq_fds) else -1
             self.counters.config_interrupts += 1
@@ -312,8 +319,12 @@ class VirtioPciFunction:
             self._rewire_queue_vectors()
 
     def _rewire_queue_vectors(self) -> None:
-        """Give each device queue the eventfd of its MSI-X vector (only while the engine is stopped)."""
+        """Give each device queue the eventfd of its MSI-X vector (only while the engine is stopped).
+        Without MSI-X every queue signals the INTx thread, which sets ISR bit 0 (4.1.4.5)."""
         for index, dq in self.device_queues.items():
+            if self.intx:
+                dq.set_interrupt_eventfd(self._queue_irq)
+                continue
             vector = self.queues[index].msix_vector
             fd = self._irq_fds[vector] if vector < len(self._irq_fds) else -1
             dq.set_interrupt_eventfd(fd)

@@ -13,7 +13,9 @@ QEMU guest under TCG (see ``docs/qemu.md`` and ``shared/QEMU-VFIO.md``):
   IOMMU and is bound to ``vfio-pci`` before the command runs
   (``PMD_VFIO_DEVICE``); optionally a transitional device with the legacy
   interface at ``0000:00:04.0`` (``PMD_VFIO_LEGACY_DEVICE``) and a NIC driven by
-  the guest kernel at ``0000:00:05.0`` (``PMD_VM_KNIC``, for checking the wire);
+  the guest kernel at ``0000:00:05.0`` (``PMD_VM_KNIC``, for checking the wire),
+  and a modern device without MSI-X (``vectors=0``: it interrupts on INTx) at
+  ``0000:00:06.0`` (``PMD_VFIO_INTX_DEVICE``);
 * a host-side agent in this process answers requests that the guest sends over
   a virtio-serial port (``tests/vm/guest.py``): ``set_link`` and any QMP
   command, and frames sent or received on the devices' ``-netdev dgram`` wires.
@@ -74,6 +76,12 @@ MODULES = (
 MODERN_BDF = "0000:00:03.0"      # virtio-net-pci, modern only, iommu_platform=on
 LEGACY_BDF = "0000:00:04.0"      # transitional virtio-net-pci (legacy I/O BAR0)
 KNIC_BDF = "0000:00:05.0"        # virtio-net-pci driven by the guest kernel
+INTX_BDF = "0000:00:06.0"        # virtio-net-pci without MSI-X (vectors=0): INTx only
+NOIOMMU_BDF = "0000:00:07.0"     # virtio-net-pci in a guest without vIOMMU (no-IOMMU mode)
+
+#: Where no-IOMMU mode's vfio.ko is built from (Debian's linux-source-6.1 and the
+#: guest kernel's headers, both installed by setup.sh).
+KERNEL_SOURCE = Path(os.environ.get("PMD_VM_KERNEL_SOURCE", "/usr/src/linux-source-6.1.tar.xz"))
 HOSTROOT_ADDR, RESULTS_ADDR, SERIAL_ADDR = "08.0", "09.0", "0a.0"
 
 #: The guest's networks: name -> (QEMU device id, netdev id, host socket, guest socket, MAC)
@@ -81,6 +89,8 @@ NETS = {
     "modern": ("pmd0", "n0", "host.sock", "guest.sock", "52:54:00:12:34:51"),
     "legacy": ("pmd1", "n1", "host-legacy.sock", "guest-legacy.sock", "52:54:00:12:34:52"),
     "knic": ("knic0", "nk", "host-knic.sock", "guest-knic.sock", "52:54:00:12:34:53"),
+    "intx": ("pmd2", "n2", "host-intx.sock", "guest-intx.sock", "52:54:00:12:34:54"),
+    "noiommu": ("pmd3", "n3", "host-noiommu.sock", "guest-noiommu.sock", "52:54:00:12:34:55"),
 }
 
 PORT_NAME = "pmd.host"           # /dev/virtio-ports/pmd.host in the guest
@@ -231,13 +241,99 @@ def _cpio_newc(entries) -> bytes:
     return bytes(out)
 
 
-def build_initramfs(kver: Optional[str] = None, *, force: bool = False) -> Path:
-    """Build (or reuse from the cache) the guest's initramfs; returns its path."""
+def _kernel_headers(kver: str) -> Path:
+    return Path(f"/usr/src/linux-headers-{kver}")
+
+
+def noiommu_available(kver: Optional[str] = None) -> tuple[bool, str]:
+    """Whether no-IOMMU mode's vfio.ko can be built here, and if not, why."""
+    try:
+        kver = kver or find_kernel()[0]
+    except HarnessError as e:
+        return False, str(e)
+    if not KERNEL_SOURCE.is_file():
+        return False, (f"{KERNEL_SOURCE} not found: no-IOMMU mode needs vfio.ko rebuilt with "
+                       "CONFIG_VFIO_NOIOMMU (run `sh tests/vm/setup.sh`, which installs linux-source-6.1)")
+    if not (_kernel_headers(kver) / "Makefile").is_file():
+        return False, (f"{_kernel_headers(kver)} not found: the guest kernel's headers build the "
+                       "no-IOMMU vfio.ko (run `sh tests/vm/setup.sh`, which installs linux-headers-amd64)")
+    for tool in ("make", "tar"):
+        if shutil.which(tool) is None:
+            return False, f"{tool} not found: needed to build the no-IOMMU vfio.ko"
+    return True, "linux-source-6.1 and the guest kernel's headers are present"
+
+
+def build_noiommu_vfio(kver: Optional[str] = None) -> Path:
+    """``vfio.ko`` of the guest kernel rebuilt with ``CONFIG_VFIO_NOIOMMU`` (Debian's stock
+    kernel compiles no-IOMMU mode out), cached in the cache directory.
+
+    Only ``drivers/vfio``'s core (vfio_main, container, iova_bitmap) is taken out of the
+    kernel source and built as an external module against the guest kernel's headers,
+    so the symbol versions match the stock vfio_pci and vfio_iommu_type1: about 15 s
+    the first time, nothing afterwards.
+    """
+    kver = kver or find_kernel()[0]
+    ok, why = noiommu_available(kver)
+    if not ok:
+        raise HarnessError(why)
+    headers = _kernel_headers(kver)
+    st = KERNEL_SOURCE.stat()
+    h = hashlib.sha256(f"{kver}:{st.st_size}:{st.st_mtime_ns}:{(headers / 'Module.symvers').stat().st_mtime_ns}"
+                       .encode() + _NOIOMMU_KBUILD.encode())
+    out = CACHE_DIR / f"noiommu-{kver}-{h.hexdigest()[:16]}" / "vfio.ko"
+    if out.is_file():
+        return out
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="noiommu-build-", dir=CACHE_DIR))
+    try:
+        top = "linux-source-6.1"
+        files = [f"{top}/drivers/vfio/{n}" for n in ("vfio_main.c", "container.c", "iova_bitmap.c", "vfio.h")]
+        r = subprocess.run(["tar", "-xJf", str(KERNEL_SOURCE), "-C", str(work), *files],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise HarnessError(f"extracting drivers/vfio from {KERNEL_SOURCE} failed: {r.stderr.strip()}")
+        src = work / top / "drivers" / "vfio"
+        (src / "Kbuild").write_text(_NOIOMMU_KBUILD)
+        r = subprocess.run(["make", "-s", "-C", str(headers), f"M={src}", "modules"],
+                           capture_output=True, text=True)
+        if r.returncode != 0 or not (src / "vfio.ko").is_file():
+            raise HarnessError(f"building the no-IOMMU vfio.ko failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+        subprocess.run(["strip", "--strip-debug", str(src / "vfio.ko")], capture_output=True)
+        info = subprocess.run(["modinfo", "-F", "vermagic", str(src / "vfio.ko")], capture_output=True, text=True)
+        if not info.stdout.startswith(kver + " "):
+            raise HarnessError(f"the no-IOMMU vfio.ko is for {info.stdout.strip()!r}, not the guest kernel "
+                               f"{kver}: linux-source-6.1 and the kernel image are different versions")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(src / "vfio.ko", tmp)
+        os.replace(tmp, out)
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# CONFIG_VFIO_NOIOMMU is off in the kernel's autoconf.h: defined for this module only
+# (the code tests it with #ifdef and IS_ENABLED; the other vfio modules do not).
+_NOIOMMU_KBUILD = ("obj-m := vfio.o\nvfio-y := vfio_main.o iova_bitmap.o container.o\n"
+                   "ccflags-y := -DCONFIG_VFIO_NOIOMMU=1\n")
+
+
+def build_initramfs(kver: Optional[str] = None, *, force: bool = False,
+                    replace: Optional[dict] = None) -> Path:
+    """Build (or reuse from the cache) the guest's initramfs; returns its path.
+
+    ``replace``: module name -> a file to pack instead of the kernel's own (no-IOMMU
+    mode's vfio.ko)."""
     if kver is None:
         kver = find_kernel()[0]
     if not os.access(BUSYBOX, os.X_OK):
         raise HarnessError(f"{BUSYBOX} not found (run `sh tests/vm/setup.sh`)")
     mods = resolve_modules(kver)
+    for name, path in (replace or {}).items():
+        hits = [i for i, m in enumerate(mods) if m.name.split(".")[0].replace("-", "_") == name]
+        if not hits:
+            raise HarnessError(f"module {name} is not in the guest's module list")
+        mods[hits[0]] = Path(path)
     init = INIT_SH.read_bytes()
     busybox = Path(BUSYBOX).read_bytes()
     h = hashlib.sha256(init + busybox)
@@ -621,21 +717,29 @@ def _guest_env(env: Optional[dict], nets: dict) -> dict:
         out["PMD_VFIO_LEGACY_DEVICE"] = LEGACY_BDF
     if "knic" in nets:
         out["PMD_VM_KNIC"] = KNIC_BDF
+    if "intx" in nets:
+        out["PMD_VFIO_INTX_DEVICE"] = INTX_BDF
+    if "noiommu" in nets:
+        out["PMD_VFIO_NOIOMMU_DEVICE"] = NOIOMMU_BDF
+    if "modern" not in nets:
+        del out["PMD_VFIO_DEVICE"]
     if env:
         out.update({k: str(v) for k, v in env.items()})
     return out
 
 
 def _qemu_argv(kernel: Path, initrd: Path, run: Path, nets: dict, memory: int,
-               smp: int, hugepages: int, aw_bits: int = 39) -> list[str]:
-    append = "console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=4"
+               smp: int, hugepages: int, aw_bits: int = 39, noiommu: bool = False) -> list[str]:
+    # noiommu: no vIOMMU at all, so the devices have no IOMMU group and vfio-pci puts
+    # them in no-IOMMU groups; DMA addresses are guest-physical.
+    append = "console=ttyS0 " + ("" if noiommu else "intel_iommu=on ") + "panic=-1 quiet loglevel=4"
+    iommu = [] if noiommu else [
+        "-device", "intel-iommu,intremap=on,caching-mode=on" + ("" if aw_bits == 39 else f",aw-bits={int(aw_bits)}")]
     argv = [
         _which_qemu() or QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max",
         "-smp", str(smp), "-m", str(memory),
-        "-machine", "q35,kernel-irqchip=split",
-        "-device", "intel-iommu,intremap=on,caching-mode=on"
-                   + ("" if aw_bits == 39 else f",aw-bits={int(aw_bits)}"),
+        "-machine", "q35,kernel-irqchip=split", *iommu,
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         "-serial", f"file:{run / 'console.log'}",
         "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
@@ -647,7 +751,8 @@ def _qemu_argv(kernel: Path, initrd: Path, run: Path, nets: dict, memory: int,
         "-device", f"virtio-serial-pci,id=vser0,addr={SERIAL_ADDR}",
         "-device", f"virtserialport,bus=vser0.0,chardev=pmdhost,name={PORT_NAME}",
     ]
-    addrs = {"modern": MODERN_BDF, "legacy": LEGACY_BDF, "knic": KNIC_BDF}
+    addrs = {"modern": MODERN_BDF, "legacy": LEGACY_BDF, "knic": KNIC_BDF, "intx": INTX_BDF,
+             "noiommu": NOIOMMU_BDF}
     for name, (dev, netdev, host, guest, mac) in nets.items():
         argv += ["-netdev", f"dgram,id={netdev},local.type=unix,local.path={run / guest},"
                             f"remote.type=unix,remote.path={run / host}"]
@@ -662,6 +767,13 @@ def _qemu_argv(kernel: Path, initrd: Path, run: Path, nets: dict, memory: int,
             # iommu_platform=on with a legacy interface, so this device's DMA bypasses
             # the vIOMMU: its addresses are guest-physical (see docs/qemu.md).
             opts += ",disable-legacy=off,disable-modern=off"
+        elif name == "intx":
+            # No MSI-X capability (vectors=0) and no MSI (QEMU's virtio has none): the
+            # device interrupts on its INTx pin, the cause in ISR (4.1.4.5).
+            opts += ",disable-legacy=on,iommu_platform=on,vectors=0"
+        elif name == "noiommu":
+            # Modern, without ACCESS_PLATFORM: there is no IOMMU to go through.
+            opts += ",disable-legacy=on"
         argv += ["-device", opts]
     return argv
 
@@ -698,7 +810,8 @@ def _kept_dirs(cwd: str, env: dict) -> list:
 
 def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: bool = False,
                  env: Optional[dict] = None, cwd: Optional[Union[str, Path]] = None,
-                 kernel_nic: bool = False, stream: Optional[Union[TextIO, Callable]] = None,
+                 kernel_nic: bool = False, intx: bool = False, noiommu: bool = False,
+                 stream: Optional[Union[TextIO, Callable]] = None,
                  memory: int = 1024, smp: int = 2, hugepages: int = 0, aw_bits: int = 39,
                  keep: Optional[bool] = None) -> GuestResult:
     """Boot a guest, run ``command`` in it, return its exit status and output.
@@ -708,7 +821,11 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
     to vfio-pci), ``env`` added, and a leading ``python``/``python3`` replaced by
     this interpreter (``sys.executable``).  ``legacy`` adds the transitional device
     (``PMD_VFIO_LEGACY_DEVICE``), ``kernel_nic`` a NIC driven by the guest kernel
-    (``PMD_VM_KNIC``, its interface name in ``PMD_VM_KNIC_IFNAME``).  ``stream``
+    (``PMD_VM_KNIC``, its interface name in ``PMD_VM_KNIC_IFNAME``), ``intx`` a device
+    without MSI-X bound to vfio-pci (``PMD_VFIO_INTX_DEVICE``).  ``noiommu`` boots with
+    no vIOMMU and a vfio.ko rebuilt with CONFIG_VFIO_NOIOMMU (:func:`build_noiommu_vfio`),
+    in no-IOMMU mode, with one device at 0000:00:07.0 (``PMD_VFIO_NOIOMMU_DEVICE``) and
+    none of the others.  ``stream``
     receives the output as it arrives (a file or a callable taking a str).
 
     ``timeout`` is a hard limit for everything (boot included): QEMU is then killed
@@ -724,27 +841,32 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
     if _which_qemu() is None:
         raise HarnessError(f"{QEMU} not found: run `sh tests/vm/setup.sh` (installs qemu-system-x86)")
     kver, kernel = find_kernel()
-    initrd = build_initramfs(kver)
+    initrd = build_initramfs(kver, replace={"vfio": build_noiommu_vfio(kver)} if noiommu else None)
     t_initrd = time.monotonic()
     if keep is None:
         keep = bool(os.environ.get("PMD_VM_KEEP"))
     cwd = str(Path(cwd).resolve()) if cwd else str(CHECKOUT)
 
-    nets = {"modern": NETS["modern"]}
+    nets = {"noiommu": NETS["noiommu"]} if noiommu else {"modern": NETS["modern"]}
+    if noiommu and (legacy or intx):
+        raise ValueError("noiommu boots without a vIOMMU: the other devices need one")
     if legacy:
         nets["legacy"] = NETS["legacy"]
     if kernel_nic:
         nets["knic"] = NETS["knic"]
+    if intx:
+        nets["intx"] = NETS["intx"]
 
     run = Path(tempfile.mkdtemp(prefix="pmd-vm-"))
     share = run / "share"
     share.mkdir()
     genv = _guest_env(env, nets)
-    bind = [MODERN_BDF] + ([LEGACY_BDF] if legacy else [])
+    bind = [NOIOMMU_BDF] if noiommu else [MODERN_BDF] + ([LEGACY_BDF] if legacy else []) + ([INTX_BDF] if intx else [])
     (share / "guest.conf").write_text(
         f"PMD_BIND={shlex.quote(' '.join(bind))}\n"
         f"PMD_KNIC={shlex.quote(KNIC_BDF if kernel_nic else '')}\n"
         f"PMD_HUGEPAGES={int(hugepages)}\n"
+        f"PMD_NOIOMMU={1 if noiommu else 0}\n"
         f"PMD_KEEP={shlex.quote(' '.join(_kept_dirs(cwd, genv)))}\n")
     lines = ["#!/bin/sh", "# written by tests/vm/harness.py; runs chrooted in the guest"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(genv.items())]
@@ -787,7 +909,7 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
                 stream.flush()
 
     try:
-        argv = _qemu_argv(kernel, initrd, run, nets, memory, smp, hugepages, aw_bits)
+        argv = _qemu_argv(kernel, initrd, run, nets, memory, smp, hugepages, aw_bits, noiommu)
         (run / "qemu.argv").write_text(shlex.join(argv) + "\n")
         qlog = open(run / "qemu.log", "wb")
         t_start = time.monotonic()
@@ -867,6 +989,9 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--timeout", type=float, default=600, help="hard limit in seconds (default 600)")
     p.add_argument("--legacy", action="store_true", help="add a transitional device at 0000:00:04.0")
     p.add_argument("--kernel-nic", action="store_true", help="add a kernel-driven NIC at 0000:00:05.0")
+    p.add_argument("--intx", action="store_true", help="add a device without MSI-X (INTx) at 0000:00:06.0")
+    p.add_argument("--noiommu", action="store_true",
+                   help="no vIOMMU: vfio in no-IOMMU mode (rebuilt vfio.ko), one device at 0000:00:07.0")
     p.add_argument("--hugepages", type=int, default=0, help="2 MiB hugepages to reserve in the guest")
     p.add_argument("--aw-bits", type=int, default=39, choices=(39, 48),
                    help="address width of the emulated IOMMU (48 lets IOVA = user virtual address)")
@@ -896,7 +1021,8 @@ def main(argv: Optional[list] = None) -> int:
             print(f"harness: cannot run the guest: {why}", file=sys.stderr)
             return 2
         env = dict(kv.split("=", 1) for kv in a.env)
-        r = run_in_guest(a.command, timeout=a.timeout, legacy=a.legacy, kernel_nic=a.kernel_nic,
+        r = run_in_guest(a.command, timeout=a.timeout, legacy=a.legacy, kernel_nic=a.kernel_nic, intx=a.intx,
+                         noiommu=a.noiommu,
                          env=env, cwd=a.cwd, stream=sys.stdout, hugepages=a.hugepages,
                          aw_bits=a.aw_bits,
                          keep=a.keep or None)

@@ -46,6 +46,7 @@ PMD_BIND=""
 PMD_KNIC=""
 PMD_HUGEPAGES=0
 PMD_KEEP=""
+PMD_NOIOMMU=0
 . /share/guest.conf
 
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /lower \
@@ -54,6 +55,16 @@ mount -t tmpfs -o mode=0755 tmpfs /rw || fatal "mount tmpfs"
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \
     || fatal "mount overlay"
+
+# No-IOMMU mode (a vfio.ko rebuilt with CONFIG_VFIO_NOIOMMU, no vIOMMU): before
+# binding, so that vfio-pci puts each device without an IOMMU group in a
+# /dev/vfio/noiommu-N group of its own.
+if [ "$PMD_NOIOMMU" = 1 ]; then
+    p=/sys/module/vfio/parameters/enable_unsafe_noiommu_mode
+    [ -e "$p" ] || fatal "vfio has no enable_unsafe_noiommu_mode (not the rebuilt vfio.ko?)"
+    echo Y > "$p" || fatal "enable_unsafe_noiommu_mode"
+    log "vfio: no-IOMMU mode on"
+fi
 
 # Bind the devices for pmd to vfio-pci (QEMU-VFIO.md): unbind, override, probe.
 for bdf in $PMD_BIND; do

@@ -8,7 +8,11 @@
 set -eu
 
 # pciutils: lspci, whose -vv output tests/test_cli.py compares with what pmd parses, in the guest
-PACKAGES="qemu-system-x86 qemu-utils linux-image-amd64 busybox-static kmod cpio pciutils"
+# linux-source-6.1, linux-headers-amd64, make, xz-utils: the guest's vfio.ko rebuilt with
+# CONFIG_VFIO_NOIOMMU for the no-IOMMU tests (tests/vm/harness.py build_noiommu_vfio;
+# Debian's kernel compiles that mode out); the headers match linux-image-amd64's kernel
+PACKAGES="qemu-system-x86 qemu-utils linux-image-amd64 busybox-static kmod cpio pciutils
+linux-source-6.1 linux-headers-amd64 make xz-utils"
 
 say() { [ -n "${PMD_VM_SETUP_QUIET:-}" ] || echo "tests/vm/setup.sh: $*" >&2; }
 

@@ -156,8 +156,9 @@ class LegacyTransport(PciTransport):
     def set_interrupts(self, fds: Sequence[int]) -> None:
         super().set_interrupts(fds)
         # 4.1.4.8: with MSI-X enabled the vector registers appear at 20 and 22 and the
-        # device configuration moves from 20 to 24.
-        self.msix = True
+        # device configuration moves from 20 to 24. Not with MSI or INTx: the
+        # vector registers do not exist then and the configuration stays at 20.
+        self.msix = self.interrupt_mode() == "msix"
 
     def disable_interrupts(self) -> None:
         super().disable_interrupts()

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
 GENERATION_RETRIES = 64
 
+# What read_isr() returns, whatever the transport: PCI's ISR status (4.1.4.5) and
+# MMIO's InterruptStatus (4.2.2) have the same two bits.
+ISR_QUEUE = 1 << 0      # a used buffer notification
+ISR_CONFIG = 1 << 1     # a configuration change
+
 
 class Transport(abc.ABC):
     """One virtio device, as a driver sees it through its transport.
@@ -155,8 +160,21 @@ class Transport(abc.ABC):
 
     # ---- interrupt vectors (4.1.5.1.2: queues may share one; one for configuration changes) ----
     def interrupt_vectors(self) -> int:
-        """How many interrupt vectors the device can signal; 0: none (the driver polls)."""
+        """How many interrupt vectors the device can signal; 0: none (the driver polls).
+        In the "msi" and "intx" modes: 1, the one interrupt everything shares."""
         return 0
+
+    def interrupt_mode(self) -> str:
+        """How the device interrupts: "msix" (a vector per source, routed through the
+        config and queue vector registers, 4.1.5.1.2), "msi" or "intx" (one interrupt
+        for every source; the cause is in the ISR status, 4.1.4.5, and the vector
+        registers are left at VIRTIO_MSI_NO_VECTOR), or "none" (the driver polls).
+        A transport with per-source eventfds of its own says what it uses."""
+        return "msix" if self.interrupt_vectors() else "none"
+
+    def unmask_interrupt(self) -> None:
+        """Re-arm a level-triggered interrupt (INTx: VFIO masks the line when it fires)
+        after the ISR status was read; nothing to do in the other modes."""
 
     def set_interrupts(self, fds: Sequence[int]) -> None:
         """Signal vector ``i`` on the eventfd ``fds[i]``."""
@@ -204,4 +222,4 @@ def check_queue_size(index: int, size: int, maximum: int) -> None:
         raise ValueError(f"queue size must be a power of two, got {size}")
 
 
-__all__ = ["Transport", "GENERATION_RETRIES", "check_queue_size"]
+__all__ = ["Transport", "GENERATION_RETRIES", "ISR_CONFIG", "ISR_QUEUE", "check_queue_size"]

@@ -296,6 +296,10 @@ class VhostUserTransport(Transport):
         # serves no back-end requests
         return 1 + self.num_queues()
 
+    def interrupt_mode(self) -> str:
+        # not PCI: each ring has a call eventfd of its own, as a vector of MSI-X would
+        return "callfd"
+
     def set_interrupts(self, fds: Sequence[int]) -> None:
         with self._lock:
             self._vectors = list(fds)
