@@ -4,12 +4,13 @@ public class, function, method and property it lists has a docstring."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from .scriptload import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "api_reference.py"
@@ -18,11 +19,7 @@ PAGE = ROOT / "docs" / "api.md"
 
 @pytest.fixture(scope="module")
 def api() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("api_reference", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("api_reference", SCRIPT)
 
 
 def test_docs_api_md_is_what_the_script_writes(api: ModuleType) -> None:

@@ -19,6 +19,8 @@ from types import ModuleType
 
 import pytest
 
+from .scriptload import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "plots.py"
 
@@ -38,11 +40,7 @@ round trip: median 123 ns, 36 of 36 samples fast; took 295.2 s
 
 @pytest.fixture(scope="module")
 def plots() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_plots", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_plots", SCRIPT)
 
 
 def check_png(path: Path) -> tuple[int, int]:
