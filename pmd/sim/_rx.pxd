@@ -43,7 +43,13 @@ cdef inline int deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t 
     if rx.in_len >= hdr_len + pkt:
         if pmd_likely(rx.nsegs == 1):
             # The common case: one buffer; header then data, no segment walk.
-            memcpy(rx.segs[0].ptr, &hdr, hdr_len)
+            # a constant size is two or three stores; memcpy(hdr_len) is a byte loop
+            if hdr_len == 12:
+                memcpy(rx.segs[0].ptr, &hdr, 12)
+            elif hdr_len == 20:
+                memcpy(rx.segs[0].ptr, &hdr, 20)
+            else:
+                memcpy(rx.segs[0].ptr, &hdr, hdr_len)
             memmove(rx.segs[0].ptr + hdr_len, src, pkt)   # src may be a tx buffer that overlaps
         else:
             rx.write_in(0, <const char *>&hdr, hdr_len)
