@@ -23,14 +23,20 @@ cdef class DmaWindows:
     cdef readonly uint64_t generation  # bumped when a window goes: popped chains are stale
 
     cdef inline char *translate(self, uint64_t iova, uint64_t length) noexcept nogil:
-        """Local address of [iova, iova+length), or NULL unless one window holds all of it."""
+        """Local address of [iova, iova+length), or NULL unless one window holds all of it.
+
+        ``off`` wraps past every size when ``iova`` is below the window (add() refuses
+        a window that reaches 2**64), so one comparison checks both ends; with no
+        window, ``win[0]`` is all zero (remove()) and holds nothing."""
         cdef int i
         cdef Window *w = &self.win[self.last]
-        if self.n and iova >= w.iova and iova - w.iova <= w.size and length <= w.size - (iova - w.iova):
-            return w.local + (iova - w.iova)
+        cdef uint64_t off = iova - w.iova
+        if off <= w.size and length <= w.size - off:
+            return w.local + off
         for i in range(self.n):
             w = &self.win[i]
-            if iova >= w.iova and iova - w.iova <= w.size and length <= w.size - (iova - w.iova):
+            off = iova - w.iova
+            if off <= w.size and length <= w.size - off:
                 self.last = i
-                return w.local + (iova - w.iova)
+                return w.local + off
         return NULL

@@ -56,6 +56,9 @@ cdef class DmaWindows:
                 self.owners[i] = self.owners[self.n - 1]
                 self.owners.pop()
                 self.n -= 1
+                self.win[self.n].iova = 0       # translate() may look at win[0] with n == 0
+                self.win[self.n].size = 0
+                self.win[self.n].local = NULL
                 self.last = 0
                 self.generation += 1
                 if isinstance(owner, DmaMemory):
