@@ -179,6 +179,9 @@ PMD_ALWAYS_INLINE int vring_need_event(uint16_t event_idx, uint16_t new_idx, uin
  */
 #define VIRTQ_DESC_F_AVAIL   (1u << 7)    /* 2.8.1: available when == driver wrap counter */
 #define VIRTQ_DESC_F_USED    (1u << 15)   /* 2.8.1: used when AVAIL == USED == device wrap counter */
+/* Both bits: on a lap with wrap counter 1 an available descriptor has AVAIL only and a
+ * used one both, with 0 USED only and neither. Flipping both moves to the next lap. */
+#define PVIRTQ_AVAIL_USED    (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)
 
 #define RING_EVENT_FLAGS_ENABLE  0x0      /* 2.8.10: notify on every change */
 #define RING_EVENT_FLAGS_DISABLE 0x1      /* never notify */

@@ -725,6 +725,32 @@ def test_tx_to_rx_moves_packets_between_rings(memory, rx_packed):
     tx.dq.close()
 
 
+def test_tx_chains_given_back_across_the_ring_end_are_moved_byte_exactly_later(memory):
+    """Back-pressure on multi-descriptor chains that wrap: unpop steps back over the
+    chain's descriptors and flips the wrap counter back (2.8.1, 2.8.6)."""
+    from pmd.sim._tx import tx_to_rx
+    tx = PackedDriver(memory, 8)
+    rx = PackedDriver(memory, 16, windows=tx.windows)
+    sent = []
+    for lap in range(4):                                 # 3-descriptor chains over 8 slots
+        payload = [bytes([lap]) * 5, bytes([lap + 100]) * (7 + lap)]
+        tx.add([bytes(HDR)] + payload)
+        tx.add([bytes(HDR), bytes([lap + 50]) * 3, bytes([lap + 60]) * 2])
+        sent += [b"".join(payload), bytes([lap + 50]) * 3 + bytes([lap + 60]) * 2]
+        # no rx buffer: both chains, the second across the ring end on odd laps, go back
+        assert tx_to_rx(tx.dq, rx.dq) == 0 and tx.all_used() == []
+        assert tx_to_rx(tx.dq, rx.dq) == 0              # and are found again, unchanged
+        ids = [rx.add([], [256]) for _ in range(2)]
+        assert tx_to_rx(tx.dq, rx.dq) == 2
+        assert len(tx.all_used()) == 2
+        got = [rx.written(b, 0, ln)[HDR:] for b, ln, _ in rx.all_used()]
+        assert got == sent[-2:]
+        assert ids == sorted(ids)
+    assert tx.dq.n_dropped == 0 and not tx.dq.broken
+    rx.dq.close()
+    tx.dq.close()
+
+
 # ====================================================================== the device offers RING_PACKED (6)
 
 def test_the_device_offers_ring_packed_and_it_can_be_turned_off():

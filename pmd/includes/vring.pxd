@@ -61,6 +61,7 @@ cdef extern from "pmd_vring.h" nogil:
     enum:
         VIRTQ_DESC_F_AVAIL
         VIRTQ_DESC_F_USED
+        PVIRTQ_AVAIL_USED
         RING_EVENT_FLAGS_ENABLE
         RING_EVENT_FLAGS_DISABLE
         RING_EVENT_FLAGS_DESC

@@ -17,15 +17,22 @@ from pmd.sim._rx cimport check_hdr_len, deliver
 from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
 
 
+cdef bint _alloc(char **p, uint32_t n) noexcept nogil:
+    p[0] = <char *>malloc(n)
+    return p[0] != NULL
+
+
 cdef int tx_to_rx_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len,
-                        bint mergeable, char *scratch, uint32_t scratch_len) noexcept nogil:
+                        bint mergeable, char **scratch, uint32_t scratch_len) noexcept nogil:
     """Move up to ``budget`` packets from the driver's tx queue to its rx queue.
 
     Each tx chain is header + packet; the packet goes to the rx ring with a
     fresh header (deliver: over several buffers when ``mergeable``). No rx
     buffer: the tx chain is put back (back-pressure, nothing lost). A packet
     the rx buffers cannot hold is dropped and counted. A packet spread over
-    several tx descriptors is gathered into ``scratch`` first.
+    several tx descriptors is gathered into ``*scratch`` first, allocated
+    (``scratch_len`` bytes) on the first such packet: a burst of one-descriptor
+    packets never pays for it; without memory the packet is dropped and counted.
     """
     cdef int moved = 0, r
     cdef uint32_t pkt
@@ -43,9 +50,9 @@ cdef int tx_to_rx_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
         pkt = tx.out_len - hdr_len
         if pmd_likely(tx.nsegs == 1):
             src = tx.segs[0].ptr + hdr_len
-        elif pkt <= scratch_len:
-            tx.read_out(hdr_len, scratch, pkt)
-            src = scratch
+        elif pkt <= scratch_len and (scratch[0] != NULL or _alloc(scratch, scratch_len)):
+            tx.read_out(hdr_len, scratch[0], pkt)
+            src = scratch[0]
         else:
             tx.n_dropped += 1
             tx.push(tx.head, 0)
@@ -76,13 +83,11 @@ def tx_to_rx(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, u
     cdef int n
     tx.check()
     rx.check()
-    cdef char *scratch = <char *>malloc(GATHER_SCRATCH)
-    if scratch == NULL:
-        raise MemoryError()
+    cdef char *scratch = NULL
     tx.busy += 1        # checked above, nothing since let another thread in: see enter()
     rx.busy += 1
     with nogil:
-        n = tx_to_rx_burst(tx, rx, budget, hdr_len, mergeable, scratch, GATHER_SCRATCH)
+        n = tx_to_rx_burst(tx, rx, budget, hdr_len, mergeable, &scratch, GATHER_SCRATCH)
     rx.leave()
     tx.leave()
     free(scratch)

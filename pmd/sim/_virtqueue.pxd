@@ -11,7 +11,7 @@ from pmd.includes.barrier cimport pmd_virtio_rmb
 from pmd.includes.compiler cimport pmd_likely
 from pmd.includes.vring cimport (
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, pvirtq_desc, pvirtq_desc_is_avail,
-    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_event_suppress, vring, vring_desc, vring_load16, vring_load32,
+    PVIRTQ_AVAIL_USED, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_event_suppress, vring, vring_desc, vring_load16, vring_load32,
     vring_load64, vring_store16, vring_store32,
 )
 from pmd.sim._dma cimport DmaWindows
@@ -70,10 +70,10 @@ cdef class DeviceQueue:
     cdef pvirtq_event_suppress *device_event   # we write: the driver's notifications
     cdef uint16_t avail_pos          # next descriptor to read, with its wrap counter
     cdef bint avail_wrap
-    cdef uint16_t prev_avail_pos     # where the chain popped last began (unpop)
-    cdef bint prev_avail_wrap
+    cdef uint16_t avail_want         # AVAIL|USED bits of an available descriptor on this lap (2.8.1)
     cdef uint16_t used_pos           # next used descriptor to write, with its wrap counter
     cdef bint used_wrap
+    cdef uint16_t used_mark          # AVAIL|USED bits a used descriptor gets on this lap (2.8.1)
     cdef uint32_t signalled_pos      # pvirtq_position of used at the last interrupt decision
     cdef uint16_t *id_count          # per buffer id: descriptors in its chain, 0 = not in flight
     cdef uint16_t batch_first        # slot of the first used descriptor not yet published
@@ -145,6 +145,11 @@ cdef class DeviceQueue:
     # and the first split pop of a burst (which reads avail->idx), is the general path
     # of _virtqueue.pyx.
 
+    cdef inline void _flip_avail(self) noexcept nogil:
+        """The driver's ring wrapped: its wrap counter, and what an available descriptor looks like."""
+        self.avail_wrap = not self.avail_wrap
+        self.avail_want ^= PVIRTQ_AVAIL_USED
+
     cdef inline int _popped_one(self, char *p, uint32_t ln, uint16_t flags) noexcept nogil:
         """A chain of one descriptor (``p``, ``ln``, ``flags`` as read and checked) into
         ``segs``: what every pop path ends with for it. Returns 1 (popped)."""
@@ -178,7 +183,7 @@ cdef class DeviceQueue:
                 pos = self.avail_pos
                 pd = &self.pdesc[pos]
                 flags = vring_load16(&pd.flags)
-                if not pvirtq_desc_is_avail(flags, self.avail_wrap):
+                if (flags & PVIRTQ_AVAIL_USED) != self.avail_want:
                     return 0
                 # flags first, after the driver's write barrier (2.8.21.1): then the rest
                 pmd_virtio_rmb(self.weak_barriers)
@@ -190,12 +195,10 @@ cdef class DeviceQueue:
                     if ln != 0:
                         p = self.windows.translate(vring_load64(&pd.addr), ln)
                     if pmd_likely(head < self.size and self.id_count[head] == 0 and (p != NULL or ln == 0)):
-                        self.prev_avail_pos = pos
-                        self.prev_avail_wrap = self.avail_wrap
                         pos += 1
                         if pos == self.size:
                             pos = 0
-                            self.avail_wrap = not self.avail_wrap
+                            self._flip_avail()
                         self.avail_pos = pos
                         self.id_count[head] = 1
                         self.head = head
@@ -246,7 +249,7 @@ cdef class DeviceQueue:
         after all the others (2.8.9): the driver sees the batch whole or not at all.
         """
         cdef pvirtq_desc *d = &self.pdesc[self.used_pos]
-        cdef uint16_t flags = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
+        cdef uint16_t flags = self.used_mark
         if length:
             flags |= VRING_DESC_F_WRITE
         vring_store16(&d.id, id)
@@ -262,5 +265,6 @@ cdef class DeviceQueue:
         if pos >= self.size:
             pos -= self.size
             self.used_wrap = not self.used_wrap
+            self.used_mark ^= PVIRTQ_AVAIL_USED
         self.used_pos = <uint16_t>pos
 

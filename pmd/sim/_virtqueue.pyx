@@ -29,7 +29,7 @@ from pmd.includes.vring cimport (
     vring_load16, vring_load32, vring_load64, vring_need_event, vring_store16, vring_store32,
     vring_used_bytes, vring_used_event, vring_avail, vring_used,
     RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_MASK,
-    RING_EVENT_WRAP_SHIFT, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_desc, pvirtq_desc_bytes,
+    PVIRTQ_AVAIL_USED, RING_EVENT_WRAP_SHIFT, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_desc, pvirtq_desc_bytes,
     pvirtq_desc_is_avail, pvirtq_event_suppress, pvirtq_need_event, pvirtq_position, vring_copy_desc,
 )
 from pmd.sim._dma cimport DmaWindows
@@ -168,8 +168,10 @@ cdef class DeviceQueue:
         # keeps no index in memory: the device always starts at the beginning.
         self.avail_pos = 0
         self.avail_wrap = True
+        self.avail_want = VIRTQ_DESC_F_AVAIL
         self.used_pos = 0
         self.used_wrap = True
+        self.used_mark = PVIRTQ_AVAIL_USED
         self.signalled_pos = 0
         return 0
 
@@ -420,9 +422,15 @@ cdef class DeviceQueue:
 
     cdef void unpop(self) noexcept nogil:
         """Give the chain just popped back to the avail ring (no room to use it now)."""
+        cdef uint16_t n
         if self.packed:
-            self.avail_pos = self.prev_avail_pos
-            self.avail_wrap = self.prev_avail_wrap
+            # back over the chain's descriptors, counted at pop (2.8.6)
+            n = self.id_count[self.head]
+            if self.avail_pos < n:
+                self.avail_pos += <uint16_t>(self.size - n)
+                self._flip_avail()
+            else:
+                self.avail_pos -= n
             self.id_count[self.head] = 0
             self.n_popped -= 1
             self.nsegs = 0
@@ -655,14 +663,13 @@ cdef class DeviceQueue:
             d = &self.pdesc[pos]
         id = vring_load16(&d.id)
         # The chain is taken, whatever its id: the next one starts after it.
-        self.prev_avail_pos = self.avail_pos
-        self.prev_avail_wrap = self.avail_wrap
         pos += 1
         if pos == self.size:
             pos = 0
             wrap = not wrap
         self.avail_pos = pos
-        self.avail_wrap = wrap
+        if wrap != self.avail_wrap:
+            self._flip_avail()
         if pmd_unlikely(id >= self.size):
             self.nsegs = 0
             self._bad(BAD_ID)
