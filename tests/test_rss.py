@@ -638,3 +638,105 @@ def test_fwd_with_two_queues_and_several_flows_uses_both_queues(flows_n):
         per_queue = [p.rx_queue(q).stats()["packets"] for q in (0, 1)]
     assert summary.rx_packets > 0
     assert min(per_queue) > 0.2 * max(per_queue), per_queue
+
+
+# ---- QEMU's own RSS, in the guest (tests/vm/harness.py --rss) ----
+#
+# QEMU's virtio-net-pci with mq=on,rss=on,hash=on on a two-queue tap, bound to vfio-pci.
+# The tap's ingress is redirected to its egress, so what pmd sends on transmit queue 0
+# comes back through QEMU's receive path, where QEMU (not pmd) hashes and steers it.
+
+import os  # noqa: E402
+
+RSS_DEVICE = os.environ.get("PMD_VFIO_RSS_DEVICE")
+QEMU_WAIT = 30.0          # seconds for a burst to come back under TCG
+
+
+@pytest.mark.vfio
+@pytest.mark.skipif(not RSS_DEVICE, reason="PMD_VFIO_RSS_DEVICE is not set: runs in the QEMU guest "
+                    "(tests/vm/harness.py --rss: virtio-net-pci,rss=on,hash=on on a looped-back multi-queue tap)")
+class TestQemuRss:
+    """The driver against QEMU's RSS and hash report (Virtio 1.2 5.1.6.4.3, 5.1.6.5.7).
+
+    QEMU's ``_EX`` hash types take precedence over the plain ones in its choice, and pmd
+    does not compute them, so these tests enable the plain types only (:data:`ALL_TYPES`).
+    """
+
+    @pytest.fixture
+    def qport(self):
+        port = pmd.open_port(RSS_DEVICE)
+        try:
+            port.start(queue_pairs=2)
+            port.set_rss(hash_types=ALL_TYPES)
+            yield port
+        finally:
+            port.close()
+
+    @staticmethod
+    def ours(port, fl: list, *, zero_copy: bool = False) -> list:
+        """Send ``fl`` on queue 0 and take back what returns, only the frames we sent."""
+        send(port, [f.frame for f in fl])
+        sent = {f.frame for f in fl}
+        got = receive_all(port, len(fl), zero_copy=zero_copy, timeout=QEMU_WAIT)
+        return [g for g in got if g[1] in sent]
+
+    def test_qemu_offers_rss_and_hash_report_and_the_port_takes_them(self, qport):
+        assert qport.features & V.bit(N.NET_RSS) and qport.features & V.bit(N.NET_HASH_REPORT)
+        assert qport.hdr_len == 20 and qport.queue_pairs == 2
+        rss = qport.rss
+        assert rss["steering"] and rss["hash_report"] and rss["entries"] == 128
+        assert rss["table"] == [i % 2 for i in range(128)]
+
+    def test_each_packet_arrives_on_the_queue_qemus_hash_names_with_that_hash(self, qport):
+        # 5.1.6.5.7.2: queue = indirection_table[hash & mask]; 5.1.6.4.4: hash_value, hash_report
+        fl = flows(96)
+        got = self.ours(qport, fl)
+        assert len(got) == len(fl), f"{len(got)} of {len(fl)} frames came back"
+        by_frame = {f.frame: f for f in fl}
+        table = qport.rss["table"]
+        for q, data, h, t in got:
+            f = by_frame[data]
+            assert (h, t) == (f.hash(DEFAULT_RSS_KEY), f.report), data.hex()
+            assert q == table[h & (len(table) - 1)]
+        assert {q for q, *_ in got} == {0, 1}
+
+    def test_zero_copy_receive_reads_qemus_hashes_too(self, qport):
+        fl = flows(32)
+        got = self.ours(qport, fl, zero_copy=True)
+        by_frame = {f.frame: f for f in fl}
+        assert len(got) == 32
+        assert all((h, t) == (by_frame[d].hash(DEFAULT_RSS_KEY), by_frame[d].report) for _, d, h, t in got)
+
+    def test_a_new_table_moves_every_flow_in_qemu(self, qport):
+        qport.set_rss(table=[1] * 64)
+        got = self.ours(qport, flows(24))
+        assert len(got) == 24 and {q for q, *_ in got} == {1}
+
+    def test_a_new_key_changes_qemus_hash(self, qport):
+        key = bytes(range(1, 41))
+        qport.set_rss(key=key)
+        fl = flows(24)
+        got = self.ours(qport, fl)
+        by_frame = {f.frame: f for f in fl}
+        assert len(got) == 24
+        assert all(h == by_frame[d].hash(key) != by_frame[d].hash(DEFAULT_RSS_KEY) for _, d, h, _ in got)
+
+    def test_a_frame_of_no_enabled_type_goes_to_qemus_unclassified_queue(self, qport):
+        qport.ctrl_command(N.CTRL_MQ, N.CTRL_MQ_RSS_CONFIG, N.rss_config(ALL_TYPES, [0] * 128, 1, 2, DEFAULT_RSS_KEY))
+        arp = bytes(6) + bytes.fromhex("020000000001") + b"\x08\x06" + bytes(46)
+        send(qport, [arp] * 3)
+        got = [g for g in receive_all(qport, 3, timeout=QEMU_WAIT) if g[1] == arp]
+        assert [(q, h, t) for q, _, h, t in got] == [(1, 0, N.HASH_REPORT_NONE)] * 3
+
+    def test_with_the_ex_types_on_qemu_reports_them_for_ipv6_with_the_plain_hash(self, qport):
+        # QEMU prefers TCP_EX/UDP_EX; without extension headers their input is the plain one
+        ex = ALL_TYPES | N.HASH_TYPE_IP_EX | N.HASH_TYPE_TCP_EX | N.HASH_TYPE_UDP_EX
+        qport.set_rss(hash_types=ex)
+        fl = flows(24)
+        got = self.ours(qport, fl)
+        by_frame = {f.frame: f for f in fl}
+        ex_report = {N.HASH_REPORT_TCPv6: N.HASH_REPORT_TCPv6_EX, N.HASH_REPORT_UDPv6: N.HASH_REPORT_UDPv6_EX}
+        assert len(got) == 24 and any(by_frame[d].v6 for _, d, _, _ in got)
+        for _, d, h, t in got:
+            f = by_frame[d]
+            assert h == f.hash(DEFAULT_RSS_KEY) and t == ex_report.get(f.report, f.report)

@@ -15,7 +15,9 @@ QEMU guest under TCG (see ``docs/qemu.md`` and ``shared/QEMU-VFIO.md``):
   interface at ``0000:00:04.0`` (``PMD_VFIO_LEGACY_DEVICE``) and a NIC driven by
   the guest kernel at ``0000:00:05.0`` (``PMD_VM_KNIC``, for checking the wire),
   and a modern device without MSI-X (``vectors=0``: it interrupts on INTx) at
-  ``0000:00:06.0`` (``PMD_VFIO_INTX_DEVICE``);
+  ``0000:00:06.0`` (``PMD_VFIO_INTX_DEVICE``), and one with RSS and hash report on
+  a multi-queue tap that sends the guest's frames back at ``0000:00:0b.0``
+  (``PMD_VFIO_RSS_DEVICE``; QEMU then runs in a network namespace of its own);
 * a host-side agent in this process answers requests that the guest sends over
   a virtio-serial port (``tests/vm/guest.py``): ``set_link`` and any QMP
   command, and frames sent or received on the devices' ``-netdev dgram`` wires.
@@ -78,6 +80,11 @@ LEGACY_BDF = "0000:00:04.0"      # transitional virtio-net-pci (legacy I/O BAR0)
 KNIC_BDF = "0000:00:05.0"        # virtio-net-pci driven by the guest kernel
 INTX_BDF = "0000:00:06.0"        # virtio-net-pci without MSI-X (vectors=0): INTx only
 NOIOMMU_BDF = "0000:00:07.0"     # virtio-net-pci in a guest without vIOMMU (no-IOMMU mode)
+RSS_BDF = "0000:00:0b.0"         # virtio-net-pci with RSS and hash report on a multi-queue tap
+
+#: The RSS device's tap: RSS_QUEUES queues, in a network namespace of QEMU's own
+#: (see _rss_netns), where tc sends every frame the guest transmits back to it.
+RSS_TAP, RSS_QUEUES, RSS_MAC = "pmdrss0", 2, "52:54:00:12:34:56"
 
 #: Where no-IOMMU mode's vfio.ko is built from (Debian's linux-source-6.1 and the
 #: guest kernel's headers, both installed by setup.sh).
@@ -728,8 +735,34 @@ def _guest_env(env: Optional[dict], nets: dict) -> dict:
     return out
 
 
+def _rss_netns(argv: list[str]) -> list[str]:
+    """``argv`` run in a new network namespace holding the RSS device's tap.
+
+    QEMU's RSS (``rss=on``) runs on what its tap netdev receives, so the frames must
+    come from outside the guest with known 5-tuples. The tap is multi-queue (one
+    queue per pair, ``queues=``), up, with IPv6 off (no kernel chatter), and its
+    ingress is redirected to its egress (tc ``mirred``): each frame the guest sends
+    on any queue comes back through QEMU's receive path, where RSS picks its queue.
+    The namespace exists only for QEMU (``unshare`` then ``exec``: QEMU keeps the
+    PID), and goes with it and the tap when QEMU exits. Nothing leaves it.
+    """
+    tap = RSS_TAP
+    script = "; ".join([
+        "set -e",
+        "for f in /proc/sys/net/ipv6/conf/default/disable_ipv6 /proc/sys/net/ipv6/conf/all/disable_ipv6; "
+        "do [ -e $f ] && echo 1 > $f || true; done",
+        f"ip tuntap add dev {tap} mode tap multi_queue",
+        f"ip link set {tap} up",
+        f"tc qdisc add dev {tap} ingress",
+        f"tc filter add dev {tap} parent ffff: protocol all u32 match u32 0 0 action mirred egress redirect dev {tap}",
+        'exec "$@"',
+    ])
+    return ["unshare", "--net", "--", "sh", "-c", script, "pmd-rss-netns", *argv]
+
+
 def _qemu_argv(kernel: Path, initrd: Path, run: Path, nets: dict, memory: int,
-               smp: int, hugepages: int, aw_bits: int = 39, noiommu: bool = False) -> list[str]:
+               smp: int, hugepages: int, aw_bits: int = 39, noiommu: bool = False,
+               rss: bool = False) -> list[str]:
     # noiommu: no vIOMMU at all, so the devices have no IOMMU group and vfio-pci puts
     # them in no-IOMMU groups; DMA addresses are guest-physical.
     append = "console=ttyS0 " + ("" if noiommu else "intel_iommu=on ") + "panic=-1 quiet loglevel=4"
@@ -775,6 +808,15 @@ def _qemu_argv(kernel: Path, initrd: Path, run: Path, nets: dict, memory: int,
             # Modern, without ACCESS_PLATFORM: there is no IOMMU to go through.
             opts += ",disable-legacy=on"
         argv += ["-device", opts]
+    if rss:
+        # RSS and hash report need the control queue, MQ and a netdev with a queue per
+        # pair; vhost=off: QEMU's own RSS in software (its eBPF program needs a
+        # BPF-capable host, and hash=on is software-only in 7.2). Vectors: 2 per pair,
+        # the control queue and the configuration.
+        argv += ["-netdev", f"tap,id=nrss,ifname={RSS_TAP},script=no,downscript=no,queues={RSS_QUEUES},vhost=off",
+                 "-device", f"virtio-net-pci,id=pmdrss,netdev=nrss,addr={RSS_BDF[-4:]},mac={RSS_MAC},romfile=,"
+                            f"disable-legacy=on,iommu_platform=on,mq=on,rss=on,hash=on,vectors={2 * RSS_QUEUES + 2}"]
+        argv = _rss_netns(argv)
     return argv
 
 
@@ -811,7 +853,7 @@ def _kept_dirs(cwd: str, env: dict) -> list:
 def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: bool = False,
                  env: Optional[dict] = None, cwd: Optional[Union[str, Path]] = None,
                  kernel_nic: bool = False, intx: bool = False, noiommu: bool = False,
-                 stream: Optional[Union[TextIO, Callable]] = None,
+                 rss: bool = False, stream: Optional[Union[TextIO, Callable]] = None,
                  memory: int = 1024, smp: int = 2, hugepages: int = 0, aw_bits: int = 39,
                  keep: Optional[bool] = None) -> GuestResult:
     """Boot a guest, run ``command`` in it, return its exit status and output.
@@ -825,7 +867,9 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
     without MSI-X bound to vfio-pci (``PMD_VFIO_INTX_DEVICE``).  ``noiommu`` boots with
     no vIOMMU and a vfio.ko rebuilt with CONFIG_VFIO_NOIOMMU (:func:`build_noiommu_vfio`),
     in no-IOMMU mode, with one device at 0000:00:07.0 (``PMD_VFIO_NOIOMMU_DEVICE``) and
-    none of the others.  ``stream``
+    none of the others.  ``rss`` adds a device with RSS and hash report on a multi-queue
+    tap that loops the guest's frames back (``PMD_VFIO_RSS_DEVICE``; :func:`_rss_netns`).
+    ``stream``
     receives the output as it arrives (a file or a callable taking a str).
 
     ``timeout`` is a hard limit for everything (boot included): QEMU is then killed
@@ -836,6 +880,8 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
     command = [str(c) for c in command]
     if not command:
         raise ValueError("empty command")
+    if noiommu and (legacy or intx or rss):
+        raise ValueError("noiommu boots without a vIOMMU: the other devices need one")
     if command[0] in ("python", "python3"):
         command[0] = sys.executable
     if _which_qemu() is None:
@@ -848,8 +894,6 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
     cwd = str(Path(cwd).resolve()) if cwd else str(CHECKOUT)
 
     nets = {"noiommu": NETS["noiommu"]} if noiommu else {"modern": NETS["modern"]}
-    if noiommu and (legacy or intx):
-        raise ValueError("noiommu boots without a vIOMMU: the other devices need one")
     if legacy:
         nets["legacy"] = NETS["legacy"]
     if kernel_nic:
@@ -861,7 +905,10 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
     share = run / "share"
     share.mkdir()
     genv = _guest_env(env, nets)
-    bind = [NOIOMMU_BDF] if noiommu else [MODERN_BDF] + ([LEGACY_BDF] if legacy else []) + ([INTX_BDF] if intx else [])
+    if rss:
+        genv["PMD_VFIO_RSS_DEVICE"] = RSS_BDF
+    bind = [NOIOMMU_BDF] if noiommu else \
+        [MODERN_BDF] + ([LEGACY_BDF] if legacy else []) + ([INTX_BDF] if intx else []) + ([RSS_BDF] if rss else [])
     (share / "guest.conf").write_text(
         f"PMD_BIND={shlex.quote(' '.join(bind))}\n"
         f"PMD_KNIC={shlex.quote(KNIC_BDF if kernel_nic else '')}\n"
@@ -909,7 +956,7 @@ def run_in_guest(command: Union[list, tuple], *, timeout: float = 600, legacy: b
                 stream.flush()
 
     try:
-        argv = _qemu_argv(kernel, initrd, run, nets, memory, smp, hugepages, aw_bits, noiommu)
+        argv = _qemu_argv(kernel, initrd, run, nets, memory, smp, hugepages, aw_bits, noiommu, rss)
         (run / "qemu.argv").write_text(shlex.join(argv) + "\n")
         qlog = open(run / "qemu.log", "wb")
         t_start = time.monotonic()
@@ -992,6 +1039,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--intx", action="store_true", help="add a device without MSI-X (INTx) at 0000:00:06.0")
     p.add_argument("--noiommu", action="store_true",
                    help="no vIOMMU: vfio in no-IOMMU mode (rebuilt vfio.ko), one device at 0000:00:07.0")
+    p.add_argument("--rss", action="store_true",
+                   help="add a device with RSS and hash report on a looped-back multi-queue tap at 0000:00:0b.0")
     p.add_argument("--hugepages", type=int, default=0, help="2 MiB hugepages to reserve in the guest")
     p.add_argument("--aw-bits", type=int, default=39, choices=(39, 48),
                    help="address width of the emulated IOMMU (48 lets IOVA = user virtual address)")
@@ -1022,7 +1071,7 @@ def main(argv: Optional[list] = None) -> int:
             return 2
         env = dict(kv.split("=", 1) for kv in a.env)
         r = run_in_guest(a.command, timeout=a.timeout, legacy=a.legacy, kernel_nic=a.kernel_nic, intx=a.intx,
-                         noiommu=a.noiommu,
+                         noiommu=a.noiommu, rss=a.rss,
                          env=env, cwd=a.cwd, stream=sys.stdout, hugepages=a.hugepages,
                          aw_bits=a.aw_bits,
                          keep=a.keep or None)

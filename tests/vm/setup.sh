@@ -11,7 +11,8 @@ set -eu
 # linux-source-6.1, linux-headers-amd64, make, xz-utils: the guest's vfio.ko rebuilt with
 # CONFIG_VFIO_NOIOMMU for the no-IOMMU tests (tests/vm/harness.py build_noiommu_vfio;
 # Debian's kernel compiles that mode out); the headers match linux-image-amd64's kernel
-PACKAGES="qemu-system-x86 qemu-utils linux-image-amd64 busybox-static kmod cpio pciutils
+# iproute2: ip and tc, for the RSS device's looped-back multi-queue tap (harness.py _rss_netns)
+PACKAGES="qemu-system-x86 qemu-utils linux-image-amd64 busybox-static kmod cpio pciutils iproute2
 linux-source-6.1 linux-headers-amd64 make xz-utils"
 
 say() { [ -n "${PMD_VM_SETUP_QUIET:-}" ] || echo "tests/vm/setup.sh: $*" >&2; }
