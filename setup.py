@@ -45,18 +45,16 @@ if SANITIZE:
     cflags += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"]
     ldflags += [f"-fsanitize={SANITIZE}"]
 
-extensions = [
-    Extension(
-        source[: -len(".pyx")].replace("/", "."),
-        [source],
-        include_dirs=["csrc", numpy.get_include()],
-        define_macros=macros + ([("CYTHON_INLINE", "__inline__ __attribute__((always_inline))")]
-                                if not DEBUG and source[: -len(".pyx")].replace("/", ".") in FORCE_INLINE else []),
-        extra_compile_args=cflags,
-        extra_link_args=ldflags,
-    )
-    for source in SOURCES
-]
+
+def extension(source: str) -> Extension:
+    name = source[: -len(".pyx")].replace("/", ".")
+    inline = [("CYTHON_INLINE", "__inline__ __attribute__((always_inline))")] \
+        if not DEBUG and name in FORCE_INLINE else []
+    return Extension(name, [source], include_dirs=["csrc", numpy.get_include()], define_macros=macros + inline,
+                     extra_compile_args=cflags, extra_link_args=ldflags)
+
+
+extensions = [extension(source) for source in SOURCES]
 
 directives = {
     "language_level": 3,

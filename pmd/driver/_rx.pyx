@@ -29,7 +29,7 @@ from pmd.driver._virtqueue cimport (
     USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, UsedCursor, Virtqueue,
 )
 from pmd.includes.vring cimport (
-    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, VRING_DESC_F_WRITE, pvirtq_desc, vring_desc, vring_load16, vring_load32,
+    PVIRTQ_AVAIL_USED, VRING_DESC_F_WRITE, pvirtq_desc, vring_desc, vring_load16, vring_load32,
     vring_used_elem,
 )
 from pmd.includes.barrier cimport pmd_virtio_rmb
@@ -251,7 +251,7 @@ cdef class RxQueue(_Queue):
             pos += 1
             if pos == size:                   # 2.8.1: past the end the wrap counter flips
                 pos = 0
-                wrap_flags ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+                wrap_flags ^= PVIRTQ_AVAIL_USED
         self.pool.n_free = top
         self.vq.free_head = head
         self.vq.num_free = want - n
@@ -671,7 +671,7 @@ cdef class RxQueue(_Queue):
                     done = True
                     break
                 flags = vring_load16(&pdesc[c.pos].flags)
-                if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != c.want:
+                if (flags & PVIRTQ_AVAIL_USED) != c.want:
                     done = True           # nothing more used (2.8.1)
                     break
                 pmd_virtio_rmb(self.vq.weak_barriers)   # the flags before the id and len (2.8.21.2)
@@ -691,7 +691,7 @@ cdef class RxQueue(_Queue):
                 c.pos += 1
                 if c.pos == size:
                     c.pos = 0
-                    c.want ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+                    c.want ^= PVIRTQ_AVAIL_USED
                 c.in_flight -= 1
                 x.ndescs = 0
                 x.next = free_head

@@ -25,7 +25,7 @@ from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
 from pmd.driver._queue cimport MAX_TX_SEGS, _Queue, u8_2d, u32_1d, zero_hdr
 from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, UsedCursor, Virtqueue
 from pmd.includes.vring cimport (
-    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_desc, vring_desc, vring_load32, vring_used_elem,
+    PVIRTQ_AVAIL_USED, pvirtq_desc, vring_desc, vring_load32, vring_used_elem,
 )
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 
@@ -431,7 +431,7 @@ cdef class TxQueue(_Queue):
             pos += 1
             if pos == size:                   # 2.8.1: past the end the wrap counter flips
                 pos = 0
-                wrap_flags ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+                wrap_flags ^= PVIRTQ_AVAIL_USED
             nbytes += ln
         self.vq.free_head = head
         self.vq.num_free -= <uint32_t>n

@@ -19,7 +19,7 @@ from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.mmio cimport pmd_write16
 from pmd.includes.vring cimport (
     RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_MASK, VIRTQ_DESC_F_AVAIL,
-    VIRTQ_DESC_F_USED, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    PVIRTQ_AVAIL_USED, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY, pvirtq_desc, pvirtq_event_stale, pvirtq_event_suppress, pvirtq_need_event,
     pvirtq_position, vring, vring_avail_event, vring_desc, vring_load16, vring_load32, vring_need_event,
     vring_store16, vring_used_event, VRING_DESC_F_INDIRECT,
@@ -518,7 +518,7 @@ cdef class Virtqueue:
         self.avail_pos += 1
         if self.avail_pos == self.size:      # 2.8.1: past the end the wrap counter flips
             self.avail_pos = 0
-            self.avail_wrap_flags ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+            self.avail_wrap_flags ^= PVIRTQ_AVAIL_USED
 
     cdef inline int p_add_chain(self, const uint64_t *addr, const uint32_t *length,
                                 const uint32_t *cookie, uint16_t n, uint16_t n_out) noexcept nogil:
@@ -572,8 +572,8 @@ cdef class Virtqueue:
     cdef inline bint p_is_used(self, uint16_t pos) noexcept nogil:
         """2.8.1: used when AVAIL and USED both equal the driver's used wrap counter."""
         cdef uint16_t flags = vring_load16(&self.pdesc[pos].flags)
-        cdef uint16_t want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
-        return (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) == want
+        cdef uint16_t want = PVIRTQ_AVAIL_USED if self.used_wrap else 0
+        return (flags & PVIRTQ_AVAIL_USED) == want
 
     cdef inline void p_skip(self, uint16_t ndescs) noexcept nogil:
         """Step the used position past a chain of ``ndescs`` (2.8.6), flipping the wrap counter at the end."""
@@ -594,8 +594,8 @@ cdef class Virtqueue:
         cdef uint16_t want, flags, id, n = 0
         while seen < in_flight:
             flags = vring_load16(&self.pdesc[pos[0]].flags)
-            want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if wrap[0] else 0
-            if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != want:
+            want = PVIRTQ_AVAIL_USED if wrap[0] else 0
+            if (flags & PVIRTQ_AVAIL_USED) != want:
                 break
             pmd_virtio_rmb(self.weak_barriers)   # the flags before the id they cover (2.8.21.2)
             n += 1
@@ -646,7 +646,7 @@ cdef class Virtqueue:
 
     cdef inline void p_cursor(self, UsedCursor *c) noexcept nogil:
         c.pos = self.used_pos
-        c.want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if self.used_wrap else 0
+        c.want = PVIRTQ_AVAIL_USED if self.used_wrap else 0
         c.in_flight = self.size - self.num_free
         c.start = c.in_flight
 
@@ -658,7 +658,7 @@ cdef class Virtqueue:
         if c.in_flight == 0:
             return 0
         cdef uint16_t flags = vring_load16(&self.pdesc[c.pos].flags)
-        if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != c.want:
+        if (flags & PVIRTQ_AVAIL_USED) != c.want:
             return 0
         pmd_virtio_rmb(self.weak_barriers)       # the flags before the id and len they cover (2.8.21.2)
         cdef uint16_t i = vring_load16(&self.pdesc[c.pos].id)
@@ -675,7 +675,7 @@ cdef class Virtqueue:
         c.pos += nd                   # 2.8.6: the next used descriptor is past the chain
         if c.pos >= self.size:
             c.pos -= self.size
-            c.want ^= VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+            c.want ^= PVIRTQ_AVAIL_USED
         c.in_flight -= nd             # the in-flight chains' ndescs sum to in_flight
         id[0] = i
         return 1
@@ -869,8 +869,8 @@ cdef class Virtqueue:
         cdef uint16_t want, flags, id, n, nb = 0
         while seen < limit:
             flags = vring_load16(&self.pdesc[pos[0]].flags)
-            want = (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) if wrap[0] else 0
-            if (flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) != want:
+            want = PVIRTQ_AVAIL_USED if wrap[0] else 0
+            if (flags & PVIRTQ_AVAIL_USED) != want:
                 break
             pmd_virtio_rmb(self.weak_barriers)
             id = vring_load16(&self.pdesc[pos[0]].id)

@@ -10,8 +10,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from pmd.includes.barrier cimport pmd_virtio_rmb
 from pmd.includes.compiler cimport pmd_likely
 from pmd.includes.vring cimport (
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, pvirtq_desc, pvirtq_desc_is_avail,
-    PVIRTQ_AVAIL_USED, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_event_suppress, vring, vring_desc, vring_load16, vring_load32,
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, pvirtq_desc,
+    PVIRTQ_AVAIL_USED, pvirtq_event_suppress, vring, vring_desc, vring_load16, vring_load32,
     vring_load64, vring_store16, vring_store32,
 )
 from pmd.sim._dma cimport DmaWindows

@@ -29,7 +29,7 @@ from pmd.includes.vring cimport (
     vring_load16, vring_load32, vring_load64, vring_need_event, vring_store16, vring_store32,
     vring_used_bytes, vring_used_event, vring_avail, vring_used,
     RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_MASK,
-    PVIRTQ_AVAIL_USED, RING_EVENT_WRAP_SHIFT, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, pvirtq_desc, pvirtq_desc_bytes,
+    PVIRTQ_AVAIL_USED, RING_EVENT_WRAP_SHIFT, VIRTQ_DESC_F_AVAIL, pvirtq_desc, pvirtq_desc_bytes,
     pvirtq_desc_is_avail, pvirtq_event_suppress, pvirtq_need_event, pvirtq_position, vring_copy_desc,
 )
 from pmd.sim._dma cimport DmaWindows
