@@ -1,6 +1,7 @@
 from cpython.pythread cimport PyThread_get_thread_ident
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
+from pmd.includes.compiler cimport pmd_unlikely
 from pmd.memory._dma cimport DmaMemory
 
 # Who holds a buffer. A buffer id is valid for an operation only in the right state.
@@ -90,7 +91,11 @@ cdef class PacketPool:
         return i < self.n_buffers and self.state[i] == owner
 
     cdef int new_owner(self) except -1
-    cdef void check_open(self) except *
+    cdef inline int check_open(self) except -1:
+        if pmd_unlikely(self.closed):
+            return self.raise_closed()
+        return self.memory._check_open()
+    cdef int raise_closed(self) except -1
     cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto) noexcept
     cdef int _free_checked(self, long long[::1] v, Py_ssize_t n) except -1
     cdef int _swap_checked(self, const uint32_t[::1] ids, Py_ssize_t n) except -1

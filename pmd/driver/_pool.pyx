@@ -135,10 +135,8 @@ cdef class PacketPool:
             tries += 1
         return 0
 
-    cdef void check_open(self) except *:
-        if self.closed:
-            raise QueueStateError("PacketPool is closed")
-        self.memory._check_open()
+    cdef int raise_closed(self) except -1:
+        raise QueueStateError("PacketPool is closed")
 
     @property
     def data_room(self):

@@ -37,21 +37,21 @@ cdef class _Queue:
     cdef public uint64_t foreign_chains
 
     cdef void _unpin(self) noexcept
-    cdef void raise_closed(self) except *
+    cdef int raise_closed(self) except -1
     cdef uint64_t device_errors(self) noexcept
     cdef int report(self) except -1
     cdef int report_after(self, int handed) except -1
     cdef uint32_t put_chain(self, uint16_t head) noexcept nogil
     cdef _release_all(self)
 
-    cdef inline void check(self) except *:
+    cdef inline int check(self) except -1:
         if pmd_unlikely(self.is_closed):
-            self.raise_closed()
+            return self.raise_closed()
         if pmd_unlikely(self.report_owed):
             self.report_owed = False
             self.report()
         self.vq.check_usable()
-        self.pool.check_open()
+        return self.pool.check_open()
 
     cdef inline int enter(self) except -1:
         """The last step before ``with nogil:``, after every check: from here

@@ -7,6 +7,8 @@ from ._virtqueue import Virtqueue
 
 DEF_HDR_LEN: int
 
+def bursts_release_gil() -> bool: ...
+
 @disjoint_base
 class _Queue:
     vq: Virtqueue

@@ -18,6 +18,7 @@ from posix.unistd cimport usleep
 from pmd.driver._pool cimport PacketPool
 from pmd.driver._virtqueue cimport Virtqueue
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.includes.gil cimport pmd_gil_alone
 
 from pmd.errors import DeviceError, QueueStateError
 
@@ -26,6 +27,14 @@ cnp.import_array()
 log = logging.getLogger("pmd.burst")
 
 DEF_HDR_LEN = DEFAULT_HDR_LEN
+
+
+def bursts_release_gil():
+    """Whether a burst called now, from this thread, releases the GIL: False when
+    this is the only thread of the only interpreter, as then nobody could take
+    it and releasing and taking it back would cost some 400 instructions a call
+    (``csrc/pmd_gil.h``). Starting a thread makes it True."""
+    return not pmd_gil_alone()
 
 
 @cython.no_gc_clear   # __dealloc__ unpins the memory of `vq` and `pool`
@@ -70,7 +79,7 @@ cdef class _Queue:
             self.vq.memory.unpin()
             self.pool.memory.unpin()
 
-    cdef void raise_closed(self) except *:
+    cdef int raise_closed(self) except -1:
         raise QueueStateError(f"{type(self).__name__} {self.vq.queue_index} is closed; "
                               "open the port / create the queue again")
 

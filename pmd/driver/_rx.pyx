@@ -34,6 +34,7 @@ from pmd.includes.vring cimport (
 )
 from pmd.includes.barrier cimport pmd_virtio_rmb
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.includes.gil cimport PyThreadState, pmd_gil_release, pmd_gil_take
 from pmd.includes.virtio_net cimport virtio_net_hdr
 
 cnp.import_array()
@@ -116,6 +117,36 @@ cdef inline void hashes_done(RxQueue q) noexcept nogil:
     q.htype16_out = NULL
     q.htype8_out = NULL
     q.want_hash = False
+
+
+# The bodies of rx_burst and rx_burst_zc, run between pmd_gil_release and
+# pmd_gil_take (pmd/includes/gil.pxd): nogil, so Cython checks that they touch
+# no Python object. ``h``: where the hashes go, or NULL; ``t``: the timestamps, or NULL.
+cdef int take_copy(RxQueue q, char *out, Py_ssize_t cols, uint32_t *lengths, Py_ssize_t rows,
+                   HashOut *h, uint64_t *t) noexcept nogil:
+    if h != NULL:
+        hashes_to(q, h)
+    cdef int n = q.harvest(out, cols, NULL, lengths, rows)
+    if h != NULL:
+        hashes_done(q)
+    if t != NULL and n > 0:
+        stamp(t, n)
+    return n
+
+
+cdef int take_zc(RxQueue q, uint32_t *ids, uint32_t *lengths, Py_ssize_t burst,
+                 HashOut *h, uint64_t *t) noexcept nogil:
+    cdef int n = q.harvest(NULL, 0, ids, lengths, burst), k
+    if h != NULL and n > 0:
+        # The buffers are the caller's now, headers included: read after the harvest,
+        # so the zero-copy harvest itself costs nothing when no hash is asked for.
+        hashes_to(q, h)
+        for k in range(n):
+            q.take_hash(q.pool.buf(ids[k]) + q.buf_off, k)
+        hashes_done(q)
+    if t != NULL and n > 0:
+        stamp(t, n)
+    return n
 
 
 cdef uint64_t *timestamps_of(object timestamps, Py_ssize_t burst) except NULL:
@@ -754,6 +785,8 @@ cdef class RxQueue(_Queue):
         self.bytes += nbytes
         return -1 - got if done else got
 
+    @cython.binding(False)   # a plain builtin method: CPython calls it without the cyfunction layer
+    @cython.embedsignature.format("clinic")   # so inspect.signature still reads it
     def rx_burst(self, out, lengths, *, bint truncate=False, timestamps=None, hashes=None, hash_types=None):
         """Receive up to ``len(out)`` packets into the rows of ``out`` (uint8, 2-D,
         C-contiguous); ``lengths[i]`` (uint32) gets packet i's length. Returns the
@@ -787,18 +820,15 @@ cdef class RxQueue(_Queue):
             return 0
         cdef int n
         self.enter()
-        with nogil:
-            if hashing:
-                hashes_to(self, &h)
-            n = self.harvest(o, cols, NULL, l, rows)
-            if hashing:
-                hashes_done(self)
-            if t != NULL and n > 0:
-                stamp(t, n)
+        cdef PyThreadState *ts = pmd_gil_release()
+        n = take_copy(self, o, cols, l, rows, &h if hashing else NULL, t)
+        pmd_gil_take(ts)
         self.leave()
         self.report_after(n)
         return n
 
+    @cython.binding(False)   # a plain builtin method: CPython calls it without the cyfunction layer
+    @cython.embedsignature.format("clinic")   # so inspect.signature still reads it
     def rx_burst_zc(self, ids, lengths, *, timestamps=None, hashes=None, hash_types=None):
         """Receive up to ``len(ids)`` packets without copying: ``ids[i]`` (uint32) is
         a pool buffer whose data is ``pool.data[ids[i], :lengths[i]]``. The
@@ -822,23 +852,17 @@ cdef class RxQueue(_Queue):
             hashes_of(self, hashes, hash_types, nids, &h)
         if self.idle():
             return 0
-        cdef int n, k
+        cdef int n
         self.enter()
-        with nogil:
-            n = self.harvest(NULL, 0, i, l, nids)
-            if hashing and n > 0:
-                # The buffers are the caller's now, headers included: read after the harvest,
-                # so the zero-copy harvest itself costs nothing when no hash is asked for.
-                hashes_to(self, &h)
-                for k in range(n):
-                    self.take_hash(self.pool.buf(i[k]) + self.buf_off, k)
-                hashes_done(self)
-            if t != NULL and n > 0:
-                stamp(t, n)
+        cdef PyThreadState *ts = pmd_gil_release()
+        n = take_zc(self, i, l, nids, &h if hashing else NULL, t)
+        pmd_gil_take(ts)
         self.leave()
         self.report_after(n)       # the ids are the caller's now: never raise with them unreturned
         return n
 
+    @cython.binding(False)   # a plain builtin method: CPython calls it without the cyfunction layer
+    @cython.embedsignature.format("clinic")   # so inspect.signature still reads it
     def rx_discard(self, Py_ssize_t max_packets=32):
         """Receive up to ``max_packets`` (1 to 256) and give their buffers straight
         back to the pool: what testpmd's rxonly does (receive, count, free), in one
@@ -852,8 +876,9 @@ cdef class RxQueue(_Queue):
         cdef uint32_t lens[DISCARD_MAX]
         cdef int n
         self.enter()
-        with nogil:
-            n = self.harvest(NULL, 0, NULL, lens, max_packets)   # neither rows nor ids: freed at once
+        cdef PyThreadState *ts = pmd_gil_release()
+        n = self.harvest(NULL, 0, NULL, lens, max_packets)   # neither rows nor ids: freed at once
+        pmd_gil_take(ts)
         self.leave()
         self.report_after(n)
         return n

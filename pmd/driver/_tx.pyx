@@ -28,6 +28,7 @@ from pmd.includes.vring cimport (
     PVIRTQ_AVAIL_USED, pvirtq_desc, vring_desc, vring_load32, vring_used_elem,
 )
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.includes.gil cimport PyThreadState, pmd_gil_release, pmd_gil_take
 
 from pmd.errors import PoolError
 
@@ -244,8 +245,9 @@ cdef class TxQueue(_Queue):
         self.check()
         cdef uint32_t n
         self.enter()
-        with nogil:
-            n = self.reclaim_used()
+        cdef PyThreadState *ts = pmd_gil_release()
+        n = self.reclaim_used()
+        pmd_gil_take(ts)
         self.leave()
         self.report()
         return n
@@ -310,6 +312,8 @@ cdef class TxQueue(_Queue):
         self.vq.flush()
         return <int>sent
 
+    @cython.binding(False)   # a plain builtin method: CPython calls it without the cyfunction layer
+    @cython.embedsignature.format("clinic")   # so inspect.signature still reads it
     def tx_burst(self, packets, lengths):
         """Transmit ``packets[i, :lengths[i]]`` for each row of ``packets`` (uint8,
         2-D, C-contiguous; ``lengths`` uint32). Data is copied into pool buffers.
@@ -338,8 +342,9 @@ cdef class TxQueue(_Queue):
             s_lens[i] = ln
         cdef int n
         self.enter()
-        with nogil:
-            n = self.send_copy(p, cols, self.s_lens, rows)
+        cdef PyThreadState *ts = pmd_gil_release()
+        n = self.send_copy(p, cols, self.s_lens, rows)
+        pmd_gil_take(ts)
         self.leave()
         if capped and n == rows:
             self.ring_full += 1     # a whole ring's worth went: the rest did not fit
@@ -494,6 +499,8 @@ cdef class TxQueue(_Queue):
         for j in range(start, end):
             self.pool.state[self.s_ids[j]] = BUF_APP
 
+    @cython.binding(False)   # a plain builtin method: CPython calls it without the cyfunction layer
+    @cython.embedsignature.format("clinic")   # so inspect.signature still reads it
     def tx_burst_zc(self, ids, lengths):
         """Transmit pool buffers as they are: ``pool.data[ids[i], :lengths[i]]``.
 
@@ -537,9 +544,10 @@ cdef class TxQueue(_Queue):
             state[b] = owner
             s_ids[i] = b
             s_lens[i] = ln
-        with nogil:
-            n = self.send_zc(self.s_ids, self.s_lens, nids)
-            self.vq.flush()
+        cdef PyThreadState *ts = pmd_gil_release()
+        n = self.send_zc(self.s_ids, self.s_lens, nids)
+        self.vq.flush()
+        pmd_gil_take(ts)
         self.leave()
         self._unclaim(n, nids)   # not sent: still the application's
         if capped and n == nids:

@@ -129,10 +129,15 @@ cdef class Virtqueue:
     cdef public uint64_t n_notify_errors
     cdef public uint64_t n_io_batches   # in order: used entries that retired more than one buffer
 
-    cdef void check_usable(self) except *
-    cdef void check_raw(self) except *
+    cdef inline int check_usable(self) except -1:
+        # inline: every burst asks; the errors, in their order, in raise_unusable
+        if pmd_unlikely(self.is_closed or self.broken or self.fail_reason is not None):
+            return self.raise_unusable()
+        return self.memory._check_open()
+    cdef int raise_unusable(self) except -1
+    cdef int check_raw(self) except -1
     cdef void disown_cookies(self) noexcept
-    cdef void check_mapped(self) except *
+    cdef int check_mapped(self) except -1
     cdef int _setup_indirect(self, uint32_t indirect_max) except -1
 
     # ---- adding buffers (2.7.13) ----

@@ -206,7 +206,7 @@ cdef class Virtqueue:
         free(self.ind_iova)
         free(self.ind_cookies)
 
-    cdef void check_usable(self) except *:
+    cdef int raise_unusable(self) except -1:
         if self.is_closed:
             raise QueueStateError(f"virtqueue {self.queue_index} is closed")
         self.memory._check_open()
@@ -225,14 +225,15 @@ cdef class Virtqueue:
             raise DeviceError(f"virtqueue {self.queue_index}: the device published a used index "
                               f"covering more entries than are in flight (queue size {self.size}); "
                               "the queue is stopped: reset the device")
+        return 0
 
-    cdef void check_raw(self) except *:
+    cdef int check_raw(self) except -1:
         # An RxQueue/TxQueue keeps buffer ids as cookies and frees what comes
         # back: a chain added behind its back would name buffers it never gave.
         if self.owned:
             raise QueueStateError(f"virtqueue {self.queue_index} belongs to an RxQueue/TxQueue: "
                                   "use its bursts, or a Virtqueue of its own for raw access")
-        self.check_usable()
+        return self.check_usable()
 
     cdef void disown_cookies(self) noexcept:
         # A queue taking over a virtqueue: chains added through the raw API
@@ -243,10 +244,10 @@ cdef class Virtqueue:
         for i in range(self.size * self.indirect_max):
             self.ind_cookies[i] = 0xffffffff
 
-    cdef void check_mapped(self) except *:
+    cdef int check_mapped(self) except -1:
         if self.is_closed:
             raise QueueStateError(f"virtqueue {self.queue_index} is closed")
-        self.memory._check_open()
+        return self.memory._check_open()
 
     # ---- where the device finds the ring (given to queue_desc/driver/device) ----
     @property

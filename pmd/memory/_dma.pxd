@@ -24,7 +24,12 @@ cdef class DmaMemory:
 
     cdef _map(self, size_t size, bint huge)
     cdef _unmap(self)
-    cdef void _check_open(self) except *
+    cdef inline int _check_open(self) except -1:
+        # inline: every burst asks, through its queue and pool
+        if self.base == NULL or self.closing:
+            return self._raise_closed()
+        return 0
+    cdef int _raise_closed(self) except -1
     cdef int pin(self) except -1
     cdef void unpin(self) noexcept
     cdef void _unmap_if_unused(self) noexcept

@@ -174,9 +174,8 @@ cdef class DmaMemory:
     def __dealloc__(self):
         self._unmap()
 
-    cdef void _check_open(self) except *:
-        if self.base == NULL or self.closing:
-            raise QueueStateError(f"DmaMemory {self.name!r} is closed")
+    cdef int _raise_closed(self) except -1:
+        raise QueueStateError(f"DmaMemory {self.name!r} is closed")
 
     @property
     def address(self):

@@ -9,10 +9,12 @@ same ``deliver`` as the wire path (_rx.pxd). Every chain taken is returned used
 mirrors the driver's :mod:`pmd.driver._tx`.
 """
 
+cimport cython
 from libc.stdint cimport uint32_t
 from libc.stdlib cimport free, malloc
 
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.includes.gil cimport PyThreadState, pmd_gil_release, pmd_gil_take
 from pmd.sim._rx cimport check_hdr_len, deliver
 from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
 
@@ -75,6 +77,8 @@ cdef enum:
     GATHER_SCRATCH = 65536 + 64   # the largest packet a tx chain may carry, gathered
 
 
+@cython.binding(False)   # a plain builtin function: CPython calls it without the cyfunction layer
+@cython.embedsignature.format("clinic")   # so inspect.signature still reads it
 def tx_to_rx(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, uint32_t hdr_len=12,
              bint mergeable=False):
     """The driver's tx queue into its rx queue, ring to ring (GIL released). Returns packets moved.
@@ -86,8 +90,9 @@ def tx_to_rx(DeviceQueue tx not None, DeviceQueue rx not None, int budget=256, u
     cdef char *scratch = NULL
     tx.busy += 1        # checked above, nothing since let another thread in: see enter()
     rx.busy += 1
-    with nogil:
-        n = tx_to_rx_burst(tx, rx, budget, hdr_len, mergeable, &scratch, GATHER_SCRATCH)
+    cdef PyThreadState *ts = pmd_gil_release()
+    n = tx_to_rx_burst(tx, rx, budget, hdr_len, mergeable, &scratch, GATHER_SCRATCH)
+    pmd_gil_take(ts)
     rx.leave()
     tx.leave()
     free(scratch)

@@ -1,0 +1,10 @@
+# Declarations of csrc/pmd_gil.h: the GIL released around a burst only when
+# another thread could take it. Between the two calls only a call to a
+# ``noexcept nogil`` function with C arguments may run (Cython cannot check
+# that code as it checks a ``with nogil:`` block).
+from cpython.pystate cimport PyThreadState
+
+cdef extern from "pmd_gil.h":
+    bint pmd_gil_alone() noexcept
+    PyThreadState *pmd_gil_release() noexcept
+    void pmd_gil_take(PyThreadState *ts) noexcept
