@@ -17,8 +17,18 @@
 
 #include <Python.h>
 
+#ifdef PMD_DEBUG
+#define PMD_GIL_ALWAYS_KEPT 1
+#else
+#define PMD_GIL_ALWAYS_KEPT 0
+#endif
+
 static inline int pmd_gil_alone(void)
 {
+    /* The debug build traces lines (CYTHON_TRACE_NOGIL), and Cython's trace
+     * calls between release and take assume the GIL is held: keep it. */
+    if (PMD_GIL_ALWAYS_KEPT)
+        return 1;
     PyThreadState *ts = PyThreadState_Get();
     PyInterpreterState *in = PyThreadState_GetInterpreter(ts);
     return PyInterpreterState_Head() == in && PyInterpreterState_Next(in) == NULL

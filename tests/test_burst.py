@@ -452,7 +452,9 @@ def test_between_gil_release_and_take_the_generated_c_touches_no_python_object()
     for c in sources:
         text = re.sub(r"/\*.*?\*/", "", c.read_text(), flags=re.S)   # Cython quotes the .pyx in comments
         for m in re.finditer(r"= pmd_gil_release\(\);(.*?)pmd_gil_take\(", text, re.S):
-            bad = [line.strip() for line in m.group(1).splitlines() if re.search(r"\bPy|__Pyx_", line)]
+            # (__Pyx_TraceLine: only in the debug build, which keeps the GIL: pmd_gil.h)
+            bad = [line.strip() for line in m.group(1).splitlines()
+                   if re.search(r"\bPy|__Pyx_", line) and "__Pyx_TraceLine(" not in line]
             assert not bad, f"{c.name}: Python C API while the GIL may be released: {bad}"
             spans += 1
     assert spans >= 7     # rx_burst, rx_burst_zc, rx_discard, tx_burst, tx_burst_zc, reclaim, tx_to_rx
@@ -488,7 +490,9 @@ print(seen)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[False, True, False]"
+    from pmd.driver._queue import GIL_ALWAYS_KEPT
+    # (the debug build traces lines, which needs the GIL: it never releases it)
+    assert r.stdout.strip() == ("[False, False, False]" if GIL_ALWAYS_KEPT else "[False, True, False]")
 
 
 # ---- mergeable rx buffers (VIRTIO_NET_F_MRG_RXBUF, 5.1.6.4.2) ----

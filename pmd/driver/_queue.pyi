@@ -9,6 +9,8 @@ DEF_HDR_LEN: int
 
 def bursts_release_gil() -> bool: ...
 
+GIL_ALWAYS_KEPT: bool
+
 @disjoint_base
 class _Queue:
     vq: Virtqueue

@@ -18,7 +18,7 @@ from posix.unistd cimport usleep
 from pmd.driver._pool cimport PacketPool
 from pmd.driver._virtqueue cimport Virtqueue
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
-from pmd.includes.gil cimport pmd_gil_alone
+from pmd.includes.gil cimport PMD_GIL_ALWAYS_KEPT, pmd_gil_alone
 
 from pmd.errors import DeviceError, QueueStateError
 
@@ -33,8 +33,12 @@ def bursts_release_gil():
     """Whether a burst called now, from this thread, releases the GIL: False when
     this is the only thread of the only interpreter, as then nobody could take
     it and releasing and taking it back would cost some 400 instructions a call
-    (``csrc/pmd_gil.h``). Starting a thread makes it True."""
+    (``csrc/pmd_gil.h``). Starting a thread makes it True, except in the debug
+    build (``GIL_ALWAYS_KEPT``), whose line tracing needs the GIL held."""
     return not pmd_gil_alone()
+
+
+GIL_ALWAYS_KEPT = bool(PMD_GIL_ALWAYS_KEPT)
 
 
 @cython.no_gc_clear   # __dealloc__ unpins the memory of `vq` and `pool`

@@ -5,6 +5,7 @@
 from cpython.pystate cimport PyThreadState
 
 cdef extern from "pmd_gil.h":
+    const int PMD_GIL_ALWAYS_KEPT    # the debug build (PMD_DEBUG=1): bursts never release it
     bint pmd_gil_alone() noexcept
     PyThreadState *pmd_gil_release() noexcept
     void pmd_gil_take(PyThreadState *ts) noexcept
