@@ -55,14 +55,14 @@ def _child_python(kind: str, size: int, burst: int, rounds: int) -> None:
         ids, lens = ref.pool.alloc(burst), [size] * burst
         for _ in repeat(None, rounds):
             tx.tx_burst_zc(ids, lens)
-            move(dtx, drx, burst, hdr_len, mrg)
+            step(burst)
             rx.rx_burst_zc(ids, lens)
     else:
         pkts = [bytes(size)] * burst
         rows, out_lens = [bytearray(rx.max_packet_len) for _ in range(burst)], [0] * burst
         for _ in repeat(None, rounds):
             tx.tx_burst(pkts)
-            move(dtx, drx, burst, hdr_len, mrg)
+            step(burst)
             rx.rx_burst(rows, out_lens)
     assert rx.packets == tx.packets == rounds * burst
 

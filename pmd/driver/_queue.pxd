@@ -54,8 +54,8 @@ cdef class _Queue:
         return self.pool.check_open()
 
     cdef inline int enter(self) except -1:
-        """The last step before ``with nogil:``, after every check: from here
-        until ``leave`` the queue is busy and ``fence`` waits, and this thread
+        """The last step before the GIL is released (or kept: pmd/includes/gil.pxd),
+        after every check: from here until ``leave`` the queue is busy and ``fence`` waits, and this thread
         has the pool's turn (a burst of the pair's other queue in another thread
         waits for it). Nothing between the closed check and the mark lets
         another thread run (GIL held), except a wait for the turn, after which

@@ -1,7 +1,8 @@
 # Declarations of csrc/pmd_gil.h: the GIL released around a burst only when
-# another thread could take it. Between the two calls only a call to a
-# ``noexcept nogil`` function with C arguments may run (Cython cannot check
-# that code as it checks a ``with nogil:`` block).
+# another thread could take it. Between the two calls only calls of
+# ``noexcept nogil`` functions with C arguments may run (Cython cannot check
+# that code as it checks a ``with nogil:`` block; tests/test_burst.py reads the
+# generated C instead).
 from cpython.pystate cimport PyThreadState
 
 cdef extern from "pmd_gil.h":
