@@ -158,6 +158,107 @@ cdef uint64_t *timestamps_of(object timestamps, Py_ssize_t burst) except NULL:
     return t
 
 
+cdef enum:
+    HARVEST_COPY, HARVEST_ZC, HARVEST_DISCARD
+
+
+cdef inline int split_harvest(RxQueue self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                              Py_ssize_t burst, const int mode) noexcept nogil:
+    """RxQueue.harvest_split's loop, inlined once per mode (a constant there), so
+    each of the three has none of the others' branches."""
+    cdef uint16_t avail = self.vq.nused(), k
+    if avail > burst:
+        avail = <uint16_t>burst
+    cdef vring_used_elem *used = self.vq.vr.used.ring
+    cdef uint16_t last = self.vq.last_used_idx, mask = self.vq.mask
+    cdef uint32_t size = self.vq.size, id, ln, b, nb, pkt
+    cdef DescExtra *extra = self.vq.extra
+    cdef DescExtra *x
+    cdef uint32_t *stack = self.pool.free_stack
+    cdef uint8_t *state = self.pool.state
+    cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
+    cdef uint8_t owner = self.owner
+    cdef uint32_t hdr_len = self.hdr_len
+    cdef uint32_t blen = self.buf_len
+    cdef uint32_t min_len = hdr_len + ETH_HLEN   # harvest() sends blen < min_len elsewhere
+    cdef uint32_t span = blen - min_len
+    cdef char *data = self.pool.base + self.pool.headroom
+    cdef size_t stride = self.pool.buffer_size
+    cdef uint64_t off = self.buf_off
+    cdef const uint64_t *iova = self.pool.iova
+    cdef vring_desc *desc = self.vq.vr.desc
+    cdef uint16_t *ring = self.vq.vr.avail.ring
+    cdef uint16_t avail_idx = self.vq.avail_idx, start_idx = self.vq.avail_idx
+    cdef uint16_t held = 0                  # the descriptors made available again, linked by next
+    cdef bint zc = out == NULL and ids != NULL
+    cdef int got = 0
+    cdef uint64_t nbytes = 0
+    for k in range(avail):
+        id = vring_load32(&used[last & mask].id)
+        ln = vring_load32(&used[last & mask].len)
+        last += 1
+        if pmd_likely(id < size):
+            x = &extra[id]
+            b = x.cookie
+            if pmd_likely((((x.ndescs != 1) | (x.nind != 0) | (x.writable != blen) | (b >= n_buffers)) == 0)
+                          and state[b] == owner and ln - min_len <= span):
+                pkt = ln - hdr_len
+                if mode == HARVEST_COPY:
+                    if pmd_unlikely(pkt > cols):
+                        memcpy(out + got * cols, data + b * stride, cols)
+                        self.truncated += 1
+                    else:
+                        memcpy(out + got * cols, data + b * stride, pkt)
+                elif zc:                    # the buffer goes to the application...
+                    state[b] = BUF_APP
+                    ids[got] = b
+                    if pmd_unlikely(top == 0):
+                        free_desc(self.vq, x, <uint16_t>id)   # ...and the pool has no other: refill() later
+                        lengths[got] = pkt
+                        nbytes += pkt
+                        got += 1
+                        continue
+                    top -= 1                # ...and the pool's next takes its place
+                    nb = stack[top]
+                    state[nb] = owner
+                    desc[id].addr = iova[nb] + off
+                    x.cookie = nb
+                ring[avail_idx & mask] = <uint16_t>id
+                avail_idx += 1
+                # not in flight until the index is published: a second used entry
+                # for it in this burst is the device's error, counted as such
+                x.ndescs = 0
+                x.next = held
+                held = <uint16_t>id
+                lengths[got] = pkt
+                nbytes += pkt
+                got += 1
+                continue
+        self.pool.n_free = top
+        got += self.harvest_split_slow(id, ln, out, cols, ids, lengths, got, &nbytes)
+        top = self.pool.n_free
+    for k in range(<uint16_t>(avail_idx - start_idx)):
+        x = &extra[held]
+        x.ndescs = 1
+        held = x.next
+    self.vq.last_used_idx = last
+    self.vq.avail_idx = avail_idx
+    self.pool.n_free = top
+    self.bytes += nbytes
+    self.packets += got
+    self.refill()
+    self.vq.flush()
+    return got
+
+
+cdef inline void free_desc(Virtqueue vq, DescExtra *x, uint16_t id) noexcept nogil:
+    """A one-descriptor chain's slot back on the free list."""
+    x.ndescs = 0
+    x.next = vq.free_head
+    vq.free_head = id
+    vq.num_free += 1
+
+
 @cython.no_gc_clear   # __dealloc__ (the base's) unpins the memory of `vq` and `pool`
 cdef class RxQueue(_Queue):
     """``RxQueue(vq, pool, hdr_len=12, strict=False)``: receive side of a port queue.
@@ -310,7 +411,7 @@ cdef class RxQueue(_Queue):
         with neither free them at once (rx_discard)."""
         if self.mergeable:
             return self.harvest_mrg(out, cols, ids, lengths, burst)
-        if not self.vq.in_order and not self.want_hash:
+        if not self.vq.in_order and not self.want_hash and self.buf_len >= self.hdr_len + ETH_HLEN:
             # (hashes asked for in copy mode: the general loop below reads them; the
             # one-pass harvests stay as they were)
             if self.vq.packed:
@@ -371,92 +472,75 @@ cdef class RxQueue(_Queue):
         """harvest() on a split ring without mergeable buffers, in one pass: each used
         entry checked as pop_used and take1 check it (an id in range, of a chain in
         flight, a length within the buffer, a buffer this queue holds), then as
-        harvest() treats it, with the ring's and the pool's fields in locals."""
-        cdef uint16_t avail = self.vq.nused(), k
-        if avail > burst:
-            avail = <uint16_t>burst
-        cdef vring_used_elem *used = self.vq.vr.used.ring
-        cdef uint16_t last = self.vq.last_used_idx, mask = self.vq.mask, free_head = self.vq.free_head
-        cdef uint32_t size = self.vq.size, num_free = self.vq.num_free, id, ln, b, pkt
-        cdef DescExtra *extra = self.vq.extra
-        cdef DescExtra *x
-        cdef uint32_t *stack = self.pool.free_stack
+        harvest() treats it, with the ring's and the pool's fields in locals.
+
+        The common case costs one branch per check, the checks of the descriptor's
+        bookkeeping ORed into one: an id in range; a one-descriptor direct chain of
+        one buffer's room (refill's); a buffer in range that this queue holds; a
+        length from a header and an Ethernet header up to the room. Anything else
+        goes to harvest_split_slow, which sorts out which rule it broke.
+
+        A good packet's descriptor is made available again at once, with the buffer
+        refill() would give it (copy mode and rx_discard: the same one, just freed;
+        zero-copy: the pool's next): only its address and cookie change, so the free
+        list is not walked and the length and flags refill_split wrote stay (2.7.13.1:
+        the device reads them, the driver's checks use its own `writable`). Nothing of
+        it is visible before flush() publishes the index (2.7.13.3), and until the
+        burst ends it counts as not in flight."""
+        if out != NULL:
+            return split_harvest(self, out, cols, NULL, lengths, burst, HARVEST_COPY)
+        if ids != NULL:
+            return split_harvest(self, NULL, 0, ids, lengths, burst, HARVEST_ZC)
+        return split_harvest(self, NULL, 0, NULL, lengths, burst, HARVEST_DISCARD)
+
+    cdef int harvest_split_slow(self, uint32_t id, uint32_t ln, char *out, Py_ssize_t cols,
+                                uint32_t *ids, uint32_t *lengths, int got, uint64_t *nbytes) noexcept nogil:
+        """One used entry harvest_split's fast path did not take, checked rule by rule
+        and counted as pop_used and take1 count it; its descriptor goes back on the
+        free list. Returns 1 if it was a packet (at ``got``), else 0."""
+        if pmd_unlikely(id >= self.vq.size):
+            self.vq.n_bad_id += 1
+            return 0
+        cdef DescExtra *x = &self.vq.extra[id]
+        if pmd_unlikely(x.ndescs == 0):
+            self.vq.n_not_in_flight += 1
+            return 0
+        cdef bint bad_len = ln > x.writable
+        if bad_len:
+            self.vq.n_bad_len += 1
+        cdef uint32_t b = x.cookie
         cdef uint8_t *state = self.pool.state
-        cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
-        cdef uint8_t owner = self.owner
-        cdef uint32_t hdr_len = self.hdr_len
-        cdef char *data = self.pool.base + self.pool.headroom
-        cdef size_t stride = self.pool.buffer_size
-        cdef bint bad_len
-        cdef int got = 0
-        cdef uint64_t nbytes = 0
-        for k in range(avail):
-            id = vring_load32(&used[last & mask].id)
-            ln = vring_load32(&used[last & mask].len)
-            last += 1
-            if pmd_unlikely(id >= size):
-                self.vq.n_bad_id += 1
-                continue
-            x = &extra[id]
-            if pmd_unlikely(x.ndescs == 0):
-                self.vq.n_not_in_flight += 1
-                continue
-            bad_len = ln > x.writable
-            if pmd_unlikely(bad_len):
-                self.vq.n_bad_len += 1
-            b = x.cookie
-            if pmd_unlikely(b >= n_buffers or state[b] != owner or x.ndescs != 1 or x.nind != 0):
-                # not a chain this queue built: its descriptors back, no buffer freed
-                self.vq.free_head = free_head
-                self.vq.num_free = num_free
-                self.vq.detach(<uint16_t>id, NULL, 0)
-                free_head = self.vq.free_head
-                num_free = self.vq.num_free
-                self.foreign_chains += 1
-                continue
-            x.ndescs = 0
-            x.next = free_head
-            free_head = <uint16_t>id
-            num_free += 1
-            if pmd_unlikely(bad_len or ln < hdr_len or ln - hdr_len < ETH_HLEN):
-                if not bad_len and ln < hdr_len:
-                    self.vq.n_bad_len += 1      # shorter than the header: not a packet
-                elif not bad_len:
-                    self.runt += 1              # no Ethernet header: dropped, as Linux and DPDK do
-                self.dropped += 1
-                state[b] = BUF_FREE
-                stack[top] = b
-                top += 1
-                continue
-            pkt = ln - hdr_len
-            if out != NULL:
-                if pmd_unlikely(pkt > cols):
-                    memcpy(out + got * cols, data + b * stride, cols)
-                    self.truncated += 1
-                else:
-                    memcpy(out + got * cols, data + b * stride, pkt)
-                state[b] = BUF_FREE
-                stack[top] = b
-                top += 1
-            elif ids != NULL:
-                state[b] = BUF_APP
-                ids[got] = b
+        if b >= self.pool.n_buffers or state[b] != self.owner or x.ndescs != 1 or x.nind != 0:
+            # not a chain this queue built: its descriptors back, no buffer freed
+            self.vq.detach(<uint16_t>id, NULL, 0)
+            self.foreign_chains += 1
+            return 0
+        free_desc(self.vq, x, <uint16_t>id)
+        if bad_len or ln < self.hdr_len or ln - self.hdr_len < ETH_HLEN:
+            if not bad_len and ln < self.hdr_len:
+                self.vq.n_bad_len += 1          # shorter than the header: not a packet
+            elif not bad_len:
+                self.runt += 1                  # no Ethernet header: dropped, as Linux and DPDK do
+            self.dropped += 1
+            self.pool.put(b)
+            return 0
+        cdef uint32_t pkt = ln - self.hdr_len
+        cdef char *src = self.pool.base + self.pool.headroom + b * self.pool.buffer_size
+        if out != NULL:
+            if pkt > cols:
+                memcpy(out + got * cols, src, cols)
+                self.truncated += 1
             else:
-                state[b] = BUF_FREE
-                stack[top] = b
-                top += 1
-            lengths[got] = pkt
-            nbytes += pkt
-            got += 1
-        self.vq.last_used_idx = last
-        self.vq.free_head = free_head
-        self.vq.num_free = num_free
-        self.pool.n_free = top
-        self.bytes += nbytes
-        self.packets += got
-        self.refill()
-        self.vq.flush()
-        return got
+                memcpy(out + got * cols, src, pkt)
+            self.pool.put(b)
+        elif ids != NULL:
+            state[b] = BUF_APP
+            ids[got] = b
+        else:
+            self.pool.put(b)
+        lengths[got] = pkt
+        nbytes[0] += pkt
+        return 1
 
     cdef int harvest_packed(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                             Py_ssize_t burst) noexcept nogil:
