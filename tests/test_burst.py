@@ -787,3 +787,83 @@ def test_rx_discard_counts_multi_buffer_packets_as_received():
         s = lb.driver_rx.stats()
         assert s["packets"] == 2 and s["bytes"] == 5100 and s["dropped"] == s["zc_multi_dropped"] == 0
         assert lb.pool.available == lb.pool.n_buffers - lb.driver_rx.vq.in_flight - lb.driver_tx.vq.in_flight
+
+
+# ---- a descriptor made available again in the burst that took it (harvest_split) ----
+def _device_uses(view, entries):
+    """Play the device: write used entries (head, len) after the ones already there."""
+    idx = int(view["used_idx"][0])
+    for head, length in entries:
+        view["used_ring"][idx % len(view["used_ring"])] = (head, length)
+        idx += 1
+    view["used_idx"][0] = idx & 0xFFFF
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_a_used_id_named_twice_in_one_burst_is_not_in_flight_the_second_time(zero_copy):
+    """harvest_split puts a good packet's descriptor back in the avail ring at once, but
+    the device cannot see it before the burst publishes the index (2.7.13.3): a second
+    used entry for it in the same burst names no buffer in flight, is counted and gives
+    no packet. After the burst the descriptor is the device's again, and a used entry
+    for it is a packet."""
+    lb = Loopback(queue_size=16)
+    try:
+        rx, hdr = lb.driver_rx, lb.hdr_len
+        view = ring_view(rx.vq)
+        published = int(view["avail_idx"][0])
+        h0 = int(view["avail_ring"][0])
+        _device_uses(view, [(h0, hdr + 60), (h0, hdr + 60)])
+        ids, lens = np.zeros(4, np.uint32), np.zeros(4, np.uint32)
+        out = np.zeros((4, rx.max_packet_len), np.uint8)
+        got = rx.rx_burst_zc(ids, lens) if zero_copy else rx.rx_burst(out, lens)
+        assert got == 1 and lens[0] == 60
+        s = rx.stats()
+        assert s["used_not_in_flight"] == 1 and s["packets"] == 1
+        assert int(view["avail_idx"][0]) == (published + 1) & 0xFFFF   # h0 is available again
+        assert int(view["avail_ring"][published % 16]) == h0
+        if zero_copy:
+            assert lb.pool.state_of(int(ids[0])) == "app"
+            lb.pool.free(ids[:1])
+        _device_uses(view, [(h0, hdr + 70)])
+        got = rx.rx_burst_zc(ids, lens) if zero_copy else rx.rx_burst(out, lens)
+        assert got == 1 and lens[0] == 70
+        assert rx.stats()["used_not_in_flight"] == 1
+        if zero_copy:
+            lb.pool.free(ids[:1])
+    finally:
+        lb.close()
+
+
+def test_zero_copy_rx_with_the_pool_running_dry_mid_burst_keeps_every_packet_and_refills_later():
+    """In zero-copy each buffer handed to the application is replaced by the pool's next
+    one; when the pool runs out mid-burst the rest of the descriptors are freed, the
+    refill counts no_buffer, and once the application gives buffers back the next
+    burst fills the ring again: no packet lost, none duplicated."""
+    lb = Loopback(queue_size=16, n_buffers=40)
+    try:
+        tx, rx, pool = lb.driver_tx, lb.driver_rx, lb.pool
+        data, lengths = random_packets(16, width=200, hi=200)
+        assert tx.tx_burst(data, lengths) == 16      # 16 in the rx ring, 16 in tx: 8 left
+        lb.step()
+        ids, lens = np.zeros(16, np.uint32), np.zeros(16, np.uint32)
+        assert rx.rx_burst_zc(ids, lens) == 16
+        assert len(set(ids.tolist())) == 16
+        for i in range(16):
+            assert lens[i] == lengths[i]
+            assert (pool.data[ids[i], :lens[i]] == data[i, :lengths[i]]).all()
+        assert rx.stats()["no_buffer"] >= 1        # 8 replaced, 8 descriptors left empty
+        pool.free(ids)
+        tx.reclaim()
+        empty = np.zeros(16, np.uint32)
+        assert rx.rx_burst_zc(empty, lens) == 0      # refills the ring from the buffers back
+        data2, lengths2 = random_packets(16, width=200, hi=200)
+        assert tx.tx_burst(data2, lengths2) == 16
+        lb.step()
+        out, olens = rx_all(lb, 16)
+        assert len(out) == 16 and (olens == lengths2).all()   # the ring held 16 buffers again
+        for i in range(16):
+            assert (out[i, :olens[i]] == data2[i, :lengths2[i]]).all()
+        s = rx.stats()
+        assert s["used_not_in_flight"] == s["bad_used_id"] == s["dropped"] == 0
+    finally:
+        lb.close()
