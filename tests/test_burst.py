@@ -867,3 +867,60 @@ def test_zero_copy_rx_with_the_pool_running_dry_mid_burst_keeps_every_packet_and
         assert s["used_not_in_flight"] == s["bad_used_id"] == s["dropped"] == 0
     finally:
         lb.close()
+
+
+# ---- the device's tx_to_rx: one loop for the common pair, the general path for the rest ----
+@pytest.mark.parametrize("mergeable", [False, True])
+def test_tx_to_rx_hands_the_general_path_a_burst_from_its_first_unusual_chain(mergeable):
+    """tx_to_rx moves one-descriptor packets in one loop over both split rings and stops at
+    the first chain that is anything else (here a long packet: a tx chain of several
+    descriptors, and without MRG_RXBUF one no rx buffer holds); the general path takes
+    the burst from there: every packet in order and intact, the one too long for the
+    driver's buffers dropped and counted, nothing else lost."""
+    lb = Loopback(queue_size=64, mergeable=mergeable)
+    try:
+        sizes = [60, 61, 5000, 62, 3000, 63, 64, 65]
+        data = RNG.integers(0, 256, (len(sizes), 5000), dtype=np.uint8)
+        assert lb.driver_tx.tx_burst(data, np.array(sizes, np.uint32)) == len(sizes)
+        expected = [i for i, n in enumerate(sizes) if mergeable or n <= lb.driver_rx.max_packet_len]
+        assert lb.step() == len(expected)
+        width = lb.driver_rx.max_packet_len
+        out = np.zeros((len(sizes), width), np.uint8)
+        lens = np.zeros(len(sizes), np.uint32)
+        got = lb.driver_rx.rx_burst(out, lens)
+        assert got == len(expected)
+        for row, i in enumerate(expected):
+            assert lens[row] == sizes[i]
+            assert (out[row, :sizes[i]] == data[i, :sizes[i]]).all()
+        assert lb.device_tx.stats()["dropped"] == len(sizes) - len(expected)
+        assert lb.device_tx.stats()["bad_descriptors"] == lb.device_rx.stats()["bad_descriptors"] == 0
+        assert lb.driver_tx.reclaim() >= len(sizes)
+    finally:
+        lb.close()
+
+
+def test_tx_to_rx_reads_the_rx_avail_index_only_when_a_tx_chain_needs_a_buffer():
+    """As pop() does, the device reads the driver's rx avail index when a packet needs a
+    buffer and it has caught up with what it read before, not earlier: a step with
+    nothing to transmit reads nothing, so an index the driver moves back afterwards (here
+    to "no buffers", a driver's error) is what the next packet sees, and the packet stays
+    in the tx ring. An index more than a ring ahead is counted and stops the rx queue
+    (2.7.13.3) when it is read."""
+    lb = Loopback(queue_size=16)
+    try:
+        view = ring_view(lb.driver_rx.vq)
+        published = int(view["avail_idx"][0])
+        assert published == 16
+        assert lb.step() == 0                        # no tx chain: the rx index is not read
+        view["avail_idx"][0] = 0                     # moved back to where the device is
+        data, lengths = random_packets(1, width=200, hi=200)
+        assert lb.driver_tx.tx_burst(data, lengths) == 1
+        assert lb.step() == 0                        # read now: no rx buffer
+        assert lb.driver_tx.reclaim() == 0           # not taken: still the device's
+        view["avail_idx"][0] = (published + 100) & 0xFFFF
+        assert lb.step() == 0
+        s = lb.device_rx.stats()
+        assert s["broken"] and s["bad_descriptors"] == 1
+        assert lb.driver_tx.reclaim() == 0
+    finally:
+        lb.close()

@@ -10,11 +10,18 @@ mirrors the driver's :mod:`pmd.driver._tx`.
 """
 
 cimport cython
-from libc.stdint cimport uint32_t
+from libc.stdint cimport uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memmove, memset
 
+from pmd.includes.barrier cimport pmd_virtio_rmb
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.gil cimport PyThreadState, pmd_gil_release, pmd_gil_take
+from pmd.includes.virtio_net cimport virtio_net_hdr_v1_hash
+from pmd.includes.vring cimport (
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vring_desc, vring_load16, vring_load32,
+    vring_load64, vring_store32, vring_used_elem,
+)
 from pmd.sim._rx cimport check_hdr_len, deliver
 from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
 
@@ -22,6 +29,115 @@ from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
 cdef bint _alloc(char **p, uint32_t n) noexcept nogil:
     p[0] = <char *>malloc(n)
     return p[0] != NULL
+
+
+cdef inline uint16_t split_ready(DeviceQueue q) noexcept nogil:
+    """Avail entries of a split ring that can be read now, looking at avail->idx again
+    only when caught up, as pop() does. An index more than a ring ahead gives 0 here:
+    the general path then reads it, counts it and stops the queue."""
+    cdef uint16_t idx
+    if q.shadow_avail_idx == q.last_avail_idx:
+        idx = vring_load16(&q.vr.avail.idx)
+        if idx == q.last_avail_idx or <uint16_t>(idx - q.last_avail_idx) > q.size:
+            return 0
+        pmd_virtio_rmb(q.weak_barriers)   # the entries only after the index that covers them (2.7.13.3)
+        q.shadow_avail_idx = idx
+    return <uint16_t>(q.shadow_avail_idx - q.last_avail_idx)
+
+
+cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len) noexcept nogil:
+    """tx_to_rx_burst's common case on split rings, in one loop with both rings' fields
+    in locals: a tx chain of one device-readable descriptor of at least a header, an rx
+    chain of one device-writable descriptor with room for it, both ids in range and
+    both buffers inside a window, as pop() checks them. It stops at the first pair that
+    is anything else (or when either ring has no more), leaving it untouched for the
+    general loop, which takes it the usual way. Returns packets moved (used entries
+    written, not published)."""
+    cdef int n = budget
+    if n <= 0:
+        return 0
+    cdef uint16_t k = split_ready(tx)
+    if k < n:
+        n = k
+    if n == 0:
+        return 0
+    cdef uint16_t rn = 0      # rx entries read and not taken: its index is read as pop() reads it,
+                              # when a tx chain has passed its checks and none is left
+    cdef uint16_t tl = tx.last_avail_idx, tm = tx.mask, tu = tx.used_idx
+    cdef uint16_t rl = rx.last_avail_idx, rm = rx.mask, ru = rx.used_idx
+    cdef uint32_t tsize = tx.size, rsize = rx.size, tln, rln
+    cdef const uint16_t *tring = tx.vr.avail.ring
+    cdef const uint16_t *rring = rx.vr.avail.ring
+    cdef vring_desc *tdesc = tx.vr.desc
+    cdef vring_desc *rdesc = rx.vr.desc
+    cdef vring_used_elem *tused = tx.vr.used.ring
+    cdef vring_used_elem *rused = rx.vr.used.ring
+    cdef uint16_t th, rh
+    cdef vring_desc *d
+    cdef char *tp
+    cdef char *rp
+    cdef virtio_net_hdr_v1_hash hdr
+    memset(&hdr, 0, sizeof(hdr))
+    hdr.num_buffers = 1
+    cdef int moved = 0
+    while moved < n:
+        th = vring_load16(&tring[tl & tm])
+        if pmd_unlikely(th >= tsize):
+            break
+        d = &tdesc[th]
+        if pmd_unlikely(vring_load16(&d.flags) & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)):
+            break
+        tln = vring_load32(&d.len)
+        if pmd_unlikely(tln < hdr_len):
+            break
+        tp = tx.windows.translate(vring_load64(&d.addr), tln)
+        if pmd_unlikely(tp == NULL):
+            break
+        if rn == 0:
+            rx.last_avail_idx = rl
+            rn = split_ready(rx)
+            if rn == 0:
+                break
+        rh = vring_load16(&rring[rl & rm])
+        if pmd_unlikely(rh >= rsize):
+            break
+        d = &rdesc[rh]
+        if pmd_unlikely((vring_load16(&d.flags) & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE))
+                        != VRING_DESC_F_WRITE):
+            break
+        rln = vring_load32(&d.len)
+        if pmd_unlikely(rln < tln):         # header + packet: the tx chain's length
+            break
+        rp = rx.windows.translate(vring_load64(&d.addr), rln)
+        if pmd_unlikely(rp == NULL):
+            break
+        # a constant size is two or three stores; memcpy(hdr_len) is a byte loop
+        if hdr_len == 12:
+            memcpy(rp, &hdr, 12)
+        elif hdr_len == 20:
+            memcpy(rp, &hdr, 20)
+        else:
+            memcpy(rp, &hdr, hdr_len)
+        memmove(rp + hdr_len, tp + hdr_len, tln - hdr_len)   # the two buffers may overlap
+        vring_store32(&tused[tu & tm].id, th)
+        vring_store32(&tused[tu & tm].len, 0)
+        vring_store32(&rused[ru & rm].id, rh)
+        vring_store32(&rused[ru & rm].len, tln)
+        rn -= 1
+        tl += 1
+        rl += 1
+        tu += 1
+        ru += 1
+        moved += 1
+    tx.last_avail_idx = tl
+    rx.last_avail_idx = rl
+    tx.used_idx = tu
+    rx.used_idx = ru
+    tx.n_popped += <uint32_t>moved
+    rx.n_popped += <uint32_t>moved
+    tx.n_used_entries += <uint32_t>moved
+    rx.n_used_entries += <uint32_t>moved
+    return moved
 
 
 cdef int tx_to_rx_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len,
@@ -39,6 +155,8 @@ cdef int tx_to_rx_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
     cdef int moved = 0, r
     cdef uint32_t pkt
     cdef const char *src
+    if pmd_likely(not (tx.packed or rx.packed or tx.in_order or rx.in_order or tx.broken or rx.broken)):
+        moved = tx_to_rx_split(tx, rx, budget, hdr_len)
     while moved < budget:
         r = tx.pop()
         if r == 0:
