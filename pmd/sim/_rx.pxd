@@ -9,8 +9,10 @@
 from libc.stdint cimport uint16_t, uint32_t
 from libc.string cimport memcpy, memmove, memset
 
+from pmd.includes.barrier cimport pmd_virtio_rmb
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.virtio_net cimport virtio_net_hdr, virtio_net_hdr_v1_hash
+from pmd.includes.vring cimport vring_load16
 from pmd.sim._virtqueue cimport DeviceQueue
 
 
@@ -19,6 +21,20 @@ cdef inline int check_hdr_len(uint32_t hdr_len) except -1:
         raise ValueError(f"hdr_len must be at most {sizeof(virtio_net_hdr_v1_hash)} (the virtio-net header "
                          "with the hash fields, 5.1.6)")
     return 0
+
+
+cdef inline uint16_t split_ready(DeviceQueue q) noexcept nogil:
+    """Avail entries of a split ring that can be read now, looking at avail->idx again
+    only when caught up, as pop() does. An index more than a ring ahead gives 0 here:
+    the general path then reads it, counts it and stops the queue."""
+    cdef uint16_t idx
+    if q.shadow_avail_idx == q.last_avail_idx:
+        idx = vring_load16(&q.vr.avail.idx)
+        if idx == q.last_avail_idx or <uint16_t>(idx - q.last_avail_idx) > q.size:
+            return 0
+        pmd_virtio_rmb(q.weak_barriers)   # the entries only after the index that covers them (2.7.13.3)
+        q.shadow_avail_idx = idx
+    return <uint16_t>(q.shadow_avail_idx - q.last_avail_idx)
 
 
 cdef inline int deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr_len,

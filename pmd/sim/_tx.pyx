@@ -14,7 +14,6 @@ from libc.stdint cimport uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
 
-from pmd.includes.barrier cimport pmd_virtio_rmb
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.gil cimport PyThreadState, pmd_gil_release, pmd_gil_take
 from pmd.includes.virtio_net cimport virtio_net_hdr_v1_hash
@@ -22,27 +21,13 @@ from pmd.includes.vring cimport (
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vring_desc, vring_load16, vring_load32,
     vring_load64, vring_store32, vring_used_elem,
 )
-from pmd.sim._rx cimport check_hdr_len, deliver
+from pmd.sim._rx cimport check_hdr_len, deliver, split_ready
 from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
 
 
 cdef bint _alloc(char **p, uint32_t n) noexcept nogil:
     p[0] = <char *>malloc(n)
     return p[0] != NULL
-
-
-cdef inline uint16_t split_ready(DeviceQueue q) noexcept nogil:
-    """Avail entries of a split ring that can be read now, looking at avail->idx again
-    only when caught up, as pop() does. An index more than a ring ahead gives 0 here:
-    the general path then reads it, counts it and stops the queue."""
-    cdef uint16_t idx
-    if q.shadow_avail_idx == q.last_avail_idx:
-        idx = vring_load16(&q.vr.avail.idx)
-        if idx == q.last_avail_idx or <uint16_t>(idx - q.last_avail_idx) > q.size:
-            return 0
-        pmd_virtio_rmb(q.weak_barriers)   # the entries only after the index that covers them (2.7.13.3)
-        q.shadow_avail_idx = idx
-    return <uint16_t>(q.shadow_avail_idx - q.last_avail_idx)
 
 
 cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len) noexcept nogil:
