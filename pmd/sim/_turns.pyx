@@ -45,6 +45,73 @@ cdef inline uint64_t _le(const unsigned char *p, int n) noexcept nogil:
     return v
 
 
+cdef inline void _inspect(const unsigned char *head, uint32_t pkt, uint32_t size, uint64_t magic,
+                          uint32_t n_flows, int64_t *max_seen, int64_t *counts) noexcept nogil:
+    """Count one packet taken back: ours (and reordered?) or not, by its payload's 16 bytes
+    (``head``: NULL when the packet has none there)."""
+    cdef uint32_t f
+    cdef uint64_t s
+    if head != NULL and pkt == size and _le(head, 4) == magic and _le(head + 4, 4) < n_flows:
+        f = <uint32_t>_le(head + 4, 4)
+        s = _le(head + 8, 8)
+        counts[0] += 1
+        if max_seen[f] >= 0 and s < <uint64_t>max_seen[f]:
+            counts[2] += 1
+        elif <int64_t>s > max_seen[f]:
+            max_seen[f] = <int64_t>s
+    else:
+        counts[1] += 1
+
+
+cdef inline int _take_back_split(DeviceQueue tx, int budget, uint32_t hdr_len, uint32_t row_width,
+                                 uint32_t size, Py_ssize_t payload, uint64_t magic, uint32_t n_flows,
+                                 int64_t *max_seen, int64_t *counts) noexcept nogil:
+    """_take_back's common case on a split ring, in one loop with the ring's fields in
+    locals: a chain of one device-readable descriptor of a header and at most
+    ``row_width`` bytes, its id in range and its buffer inside a window, as pop() checks
+    them. It stops at the first chain that is anything else, untouched, for pop() to
+    take. Returns the packets taken (used entries not published)."""
+    cdef int k = 0
+    cdef uint16_t ready = split_ready(tx)
+    if ready < budget:
+        budget = ready
+    if budget <= 0:
+        return 0
+    cdef uint16_t tl = tx.last_avail_idx, tm = tx.mask, tu = tx.used_idx, th
+    cdef uint32_t tsize = tx.size, tln, pkt
+    cdef const uint16_t *ring = tx.vr.avail.ring
+    cdef vring_desc *desc = tx.vr.desc
+    cdef vring_used_elem *used = tx.vr.used.ring
+    cdef vring_desc *d
+    cdef const unsigned char *tp
+    cdef uint64_t at = hdr_len + <uint64_t>payload
+    while k < budget:
+        th = vring_load16(&ring[tl & tm])
+        if pmd_unlikely(th >= tsize):
+            break
+        d = &desc[th]
+        if pmd_unlikely(vring_load16(&d.flags) & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)):
+            break
+        tln = vring_load32(&d.len)
+        if pmd_unlikely(tln < hdr_len or tln - hdr_len > row_width):
+            break
+        tp = <const unsigned char *>tx.windows.translate(vring_load64(&d.addr), tln)
+        if pmd_unlikely(tp == NULL):
+            break
+        pkt = tln - hdr_len
+        _inspect(tp + at if at + 16 <= tln else NULL, pkt, size, magic, n_flows, max_seen, counts)
+        vring_store32(&used[tu & tm].id, th)
+        vring_store32(&used[tu & tm].len, 0)
+        tl += 1
+        tu += 1
+        k += 1
+    tx.last_avail_idx = tl
+    tx.used_idx = tu
+    tx.n_popped += <uint32_t>k
+    tx.n_used_entries += <uint32_t>k
+    return k
+
+
 cdef inline int _take_back(DeviceQueue tx, int budget, uint32_t hdr_len, uint32_t row_width, uint32_t size,
                            Py_ssize_t payload, uint64_t magic, uint32_t n_flows, int64_t *max_seen,
                            int64_t *counts) noexcept nogil:
@@ -54,6 +121,8 @@ cdef inline int _take_back(DeviceQueue tx, int budget, uint32_t hdr_len, uint32_
     cdef uint32_t pkt, f
     cdef uint64_t s
     cdef unsigned char head[16]
+    if pmd_likely(not (tx.packed or tx.in_order or tx.broken)):
+        i = _take_back_split(tx, budget, hdr_len, row_width, size, payload, magic, n_flows, max_seen, counts)
     while i < budget:
         r = tx.pop()
         if r == 0:
@@ -69,17 +138,8 @@ cdef inline int _take_back(DeviceQueue tx, int budget, uint32_t hdr_len, uint32_
             tx.n_dropped += 1
             tx.push(tx.head, 0)
             continue
-        if (pkt == size and tx.read_out(hdr_len + <uint32_t>payload, <char *>head, 16) == 16
-                and _le(head, 4) == magic and _le(head + 4, 4) < n_flows):
-            f = <uint32_t>_le(head + 4, 4)
-            s = _le(head + 8, 8)
-            counts[0] += 1
-            if max_seen[f] >= 0 and s < <uint64_t>max_seen[f]:
-                counts[2] += 1
-            elif <int64_t>s > max_seen[f]:
-                max_seen[f] = <int64_t>s
-        else:
-            counts[1] += 1
+        _inspect(head if pkt == size and tx.read_out(hdr_len + <uint32_t>payload, <char *>head, 16) == 16
+                 else NULL, pkt, size, magic, n_flows, max_seen, counts)
         tx.push(tx.head, 0)
         i += 1
     tx.flush()
