@@ -1091,6 +1091,33 @@ def test_generator_turns_check_what_comes_back_and_fill_the_rx_ring():
             _one_pair_turns(lb, scratch, next_seq, max_seen, 32, -1)
 
 
+def test_generator_turns_take_a_chain_of_several_descriptors_the_general_way_mid_burst():
+    # On a split ring the turns take one-descriptor chains in one loop and hand the first
+    # other chain to pop(): a long packet (three descriptors, longer than a row: dropped
+    # and counted, as the wire path drops it) between generated frames; the frames before
+    # and after it are all checked, in order, and every chain is returned used.
+    from pmd.loopback import Loopback
+    from pmd.sim.wires import GEN_PAYLOAD
+
+    with Loopback(queue_size=64) as lb:
+        template = np.frombuffer(generator_frame(64, b"\x02" * 6, b"\x04" * 6, flow=0), np.uint8)
+        rows = np.zeros((5, 5000), np.uint8)
+        sizes = [64, 64, 5000, 64, 64]
+        for i, seq in zip((0, 1, 3, 4), (0, 1, 2, 3)):
+            rows[i, :64] = template
+            rows[i, GEN_PAYLOAD + 8:GEN_PAYLOAD + 16] = np.frombuffer(seq.to_bytes(8, "little"), np.uint8)
+        rows[1, GEN_PAYLOAD + 8:GEN_PAYLOAD + 16] = np.frombuffer((5).to_bytes(8, "little"), np.uint8)
+        assert lb.driver_tx.tx_burst(rows, np.array(sizes, np.uint32)) == 5
+        scratch = template.copy().reshape(1, -1)
+        next_seq, max_seen = np.array([10], np.int64), np.array([-1], np.int64)
+        generated, taken, ours, bad, reordered, _ = _one_pair_turns(lb, scratch, next_seq, max_seen, 256, 0)
+        assert (generated, taken, ours, bad) == (0, 4, 4, 0)
+        assert reordered == 2 and int(max_seen[0]) == 5      # 0, 5, then 2 and 3 come back late
+        assert lb.device_tx.stats()["dropped"] == 1
+        assert lb.device_tx.stats()["bad_descriptors"] == 0
+        assert lb.driver_tx.reclaim() == 4 + 3                # every chain returned used
+
+
 def test_generator_turns_refuse_tables_that_point_outside():
     # Every index the caller gives is checked before the loop runs without the GIL.
     from pmd.loopback import Loopback
