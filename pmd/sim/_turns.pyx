@@ -17,9 +17,8 @@ policy between calls.
 """
 
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-
 from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.virtio_net cimport virtio_net_hdr_v1_hash
@@ -48,7 +47,8 @@ cdef inline uint64_t _le(const unsigned char *p, int n) noexcept nogil:
 cdef inline void _inspect(const unsigned char *head, uint32_t pkt, uint32_t size, uint64_t magic,
                           uint32_t n_flows, int64_t *max_seen, int64_t *counts) noexcept nogil:
     """Count one packet taken back: ours (and reordered?) or not, by its payload's 16 bytes
-    (``head``: NULL when the packet has none there)."""
+    (``head``: NULL when the packet has none there). ``head`` must be our own copy, not the
+    driver's buffer: the flow is checked, then used as an index."""
     cdef uint32_t f
     cdef uint64_t s
     if head != NULL and pkt == size and _le(head, 4) == magic and _le(head + 4, 4) < n_flows:
@@ -84,6 +84,7 @@ cdef inline int _take_back_split(DeviceQueue tx, int budget, uint32_t hdr_len, u
     cdef vring_used_elem *used = tx.vr.used.ring
     cdef vring_desc *d
     cdef const unsigned char *tp
+    cdef unsigned char head[16]
     cdef uint64_t at = hdr_len + <uint64_t>payload
     while k < budget:
         th = vring_load16(&ring[tl & tm])
@@ -99,7 +100,11 @@ cdef inline int _take_back_split(DeviceQueue tx, int budget, uint32_t hdr_len, u
         if pmd_unlikely(tp == NULL):
             break
         pkt = tln - hdr_len
-        _inspect(tp + at if at + 16 <= tln else NULL, pkt, size, magic, n_flows, max_seen, counts)
+        if at + 16 <= tln:
+            memcpy(head, tp + at, 16)     # read once: the driver may rewrite its buffer meanwhile
+            _inspect(head, pkt, size, magic, n_flows, max_seen, counts)
+        else:
+            _inspect(NULL, pkt, size, magic, n_flows, max_seen, counts)
         vring_store32(&used[tu & tm].id, th)
         vring_store32(&used[tu & tm].len, 0)
         tl += 1
@@ -118,8 +123,7 @@ cdef inline int _take_back(DeviceQueue tx, int budget, uint32_t hdr_len, uint32_
     """What the driver sent on ``tx``: checked where it lies, then returned used (length
     0). ``counts``: ours, bad, reordered. Returns the packets taken."""
     cdef int i = 0, r
-    cdef uint32_t pkt, f
-    cdef uint64_t s
+    cdef uint32_t pkt
     cdef unsigned char head[16]
     if pmd_likely(not (tx.packed or tx.in_order or tx.broken)):
         i = _take_back_split(tx, budget, hdr_len, row_width, size, payload, magic, n_flows, max_seen, counts)
