@@ -13,16 +13,20 @@ harness must find no timestamp inside it.
 from __future__ import annotations
 
 import bisect
+import os
+import subprocess
 import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 
 import pmd
-from pmd.driver import _fwd
+from pmd.driver import _fwd, _queue
 from pmd.loopback import Loopback
 
 QUEUE = 4096
@@ -288,3 +292,91 @@ def test_the_receive_and_transmit_queue_of_one_pair_in_two_threads(zero_copy):
         assert got == want, "frames differ or came out of order"
         port.stop()
         assert pool.available == pool.n_buffers, "a buffer was lost or freed twice"
+
+
+# The GIL hand-off between queues' threads (csrc/pmd_gil.h): a burst that ends while
+# another pmd thread runs the Python between two of its bursts spins for the GIL
+# instead of sleeping on CPython's condition variable, but only briefly.
+def _burst_rounds(lb: Loopback, stop: threading.Event, rounds: list[int], i: int, errors: list,
+                  hold: float = 0.0) -> None:
+    try:
+        ids = np.zeros(128, np.uint32)
+        lens = np.zeros(128, np.uint32)
+        while not stop.is_set():
+            _fwd.txonly(lb.driver_tx, 64, 32, 4)
+            lb.step(128)
+            n = lb.driver_rx.rx_burst_zc(ids, lens)
+            lb.pool.free(ids[:n])
+            rounds[i] += 1
+            end = time.perf_counter() + hold
+            while time.perf_counter() < end:      # Python holding the GIL
+                pass
+    except BaseException as e:  # noqa: BLE001 - reported by the test
+        errors.append(e)
+        stop.set()
+
+
+def _two_threads_bursting(seconds: float, holds: tuple[float, float]) -> list[int]:
+    stop = threading.Event()
+    rounds = [0, 0]
+    errors: list[BaseException] = []
+    lbs = [Loopback(queue_size=256, n_buffers=1024) for _ in range(2)]
+    threads = [threading.Thread(target=_burst_rounds, args=(lbs[i], stop, rounds, i, errors, holds[i]))
+               for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        for lb in lbs:
+            lb.close()
+    assert not errors, errors
+    return rounds
+
+
+needs_two_cpus = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or _queue.GIL_ALWAYS_KEPT,
+    reason="needs two CPUs and a build whose bursts release the GIL (not PMD_DEBUG)")
+
+
+@needs_two_cpus
+def test_a_burst_ending_while_another_queues_thread_is_between_bursts_takes_the_gil_by_spinning():
+    before = _queue.gil_handoffs()
+    rounds = _two_threads_bursting(0.5, (0.0, 0.0))
+    after = _queue.gil_handoffs()
+    assert min(rounds) > 0, rounds
+    assert after["spun"] > before["spun"], (before, after)
+
+
+@needs_two_cpus
+def test_a_burst_spins_only_briefly_for_a_gil_held_long_then_sleeps_until_it_is_free():
+    # thread 1 holds the GIL 2 ms after each of its rounds: thread 0's bursts ending then
+    # spin to the bound (spun_out) and sleep, and both threads still make progress
+    before = _queue.gil_handoffs()
+    rounds = _two_threads_bursting(0.5, (0.0, 0.002))
+    after = _queue.gil_handoffs()
+    assert min(rounds) > 0, rounds
+    assert after["spun_out"] > before["spun_out"], (before, after)
+
+
+def test_a_process_on_one_cpu_never_spins_for_the_gil():
+    # the holder could not run while the waiter spins on its only CPU
+    code = textwrap.dedent("""
+        import importlib.util, os, sys
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        sys.path.insert(0, sys.argv[1])           # the pmd this test runs on
+        spec = importlib.util.spec_from_file_location("helpers", sys.argv[2])
+        t = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(t)
+        from pmd.driver import _queue
+        rounds = t._two_threads_bursting(0.3, (0.0, 0.0))
+        assert min(rounds) > 0, rounds
+        print(_queue.gil_handoffs())
+    """)
+    root = str(Path(pmd.__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", code, root, __file__], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{'spun': 0, 'spun_out': 0}", out.stdout

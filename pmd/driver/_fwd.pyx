@@ -26,6 +26,9 @@ from pmd.driver._pool cimport BUF_APP, PacketPool
 from pmd.driver._rx cimport RxQueue
 from pmd.driver._tx cimport TxQueue
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
+from pmd.includes.gil cimport PyThreadState, pmd_gil_init, pmd_gil_release, pmd_gil_take
+
+pmd_gil_init()   # the loops share the bursts' GIL hand-off hint (csrc/pmd_gil.h)
 
 cdef enum:
     ETH_ALEN = 6
@@ -43,14 +46,10 @@ def txonly(TxQueue txq not None, uint32_t length, Py_ssize_t burst, Py_ssize_t m
                          "bytes (the pool's data room)")
     if burst < 1 or max_bursts < 1:
         raise ValueError("burst and max_bursts must be at least 1")
-    cdef Py_ssize_t k
-    cdef uint64_t sent = 0
     txq.enter()
-    with nogil:
-        for k in range(max_bursts):
-            if pmd_unlikely(txq.vq.broken or txq.is_closed):
-                break                     # the next call's check says why
-            sent += <uint64_t>txq.send_pool(length, burst)
+    cdef PyThreadState *ts = pmd_gil_release()
+    cdef uint64_t sent = _txonly(txq, length, burst, max_bursts)
+    pmd_gil_take(ts)
     txq.leave()
     txq.report()
     return sent
@@ -58,6 +57,16 @@ def txonly(TxQueue txq not None, uint32_t length, Py_ssize_t burst, Py_ssize_t m
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
+cdef uint64_t _txonly(TxQueue txq, uint32_t length, Py_ssize_t burst, Py_ssize_t max_bursts) noexcept nogil:
+    cdef Py_ssize_t k
+    cdef uint64_t sent = 0
+    for k in range(max_bursts):
+        if pmd_unlikely(txq.vq.broken or txq.is_closed):
+            break                     # the next call's check says why
+        sent += <uint64_t>txq.send_pool(length, burst)
+    return sent
+
+
 cdef void _forward(RxQueue rxq, TxQueue txq, uint32_t *ids, uint32_t *lens, Py_ssize_t burst,
                    bint macswap, Py_ssize_t max_polls, Py_ssize_t tx_retry,
                    uint64_t *forwarded, uint64_t *dropped) noexcept nogil:
@@ -129,6 +138,7 @@ def forward(RxQueue rxq not None, TxQueue txq not None, Py_ssize_t burst, bint m
     cdef uint32_t *ids = <uint32_t *>malloc(sizeof(uint32_t) * burst)
     cdef uint32_t *lens = <uint32_t *>malloc(sizeof(uint32_t) * burst)
     cdef uint64_t forwarded = 0, dropped = 0
+    cdef PyThreadState *ts
     try:
         if ids == NULL or lens == NULL:
             raise MemoryError()
@@ -138,8 +148,9 @@ def forward(RxQueue rxq not None, TxQueue txq not None, Py_ssize_t burst, bint m
         except BaseException:
             rxq.leave()
             raise
-        with nogil:
-            _forward(rxq, txq, ids, lens, burst, macswap, max_polls, tx_retry, &forwarded, &dropped)
+        ts = pmd_gil_release()
+        _forward(rxq, txq, ids, lens, burst, macswap, max_polls, tx_retry, &forwarded, &dropped)
+        pmd_gil_take(ts)
         txq.leave()
         rxq.leave()
     finally:

@@ -8,6 +8,7 @@ from ._virtqueue import Virtqueue
 DEF_HDR_LEN: int
 
 def bursts_release_gil() -> bool: ...
+def gil_handoffs() -> dict[str, int]: ...
 
 GIL_ALWAYS_KEPT: bool
 

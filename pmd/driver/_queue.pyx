@@ -18,7 +18,7 @@ from posix.unistd cimport usleep
 from pmd.driver._pool cimport PacketPool
 from pmd.driver._virtqueue cimport Virtqueue
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
-from pmd.includes.gil cimport PMD_GIL_ALWAYS_KEPT, pmd_gil_alone
+from pmd.includes.gil cimport PMD_GIL_ALWAYS_KEPT, pmd_gil_alone, pmd_gil_init, pmd_gil_spun_handed, pmd_gil_spun_out
 
 from pmd.errors import DeviceError, QueueStateError
 
@@ -39,6 +39,18 @@ def bursts_release_gil():
 
 
 GIL_ALWAYS_KEPT = bool(PMD_GIL_ALWAYS_KEPT)
+
+pmd_gil_init()
+
+
+def gil_handoffs():
+    """How bursts took the GIL back from another pmd thread, since the process
+    started (``csrc/pmd_gil.h``): ``{"spun": n, "spun_out": m}``. ``spun``: a
+    burst ended while another queue's thread ran the Python between two of its
+    bursts, waited for it by spinning and got the GIL without sleeping;
+    ``spun_out``: the holder kept it past the spin's bound, and the burst slept
+    as CPython makes it. Both stay 0 with one thread or one CPU."""
+    return {"spun": pmd_gil_spun_handed(), "spun_out": pmd_gil_spun_out()}
 
 
 @cython.no_gc_clear   # __dealloc__ unpins the memory of `vq` and `pool`

@@ -34,8 +34,10 @@ from pmd.includes.vring cimport (
 )
 from pmd.includes.barrier cimport pmd_virtio_rmb
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
-from pmd.includes.gil cimport PyThreadState, pmd_gil_release, pmd_gil_take
+from pmd.includes.gil cimport PyThreadState, pmd_gil_init, pmd_gil_release, pmd_gil_take
 from pmd.includes.virtio_net cimport virtio_net_hdr
+
+pmd_gil_init()   # the bursts share one GIL hand-off hint (csrc/pmd_gil.h)
 
 cnp.import_array()
 

@@ -28,9 +28,11 @@ from pmd.includes.vring cimport (
     PVIRTQ_AVAIL_USED, pvirtq_desc, vring_desc, vring_load32, vring_used_elem,
 )
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
-from pmd.includes.gil cimport PyThreadState, pmd_gil_release, pmd_gil_take
+from pmd.includes.gil cimport PyThreadState, pmd_gil_init, pmd_gil_release, pmd_gil_take
 
 from pmd.errors import PoolError
+
+pmd_gil_init()   # the bursts share one GIL hand-off hint (csrc/pmd_gil.h)
 
 cnp.import_array()
 

@@ -7,6 +7,9 @@ from cpython.pystate cimport PyThreadState
 
 cdef extern from "pmd_gil.h":
     const int PMD_GIL_ALWAYS_KEPT    # the debug build (PMD_DEBUG=1): bursts never release it
+    int pmd_gil_init() except -1        # once per module that bursts: shares the hand-off hint
     bint pmd_gil_alone() noexcept
     PyThreadState *pmd_gil_release() noexcept
     void pmd_gil_take(PyThreadState *ts) noexcept
+    unsigned long long pmd_gil_spun_handed() noexcept
+    unsigned long long pmd_gil_spun_out() noexcept

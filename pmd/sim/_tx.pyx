@@ -15,7 +15,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
 
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
-from pmd.includes.gil cimport PyThreadState, pmd_gil_release, pmd_gil_take
+from pmd.includes.gil cimport PyThreadState, pmd_gil_init, pmd_gil_release, pmd_gil_take
 from pmd.includes.virtio_net cimport virtio_net_hdr_v1_hash
 from pmd.includes.vring cimport (
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vring_desc, vring_load16, vring_load32,
@@ -23,6 +23,8 @@ from pmd.includes.vring cimport (
 )
 from pmd.sim._rx cimport check_hdr_len, deliver, split_ready
 from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
+
+pmd_gil_init()   # the bursts share one GIL hand-off hint (csrc/pmd_gil.h)
 
 
 cdef bint _alloc(char **p, uint32_t n) noexcept nogil:
