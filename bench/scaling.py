@@ -73,7 +73,7 @@ def _loopback_worker(lb: Loopback, cpu: int | None, start: threading.Barrier, st
             _fwd.txonly(tx, SIZE, BURST, QUEUE // BURST)
             lb.step(QUEUE)
             n = rx.rx_burst_zc(ids, lens)
-            pool.free(ids[:n])
+            pool.free(ids, n)
             n_total += n
             counts[i] = n_total
     except BaseException as e:  # noqa: BLE001 - reported by the caller

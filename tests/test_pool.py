@@ -74,6 +74,43 @@ def test_an_id_freed_in_an_earlier_call_is_a_double_free(pool):
         pool.free([i, i])
 
 
+def test_free_of_a_count_gives_back_the_first_n_ids_only(pool):
+    ids = pool.alloc(4)
+    pool.free(ids, 3)
+    assert [pool.state_of(int(i)) for i in ids] == ["free", "free", "free", "app"]
+    pool.free(ids[3:], 0)                        # nothing
+    assert pool.state_of(int(ids[3])) == "app"
+    with pytest.raises(ValueError, match="n=2 but only 1 ids"):
+        pool.free(ids[3:], 2)
+    pool.free(ids[3:])
+    assert pool.available == 16
+
+
+@pytest.mark.parametrize("layout", ["uint32", "strided", "big-endian", "int64", "list"])
+def test_a_refused_free_frees_nothing_whatever_the_ids_array(pool, layout):
+    held = pool.alloc(6)
+    ids = np.array([held[0], held[1], held[2], held[1]], np.uint32)   # held[1] twice
+    given = {"uint32": ids, "strided": np.repeat(ids, 2)[::2], "big-endian": ids.astype(">u4"),
+             "int64": ids.astype(np.int64), "list": [int(i) for i in ids]}[layout]
+    with pytest.raises(PoolError, match=r"listed twice in this call \(ids\[1\] and ids\[3\]\)"):
+        pool.free(given)
+    assert pool.available == 10
+    assert all(pool.state_of(int(i)) == "app" for i in held)
+    pool.free(given[:3])                         # the same layout, good ids: freed
+    assert [pool.state_of(int(i)) for i in held[:3]] == ["free"] * 3
+    assert pool.available == 13
+
+
+def test_an_id_out_of_range_is_named_as_given_in_any_integer_type(pool):
+    ids = pool.alloc(2)
+    for bad, shown in [(np.array([ids[0], 2**32 + 1], np.int64), 2**32 + 1), (np.array([ids[0], -3]), -3),
+                       (np.array([ids[0], 16], np.uint32), 16), (np.array([ids[0], 70000], np.uint64), 70000)]:
+        with pytest.raises(PoolError, match=f"buffer id {shown} does not belong"):
+            pool.free(bad)
+        assert pool.state_of(int(ids[0])) == "app"
+    pool.free(ids)
+
+
 def test_free_needs_integer_ids(pool):
     with pytest.raises(TypeError, match="integers"):
         pool.free(np.array([1.5]))

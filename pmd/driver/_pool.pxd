@@ -96,6 +96,7 @@ cdef class PacketPool:
             return self.raise_closed()
         return self.memory._check_open()
     cdef int raise_closed(self) except -1
-    cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto) noexcept
-    cdef int _free_checked(self, long long[::1] v, Py_ssize_t n) except -1
+    cdef Py_ssize_t _free_ids(self, const uint32_t *v, Py_ssize_t n, uint8_t *seen) noexcept
+    cdef void _unpush(self, Py_ssize_t k) noexcept
+    cdef object _free_error(self, const uint32_t *v, Py_ssize_t i, uint8_t seen, object wide)
     cdef int _swap_checked(self, const uint32_t[::1] ids, Py_ssize_t n) except -1

@@ -27,6 +27,7 @@ so its own pool).
 
 import numpy as np
 
+cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, calloc
 from libc.string cimport memcpy
@@ -43,14 +44,7 @@ DEFAULT_BUFFER_SIZE = 2048
 DEFAULT_HEADROOM = 64
 MAX_HDR_LEN = 12
 
-
-cdef Py_ssize_t _first_index(long long[::1] v, Py_ssize_t i) noexcept:
-    """Where v[i] first appears in v (i when it does not before); only on an error path."""
-    cdef Py_ssize_t k
-    for k in range(i):
-        if v[k] == v[i]:
-            return k
-    return i
+cnp.import_array()
 
 
 cdef class PacketPool:
@@ -218,52 +212,84 @@ cdef class PacketPool:
         finally:
             self.end_turn()
 
-    def free(self, ids):
-        """Give buffers back: one id, or an array/sequence of ids.
+    def free(self, ids, Py_ssize_t n=-1):
+        """Give buffers back: one id, or an array/sequence of ids (its first ``n``
+        when given, as ``free(ids, n)`` after ``n = rx_burst_zc(ids, lens)``).
 
-        Every id is checked first (it belongs to the pool, the application
-        owns it, it appears once); on any error nothing is freed.
+        Every id is checked (it belongs to the pool, the application owns it, it
+        appears once); on any error nothing is freed. A C-contiguous uint32 array,
+        what ``rx_burst_zc`` fills, is read in place: no conversion, each id read
+        once.
         """
         self.check_open()
-        arr = np.asarray(ids)
-        if arr.ndim == 0:
-            arr = arr.reshape(1)
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise TypeError(f"buffer ids must be integers in a 1-D array, got {arr.dtype} with shape {arr.shape}")
-        cdef long long[::1] v = arr.astype(np.int64)
-        cdef Py_ssize_t n = v.shape[0]
+        cdef cnp.ndarray a
+        if (cnp.PyArray_Check(ids) and cnp.PyArray_TYPE(<cnp.ndarray>ids) == cnp.NPY_UINT32
+                and cnp.PyArray_NDIM(<cnp.ndarray>ids) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>ids)
+                and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>ids)):
+            a = <cnp.ndarray>ids
+            wide = None
+        else:
+            arr = np.asarray(ids)
+            if arr.ndim == 0:
+                arr = arr.reshape(1)
+            if arr.ndim != 1 or arr.dtype.kind not in "iu":
+                raise TypeError(f"buffer ids must be integers in a 1-D array, got {arr.dtype} with shape {arr.shape}")
+            wide = arr.astype(np.int64)
+            # out of range -> n_buffers, which the check below refuses (the message shows the id given)
+            a = np.where((wide >= 0) & (wide < self.n_buffers), wide, self.n_buffers).astype(np.uint32)
+        cdef Py_ssize_t size = cnp.PyArray_DIM(a, 0)
+        if n < 0:
+            n = size
+        elif n > size:
+            raise ValueError(f"n={n} but only {size} ids were given")
+        cdef const uint32_t *v = <const uint32_t *>cnp.PyArray_DATA(a)
+        cdef uint8_t seen = 0
+        cdef Py_ssize_t bad
         self.take_turn()
         try:
             self.check_open()
-            self._free_checked(v, n)
+            bad = self._free_ids(v, n, &seen)
         finally:
             self.end_turn()
+        if bad >= 0:
+            raise self._free_error(v, bad, seen, wide)
 
-    cdef int _free_checked(self, long long[::1] v, Py_ssize_t n) except -1:
+    cdef Py_ssize_t _free_ids(self, const uint32_t *v, Py_ssize_t n, uint8_t *seen) noexcept:
+        """Free v[0..n), each id read once: checked, then pushed. At the first
+        one the application does not own, undo the pushes, put its state in
+        ``seen`` and return its index; -1 when all were freed."""
         cdef Py_ssize_t i
-        cdef long long b
-        # Validate and mark in one pass, undo on error: catches duplicates too.
+        cdef uint32_t b
         for i in range(n):
             b = v[i]
-            if b < 0 or b >= self.n_buffers:
-                self._undo_free(v, i)
-                raise PoolError(f"buffer id {b} does not belong to this pool (ids are 0..{self.n_buffers - 1})")
-            if self.state[b] != BUF_APP:
-                first = _first_index(v, i)
-                if self.state[b] == BUF_FREE and first < i:
-                    err = PoolError(f"buffer {b} is listed twice in this call (ids[{first}] and "
-                                    f"ids[{i}]); give each id once. Nothing was freed")
-                elif self.state[b] == BUF_FREE:
-                    err = PoolError(f"double free: buffer {b} is already free")
-                else:
-                    err = PoolError(f"buffer {b} is owned by a queue, not the application; "
-                                    "it comes back to the pool when the device is done with it")
-                self._undo_free(v, i)
-                raise err
-            self.state[b] = BUF_FREE
-        for i in range(n):
-            self.put(<uint32_t>v[i])
-        return 0
+            if b >= self.n_buffers or self.state[b] != BUF_APP:
+                seen[0] = self.state[b] if b < self.n_buffers else BUF_FREE
+                self._unpush(i)
+                return i
+            self.put(b)
+        return -1
+
+    cdef void _unpush(self, Py_ssize_t k) noexcept:
+        """Take back the last ``k`` buffers pushed in this turn (the application's again)."""
+        cdef Py_ssize_t j
+        for j in range(k):
+            self.n_free -= 1
+            self.state[self.free_stack[self.n_free]] = BUF_APP
+
+    cdef object _free_error(self, const uint32_t *v, Py_ssize_t i, uint8_t seen, object wide):
+        cdef uint32_t b = v[i]
+        cdef Py_ssize_t k
+        if b >= self.n_buffers:
+            given = int(wide[i]) if wide is not None else b
+            return PoolError(f"buffer id {given} does not belong to this pool (ids are 0..{self.n_buffers - 1})")
+        if seen == BUF_FREE:
+            for k in range(i):
+                if v[k] == b:
+                    return PoolError(f"buffer {b} is listed twice in this call (ids[{k}] and "
+                                     f"ids[{i}]); give each id once. Nothing was freed")
+            return PoolError(f"double free: buffer {b} is already free")
+        return PoolError(f"buffer {b} is owned by a queue, not the application; "
+                         "it comes back to the pool when the device is done with it")
 
     def swap_macs(self, const uint32_t[::1] ids, Py_ssize_t n=-1):
         """Swap the destination and source MAC addresses of the first ``n`` packets
@@ -301,11 +327,6 @@ cdef class PacketPool:
             memcpy(p, p + 6, 6)
             memcpy(p + 6, t, 6)
         return 0
-
-    cdef void _undo_free(self, long long[::1] v, Py_ssize_t upto) noexcept:
-        cdef Py_ssize_t i
-        for i in range(upto):
-            self.state[v[i]] = BUF_APP
 
     def close(self):
         """Stop using the pool. The memory stays with its ``DmaMemory`` (queues
