@@ -503,8 +503,11 @@ def _child_env() -> dict[str, str]:
     """The environment of the device process: this one, with the pmd package that
     is running here first on its path, so the device runs the same pmd as the
     driver that started it (not whichever one its working directory or an
-    editable install would find)."""
+    editable install would find). The device never calls BLAS: numpy's OpenBLAS
+    gets one thread, not a pool of idle ones competing with the engine's core."""
     env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        env.setdefault(var, "1")
     here = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
     return env
