@@ -919,7 +919,7 @@ cdef class RxQueue(_Queue):
         """Receive up to ``len(ids)`` packets without copying: ``ids[i]`` (uint32) is
         a pool buffer whose data is ``pool.data[ids[i], :lengths[i]]``. The
         application owns those buffers until it gives them back with
-        ``pool.free(ids[:n])`` or transmits them with ``TxQueue.tx_burst_zc``.
+        ``pool.free(ids, n)`` or transmits them with ``TxQueue.tx_burst_zc``.
         Returns the count. ``timestamps``, ``hashes`` and ``hash_types`` as for
         ``rx_burst``, an entry per id.
         """
