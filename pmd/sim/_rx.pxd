@@ -37,6 +37,27 @@ cdef inline uint16_t split_ready(DeviceQueue q) noexcept nogil:
     return <uint16_t>(q.shadow_avail_idx - q.last_avail_idx)
 
 
+cdef inline int split_ready_up_to(DeviceQueue q, int budget) noexcept nogil:
+    """split_ready(q), at most ``budget``: what a one-loop path takes this turn
+    (the index not looked at when the budget is spent)."""
+    if budget <= 0:
+        return 0
+    cdef int ready = split_ready(q)
+    return ready if ready < budget else budget
+
+
+cdef inline void write_net_hdr(char *dst, const virtio_net_hdr_v1_hash *hdr, uint32_t hdr_len) noexcept nogil:
+    """The first ``hdr_len`` bytes of ``hdr`` into a buffer: for the sizes negotiated
+    (12: VERSION_1, 20: HASH_REPORT) a constant memcpy, two or three stores; a
+    variable one is a byte loop."""
+    if hdr_len == 12:
+        memcpy(dst, hdr, 12)
+    elif hdr_len == 20:
+        memcpy(dst, hdr, 20)
+    else:
+        memcpy(dst, hdr, hdr_len)
+
+
 cdef inline int deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t hdr_len,
                         bint mergeable, bint with_hash, uint32_t hash_value, uint16_t hash_report) noexcept nogil:
     """Write one packet into the driver's rx ring: 1 delivered, 0 dropped (too
@@ -59,13 +80,7 @@ cdef inline int deliver(DeviceQueue rx, const char *src, uint32_t pkt, uint32_t 
     if rx.in_len >= hdr_len + pkt:
         if pmd_likely(rx.nsegs == 1):
             # The common case: one buffer; header then data, no segment walk.
-            # a constant size is two or three stores; memcpy(hdr_len) is a byte loop
-            if hdr_len == 12:
-                memcpy(rx.segs[0].ptr, &hdr, 12)
-            elif hdr_len == 20:
-                memcpy(rx.segs[0].ptr, &hdr, 20)
-            else:
-                memcpy(rx.segs[0].ptr, &hdr, hdr_len)
+            write_net_hdr(rx.segs[0].ptr, &hdr, hdr_len)
             memmove(rx.segs[0].ptr + hdr_len, src, pkt)   # src may be a tx buffer that overlaps
         else:
             rx.write_in(0, <const char *>&hdr, hdr_len)

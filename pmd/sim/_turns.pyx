@@ -26,7 +26,7 @@ from pmd.includes.vring cimport (
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vring_desc, vring_load16, vring_load32,
     vring_load64, vring_store32, vring_used_elem,
 )
-from pmd.sim._rx cimport check_hdr_len, deliver_or_drop, split_ready
+from pmd.sim._rx cimport check_hdr_len, deliver_or_drop, split_ready_up_to, write_net_hdr
 from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
 
 
@@ -72,10 +72,8 @@ cdef inline int _take_back_split(DeviceQueue tx, int budget, uint32_t hdr_len, u
     them. It stops at the first chain that is anything else, untouched, for pop() to
     take. Returns the packets taken (used entries not published)."""
     cdef int k = 0
-    cdef uint16_t ready = split_ready(tx)
-    if ready < budget:
-        budget = ready
-    if budget <= 0:
+    budget = split_ready_up_to(tx, budget)
+    if budget == 0:
         return 0
     cdef uint16_t tl = tx.last_avail_idx, tm = tx.mask, tu = tx.used_idx, th
     cdef uint32_t tsize = tx.size, tln, pkt
@@ -160,10 +158,8 @@ cdef inline int _generate_split(DeviceQueue rx, int budget, unsigned char *frame
     the first buffer that is anything else, untouched, for deliver() to take. Returns
     the frames written (used entries not published)."""
     cdef int k = 0
-    cdef uint16_t ready = split_ready(rx)
-    if ready < budget:
-        budget = ready
-    if budget <= 0:
+    budget = split_ready_up_to(rx, budget)
+    if budget == 0:
         return 0
     cdef uint16_t rl = rx.last_avail_idx, rm = rx.mask, ru = rx.used_idx, rh
     cdef uint32_t rsize = rx.size, rln, f, c = cursor[0], need = hdr_len + size
@@ -200,13 +196,7 @@ cdef inline int _generate_split(DeviceQueue rx, int budget, unsigned char *frame
         if with_hash:
             hdr.hash_value = hashes[f]
             hdr.hash_report = reports[f]
-        # a constant size is two or three stores; memcpy(hdr_len) is a byte loop
-        if hdr_len == 12:
-            memcpy(rp, &hdr, 12)
-        elif hdr_len == 20:
-            memcpy(rp, &hdr, 20)
-        else:
-            memcpy(rp, &hdr, hdr_len)
+        write_net_hdr(rp, &hdr, hdr_len)
         memcpy(rp + hdr_len, p, size)
         vring_store32(&used[ru & rm].id, rh)
         vring_store32(&used[ru & rm].len, need)

@@ -12,7 +12,7 @@ mirrors the driver's :mod:`pmd.driver._tx`.
 cimport cython
 from libc.stdint cimport uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memmove, memset
 
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.gil cimport PyThreadState, pmd_gil_init, pmd_gil_release, pmd_gil_take
@@ -21,7 +21,7 @@ from pmd.includes.vring cimport (
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vring_desc, vring_load16, vring_load32,
     vring_load64, vring_store32, vring_used_elem,
 )
-from pmd.sim._rx cimport check_hdr_len, deliver, split_ready
+from pmd.sim._rx cimport check_hdr_len, deliver, split_ready, split_ready_up_to, write_net_hdr
 from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
 
 pmd_gil_init()   # the bursts share one GIL hand-off hint (csrc/pmd_gil.h)
@@ -40,12 +40,7 @@ cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
     is anything else (or when either ring has no more), leaving it untouched for the
     general loop, which takes it the usual way. Returns packets moved (used entries
     written, not published)."""
-    cdef int n = budget
-    if n <= 0:
-        return 0
-    cdef uint16_t k = split_ready(tx)
-    if k < n:
-        n = k
+    cdef int n = split_ready_up_to(tx, budget)
     if n == 0:
         return 0
     cdef uint16_t rn = 0      # rx entries read and not taken: its index is read as pop() reads it,
@@ -98,13 +93,7 @@ cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
         rp = rx.windows.translate(vring_load64(&d.addr), rln)
         if pmd_unlikely(rp == NULL):
             break
-        # a constant size is two or three stores; memcpy(hdr_len) is a byte loop
-        if hdr_len == 12:
-            memcpy(rp, &hdr, 12)
-        elif hdr_len == 20:
-            memcpy(rp, &hdr, 20)
-        else:
-            memcpy(rp, &hdr, hdr_len)
+        write_net_hdr(rp, &hdr, hdr_len)
         memmove(rp + hdr_len, tp + hdr_len, tln - hdr_len)   # the two buffers may overlap
         vring_store32(&tused[tu & tm].id, th)
         vring_store32(&tused[tu & tm].len, 0)
