@@ -342,24 +342,19 @@ needs_two_cpus = pytest.mark.skipif(
     reason="needs two CPUs and a build whose bursts release the GIL (not PMD_DEBUG)")
 
 
+# (0, 0): each thread's bursts end while the other runs the Python between two of its
+# own, and take the GIL by spinning (spun). (0, 2 ms): thread 1 holds the GIL 2 ms after
+# each round, so thread 0's bursts ending then spin to the bound and sleep (spun_out);
+# both threads still make progress.
 @needs_two_cpus
-def test_a_burst_ending_while_another_queues_thread_is_between_bursts_takes_the_gil_by_spinning():
+@pytest.mark.parametrize("holds, counter", [((0.0, 0.0), "spun"), ((0.0, 0.002), "spun_out")],
+                         ids=["between-bursts", "held-long"])
+def test_a_burst_spins_for_a_gil_another_queues_thread_holds_between_bursts_and_only_briefly(holds, counter):
     before = _queue.gil_handoffs()
-    rounds = _two_threads_bursting(0.5, (0.0, 0.0))
+    rounds = _two_threads_bursting(0.5, holds)
     after = _queue.gil_handoffs()
     assert min(rounds) > 0, rounds
-    assert after["spun"] > before["spun"], (before, after)
-
-
-@needs_two_cpus
-def test_a_burst_spins_only_briefly_for_a_gil_held_long_then_sleeps_until_it_is_free():
-    # thread 1 holds the GIL 2 ms after each of its rounds: thread 0's bursts ending then
-    # spin to the bound (spun_out) and sleep, and both threads still make progress
-    before = _queue.gil_handoffs()
-    rounds = _two_threads_bursting(0.5, (0.0, 0.002))
-    after = _queue.gil_handoffs()
-    assert min(rounds) > 0, rounds
-    assert after["spun_out"] > before["spun_out"], (before, after)
+    assert after[counter] > before[counter], (before, after)
 
 
 def test_a_process_on_one_cpu_never_spins_for_the_gil():
