@@ -23,11 +23,10 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.virtio_net cimport virtio_net_hdr_v1_hash
 from pmd.includes.vring cimport (
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vring_desc, vring_load16, vring_load32,
-    vring_load64, vring_store32, vring_used_elem,
+    VRING_DESC_F_WRITE, vring_desc, vring_load32, vring_load64, vring_store32, vring_used_elem,
 )
 from pmd.sim._rx cimport check_hdr_len, deliver_or_drop, split_ready_up_to, write_net_hdr
-from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
+from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue, split_single
 
 
 cdef inline uint64_t _now_ns() noexcept nogil:
@@ -85,11 +84,8 @@ cdef inline int _take_back_split(DeviceQueue tx, int budget, uint32_t hdr_len, u
     cdef unsigned char head[16]
     cdef uint64_t at = hdr_len + <uint64_t>payload
     while k < budget:
-        th = vring_load16(&ring[tl & tm])
-        if pmd_unlikely(th >= tsize):
-            break
-        d = &desc[th]
-        if pmd_unlikely(vring_load16(&d.flags) & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)):
+        d = split_single(ring, desc, tl & tm, tsize, 0, &th)
+        if pmd_unlikely(d == NULL):
             break
         tln = vring_load32(&d.len)
         if pmd_unlikely(tln < hdr_len or tln - hdr_len > row_width):
@@ -175,12 +171,8 @@ cdef inline int _generate_split(DeviceQueue rx, int budget, unsigned char *frame
     memset(&hdr, 0, sizeof(hdr))
     hdr.num_buffers = 1
     while k < budget:
-        rh = vring_load16(&ring[rl & rm])
-        if pmd_unlikely(rh >= rsize):
-            break
-        d = &desc[rh]
-        if pmd_unlikely((vring_load16(&d.flags) & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE))
-                        != VRING_DESC_F_WRITE):
+        d = split_single(ring, desc, rl & rm, rsize, VRING_DESC_F_WRITE, &rh)
+        if pmd_unlikely(d == NULL):
             break
         rln = vring_load32(&d.len)
         if pmd_unlikely(rln < need):

@@ -18,11 +18,10 @@ from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.gil cimport PyThreadState, pmd_gil_init, pmd_gil_release, pmd_gil_take
 from pmd.includes.virtio_net cimport virtio_net_hdr_v1_hash
 from pmd.includes.vring cimport (
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, vring_desc, vring_load16, vring_load32,
-    vring_load64, vring_store32, vring_used_elem,
+    VRING_DESC_F_WRITE, vring_desc, vring_load32, vring_load64, vring_store32, vring_used_elem,
 )
 from pmd.sim._rx cimport check_hdr_len, deliver, split_ready, split_ready_up_to, write_net_hdr
-from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue
+from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue, split_single
 
 pmd_gil_init()   # the bursts share one GIL hand-off hint (csrc/pmd_gil.h)
 
@@ -63,11 +62,8 @@ cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
     hdr.num_buffers = 1
     cdef int moved = 0
     while moved < n:
-        th = vring_load16(&tring[tl & tm])
-        if pmd_unlikely(th >= tsize):
-            break
-        d = &tdesc[th]
-        if pmd_unlikely(vring_load16(&d.flags) & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)):
+        d = split_single(tring, tdesc, tl & tm, tsize, 0, &th)
+        if pmd_unlikely(d == NULL):
             break
         tln = vring_load32(&d.len)
         if pmd_unlikely(tln < hdr_len):
@@ -80,12 +76,8 @@ cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
             rn = split_ready(rx)
             if rn == 0:
                 break
-        rh = vring_load16(&rring[rl & rm])
-        if pmd_unlikely(rh >= rsize):
-            break
-        d = &rdesc[rh]
-        if pmd_unlikely((vring_load16(&d.flags) & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE))
-                        != VRING_DESC_F_WRITE):
+        d = split_single(rring, rdesc, rl & rm, rsize, VRING_DESC_F_WRITE, &rh)
+        if pmd_unlikely(d == NULL):
             break
         rln = vring_load32(&d.len)
         if pmd_unlikely(rln < tln):         # header + packet: the tx chain's length

@@ -8,7 +8,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from pmd.includes.barrier cimport pmd_virtio_rmb
-from pmd.includes.compiler cimport pmd_likely
+from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.vring cimport (
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, pvirtq_desc,
     PVIRTQ_AVAIL_USED, pvirtq_event_suppress, vring, vring_desc, vring_load16, vring_load32,
@@ -268,3 +268,20 @@ cdef class DeviceQueue:
             self.used_mark ^= PVIRTQ_AVAIL_USED
         self.used_pos = <uint16_t>pos
 
+
+cdef inline vring_desc *split_single(const uint16_t *ring, vring_desc *desc, uint16_t slot, uint16_t size,
+                                     uint16_t way, uint16_t *head) noexcept nogil:
+    """The descriptor that a split ring's avail entry at ``slot`` names, when it is a
+    chain of one descriptor going the way wanted (``way``: 0 device-readable,
+    VRING_DESC_F_WRITE device-writable) and its id is in range (2.7.5, 2.7.13): the
+    one-loop paths' check, with the ring's fields in the caller's locals. NULL for
+    anything else, which those paths leave untouched for pop() to take or refuse."""
+    cdef uint16_t h = vring_load16(&ring[slot])
+    if pmd_unlikely(h >= size):
+        return NULL
+    cdef vring_desc *d = &desc[h]
+    if pmd_unlikely((vring_load16(&d.flags) & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE))
+                    != way):
+        return NULL
+    head[0] = h
+    return d
