@@ -253,6 +253,30 @@ cdef inline int split_harvest(RxQueue self, char *out, Py_ssize_t cols, uint32_t
     return got
 
 
+cdef inline bint not_ours(const DescExtra *x, uint32_t b, const uint8_t *state, uint32_t n_buffers,
+                          uint8_t owner) noexcept nogil:
+    """A used entry whose chain this queue (``owner`` in the pool's ``state``) did not
+    build as it builds them: one descriptor, no indirect table, a cookie naming a
+    buffer it holds (``b``, its cookie). The pool's fields as arguments: the loops keep
+    them in locals."""
+    return b >= n_buffers or state[b] != owner or x.ndescs != 1 or x.nind != 0
+
+
+cdef inline bint not_a_packet(RxQueue self, bint bad_len, uint32_t ln, uint32_t hdr_len) noexcept nogil:
+    """A used length that is no packet to hand over: past the buffer (``bad_len``,
+    counted already), shorter than the header (counted as a bad length), or a runt
+    without an Ethernet header (dropped, as Linux and DPDK do). Counts it dropped;
+    the caller frees the buffer."""
+    if pmd_unlikely(bad_len or ln < hdr_len or ln - hdr_len < ETH_HLEN):
+        if not bad_len and ln < hdr_len:
+            self.vq.n_bad_len += 1
+        elif not bad_len:
+            self.runt += 1
+        self.dropped += 1
+        return True
+    return False
+
+
 cdef inline void free_desc(Virtqueue vq, DescExtra *x, uint16_t id) noexcept nogil:
     """A one-descriptor chain's slot back on the free list."""
     x.ndescs = 0
@@ -512,18 +536,13 @@ cdef class RxQueue(_Queue):
             self.vq.n_bad_len += 1
         cdef uint32_t b = x.cookie
         cdef uint8_t *state = self.pool.state
-        if b >= self.pool.n_buffers or state[b] != self.owner or x.ndescs != 1 or x.nind != 0:
-            # not a chain this queue built: its descriptors back, no buffer freed
+        if not_ours(x, b, state, self.pool.n_buffers, self.owner):
+            # its descriptors back, no buffer freed
             self.vq.detach(<uint16_t>id, NULL, 0)
             self.foreign_chains += 1
             return 0
         free_desc(self.vq, x, <uint16_t>id)
-        if bad_len or ln < self.hdr_len or ln - self.hdr_len < ETH_HLEN:
-            if not bad_len and ln < self.hdr_len:
-                self.vq.n_bad_len += 1          # shorter than the header: not a packet
-            elif not bad_len:
-                self.runt += 1                  # no Ethernet header: dropped, as Linux and DPDK do
-            self.dropped += 1
+        if not_a_packet(self, bad_len, ln, self.hdr_len):
             self.pool.put(b)
             return 0
         cdef uint32_t pkt = ln - self.hdr_len
@@ -574,8 +593,8 @@ cdef class RxQueue(_Queue):
             if pmd_unlikely(bad_len):
                 self.vq.n_bad_len += 1
             b = x.cookie
-            if pmd_unlikely(b >= n_buffers or state[b] != owner or x.ndescs != 1 or x.nind != 0):
-                # not a chain this queue built: its ids back, no buffer freed
+            if pmd_unlikely(not_ours(x, b, state, n_buffers, owner)):
+                # its ids back, no buffer freed
                 self.vq.free_head = free_head
                 self.vq.num_free = num_free
                 self.vq.detach(id, NULL, 0)
@@ -587,12 +606,7 @@ cdef class RxQueue(_Queue):
             x.next = free_head
             free_head = id
             num_free += 1
-            if pmd_unlikely(bad_len or ln < hdr_len or ln - hdr_len < ETH_HLEN):
-                if not bad_len and ln < hdr_len:
-                    self.vq.n_bad_len += 1      # shorter than the header: not a packet
-                elif not bad_len:
-                    self.runt += 1              # no Ethernet header: dropped, as Linux and DPDK do
-                self.dropped += 1
+            if pmd_unlikely(not_a_packet(self, bad_len, ln, hdr_len)):
                 state[b] = BUF_FREE
                 stack[top] = b
                 top += 1
