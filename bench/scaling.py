@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from pmd import fwd  # noqa: E402
 from pmd.backends import open_port  # noqa: E402
-from pmd.driver import _fwd  # noqa: E402
+from pmd.driver import _fwd, _queue  # noqa: E402
 from pmd.loopback import Loopback  # noqa: E402
 
 QUEUE = 1024        # packets per loopback round (the ring size)
@@ -148,15 +148,19 @@ def main(argv: list[str] | None = None) -> int:
           f"device's generator; {seconds:g} s samples, 1 and 2 threads interleaved, {runs} runs")
     if len(cpus) < 2:
         print("  one CPU: 2 threads cannot run at once here; the ratio says what the GIL costs")
-    print(f"{'run':>3} {'setup':<8} {'1 thread':>9} {'2 threads':>10} {'ratio':>6}")
+    print(f"{'run':>3} {'setup':<8} {'1 thread':>9} {'2 threads':>10} {'ratio':>6}  GIL taken back by spinning "
+          f"(docs/bursts.md): spun, spun_out")
     setups = [("loopback", measure_loopback)] + ([] if args.no_sim else [("sim", measure_sim)])
     ratios: dict[str, list[float]] = {name: [] for name, _ in setups}
     for run in range(1, runs + 1):
         for name, measure in setups:
+            h0 = _queue.gil_handoffs()
             one = measure(1, seconds)
             two = measure(2, seconds)
+            h1 = _queue.gil_handoffs()
             ratios[name].append(two / one if one else 0.0)
-            print(f"{run:>3} {name:<8} {one:>9.2f} {two:>10.2f} {ratios[name][-1]:>6.2f}", flush=True)
+            print(f"{run:>3} {name:<8} {one:>9.2f} {two:>10.2f} {ratios[name][-1]:>6.2f}  "
+                  f"{h1['spun'] - h0['spun']}, {h1['spun_out'] - h0['spun_out']}", flush=True)
     med = {name: statistics.median(r) for name, r in ratios.items()}
     print("median ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
     line = f"scaling_2q={med['loopback']:.2f}"
