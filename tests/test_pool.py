@@ -177,3 +177,17 @@ def test_alloc_into_fills_the_array_given_or_takes_nothing(pool):
     assert pool.available == before - 4          # nothing taken by the refused call
     pool.free(out)
     assert pool.available == before
+
+
+@pytest.mark.parametrize("make", [lambda: np.zeros(4, np.int64), lambda: np.zeros(8, np.uint32)[::2],
+                                  lambda: np.zeros(4, ">u4"), lambda: np.zeros((2, 2), np.uint32)],
+                         ids=["int64", "strided", "big-endian", "2-D"])
+def test_alloc_into_refuses_an_array_it_cannot_fill_in_place_and_takes_nothing(pool, make):
+    before = pool.available
+    with pytest.raises(ValueError):
+        pool.alloc_into(make())
+    ro = np.zeros(4, np.uint32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        pool.alloc_into(ro)
+    assert pool.available == before

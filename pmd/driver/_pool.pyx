@@ -194,21 +194,40 @@ cdef class PacketPool:
             self.end_turn()
         return out
 
-    def alloc_into(self, uint32_t[::1] out):
-        """Take ``len(out)`` buffers into ``out`` (no new array: a sender's loop reuses one).
+    def alloc_into(self, out):
+        """Take ``len(out)`` buffers into ``out``, a writable C-contiguous uint32 array
+        (no new array: a sender's loop reuses one).
 
         Raises ``PoolError`` when the pool has fewer free buffers; nothing is taken then.
         """
         self.check_open()
-        cdef Py_ssize_t i, count = out.shape[0]
+        cdef uint32_t[::1] view
+        cdef uint32_t *p
+        cdef Py_ssize_t count
+        if (cnp.PyArray_Check(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_UINT32
+                and cnp.PyArray_NDIM(<cnp.ndarray>out) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out)
+                and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>out) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)):
+            p = <uint32_t *>cnp.PyArray_DATA(<cnp.ndarray>out)     # in place: no buffer to acquire
+            count = cnp.PyArray_DIM(<cnp.ndarray>out, 0)
+        else:
+            view = out                    # anything else: the buffer protocol's checks and errors
+            p = &view[0] if view.shape[0] else NULL
+            count = view.shape[0]
+        cdef Py_ssize_t i
+        cdef uint32_t top, b
         self.take_turn()
         try:
             self.check_open()
             if count > self.n_free:
                 raise PoolError(f"pool exhausted: {count} buffers asked, {self.n_free} of "
                                 f"{self.n_buffers} free; free buffers or create a larger pool")
-            for i in range(count):
-                out[i] = self.get(BUF_APP)
+            top = self.n_free
+            for i in range(count):        # get() without its empty check: counted above
+                top -= 1
+                b = self.free_stack[top]
+                self.state[b] = BUF_APP
+                p[i] = b
+            self.n_free = top
         finally:
             self.end_turn()
 
