@@ -751,6 +751,58 @@ def test_tx_chains_given_back_across_the_ring_end_are_moved_byte_exactly_later(m
     tx.dq.close()
 
 
+def test_tx_to_rx_on_packed_rings_moves_packets_over_laps_and_hands_an_unusual_chain_to_the_general_path(memory):
+    """tx_to_rx's one loop over two packed rings (pmd.sim._tx.tx_to_rx_packed) takes a tx
+    buffer of one descriptor and an rx buffer of one, each pair used at once, across the
+    ring ends on both sides (the wrap counters flip in avail and used, 2.8.1); it stops at
+    a chain of several descriptors, which the general path takes, and goes on after it.
+    Every packet arrives in order and byte-exact; the batch's first flags come last (2.8.9)."""
+    from pmd.sim._tx import tx_to_rx
+    tx = PackedDriver(memory, 8)
+    rx = PackedDriver(memory, 6, windows=tx.windows)
+    sent, got = [], []
+    for lap in range(7):                                # 7 laps of 4 packets: both rings wrap often
+        for k in range(4):
+            body = bytes([lap * 16 + k]) * (20 + 3 * k + lap)
+            if k == 2 and lap % 2:                      # a chain of three: header, two pieces
+                tx.add([bytes(HDR), body[:5], body[5:]])
+            else:
+                tx.add([bytes(HDR) + body])
+            sent.append(body)
+        rx_ids = [rx.add([], [256]) for _ in range(4)]
+        assert tx_to_rx(tx.dq, rx.dq) == 4
+        used = rx.all_used()
+        assert [u[0] for u in used] == rx_ids
+        got += [rx.written(b, 0, ln)[HDR:] for b, ln, _ in used]
+        assert [ln for _, ln, _ in tx.all_used()] == [0] * 4
+    assert got == sent
+    assert tx.dq.n_bad_desc == rx.dq.n_bad_desc == 0 and not tx.dq.broken and not rx.dq.broken
+    rx.dq.close()
+    tx.dq.close()
+
+
+def test_tx_to_rx_on_packed_rings_leaves_a_buffer_id_in_flight_to_the_general_path_which_refuses_it(memory):
+    """The one loop checks a buffer id as pop() does (in range, not in flight, 2.8.6) and
+    stops before it otherwise: the general path refuses and counts it; the packets before
+    and after it move."""
+    from pmd.sim._tx import tx_to_rx
+    tx = PackedDriver(memory, 8)
+    rx = PackedDriver(memory, 8, windows=tx.windows)
+    tx.add([bytes(HDR) + b"held"], bid=5)
+    assert tx.dq.pop_chain()[0] == 5                    # id 5 in flight on the device
+    tx.add([bytes(HDR) + b"before"], bid=1)
+    tx.add_raw([(tx.buf(5, 1)[0], HDR + 4, 0)], 5)      # id 5 again, while in flight
+    tx.chain_len[5] = 1
+    tx.add([bytes(HDR) + b"after"], bid=2)
+    for _ in range(3):
+        rx.add([], [256])
+    assert tx_to_rx(tx.dq, rx.dq) == 2
+    assert [rx.written(b, 0, ln)[HDR:] for b, ln, _ in rx.all_used()] == [b"before", b"after"]
+    assert tx.dq.n_bad_desc == 1
+    rx.dq.close()
+    tx.dq.close()
+
+
 # ====================================================================== the device offers RING_PACKED (6)
 
 def test_the_device_offers_ring_packed_and_it_can_be_turned_off():

@@ -18,10 +18,10 @@ from pmd.includes.compiler cimport pmd_likely, pmd_unlikely
 from pmd.includes.gil cimport PyThreadState, pmd_gil_init, pmd_gil_release, pmd_gil_take
 from pmd.includes.virtio_net cimport virtio_net_hdr_v1_hash
 from pmd.includes.vring cimport (
-    VRING_DESC_F_WRITE, vring_desc, vring_load32, vring_load64, vring_store32, vring_used_elem,
+    VRING_DESC_F_WRITE, pvirtq_desc, vring_desc, vring_load32, vring_load64, vring_store32, vring_used_elem,
 )
 from pmd.sim._rx cimport check_hdr_len, deliver, split_ready, split_ready_up_to, write_net_hdr
-from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue, split_single
+from pmd.sim._virtqueue cimport BAD_SHORT, DeviceQueue, packed_advance, packed_single, split_single
 
 pmd_gil_init()   # the bursts share one GIL hand-off hint (csrc/pmd_gil.h)
 
@@ -108,6 +108,54 @@ cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
     return moved
 
 
+cdef int tx_to_rx_packed(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len) noexcept nogil:
+    """tx_to_rx_split's twin on packed rings: a tx list of one device-readable
+    descriptor of at least a header and an rx list of one device-writable descriptor
+    with room for it, both made available on this lap, their ids in range and not in
+    flight, both buffers inside a window, as pop() checks them; each pair used at once
+    (the batch's first flags still written last, at publish: 2.8.9). It stops at the
+    first pair that is anything else, untouched, for the general loop. Returns packets
+    moved (used descriptors written, not published)."""
+    cdef pvirtq_desc *d
+    cdef uint16_t th, rh
+    cdef uint32_t tln, rln
+    cdef char *tp
+    cdef char *rp
+    cdef virtio_net_hdr_v1_hash hdr
+    memset(&hdr, 0, sizeof(hdr))
+    hdr.num_buffers = 1
+    cdef int moved = 0
+    while moved < budget:
+        d = packed_single(tx, 0, &th)
+        if d == NULL:
+            break
+        tln = vring_load32(&d.len)
+        if pmd_unlikely(tln < hdr_len):
+            break
+        tp = tx.windows.translate(vring_load64(&d.addr), tln)
+        if pmd_unlikely(tp == NULL):
+            break
+        d = packed_single(rx, VRING_DESC_F_WRITE, &rh)
+        if d == NULL:
+            break
+        rln = vring_load32(&d.len)
+        if pmd_unlikely(rln < tln):         # header + packet: the tx descriptor's length
+            break
+        rp = rx.windows.translate(vring_load64(&d.addr), rln)
+        if pmd_unlikely(rp == NULL):
+            break
+        write_net_hdr(rp, &hdr, hdr_len)
+        memmove(rp + hdr_len, tp + hdr_len, tln - hdr_len)   # the two buffers may overlap
+        packed_advance(tx)
+        packed_advance(rx)
+        tx._push_packed(th, 0, 1)
+        rx._push_packed(rh, tln, 1)
+        moved += 1
+    tx.n_popped += <uint32_t>moved
+    rx.n_popped += <uint32_t>moved
+    return moved
+
+
 cdef int tx_to_rx_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len,
                         bint mergeable, char **scratch, uint32_t scratch_len) noexcept nogil:
     """Move up to ``budget`` packets from the driver's tx queue to its rx queue.
@@ -123,8 +171,11 @@ cdef int tx_to_rx_burst(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
     cdef int moved = 0, r
     cdef uint32_t pkt
     cdef const char *src
-    if pmd_likely(not (tx.packed or rx.packed or tx.in_order or rx.in_order or tx.broken or rx.broken)):
-        moved = tx_to_rx_split(tx, rx, budget, hdr_len)
+    if pmd_likely(not (tx.in_order or rx.in_order or tx.broken or rx.broken)):
+        if not (tx.packed or rx.packed):
+            moved = tx_to_rx_split(tx, rx, budget, hdr_len)
+        elif tx.packed and rx.packed:
+            moved = tx_to_rx_packed(tx, rx, budget, hdr_len)
     while moved < budget:
         r = tx.pop()
         if r == 0:

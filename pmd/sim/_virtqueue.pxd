@@ -285,3 +285,32 @@ cdef inline vring_desc *split_single(const uint16_t *ring, vring_desc *desc, uin
         return NULL
     head[0] = h
     return d
+
+
+cdef inline pvirtq_desc *packed_single(DeviceQueue q, uint16_t way, uint16_t *id) noexcept nogil:
+    """The descriptor at a packed ring's ``avail_pos``, when the driver has made it
+    available on this lap (2.8.1) as a list of one descriptor going the way wanted
+    (``way``: 0 device-readable, VRING_DESC_F_WRITE device-writable), its buffer id in
+    range and not in flight (2.8.6): the one-loop paths' check, the packed twin of
+    split_single. NULL for anything else, left untouched for pop() to take or refuse.
+    Nothing moves: packed_advance() takes it."""
+    cdef pvirtq_desc *pd = &q.pdesc[q.avail_pos]
+    cdef uint16_t flags = vring_load16(&pd.flags)
+    if (flags & PVIRTQ_AVAIL_USED) != q.avail_want:
+        return NULL
+    pmd_virtio_rmb(q.weak_barriers)      # flags first, then the rest (2.8.21.1)
+    if pmd_unlikely((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE)) != way):
+        return NULL
+    cdef uint16_t h = vring_load16(&pd.id)
+    if pmd_unlikely(h >= q.size or q.id_count[h] != 0):
+        return NULL
+    id[0] = h
+    return pd
+
+
+cdef inline void packed_advance(DeviceQueue q) noexcept nogil:
+    """Past the descriptor packed_single() returned, flipping the lap at the ring's end."""
+    q.avail_pos += 1
+    if q.avail_pos == q.size:
+        q.avail_pos = 0
+        q._flip_avail()
