@@ -10,7 +10,7 @@ mirrors the driver's :mod:`pmd.driver._tx`.
 """
 
 cimport cython
-from libc.stdint cimport uint16_t, uint32_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memmove, memset
 
@@ -31,6 +31,29 @@ cdef bint _alloc(char **p, uint32_t n) noexcept nogil:
     return p[0] != NULL
 
 
+cdef inline char *readable_packet(DeviceQueue tx, uint64_t addr, uint32_t ln, uint32_t hdr_len) noexcept nogil:
+    """A tx buffer of ``ln`` bytes at ``addr``, when it holds at least a header and lies
+    inside a window; NULL otherwise (the one loops stop there)."""
+    if pmd_unlikely(ln < hdr_len):
+        return NULL
+    return tx.windows.translate(addr, ln)
+
+
+cdef inline bint copy_into(DeviceQueue rx, uint64_t addr, uint32_t room, const char *tp, uint32_t tln,
+                           const virtio_net_hdr_v1_hash *hdr, uint32_t hdr_len) noexcept nogil:
+    """The packet at ``tp`` (``tln`` bytes, its header included) into the rx buffer of
+    ``room`` bytes at ``addr`` with a fresh header, when it fits and lies inside a
+    window; False, nothing written, otherwise."""
+    if pmd_unlikely(room < tln):
+        return False
+    cdef char *rp = rx.windows.translate(addr, room)
+    if pmd_unlikely(rp == NULL):
+        return False
+    write_net_hdr(rp, hdr, hdr_len)
+    memmove(rp + hdr_len, tp + hdr_len, tln - hdr_len)   # the two buffers may overlap
+    return True
+
+
 cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr_len) noexcept nogil:
     """tx_to_rx_burst's common case on split rings, in one loop with both rings' fields
     in locals: a tx chain of one device-readable descriptor of at least a header, an rx
@@ -46,7 +69,7 @@ cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
                               # when a tx chain has passed its checks and none is left
     cdef uint16_t tl = tx.last_avail_idx, tm = tx.mask, tu = tx.used_idx
     cdef uint16_t rl = rx.last_avail_idx, rm = rx.mask, ru = rx.used_idx
-    cdef uint32_t tsize = tx.size, rsize = rx.size, tln, rln
+    cdef uint32_t tsize = tx.size, rsize = rx.size, tln
     cdef const uint16_t *tring = tx.vr.avail.ring
     cdef const uint16_t *rring = rx.vr.avail.ring
     cdef vring_desc *tdesc = tx.vr.desc
@@ -56,7 +79,6 @@ cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
     cdef uint16_t th, rh
     cdef vring_desc *d
     cdef char *tp
-    cdef char *rp
     cdef virtio_net_hdr_v1_hash hdr
     memset(&hdr, 0, sizeof(hdr))
     hdr.num_buffers = 1
@@ -66,10 +88,8 @@ cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
         if pmd_unlikely(d == NULL):
             break
         tln = vring_load32(&d.len)
-        if pmd_unlikely(tln < hdr_len):
-            break
-        tp = tx.windows.translate(vring_load64(&d.addr), tln)
-        if pmd_unlikely(tp == NULL):
+        tp = readable_packet(tx, vring_load64(&d.addr), tln, hdr_len)
+        if tp == NULL:
             break
         if rn == 0:
             rx.last_avail_idx = rl
@@ -79,14 +99,8 @@ cdef int tx_to_rx_split(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hdr
         d = split_single(rring, rdesc, rl & rm, rsize, VRING_DESC_F_WRITE, &rh)
         if pmd_unlikely(d == NULL):
             break
-        rln = vring_load32(&d.len)
-        if pmd_unlikely(rln < tln):         # header + packet: the tx chain's length
+        if not copy_into(rx, vring_load64(&d.addr), vring_load32(&d.len), tp, tln, &hdr, hdr_len):
             break
-        rp = rx.windows.translate(vring_load64(&d.addr), rln)
-        if pmd_unlikely(rp == NULL):
-            break
-        write_net_hdr(rp, &hdr, hdr_len)
-        memmove(rp + hdr_len, tp + hdr_len, tln - hdr_len)   # the two buffers may overlap
         vring_store32(&tused[tu & tm].id, th)
         vring_store32(&tused[tu & tm].len, 0)
         vring_store32(&rused[ru & rm].id, rh)
@@ -118,9 +132,8 @@ cdef int tx_to_rx_packed(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hd
     moved (used descriptors written, not published)."""
     cdef pvirtq_desc *d
     cdef uint16_t th, rh
-    cdef uint32_t tln, rln
+    cdef uint32_t tln
     cdef char *tp
-    cdef char *rp
     cdef virtio_net_hdr_v1_hash hdr
     memset(&hdr, 0, sizeof(hdr))
     hdr.num_buffers = 1
@@ -130,22 +143,14 @@ cdef int tx_to_rx_packed(DeviceQueue tx, DeviceQueue rx, int budget, uint32_t hd
         if d == NULL:
             break
         tln = vring_load32(&d.len)
-        if pmd_unlikely(tln < hdr_len):
-            break
-        tp = tx.windows.translate(vring_load64(&d.addr), tln)
-        if pmd_unlikely(tp == NULL):
+        tp = readable_packet(tx, vring_load64(&d.addr), tln, hdr_len)
+        if tp == NULL:
             break
         d = packed_single(rx, VRING_DESC_F_WRITE, &rh)
         if d == NULL:
             break
-        rln = vring_load32(&d.len)
-        if pmd_unlikely(rln < tln):         # header + packet: the tx descriptor's length
+        if not copy_into(rx, vring_load64(&d.addr), vring_load32(&d.len), tp, tln, &hdr, hdr_len):
             break
-        rp = rx.windows.translate(vring_load64(&d.addr), rln)
-        if pmd_unlikely(rp == NULL):
-            break
-        write_net_hdr(rp, &hdr, hdr_len)
-        memmove(rp + hdr_len, tp + hdr_len, tln - hdr_len)   # the two buffers may overlap
         packed_advance(tx)
         packed_advance(rx)
         tx._push_packed(th, 0, 1)
