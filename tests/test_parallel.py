@@ -306,7 +306,7 @@ def _burst_rounds(lb: Loopback, stop: threading.Event, rounds: list[int], i: int
             _fwd.txonly(lb.driver_tx, 64, 32, 4)
             lb.step(128)
             n = lb.driver_rx.rx_burst_zc(ids, lens)
-            lb.pool.free(ids[:n])
+            lb.pool.free(ids, n)
             rounds[i] += 1
             end = time.perf_counter() + hold
             while time.perf_counter() < end:      # Python holding the GIL
@@ -316,7 +316,11 @@ def _burst_rounds(lb: Loopback, stop: threading.Event, rounds: list[int], i: int
         stop.set()
 
 
-def _two_threads_bursting(seconds: float, holds: tuple[float, float]) -> list[int]:
+def _two_threads_bursting(seconds: float, holds: tuple[float, float],
+                          until: Callable[[], bool] | None = None) -> list[int]:
+    """Two threads bursting on loopbacks of their own for ``seconds``, or, with ``until``,
+    until it holds (checked every 20 ms, ``seconds`` at most): a hand-off needs both
+    threads running at once, which a loaded machine grants only now and then."""
     stop = threading.Event()
     rounds = [0, 0]
     errors: list[BaseException] = []
@@ -326,7 +330,9 @@ def _two_threads_bursting(seconds: float, holds: tuple[float, float]) -> list[in
     try:
         for t in threads:
             t.start()
-        time.sleep(seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stop.is_set() and not (until is not None and until()):
+            time.sleep(0.02)
     finally:
         stop.set()
         for t in threads:
@@ -351,7 +357,7 @@ needs_two_cpus = pytest.mark.skipif(
                          ids=["between-bursts", "held-long"])
 def test_a_burst_spins_for_a_gil_another_queues_thread_holds_between_bursts_and_only_briefly(holds, counter):
     before = _queue.gil_handoffs()
-    rounds = _two_threads_bursting(0.5, holds)
+    rounds = _two_threads_bursting(20.0, holds, until=lambda: _queue.gil_handoffs()[counter] > before[counter])
     after = _queue.gil_handoffs()
     assert min(rounds) > 0, rounds
     assert after[counter] > before[counter], (before, after)
