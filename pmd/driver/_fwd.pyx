@@ -55,8 +55,6 @@ def txonly(TxQueue txq not None, uint32_t length, Py_ssize_t burst, Py_ssize_t m
     return sent
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
 cdef uint64_t _txonly(TxQueue txq, uint32_t length, Py_ssize_t burst, Py_ssize_t max_bursts) noexcept nogil:
     cdef Py_ssize_t k
     cdef uint64_t sent = 0
@@ -67,6 +65,8 @@ cdef uint64_t _txonly(TxQueue txq, uint32_t length, Py_ssize_t burst, Py_ssize_t
     return sent
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 cdef void _forward(RxQueue rxq, TxQueue txq, uint32_t *ids, uint32_t *lens, Py_ssize_t burst,
                    bint macswap, Py_ssize_t max_polls, Py_ssize_t tx_retry,
                    uint64_t *forwarded, uint64_t *dropped) noexcept nogil:
