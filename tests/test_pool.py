@@ -86,12 +86,21 @@ def test_free_of_a_count_gives_back_the_first_n_ids_only(pool):
     assert pool.available == 16
 
 
-@pytest.mark.parametrize("layout", ["uint32", "strided", "big-endian", "int64", "list"])
+def _misaligned(ids: np.ndarray) -> np.ndarray:
+    raw = bytearray(4 * len(ids) + 1)
+    out = np.frombuffer(raw, np.uint32, len(ids), offset=1)   # one byte past an aligned start
+    assert not out.flags.aligned
+    out[:] = ids
+    return out
+
+
+@pytest.mark.parametrize("layout", ["uint32", "strided", "big-endian", "misaligned", "int64", "list"])
 def test_a_refused_free_frees_nothing_whatever_the_ids_array(pool, layout):
     held = pool.alloc(6)
     ids = np.array([held[0], held[1], held[2], held[1]], np.uint32)   # held[1] twice
     given = {"uint32": ids, "strided": np.repeat(ids, 2)[::2], "big-endian": ids.astype(">u4"),
-             "int64": ids.astype(np.int64), "list": [int(i) for i in ids]}[layout]
+             "misaligned": _misaligned(ids), "int64": ids.astype(np.int64),
+             "list": [int(i) for i in ids]}[layout]
     with pytest.raises(PoolError, match=r"listed twice in this call \(ids\[1\] and ids\[3\]\)"):
         pool.free(given)
     assert pool.available == 10

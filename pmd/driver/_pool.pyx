@@ -47,6 +47,19 @@ MAX_HDR_LEN = 12
 cnp.import_array()
 
 
+cdef inline bint _u32_in_place(object a, bint writable):
+    """A numpy array of ids that free and alloc_into may read or write through its
+    data pointer: 1-D, uint32 in native byte order, C-contiguous and aligned (as
+    u32_1d in pmd/driver/_queue.pxd requires of the bursts' arrays), and writable
+    if asked. Anything else takes the converting path."""
+    if not cnp.PyArray_Check(a):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    return (cnp.PyArray_TYPE(arr) == cnp.NPY_UINT32 and cnp.PyArray_NDIM(arr) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+            and cnp.PyArray_ISNOTSWAPPED(arr) and (not writable or cnp.PyArray_ISWRITEABLE(arr)))
+
+
 cdef class PacketPool:
     """``PacketPool(memory, n_buffers, buffer_size=2048, headroom=64)``
 
@@ -204,9 +217,7 @@ cdef class PacketPool:
         cdef uint32_t[::1] view
         cdef uint32_t *p
         cdef Py_ssize_t count
-        if (cnp.PyArray_Check(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_UINT32
-                and cnp.PyArray_NDIM(<cnp.ndarray>out) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out)
-                and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>out) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)):
+        if _u32_in_place(out, True):
             p = <uint32_t *>cnp.PyArray_DATA(<cnp.ndarray>out)     # in place: no buffer to acquire
             count = cnp.PyArray_DIM(<cnp.ndarray>out, 0)
         else:
@@ -236,15 +247,13 @@ cdef class PacketPool:
         when given, as ``free(ids, n)`` after ``n = rx_burst_zc(ids, lens)``).
 
         Every id is checked (it belongs to the pool, the application owns it, it
-        appears once); on any error nothing is freed. A C-contiguous uint32 array,
-        what ``rx_burst_zc`` fills, is read in place: no conversion, each id read
-        once.
+        appears once); on any error nothing is freed. A C-contiguous aligned uint32
+        array, what ``rx_burst_zc`` fills, is read in place: no conversion, each id
+        read once.
         """
         self.check_open()
         cdef cnp.ndarray a
-        if (cnp.PyArray_Check(ids) and cnp.PyArray_TYPE(<cnp.ndarray>ids) == cnp.NPY_UINT32
-                and cnp.PyArray_NDIM(<cnp.ndarray>ids) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>ids)
-                and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>ids)):
+        if _u32_in_place(ids, False):
             a = <cnp.ndarray>ids
             wide = None
         else:
