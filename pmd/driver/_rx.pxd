@@ -51,7 +51,7 @@ cdef class RxQueue(_Queue):
     cdef int harvest_split(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                            Py_ssize_t burst) noexcept nogil
     cdef int harvest_split_slow(self, uint32_t id, uint32_t ln, char *out, Py_ssize_t cols,
-                                uint32_t *ids, uint32_t *lengths, int got, uint64_t *nbytes) noexcept nogil
+                                uint32_t *ids, uint32_t *lengths, int got, uint16_t mark) noexcept nogil
     cdef int harvest_packed(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                             Py_ssize_t burst) noexcept nogil
     cdef int mrg_singles(self, uint32_t *ids, uint32_t *lengths, Py_ssize_t burst) noexcept nogil

@@ -27,6 +27,7 @@ from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
 from pmd.driver._queue cimport DEFAULT_HDR_LEN, _Queue, u8_2d, u32_1d, u64_1d
 from pmd.driver._virtqueue cimport (
     USED_BAD_ID, USED_BAD_LEN, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, UsedCursor, Virtqueue,
+    expected_head, head_word,
 )
 from pmd.includes.vring cimport (
     PVIRTQ_AVAIL_USED, VRING_DESC_F_WRITE, pvirtq_desc, vring_desc, vring_load16, vring_load32,
@@ -181,17 +182,18 @@ cdef inline int split_harvest(RxQueue self, char *out, Py_ssize_t cols, uint32_t
     cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
     cdef uint8_t owner = self.owner
     cdef uint32_t hdr_len = self.hdr_len
-    cdef uint32_t blen = self.buf_len
-    cdef uint32_t min_len = hdr_len + ETH_HLEN   # harvest() sends blen < min_len elsewhere
-    cdef uint32_t span = blen - min_len
+    # refill's chains: one descriptor, direct, one buffer's room (harvest() sends
+    # buf_len < hdr_len + ETH_HLEN elsewhere, so span does not wrap)
+    cdef uint64_t refilled = expected_head(self.buf_len, 1)
+    cdef uint32_t span = self.buf_len - hdr_len - ETH_HLEN
+    cdef uint16_t mark = self.vq.new_mark()
     cdef char *data = self.pool.base + self.pool.headroom
     cdef size_t stride = self.pool.buffer_size
     cdef uint64_t off = self.buf_off
     cdef const uint64_t *iova = self.pool.iova
     cdef vring_desc *desc = self.vq.vr.desc
     cdef uint16_t *ring = self.vq.vr.avail.ring
-    cdef uint16_t avail_idx = self.vq.avail_idx, start_idx = self.vq.avail_idx
-    cdef uint16_t held = 0                  # the descriptors made available again, linked by next
+    cdef uint16_t avail_idx = self.vq.avail_idx
     cdef bint zc = out == NULL and ids != NULL
     cdef int got = 0
     cdef uint64_t nbytes = 0
@@ -202,9 +204,9 @@ cdef inline int split_harvest(RxQueue self, char *out, Py_ssize_t cols, uint32_t
         if pmd_likely(id < size):
             x = &extra[id]
             b = x.cookie
-            if pmd_likely((((x.ndescs != 1) | (x.nind != 0) | (x.writable != blen) | (b >= n_buffers)) == 0)
-                          and state[b] == owner and ln - min_len <= span):
-                pkt = ln - hdr_len
+            pkt = ln - hdr_len               # wraps when ln < hdr_len: fails the span check
+            if pmd_likely(head_word(x) == refilled and x.mark != mark and b < n_buffers
+                          and state[b] == owner and pkt - ETH_HLEN <= span):
                 if mode == HARVEST_COPY:
                     if pmd_unlikely(pkt > cols):
                         memcpy(out + got * cols, data + b * stride, cols)
@@ -229,20 +231,14 @@ cdef inline int split_harvest(RxQueue self, char *out, Py_ssize_t cols, uint32_t
                 avail_idx += 1
                 # not in flight until the index is published: a second used entry
                 # for it in this burst is the device's error, counted as such
-                x.ndescs = 0
-                x.next = held
-                held = <uint16_t>id
+                x.mark = mark
                 lengths[got] = pkt
                 nbytes += pkt
                 got += 1
                 continue
         self.pool.n_free = top
-        got += self.harvest_split_slow(id, ln, out, cols, ids, lengths, got, &nbytes)
+        got += self.harvest_split_slow(id, ln, out, cols, ids, lengths, got, mark)
         top = self.pool.n_free
-    for k in range(<uint16_t>(avail_idx - start_idx)):
-        x = &extra[held]
-        x.ndescs = 1
-        held = x.next
     self.vq.last_used_idx = last
     self.vq.avail_idx = avail_idx
     self.pool.n_free = top
@@ -500,10 +496,11 @@ cdef class RxQueue(_Queue):
         flight, a length within the buffer, a buffer this queue holds), then as
         harvest() treats it, with the ring's and the pool's fields in locals.
 
-        The common case costs one branch per check, the checks of the descriptor's
-        bookkeeping ORed into one: an id in range; a one-descriptor direct chain of
-        one buffer's room (refill's); a buffer in range that this queue holds; a
-        length from a header and an Ethernet header up to the room. Anything else
+        The common case costs one branch per check, the descriptor's bookkeeping
+        checked with one compare: an id in range; a one-descriptor direct chain of
+        one buffer's room (refill's) not reposted in this burst; a buffer in range
+        that this queue holds; a length from a header and an Ethernet header up to
+        the room. Anything else
         goes to harvest_split_slow, which sorts out which rule it broke.
 
         A good packet's descriptor is made available again at once, with the buffer
@@ -512,7 +509,7 @@ cdef class RxQueue(_Queue):
         list is not walked and the length and flags refill_split wrote stay (2.7.13.1:
         the device reads them, the driver's checks use its own `writable`). Nothing of
         it is visible before flush() publishes the index (2.7.13.3), and until the
-        burst ends it counts as not in flight."""
+        burst ends it counts as not in flight (its mark is the burst's)."""
         if out != NULL:
             return split_harvest(self, out, cols, NULL, lengths, burst, HARVEST_COPY)
         if ids != NULL:
@@ -520,15 +517,16 @@ cdef class RxQueue(_Queue):
         return split_harvest(self, NULL, 0, NULL, lengths, burst, HARVEST_DISCARD)
 
     cdef int harvest_split_slow(self, uint32_t id, uint32_t ln, char *out, Py_ssize_t cols,
-                                uint32_t *ids, uint32_t *lengths, int got, uint64_t *nbytes) noexcept nogil:
+                                uint32_t *ids, uint32_t *lengths, int got, uint16_t mark) noexcept nogil:
         """One used entry harvest_split's fast path did not take, checked rule by rule
         and counted as pop_used and take1 count it; its descriptor goes back on the
-        free list. Returns 1 if it was a packet (at ``got``), else 0."""
+        free list. A head with this burst's ``mark`` was reposted in it: not in flight.
+        Returns 1 if it was a packet (at ``got``, its bytes counted), else 0."""
         if pmd_unlikely(id >= self.vq.size):
             self.vq.n_bad_id += 1
             return 0
         cdef DescExtra *x = &self.vq.extra[id]
-        if pmd_unlikely(x.ndescs == 0):
+        if pmd_unlikely(x.ndescs == 0 or x.mark == mark):
             self.vq.n_not_in_flight += 1
             return 0
         cdef bint bad_len = ln > x.writable
@@ -560,7 +558,7 @@ cdef class RxQueue(_Queue):
         else:
             self.pool.put(b)
         lengths[got] = pkt
-        nbytes[0] += pkt
+        self.bytes += pkt
         return 1
 
     cdef int harvest_packed(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,

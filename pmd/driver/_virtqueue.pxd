@@ -11,6 +11,7 @@
 # and the notify register.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 from posix.unistd cimport pwrite, write
 
 from pmd.memory._dma cimport DmaMemory
@@ -45,12 +46,32 @@ cdef enum UsedResult:
 # the device writes back, and `ndescs` is how far the driver then skips.
 # A chain put in an indirect table (VIRTIO_F_INDIRECT_DESC) takes one descriptor
 # (ndescs 1) and keeps its buffers' cookies in the head's row of `ind_cookies`.
+# writable, ndescs and nind are adjacent, so a burst checks all three with one
+# 64-bit compare (head_word); `mark` is the burst that last reposted the head
+# (Virtqueue.new_mark): a second used entry for it in that burst is not in flight.
 cdef struct DescExtra:
     uint32_t cookie     # the caller's handle (a buffer id)
     uint32_t writable   # heads: device-writable bytes in the chain (bound for used.len)
-    uint16_t next       # next in chain, or in the free list
     uint16_t ndescs     # heads: descriptors in the chain; 0 = not an in-flight head
     uint16_t nind       # heads: buffers in the head's indirect table; 0 = a direct chain
+    uint16_t next       # next in chain, or in the free list
+    uint16_t mark       # the burst mark of the last repost (0: none)
+
+
+cdef inline uint64_t head_word(const DescExtra *x) noexcept nogil:
+    """writable, ndescs and nind as one word, to compare with expected_head's."""
+    cdef uint64_t w
+    memcpy(&w, &x.writable, 8)
+    return w
+
+
+cdef inline uint64_t expected_head(uint32_t writable, uint16_t ndescs) noexcept nogil:
+    """head_word of a direct chain of ``ndescs`` descriptors, ``writable`` bytes."""
+    cdef DescExtra t
+    t.writable = writable
+    t.ndescs = ndescs
+    t.nind = 0
+    return head_word(&t)
 
 
 # A burst's walk over a packed ring's used descriptors (2.8.1), in locals: where the
@@ -104,6 +125,7 @@ cdef class Virtqueue:
     cdef uint32_t io_left              # ...the batch's descriptors not taken yet (0: no batch open)...
     cdef uint32_t io_last_len          # ...and the used len of its last buffer
     cdef uint32_t io_taken             # descriptors taken (popped) and not yet detached
+    cdef uint16_t mark_now             # the mark new_mark gave last (DescExtra.mark)
     # indirect tables (2.7.5.3, 2.8.7): one per descriptor id, in `memory`, made at setup
     cdef readonly uint16_t indirect_max   # longest chain put in a table; 0 = never
     cdef readonly size_t indirect_offset  # of the tables in `memory`
@@ -345,6 +367,17 @@ cdef class Virtqueue:
             self.n_notify_suppressed += 1
 
     # ---- harvesting used buffers (2.7.14) ----
+
+    cdef inline uint16_t new_mark(self) noexcept nogil:
+        """A mark no head carries (DescExtra.mark), for one burst's reposts: when the
+        counter wraps, every head's mark is cleared first (once per 65535 bursts)."""
+        cdef uint32_t i
+        self.mark_now += 1
+        if pmd_unlikely(self.mark_now == 0):
+            for i in range(self.size):
+                self.extra[i].mark = 0
+            self.mark_now = 1
+        return self.mark_now
 
     cdef inline uint16_t nused(self) noexcept nogil:
         """Used entries ready to read; 0 (and the queue marked broken) if the

@@ -165,6 +165,7 @@ cdef class Virtqueue:
             self.extra[i].nind = 0
             self.extra[i].cookie = 0
             self.extra[i].writable = 0
+            self.extra[i].mark = 0
         if indirect_max:
             self._setup_indirect(indirect_max)
         self.free_head = 0
