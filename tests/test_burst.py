@@ -198,6 +198,41 @@ def test_zero_copy_tx_leaves_unsent_buffers_with_the_application(lb):
     assert all(lb.pool.state_of(int(i)) == "app" for i in ids[64:])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bad_at, bad, match", [
+    (5, "twice", "already queued"),          # ids[5] repeats ids[0]
+    (5, "foreign", "does not belong"),
+    (5, "length", "data room"),
+    (60, "twice", "already queued"),         # past the ring's room (54): checked, not sent
+])
+def test_zero_copy_tx_refusing_one_entry_sends_nothing_and_undoes_every_claim(packed, bad_at, bad, match):
+    """tx_burst_zc checks, claims and writes each entry in one pass; an entry it refuses,
+    wherever it is (also past what the ring has room for), raises naming it, and the
+    entries before it are the application's again: no descriptor used, none visible."""
+    with Loopback(queue_size=64, packed=packed) as lb:
+        tx = lb.driver_tx
+        first = lb.pool.alloc(10)
+        assert tx.tx_burst_zc(first, np.full(10, 60, np.uint32)) == 10    # 54 descriptors left
+        ids = lb.pool.alloc(64)
+        lens = np.full(64, 60, np.uint32)
+        if bad == "twice":
+            ids[bad_at] = ids[0]
+        elif bad == "foreign":
+            ids[bad_at] = lb.pool.n_buffers + 3
+        else:
+            lens[bad_at] = 0
+        state, free, packets = tx.vq.avail_state, tx.vq.free_descriptors, tx.packets
+        with pytest.raises((PoolError, ValueError), match=rf"\[{bad_at}\].*{match}"):
+            tx.tx_burst_zc(ids, lens)
+        assert (tx.vq.avail_state, tx.vq.free_descriptors, tx.packets) == (state, free, packets)
+        assert all(lb.pool.state_of(int(i)) == "app" for i in ids if i < lb.pool.n_buffers)
+        lens[:] = 60
+        good = np.unique(ids[ids < lb.pool.n_buffers])[:8]
+        assert tx.tx_burst_zc(good, lens[:len(good)]) == len(good)   # the ring is as it was
+        lb.step()
+        assert lb.driver_rx.rx_discard(64) == 10 + len(good)
+
+
 def test_application_cannot_free_buffers_the_queue_owns(lb):
     ids = lb.pool.alloc(1)
     lb.driver_tx.tx_burst_zc(ids, np.array([60], np.uint32))
@@ -832,6 +867,29 @@ def test_a_used_id_named_twice_in_one_burst_is_not_in_flight_the_second_time(zer
             lb.pool.free(ids[:1])
     finally:
         lb.close()
+
+
+def test_a_head_reposted_a_full_mark_cycle_ago_is_still_in_flight():
+    """harvest_split tells a head reposted in this burst by its mark (DescExtra.mark), a
+    16-bit count of bursts that wraps after 65535: a head left in flight for a whole
+    cycle must not look reposted when the count comes back to its mark. Burst 1 reposts
+    h0 (mark 1); 65534 bursts on h1 bring the count round, so burst 65536 has mark 1
+    again unless the wrap cleared h0's; its used entry for h0 is a packet."""
+    with Loopback(queue_size=16) as lb:
+        rx, hdr = lb.driver_rx, lb.hdr_len
+        view = ring_view(rx.vq)
+        h0, h1 = int(view["avail_ring"][0]), int(view["avail_ring"][1])
+        out, lens = np.zeros((1, rx.max_packet_len), np.uint8), np.zeros(1, np.uint32)
+        burst = rx.rx_burst
+        _device_uses(view, [(h0, hdr + 60)])
+        assert burst(out, lens) == 1
+        for _ in range(65534):
+            _device_uses(view, [(h1, hdr + 60)])
+            burst(out, lens)
+        assert rx.packets == 65535 and rx.stats()["used_not_in_flight"] == 0
+        _device_uses(view, [(h0, hdr + 70)])
+        assert burst(out, lens) == 1 and lens[0] == 70
+        assert rx.stats()["used_not_in_flight"] == 0
 
 
 def test_zero_copy_rx_with_the_pool_running_dry_mid_burst_keeps_every_packet_and_refills_later():

@@ -11,8 +11,8 @@ zero-copy   ``tx_burst_zc(ids, lengths)``: pool buffers sent as they are
 
 Every burst starts with the **reclaim** (:meth:`TxQueue.reclaim_used`): the
 buffers of chains the device has used go back to the pool. Arguments are read
-once and validated while holding the GIL; the per-packet work then runs in C
-with the GIL released. The shared base (``_Queue``) is :mod:`pmd.driver._queue`.
+once and validated (a packet array while holding the GIL, ids and lengths in the
+pass that sends them); the per-packet work runs in C with the GIL released. The shared base (``_Queue``) is :mod:`pmd.driver._queue`.
 """
 
 cimport cython
@@ -22,7 +22,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
-from pmd.driver._queue cimport MAX_TX_SEGS, _Queue, u8_2d, u32_1d, zero_hdr
+from pmd.driver._queue cimport DEFAULT_HDR_LEN, MAX_TX_SEGS, _Queue, u8_2d, u32_1d, zero_hdr
 from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, UsedCursor, Virtqueue
 from pmd.includes.vring cimport (
     PVIRTQ_AVAIL_USED, pvirtq_desc, vring_desc, vring_load32, vring_used_elem,
@@ -39,6 +39,71 @@ cnp.import_array()
 #: the longest chain tx_burst builds for one packet (header + data buffers): what a
 #: transmit queue's indirect tables must hold (Virtqueue(indirect_max=...))
 MAX_TX_CHAIN = MAX_TX_SEGS
+
+
+cdef inline void bad_entry(uint32_t *bad, uint32_t b, uint32_t ln, const uint8_t *state,
+                           uint32_t n_buffers) noexcept nogil:
+    """What _zc_error needs of a refused entry, before its claims are undone: the id,
+    the length, and the id's state then (BUF_APP for a bad length; n_buffers and up
+    for an id out of range)."""
+    bad[0] = b
+    bad[1] = ln
+    bad[2] = state[b] if b < n_buffers else 256
+
+
+cdef inline Py_ssize_t split_claim_send(TxQueue self, const uint32_t *d, const uint32_t *l, Py_ssize_t nids,
+                                        uint32_t room, uint32_t *bad, const uint32_t hdr_len) noexcept nogil:
+    """TxQueue.claim_send_split's loop, inlined for the usual header (``hdr_len`` a
+    constant there: its zeros are two stores) and for any other."""
+    cdef Py_ssize_t i, n = nids
+    if n > self.vq.num_free:
+        n = self.vq.num_free
+        self.ring_full += 1
+    cdef uint32_t b, ln, n_buffers = self.pool.n_buffers
+    cdef uint8_t *state = self.pool.state
+    cdef uint8_t owner = self.owner
+    cdef uint64_t nbytes = 0, off = self.buf_off
+    cdef const uint64_t *iova = self.pool.iova
+    cdef char *hdrs = self.pool.base + self.buf_off
+    cdef size_t stride = self.pool.buffer_size
+    cdef DescExtra *extra = self.vq.extra
+    cdef DescExtra *x
+    cdef vring_desc *desc = self.vq.vr.desc
+    cdef uint16_t *ring = self.vq.vr.avail.ring
+    cdef uint16_t head = self.vq.free_head, avail = self.vq.avail_idx, mask = self.vq.mask
+    for i in range(n):
+        b = d[i]
+        ln = l[i]
+        if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln - 1 >= room):
+            bad_entry(bad, b, ln, state, n_buffers)
+            self.unclaim_heads(i)
+            return -1 - i
+        state[b] = owner
+        zero_hdr(hdrs + b * stride, hdr_len)
+        desc[head].addr = iova[b] + off
+        desc[head].len = hdr_len + ln
+        desc[head].flags = 0
+        x = &extra[head]
+        x.cookie = b
+        x.writable = 0
+        x.ndescs = 1
+        ring[avail & mask] = head
+        avail += 1
+        head = x.next
+        nbytes += ln
+    for i in range(n, nids):        # checked, not claimed: no room in the ring
+        b = d[i]
+        ln = l[i]
+        if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln - 1 >= room):
+            bad_entry(bad, b, ln, state, n_buffers)
+            self.unclaim_heads(n)
+            return -1 - i
+    self.vq.free_head = head
+    self.vq.num_free -= <uint32_t>n
+    self.vq.avail_idx = avail
+    self.packets += <uint64_t>n
+    self.bytes += nbytes
+    return n
 
 
 @cython.no_gc_clear   # __dealloc__ (the base's) unpins the memory of `vq` and `pool`
@@ -485,18 +550,19 @@ cdef class TxQueue(_Queue):
         self.vq.flush()
         return sent
 
-    cdef object _zc_error(self, Py_ssize_t i, uint32_t b, uint32_t ln):
+    cdef object _zc_error(self, Py_ssize_t i, uint32_t b, uint32_t ln, uint32_t st):
+        """The exception for entry i of tx_burst_zc, refused with its id in state ``st``."""
         cdef PacketPool pool = self.pool
         if b >= pool.n_buffers:
             return PoolError(f"ids[{i}] = {b} does not belong to this pool (ids 0..{pool.n_buffers - 1})")
-        if pool.state[b] != BUF_APP:
+        if st != BUF_APP:
             return PoolError(f"ids[{i}] = {b} is not owned by the application "
-                             f"({'free' if pool.state[b] == BUF_FREE else 'already queued'}): "
+                             f"({'free' if st == BUF_FREE else 'already queued'}): "
                              "transmit only buffers from pool.alloc or rx_burst_zc, once")
         return ValueError(f"lengths[{i}] = {ln}: a zero-copy packet must be 1 to "
                           f"{pool.buffer_size - pool.headroom} bytes (the pool's data room)")
 
-    cdef void _unclaim(self, Py_ssize_t start, Py_ssize_t end) noexcept:
+    cdef void _unclaim(self, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
         cdef Py_ssize_t j
         for j in range(start, end):
             self.pool.state[self.s_ids[j]] = BUF_APP
@@ -522,40 +588,77 @@ cdef class TxQueue(_Queue):
         if capped:
             nids = self.vq.size
         cdef PacketPool pool = self.pool
-        cdef uint32_t room = pool.buffer_size - pool.headroom, b, ln
-        cdef uint32_t n_buffers = pool.n_buffers
-        cdef uint8_t *state = pool.state
-        cdef uint8_t owner = self.owner
-        cdef uint32_t *s_ids = self.s_ids
-        cdef uint32_t *s_lens = self.s_lens
-        cdef int n
+        cdef uint32_t room = pool.buffer_size - pool.headroom
+        cdef uint32_t bad[3]
+        cdef Py_ssize_t n
         # The pool's turn first: the states are the pool's, shared with the pair's
-        # receive queue, which may be in a burst in another thread.
+        # receive queue, which may be in a burst in another thread. The arrays are
+        # the caller's (kept alive by the call) and may change meanwhile: each id
+        # and length is read once, and the value checked is the value used.
         self.enter()
-        # Read each id and length once into the queue's own arrays, check the
-        # copy and claim the id; undo on error. Claiming as we go catches an id
-        # listed twice (it would be sent twice and freed twice).
-        for i in range(nids):
-            b = d[i]
-            ln = l[i]
-            if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln == 0 or ln > room):
-                err = self._zc_error(i, b, ln)
-                self._unclaim(0, i)
-                self.leave()
-                raise err
-            state[b] = owner
-            s_ids[i] = b
-            s_lens[i] = ln
         cdef PyThreadState *ts = pmd_gil_release()
-        n = self.send_zc(self.s_ids, self.s_lens, nids)
-        self.vq.flush()
+        n = self.claim_send(d, l, nids, room, bad)
+        if n >= 0:
+            self.vq.flush()
         pmd_gil_take(ts)
         self.leave()
-        self._unclaim(n, nids)   # not sent: still the application's
+        if n < 0:
+            raise self._zc_error(-1 - n, bad[0], bad[1], bad[2])
         if capped and n == nids:
             self.ring_full += 1
         self.report()
         return n
+
+    cdef Py_ssize_t claim_send(self, const uint32_t *d, const uint32_t *l, Py_ssize_t nids,
+                               uint32_t room, uint32_t *bad) noexcept nogil:
+        """tx_burst_zc's work, after the reclaim: each of the first ``nids`` ids
+        checked (a buffer of this pool the application owns, at most once, with a
+        length of 1 to ``room``) and claimed for this queue, then sent. Returns how
+        many went, or ``-1 - i`` when entry i is bad (its id and length in ``bad``):
+        then nothing went and every claim is undone."""
+        self.reclaim_used()
+        if not self.vq.packed:
+            return self.claim_send_split(d, l, nids, room, bad)
+        cdef Py_ssize_t i
+        cdef uint32_t b, ln, n_buffers = self.pool.n_buffers
+        cdef uint8_t *state = self.pool.state
+        cdef uint8_t owner = self.owner
+        for i in range(nids):
+            b = d[i]
+            ln = l[i]
+            if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln - 1 >= room):
+                bad_entry(bad, b, ln, state, n_buffers)
+                self._unclaim(0, i)
+                return -1 - i
+            state[b] = owner
+            self.s_ids[i] = b
+            self.s_lens[i] = ln
+        cdef int n = self.send_zc_packed(self.s_ids, self.s_lens, nids)
+        self._unclaim(n, nids)   # not sent: still the application's
+        return n
+
+    cdef Py_ssize_t claim_send_split(self, const uint32_t *d, const uint32_t *l, Py_ssize_t nids,
+                                     uint32_t room, uint32_t *bad) noexcept nogil:
+        """claim_send on a split ring, in one pass: each buffer checked, claimed and
+        put in a descriptor and an avail entry (2.7.13.1-2) as send_zc_split does.
+        Nothing is visible to the device before flush() (2.7.13.3), so a bad entry
+        undoes the claims and leaves the ring's fields as they were. The ids the
+        ring has no room for are checked, not claimed: they stay the caller's."""
+        if self.hdr_len == DEFAULT_HDR_LEN:
+            return split_claim_send(self, d, l, nids, room, bad, DEFAULT_HDR_LEN)
+        return split_claim_send(self, d, l, nids, room, bad, self.hdr_len)
+
+    cdef void unclaim_heads(self, Py_ssize_t k) noexcept nogil:
+        """Undo claim_send_split's first ``k`` claims: the buffers back to the
+        application, the heads (from the free list's start, in its order) free again."""
+        cdef uint16_t head = self.vq.free_head
+        cdef DescExtra *x
+        cdef Py_ssize_t j
+        for j in range(k):
+            x = &self.vq.extra[head]
+            self.pool.state[x.cookie] = BUF_APP
+            x.ndescs = 0
+            head = x.next
 
     def stats(self):
         """The queue's counters (packets, bytes, drops, ...) and ``ring_full``: times a burst
