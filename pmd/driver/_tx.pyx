@@ -23,7 +23,9 @@ from libc.string cimport memcpy, memset
 
 from pmd.driver._pool cimport BUF_APP, BUF_FREE, NO_BUF, PacketPool
 from pmd.driver._queue cimport DEFAULT_HDR_LEN, MAX_TX_SEGS, _Queue, u8_2d, u32_1d, zero_hdr
-from pmd.driver._virtqueue cimport USED_BAD_ID, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, UsedCursor, Virtqueue
+from pmd.driver._virtqueue cimport (
+    USED_BAD_ID, USED_NOT_IN_FLIGHT, USED_OK, DescExtra, UsedCursor, Virtqueue, expected_head, head_word,
+)
 from pmd.includes.vring cimport (
     PVIRTQ_AVAIL_USED, pvirtq_desc, vring_desc, vring_load32, vring_used_elem,
 )
@@ -211,6 +213,7 @@ cdef class TxQueue(_Queue):
         cdef uint8_t *state = self.pool.state
         cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
         cdef uint8_t owner = self.owner
+        cdef uint64_t sent = expected_head(0, 1)
         for k in range(n):
             id = vring_load32(&used[last & mask].id)
             last += 1
@@ -218,10 +221,7 @@ cdef class TxQueue(_Queue):
                 self.vq.n_bad_id += 1
                 continue
             x = &extra[id]
-            if pmd_unlikely(x.ndescs == 0):
-                self.vq.n_not_in_flight += 1
-                continue
-            if pmd_likely(x.ndescs == 1 and x.nind == 0):
+            if pmd_likely(head_word(x) == sent):   # send's chain: one direct device-readable descriptor
                 b = x.cookie
                 x.ndescs = 0
                 x.next = free_head
@@ -234,6 +234,9 @@ cdef class TxQueue(_Queue):
                     freed += 1
                 else:
                     self.foreign_chains += 1      # not this queue's buffer: never freed
+                continue
+            if pmd_unlikely(x.ndescs == 0):
+                self.vq.n_not_in_flight += 1
                 continue
             # a longer chain: the general path, on the state written back
             self.vq.last_used_idx = last
