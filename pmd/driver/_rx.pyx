@@ -249,6 +249,172 @@ cdef inline int split_harvest(RxQueue self, char *out, Py_ssize_t cols, uint32_t
     return got
 
 
+cdef inline int packed_harvest(RxQueue self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
+                               Py_ssize_t burst, const int mode) noexcept nogil:
+    """RxQueue.harvest_packed's loop, inlined once per mode as split_harvest is.
+
+    Reposting never writes a descriptor the cursor has still to read: the avail
+    position only walks slots of chains already taken (2.8.1), and a reposted one
+    is not the device's before publish, so the cursor's in-flight bound ends the
+    walk before it. The walk is p_take's, on locals (the cursor's fields, the
+    ring's), so the read barrier per descriptor does not send them to memory."""
+    cdef UsedCursor c
+    self.vq.p_cursor(&c)
+    cdef uint32_t upos = c.pos, in_flight = c.in_flight
+    cdef uint16_t want = c.want, nd
+    cdef bint weak = self.vq.weak_barriers
+    cdef uint16_t free_head = self.vq.free_head, id = 0
+    cdef uint32_t num_free = self.vq.num_free, ln = 0, b, nb, pkt
+    cdef DescExtra *extra = self.vq.extra
+    cdef DescExtra *x
+    cdef uint32_t *stack = self.pool.free_stack
+    cdef uint8_t *state = self.pool.state
+    cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
+    cdef uint8_t owner = self.owner
+    cdef uint32_t hdr_len = self.hdr_len, blen = self.buf_len
+    cdef uint64_t refilled = expected_head(blen, 1)
+    cdef uint32_t span = blen - hdr_len - ETH_HLEN     # harvest() sends shorter buffers elsewhere
+    cdef uint16_t mark = self.vq.new_mark()
+    cdef char *data = self.pool.base + self.pool.headroom
+    cdef size_t stride = self.pool.buffer_size
+    cdef uint64_t off = self.buf_off
+    cdef const uint64_t *iova = self.pool.iova
+    cdef pvirtq_desc *pdesc = self.vq.pdesc
+    cdef uint32_t pos = self.vq.avail_pos, size = self.vq.size, reposted = 0
+    cdef uint16_t wflags = VRING_DESC_F_WRITE | self.vq.avail_wrap_flags
+    cdef bint pending = self.vq.batch_pending
+    cdef bint bad_len
+    cdef int got = 0
+    cdef Py_ssize_t seen = 0
+    cdef uint64_t nbytes = 0
+    while seen < burst and in_flight != 0:
+        if (vring_load16(&pdesc[upos].flags) & PVIRTQ_AVAIL_USED) != want:
+            break                           # not used yet on this lap
+        pmd_virtio_rmb(weak)                # the flags before the id and len they cover (2.8.21.2)
+        id = vring_load16(&pdesc[upos].id)
+        ln = vring_load32(&pdesc[upos].len)
+        if pmd_unlikely(id >= size):
+            self.vq.n_bad_id += 1
+            self.vq.broken = True
+            break
+        x = &extra[id]
+        nd = x.ndescs
+        if pmd_unlikely(nd == 0):
+            self.vq.n_not_in_flight += 1
+            self.vq.broken = True
+            break
+        upos += nd                          # 2.8.6: the next used descriptor is past the chain
+        if upos >= size:
+            upos -= size
+            want ^= PVIRTQ_AVAIL_USED
+        in_flight -= nd                     # the in-flight chains' ndescs sum to in_flight
+        seen += 1
+        b = x.cookie
+        pkt = ln - hdr_len                   # wraps when ln < hdr_len: fails the span check
+        if pmd_likely(head_word(x) == refilled and x.mark != mark and b < n_buffers
+                      and state[b] == owner and pkt - ETH_HLEN <= span):
+            nb = b                          # copy and discard: the same buffer again
+            if mode == HARVEST_COPY:
+                if pmd_unlikely(pkt > cols):
+                    memcpy(out + got * cols, data + b * stride, cols)
+                    self.truncated += 1
+                else:
+                    memcpy(out + got * cols, data + b * stride, pkt)
+            elif mode == HARVEST_ZC:        # the buffer goes to the application...
+                state[b] = BUF_APP
+                ids[got] = b
+                lengths[got] = pkt
+                nbytes += pkt
+                got += 1
+                if pmd_unlikely(top == 0):  # ...and the pool has no other: refill() later
+                    x.ndescs = 0
+                    x.next = free_head
+                    free_head = id
+                    num_free += 1
+                    continue
+                top -= 1                    # ...and the pool's next takes its place
+                nb = stack[top]
+                state[nb] = owner
+                x.cookie = nb
+            pdesc[pos].addr = iova[nb] + off
+            pdesc[pos].len = blen
+            pdesc[pos].id = id
+            if pending:
+                pdesc[pos].flags = wflags
+            else:                           # the batch's first: its flags wait for publish
+                pending = True
+                self.vq.batch_pos = <uint16_t>pos
+                self.vq.batch_flags = wflags
+            pos += 1
+            if pos == size:                 # 2.8.1: past the end the wrap counter flips
+                pos = 0
+                wflags ^= PVIRTQ_AVAIL_USED
+            reposted += 1
+            x.mark = mark                   # a second used entry for it in this burst: not in flight
+            if mode != HARVEST_ZC:
+                lengths[got] = pkt
+                nbytes += pkt
+                got += 1
+            continue
+        if pmd_unlikely(x.mark == mark):    # reposted in this burst: as p_take treats an id not in flight
+            self.vq.n_not_in_flight += 1
+            self.vq.broken = True
+            break
+        bad_len = ln > x.writable
+        if pmd_unlikely(bad_len):
+            self.vq.n_bad_len += 1
+        if pmd_unlikely(not_ours(x, b, state, n_buffers, owner)):
+            # its ids back, no buffer freed
+            self.vq.free_head = free_head
+            self.vq.num_free = num_free
+            self.vq.detach(id, NULL, 0)
+            free_head = self.vq.free_head
+            num_free = self.vq.num_free
+            self.foreign_chains += 1
+            continue
+        x.ndescs = 0
+        x.next = free_head
+        free_head = id
+        num_free += 1
+        if pmd_unlikely(not_a_packet(self, bad_len, ln, hdr_len)):
+            state[b] = BUF_FREE
+            stack[top] = b
+            top += 1
+            continue
+        if mode == HARVEST_COPY:
+            if pmd_unlikely(pkt > cols):
+                memcpy(out + got * cols, data + b * stride, cols)
+                self.truncated += 1
+            else:
+                memcpy(out + got * cols, data + b * stride, pkt)
+        if mode == HARVEST_ZC:
+            state[b] = BUF_APP
+            ids[got] = b
+        else:
+            state[b] = BUF_FREE
+            stack[top] = b
+            top += 1
+        lengths[got] = pkt
+        nbytes += pkt
+        got += 1
+    c.pos = upos
+    c.want = want
+    c.in_flight = in_flight
+    self.vq.p_cursor_end(&c)
+    self.vq.free_head = free_head
+    self.vq.num_free = num_free
+    self.vq.avail_idx += <uint16_t>reposted
+    self.vq.avail_pos = <uint16_t>pos
+    self.vq.avail_wrap_flags = wflags & PVIRTQ_AVAIL_USED
+    self.vq.batch_pending = pending
+    self.pool.n_free = top
+    self.bytes += nbytes
+    self.packets += got
+    self.refill()
+    self.vq.flush()
+    return got
+
+
 cdef inline bint not_ours(const DescExtra *x, uint32_t b, const uint8_t *state, uint32_t n_buffers,
                           uint8_t owner) noexcept nogil:
     """A used entry whose chain this queue (``owner`` in the pool's ``state``) did not
@@ -566,78 +732,16 @@ cdef class RxQueue(_Queue):
         """harvest() on a packed ring without mergeable buffers, in one pass as
         harvest_split: each used descriptor read and checked once by p_take (its
         flags on this lap, an id of a chain in flight), then as harvest_split
-        treats it (a length within the buffer, a buffer this queue holds)."""
-        cdef UsedCursor c
-        self.vq.p_cursor(&c)
-        cdef uint16_t free_head = self.vq.free_head, id = 0
-        cdef uint32_t num_free = self.vq.num_free, ln = 0, b, pkt
-        cdef DescExtra *extra = self.vq.extra
-        cdef DescExtra *x
-        cdef uint32_t *stack = self.pool.free_stack
-        cdef uint8_t *state = self.pool.state
-        cdef uint32_t top = self.pool.n_free, n_buffers = self.pool.n_buffers
-        cdef uint8_t owner = self.owner
-        cdef uint32_t hdr_len = self.hdr_len
-        cdef char *data = self.pool.base + self.pool.headroom
-        cdef size_t stride = self.pool.buffer_size
-        cdef bint bad_len
-        cdef int got = 0
-        cdef Py_ssize_t seen = 0
-        cdef uint64_t nbytes = 0
-        while seen < burst and self.vq.p_take(&c, &id, &ln) == 1:
-            seen += 1
-            x = &extra[id]
-            bad_len = ln > x.writable
-            if pmd_unlikely(bad_len):
-                self.vq.n_bad_len += 1
-            b = x.cookie
-            if pmd_unlikely(not_ours(x, b, state, n_buffers, owner)):
-                # its ids back, no buffer freed
-                self.vq.free_head = free_head
-                self.vq.num_free = num_free
-                self.vq.detach(id, NULL, 0)
-                free_head = self.vq.free_head
-                num_free = self.vq.num_free
-                self.foreign_chains += 1
-                continue
-            x.ndescs = 0
-            x.next = free_head
-            free_head = id
-            num_free += 1
-            if pmd_unlikely(not_a_packet(self, bad_len, ln, hdr_len)):
-                state[b] = BUF_FREE
-                stack[top] = b
-                top += 1
-                continue
-            pkt = ln - hdr_len
-            if out != NULL:
-                if pmd_unlikely(pkt > cols):
-                    memcpy(out + got * cols, data + b * stride, cols)
-                    self.truncated += 1
-                else:
-                    memcpy(out + got * cols, data + b * stride, pkt)
-                state[b] = BUF_FREE
-                stack[top] = b
-                top += 1
-            elif ids != NULL:
-                state[b] = BUF_APP
-                ids[got] = b
-            else:
-                state[b] = BUF_FREE
-                stack[top] = b
-                top += 1
-            lengths[got] = pkt
-            nbytes += pkt
-            got += 1
-        self.vq.p_cursor_end(&c)
-        self.vq.free_head = free_head
-        self.vq.num_free = num_free
-        self.pool.n_free = top
-        self.bytes += nbytes
-        self.packets += got
-        self.refill()
-        self.vq.flush()
-        return got
+        checks it (refill's chain not reposted in this burst, a length within the
+        buffer, a buffer this queue holds). A good packet's id is made available
+        again at once at the avail position (2.8.21.1) with the buffer refill()
+        would give it, as one batch with refill's (its first descriptor's flags
+        written last, by publish: 2.8.21.3); the free list is not walked."""
+        if out != NULL:
+            return packed_harvest(self, out, cols, NULL, lengths, burst, HARVEST_COPY)
+        if ids != NULL:
+            return packed_harvest(self, NULL, 0, ids, lengths, burst, HARVEST_ZC)
+        return packed_harvest(self, NULL, 0, NULL, lengths, burst, HARVEST_DISCARD)
 
     cdef int harvest_mrg(self, char *out, Py_ssize_t cols, uint32_t *ids, uint32_t *lengths,
                          Py_ssize_t burst) noexcept nogil:
