@@ -982,3 +982,22 @@ def test_tx_to_rx_reads_the_rx_avail_index_only_when_a_tx_chain_needs_a_buffer()
         assert lb.driver_tx.reclaim() == 0
     finally:
         lb.close()
+
+
+@pytest.mark.parametrize("call", ["rx_burst", "rx_burst_zc", "tx_burst", "tx_burst_zc"])
+def test_a_uint32_array_in_the_other_byte_order_is_refused_with_the_remedy(lb, call):
+    """uint32 in the other byte order has numpy's uint32 type number but not its values:
+    read in place, its ids and lengths would be byte-swapped. It is refused by name."""
+    swapped = np.full(4, 60, np.uint32).astype(">u4" if np.little_endian else "<u4")
+    if call == "rx_burst":
+        args = (np.zeros((4, lb.driver_rx.max_packet_len), np.uint8), swapped)
+    elif call == "rx_burst_zc":
+        args = (np.zeros(4, np.uint32), swapped)
+    elif call == "tx_burst":
+        args = (np.zeros((4, 60), np.uint8), swapped)
+    else:
+        args = (lb.pool.alloc(4), swapped)
+    q = lb.driver_rx if call.startswith("rx") else lb.driver_tx
+    with pytest.raises(ValueError, match=r"lengths is uint32 in the other byte order .*astype\(np.uint32\)"):
+        getattr(q, call)(*args)
+    assert q.packets == 0

@@ -133,6 +133,9 @@ cdef inline uint32_t *u32_1d(object a, str name, bint writable, Py_ssize_t *n) e
         raise ValueError(f"{name} must be 1-D, got shape {(<object>a).shape}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
         raise ValueError(f"{name} must be contiguous and aligned; pass np.ascontiguousarray({name})")
+    if not cnp.PyArray_ISNOTSWAPPED(arr):
+        raise ValueError(f"{name} is uint32 in the other byte order ({arr.dtype.str}); "
+                         f"pass {name}.astype(np.uint32)")
     if writable and not cnp.PyArray_ISWRITEABLE(arr):
         raise ValueError(f"{name} is read-only; pass a writable array")
     n[0] = cnp.PyArray_DIM(arr, 0)
@@ -150,6 +153,9 @@ cdef inline uint64_t *u64_1d(object a, str name, bint writable, Py_ssize_t *n) e
         raise ValueError(f"{name} must be 1-D, got shape {(<object>a).shape}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
         raise ValueError(f"{name} must be contiguous and aligned; pass np.ascontiguousarray({name})")
+    if not cnp.PyArray_ISNOTSWAPPED(arr):
+        raise ValueError(f"{name} is uint64 in the other byte order ({arr.dtype.str}); "
+                         f"pass {name}.astype(np.uint64)")
     if writable and not cnp.PyArray_ISWRITEABLE(arr):
         raise ValueError(f"{name} is read-only; pass a writable array")
     n[0] = cnp.PyArray_DIM(arr, 0)
