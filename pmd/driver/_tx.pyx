@@ -43,6 +43,20 @@ cnp.import_array()
 MAX_TX_CHAIN = MAX_TX_SEGS
 
 
+cdef inline uint16_t split_put(vring_desc *desc, DescExtra *extra, uint16_t head, uint64_t addr,
+                               uint32_t length, uint32_t b) noexcept nogil:
+    """One device-readable descriptor for buffer ``b`` at ``head`` (2.7.13.1), its record
+    a one-descriptor direct chain; returns the next free head."""
+    desc[head].addr = addr
+    desc[head].len = length
+    desc[head].flags = 0
+    cdef DescExtra *x = &extra[head]
+    x.cookie = b
+    x.writable = 0
+    x.ndescs = 1
+    return x.next
+
+
 cdef inline void bad_entry(uint32_t *bad, uint32_t b, uint32_t ln, const uint8_t *state,
                            uint32_t n_buffers) noexcept nogil:
     """What _zc_error needs of a refused entry, before its claims are undone: the id,
@@ -69,7 +83,6 @@ cdef inline Py_ssize_t split_claim_send(TxQueue self, const uint32_t *d, const u
     cdef char *hdrs = self.pool.base + self.buf_off
     cdef size_t stride = self.pool.buffer_size
     cdef DescExtra *extra = self.vq.extra
-    cdef DescExtra *x
     cdef vring_desc *desc = self.vq.vr.desc
     cdef uint16_t *ring = self.vq.vr.avail.ring
     cdef uint16_t head = self.vq.free_head, avail = self.vq.avail_idx, mask = self.vq.mask
@@ -82,16 +95,9 @@ cdef inline Py_ssize_t split_claim_send(TxQueue self, const uint32_t *d, const u
             return -1 - i
         state[b] = owner
         zero_hdr(hdrs + b * stride, hdr_len)
-        desc[head].addr = iova[b] + off
-        desc[head].len = hdr_len + ln
-        desc[head].flags = 0
-        x = &extra[head]
-        x.cookie = b
-        x.writable = 0
-        x.ndescs = 1
         ring[avail & mask] = head
         avail += 1
-        head = x.next
+        head = split_put(desc, extra, head, iova[b] + off, hdr_len + ln, b)
         nbytes += ln
     for i in range(n, nids):        # checked, not claimed: no room in the ring
         b = d[i]
@@ -451,15 +457,9 @@ cdef class TxQueue(_Queue):
             b = ids[i]
             ln = lengths[i]
             zero_hdr(hdrs + b * stride, hdr_len)
-            desc[head].addr = iova[b] + off
-            desc[head].len = hdr_len + ln
-            desc[head].flags = 0
-            extra[head].cookie = b
-            extra[head].writable = 0
-            extra[head].ndescs = 1
             ring[avail & mask] = head
             avail += 1
-            head = extra[head].next
+            head = split_put(desc, extra, head, iova[b] + off, hdr_len + ln, b)
             nbytes += ln
         self.vq.free_head = head
         self.vq.num_free -= <uint32_t>n
