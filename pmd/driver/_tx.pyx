@@ -57,6 +57,13 @@ cdef inline uint16_t split_put(vring_desc *desc, DescExtra *extra, uint16_t head
     return x.next
 
 
+cdef inline bint refused(uint32_t b, uint32_t ln, const uint8_t *state, uint32_t n_buffers,
+                         uint32_t room) noexcept nogil:
+    """A tx_burst_zc entry that cannot be sent: an id not of this pool, a buffer the
+    application does not own (free, or queued: listed twice), a length not 1 to ``room``."""
+    return b >= n_buffers or state[b] != BUF_APP or ln - 1 >= room
+
+
 cdef inline void bad_entry(uint32_t *bad, uint32_t b, uint32_t ln, const uint8_t *state,
                            uint32_t n_buffers) noexcept nogil:
     """What _zc_error needs of a refused entry, before its claims are undone: the id,
@@ -89,7 +96,7 @@ cdef inline Py_ssize_t split_claim_send(TxQueue self, const uint32_t *d, const u
     for i in range(n):
         b = d[i]
         ln = l[i]
-        if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln - 1 >= room):
+        if pmd_unlikely(refused(b, ln, state, n_buffers, room)):
             bad_entry(bad, b, ln, state, n_buffers)
             self.unclaim_heads(i)
             return -1 - i
@@ -102,7 +109,7 @@ cdef inline Py_ssize_t split_claim_send(TxQueue self, const uint32_t *d, const u
     for i in range(n, nids):        # checked, not claimed: no room in the ring
         b = d[i]
         ln = l[i]
-        if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln - 1 >= room):
+        if pmd_unlikely(refused(b, ln, state, n_buffers, room)):
             bad_entry(bad, b, ln, state, n_buffers)
             self.unclaim_heads(n)
             return -1 - i
@@ -629,7 +636,7 @@ cdef class TxQueue(_Queue):
         for i in range(nids):
             b = d[i]
             ln = l[i]
-            if pmd_unlikely(b >= n_buffers or state[b] != BUF_APP or ln - 1 >= room):
+            if pmd_unlikely(refused(b, ln, state, n_buffers, room)):
                 bad_entry(bad, b, ln, state, n_buffers)
                 self._unclaim(0, i)
                 return -1 - i
